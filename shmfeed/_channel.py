@@ -1,0 +1,325 @@
+"""``Channel``: the carrier of events, one ring in shared memory usable from any process."""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+import time
+from typing import Any, AsyncIterator, Generic, Iterator, TypeVar
+
+from . import _aio, _codec, _names, _ring, _waker
+from . import _layout as L
+from ._errors import ChannelClosed, FeedTypeError
+from ._stats import ChannelStatistics
+
+T = TypeVar("T")
+
+_REFERENCE = struct.Struct("<Q")
+
+
+def display_type(type_name: str) -> str:
+    """A type name as users write it: ``int`` rather than ``builtins.int``."""
+    return type_name[9:] if type_name.startswith("builtins.") else type_name
+
+
+def _check_timeout(timeout: float | None) -> None:
+    if timeout is not None:
+        if not isinstance(timeout, (int, float)) or isinstance(timeout, bool):
+            raise TypeError(f"shmfeed: timeout must be a number or None, got {type(timeout).__name__}")
+        if timeout != timeout:
+            raise ValueError("shmfeed: timeout must not be NaN")
+
+
+class Channel(Generic[T]):
+    """A channel whose buffer is a ring in POSIX shared memory.
+
+    Any process that holds the channel (passed as a ``Process``/``Pool`` argument, pickled,
+    or received inside an event) can send to it and receive from it. Several receivers
+    make a work queue: each value goes to exactly one of them. Values from one sender are
+    received in the order sent.
+
+    Args:
+        elem_type: if given, only values whose type is exactly this are accepted, and a
+            Feed it is subscribed to is fixed to this type. ``Channel[int]()`` does the same.
+        capacity: how many values it holds before a sender blocks.
+        buffer_size: bytes of ring; default 512 per value of capacity (64 KiB at least).
+            Values larger than a quarter of it travel as files in /dev/shm.
+        overflow: what a sender does when the channel is full: ``"block"`` (wait),
+            ``"drop_newest"`` (skip this value), ``"drop_oldest"`` (discard the oldest
+            waiting value) or ``"evict"`` (a Feed ends this channel's subscriptions with
+            ``SlowSubscriberError``; a direct ``send`` waits).
+
+    A Channel is a context manager that closes it on exit.
+    """
+
+    __slots__ = ("_core", "_namespace", "_channel_id", "_elem_type", "_elem_type_name", "__weakref__")
+
+    def __init__(
+        self,
+        elem_type: type[T] | None = None,
+        capacity: int = 1024,
+        *,
+        buffer_size: int | None = None,
+        overflow: str = "block",
+    ) -> None:
+        if elem_type is not None and not isinstance(elem_type, type):
+            raise TypeError(f"shmfeed: elem_type must be a type or None, got {elem_type!r}")
+        if not isinstance(capacity, int) or isinstance(capacity, bool) or capacity < 1:
+            raise ValueError(f"shmfeed: capacity must be an int >= 1, got {capacity!r}")
+        if buffer_size is None:
+            ring_bytes = _ring.default_ring_bytes(capacity)
+        elif not isinstance(buffer_size, int) or isinstance(buffer_size, bool) or buffer_size < _ring.MIN_RING_BYTES:
+            raise ValueError(f"shmfeed: buffer_size must be an int >= {_ring.MIN_RING_BYTES}, got {buffer_size!r}")
+        else:
+            ring_bytes = (buffer_size + 7) // 8 * 8
+        if overflow not in _ring.OVERFLOW_CODES:
+            raise ValueError(f"shmfeed: overflow must be one of {', '.join(_ring.OVERFLOW_POLICIES)}; got {overflow!r}")
+        self._namespace = _names.current_namespace()
+        self._elem_type = elem_type
+        self._elem_type_name = _codec.type_name(elem_type) if elem_type is not None else ""
+        self._core: _ring.ChannelCore | None = _ring.ChannelCore.create(
+            self._namespace, capacity, ring_bytes, overflow, self._elem_type_name
+        )
+        self._channel_id = self._core.channel_id
+
+    @classmethod
+    def _from_id(cls, namespace: str, channel_id: int) -> "Channel[Any]":
+        """A handle on an existing channel; a closed stand-in if it no longer exists."""
+        channel = cls.__new__(cls)
+        channel._namespace = namespace
+        channel._channel_id = channel_id
+        channel._core = _ring.ChannelCore.open(namespace, channel_id)
+        channel._elem_type = None
+        channel._elem_type_name = channel._core.elem_type_name if channel._core is not None else ""
+        return channel
+
+    # Channel[int]() sets elem_type at run time: typing assigns __orig_class__ after __init__.
+    @property
+    def __orig_class__(self) -> Any:
+        raise AttributeError("__orig_class__")
+
+    @__orig_class__.setter
+    def __orig_class__(self, alias: Any) -> None:
+        args = getattr(alias, "__args__", ())
+        if self._elem_type_name == "" and len(args) == 1 and isinstance(args[0], type):
+            self._set_elem_type(args[0])
+
+    def _set_elem_type(self, elem_type: type) -> None:
+        core = self._live_core()
+        self._elem_type = elem_type
+        self._elem_type_name = _codec.type_name(elem_type)
+        core.acquire()
+        try:
+            core.words[L.ELEM_TYPE_LEN] = L.write_text(
+                core.buffer, L.TYPE_NAME_OFFSET, L.TYPE_NAME_MAX, self._elem_type_name
+            )
+        finally:
+            core.release_lock()
+        core.elem_type_name = self._elem_type_name
+
+    # --- properties ----------------------------------------------------------------------
+
+    @property
+    def elem_type(self) -> type | None:
+        """The element type, or None for an untyped channel."""
+        if self._elem_type is None and self._elem_type_name:
+            self._elem_type = _codec.resolve_type(self._elem_type_name)
+        return self._elem_type
+
+    @property
+    def capacity(self) -> int:
+        """How many values the channel holds before senders wait."""
+        return self._live_core().capacity
+
+    @property
+    def overflow(self) -> str:
+        return self._live_core().overflow
+
+    @property
+    def closed(self) -> bool:
+        """True once any process closed the channel."""
+        return self._core is None or self._core.closed
+
+    def _live_core(self) -> _ring.ChannelCore:
+        core = self._core
+        if core is None or core.released:
+            raise ChannelClosed(f"shmfeed: channel {self._channel_id:016x} no longer exists")
+        return core
+
+    # --- sending and receiving -----------------------------------------------------------
+
+    def send(self, value: T, timeout: float | None = None) -> None:
+        """Put one value in the channel, waiting while it is full.
+
+        Raises:
+            FeedTypeError: the channel is typed and ``type(value)`` is not its type.
+            EncodingError: the value cannot be encoded (a TypeError; nothing was sent).
+            TimeoutError: still full after ``timeout`` seconds.
+            ChannelClosed: the channel is closed.
+        """
+        _check_timeout(timeout)
+        if self._elem_type_name and _codec.type_name(type(value)) != self._elem_type_name:
+            raise FeedTypeError(
+                "Send", display_type(_codec.type_name(type(value))), display_type(self._elem_type_name)
+            )
+        payload = _codec.encode(value)
+        self._live_core().put(payload, timeout)
+
+    def recv(self, timeout: float | None = None) -> T:
+        """Take one value, waiting until one arrives.
+
+        ``timeout=0`` polls. Values of one sender come in the order sent.
+
+        Raises:
+            TimeoutError: nothing arrived within ``timeout`` seconds.
+            ChannelClosed: the channel is closed and drained.
+            ChannelCorruptError: the ring held bytes that are not a valid message.
+        """
+        _check_timeout(timeout)
+        return _codec.decode(self._live_core().take(timeout))  # type: ignore[no-any-return]
+
+    async def recv_async(self, timeout: float | None = None) -> T:
+        """Like :meth:`recv`, for asyncio code: waits without blocking the event loop.
+
+        Cancelling the awaiting task loses no value.
+        """
+        _check_timeout(timeout)
+        core = self._live_core()
+        data = core.poll()
+        if data is None:
+            data = await _poll_async(core, timeout)
+        return _codec.decode(data)  # type: ignore[no-any-return]
+
+    def close(self) -> None:
+        """Close the channel for every process.
+
+        Senders then get ``ChannelClosed``; receivers get the values still waiting, then
+        ``ChannelClosed``; the channel's feed subscriptions end. Closing twice is fine.
+        """
+        if self._core is not None and not self._core.released:
+            self._core.close()
+
+    def statistics(self) -> ChannelStatistics:
+        """A snapshot of the channel's counters (see ``ChannelStatistics``)."""
+        words = self._live_core().words
+        return ChannelStatistics(
+            sent=int(words[L.SENT]),
+            received=int(words[L.RECEIVED]),
+            dropped=int(words[L.DROPPED]),
+            evicted=int(words[L.EVICTED]),
+            waiting_senders=int(words[L.SEND_WAITING]),
+            waiting_receivers=int(words[L.RECV_WAITING]),
+            fill=max(0, int(words[L.SENT] - words[L.RECEIVED])),
+            capacity=int(words[L.CAPACITY]),
+            bytes_sent=int(words[L.BYTES_SENT]),
+            ring_bytes=int(words[L.RING_BYTES]),
+            spilled=int(words[L.SPILLED]),
+            closed=bool(words[L.CLOSED]),
+        )
+
+    # --- protocols -------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        core = self._core
+        return 0 if core is None or core.released else core.pending()
+
+    def __iter__(self) -> Iterator[T]:
+        while True:
+            try:
+                yield self.recv()
+            except ChannelClosed:
+                return
+
+    def __aiter__(self) -> AsyncIterator[T]:
+        return self
+
+    async def __anext__(self) -> T:
+        try:
+            return await self.recv_async()
+        except ChannelClosed:
+            raise StopAsyncIteration from None
+
+    def __enter__(self) -> "Channel[T]":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild_channel, (self._namespace, self._channel_id))
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Channel):
+            return NotImplemented
+        return (self._namespace, self._channel_id) == (other._namespace, other._channel_id)
+
+    def __hash__(self) -> int:
+        return hash((self._namespace, self._channel_id))
+
+    def __repr__(self) -> str:
+        kind = f"[{display_type(self._elem_type_name)}]" if self._elem_type_name else ""
+        state = "closed" if self.closed else f"{len(self)} waiting"
+        return f"<shmfeed.Channel{kind} {self._channel_id:016x} {state}>"
+
+    # --- select support ---------------------------------------------------------------------
+
+    def _select_poll(self, waker: _waker.Waker | None) -> tuple[bool, Any]:
+        data = self._live_core().poll(waker)
+        if data is None:
+            return False, None
+        return True, _codec.decode(data)
+
+    def _select_forget(self, waker: _waker.Waker) -> None:
+        core = self._core
+        if core is not None and not core.released:
+            core.forget_receiver(waker)
+
+    @property
+    def _select_namespace(self) -> str:
+        return self._namespace
+
+
+Channel.__module__ = "shmfeed"
+
+
+async def _poll_async(core: _ring.ChannelCore, timeout: float | None) -> bytes:
+    """Wait in the event loop until ``core`` has a value; return its encoded bytes."""
+    dispatcher = _aio.dispatcher(core.namespace)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    try:
+        while True:
+            future = dispatcher.future()
+            try:
+                data = core.poll(dispatcher.waker)
+                if data is not None:
+                    return data
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    raise TimeoutError(f"shmfeed: nothing received on channel {core.channel_id:016x} in {timeout} s")
+                try:
+                    await asyncio.wait_for(future, remaining)
+                except asyncio.TimeoutError:
+                    pass  # the loop decides: one more poll, then TimeoutError
+            finally:
+                dispatcher.discard(future)
+    finally:
+        if not core.released:
+            core.forget_receiver(dispatcher.waker)
+
+
+def _rebuild_channel(namespace: str, channel_id: int) -> Channel[Any]:
+    return Channel._from_id(namespace, channel_id)
+
+
+def _channel_to_bytes(channel: Channel[Any]) -> bytes:
+    return _REFERENCE.pack(channel._channel_id) + channel._namespace.encode()
+
+
+def _channel_from_bytes(data: bytes) -> Channel[Any]:
+    if len(data) < _REFERENCE.size:
+        raise ValueError("channel reference too short")
+    (channel_id,) = _REFERENCE.unpack_from(data)
+    return Channel._from_id(data[_REFERENCE.size :].decode(), channel_id)
+
+
+_codec.register_reference_type(Channel, _codec.CHANNEL_EXT_CODE, _channel_to_bytes, _channel_from_bytes)

@@ -1,0 +1,507 @@
+"""msgpack encoding of event values that keeps exact types, with no pickle anywhere.
+
+None, bool, 64-bit int, float, str, bytes, list and dict are native msgpack, packed in C
+without calling Python (the hot path); every other supported type becomes a msgpack ext
+built by ``_default``, whose payload is msgpack again (or raw bytes). Only exact types are
+accepted (``strict_types=True``): a subclass of a built-in is refused instead of silently
+arriving as its base type. Decoding rebuilds only the kinds below; a class named in a
+payload is looked up by ``module.qualname`` and used only if it is a class of the expected
+kind, and every failure is a ``ChannelCorruptError``.
+
+====  ============================  ====  ===================================
+code  kind (payload)                code  kind (payload)
+====  ============================  ====  ===================================
+1     int beyond 64 bits (LE bytes)  10   Decimal (ascii str)
+2     tuple [items]                  11   UUID (16 bytes)
+3     set [items]                    12   complex (2 little-endian doubles)
+4     frozenset [items]              13   Enum [name, value]
+5     bytearray (raw bytes)          14   dataclass [name, [field values]]
+6     datetime [y..us, fold, tz]     15   NamedTuple [name, [items]]
+7     date [y, m, d]                 16   ndarray (u32 n, [dtype.str, shape], data)
+8     time [h..us, fold, tz]         17   numpy scalar [dtype.str, bytes]
+9     timedelta [d, s, us]           18   register_type [name, value]
+30+   register_reference_type (to_bytes(obj)); 30 is ``CHANNEL_EXT_CODE`` (Channel)
+====  ============================  ====  ===================================
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import importlib
+import struct
+import sys
+import threading
+from collections.abc import Callable
+from datetime import date, datetime, time, timedelta, timezone
+from decimal import Decimal
+from typing import Any
+from uuid import UUID
+
+import msgpack
+
+from shmfeed._errors import ChannelCorruptError, EncodingError
+
+__all__ = ["CHANNEL_EXT_CODE", "encode", "decode", "register_type", "register_reference_type",
+           "type_name", "resolve_type"]
+
+CHANNEL_EXT_CODE = 30
+(_BIGINT, _TUPLE, _SET, _FROZENSET, _BYTEARRAY, _DATETIME, _DATE, _TIME, _TIMEDELTA,
+ _DECIMAL, _UUID, _COMPLEX, _ENUM, _DATACLASS, _NAMEDTUPLE, _NDARRAY, _NPSCALAR,
+ _REGISTERED) = range(1, 19)
+_MAX_DEPTH = 64  # ext-in-ext nesting; each level is a Python call, this bounds the C stack too
+_HINT = "register it with shmfeed.register_type(cls, encode, decode)"
+# Packed natively by the C packer, so a registration would never be consulted.
+_NATIVE = frozenset({type(None), bool, int, float, str, bytes, list, dict,
+                     msgpack.ExtType, msgpack.Timestamp})
+_DTYPE_OK = frozenset("biufcmMSUV")  # numpy dtype kinds holding no object pointers
+
+_Ext = msgpack.ExtType
+_encoders: dict[type, Callable[[Any], msgpack.ExtType]] = {}  # exact type -> ext builder
+_ext_decoders: dict[int, Callable[[bytes], Any]] = {}  # ext code -> rebuilder
+_registered: dict[str, tuple[type, Callable[[Any], Any]]] = {}  # name -> (cls, decode)
+_type_names: dict[type, str] = {}
+_resolved: dict[str, type] = {}  # successful resolve_type() only: junk names never pile up
+
+
+def _default(obj: Any) -> msgpack.ExtType:
+    # Called by the C packer only for values it cannot pack natively.
+    st = _state
+    st.depth += 1
+    try:
+        if st.depth > _MAX_DEPTH:
+            raise EncodingError(f"cannot encode value: ext nesting deeper than {_MAX_DEPTH} "
+                                "(or a reference cycle)")
+        fn = _encoders.get(type(obj)) or _discover(type(obj))
+        return fn(obj)
+    finally:
+        st.depth -= 1
+
+
+def _new_packer() -> msgpack.Packer:
+    return msgpack.Packer(strict_types=True, default=_default, use_bin_type=True,
+                          autoreset=True)
+
+
+class _ThreadState(threading.local):
+    # Packer is not thread-safe and not re-entrant: one top-level packer per thread plus
+    # one per ext nesting level (measured ~2x faster than msgpack.packb, which builds a
+    # new Packer per call).
+    def __init__(self) -> None:
+        self.packer = _new_packer()
+        self.pool: list[msgpack.Packer] = []
+        self.depth = 0  # encode ext nesting (> 0 means inside _default)
+        self.ddepth = 0  # decode ext nesting
+
+
+_state = _ThreadState()
+
+
+def _checked(packer: msgpack.Packer, out: bytes, value: Any) -> bytes:
+    # strict_types still packs bytearray and memoryview as bin, which would decode as
+    # bytes. Bin markers are rare in hot-path output, so scan (memchr) and only then walk.
+    if 0xC4 in out or 0xC5 in out or 0xC6 in out:
+        fixed = _fix_buffers(value)
+        if fixed is not value:
+            return packer.pack(fixed)
+    return out
+
+
+def _fix_buffers(v: Any) -> Any:
+    tp = type(v)
+    if tp is bytearray or tp is memoryview:
+        return _default(v)
+    if tp is dict:
+        items = [(_fix_buffers(k), _fix_buffers(x)) for k, x in v.items()]
+        changed = any(a is not k or b is not x for (a, b), (k, x) in zip(items, v.items()))
+        return dict(items) if changed else v
+    if tp is list:
+        new = [_fix_buffers(x) for x in v]
+        return new if any(a is not b for a, b in zip(new, v)) else v
+    return v  # everything else is handled by _default (and checked there)
+
+
+def _pack(value: Any) -> bytes:
+    # Pack an ext payload (or a re-entrant encode()) with this nesting level's packer.
+    st = _state
+    pool = st.pool
+    while len(pool) < st.depth:
+        pool.append(_new_packer())
+    packer = pool[st.depth - 1]
+    return _checked(packer, packer.pack(value), value)
+
+
+def encode(value: object) -> bytes:
+    """Encode ``value`` to msgpack bytes; raise ``EncodingError`` (a TypeError) if it can't."""
+    st = _state
+    try:
+        if st.depth:  # called again from inside a register_type encode hook
+            st.depth += 1
+            try:
+                return _pack(value)
+            finally:
+                st.depth -= 1
+        packer = st.packer
+        return _checked(packer, packer.pack(value), value)
+    except EncodingError:
+        raise
+    except Exception as exc:  # msgpack limits, recursion, a failing encode hook
+        if "recursion" in str(exc) or isinstance(exc, RecursionError):
+            msg = "value is nested too deeply (or contains a reference cycle)"
+        else:
+            msg = f"{type(exc).__name__}: {exc}"
+        raise EncodingError(f"cannot encode value: {msg}") from exc
+
+
+def _unpack(data: bytes | memoryview) -> Any:
+    return msgpack.unpackb(data, raw=False, strict_map_key=False, use_list=True,
+                           ext_hook=_ext_hook)
+
+
+def decode(data: bytes | memoryview) -> object:
+    """Decode bytes made by ``encode``; raise ``ChannelCorruptError`` for anything invalid."""
+    try:
+        return msgpack.unpackb(data, raw=False, strict_map_key=False, use_list=True,
+                               ext_hook=_ext_hook)
+    except ChannelCorruptError:
+        raise
+    except Exception as exc:  # msgpack, hashing, recursion, memory: all mean bad bytes
+        raise ChannelCorruptError(f"undecodable message: {type(exc).__name__}: {exc}") from exc
+
+
+def _ext_hook(code: int, data: bytes) -> Any:
+    fn = _ext_decoders.get(code)
+    if fn is None:
+        raise ChannelCorruptError(f"undecodable message: unknown ext code {code}")
+    st = _state
+    st.ddepth += 1
+    try:
+        if st.ddepth > _MAX_DEPTH:
+            raise ChannelCorruptError(f"undecodable message: ext nesting deeper than {_MAX_DEPTH}")
+        return fn(data)
+    except ChannelCorruptError:
+        raise
+    except Exception as exc:
+        raise ChannelCorruptError(
+            f"undecodable message: bad payload for ext code {code}: "
+            f"{type(exc).__name__}: {exc}") from exc
+    finally:
+        st.ddepth -= 1
+
+
+def _items(data: bytes, n: int | None = None) -> list[Any]:
+    # Unpack a payload that must be a list (of n items when given).
+    v = _unpack(data)
+    if type(v) is not list or (n is not None and len(v) != n):
+        raise ChannelCorruptError(f"undecodable message: malformed ext payload {v!r:.80}")
+    return v
+
+
+# --- names ------------------------------------------------------------------------------
+
+def type_name(tp: type) -> str:
+    """``module.qualname`` of ``tp`` (``__mp_main__`` is reported as ``__main__``)."""
+    name = _type_names.get(tp)
+    if name is None:
+        mod = tp.__module__
+        # Under spawn the main module is __mp_main__ in children (and also __main__ there),
+        # but only __main__ in the parent: one spelling keeps names equal across processes.
+        name = f"{'__main__' if mod == '__mp_main__' else mod}.{tp.__qualname__}"
+        _type_names[tp] = name
+    return name
+
+
+def resolve_type(name: str) -> type | None:
+    """The class named ``module.qualname``, importing the module if needed; else None."""
+    if not isinstance(name, str):
+        return None
+    tp = _resolved.get(name)
+    if tp is not None:
+        return tp
+    parts = name.split(".")
+    if len(parts) < 2 or not all(p.isidentifier() for p in parts):
+        return None
+    for i in range(len(parts) - 1, 0, -1):  # longest module prefix that exists wins
+        mod_name = ".".join(parts[:i])
+        mod = sys.modules.get(mod_name)
+        if mod is None and mod_name == "__mp_main__":
+            mod = sys.modules.get("__main__")
+        if mod is None:
+            try:
+                mod = importlib.import_module(mod_name)
+            except Exception:
+                continue
+        obj: Any = mod
+        try:
+            for attr in parts[i:]:
+                obj = getattr(obj, attr)
+        except Exception:
+            return None
+        if not isinstance(obj, type):
+            return None
+        _resolved[name] = obj
+        return obj
+    return None
+
+
+def _is_namedtuple(tp: type) -> bool:
+    return issubclass(tp, tuple) and isinstance(getattr(tp, "_fields", None), tuple)
+
+
+_KINDS: dict[int, tuple[str, Callable[[type], bool]]] = {
+    _ENUM: ("Enum", lambda c: issubclass(c, enum.Enum)),
+    _DATACLASS: ("dataclass", dataclasses.is_dataclass),
+    _NAMEDTUPLE: ("NamedTuple", _is_namedtuple),
+}
+_kind_cache: dict[tuple[int, str], type] = {}
+_dc_names: dict[type, tuple[str, ...]] = {}
+
+
+def _lookup(kind: int, name: Any) -> type:
+    cls = _kind_cache.get((kind, name))
+    if cls is None:
+        what, ok = _KINDS[kind]
+        cls = resolve_type(name)  # None unless name is a str
+        if cls is None or not ok(cls):  # never call or use anything that isn't one
+            raise ChannelCorruptError(f"undecodable message: {name!r:.120} is not a {what} class")
+        _kind_cache[(kind, name)] = cls
+    return cls
+
+
+# --- encoders for kinds found by inspecting the class ----------------------------------
+
+def _discover(tp: type) -> Callable[[Any], msgpack.ExtType]:
+    if tp.__module__ == "numpy":
+        np = sys.modules["numpy"]  # a numpy value exists, so numpy is imported
+        if tp is np.ndarray:
+            return _enc_ndarray
+        if issubclass(tp, np.generic):
+            return _enc_npscalar
+    kind = next((k for k, (_, ok) in _KINDS.items() if ok(tp)), None)
+    if kind is None:
+        hint = (" (subclasses of built-in types are not encoded as their base type)"
+                if any(issubclass(tp, b) for b in _NATIVE | {tuple, set, frozenset}) else "")
+        raise EncodingError(f"cannot encode a value of type {type_name(tp)}{hint}: {_HINT}")
+    name = type_name(tp)
+    if resolve_type(name) is not tp:  # fail at send time, not in the receiving process
+        raise EncodingError(f"cannot encode {name}: the class is not importable by that name "
+                            f"(define it at module level, or {_HINT})")
+    if kind == _ENUM:
+        fn: Callable[[Any], msgpack.ExtType] = lambda o: _Ext(_ENUM, _pack([name, o.value]))
+    elif kind == _DATACLASS:
+        names = tuple(f.name for f in dataclasses.fields(tp))
+        fn = lambda o: _Ext(_DATACLASS, _pack([name, [getattr(o, n) for n in names]]))
+    else:
+        fn = lambda o: _Ext(_NAMEDTUPLE, _pack([name, list(o)]))
+    _encoders[tp] = fn
+    return fn
+
+
+def _dec_dataclass(data: bytes) -> Any:
+    name, values = _items(data, 2)
+    cls = _lookup(_DATACLASS, name)
+    names = _dc_names.get(cls)
+    if names is None:
+        names = _dc_names[cls] = tuple(f.name for f in dataclasses.fields(cls))
+    if type(values) is not list or len(values) != len(names):
+        raise ChannelCorruptError(f"undecodable message: wrong field count for {name}")
+    obj = cls.__new__(cls)  # no __init__/__post_init__; object.__setattr__ passes frozen
+    for n, v in zip(names, values):
+        object.__setattr__(obj, n, v)
+    return obj
+
+
+def _dec_namedtuple(data: bytes) -> Any:
+    name, values = _items(data, 2)
+    cls = _lookup(_NAMEDTUPLE, name)
+    if type(values) is not list or len(values) != len(cls._fields):  # type: ignore[attr-defined]
+        raise ChannelCorruptError(f"undecodable message: wrong item count for {name}")
+    return cls._make(values)  # type: ignore[attr-defined]
+
+
+# --- numpy (imported only when a numpy value is seen or a numpy ext arrives) -----------
+
+def _dtype_str(dt: Any) -> str:
+    if dt.kind not in _DTYPE_OK or dt.hasobject or dt.fields is not None or dt.subdtype:
+        raise EncodingError(f"cannot encode numpy dtype {dt!r} (object/structured): {_HINT}")
+    return dt.str
+
+
+def _enc_ndarray(a: Any) -> msgpack.ExtType:
+    head = _pack([_dtype_str(a.dtype), list(a.shape)])
+    return _Ext(_NDARRAY, b"".join((struct.pack("<I", len(head)), head, a.tobytes())))
+
+
+def _enc_npscalar(s: Any) -> msgpack.ExtType:
+    return _Ext(_NPSCALAR, _pack([_dtype_str(s.dtype), s.tobytes()]))
+
+
+def _np_dtype(s: Any) -> Any:
+    import numpy as np
+
+    # Only plain dtype strings such as "<f8", "|S5", "<M8[ns]"; never object dtypes.
+    ok = (type(s) is str and 3 <= len(s) <= 20 and s[0] in "<>|=" and s[1] in _DTYPE_OK
+          and s[2:].split("[")[0].isdigit())
+    dt = np.dtype(s) if ok else None
+    if dt is None or dt.hasobject or dt.str != s:
+        raise ChannelCorruptError(f"undecodable message: bad numpy dtype {s!r:.40}")
+    return dt
+
+
+def _dec_ndarray(data: bytes) -> Any:
+    import numpy as np
+
+    (n,) = struct.unpack_from("<I", data)
+    dtype, shape = _items(data[4:4 + n], 2)
+    dt = _np_dtype(dtype)
+    if (type(shape) is not list or len(shape) > 64
+            or not all(type(d) is int and d >= 0 for d in shape)):
+        raise ChannelCorruptError("undecodable message: bad numpy shape")
+    size = dt.itemsize
+    for d in shape:
+        size *= d
+    if size != len(data) - 4 - n:
+        raise ChannelCorruptError("undecodable message: numpy data size does not match shape")
+    return np.frombuffer(data, dtype=dt, offset=4 + n).reshape(shape).copy()
+
+
+def _dec_npscalar(data: bytes) -> Any:
+    import numpy as np
+
+    dtype, raw = _items(data, 2)
+    dt = _np_dtype(dtype)
+    if type(raw) is not bytes or len(raw) != dt.itemsize:
+        raise ChannelCorruptError("undecodable message: numpy scalar size mismatch")
+    return np.frombuffer(raw, dtype=dt)[0]
+
+
+# --- date and time --------------------------------------------------------------------
+
+def _tz_state(d: datetime | time) -> list[Any] | None:
+    # Any tzinfo travels as a fixed offset (+ timezone name): the same instant, so ``==``
+    # and ``utcoffset()`` hold; a tzinfo whose offset is None is naive for comparisons.
+    off = d.utcoffset()
+    if off is None:
+        return None
+    name = d.tzinfo.tzname(None) if type(d.tzinfo) is timezone else None
+    us = (off.days * 86400 + off.seconds) * 1_000_000 + off.microseconds
+    return [us, None if name == timezone(off).tzname(None) else name]
+
+
+def _tz(state: Any) -> timezone | None:
+    if state is None:
+        return None
+    us, name = state
+    off = timedelta(microseconds=us)
+    return timezone(off) if name is None else timezone(off, name)  # timezone(0) is utc
+
+
+def _dec_datetime(data: bytes) -> datetime:
+    *f, fold, tz = _items(data, 9)
+    return datetime(*f, tzinfo=_tz(tz), fold=fold)
+
+
+def _dec_time(data: bytes) -> time:
+    *f, fold, tz = _items(data, 6)
+    return time(*f, tzinfo=_tz(tz), fold=fold)
+
+
+def _dec_registered(data: bytes) -> Any:
+    name, value = _items(data, 2)
+    entry = _registered.get(name) if type(name) is str else None
+    if entry is None:
+        raise ChannelCorruptError(f"undecodable message: no type registered as {name!r:.120}")
+    return entry[1](value)
+
+
+_encoders.update({
+    # int only reaches _default when it does not fit in 64 bits
+    int: lambda n: _Ext(_BIGINT, n.to_bytes(n.bit_length() // 8 + 1, "little", signed=True)),
+    tuple: lambda o: _Ext(_TUPLE, _pack(list(o))),
+    set: lambda o: _Ext(_SET, _pack(list(o))),
+    frozenset: lambda o: _Ext(_FROZENSET, _pack(list(o))),
+    bytearray: lambda o: _Ext(_BYTEARRAY, bytes(o)),
+    datetime: lambda d: _Ext(_DATETIME, _pack([d.year, d.month, d.day, d.hour, d.minute,
+                                               d.second, d.microsecond, d.fold, _tz_state(d)])),
+    date: lambda d: _Ext(_DATE, _pack([d.year, d.month, d.day])),
+    time: lambda t: _Ext(_TIME, _pack([t.hour, t.minute, t.second, t.microsecond, t.fold,
+                                       _tz_state(t)])),
+    timedelta: lambda t: _Ext(_TIMEDELTA, _pack([t.days, t.seconds, t.microseconds])),
+    Decimal: lambda d: _Ext(_DECIMAL, str(d).encode("ascii")),
+    UUID: lambda u: _Ext(_UUID, u.bytes),
+    complex: lambda c: _Ext(_COMPLEX, struct.pack("<dd", c.real, c.imag)),
+})
+_builtin_encoders = dict(_encoders)  # restored if a registration over a builtin is replaced
+_ext_decoders.update({
+    _BIGINT: lambda b: int.from_bytes(b, "little", signed=True),
+    _TUPLE: lambda b: tuple(_items(b)),
+    _SET: lambda b: set(_items(b)),
+    _FROZENSET: lambda b: frozenset(_items(b)),
+    _BYTEARRAY: bytearray,
+    _DATETIME: _dec_datetime,
+    _DATE: lambda b: date(*_items(b, 3)),
+    _TIME: _dec_time,
+    _TIMEDELTA: lambda b: timedelta(*_items(b, 3)),
+    _DECIMAL: lambda b: Decimal(b.decode("ascii")),
+    _UUID: lambda b: UUID(bytes=b),
+    _COMPLEX: lambda b: complex(*struct.unpack("<dd", b)),
+    _ENUM: lambda b: (lambda name, value: _lookup(_ENUM, name)(value))(*_items(b, 2)),
+    _DATACLASS: _dec_dataclass,
+    _NAMEDTUPLE: _dec_namedtuple,
+    _NDARRAY: _dec_ndarray,
+    _NPSCALAR: _dec_npscalar,
+    _REGISTERED: _dec_registered,
+})
+
+
+# --- registration hooks ---------------------------------------------------------------
+
+def _check_class(cls: Any) -> None:
+    if not isinstance(cls, type):
+        raise TypeError(f"cls must be a class, not {type(cls).__name__}")
+    if cls in _NATIVE:
+        raise TypeError(f"{cls.__name__} is encoded natively by msgpack and cannot be registered")
+
+
+def register_type(cls: type, encode: Callable[[Any], Any], decode: Callable[[Any], Any],
+                  *, name: str | None = None) -> None:
+    """Make instances of exactly ``cls`` encodable as ``encode(obj)``, rebuilt by ``decode``.
+
+    Both processes must register the class under the same ``name`` (default
+    ``module.qualname``). Registering a class (or a name) again replaces the old entry.
+    """
+    _check_class(cls)
+    if not callable(encode) or not callable(decode):
+        raise TypeError("encode and decode must be callable")
+    if name is None:
+        name = type_name(cls)
+    elif not isinstance(name, str) or not name:
+        raise TypeError("name must be a non-empty str")
+    for old_name, (old_cls, _) in list(_registered.items()):
+        if old_cls is cls or old_name == name:
+            del _registered[old_name]
+            _encoders.pop(old_cls, None)
+            if old_cls in _builtin_encoders:
+                _encoders[old_cls] = _builtin_encoders[old_cls]
+    _registered[name] = (cls, decode)
+    _encoders[cls] = lambda o: _Ext(_REGISTERED, _pack([name, encode(o)]))
+
+
+def register_reference_type(cls: type, ext_code: int, to_bytes: Callable[[Any], bytes],
+                            from_bytes: Callable[[bytes], Any]) -> None:
+    """Encode exactly ``cls`` as ext ``ext_code`` (30..127) holding ``to_bytes(obj)``."""
+    _check_class(cls)
+    if type(ext_code) is not int or not CHANNEL_EXT_CODE <= ext_code <= 127:
+        raise TypeError(f"ext_code must be an int in {CHANNEL_EXT_CODE}..127")
+    if not callable(to_bytes) or not callable(from_bytes):
+        raise TypeError("to_bytes and from_bytes must be callable")
+
+    def enc(obj: Any) -> msgpack.ExtType:
+        raw = to_bytes(obj)
+        if type(raw) is not bytes:
+            raise EncodingError(f"to_bytes for {type_name(cls)} returned "
+                                f"{type(raw).__name__}, not bytes")
+        return _Ext(ext_code, raw)
+
+    _encoders[cls] = enc
+    _ext_decoders[ext_code] = from_bytes

@@ -1,0 +1,686 @@
+"""``Feed``: one-to-many delivery to channels in any process, go-ethereum's ``event.Feed``.
+
+A feed is one shared-memory segment (layout in ``_layout``): a header and a subscription
+table, changed under the segment lock, plus a send lock held for a whole send so that
+sends are serialized feed-wide (every channel sees the values in one order). A send
+encodes the value once, writes it into every subscribed channel's ring without blocking,
+then waits, over all the channels that were full at once, until each took the value or its
+subscription ended. Unsubscribing from any process wakes such a waiting send.
+"""
+
+from __future__ import annotations
+
+import mmap
+import threading
+import weakref
+from typing import Any, Generic, NamedTuple, TypeVar
+
+from . import _codec, _names, _process, _ring, _shm, _waker
+from . import _layout as L
+from ._channel import Channel, display_type
+from ._errors import ChannelClosed, FeedClosed, FeedTypeError, ShmfeedError, SlowSubscriberError
+from ._stats import FeedStatistics, SubscriptionStatistics
+from ._subscription import ErrorChannel, SharedErrorChannel, Subscription, encode_error
+
+T = TypeVar("T")
+
+_OPEN_ATTEMPTS = 100
+_ERROR_CHANNEL_RING = 4096
+
+
+class _Target(NamedTuple):
+    entry: int
+    sub_id: int
+    core: _ring.ChannelCore
+    err_channel_id: int
+
+
+def _entry_word(entry: int) -> int:
+    """Index of an entry's first word in the table view."""
+    return entry * L.FEED_ENTRY_WORDS
+
+
+class FeedCore:
+    """This process's attachment to one feed segment."""
+
+    def __init__(
+        self, namespace: str, key: str, mapping: mmap.mmap, lock: Any, send_lock: Any
+    ) -> None:
+        self.namespace = namespace
+        self.key = key
+        self.segment_name = _names.feed_segment(namespace, key)
+        self.mapping = mapping
+        self.buffer = memoryview(mapping)
+        self.words = self.buffer[: L.HEADER_BYTES].cast("Q")
+        self.table = self.buffer[L.HEADER_BYTES : L.FEED_SEGMENT_BYTES].cast("Q")
+        self.lock = lock
+        self.send_lock = send_lock
+        name_len = int(self.words[L.NAME_LEN])
+        self.name = L.read_text(self.buffer, L.FEED_NAME_OFFSET, name_len, L.FEED_NAME_MAX) if name_len else None
+        self.type_name = ""
+        self._targets_version = -1
+        self._targets: tuple[_Target, ...] = ()
+        self._channels: dict[int, _ring.ChannelCore] = {}
+        self.released = False
+        self._release_lock = threading.Lock()
+        self._refresh_type()
+
+    # --- opening and lifetime -----------------------------------------------------------
+
+    @classmethod
+    def open_or_create(cls, namespace: str, key: str, name: str | None) -> "FeedCore":
+        segment_name = _names.feed_segment(namespace, key)
+        for _ in range(_OPEN_ATTEMPTS):
+            core = cls._open(namespace, key, segment_name)
+            if core is None:
+                core = cls._create(namespace, key, segment_name, name)
+            if core is not None:
+                _feeds[(namespace, key)] = core
+                return core
+        raise ShmfeedError(f"shmfeed: could not open or create feed {name or key!r}; try again")
+
+    @classmethod
+    def _open(cls, namespace: str, key: str, segment_name: str) -> "FeedCore | None":
+        known = _feeds.get((namespace, key))
+        if known is not None and not known.released:
+            return known
+        mapping = _shm.open_segment(segment_name)
+        if mapping is None:
+            return None
+        if len(mapping) < L.FEED_SEGMENT_BYTES:
+            mapping.close()
+            raise ShmfeedError(f"shmfeed: feed segment {segment_name!r} is damaged; run `shmfeed gc`")
+        words = memoryview(mapping)[: L.HEADER_BYTES].cast("Q")
+        try:
+            if words[L.MAGIC] != L.FEED_MAGIC:
+                raise ShmfeedError(f"shmfeed: {segment_name!r} is not a feed; run `shmfeed gc`")
+            lock = _shm.open_semaphore(_names.lock_semaphore(namespace, int(words[L.LOCK_ID])))
+            send_lock = _shm.open_semaphore(_names.lock_semaphore(namespace, int(words[L.SEND_LOCK_ID])))
+        finally:
+            words.release()
+        if lock is None or send_lock is None:
+            mapping.close()
+            return None  # being destroyed right now: try again
+        core = cls(namespace, key, mapping, lock, send_lock)
+        core.acquire()
+        try:
+            destroyed = core.words[L.DESTROYED]
+            if not destroyed:
+                L.attach(core.words)
+        finally:
+            core.release_lock()
+        if destroyed:
+            core._close_local()
+            return None
+        return core
+
+    @classmethod
+    def _create(cls, namespace: str, key: str, segment_name: str, name: str | None) -> "FeedCore | None":
+        lock_id, send_lock_id = _names.new_id(), _names.new_id()
+        lock_name = _names.lock_semaphore(namespace, lock_id)
+        send_lock_name = _names.lock_semaphore(namespace, send_lock_id)
+        lock = _shm.create_semaphore(lock_name, 1)
+        send_lock = _shm.create_semaphore(send_lock_name, 1)
+
+        def initialise(mapping: mmap.mmap) -> None:
+            buffer = memoryview(mapping)
+            words = buffer[: L.HEADER_BYTES].cast("Q")
+            L.init_common(words, L.FEED_MAGIC, lock_id)
+            words[L.SEND_LOCK_ID] = send_lock_id
+            if name is not None:
+                words[L.NAME_LEN] = L.write_text(buffer, L.FEED_NAME_OFFSET, L.FEED_NAME_MAX, name)
+            L.attach(words)
+            words.release()
+            buffer.release()
+
+        try:
+            mapping = _shm.create_segment(segment_name, L.FEED_SEGMENT_BYTES, initialise)
+        except BaseException:
+            mapping = None
+            raise
+        finally:
+            if mapping is None:
+                _shm.unlink_semaphore(lock_name)
+                _shm.unlink_semaphore(send_lock_name)
+        return cls(namespace, key, mapping, lock, send_lock)
+
+    def reattach_after_fork(self) -> None:
+        self._release_lock = threading.Lock()
+        self.acquire()
+        try:
+            if not self.words[L.DESTROYED]:
+                L.attach(self.words)
+        finally:
+            self.release_lock()
+
+    def release(self) -> None:
+        """Detach this process; the last live process unlinks the feed."""
+        with self._release_lock:
+            if self.released:
+                return
+            self.released = True
+        if _feeds.get((self.namespace, self.key)) is self:
+            _feeds.pop((self.namespace, self.key), None)
+        self._channels.clear()
+        self._targets = ()
+        self.acquire()
+        try:
+            last = L.detach(self.words) and not self.words[L.DESTROYED]
+            if last:
+                self.words[L.DESTROYED] = 1
+                _shm.unlink_segment(self.segment_name)
+        finally:
+            self.release_lock()
+        if last:
+            _shm.unlink_semaphore(_names.lock_semaphore(self.namespace, int(self.words[L.LOCK_ID])))
+            _shm.unlink_semaphore(_names.lock_semaphore(self.namespace, int(self.words[L.SEND_LOCK_ID])))
+        self._close_local()
+
+    def _close_local(self) -> None:
+        try:
+            self.words.release()
+            self.table.release()
+            self.buffer.release()
+            self.mapping.close()
+        except (BufferError, ValueError):
+            pass
+        for semaphore in (self.lock, self.send_lock):
+            try:
+                semaphore.close()
+            except Exception:  # noqa: BLE001 - already closed
+                pass
+
+    def __del__(self) -> None:
+        if not getattr(self, "released", True):
+            try:
+                self.release()
+            except Exception:  # noqa: BLE001
+                pass
+
+    def acquire(self) -> None:
+        self.lock.acquire()
+        self.words[L.LOCK_OWNER] = _ring._pid
+
+    def release_lock(self) -> None:
+        self.words[L.LOCK_OWNER] = 0
+        self.lock.release()
+
+    # --- the element type ----------------------------------------------------------------
+
+    def _refresh_type(self) -> None:
+        length = int(self.words[L.FEED_TYPE_LEN])
+        if length:
+            self.type_name = L.read_text(self.buffer, L.TYPE_NAME_OFFSET, length, L.TYPE_NAME_MAX)
+
+    def _fix_type_locked(self, type_name: str, operation: str) -> None:
+        """Fix the feed's type to ``type_name`` if unset, else check it (lock held)."""
+        self._refresh_type()
+        if not self.type_name:
+            self.words[L.FEED_TYPE_LEN] = L.write_text(self.buffer, L.TYPE_NAME_OFFSET, L.TYPE_NAME_MAX, type_name)
+            self.type_name = type_name
+        elif self.type_name != type_name:
+            raise FeedTypeError(operation, display_type(type_name), display_type(self.type_name))
+
+    def check_send_type(self, type_name: str) -> None:
+        if type_name == self.type_name:
+            return
+        self.acquire()
+        try:
+            self._fix_type_locked(type_name, "Send")
+        finally:
+            self.release_lock()
+
+    # --- the subscription table ------------------------------------------------------------
+
+    def add_subscription(self, channel: _ring.ChannelCore, err_channel_id: int) -> tuple[int, int]:
+        """Add an entry for ``channel``; returns ``(entry, sub_id)``."""
+        words = self.words
+        self.acquire()
+        try:
+            if words[L.FEED_CLOSED]:
+                raise FeedClosed(f"shmfeed: subscribe to closed feed {self._label()}")
+            if channel.elem_type_name:
+                self._fix_type_locked(channel.elem_type_name, "Subscribe")
+            table = self.table
+            high = int(words[L.TABLE_HIGH])
+            entry = next((e for e in range(high) if table[_entry_word(e) + 3] & 0xFFFF_FFFF == L.SUB_FREE), high)
+            if entry >= L.FEED_TABLE_SLOTS:
+                raise ShmfeedError(
+                    f"shmfeed: feed {self._label()} has {L.FEED_TABLE_SLOTS} subscriptions, the most it can hold"
+                )
+            words[L.NEXT_SUB_ID] += 1
+            sub_id = int(words[L.NEXT_SUB_ID])
+            word = _entry_word(entry)
+            table[word] = sub_id
+            table[word + 1] = channel.channel_id
+            table[word + 2] = err_channel_id
+            table[word + 3] = L.SUB_ACTIVE_STATE | (_ring._pid << 32)
+            words[L.TABLE_HIGH] = max(high, entry + 1)
+            words[L.SUB_ACTIVE] += 1
+            words[L.SUB_VERSION] += 1
+            return entry, sub_id
+        finally:
+            self.release_lock()
+
+    def is_active(self, entry: int, sub_id: int) -> bool:
+        word = _entry_word(entry)
+        table = self.table
+        return table[word] == sub_id and table[word + 3] & 0xFFFF_FFFF == L.SUB_ACTIVE_STATE
+
+    def _cancel_locked(self, entry: int, sub_id: int) -> bool:
+        if not self.is_active(entry, sub_id):
+            return False
+        self.table[_entry_word(entry) + 3] = L.SUB_FREE
+        self.words[L.SUB_ACTIVE] -= 1
+        self.words[L.SUB_VERSION] += 1
+        return True
+
+    def end_subscription(
+        self, entry: int, sub_id: int, channel_id: int, err_channel_id: int, error: BaseException | None = None
+    ) -> bool:
+        """Cancel one subscription, release sends waiting on it, close its error channel."""
+        self.acquire()
+        try:
+            was_active = self._cancel_locked(entry, sub_id)
+        finally:
+            self.release_lock()
+        if was_active:
+            _finish(self.namespace, channel_id, err_channel_id, error)
+        return was_active
+
+    def close(self) -> None:
+        words = self.words
+        ended = []
+        self.acquire()
+        try:
+            words[L.FEED_CLOSED] = 1
+            table = self.table
+            for entry in range(int(words[L.TABLE_HIGH])):
+                word = _entry_word(entry)
+                if self._cancel_locked(entry, int(table[word])):
+                    ended.append((int(table[word + 1]), int(table[word + 2])))
+        finally:
+            self.release_lock()
+        for channel_id, err_channel_id in ended:
+            _finish(self.namespace, channel_id, err_channel_id, None)
+
+    @property
+    def closed(self) -> bool:
+        return bool(self.words[L.FEED_CLOSED])
+
+    def targets(self) -> tuple[_Target, ...]:
+        """The active subscriptions, re-read only when the table changed."""
+        version = self.words[L.SUB_VERSION]
+        if version == self._targets_version:
+            return self._targets
+        words = self.words
+        entries = []
+        self.acquire()
+        try:
+            version = words[L.SUB_VERSION]
+            table = self.table
+            for entry in range(int(words[L.TABLE_HIGH])):
+                word = _entry_word(entry)
+                if table[word + 3] & 0xFFFF_FFFF == L.SUB_ACTIVE_STATE:
+                    entries.append((entry, int(table[word]), int(table[word + 1]), int(table[word + 2])))
+        finally:
+            self.release_lock()
+        targets, channels, gone = [], {}, []
+        for entry, sub_id, channel_id, err_channel_id in entries:
+            core = self._channels.get(channel_id)
+            if core is None or core.released:
+                core = _ring.ChannelCore.open(self.namespace, channel_id)
+            if core is None:
+                gone.append((entry, sub_id, channel_id, err_channel_id))
+                continue
+            channels[channel_id] = core
+            targets.append(_Target(entry, sub_id, core, err_channel_id))
+        self._channels = channels
+        self._targets = tuple(targets)
+        self._targets_version = version
+        for entry, sub_id, channel_id, err_channel_id in gone:
+            self.end_subscription(entry, sub_id, channel_id, err_channel_id)
+        return self._targets
+
+    # --- sending --------------------------------------------------------------------------
+
+    def send(self, payload: bytes) -> int:
+        """Deliver one encoded value to every subscribed channel; returns how many took it."""
+        words = self.words
+        send_lock = self.send_lock
+        send_lock.acquire()
+        words[L.SEND_LOCK_OWNER] = _ring._pid
+        spill: _ring.Spill | None = None
+        try:
+            if words[L.FEED_CLOSED]:
+                raise FeedClosed(f"shmfeed: send on closed feed {self._label()}")
+            delivered = 0
+            waiting: list[tuple[_Target, int, bytes]] = []
+            size = len(payload) + 8
+            for target in self.targets():
+                core = target.core
+                if size <= core.spill_threshold:
+                    kind, record = _ring.KIND_DATA, payload
+                else:
+                    if spill is None:
+                        spill = _ring.Spill(self.namespace, payload)
+                    kind, record = _ring.KIND_SPILL, spill.link_into(core)
+                outcome = core.offer(kind, record)
+                if outcome == _ring.DELIVERED:
+                    delivered += 1
+                elif outcome == _ring.FULL:
+                    if core.overflow == "evict":
+                        self._evict(target)
+                        _discard_record(core, kind, record)
+                    else:
+                        waiting.append((target, kind, record))
+                else:
+                    if outcome == _ring.CLOSED:
+                        self._end(target)
+                    _discard_record(core, kind, record)
+            if waiting:
+                delivered += self._send_waiting(waiting)
+            words[L.SENDS] += 1
+            words[L.DELIVERED] += delivered
+            words[L.LAST_SENDER_PID] = _ring._pid
+            return delivered
+        finally:
+            words[L.SEND_LOCK_OWNER] = 0
+            send_lock.release()
+            if spill is not None:
+                spill.close()
+
+    def _send_waiting(self, waiting: list[tuple[_Target, int, bytes]]) -> int:
+        """Wait until each full channel took the value or its subscription ended."""
+        waker = _waker.current_waker(self.namespace)
+        delivered = 0
+        registered = [target.core for target, _, _ in waiting]
+        try:
+            while waiting:
+                still = []
+                for target, kind, record in waiting:
+                    core = target.core
+                    if not self.is_active(target.entry, target.sub_id) or self.closed:
+                        _discard_record(core, kind, record)
+                        continue
+                    outcome = core.offer(kind, record, waker)
+                    if outcome == _ring.DELIVERED:
+                        delivered += 1
+                    elif outcome == _ring.FULL:
+                        # Re-checked after registering: an unsubscribe in between wakes us.
+                        if self.is_active(target.entry, target.sub_id) and not self.closed:
+                            still.append((target, kind, record))
+                        else:
+                            _discard_record(core, kind, record)
+                    else:
+                        if outcome == _ring.CLOSED:
+                            self._end(target)
+                        _discard_record(core, kind, record)
+                waiting = still
+                if waiting:
+                    waker.wait(None)
+        finally:
+            for core in registered:
+                if not core.released:
+                    core.forget_sender(waker)
+            waker.drain()
+        return delivered
+
+    def _end(self, target: _Target) -> None:
+        self.end_subscription(target.entry, target.sub_id, target.core.channel_id, target.err_channel_id)
+
+    def _evict(self, target: _Target) -> None:
+        core = target.core
+        core.acquire()
+        try:
+            core.words[L.EVICTED] += 1
+        finally:
+            core.release_lock()
+        error = SlowSubscriberError(
+            f"shmfeed: channel {core.channel_id:016x} was full and its overflow policy is 'evict'; "
+            f"resubscribe to receive again"
+        )
+        self.end_subscription(target.entry, target.sub_id, core.channel_id, target.err_channel_id, error)
+
+    def _label(self) -> str:
+        return repr(self.name) if self.name is not None else f"<anonymous {self.key}>"
+
+
+def _discard_record(core: _ring.ChannelCore, kind: int, record: bytes) -> None:
+    if kind == _ring.KIND_SPILL:
+        core._unlink_spill_record(record)
+
+
+def _finish(namespace: str, channel_id: int, err_channel_id: int, error: BaseException | None) -> None:
+    """After a subscription ended: wake sends waiting on its channel, close its err()."""
+    channel = _ring.ChannelCore.open(namespace, channel_id)
+    if channel is not None:
+        channel.wake_senders()
+    err_channel = _ring.ChannelCore.open(namespace, err_channel_id)
+    if err_channel is not None:
+        if error is not None:
+            try:
+                err_channel.put(encode_error(error), 0)
+            except (ChannelClosed, TimeoutError):
+                pass
+        err_channel.close()
+
+
+class FeedSubscription(Subscription):
+    """The subscription ``Feed.subscribe`` returns."""
+
+    def __init__(self, feed: FeedCore, channel: Channel[Any], entry: int, sub_id: int, err: Channel[Any]) -> None:
+        self._feed = feed
+        self._channel = channel
+        self._entry = entry
+        self._sub_id = sub_id
+        self._err = SharedErrorChannel(err)
+        self._lock = threading.Lock()
+        _subscriptions.add(self)
+
+    def err(self) -> ErrorChannel:
+        return self._err
+
+    def unsubscribe(self) -> None:
+        with self._lock:
+            feed = self._feed
+            if feed.released:
+                return
+            feed.end_subscription(
+                self._entry, self._sub_id, self._channel._channel_id, self._err.channel._channel_id
+            )
+            self._err.channel.close()
+
+    def statistics(self) -> SubscriptionStatistics:
+        feed = self._feed
+        active = not feed.released and feed.is_active(self._entry, self._sub_id)
+        try:
+            channel = self._channel.statistics()
+        except ChannelClosed:
+            channel = None
+        return SubscriptionStatistics(active=active, channel=channel)
+
+    def __repr__(self) -> str:
+        state = "active" if self.statistics().active else "ended"
+        return f"<shmfeed.Subscription to feed {self._feed._label()} {state}>"
+
+
+class Feed(Generic[T]):
+    """One-to-many delivery of values to channels in any process (go-ethereum's Feed).
+
+    ``Feed()`` is ready to use at once. ``Feed("prices")`` opens or creates the feed of that
+    name in this namespace: every process that opens ``"prices"`` gets the same feed. A Feed
+    is picklable; the copy in another process is the same feed.
+
+    A feed carries one type, fixed by the first ``send`` or by subscribing a typed channel
+    (or by ``elem_type`` / ``Feed[int]()``). Types compare exactly.
+    """
+
+    def __init__(self, name: str | None = None, *, elem_type: type[T] | None = None) -> None:
+        if name is not None:
+            _names.validate_name(name, what="feed name", limit=L.FEED_NAME_MAX)
+        if elem_type is not None and not isinstance(elem_type, type):
+            raise TypeError(f"shmfeed: elem_type must be a type or None, got {elem_type!r}")
+        self._name = name
+        self._namespace = _names.current_namespace()
+        self._key: str | None = _names.named_feed_key(name) if name is not None else None
+        self._core: FeedCore | None = None
+        self._elem_type_name = _codec.type_name(elem_type) if elem_type is not None else ""
+        self._open_lock = threading.Lock()
+        if name is not None or elem_type is not None:
+            self._open()
+
+    @property
+    def __orig_class__(self) -> Any:
+        raise AttributeError("__orig_class__")
+
+    @__orig_class__.setter
+    def __orig_class__(self, alias: Any) -> None:
+        args = getattr(alias, "__args__", ())
+        if len(args) == 1 and isinstance(args[0], type) and not self._elem_type_name:
+            self._elem_type_name = _codec.type_name(args[0])
+            core = self._open()
+            core.acquire()
+            try:
+                core._fix_type_locked(self._elem_type_name, "Subscribe")
+            finally:
+                core.release_lock()
+
+    def _open(self) -> FeedCore:
+        core = self._core
+        if core is not None and not core.released:
+            return core
+        with self._open_lock:
+            core = self._core
+            if core is None or core.released:
+                if self._key is None:
+                    self._key = _names.anonymous_feed_key(_names.new_id())
+                core = self._core = FeedCore.open_or_create(self._namespace, self._key, self._name)
+                if self._elem_type_name:
+                    core.acquire()
+                    try:
+                        core._fix_type_locked(self._elem_type_name, "Subscribe")
+                    finally:
+                        core.release_lock()
+        return core
+
+    @property
+    def name(self) -> str | None:
+        return self._name
+
+    def subscribe(self, channel: Channel[T]) -> Subscription:
+        """Deliver future sends to ``channel`` until the subscription is cancelled.
+
+        New subscriptions take effect at the next send. Subscribing a channel k times
+        delivers k copies.
+
+        Raises:
+            TypeError: ``channel`` is not a Channel.
+            FeedTypeError: the channel is typed otherwise than the feed.
+            FeedClosed: the feed was closed.
+        """
+        if not isinstance(channel, Channel):
+            raise TypeError("event: Subscribe argument does not have sendable channel type")
+        core = self._open()
+        channel_core = channel._live_core()
+        if channel_core.namespace != core.namespace:
+            raise ValueError("shmfeed: the channel and the feed live in different namespaces")
+        err = Channel(capacity=1, buffer_size=_ERROR_CHANNEL_RING)
+        try:
+            entry, sub_id = core.add_subscription(channel_core, err._channel_id)
+        except BaseException:
+            err.close()
+            raise
+        return FeedSubscription(core, channel, entry, sub_id, err)
+
+    def send(self, value: T) -> int:
+        """Deliver ``value`` to every subscribed channel, in whatever process it lives.
+
+        Waits while a subscriber's channel is full (unless its overflow policy says
+        otherwise); an unsubscribe, or the end of the subscriber's process, releases that
+        wait. Returns how many channels the value was delivered to.
+
+        Raises:
+            FeedTypeError: ``type(value)`` is not the feed's type.
+            EncodingError: the value cannot be encoded (a TypeError); nobody got it.
+            FeedClosed: the feed was closed.
+        """
+        core = self._core
+        if core is None or core.released:
+            core = self._open()
+        type_name = _codec.type_name(type(value))
+        if type_name != core.type_name:
+            core.check_send_type(type_name)
+        return core.send(_codec.encode(value))
+
+    def close(self) -> None:
+        """End every subscription successfully (their ``err()`` closes); later sends raise."""
+        self._open().close()
+
+    @property
+    def closed(self) -> bool:
+        return self._open().closed
+
+    def statistics(self) -> FeedStatistics:
+        """A snapshot of the feed's counters (see ``FeedStatistics``)."""
+        core = self._open()
+        core._refresh_type()
+        words = core.words
+        return FeedStatistics(
+            name=self._name,
+            elem_type=display_type(core.type_name) if core.type_name else None,
+            sent=int(words[L.SENDS]),
+            delivered=int(words[L.DELIVERED]),
+            subscriptions=int(words[L.SUB_ACTIVE]),
+            closed=bool(words[L.FEED_CLOSED]),
+        )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        self._open()
+        return (_rebuild_feed, (self._namespace, self._key, self._name))
+
+    def __repr__(self) -> str:
+        label = repr(self._name) if self._name is not None else "anonymous"
+        return f"<shmfeed.Feed {label}>"
+
+
+Feed.__module__ = "shmfeed"
+FeedSubscription.__module__ = "shmfeed"
+
+
+def _rebuild_feed(namespace: str, key: str, name: str | None) -> Feed[Any]:
+    feed: Feed[Any] = Feed.__new__(Feed)
+    feed._name = name
+    feed._namespace = namespace
+    feed._key = key
+    feed._core = None
+    feed._elem_type_name = ""
+    feed._open_lock = threading.Lock()
+    feed._open()
+    return feed
+
+
+_feeds: "weakref.WeakValueDictionary[tuple[str, str], FeedCore]" = weakref.WeakValueDictionary()
+_subscriptions: "weakref.WeakSet[FeedSubscription]" = weakref.WeakSet()
+
+
+def _at_exit() -> None:
+    # Subscriptions end with their process (a killed process is handled by the registry).
+    for subscription in list(_subscriptions):
+        try:
+            subscription.unsubscribe()
+        except ShmfeedError:
+            pass
+    for core in list(_feeds.values()):
+        core.release()
+
+
+def _after_fork() -> None:
+    # The parent's subscriptions stay the parent's: the child must not end them at exit.
+    _subscriptions.clear()
+    for core in list(_feeds.values()):
+        core.reattach_after_fork()
+
+
+_process.on_exit(_at_exit)
+_process.on_fork_child(_after_fork)

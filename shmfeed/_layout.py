@@ -1,0 +1,258 @@
+"""The shared-memory layouts, written down once, and the helpers common to all segments.
+
+Every segment starts with a 4096-byte header of little-endian 64-bit words (accessed as a
+``memoryview`` cast to ``'Q'``) and byte areas. All fields are read and written only under
+the segment's lock (a named semaphore whose name derives from ``LOCK_ID``), except the
+counters the monitor reads without the lock (a torn read there only misreports a figure).
+
+Common part (words 0-7 and the attach slots), the same in every segment:
+
+| word | name          | written by                       | meaning                                   |
+|------|---------------|----------------------------------|-------------------------------------------|
+| 0    | MAGIC         | creator, before publishing       | kind and layout version                   |
+| 1    | HEADER_BYTES  | creator                          | offset of the payload area (4096)         |
+| 2    | LOCK_ID       | creator                          | names the lock semaphore                  |
+| 3    | LOCK_OWNER    | lock holder, right after acquire | pid holding the lock, 0 if none           |
+| 4    | DESTROYED     | last detacher                    | 1 once the names are unlinked             |
+| 5    | CREATOR_PID   | creator                          | for the monitor                           |
+| 6    | CREATOR_TICKS | creator                          | creator's start time (clock ticks)        |
+| 7    | ATTACHED      | attach/detach                    | how many attach slots are in use          |
+
+Bytes 512-2559: 128 attach slots of (pid, start_ticks): the processes using the segment.
+The last process to detach (the others being gone or dead) unlinks the segment and its
+semaphores, so nothing stays in ``/dev/shm`` after normal exits; the registry and
+``shmfeed gc`` use the same slots to clean up after processes that were killed.
+
+Channel segment (``MAGIC = CHANNEL_MAGIC``), words 8-31:
+
+| word | name          | meaning                                                  |
+|------|---------------|----------------------------------------------------------|
+| 8    | RING_BYTES    | size of the ring (payload area), a multiple of 8         |
+| 9    | CAPACITY      | most messages the ring holds                             |
+| 10   | CLOSED        | 1 once closed                                            |
+| 11   | WRITE_POS     | bytes ever written (monotonic; offset = pos % RING_BYTES) |
+| 12   | READ_POS      | bytes ever consumed                                      |
+| 13   | SENT          | messages ever committed                                  |
+| 14   | RECEIVED      | messages ever taken                                      |
+| 15   | DROPPED       | messages dropped by the overflow policy                  |
+| 16   | RECV_WAITING  | receivers in the receive wait list                       |
+| 17   | SEND_WAITING  | senders in the send wait list                            |
+| 18   | OVERFLOW      | overflow policy code                                     |
+| 19   | BYTES_SENT    | payload bytes ever committed                             |
+| 20   | EVICTED       | evictions (overflow="evict")                             |
+| 21   | SPILLED       | values that travelled in a spill file                    |
+| 22   | ELEM_TYPE_LEN | length of the element type name at bytes 256-511         |
+
+Bytes 2560-3071: receive wait list, 64 waker ids (0 = free). Bytes 3072-3583: send wait
+list, 64 waker ids. The ring starts at byte 4096; its record format is in ``_ring``.
+
+Feed segment (``MAGIC = FEED_MAGIC``), words 8-31:
+
+| word | name            | meaning                                                  |
+|------|-----------------|----------------------------------------------------------|
+| 8    | FEED_CLOSED     | 1 once ``close()`` was called                            |
+| 9    | SEND_LOCK_ID    | names the send lock (serializes sends feed-wide)         |
+| 10   | SEND_LOCK_OWNER | pid holding the send lock                                |
+| 11   | SUB_VERSION     | bumped on every change of the subscription table         |
+| 12   | SUB_ACTIVE      | active subscriptions                                     |
+| 13   | SENDS           | values sent                                              |
+| 14   | TABLE_HIGH      | one past the highest table entry ever used               |
+| 15   | FEED_TYPE_LEN   | length of the element type name at bytes 256-511         |
+| 16   | NAME_LEN        | length of the feed's name at bytes 2560-2815             |
+| 17   | NEXT_SUB_ID     | last subscription id handed out                          |
+| 18   | DELIVERED       | deliveries to channels                                   |
+| 19   | LAST_SENDER_PID | pid of the last process that sent                        |
+
+The subscription table starts at byte 4096: ``FEED_TABLE_SLOTS`` entries of 4 words
+(``SUB_ID``, ``CHANNEL_ID``, ``ERR_CHANNEL_ID``, ``STATE | OWNER_PID << 32``).
+The table is changed under the segment lock; the send lock is held for a whole send.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable
+
+from . import _process
+
+PAGE = 4096
+HEADER_BYTES = PAGE
+
+CHANNEL_MAGIC = int.from_bytes(b"SFCHAN01", "little")
+FEED_MAGIC = int.from_bytes(b"SFFEED01", "little")
+
+# Common words.
+MAGIC, HEADER_BYTES_WORD, LOCK_ID, LOCK_OWNER, DESTROYED, CREATOR_PID, CREATOR_TICKS, ATTACHED = range(8)
+
+# Channel words.
+(
+    RING_BYTES,
+    CAPACITY,
+    CLOSED,
+    WRITE_POS,
+    READ_POS,
+    SENT,
+    RECEIVED,
+    DROPPED,
+    RECV_WAITING,
+    SEND_WAITING,
+    OVERFLOW,
+    BYTES_SENT,
+    EVICTED,
+    SPILLED,
+    ELEM_TYPE_LEN,
+) = range(8, 23)
+
+# Feed words.
+(
+    FEED_CLOSED,
+    SEND_LOCK_ID,
+    SEND_LOCK_OWNER,
+    SUB_VERSION,
+    SUB_ACTIVE,
+    SENDS,
+    TABLE_HIGH,
+    FEED_TYPE_LEN,
+    NAME_LEN,
+    NEXT_SUB_ID,
+    DELIVERED,
+    LAST_SENDER_PID,
+) = range(8, 20)
+
+TYPE_NAME_OFFSET = 256
+TYPE_NAME_MAX = 256
+FEED_NAME_OFFSET = 2560
+FEED_NAME_MAX = 256
+
+ATTACH_FIRST_WORD = 512 // 8
+ATTACH_SLOTS = 128
+RECV_WAITLIST_WORD = 2560 // 8
+SEND_WAITLIST_WORD = 3072 // 8
+WAITLIST_SLOTS = 64
+
+FEED_TABLE_SLOTS = 4096
+FEED_ENTRY_WORDS = 4
+FEED_SEGMENT_BYTES = HEADER_BYTES + FEED_TABLE_SLOTS * FEED_ENTRY_WORDS * 8
+
+# Subscription entry states (low 32 bits of the entry's fourth word).
+SUB_FREE, SUB_ACTIVE_STATE, SUB_CANCELLED, SUB_FAILED = 0, 1, 2, 3
+
+
+def write_text(buffer: memoryview, offset: int, limit: int, text: str) -> int:
+    """Store ``text`` (UTF-8, truncated to ``limit`` bytes) and return its length."""
+    data = text.encode("utf-8", "replace")[:limit]
+    buffer[offset : offset + len(data)] = data
+    return len(data)
+
+
+def read_text(buffer: memoryview, offset: int, length: int, limit: int) -> str:
+    length = max(0, min(length, limit))
+    return bytes(buffer[offset : offset + length]).decode("utf-8", "replace")
+
+
+def init_common(words: memoryview, magic: int, lock_id: int) -> None:
+    """Fill the common words of a new segment (before it is published)."""
+    pid, ticks = _process.identity()
+    words[MAGIC] = magic
+    words[HEADER_BYTES_WORD] = HEADER_BYTES
+    words[LOCK_ID] = lock_id
+    words[CREATOR_PID] = pid
+    words[CREATOR_TICKS] = ticks
+
+
+def attach(words: memoryview) -> bool:
+    """Record this process in the attach slots (lock held). False if the table is full."""
+    pid, ticks = _process.identity()
+    free = -1
+    for slot in range(ATTACH_SLOTS):
+        word = ATTACH_FIRST_WORD + 2 * slot
+        slot_pid = words[word]
+        if slot_pid == pid and words[word + 1] == ticks:
+            return True
+        if free < 0 and slot_pid == 0:
+            free = word
+    if free < 0:
+        free = _reclaim_dead_slot(words)
+        if free < 0:
+            return False
+    words[free] = pid
+    words[free + 1] = ticks
+    words[ATTACHED] += 1
+    return True
+
+
+def _reclaim_dead_slot(words: memoryview) -> int:
+    for slot in range(ATTACH_SLOTS):
+        word = ATTACH_FIRST_WORD + 2 * slot
+        if not _process.is_alive(words[word], words[word + 1]):
+            words[word] = words[word + 1] = 0
+            words[ATTACHED] -= 1
+            return word
+    return -1
+
+
+def detach(words: memoryview, is_alive: Callable[[int, int], bool] = _process.is_alive) -> bool:
+    """Remove this process from the attach slots (lock held).
+
+    Returns True if no live process remains attached: the caller then destroys the segment.
+    """
+    pid, ticks = _process.identity()
+    others_alive = False
+    for slot in range(ATTACH_SLOTS):
+        word = ATTACH_FIRST_WORD + 2 * slot
+        slot_pid = words[word]
+        if slot_pid == 0:
+            continue
+        if slot_pid == pid and words[word + 1] == ticks:
+            words[word] = words[word + 1] = 0
+            words[ATTACHED] -= 1
+        elif not others_alive:
+            others_alive = is_alive(slot_pid, words[word + 1])
+    return not others_alive
+
+
+def attached_processes(words: memoryview) -> list[tuple[int, int]]:
+    """The ``(pid, start_ticks)`` pairs in the attach slots."""
+    result = []
+    for slot in range(ATTACH_SLOTS):
+        word = ATTACH_FIRST_WORD + 2 * slot
+        if words[word]:
+            result.append((int(words[word]), int(words[word + 1])))
+    return result
+
+
+def waitlist_add(words: memoryview, first_word: int, count_word: int, waker_id: int) -> bool:
+    """Put ``waker_id`` in a wait list (lock held). False if the list is full."""
+    for word in range(first_word, first_word + WAITLIST_SLOTS):
+        if words[word] == 0:
+            words[word] = waker_id
+            words[count_word] += 1
+            return True
+    return False
+
+
+def waitlist_remove(words: memoryview, first_word: int, count_word: int, waker_id: int) -> None:
+    """Take ``waker_id`` out of a wait list if a waker did not already (lock held)."""
+    if words[count_word] == 0:
+        return
+    for word in range(first_word, first_word + WAITLIST_SLOTS):
+        if words[word] == waker_id:
+            words[word] = 0
+            words[count_word] -= 1
+            return
+
+
+def waitlist_take_all(words: memoryview, first_word: int, count_word: int) -> list[int]:
+    """Empty a wait list and return the waker ids to post (lock held)."""
+    taken = []
+    for word in range(first_word, first_word + WAITLIST_SLOTS):
+        waker_id = words[word]
+        if waker_id:
+            taken.append(waker_id)
+            words[word] = 0
+    words[count_word] = 0
+    return taken
+
+
+def current_pid() -> int:
+    return os.getpid()

@@ -1,0 +1,119 @@
+"""Process identity (pid plus start time) and per-process lifecycle hooks (fork, exit).
+
+PIDs are reused, so a process is named by ``(pid, start_ticks)``: the start time in clock
+ticks since boot from ``/proc/<pid>/stat``. A zombie counts as dead.
+
+Per-process state (wakers, attachments, caches) must be rebuilt in a forked child and
+released at exit. ``multiprocessing`` children leave through ``os._exit`` after running
+``multiprocessing.util`` finalizers, not ``atexit``, so exit hooks are registered with both.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import threading
+from typing import Callable
+
+import psutil
+
+_fork_hooks: list[Callable[[], None]] = []
+_exit_hooks: list[Callable[[], None]] = []
+_identity: tuple[int, int] | None = None
+_exit_ran_in: int | None = None
+
+
+def start_ticks(pid: int) -> int | None:
+    """Start time of ``pid`` in clock ticks since boot; None if it is gone or a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat_file:
+            stat = stat_file.read()
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return None
+    except OSError:
+        return _start_ticks_psutil(pid)
+    # The command name may hold spaces and parentheses: fields follow the last ')'.
+    fields = stat[stat.rfind(b")") + 2 :].split()
+    if not fields or fields[0] in (b"Z", b"X"):
+        return None
+    return int(fields[19])
+
+
+def _start_ticks_psutil(pid: int) -> int | None:
+    try:
+        process = psutil.Process(pid)
+        if process.status() == psutil.STATUS_ZOMBIE:
+            return None
+        return int(process.create_time() * 100)
+    except psutil.Error:
+        return None
+
+
+def is_alive(pid: int, ticks: int) -> bool:
+    """True if the process ``pid`` that started at ``ticks`` still runs."""
+    if pid <= 0:
+        return False
+    now = start_ticks(pid)
+    return now is not None and (ticks == 0 or now == ticks)
+
+
+def identity() -> tuple[int, int]:
+    """``(pid, start_ticks)`` of this process."""
+    global _identity
+    pid = os.getpid()
+    if _identity is None or _identity[0] != pid:
+        _identity = (pid, start_ticks(pid) or 0)
+    return _identity
+
+
+def on_fork_child(hook: Callable[[], None]) -> None:
+    """Call ``hook`` in every forked child, before anything else runs there."""
+    _fork_hooks.append(hook)
+
+
+def on_exit(hook: Callable[[], None]) -> None:
+    """Call ``hook`` once when this process ends normally (also multiprocessing children)."""
+    _exit_hooks.append(hook)
+
+
+def _run_exit_hooks() -> None:
+    global _exit_ran_in
+    if _exit_ran_in == os.getpid():
+        return
+    _exit_ran_in = os.getpid()
+    for hook in reversed(_exit_hooks):
+        try:
+            hook()
+        except Exception:  # noqa: BLE001 - exit must go on; nothing useful to raise to
+            pass
+
+
+class _AfterForkToken:
+    """Kept alive for ``multiprocessing.util.register_after_fork`` (it holds weak refs)."""
+
+
+_after_fork_token = _AfterForkToken()
+
+
+def _register_multiprocessing_finalizer(_: object = None) -> None:
+    # multiprocessing's forked and forkserver children skip atexit (they end in os._exit)
+    # but run util finalizers with an exit priority; spawn children run both. A child
+    # started by multiprocessing clears the finalizers it inherited, then runs the
+    # after-fork callbacks: so register again there.
+    from multiprocessing import util
+
+    util.Finalize(None, _run_exit_hooks, exitpriority=-1000)
+    util.register_after_fork(_after_fork_token, _register_multiprocessing_finalizer)
+
+
+def _after_fork_in_child() -> None:
+    global _identity
+    _identity = None
+    for hook in _fork_hooks:
+        hook()
+    _register_multiprocessing_finalizer()
+
+
+atexit.register(_run_exit_hooks)
+_register_multiprocessing_finalizer()
+os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -1,0 +1,587 @@
+"""One channel's ring in shared memory: records, locking, waiting and waking, large values.
+
+A ``ChannelCore`` is this process's handle on one channel segment (layout in ``_layout``);
+every ``Channel`` object of the same channel in a process shares one core.
+
+Ring records are 8-byte aligned: a header of two little-endian u32 (payload length, kind)
+and the payload. A record is committed by advancing ``WRITE_POS`` and ``SENT`` after the
+bytes are in place, all under the lock, so a reader never sees a half-written message.
+Kinds:
+
+| kind  | payload                                                                  |
+|-------|--------------------------------------------------------------------------|
+| DATA  | the encoded value                                                        |
+| WRAP  | none: the rest of the ring is unused, the next record is at offset 0    |
+| SPILL | (spill id u64, size u64): the value is in the file ``_names.spill_file`` |
+
+A value whose record would exceed a quarter of the ring travels as a spill file: written
+once per send into ``/dev/shm``, hard-linked once per receiving channel, and unlinked by the
+receiver after reading, so the kernel frees it when the last channel has read it.
+Everything read from the ring is validated; bad bytes raise ``ChannelCorruptError``.
+"""
+
+from __future__ import annotations
+
+import glob
+import mmap
+import os
+import struct
+import threading
+import time
+import weakref
+from typing import Iterable
+
+from . import _layout as L
+from . import _names, _process, _shm, _waker
+from ._errors import ChannelClosed, ChannelCorruptError
+
+RECORD_HEADER = struct.Struct("<II")
+SPILL_REFERENCE = struct.Struct("<QQ")
+KIND_DATA, KIND_WRAP, KIND_SPILL = 1, 2, 3
+MIN_RING_BYTES = 4096
+MAX_RECORD_BYTES = 0xFFFF_FFF0
+
+OVERFLOW_POLICIES = ("block", "drop_newest", "drop_oldest", "evict")
+OVERFLOW_CODES = {name: code for code, name in enumerate(OVERFLOW_POLICIES)}
+
+# Outcomes of an offer.
+DELIVERED, FULL, CLOSED, DROPPED = 0, 1, 2, 3
+
+_pid = os.getpid()
+
+
+def _refresh_pid() -> None:
+    global _pid
+    _pid = os.getpid()
+
+
+class Spill:
+    """One large value written once to a temporary file, linked into each channel."""
+
+    def __init__(self, namespace: str, payload: bytes) -> None:
+        self.namespace = namespace
+        self.payload = payload
+        self.temp_path: str | None = None
+
+    def link_into(self, core: "ChannelCore") -> bytes:
+        """Link the value for ``core`` and return the ring record's payload."""
+        if self.temp_path is None:
+            self.temp_path = _names.spill_temp_file(self.namespace, _names.new_id())
+            descriptor = os.open(self.temp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                view = memoryview(self.payload)
+                while view:
+                    view = view[os.write(descriptor, view) :]
+            finally:
+                os.close(descriptor)
+        spill_id = _names.new_id()
+        os.link(self.temp_path, _names.spill_file(core.namespace, core.channel_id, spill_id))
+        return SPILL_REFERENCE.pack(spill_id, len(self.payload))
+
+    def close(self) -> None:
+        if self.temp_path is not None:
+            _unlink_file(self.temp_path)
+            self.temp_path = None
+
+
+def _unlink_file(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def default_ring_bytes(capacity: int) -> int:
+    """Ring size for ``capacity`` messages when the user gives none: 512 bytes each."""
+    return _align(min(max(capacity * 512, 64 * 1024), 256 * 1024 * 1024), L.PAGE)
+
+
+def _align(value: int, to: int) -> int:
+    return (value + to - 1) // to * to
+
+
+class ChannelCore:
+    """This process's attachment to one channel segment (shared by its Channel objects)."""
+
+    def __init__(self, namespace: str, channel_id: int, mapping: mmap.mmap, lock: object) -> None:
+        self.namespace = namespace
+        self.channel_id = channel_id
+        self.segment_name = _names.channel_segment(namespace, channel_id)
+        self.mapping = mapping
+        self.buffer = memoryview(mapping)
+        self.words = self.buffer[: L.HEADER_BYTES].cast("Q")
+        self.lock = lock
+        self.ring_bytes = int(self.words[L.RING_BYTES])
+        self.capacity = int(self.words[L.CAPACITY])
+        self.spill_threshold = self.ring_bytes // 4
+        self.overflow = OVERFLOW_POLICIES[int(self.words[L.OVERFLOW]) % len(OVERFLOW_POLICIES)]
+        self.elem_type_name = L.read_text(
+            self.buffer, L.TYPE_NAME_OFFSET, int(self.words[L.ELEM_TYPE_LEN]), L.TYPE_NAME_MAX
+        )
+        self.released = False
+        self._release_lock = threading.Lock()
+
+    # --- creation and lifetime -------------------------------------------------------
+
+    @classmethod
+    def create(
+        cls, namespace: str, capacity: int, ring_bytes: int, overflow: str, elem_type_name: str
+    ) -> "ChannelCore":
+        lock_id = _names.new_id()
+        lock_name = _names.lock_semaphore(namespace, lock_id)
+        lock = _shm.create_semaphore(lock_name, 1)
+
+        def initialise(mapping: mmap.mmap) -> None:
+            buffer = memoryview(mapping)
+            words = buffer[: L.HEADER_BYTES].cast("Q")
+            L.init_common(words, L.CHANNEL_MAGIC, lock_id)
+            words[L.RING_BYTES] = ring_bytes
+            words[L.CAPACITY] = capacity
+            words[L.OVERFLOW] = OVERFLOW_CODES[overflow]
+            words[L.ELEM_TYPE_LEN] = L.write_text(buffer, L.TYPE_NAME_OFFSET, L.TYPE_NAME_MAX, elem_type_name)
+            L.attach(words)
+            words.release()
+            buffer.release()
+
+        try:
+            while True:
+                channel_id = _names.new_id()
+                name = _names.channel_segment(namespace, channel_id)
+                mapping = _shm.create_segment(name, L.HEADER_BYTES + ring_bytes, initialise)
+                if mapping is not None:
+                    break
+        except BaseException:
+            _shm.unlink_semaphore(lock_name)
+            raise
+        core = cls(namespace, channel_id, mapping, lock)
+        _register_core(core)
+        return core
+
+    @classmethod
+    def open(cls, namespace: str, channel_id: int) -> "ChannelCore | None":
+        """Attach to an existing channel; None if it no longer exists."""
+        core = _cores.get((namespace, channel_id))
+        if core is not None and not core.released:
+            return core
+        name = _names.channel_segment(namespace, channel_id)
+        mapping = _shm.open_segment(name)
+        if mapping is None:
+            return None
+        if len(mapping) < L.HEADER_BYTES + MIN_RING_BYTES:
+            mapping.close()
+            return None
+        words = memoryview(mapping)[: L.HEADER_BYTES].cast("Q")
+        try:
+            valid = (
+                words[L.MAGIC] == L.CHANNEL_MAGIC
+                and words[L.HEADER_BYTES_WORD] == L.HEADER_BYTES
+                and words[L.RING_BYTES] % 8 == 0
+                and L.HEADER_BYTES + words[L.RING_BYTES] <= len(mapping)
+                and words[L.CAPACITY] > 0
+            )
+            lock = _shm.open_semaphore(_names.lock_semaphore(namespace, int(words[L.LOCK_ID]))) if valid else None
+        finally:
+            words.release()
+        if lock is None:
+            mapping.close()
+            return None
+        core = cls(namespace, channel_id, mapping, lock)
+        core.acquire()
+        try:
+            destroyed = core.words[L.DESTROYED]
+            if not destroyed:
+                L.attach(core.words)
+        finally:
+            core.release_lock()
+        if destroyed:
+            core._close_local()
+            return None
+        _register_core(core)
+        return core
+
+    def reattach_after_fork(self) -> None:
+        self._release_lock = threading.Lock()
+        self.acquire()
+        try:
+            if not self.words[L.DESTROYED]:
+                L.attach(self.words)
+        finally:
+            self.release_lock()
+
+    def release(self) -> None:
+        """Detach this process; the last live process unlinks the channel's names."""
+        with self._release_lock:
+            if self.released:
+                return
+            self.released = True
+        _cores.pop((self.namespace, self.channel_id), None)
+        self.acquire()
+        try:
+            last = L.detach(self.words) and not self.words[L.DESTROYED]
+            if last:
+                self.words[L.DESTROYED] = 1
+                _shm.unlink_segment(self.segment_name)
+        finally:
+            self.release_lock()
+        if last:
+            _shm.unlink_semaphore(_names.lock_semaphore(self.namespace, int(self.words[L.LOCK_ID])))
+            for path in glob.glob(_names.spill_file(self.namespace, self.channel_id, 0)[:-16] + "*"):
+                _unlink_file(path)
+        self._close_local()
+
+    def _close_local(self) -> None:
+        try:
+            self.words.release()
+            self.buffer.release()
+            self.mapping.close()
+        except (BufferError, ValueError):
+            pass  # a view is still exported somewhere; the mapping goes with the process
+        try:
+            self.lock.close()  # type: ignore[attr-defined]
+        except Exception:  # noqa: BLE001 - already closed
+            pass
+
+    def __del__(self) -> None:
+        if not getattr(self, "released", True):
+            try:
+                self.release()
+            except Exception:  # noqa: BLE001 - nothing to report to during collection
+                pass
+
+    # --- locking ----------------------------------------------------------------------
+
+    def acquire(self) -> None:
+        self.lock.acquire()  # type: ignore[attr-defined]
+        self.words[L.LOCK_OWNER] = _pid
+
+    def release_lock(self) -> None:
+        self.words[L.LOCK_OWNER] = 0
+        self.lock.release()  # type: ignore[attr-defined]
+
+    # --- records (lock held) ---------------------------------------------------------
+
+    def _write_locked(self, kind: int, payload: bytes) -> bool:
+        """Append one record if it fits now; False if the ring is full."""
+        words = self.words
+        if words[L.SENT] - words[L.RECEIVED] >= self.capacity:
+            return False
+        size = len(payload)
+        record = 8 + ((size + 7) & ~7)
+        ring = self.ring_bytes
+        write_pos = words[L.WRITE_POS]
+        offset = write_pos % ring
+        room_to_end = ring - offset
+        need = record if record <= room_to_end else room_to_end + record
+        if write_pos - words[L.READ_POS] + need > ring:
+            return False
+        base = L.HEADER_BYTES
+        buffer = self.buffer
+        if record > room_to_end:
+            RECORD_HEADER.pack_into(buffer, base + offset, 0, KIND_WRAP)
+            offset = 0
+        RECORD_HEADER.pack_into(buffer, base + offset, size, kind)
+        start = base + offset + 8
+        buffer[start : start + size] = payload
+        words[L.WRITE_POS] = write_pos + need
+        words[L.SENT] += 1
+        words[L.BYTES_SENT] += size
+        return True
+
+    def _read_locked(self) -> tuple[int, bytes] | None:
+        """Take the oldest record, or None if the ring is empty."""
+        words = self.words
+        if words[L.SENT] == words[L.RECEIVED]:
+            return None
+        ring = self.ring_bytes
+        read_pos = words[L.READ_POS]
+        available = words[L.WRITE_POS] - read_pos
+        offset = read_pos % ring
+        base = L.HEADER_BYTES
+        size, kind = RECORD_HEADER.unpack_from(self.buffer, base + offset)
+        if kind == KIND_WRAP:
+            skipped = ring - offset
+            read_pos += skipped
+            available -= skipped
+            offset = 0
+            size, kind = RECORD_HEADER.unpack_from(self.buffer, base)
+        record = 8 + ((size + 7) & ~7)
+        if (
+            kind not in (KIND_DATA, KIND_SPILL)
+            or offset + record > ring
+            or record > available
+            or available > ring
+        ):
+            self._discard_corrupt_locked()
+            raise ChannelCorruptError(
+                f"shmfeed: channel {self.channel_id:016x} holds corrupt bytes at ring offset "
+                f"{offset} (kind {kind}, length {size}); its waiting messages were discarded"
+            )
+        start = base + offset + 8
+        data = self.buffer[start : start + size].tobytes()
+        words[L.READ_POS] = read_pos + record
+        words[L.RECEIVED] += 1
+        return kind, data
+
+    def _discard_corrupt_locked(self) -> None:
+        words = self.words
+        words[L.READ_POS] = words[L.WRITE_POS]
+        words[L.DROPPED] += words[L.SENT] - words[L.RECEIVED]
+        words[L.RECEIVED] = words[L.SENT]
+
+    def _materialise(self, kind: int, data: bytes) -> bytes:
+        """The encoded value of a record (reads and frees a spill file)."""
+        if kind == KIND_DATA:
+            return data
+        if len(data) != SPILL_REFERENCE.size:
+            raise ChannelCorruptError(f"shmfeed: channel {self.channel_id:016x}: bad spill record")
+        spill_id, size = SPILL_REFERENCE.unpack(data)
+        path = _names.spill_file(self.namespace, self.channel_id, spill_id)
+        try:
+            with open(path, "rb", buffering=0) as spill:
+                value = spill.read()
+        except OSError as error:
+            raise ChannelCorruptError(
+                f"shmfeed: channel {self.channel_id:016x}: a large value's file is missing ({error})"
+            ) from error
+        finally:
+            _unlink_file(path)
+        if len(value) != size:
+            raise ChannelCorruptError(f"shmfeed: channel {self.channel_id:016x}: a large value was truncated")
+        return value
+
+    def _drop_oldest_locked(self) -> bool:
+        try:
+            taken = self._read_locked()
+        except ChannelCorruptError:
+            return True
+        if taken is None:
+            return False
+        if taken[0] == KIND_SPILL:
+            spill_id, _ = SPILL_REFERENCE.unpack(taken[1])
+            _unlink_file(_names.spill_file(self.namespace, self.channel_id, spill_id))
+        self.words[L.DROPPED] += 1
+        return True
+
+    # --- the data path ------------------------------------------------------------------
+
+    def record_for(self, payload: bytes, spill: Spill | None) -> tuple[int, bytes]:
+        """The record kind and bytes that carry ``payload`` in this ring."""
+        if len(payload) + 8 <= self.spill_threshold:
+            return KIND_DATA, payload
+        if spill is None:
+            spill = Spill(self.namespace, payload)
+            try:
+                return KIND_SPILL, spill.link_into(self)
+            finally:
+                spill.close()
+        return KIND_SPILL, spill.link_into(self)
+
+    def offer(self, kind: int, record: bytes, waker: _waker.Waker | None = None) -> int:
+        """Try to append a record now, applying the overflow policy if full.
+
+        With ``waker``, a full ring (policy "block" or "evict") registers it in the send
+        wait list in the same critical section, so that no wake-up is lost.
+        Returns DELIVERED, FULL, DROPPED or CLOSED.
+        """
+        words = self.words
+        self.lock.acquire()  # type: ignore[attr-defined]
+        words[L.LOCK_OWNER] = _pid
+        to_wake: list[int] | None = None
+        try:
+            if words[L.CLOSED]:
+                return CLOSED
+            if waker is not None:
+                L.waitlist_remove(words, L.SEND_WAITLIST_WORD, L.SEND_WAITING, waker.waker_id)
+            if not self._write_locked(kind, record):
+                overflow = self.overflow
+                if overflow == "drop_newest":
+                    words[L.DROPPED] += 1
+                    return DROPPED
+                if overflow == "drop_oldest":
+                    while self._drop_oldest_locked():
+                        if self._write_locked(kind, record):
+                            break
+                    else:
+                        return FULL
+                else:
+                    if waker is not None and not L.waitlist_add(
+                        words, L.SEND_WAITLIST_WORD, L.SEND_WAITING, waker.waker_id
+                    ):
+                        raise RuntimeError("shmfeed: more than 64 senders wait on one channel")
+                    return FULL
+            if words[L.RECV_WAITING]:
+                to_wake = L.waitlist_take_all(words, L.RECV_WAITLIST_WORD, L.RECV_WAITING)
+            return DELIVERED
+        finally:
+            words[L.LOCK_OWNER] = 0
+            self.lock.release()  # type: ignore[attr-defined]
+            if to_wake:
+                self._post(to_wake)
+
+    def forget_sender(self, waker: _waker.Waker) -> None:
+        """Take ``waker`` out of the send wait list (after a timeout or cancellation)."""
+        self.acquire()
+        try:
+            L.waitlist_remove(self.words, L.SEND_WAITLIST_WORD, L.SEND_WAITING, waker.waker_id)
+        finally:
+            self.release_lock()
+
+    def put(self, payload: bytes, timeout: float | None) -> int:
+        """Blocking send of one encoded value; DELIVERED or DROPPED. Raises on close/timeout."""
+        kind, record = self.record_for(payload, None)
+        try:
+            outcome = self.offer(kind, record)
+            if outcome == FULL:
+                outcome = self._put_waiting(kind, record, timeout)
+        except BaseException:
+            if kind == KIND_SPILL:
+                self._unlink_spill_record(record)
+            raise
+        if outcome == CLOSED:
+            if kind == KIND_SPILL:
+                self._unlink_spill_record(record)
+            raise ChannelClosed(f"shmfeed: send on closed channel {self.channel_id:016x}")
+        return outcome
+
+    def _put_waiting(self, kind: int, record: bytes, timeout: float | None) -> int:
+        waker = _waker.current_waker(self.namespace)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            while True:
+                outcome = self.offer(kind, record, waker)
+                if outcome != FULL:
+                    return outcome
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    raise TimeoutError(f"shmfeed: channel {self.channel_id:016x} stayed full")
+                waker.wait(remaining)
+        finally:
+            self.forget_sender(waker)
+            waker.drain()
+
+    def _unlink_spill_record(self, record: bytes) -> None:
+        spill_id, _ = SPILL_REFERENCE.unpack(record)
+        _unlink_file(_names.spill_file(self.namespace, self.channel_id, spill_id))
+
+    def poll(self, waker: _waker.Waker | None = None) -> bytes | None:
+        """Take one encoded value if there is one.
+
+        Returns None if empty (registering ``waker`` in the receive wait list in the same
+        critical section); raises ``ChannelClosed`` if closed and drained.
+        """
+        words = self.words
+        self.lock.acquire()  # type: ignore[attr-defined]
+        words[L.LOCK_OWNER] = _pid
+        to_wake: list[int] | None = None
+        try:
+            if waker is not None:
+                L.waitlist_remove(words, L.RECV_WAITLIST_WORD, L.RECV_WAITING, waker.waker_id)
+            taken = self._read_locked()
+            if taken is None:
+                if words[L.CLOSED]:
+                    raise ChannelClosed(f"shmfeed: channel {self.channel_id:016x} is closed")
+                if waker is not None and not L.waitlist_add(
+                    words, L.RECV_WAITLIST_WORD, L.RECV_WAITING, waker.waker_id
+                ):
+                    raise RuntimeError("shmfeed: more than 64 receivers wait on one channel")
+                return None
+            if words[L.SEND_WAITING]:
+                to_wake = L.waitlist_take_all(words, L.SEND_WAITLIST_WORD, L.SEND_WAITING)
+        finally:
+            words[L.LOCK_OWNER] = 0
+            self.lock.release()  # type: ignore[attr-defined]
+            if to_wake:
+                self._post(to_wake)
+        kind, data = taken
+        return data if kind == KIND_DATA else self._materialise(kind, data)
+
+    def forget_receiver(self, waker: _waker.Waker) -> None:
+        self.acquire()
+        try:
+            L.waitlist_remove(self.words, L.RECV_WAITLIST_WORD, L.RECV_WAITING, waker.waker_id)
+        finally:
+            self.release_lock()
+
+    def take(self, timeout: float | None) -> bytes:
+        """Blocking receive of one encoded value. Raises ChannelClosed or TimeoutError."""
+        data = self.poll()
+        if data is not None:
+            return data
+        if timeout is not None and timeout <= 0:
+            raise TimeoutError(f"shmfeed: nothing to receive on channel {self.channel_id:016x}")
+        waker = _waker.current_waker(self.namespace)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            while True:
+                data = self.poll(waker)
+                if data is not None:
+                    return data
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    raise TimeoutError(
+                        f"shmfeed: nothing received on channel {self.channel_id:016x} in {timeout} s"
+                    )
+                waker.wait(remaining)
+        finally:
+            self.forget_receiver(waker)
+            waker.drain()
+
+    def close(self) -> None:
+        """Close the channel for every process and wake everyone waiting on it."""
+        self.acquire()
+        try:
+            self.words[L.CLOSED] = 1
+            to_wake = self._take_all_waiters_locked()
+        finally:
+            self.release_lock()
+        self._post(to_wake)
+
+    def wake_senders(self) -> None:
+        """Wake every sender waiting for space (their subscription may have ended)."""
+        self.acquire()
+        try:
+            to_wake = L.waitlist_take_all(self.words, L.SEND_WAITLIST_WORD, L.SEND_WAITING)
+        finally:
+            self.release_lock()
+        self._post(to_wake)
+
+    def _take_all_waiters_locked(self) -> list[int]:
+        return L.waitlist_take_all(self.words, L.RECV_WAITLIST_WORD, L.RECV_WAITING) + L.waitlist_take_all(
+            self.words, L.SEND_WAITLIST_WORD, L.SEND_WAITING
+        )
+
+    def _post(self, waker_ids: Iterable[int]) -> None:
+        for waker_id in waker_ids:
+            _waker.post(self.namespace, waker_id)
+
+    # --- figures (no lock: a torn read only misreports a counter) -----------------------
+
+    def pending(self) -> int:
+        words = self.words
+        return max(0, int(words[L.SENT] - words[L.RECEIVED]))
+
+    @property
+    def closed(self) -> bool:
+        return bool(self.words[L.CLOSED])
+
+
+_cores: "weakref.WeakValueDictionary[tuple[str, int], ChannelCore]" = weakref.WeakValueDictionary()
+
+
+def _register_core(core: ChannelCore) -> None:
+    _cores[(core.namespace, core.channel_id)] = core
+
+
+def _release_all() -> None:
+    for core in list(_cores.values()):
+        core.release()
+
+
+def _after_fork() -> None:
+    _refresh_pid()
+    for core in list(_cores.values()):
+        core.reattach_after_fork()
+
+
+_process.on_exit(_release_all)
+_process.on_fork_child(_after_fork)

@@ -1,0 +1,121 @@
+"""Shared memory segments and named semaphores: create, publish, open, unlink, lock.
+
+Segments are created under a temporary name, initialised, then published with ``link(2)``
+so that nobody can ever open a half-initialised segment, and exactly one of several
+processes racing to create the same name wins. Everything is created mode 0600.
+Low-level ``posix_ipc`` errors never reach users: they are wrapped with the object's name.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+from typing import Callable
+
+import posix_ipc
+
+from . import _names
+from ._errors import ShmfeedError
+
+MODE = 0o600
+
+
+class SharedObjectError(ShmfeedError, OSError):
+    """A shared memory segment or semaphore could not be created or opened."""
+
+
+def create_segment(name: str, size: int, initialise: Callable[[mmap.mmap], None]) -> mmap.mmap | None:
+    """Create, initialise and publish the segment ``name``; None if another process won.
+
+    ``initialise`` fills the new mapping before anyone else can open it.
+    """
+    temp_name = f"{name}.t{os.getpid():x}{_names.new_id():x}"[:250]
+    try:
+        segment = posix_ipc.SharedMemory(temp_name, posix_ipc.O_CREX, MODE, size)
+    except posix_ipc.Error as error:
+        raise SharedObjectError(
+            f"shmfeed: cannot create shared memory {name!r} of {size} bytes: {error} "
+            f"(is /dev/shm full or too small?)"
+        ) from error
+    try:
+        try:
+            mapping = mmap.mmap(segment.fd, size)
+        finally:
+            segment.close_fd()
+        initialise(mapping)
+        try:
+            os.link(_names.shm_path(temp_name), _names.shm_path(name))
+        except FileExistsError:
+            mapping.close()
+            return None
+        return mapping
+    finally:
+        _unlink_quietly(temp_name)
+
+
+def open_segment(name: str) -> mmap.mmap | None:
+    """Map an existing segment; None if it does not exist."""
+    try:
+        segment = posix_ipc.SharedMemory(name)
+    except posix_ipc.ExistentialError:
+        return None
+    except posix_ipc.Error as error:
+        raise SharedObjectError(f"shmfeed: cannot open shared memory {name!r}: {error}") from error
+    try:
+        if segment.size == 0:
+            return None
+        return mmap.mmap(segment.fd, segment.size)
+    finally:
+        segment.close_fd()
+
+
+def _unlink_quietly(name: str) -> None:
+    try:
+        posix_ipc.unlink_shared_memory(name)
+    except posix_ipc.Error:
+        pass
+
+
+def unlink_segment(name: str) -> None:
+    """Remove a segment's name (mappings stay valid); missing is fine."""
+    _unlink_quietly(name)
+
+
+def create_semaphore(name: str, initial_value: int) -> posix_ipc.Semaphore:
+    """Create a new named semaphore (the name must be fresh)."""
+    try:
+        return posix_ipc.Semaphore(name, posix_ipc.O_CREX, MODE, initial_value)
+    except posix_ipc.Error as error:
+        raise SharedObjectError(f"shmfeed: cannot create semaphore {name!r}: {error}") from error
+
+
+def open_semaphore(name: str) -> posix_ipc.Semaphore | None:
+    """Open an existing named semaphore; None if it does not exist."""
+    try:
+        return posix_ipc.Semaphore(name)
+    except posix_ipc.ExistentialError:
+        return None
+    except posix_ipc.Error as error:
+        raise SharedObjectError(f"shmfeed: cannot open semaphore {name!r}: {error}") from error
+
+
+def unlink_semaphore(name: str) -> None:
+    try:
+        posix_ipc.unlink_semaphore(name)
+    except posix_ipc.Error:
+        pass
+
+
+def wait_semaphore(semaphore: posix_ipc.Semaphore, timeout: float | None) -> bool:
+    """Decrement ``semaphore``, waiting up to ``timeout`` seconds; False on timeout.
+
+    Signals (Ctrl-C) interrupt the wait and get their Python handler run.
+    """
+    try:
+        semaphore.acquire(timeout)
+        return True
+    except posix_ipc.BusyError:
+        return False
+    except posix_ipc.SignalError:
+        # The handler runs when we return to Python code; the caller's loop retries.
+        return False

@@ -1,0 +1,241 @@
+"""``Subscription``, error channels and ``select``.
+
+A subscription's ``err()`` is an *error channel*: ``recv()`` returns the one error (an
+exception instance) if the subscription failed, then ``None`` once it is closed, like Go's
+``err, ok := <-sub.Err()``. Cross-process subscriptions keep it in a small shared-memory
+channel so that any process (a feed closing, the registry) can fail or close it; in-process
+ones use ``LocalErrorChannel``. Both, and ``Channel``, speak the select protocol:
+
+- ``_select_poll(waker)``: ``(True, value)`` if ready (consumed), else ``(False, None)``
+  after registering ``waker`` (when given) in the same critical section;
+- ``_select_forget(waker)``: stop notifying ``waker``.
+"""
+
+from __future__ import annotations
+
+import abc
+import random
+import threading
+import time
+from typing import Any, Protocol
+
+from . import _codec, _errors, _names, _waker
+from ._channel import Channel, _check_timeout
+from ._errors import ChannelClosed, ShmfeedError
+from ._stats import SubscriptionStatistics
+
+
+class _Selectable(Protocol):
+    def _select_poll(self, waker: _waker.Waker | None) -> tuple[bool, Any]: ...
+
+    def _select_forget(self, waker: _waker.Waker) -> None: ...
+
+
+def encode_error(error: BaseException) -> bytes:
+    """An exception as bytes for an error channel in another process."""
+    return _codec.encode({"error": type(error).__name__, "message": str(error)})
+
+
+def decode_error(data: object) -> BaseException:
+    if isinstance(data, dict):
+        cls = getattr(_errors, str(data.get("error")), None)
+        message = str(data.get("message", ""))
+        if isinstance(cls, type) and issubclass(cls, ShmfeedError):
+            return cls(message) if cls is not _errors.FeedTypeError else ShmfeedError(message)
+        return ShmfeedError(message)
+    return ShmfeedError(f"shmfeed: unreadable subscription error {data!r}")
+
+
+class ErrorChannel:
+    """Where a subscription reports how it ended (see the module docstring)."""
+
+    def recv(self, timeout: float | None = None) -> BaseException | None:
+        """The subscription's error, or None once it is closed without (further) error.
+
+        Raises:
+            TimeoutError: the subscription is still running after ``timeout`` seconds.
+        """
+        raise NotImplementedError
+
+    def _select_poll(self, waker: _waker.Waker | None) -> tuple[bool, Any]:
+        raise NotImplementedError
+
+    def _select_forget(self, waker: _waker.Waker) -> None:
+        raise NotImplementedError
+
+
+class SharedErrorChannel(ErrorChannel):
+    """An error channel in shared memory: failed or closed from any process."""
+
+    def __init__(self, channel: Channel[Any]) -> None:
+        self.channel = channel
+
+    def recv(self, timeout: float | None = None) -> BaseException | None:
+        _check_timeout(timeout)
+        try:
+            return decode_error(self.channel.recv(timeout))
+        except ChannelClosed:
+            return None
+
+    def _select_poll(self, waker: _waker.Waker | None) -> tuple[bool, Any]:
+        try:
+            ready, value = self.channel._select_poll(waker)
+        except ChannelClosed:
+            return True, None
+        return (True, decode_error(value)) if ready else (False, None)
+
+    def _select_forget(self, waker: _waker.Waker) -> None:
+        self.channel._select_forget(waker)
+
+    @property
+    def _select_namespace(self) -> str:
+        return self.channel._select_namespace
+
+    def __repr__(self) -> str:
+        return f"<shmfeed.ErrorChannel {'closed' if self.channel.closed else 'open'}>"
+
+
+class LocalErrorChannel(ErrorChannel):
+    """An error channel inside one process (for subscriptions that live in one process)."""
+
+    def __init__(self) -> None:
+        self._condition = threading.Condition(threading.Lock())
+        self._error: BaseException | None = None
+        self._closed = False
+        self._wakers: list[_waker.Waker] = []
+
+    def fail(self, error: BaseException) -> None:
+        """Deliver ``error`` once, then close."""
+        with self._condition:
+            if self._closed:
+                return
+            self._error = error
+            self._closed = True
+            self._notify_locked()
+
+    def close(self) -> None:
+        with self._condition:
+            if self._closed:
+                return
+            self._closed = True
+            self._notify_locked()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def _notify_locked(self) -> None:
+        self._condition.notify_all()
+        wakers, self._wakers = self._wakers, []
+        for waker in wakers:
+            waker.post()
+
+    def _take_locked(self) -> tuple[bool, BaseException | None]:
+        if not self._closed:
+            return False, None
+        error, self._error = self._error, None
+        return True, error
+
+    def recv(self, timeout: float | None = None) -> BaseException | None:
+        _check_timeout(timeout)
+        with self._condition:
+            if not self._condition.wait_for(lambda: self._closed, timeout):
+                raise TimeoutError("shmfeed: the subscription is still running")
+            return self._take_locked()[1]
+
+    def _select_poll(self, waker: _waker.Waker | None) -> tuple[bool, Any]:
+        with self._condition:
+            ready, error = self._take_locked()
+            if not ready and waker is not None and waker not in self._wakers:
+                self._wakers.append(waker)
+            return ready, error
+
+    def _select_forget(self, waker: _waker.Waker) -> None:
+        with self._condition:
+            if waker in self._wakers:
+                self._wakers.remove(waker)
+
+    def __repr__(self) -> str:
+        return f"<shmfeed.LocalErrorChannel {'closed' if self._closed else 'open'}>"
+
+
+ErrorChannel.__module__ = SharedErrorChannel.__module__ = LocalErrorChannel.__module__ = "shmfeed"
+
+
+class Subscription(abc.ABC):
+    """A stream of events being delivered somewhere, which can be cancelled.
+
+    Users may implement it (``err`` and ``unsubscribe``). Used as a context manager it
+    unsubscribes on exit.
+    """
+
+    @abc.abstractmethod
+    def err(self) -> ErrorChannel:
+        """The error channel: one error if the subscription failed, None once closed."""
+
+    @abc.abstractmethod
+    def unsubscribe(self) -> None:
+        """Stop delivery and close the error channel. Safe to call again, from any thread."""
+
+    def statistics(self) -> SubscriptionStatistics:
+        """Whether the subscription is active, and its channel's counters if it has one."""
+        active = not getattr(self.err(), "closed", False)
+        return SubscriptionStatistics(active=active, channel=None)
+
+    def __enter__(self) -> "Subscription":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.unsubscribe()
+
+
+Subscription.__module__ = "shmfeed"
+
+
+def select(*channels: Any, timeout: float | None = None) -> tuple[Any, Any]:
+    """Wait until one of the channels can be received from, and receive from it.
+
+    Data channels and error channels (``sub.err()``) may be mixed. Returns
+    ``(channel, value)``; a closed error channel yields ``(err_channel, None)``. When
+    several are ready one is picked at random. The waiting thread sleeps on a semaphore
+    and uses no CPU.
+
+    Raises:
+        TimeoutError: nothing was ready within ``timeout`` seconds (``0`` polls).
+        ChannelClosed: a data channel is closed and drained.
+        TypeError: an argument is not a channel.
+    """
+    if not channels:
+        raise TypeError("shmfeed: select needs at least one channel")
+    for channel in channels:
+        if not hasattr(channel, "_select_poll"):
+            raise TypeError(f"shmfeed: select takes channels, got {type(channel).__name__}")
+    _check_timeout(timeout)
+    namespaces = {ns for ns in (getattr(c, "_select_namespace", None) for c in channels) if ns}
+    if len(namespaces) > 1:
+        raise ValueError("shmfeed: select over channels of different namespaces")
+    namespace = namespaces.pop() if namespaces else _names.current_namespace()
+    start = random.randrange(len(channels))
+    order = channels[start:] + channels[:start]
+    for channel in order:
+        ready, value = channel._select_poll(None)
+        if ready:
+            return channel, value
+    if timeout is not None and timeout <= 0:
+        raise TimeoutError("shmfeed: no channel was ready")
+    waker = _waker.current_waker(namespace)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    try:
+        while True:
+            for channel in order:
+                ready, value = channel._select_poll(waker)
+                if ready:
+                    return channel, value
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                raise TimeoutError(f"shmfeed: no channel was ready within {timeout} s")
+            waker.wait(remaining)
+    finally:
+        for channel in order:
+            channel._select_forget(waker)
+        waker.drain()

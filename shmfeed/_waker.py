@@ -1,0 +1,133 @@
+"""Wakers: one named semaphore per waiting thread, posted by whoever makes progress.
+
+A thread that must wait (for a message, for space, for any of several channels in
+``select``) writes its waker id into the wait lists of the objects it waits on, under each
+object's lock, then sleeps on its own semaphore. Whoever changes such an object, under the
+same lock, posts every waker in the list and clears the list. Because the check and the
+registration happen under the lock, and the post happens under the lock, no wake-up is lost;
+a late post only causes one spurious wake-up, and every waiter loops and re-checks.
+
+The waker id is the owner's pid and 32 random bits; the semaphore name is derived from it,
+so a stale cached handle practically never points at another thread's semaphore (pids are
+reused, random bits with them are not), and cleanup can tell whose a leftover waker was.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import weakref
+from collections import OrderedDict
+
+import posix_ipc
+
+from . import _names, _process, _shm
+
+_POST_CACHE_SIZE = 256
+
+
+class Waker:
+    """The semaphore one thread sleeps on."""
+
+    __slots__ = ("waker_id", "name", "pid", "semaphore", "__weakref__")
+
+    def __init__(self, namespace: str) -> None:
+        # The pid in the high half lets cleanup tell which process a leftover belonged to.
+        self.waker_id = (os.getpid() << 32) | (_names.new_id() & 0xFFFF_FFFF or 1)
+        self.name = _names.waker_semaphore(namespace, self.waker_id)
+        self.pid = os.getpid()
+        self.semaphore = _shm.create_semaphore(self.name, 0)
+        _live_wakers.add(self)
+
+    def wait(self, timeout: float | None) -> bool:
+        """Sleep until posted or ``timeout`` seconds pass; True if posted."""
+        return _shm.wait_semaphore(self.semaphore, timeout)
+
+    def drain(self) -> None:
+        """Swallow posts that arrived after the waiter stopped listening."""
+        try:
+            while True:
+                self.semaphore.acquire(0)
+        except posix_ipc.Error:
+            pass
+
+    def post(self) -> None:
+        self.semaphore.release()
+
+    def destroy(self) -> None:
+        if self.pid == os.getpid():
+            _shm.unlink_semaphore(self.name)
+        try:
+            self.semaphore.close()
+        except posix_ipc.Error:
+            pass
+
+
+class _ThreadWakers(dict):  # type: ignore[type-arg]
+    """This thread's wakers by namespace (a dict subclass, so it can be weakly referenced)."""
+
+
+_live_wakers: "weakref.WeakSet[Waker]" = weakref.WeakSet()
+_local = threading.local()
+_post_cache: "OrderedDict[tuple[str, int], posix_ipc.Semaphore]" = OrderedDict()
+_post_cache_lock = threading.Lock()
+
+
+def current_waker(namespace: str) -> Waker:
+    """This thread's waker for ``namespace`` (created on first use, rebuilt after fork)."""
+    wakers: _ThreadWakers | None = getattr(_local, "wakers", None)
+    if wakers is None:
+        wakers = _local.wakers = _ThreadWakers()
+    waker = wakers.get(namespace)
+    if waker is None or waker.pid != os.getpid():
+        waker = Waker(namespace)
+        wakers[namespace] = waker
+        # A thread's wakers are unlinked when the thread ends (its locals are collected).
+        weakref.finalize(wakers, waker.destroy)
+    return waker
+
+
+def post(namespace: str, waker_id: int) -> None:
+    """Wake the thread owning ``waker_id``; a waker that is gone is ignored."""
+    key = (namespace, waker_id)
+    with _post_cache_lock:
+        semaphore = _post_cache.get(key)
+        if semaphore is not None:
+            _post_cache.move_to_end(key)
+    if semaphore is None:
+        semaphore = _shm.open_semaphore(_names.waker_semaphore(namespace, waker_id))
+        if semaphore is None:
+            return
+        with _post_cache_lock:
+            _post_cache[key] = semaphore
+            while len(_post_cache) > _POST_CACHE_SIZE:
+                _, old = _post_cache.popitem(last=False)
+                _close_quietly(old)
+    try:
+        semaphore.release()
+    except posix_ipc.Error:
+        pass
+
+
+def _close_quietly(semaphore: posix_ipc.Semaphore) -> None:
+    try:
+        semaphore.close()
+    except posix_ipc.Error:
+        pass
+
+
+def _destroy_all() -> None:
+    for waker in list(_live_wakers):
+        waker.destroy()
+
+
+def _forget_parent_state() -> None:
+    # The parent's wakers belong to the parent; the child makes its own on demand.
+    global _local, _post_cache_lock
+    _local = threading.local()
+    _post_cache_lock = threading.Lock()
+    _live_wakers.clear()
+
+
+_process.on_exit(_destroy_all)
+_process.on_fork_child(_forget_parent_state)
