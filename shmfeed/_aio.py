@@ -20,11 +20,12 @@ class _Dispatcher:
         self.waker = _waker.Waker(namespace)
         self.pending: set[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = set()
         self.lock = threading.Lock()
+        self.stopping = False
         self.thread = threading.Thread(target=self._run, name="shmfeed-async-waker", daemon=True)
         self.thread.start()
 
     def _run(self) -> None:
-        while True:
+        while not self.stopping:
             self.waker.wait(None)
             with self.lock:
                 pending, self.pending = self.pending, set()
@@ -44,6 +45,14 @@ class _Dispatcher:
     def discard(self, future: "asyncio.Future[None]") -> None:
         with self.lock:
             self.pending.discard((future.get_loop(), future))
+
+
+    def stop(self) -> None:
+        """End the thread and remove the waker (nothing may wait through it any more)."""
+        self.stopping = True
+        self.waker.post()
+        self.thread.join()
+        self.waker.destroy()
 
 
 def _resolve(future: "asyncio.Future[None]") -> None:
@@ -66,6 +75,15 @@ def dispatcher(namespace: str) -> _Dispatcher:
     return found
 
 
+def stop(namespace: str | None = None) -> None:
+    """Stop the dispatchers of ``namespace`` (of all namespaces if None)."""
+    with _dispatchers_lock:
+        chosen = [ns for ns in _dispatchers if namespace is None or ns == namespace]
+        stopping = [_dispatchers.pop(ns) for ns in chosen]
+    for found in stopping:
+        found.stop()
+
+
 def _forget_after_fork() -> None:
     global _dispatchers_lock
     _dispatchers.clear()
@@ -73,3 +91,4 @@ def _forget_after_fork() -> None:
 
 
 _process.on_fork_child(_forget_after_fork)
+_process.on_exit(stop)

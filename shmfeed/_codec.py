@@ -49,7 +49,9 @@ CHANNEL_EXT_CODE = 30
 (_BIGINT, _TUPLE, _SET, _FROZENSET, _BYTEARRAY, _DATETIME, _DATE, _TIME, _TIMEDELTA,
  _DECIMAL, _UUID, _COMPLEX, _ENUM, _DATACLASS, _NAMEDTUPLE, _NDARRAY, _NPSCALAR,
  _REGISTERED) = range(1, 19)
-_MAX_DEPTH = 64  # ext-in-ext nesting; each level is a Python call, this bounds the C stack too
+# Ext-in-ext nesting limit. Each level may add up to 511 C frames of native nesting in
+# the packer (its own limit), so this also keeps the C stack well under 8 MiB (measured).
+_MAX_DEPTH = 24
 _HINT = "register it with shmfeed.register_type(cls, encode, decode)"
 # Packed natively by the C packer, so a registration would never be consulted.
 _NATIVE = frozenset({type(None), bool, int, float, str, bytes, list, dict,
@@ -60,6 +62,7 @@ _Ext = msgpack.ExtType
 _encoders: dict[type, Callable[[Any], msgpack.ExtType]] = {}  # exact type -> ext builder
 _ext_decoders: dict[int, Callable[[bytes], Any]] = {}  # ext code -> rebuilder
 _registered: dict[str, tuple[type, Callable[[Any], Any]]] = {}  # name -> (cls, decode)
+_reference_owners: dict[int, type] = {}  # register_reference_type: ext code -> class
 _type_names: dict[type, str] = {}
 _resolved: dict[str, type] = {}  # successful resolve_type() only: junk names never pile up
 
@@ -378,32 +381,45 @@ def _dec_npscalar(data: bytes) -> Any:
 # --- date and time --------------------------------------------------------------------
 
 def _tz_state(d: datetime | time) -> list[Any] | None:
-    # Any tzinfo travels as a fixed offset (+ timezone name): the same instant, so ``==``
-    # and ``utcoffset()`` hold; a tzinfo whose offset is None is naive for comparisons.
+    # [offset µs, timezone name, zoneinfo key]. Any other tzinfo travels as its fixed
+    # offset: the same instant, so == and utcoffset() hold. The zone key is kept because
+    # an aware datetime in a DST fold never compares equal across different tzinfos.
     off = d.utcoffset()
     if off is None:
-        return None
-    name = d.tzinfo.tzname(None) if type(d.tzinfo) is timezone else None
+        return None  # a tzinfo without an offset compares as naive
+    tz = d.tzinfo
+    name = tz.tzname(None) if type(tz) is timezone else None
+    zi = sys.modules.get("zoneinfo")
+    key = tz.key if zi is not None and type(tz) is zi.ZoneInfo else None
     us = (off.days * 86400 + off.seconds) * 1_000_000 + off.microseconds
-    return [us, None if name == timezone(off).tzname(None) else name]
+    return [us, None if name == timezone(off).tzname(None) else name, key]
 
 
-def _tz(state: Any) -> timezone | None:
+def _with_tz(state: Any, build: Callable[[Any], Any]) -> Any:
     if state is None:
-        return None
-    us, name = state
+        return build(None)
+    us, name, key = state
     off = timedelta(microseconds=us)
-    return timezone(off) if name is None else timezone(off, name)  # timezone(0) is utc
+    if key is not None:
+        try:
+            from zoneinfo import ZoneInfo
+
+            out = build(ZoneInfo(key))
+            if out.utcoffset() == off:  # same zone rules here as at the sender
+                return out
+        except Exception:  # zone unknown here: the fixed offset still gives the instant
+            pass
+    return build(timezone(off) if name is None else timezone(off, name))  # timezone(0) is utc
 
 
 def _dec_datetime(data: bytes) -> datetime:
     *f, fold, tz = _items(data, 9)
-    return datetime(*f, tzinfo=_tz(tz), fold=fold)
+    return _with_tz(tz, lambda z: datetime(*f, tzinfo=z, fold=fold))
 
 
 def _dec_time(data: bytes) -> time:
     *f, fold, tz = _items(data, 6)
-    return time(*f, tzinfo=_tz(tz), fold=fold)
+    return _with_tz(tz, lambda z: time(*f, tzinfo=z, fold=fold))
 
 
 def _dec_registered(data: bytes) -> Any:
@@ -495,13 +511,9 @@ def register_reference_type(cls: type, ext_code: int, to_bytes: Callable[[Any], 
         raise TypeError(f"ext_code must be an int in {CHANNEL_EXT_CODE}..127")
     if not callable(to_bytes) or not callable(from_bytes):
         raise TypeError("to_bytes and from_bytes must be callable")
-
-    def enc(obj: Any) -> msgpack.ExtType:
-        raw = to_bytes(obj)
-        if type(raw) is not bytes:
-            raise EncodingError(f"to_bytes for {type_name(cls)} returned "
-                                f"{type(raw).__name__}, not bytes")
-        return _Ext(ext_code, raw)
-
-    _encoders[cls] = enc
+    owner = _reference_owners.setdefault(ext_code, cls)
+    if type_name(owner) != type_name(cls):  # by name: a reloaded module may re-register
+        raise ValueError(f"ext code {ext_code} is already used by {type_name(owner)}")
+    _reference_owners[ext_code] = cls
+    _encoders[cls] = lambda o: _Ext(ext_code, to_bytes(o))  # ExtType insists on bytes
     _ext_decoders[ext_code] = from_bytes

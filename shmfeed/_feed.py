@@ -664,15 +664,22 @@ _feeds: "weakref.WeakValueDictionary[tuple[str, str], FeedCore]" = weakref.WeakV
 _subscriptions: "weakref.WeakSet[FeedSubscription]" = weakref.WeakSet()
 
 
+def release_namespace(namespace: str | None = None) -> None:
+    """End this process's subscriptions and detach its feeds (of one namespace, or all)."""
+    for subscription in list(_subscriptions):
+        if namespace is None or subscription._feed.namespace == namespace:
+            try:
+                subscription.unsubscribe()
+            except ShmfeedError:
+                pass
+    for core in list(_feeds.values()):
+        if namespace is None or core.namespace == namespace:
+            core.release()
+
+
 def _at_exit() -> None:
     # Subscriptions end with their process (a killed process is handled by the registry).
-    for subscription in list(_subscriptions):
-        try:
-            subscription.unsubscribe()
-        except ShmfeedError:
-            pass
-    for core in list(_feeds.values()):
-        core.release()
+    release_namespace(None)
 
 
 def _after_fork() -> None:

@@ -245,11 +245,16 @@ def waitlist_remove(words: memoryview, first_word: int, count_word: int, waker_i
 def waitlist_take_all(words: memoryview, first_word: int, count_word: int) -> list[int]:
     """Empty a wait list and return the waker ids to post (lock held)."""
     taken = []
-    for word in range(first_word, first_word + WAITLIST_SLOTS):
+    remaining = words[count_word]
+    word = first_word
+    end = first_word + WAITLIST_SLOTS
+    while remaining and word < end:
         waker_id = words[word]
         if waker_id:
             taken.append(waker_id)
             words[word] = 0
+            remaining -= 1
+        word += 1
     words[count_word] = 0
     return taken
 

@@ -285,6 +285,8 @@ class ChannelCore:
         words[L.WRITE_POS] = write_pos + need
         words[L.SENT] += 1
         words[L.BYTES_SENT] += size
+        if kind == KIND_SPILL:
+            words[L.SPILLED] += 1
         return True
 
     def _read_locked(self) -> tuple[int, bytes] | None:
@@ -572,9 +574,11 @@ def _register_core(core: ChannelCore) -> None:
     _cores[(core.namespace, core.channel_id)] = core
 
 
-def _release_all() -> None:
+def release_namespace(namespace: str | None = None) -> None:
+    """Detach this process from its channels (of one namespace, or all)."""
     for core in list(_cores.values()):
-        core.release()
+        if namespace is None or core.namespace == namespace:
+            core.release()
 
 
 def _after_fork() -> None:
@@ -583,5 +587,5 @@ def _after_fork() -> None:
         core.reattach_after_fork()
 
 
-_process.on_exit(_release_all)
+_process.on_exit(release_namespace)
 _process.on_fork_child(_after_fork)

@@ -14,8 +14,11 @@ reused, random bits with them are not), and cleanup can tell whose a leftover wa
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import os
 import threading
+import time
 import weakref
 from collections import OrderedDict
 
@@ -26,10 +29,46 @@ from . import _names, _process, _shm
 _POST_CACHE_SIZE = 256
 
 
+class _Timespec(ctypes.Structure):
+    _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
+
+
+# Sleeping goes through libc directly: posix_ipc replaces any exception a signal handler
+# raises during a wait (other than KeyboardInterrupt) with its own SignalError, which
+# would hide e.g. a timeout alarm. With ctypes, EINTR comes back to Python, where the
+# handler runs and its exception propagates, or the wait resumes (PEP 475 semantics).
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.sem_open.restype = ctypes.c_void_p
+_libc.sem_open.argtypes = [ctypes.c_char_p, ctypes.c_int]
+_libc.sem_close.argtypes = [ctypes.c_void_p]
+_libc.sem_wait.argtypes = [ctypes.c_void_p]
+_libc.sem_trywait.argtypes = [ctypes.c_void_p]
+_libc.sem_timedwait.argtypes = [ctypes.c_void_p, ctypes.POINTER(_Timespec)]
+
+
+def _native_wait(handle: int, timeout: float | None) -> bool:
+    """Decrement the semaphore at ``handle``; False after ``timeout`` seconds."""
+    if timeout is None:
+        while _libc.sem_wait(handle) != 0:
+            if ctypes.get_errno() != errno.EINTR:
+                raise OSError(ctypes.get_errno(), "sem_wait failed")
+        return True
+    deadline = time.time() + max(0.0, timeout)  # sem_timedwait measures CLOCK_REALTIME
+    whole = int(deadline)
+    spec = _Timespec(whole, int((deadline - whole) * 1e9))
+    while _libc.sem_timedwait(handle, ctypes.byref(spec)) != 0:
+        error = ctypes.get_errno()
+        if error == errno.ETIMEDOUT:
+            return False
+        if error != errno.EINTR:
+            raise OSError(error, "sem_timedwait failed")
+    return True
+
+
 class Waker:
     """The semaphore one thread sleeps on."""
 
-    __slots__ = ("waker_id", "name", "pid", "semaphore", "__weakref__")
+    __slots__ = ("waker_id", "name", "pid", "semaphore", "handle", "__weakref__")
 
     def __init__(self, namespace: str) -> None:
         # The pid in the high half lets cleanup tell which process a leftover belonged to.
@@ -37,18 +76,21 @@ class Waker:
         self.name = _names.waker_semaphore(namespace, self.waker_id)
         self.pid = os.getpid()
         self.semaphore = _shm.create_semaphore(self.name, 0)
+        self.handle = _libc.sem_open(self.name.encode(), 0)
+        if not self.handle:
+            self.semaphore.unlink()
+            raise _shm.SharedObjectError(f"shmfeed: cannot open waker semaphore {self.name!r}")
         _live_wakers.add(self)
 
     def wait(self, timeout: float | None) -> bool:
         """Sleep until posted or ``timeout`` seconds pass; True if posted."""
-        return _shm.wait_semaphore(self.semaphore, timeout)
+        if not self.handle:
+            raise _shm.SharedObjectError("shmfeed: this waker was destroyed (the namespace was released)")
+        return _native_wait(self.handle, timeout)
 
     def drain(self) -> None:
         """Swallow posts that arrived after the waiter stopped listening."""
-        try:
-            while True:
-                self.semaphore.acquire(0)
-        except posix_ipc.Error:
+        while _libc.sem_trywait(self.handle) == 0:
             pass
 
     def post(self) -> None:
@@ -57,6 +99,9 @@ class Waker:
     def destroy(self) -> None:
         if self.pid == os.getpid():
             _shm.unlink_semaphore(self.name)
+        if self.handle:
+            _libc.sem_close(self.handle)
+            self.handle = None
         try:
             self.semaphore.close()
         except posix_ipc.Error:
@@ -116,9 +161,16 @@ def _close_quietly(semaphore: posix_ipc.Semaphore) -> None:
         pass
 
 
-def _destroy_all() -> None:
+def destroy_wakers(namespace: str | None = None) -> None:
+    """Remove this process's wakers of ``namespace`` (all if None); none may be waited on."""
     for waker in list(_live_wakers):
-        waker.destroy()
+        if namespace is None or waker.name.startswith(f"/{_names.prefix(namespace)}"):
+            waker.destroy()
+            _live_wakers.discard(waker)
+    wakers = getattr(_local, "wakers", None)
+    if wakers is not None:
+        for key in [k for k in wakers if namespace is None or k == namespace]:
+            del wakers[key]
 
 
 def _forget_parent_state() -> None:
@@ -129,5 +181,5 @@ def _forget_parent_state() -> None:
     _live_wakers.clear()
 
 
-_process.on_exit(_destroy_all)
+_process.on_exit(destroy_wakers)
 _process.on_fork_child(_forget_parent_state)

@@ -1,0 +1,17 @@
+"""Letting go of everything this process holds in a namespace (used at exit and by tests)."""
+
+from __future__ import annotations
+
+from . import _aio, _feed, _ring, _waker
+
+
+def release_namespace(namespace: str) -> None:
+    """End this process's subscriptions in ``namespace`` and detach all its objects there.
+
+    Objects of that namespace still referenced become unusable. Other processes are not
+    affected, except that the last process to detach an object unlinks it.
+    """
+    _feed.release_namespace(namespace)
+    _ring.release_namespace(namespace)
+    _aio.stop(namespace)
+    _waker.destroy_wakers(namespace)

@@ -1,0 +1,43 @@
+"""Shared test fixtures: a fresh namespace per test, and a check that nothing leaks."""
+
+from __future__ import annotations
+
+import gc
+import multiprocessing
+import os
+import uuid
+
+import pytest
+
+from shmfeed import _gc, _release
+
+START_METHODS = ["fork", "spawn", "forkserver"]
+
+
+@pytest.fixture(autouse=True)
+def namespace(monkeypatch: pytest.MonkeyPatch):
+    """Each test runs in its own SHMFEED_NAMESPACE and must leave /dev/shm clean."""
+    name = f"test-{uuid.uuid4().hex[:12]}"
+    monkeypatch.setenv("SHMFEED_NAMESPACE", name)
+    yield name
+    gc.collect()
+    _release.release_namespace(name)
+    left = _gc.namespace_entries(name)
+    if left:
+        _gc.sweep(name)  # do not let one test's leak fail the next
+        _force_remove(name)
+    assert not left, f"left in /dev/shm: {left}"
+
+
+def _force_remove(name: str) -> None:
+    for entry in _gc.namespace_entries(name):
+        try:
+            os.unlink(f"/dev/shm/{entry}")
+        except FileNotFoundError:
+            pass
+
+
+@pytest.fixture(params=START_METHODS)
+def mp_context(request: pytest.FixtureRequest) -> multiprocessing.context.BaseContext:
+    """A multiprocessing context for each start method."""
+    return multiprocessing.get_context(request.param)

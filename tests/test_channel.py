@@ -1,0 +1,298 @@
+"""Channel behaviour within one process (cross-process cases are in test_crossprocess)."""
+
+from __future__ import annotations
+
+import asyncio
+import pickle
+import threading
+import time
+
+import pytest
+
+import shmfeed
+from shmfeed import _layout, _ring
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def test_values_come_out_in_order_and_len_counts_them():
+    with shmfeed.Channel() as channel:
+        for value in range(10):
+            channel.send(value)
+        assert len(channel) == 10
+        assert [channel.recv() for _ in range(10)] == list(range(10))
+        assert len(channel) == 0
+
+
+def test_recv_polls_with_zero_timeout_and_waits_with_a_timeout():
+    with shmfeed.Channel() as channel:
+        with pytest.raises(TimeoutError):
+            channel.recv(timeout=0)
+        started = time.monotonic()
+        with pytest.raises(TimeoutError):
+            channel.recv(timeout=0.1)
+        assert time.monotonic() - started >= 0.09
+
+
+def test_send_blocks_while_full_until_a_value_is_taken():
+    with shmfeed.Channel(capacity=2) as channel:
+        channel.send(1)
+        channel.send(2)
+        with pytest.raises(TimeoutError):
+            channel.send(3, timeout=0.05)
+        taker = threading.Thread(target=channel.recv)
+        sent = threading.Event()
+
+        def send_third() -> None:
+            channel.send(3)
+            sent.set()
+
+        sender = threading.Thread(target=send_third)
+        sender.start()
+        assert not sent.wait(0.1)
+        taker.start()
+        assert sent.wait(10)
+        sender.join()
+        taker.join()
+        assert [channel.recv(), channel.recv()] == [2, 3]
+
+
+def test_close_drains_then_raises_and_wakes_a_waiting_receiver():
+    channel = shmfeed.Channel()
+    channel.send("last")
+    channel.close()
+    assert channel.closed
+    assert channel.recv() == "last"
+    with pytest.raises(shmfeed.ChannelClosed):
+        channel.recv()
+    with pytest.raises(shmfeed.ChannelClosed):
+        channel.send(1)
+
+    other = shmfeed.Channel()
+    outcome: list[BaseException] = []
+
+    def wait() -> None:
+        try:
+            other.recv(timeout=20)
+        except BaseException as error:  # noqa: BLE001 - recorded for the assertion
+            outcome.append(error)
+
+    waiter = threading.Thread(target=wait)
+    waiter.start()
+    while other.statistics().waiting_receivers == 0:
+        time.sleep(0.001)
+    other.close()
+    waiter.join(10)
+    assert len(outcome) == 1 and isinstance(outcome[0], shmfeed.ChannelClosed)
+
+
+def test_iteration_ends_when_closed():
+    channel = shmfeed.Channel()
+    for value in "abc":
+        channel.send(value)
+    channel.close()
+    assert list(channel) == ["a", "b", "c"]
+
+
+def test_typed_channel_refuses_other_types():
+    channel = shmfeed.Channel(int)
+    channel.send(5)
+    with pytest.raises(shmfeed.FeedTypeError, match="event: wrong type in Send got str, want int"):
+        channel.send("five")
+    with pytest.raises(TypeError):
+        channel.send(True)  # exact types: bool is not int
+    assert channel.elem_type is int
+    assert shmfeed.Channel[str]().elem_type is str
+
+
+def test_a_channel_pickles_to_a_handle_on_the_same_channel():
+    channel = shmfeed.Channel()
+    copy = pickle.loads(pickle.dumps(channel))
+    assert copy == channel and hash(copy) == hash(channel)
+    copy.send("via copy")
+    assert channel.recv() == "via copy"
+
+
+def test_a_channel_travels_inside_an_event():
+    carrier, reply = shmfeed.Channel(), shmfeed.Channel()
+    carrier.send({"reply_to": reply, "n": 7})
+    event = carrier.recv()
+    event["reply_to"].send(event["n"] * 6)
+    assert reply.recv(timeout=5) == 42
+
+
+def test_values_larger_than_the_ring_are_delivered():
+    channel = shmfeed.Channel(capacity=4, buffer_size=4096)
+    big = bytes(range(256)) * 400
+    channel.send(big)
+    channel.send("small")
+    assert channel.recv() == big
+    assert channel.recv() == "small"
+
+
+def test_drop_newest_skips_and_counts():
+    channel = shmfeed.Channel(capacity=2, overflow="drop_newest")
+    for value in range(5):
+        channel.send(value)
+    assert [channel.recv(), channel.recv()] == [0, 1]
+    assert channel.statistics().dropped == 3
+
+
+def test_drop_oldest_discards_and_counts():
+    channel = shmfeed.Channel(capacity=2, overflow="drop_oldest")
+    for value in range(5):
+        channel.send(value)
+    assert [channel.recv(), channel.recv()] == [3, 4]
+    assert channel.statistics().dropped == 3
+
+
+def test_statistics_report_the_counters():
+    channel = shmfeed.Channel(capacity=8)
+    channel.send(1)
+    channel.send(2)
+    channel.recv()
+    stats = channel.statistics()
+    assert (stats.sent, stats.received, stats.fill, stats.capacity) == (2, 1, 1, 8)
+    assert stats.bytes_sent > 0 and not stats.closed
+    with pytest.raises(Exception):
+        stats.sent = 5  # frozen
+
+
+def test_corrupt_bytes_in_the_ring_raise_a_clean_error_and_the_channel_recovers():
+    channel = shmfeed.Channel(capacity=8)
+    channel.send("fine")
+    core = channel._core
+    assert core is not None
+    # A hostile writer scribbles over the record header.
+    core.buffer[_layout.HEADER_BYTES : _layout.HEADER_BYTES + 8] = b"\xff" * 8
+    with pytest.raises(shmfeed.ChannelCorruptError):
+        channel.recv(timeout=1)
+    channel.send("after")
+    assert channel.recv(timeout=1) == "after"
+
+
+def test_corrupt_payload_raises_a_clean_error():
+    channel = shmfeed.Channel(capacity=8)
+    channel.send(b"x" * 40)
+    core = channel._core
+    assert core is not None
+    start = _layout.HEADER_BYTES + 8
+    core.buffer[start : start + 40] = b"\xc1" * 40  # 0xc1 is never valid msgpack
+    with pytest.raises(shmfeed.ChannelCorruptError):
+        channel.recv(timeout=1)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error",
+    [
+        ({"capacity": 0}, ValueError),
+        ({"capacity": "10"}, ValueError),
+        ({"buffer_size": 10}, ValueError),
+        ({"overflow": "explode"}, ValueError),
+        ({"elem_type": 5}, TypeError),
+    ],
+)
+def test_bad_arguments_are_refused(kwargs, error):
+    with pytest.raises(error):
+        shmfeed.Channel(**kwargs)
+
+
+def test_bad_timeouts_are_refused():
+    with shmfeed.Channel() as channel:
+        with pytest.raises(TypeError):
+            channel.recv(timeout="1")  # type: ignore[arg-type]
+        with pytest.raises(ValueError):
+            channel.send(1, timeout=float("nan"))
+
+
+def test_unencodable_values_raise_before_anything_is_sent():
+    with shmfeed.Channel() as channel:
+        with pytest.raises(TypeError):
+            channel.send(object())
+        assert len(channel) == 0
+
+
+def test_recv_async_and_async_for():
+    channel = shmfeed.Channel()
+
+    async def main() -> list[int]:
+        async def produce() -> None:
+            for value in range(5):
+                await asyncio.sleep(0)
+                channel.send(value)
+            channel.close()
+
+        producer = asyncio.create_task(produce())
+        got = [value async for value in channel]
+        await producer
+        return got
+
+    assert asyncio.run(main()) == [0, 1, 2, 3, 4]
+
+
+def test_cancelled_recv_async_loses_nothing():
+    channel = shmfeed.Channel()
+
+    async def main() -> object:
+        waiting = asyncio.create_task(channel.recv_async())
+        await asyncio.sleep(0.05)
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        channel.send("kept")
+        return await channel.recv_async(timeout=5)
+
+    assert asyncio.run(main()) == "kept"
+
+
+def test_recv_async_times_out():
+    channel = shmfeed.Channel()
+
+    async def main() -> None:
+        with pytest.raises(TimeoutError):
+            await channel.recv_async(timeout=0.05)
+
+    asyncio.run(main())
+
+
+def test_many_threads_send_and_receive_without_loss():
+    channel = shmfeed.Channel(capacity=16)
+    received: list[int] = []
+    lock = threading.Lock()
+
+    def receive() -> None:
+        for value in channel:
+            with lock:
+                received.append(value)
+
+    def send(base: int) -> None:
+        for value in range(base, base + 500):
+            channel.send(value)
+
+    receivers = [threading.Thread(target=receive) for _ in range(3)]
+    senders = [threading.Thread(target=send, args=(base,)) for base in (0, 1000, 2000)]
+    for thread in receivers + senders:
+        thread.start()
+    for thread in senders:
+        thread.join()
+    channel.close()
+    for thread in receivers:
+        thread.join()
+    assert sorted(received) == sorted(list(range(500)) + list(range(1000, 1500)) + list(range(2000, 2500)))
+
+
+def test_wrap_around_keeps_records_intact():
+    channel = shmfeed.Channel(capacity=1000, buffer_size=4096)
+    for round_ in range(50):
+        values = [bytes([round_ % 256]) * size for size in (1, 100, 333, 700)]
+        for value in values:
+            channel.send(value)
+        assert [channel.recv() for _ in values] == values
+    assert channel._core is not None and channel._core.words[_layout.WRITE_POS] > 4096 * 10
+
+
+def test_spill_threshold_is_a_quarter_of_the_ring():
+    channel = shmfeed.Channel(buffer_size=4096)
+    assert channel._core is not None
+    assert channel._core.spill_threshold == 1024
+    assert _ring.default_ring_bytes(1024) == 512 * 1024

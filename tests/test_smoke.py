@@ -1,0 +1,19 @@
+import pytest
+
+import shmfeed
+
+pytestmark = pytest.mark.timeout(30)
+
+
+def _child(channel: shmfeed.Channel, results: shmfeed.Channel) -> None:
+    results.send(channel.recv(timeout=10) * 2)
+
+
+def test_channel_round_trip_across_processes(mp_context):
+    channel, results = shmfeed.Channel(), shmfeed.Channel()
+    process = mp_context.Process(target=_child, args=(channel, results))
+    process.start()
+    channel.send(21)
+    assert results.recv(timeout=20) == 42
+    process.join(10)
+    assert process.exitcode == 0

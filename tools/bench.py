@@ -1,0 +1,764 @@
+#!/usr/bin/env python3
+"""Side-by-side benchmark: shmfeed vs. other local IPC transports.
+
+    python tools/bench.py [--quick] [--json] [--events-scale F]
+
+Throughput: the same lossless fan-out job for every transport. One sender process sends N
+values; each of 1, 2 or 4 receiver processes must get every value exactly once, in order
+(a sequence number travels in the value; a violation makes the run exit non-zero). Time
+runs from the first send until the last receiver got the last value (``time.monotonic_ns``
+is system-wide on Linux). CPU is ``time.process_time()`` of the sending process (all its
+threads, e.g. mp.Queue's feeder thread) and of each receiver.
+
+Latency: ping-pong between two processes, one channel each way; one-way = round trip / 2.
+Run idle and again with low-priority (nice 19) busy loops, one per core.
+
+Peers are small ``Transport`` subclasses (see below): to add one, implement ``setup``,
+``sender``, ``receiver`` and ``teardown`` (and ``pp_*`` for the latency test), and append it
+to ``TRANSPORTS``. Every peer that encodes does msgpack once per value in the sender and once
+per receiver, the same work shmfeed does internally.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import multiprocessing as mp
+import os
+import platform
+import queue as queue_mod
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+from typing import Any, Callable, Iterator
+
+import msgpack
+
+CTX = mp.get_context("fork")  # fork: fast to start; shmfeed supports it (at-fork hooks)
+
+CELL_TIMEOUT_S = 60.0  # a cell that takes longer is reported as a hang
+READY_TIMEOUT_S = 30.0
+RECV_STALL_S = 20.0  # peers that can lose messages give up after this long without any
+
+
+# --------------------------------------------------------------------------------------
+# Workloads
+# --------------------------------------------------------------------------------------
+
+
+class Workload:
+    """What one event looks like; ``make(i)`` builds event i, ``check(v, i)`` validates it."""
+
+    def __init__(self, name: str, events: int, capacity: int, buffer_size: int | None, blob: int):
+        self.name = name
+        self.events = events
+        self.capacity = capacity  # per-subscriber bound, the same for every transport
+        self.buffer_size = buffer_size  # shmfeed ring bytes (None: shmfeed's default)
+        self.blob_len = blob
+        self._blob = bytes(blob) if blob else b""
+
+    def make(self, i: int) -> Any:
+        if self.blob_len:
+            return {"seq": i, "blob": self._blob}
+        return {"id": i, "price": 1.5, "sym": "ABCD", "ts": 123456789, "side": "buy"}
+
+    def check(self, v: Any, i: int) -> str | None:
+        if not isinstance(v, dict):
+            return f"expected a dict, got {type(v).__name__}"
+        if self.blob_len:
+            if v.get("seq") != i:
+                return f"expected seq {i}, got {v.get('seq')!r}"
+            blob = v.get("blob")
+            if not isinstance(blob, (bytes, bytearray)) or len(blob) != self.blob_len:
+                return f"seq {i}: bad blob ({type(blob).__name__}, len {len(blob) if blob is not None else None})"
+            return None
+        if v.get("id") != i:
+            return f"expected id {i}, got {v.get('id')!r}"
+        return None
+
+    def encoded_size(self) -> int:
+        return len(msgpack.packb(self.make(0)))
+
+
+def workloads(scale: float) -> list[Workload]:
+    def n(x: int) -> int:
+        return max(10, int(x * scale))
+
+    return [
+        Workload("small", n(150_000), capacity=1024, buffer_size=None, blob=0),
+        Workload("4KiB", n(60_000), capacity=256, buffer_size=2 << 20, blob=4096),
+        Workload("1MiB", n(2_000), capacity=8, buffer_size=None, blob=1 << 20),
+    ]
+
+
+# --------------------------------------------------------------------------------------
+# Transports
+# --------------------------------------------------------------------------------------
+
+
+class Transport:
+    """A peer in the comparison.
+
+    Parent process: ``setup(n_subs, workload)`` creates what must be shared (it survives the
+    fork into sender and receivers), ``teardown()`` frees it.
+    Sender process: ``sender()`` returns ``(send, finish)``; ``send(value)`` delivers one
+    value to every subscriber (losslessly), ``finish()`` signals end of stream.
+    ``sender_close()`` runs once every receiver has got everything (its CPU is not counted).
+    Receiver process i: ``receiver(i)`` returns an iterator over the values, ending at the
+    end of stream. It is called before the clock starts (connect/subscribe there).
+    Latency: ``pp_setup()`` in the parent, ``pp_endpoint(side)`` in side 0 (pinger) or 1
+    (ponger) returns ``(send, recv)``; ``pp_teardown()`` in the parent.
+    """
+
+    name = "base"
+    note = ""
+
+    @classmethod
+    def available(cls) -> tuple[bool, str]:
+        return True, ""
+
+    def setup(self, n_subs: int, workload: Workload) -> None:
+        raise NotImplementedError
+
+    def sender_ready(self) -> None:
+        """In the sender, after ``sender()``: block until every receiver is connected."""
+
+    def sender(self) -> tuple[Callable[[Any], None], Callable[[], None]]:
+        raise NotImplementedError
+
+    def sender_close(self) -> None:
+        pass
+
+    def receiver(self, i: int) -> Iterator[Any]:
+        raise NotImplementedError
+
+    def teardown(self) -> None:
+        pass
+
+    def pp_setup(self) -> None:
+        raise NotImplementedError
+
+    def pp_endpoint(self, side: int) -> tuple[Callable[[Any], None], Callable[[], Any]]:
+        raise NotImplementedError
+
+    def pp_teardown(self) -> None:
+        pass
+
+
+class ShmfeedTransport(Transport):
+    name = "shmfeed"
+    note = "Feed() -> one Channel per subscriber (overflow=block)"
+
+    def setup(self, n_subs: int, workload: Workload) -> None:
+        import shmfeed
+
+        self.n_subs = n_subs
+        self.feed = shmfeed.Feed()
+        self.channels = [
+            shmfeed.Channel(capacity=workload.capacity, buffer_size=workload.buffer_size) for _ in range(n_subs)
+        ]
+        self.subs = [self.feed.subscribe(ch) for ch in self.channels]
+
+    def sender(self):
+        feed, n_subs = self.feed, self.n_subs
+        fsend = feed.send
+
+        def send(value: Any) -> None:
+            got = fsend(value)
+            if got != n_subs:
+                raise RuntimeError(f"feed.send delivered to {got} channels, expected {n_subs}")
+
+        def finish() -> None:
+            for ch in self.channels:
+                ch.close()
+
+        return send, finish
+
+    def receiver(self, i: int) -> Iterator[Any]:
+        return iter(self.channels[i])
+
+    def teardown(self) -> None:
+        for sub in self.subs:
+            sub.unsubscribe()
+        for ch in self.channels:
+            ch.close()
+        self.feed.close()
+        del self.subs, self.channels, self.feed
+
+    def pp_setup(self) -> None:
+        import shmfeed
+
+        self.pp = [shmfeed.Channel(capacity=16), shmfeed.Channel(capacity=16)]
+
+    def pp_endpoint(self, side: int):
+        out, inp = (self.pp[0], self.pp[1]) if side == 0 else (self.pp[1], self.pp[0])
+        return out.send, inp.recv
+
+    def pp_teardown(self) -> None:
+        for ch in self.pp:
+            ch.close()
+        del self.pp
+
+
+class MPQueueTransport(Transport):
+    name = "mp.Queue"
+    note = "one multiprocessing.Queue(maxsize=capacity) per subscriber; msgpack bytes"
+
+    def setup(self, n_subs: int, workload: Workload) -> None:
+        self.queues = [CTX.Queue(maxsize=workload.capacity) for _ in range(n_subs)]
+
+    def sender(self):
+        queues = self.queues
+        packb = msgpack.packb
+
+        def send(value: Any) -> None:
+            data = packb(value)
+            for q in queues:
+                q.put(data)
+
+        def finish() -> None:
+            for q in queues:
+                q.put(None)
+            for q in queues:
+                q.close()
+                q.join_thread()  # the feeder thread has written everything
+
+        return send, finish
+
+    def receiver(self, i: int) -> Iterator[Any]:
+        q = self.queues[i]
+        unpackb = msgpack.unpackb
+        get = q.get
+        while True:
+            data = get()
+            if data is None:
+                return
+            yield unpackb(data)
+
+    def teardown(self) -> None:
+        for q in self.queues:
+            q.close()
+        del self.queues
+
+    def pp_setup(self) -> None:
+        self.pp = [CTX.Queue(maxsize=16), CTX.Queue(maxsize=16)]
+
+    def pp_endpoint(self, side: int):
+        out, inp = (self.pp[0], self.pp[1]) if side == 0 else (self.pp[1], self.pp[0])
+        packb, unpackb = msgpack.packb, msgpack.unpackb
+        return (lambda v: out.put(packb(v))), (lambda: unpackb(inp.get()))
+
+    def pp_teardown(self) -> None:
+        for q in self.pp:
+            q.close()
+        del self.pp
+
+
+class ZmqTransport(Transport):
+    name = "zmq"
+    note = "pyzmq XPUB/SUB over ipc:// (XPUB_NODROP=1, SNDHWM=1000); latency: PAIR; msgpack"
+    END = b""
+
+    @classmethod
+    def available(cls) -> tuple[bool, str]:
+        try:
+            import zmq  # noqa: F401
+        except ImportError:
+            return False, "pyzmq not installed (import zmq failed): skipped"
+        return True, ""
+
+    def _addr(self, tag: str) -> str:
+        return f"ipc://{tempfile.gettempdir()}/shmfeed-bench-{os.getpid()}-{tag}-{id(self):x}.ipc"
+
+    def setup(self, n_subs: int, workload: Workload) -> None:
+        self.n_subs = n_subs
+        self.addr = self._addr("pub")
+
+    def sender(self):
+        import zmq
+
+        self.ctx = zmq.Context()
+        sock = self.ctx.socket(zmq.XPUB)
+        sock.setsockopt(zmq.XPUB_NODROP, 1)
+        sock.setsockopt(zmq.XPUB_VERBOSE, 1)
+        sock.setsockopt(zmq.SNDHWM, 1000)
+        sock.bind(self.addr)
+        self.sock = sock
+        packb = msgpack.packb
+        zsend = sock.send
+
+        def send(value: Any) -> None:
+            zsend(packb(value))
+
+        def finish() -> None:
+            sock.send(self.END)
+
+        return send, finish
+
+    def sender_close(self) -> None:
+        # Not in finish(): closing (even with linger=-1) right after the last send lost the
+        # tail of the stream for some subscribers (libzmq 4.3.5, XPUB_NODROP, 4 SUBs).
+        self.sock.close(linger=-1)
+        self.ctx.term()
+
+    def sender_ready(self) -> None:
+        subscribed = 0
+        while subscribed < self.n_subs:  # XPUB receives one b"\x01" per subscriber
+            msg = self.sock.recv()
+            if msg[:1] == b"\x01":
+                subscribed += 1
+
+    def receiver(self, i: int) -> Iterator[Any]:
+        import zmq
+
+        ctx = zmq.Context()
+        sock = ctx.socket(zmq.SUB)
+        sock.setsockopt(zmq.RCVHWM, 1000)
+        sock.setsockopt(zmq.RCVTIMEO, int(RECV_STALL_S * 1000))
+        sock.connect(self.addr)
+        sock.setsockopt(zmq.SUBSCRIBE, b"")
+        unpackb = msgpack.unpackb
+
+        def gen() -> Iterator[Any]:
+            try:
+                while True:
+                    try:
+                        data = sock.recv()
+                    except zmq.Again:
+                        raise RuntimeError(f"zmq receiver {i}: nothing for {RECV_STALL_S:.0f} s (lost messages?)") from None
+                    if data == self.END:
+                        return
+                    yield unpackb(data)
+            finally:
+                sock.close(linger=0)
+                ctx.term()
+
+        return gen()
+
+    def teardown(self) -> None:
+        try:
+            os.unlink(self.addr[len("ipc://") :])
+        except OSError:
+            pass
+
+    def pp_setup(self) -> None:
+        self.pp_addr = self._addr("pair")
+
+    def pp_endpoint(self, side: int):
+        import zmq
+
+        ctx = zmq.Context()
+        sock = ctx.socket(zmq.PAIR)
+        if side == 0:
+            sock.bind(self.pp_addr)
+        else:
+            sock.connect(self.pp_addr)
+        packb, unpackb = msgpack.packb, msgpack.unpackb
+        return (lambda v: sock.send(packb(v))), (lambda: unpackb(sock.recv()))
+
+    def pp_teardown(self) -> None:
+        try:
+            os.unlink(self.pp_addr[len("ipc://") :])
+        except OSError:
+            pass
+
+
+TRANSPORTS: list[type[Transport]] = [ShmfeedTransport, MPQueueTransport, ZmqTransport]
+BASELINE = "shmfeed"
+
+
+# --------------------------------------------------------------------------------------
+# Worker processes
+# --------------------------------------------------------------------------------------
+
+
+def _sender_main(transport: Transport, wl: Workload, results, go, done) -> None:
+    try:
+        send, finish = transport.sender()
+        transport.sender_ready()
+        results.put(("ready", "tx", 0, None))
+        if not go.wait(READY_TIMEOUT_S * 2):
+            return
+        make = wl.make
+        n = wl.events
+        cpu0 = time.process_time()
+        t0 = time.monotonic_ns()
+        for i in range(n):
+            send(make(i))
+        t_sent = time.monotonic_ns()
+        finish()
+        results.put(("result", "tx", 0, {"t0": t0, "t_sent": t_sent}))
+        done.wait(CELL_TIMEOUT_S)  # every receiver has everything: the sender's work is over
+        cpu1 = time.process_time()
+        results.put(("cpu", "tx", 0, cpu1 - cpu0))
+        transport.sender_close()
+    except BaseException:  # noqa: BLE001
+        results.put(("error", "tx", 0, traceback.format_exc()))
+
+
+def _receiver_main(transport: Transport, i: int, wl: Workload, results) -> None:
+    try:
+        it = transport.receiver(i)
+        check = wl.check
+        expected = 0
+        error = None
+        t_last = 0
+        results.put(("ready", "rx", i, None))
+        cpu0 = time.process_time()
+        for v in it:
+            if error is None:
+                problem = check(v, expected)
+                if problem:
+                    error = f"receiver {i}: {problem}"
+            expected += 1
+            if expected == wl.events:
+                t_last = time.monotonic_ns()
+        cpu1 = time.process_time()
+        if error is None and expected != wl.events:
+            error = f"receiver {i}: got {expected} events, expected {wl.events}"
+        results.put(("result", "rx", i, {"count": expected, "t_end": t_last, "cpu": cpu1 - cpu0, "error": error}))
+    except BaseException:  # noqa: BLE001
+        results.put(("error", "rx", i, traceback.format_exc()))
+
+
+def _pp_main(transport: Transport, side: int, n: int, warmup: int, results) -> None:
+    try:
+        send, recv = transport.pp_endpoint(side)
+        if side == 1:
+            while True:
+                v = recv()
+                send(v)
+                if v is None:
+                    return
+        samples = []
+        for i in range(warmup + n):
+            v = {"seq": i, "price": 1.5}
+            t = time.perf_counter_ns()
+            send(v)
+            back = recv()
+            dt = time.perf_counter_ns() - t
+            if back != v:
+                raise RuntimeError(f"ping-pong: sent {v!r}, got back {back!r}")
+            if i >= warmup:
+                samples.append(dt)
+        send(None)
+        recv()
+        results.put(("result", "pp", 0, samples))
+    except BaseException:  # noqa: BLE001
+        results.put(("error", "pp", side, traceback.format_exc()))
+
+
+def _spin() -> None:
+    os.nice(19)
+    while True:
+        pass
+
+
+# --------------------------------------------------------------------------------------
+# Harness
+# --------------------------------------------------------------------------------------
+
+_children: list[mp.process.BaseProcess] = []
+
+
+def _start(target, *args) -> mp.process.BaseProcess:
+    p = CTX.Process(target=target, args=args, daemon=True)
+    p.start()
+    _children.append(p)
+    return p
+
+
+def _stop_all_children() -> None:
+    for p in _children:
+        if p.is_alive():
+            p.terminate()
+    for p in _children:
+        p.join(5)
+        if p.is_alive():
+            p.kill()
+            p.join(5)
+    _children.clear()
+
+
+def _collect(results, want: int, deadline: float) -> list[tuple]:
+    out = []
+    while len(out) < want:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
+        try:
+            out.append(results.get(timeout=min(left, 1.0)))
+        except queue_mod.Empty:
+            continue
+    return out
+
+
+def run_cell(tcls: type[Transport], wl: Workload, n_subs: int) -> dict:
+    transport = tcls()
+    transport.setup(n_subs, wl)
+    results = CTX.Queue()
+    go, done = CTX.Event(), CTX.Event()
+    procs = []
+    cell: dict[str, Any] = {"transport": tcls.name, "workload": wl.name, "subs": n_subs, "events": wl.events}
+    try:
+        procs = [_start(_receiver_main, transport, i, wl, results) for i in range(n_subs)]
+        procs.append(_start(_sender_main, transport, wl, results, go, done))
+        ready = _collect(results, n_subs + 1, time.monotonic() + READY_TIMEOUT_S)
+        errors = [m[3] for m in ready if m[0] == "error"]
+        if errors or len(ready) < n_subs + 1:
+            cell["error"] = "; ".join(errors) or f"only {len(ready)} of {n_subs + 1} processes became ready"
+            return cell
+        go.set()
+        msgs = _collect(results, n_subs + 1, time.monotonic() + CELL_TIMEOUT_S)
+        done.set()
+        cpu_msg = _collect(results, 1, time.monotonic() + 10.0)
+        msgs += [m for m in cpu_msg if m[0] == "error"]
+        errors = [f"{m[1]}{m[2]}: {m[3]}" for m in msgs if m[0] == "error"]
+        errors += [m[3]["error"] for m in msgs if m[0] == "result" and m[1] == "rx" and m[3]["error"]]
+        if len(msgs) < n_subs + 1:
+            finished = {(m[1], m[2]) for m in msgs}
+            missing = [f"{r}{i}" for r, i in [("tx", 0)] + [("rx", i) for i in range(n_subs)] if (r, i) not in finished]
+            errors.append(f"HANG: {', '.join(missing)} did not finish within {CELL_TIMEOUT_S:.0f} s")
+        elif not cpu_msg or cpu_msg[0][0] != "cpu":
+            errors.append("sender did not report its CPU time")
+        if errors:
+            cell["error"] = "; ".join(errors)
+            return cell
+        tx = dict(next(m[3] for m in msgs if m[1] == "tx"), cpu=cpu_msg[0][3])
+        rxs = [m[3] for m in msgs if m[1] == "rx"]
+        elapsed = (max(r["t_end"] for r in rxs) - tx["t0"]) / 1e9
+        cell.update(
+            seconds=elapsed,
+            events_per_s=wl.events / elapsed,
+            mb_per_s=wl.events * wl.encoded_size() / elapsed / 1e6,
+            tx_cpu_us_per_event=tx["cpu"] / wl.events * 1e6,
+            rx_cpu_us_per_event=statistics.mean(r["cpu"] for r in rxs) / wl.events * 1e6,  # mean per receiver
+            rx_counts=[r["count"] for r in rxs],
+        )
+        return cell
+    finally:
+        done.set()
+        for p in procs:
+            p.join(10)
+            if p.is_alive():
+                p.terminate()
+                p.join(5)
+            if p in _children:
+                _children.remove(p)
+        results.close()
+        try:
+            transport.teardown()
+        except Exception as exc:  # noqa: BLE001
+            cell.setdefault("error", f"teardown: {exc!r}")
+        del transport
+        gc.collect()
+
+
+def run_pingpong(tcls: type[Transport], n: int, load: str) -> dict:
+    transport = tcls()
+    transport.pp_setup()
+    results = CTX.Queue()
+    out: dict[str, Any] = {"transport": tcls.name, "load": load, "round_trips": n}
+    procs = []
+    try:
+        procs = [_start(_pp_main, transport, 1, n, 0, results), _start(_pp_main, transport, 0, n, 200, results)]
+        msgs = _collect(results, 1, time.monotonic() + CELL_TIMEOUT_S)
+        if not msgs:
+            out["error"] = "HANG: ping-pong did not finish"
+            return out
+        if msgs[0][0] == "error":
+            out["error"] = msgs[0][3]
+            return out
+        samples = sorted(msgs[0][3])
+
+        def pct(q: float) -> float:
+            return samples[min(len(samples) - 1, int(q * len(samples)))] / 2 / 1000  # one-way µs
+
+        out.update(p50_us=pct(0.50), p99_us=pct(0.99), p999_us=pct(0.999), max_us=samples[-1] / 2 / 1000)
+        return out
+    finally:
+        for p in procs:
+            p.join(10)
+            if p.is_alive():
+                p.terminate()
+                p.join(5)
+            if p in _children:
+                _children.remove(p)
+        results.close()
+        try:
+            transport.pp_teardown()
+        except Exception as exc:  # noqa: BLE001
+            out.setdefault("error", f"teardown: {exc!r}")
+        del transport
+        gc.collect()
+
+
+# --------------------------------------------------------------------------------------
+# Output
+# --------------------------------------------------------------------------------------
+
+
+def _fmt_rate(x: float) -> str:
+    return f"{x:,.0f}"
+
+
+def print_tables(doc: dict) -> None:
+    m = doc["meta"]
+    print(
+        f"shmfeed bench  python {m['python']}  {m['cpus']} CPUs  start={m['start_method']}  "
+        f"namespace={m['namespace']}  scale={m['events_scale']}"
+    )
+    for name, note in m["transports"].items():
+        print(f"  {name:9s} {note}")
+    print()
+    print("Throughput: lossless fan-out, 1 sender -> N receiver processes, every event checked in order.")
+    print("  CPU µs/ev: tx = sender process, rx = mean per receiver process. ratio = shmfeed ev/s / this ev/s")
+    hdr = f"{'workload':8s} {'subs':>4s} {'events':>7s}  {'transport':9s} {'events/s':>12s} {'MB/s':>8s} {'tx µs/ev':>9s} {'rx µs/ev':>9s} {'ratio':>7s}"
+    print(hdr)
+    print("-" * len(hdr))
+    cells = doc["throughput"]
+    keys = []
+    for c in cells:
+        k = (c["workload"], c["subs"])
+        if k not in keys:
+            keys.append(k)
+    for k in keys:
+        group = [c for c in cells if (c["workload"], c["subs"]) == k]
+        base = next((c for c in group if c["transport"] == BASELINE and "error" not in c), None)
+        for c in group:
+            lead = f"{c['workload']:8s} {c['subs']:>4d} {c['events']:>7d}"
+            if "error" in c:
+                print(f"{lead}  {c['transport']:9s} ERROR: {c['error'].strip().splitlines()[-1][:100]}")
+                continue
+            ratio = "" if base is None or c is base else f"{base['events_per_s'] / c['events_per_s']:.2f}x"
+            print(
+                f"{lead}  {c['transport']:9s} {_fmt_rate(c['events_per_s']):>12s} {c['mb_per_s']:>8.1f} "
+                f"{c['tx_cpu_us_per_event']:>9.1f} {c['rx_cpu_us_per_event']:>9.1f} {ratio:>7s}"
+            )
+        print()
+    print("Latency: ping-pong, small value, one-way = round trip / 2 (µs)")
+    hdr = f"{'transport':9s} {'load':22s} {'p50':>8s} {'p99':>8s} {'p99.9':>8s} {'max':>9s}"
+    print(hdr)
+    print("-" * len(hdr))
+    for r in doc["latency"]:
+        if "error" in r:
+            print(f"{r['transport']:9s} {r['load']:22s} ERROR: {r['error'].strip().splitlines()[-1][:100]}")
+            continue
+        print(
+            f"{r['transport']:9s} {r['load']:22s} {r['p50_us']:>8.1f} {r['p99_us']:>8.1f} {r['p999_us']:>8.1f} {r['max_us']:>9.1f}"
+        )
+    if doc["notes"]:
+        print()
+        for note in doc["notes"]:
+            print(f"note: {note}")
+    print()
+    print(f"total {doc['meta']['wall_seconds']:.1f} s; result: {'OK' if doc['ok'] else 'FAILED'}")
+
+
+# --------------------------------------------------------------------------------------
+# Main
+# --------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="divide event counts by 10")
+    ap.add_argument("--json", action="store_true", help="print one JSON document instead of tables")
+    ap.add_argument("--events-scale", type=float, default=1.0, help="multiply event counts by F")
+    ap.add_argument("--subs", default="1,2,4", help="subscriber counts (default 1,2,4)")
+    ap.add_argument("--only", default="", help="comma-separated workloads to run (default all)")
+    args = ap.parse_args(argv)
+
+    namespace = f"bench-{os.getpid()}"
+    os.environ["SHMFEED_NAMESPACE"] = namespace  # before anything of shmfeed is created
+    import shmfeed  # noqa: F401
+    from shmfeed import _gc
+
+    started = time.monotonic()
+    scale = args.events_scale * (0.1 if args.quick else 1.0)
+    sub_counts = [int(s) for s in args.subs.split(",") if s]
+    notes: list[str] = []
+    transports: list[type[Transport]] = []
+    for tcls in TRANSPORTS:
+        ok, why = tcls.available()
+        if ok:
+            transports.append(tcls)
+        else:
+            notes.append(f"{tcls.name}: {why}")
+
+    doc: dict[str, Any] = {
+        "meta": {
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "start_method": CTX.get_start_method(),
+            "namespace": namespace,
+            "events_scale": scale,
+            "transports": {t.name: t.note for t in transports},
+        },
+        "throughput": [],
+        "latency": [],
+        "notes": notes,
+    }
+    spinners: list[mp.process.BaseProcess] = []
+    ok = True
+    try:
+        for wl in workloads(scale):
+            if args.only and wl.name not in args.only.split(","):
+                continue
+            for n_subs in sub_counts:
+                for tcls in transports:
+                    cell = run_cell(tcls, wl, n_subs)
+                    doc["throughput"].append(cell)
+                    ok &= "error" not in cell
+                    if not args.json:
+                        status = "ERROR" if "error" in cell else f"{cell['events_per_s']:,.0f} ev/s"
+                        print(f"  .. {wl.name} x{n_subs} {tcls.name}: {status}", file=sys.stderr)
+        n_pp = max(100, int(5000 * (0.2 if args.quick else 1.0)))
+        for load in ("idle", "busy (2x nice-19 spin)"):
+            if load != "idle":
+                spinners = [_start(_spin) for _ in range(2)]
+                time.sleep(0.2)
+            for tcls in transports:
+                r = run_pingpong(tcls, n_pp, load)
+                doc["latency"].append(r)
+                ok &= "error" not in r
+            for p in spinners:
+                p.terminate()
+            for p in spinners:
+                p.join(5)
+            spinners = []
+    except KeyboardInterrupt:
+        notes.append("interrupted")
+        ok = False
+    finally:
+        for p in spinners:
+            p.terminate()
+        _stop_all_children()
+        gc.collect()
+        left = _gc.namespace_entries(namespace)
+        removed = _gc.sweep(namespace).all()
+        if removed:
+            notes.append(f"WARNING: sweep removed {len(removed)} leftover(s) in /dev/shm: {removed[:5]}")
+        still = _gc.namespace_entries(namespace)
+        if left and not removed:
+            notes.append(f"WARNING: {len(left)} entr(ies) of the namespace in /dev/shm at exit: {left[:5]}")
+        if still:
+            notes.append(f"WARNING: {len(still)} entr(ies) still in /dev/shm after sweep: {still[:5]}")
+            ok = False
+
+    doc["ok"] = bool(ok)
+    doc["meta"]["wall_seconds"] = time.monotonic() - started
+    if args.json:
+        json.dump(doc, sys.stdout, indent=2)
+        print()
+    else:
+        print_tables(doc)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
