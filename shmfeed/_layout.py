@@ -23,7 +23,7 @@ The last process to detach (the others being gone or dead) unlinks the segment a
 semaphores, so nothing stays in ``/dev/shm`` after normal exits; the registry and
 ``shmfeed gc`` use the same slots to clean up after processes that were killed.
 
-Channel segment (``MAGIC = CHANNEL_MAGIC``), words 8-31:
+Channel segment (``MAGIC = CHANNEL_MAGIC``), words 8-27:
 
 | word | name          | meaning                                                  |
 |------|---------------|----------------------------------------------------------|
@@ -42,6 +42,19 @@ Channel segment (``MAGIC = CHANNEL_MAGIC``), words 8-31:
 | 20   | EVICTED       | evictions (overflow="evict")                             |
 | 21   | SPILLED       | values that travelled in a spill file                    |
 | 22   | ELEM_TYPE_LEN | length of the element type name at bytes 256-511         |
+| 23   | RECV_LOCK_ID  | names the receive lock (LOCK_ID is the send lock)        |
+| 24   | RECV_LOCK_OWNER | pid holding the receive lock                           |
+| 25   | WAIT_LOCK_ID  | names the lock of the two wait lists                     |
+| 26   | WAIT_LOCK_OWNER | pid holding the wait-list lock                         |
+| 27   | DISCARDED     | messages discarded because the ring was found corrupt    |
+
+A channel has three locks, always taken in the order send, receive, wait-list: senders
+hold the send lock (which also guards the attach slots and CLOSED), receivers the receive
+lock, and both only briefly the wait-list lock. Senders write WRITE_POS, SENT, BYTES_SENT,
+DROPPED, SPILLED; receivers write READ_POS, RECEIVED, DISCARDED. Each side reads the
+other's positions without its lock, which is sound on x86-64 (aligned 8-byte stores are
+atomic and stay in program order; the semaphore operations are full barriers); elsewhere
+receivers take the send lock too (``_ring.SINGLE_LOCK``).
 
 Bytes 2560-3071: receive wait list, 64 waker ids (0 = free). Bytes 3072-3583: send wait
 list, 64 waker ids. The ring starts at byte 4096; its record format is in ``_ring``.
@@ -101,7 +114,12 @@ MAGIC, HEADER_BYTES_WORD, LOCK_ID, LOCK_OWNER, DESTROYED, CREATOR_PID, CREATOR_T
     EVICTED,
     SPILLED,
     ELEM_TYPE_LEN,
-) = range(8, 23)
+    RECV_LOCK_ID,
+    RECV_LOCK_OWNER,
+    WAIT_LOCK_ID,
+    WAIT_LOCK_OWNER,
+    DISCARDED,
+) = range(8, 28)
 
 # Feed words.
 (

@@ -25,11 +25,12 @@ from __future__ import annotations
 import glob
 import mmap
 import os
+import platform
 import struct
 import threading
 import time
 import weakref
-from typing import Iterable
+from typing import Any
 
 from . import _layout as L
 from . import _names, _process, _shm, _waker
@@ -47,12 +48,24 @@ OVERFLOW_CODES = {name: code for code, name in enumerate(OVERFLOW_POLICIES)}
 # Outcomes of an offer.
 DELIVERED, FULL, CLOSED, DROPPED = 0, 1, 2, 3
 
+YIELDS_BEFORE_SLEEP = 1
+
+# Receivers read the senders' positions without the send lock only where aligned 8-byte
+# stores are atomic and ordered (x86); elsewhere they take the send lock as well.
+SINGLE_LOCK = platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686")
+
 _pid = os.getpid()
 
 
 def _refresh_pid() -> None:
     global _pid
-    _pid = os.getpid()
+    YIELDS_BEFORE_SLEEP = 1
+
+# Receivers read the senders' positions without the send lock only where aligned 8-byte
+# stores are atomic and ordered (x86); elsewhere they take the send lock as well.
+SINGLE_LOCK = platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686")
+
+_pid = os.getpid()
 
 
 class Spill:
@@ -101,16 +114,27 @@ def _align(value: int, to: int) -> int:
 
 
 class ChannelCore:
-    """This process's attachment to one channel segment (shared by its Channel objects)."""
+    """This process's attachment to one channel segment (shared by its Channel objects).
 
-    def __init__(self, namespace: str, channel_id: int, mapping: mmap.mmap, lock: object) -> None:
+    Senders take the send lock, receivers the receive lock; a sender and a receiver never
+    wait for each other. A side that must sleep registers its waker under the wait-list
+    lock and then checks once more; the other side, after committing (and after the full
+    barrier of releasing its own lock), wakes the registered wakers. Either the sleeper
+    sees the change or the changer sees the sleeper: no wake-up is lost.
+    """
+
+    def __init__(
+        self, namespace: str, channel_id: int, mapping: mmap.mmap, locks: tuple[Any, Any, Any]
+    ) -> None:
         self.namespace = namespace
         self.channel_id = channel_id
         self.segment_name = _names.channel_segment(namespace, channel_id)
         self.mapping = mapping
         self.buffer = memoryview(mapping)
         self.words = self.buffer[: L.HEADER_BYTES].cast("Q")
-        self.lock = lock
+        self.send_lock, recv_lock, self.wait_lock = locks
+        self.recv_lock = self.send_lock if SINGLE_LOCK else recv_lock
+        self._own_recv_lock = recv_lock
         self.ring_bytes = int(self.words[L.RING_BYTES])
         self.capacity = int(self.words[L.CAPACITY])
         self.spill_threshold = self.ring_bytes // 4
@@ -127,14 +151,16 @@ class ChannelCore:
     def create(
         cls, namespace: str, capacity: int, ring_bytes: int, overflow: str, elem_type_name: str
     ) -> "ChannelCore":
-        lock_id = _names.new_id()
-        lock_name = _names.lock_semaphore(namespace, lock_id)
-        lock = _shm.create_semaphore(lock_name, 1)
+        lock_ids = (_names.new_id(), _names.new_id(), _names.new_id())
+        lock_names = [_names.lock_semaphore(namespace, lock_id) for lock_id in lock_ids]
+        locks: list[Any] = []
 
         def initialise(mapping: mmap.mmap) -> None:
             buffer = memoryview(mapping)
             words = buffer[: L.HEADER_BYTES].cast("Q")
-            L.init_common(words, L.CHANNEL_MAGIC, lock_id)
+            L.init_common(words, L.CHANNEL_MAGIC, lock_ids[0])
+            words[L.RECV_LOCK_ID] = lock_ids[1]
+            words[L.WAIT_LOCK_ID] = lock_ids[2]
             words[L.RING_BYTES] = ring_bytes
             words[L.CAPACITY] = capacity
             words[L.OVERFLOW] = OVERFLOW_CODES[overflow]
@@ -144,6 +170,8 @@ class ChannelCore:
             buffer.release()
 
         try:
+            for name in lock_names:
+                locks.append(_shm.create_semaphore(name, 1))
             while True:
                 channel_id = _names.new_id()
                 name = _names.channel_segment(namespace, channel_id)
@@ -151,9 +179,10 @@ class ChannelCore:
                 if mapping is not None:
                     break
         except BaseException:
-            _shm.unlink_semaphore(lock_name)
+            for name in lock_names:
+                _shm.unlink_semaphore(name)
             raise
-        core = cls(namespace, channel_id, mapping, lock)
+        core = cls(namespace, channel_id, mapping, (locks[0], locks[1], locks[2]))
         _register_core(core)
         return core
 
@@ -171,6 +200,7 @@ class ChannelCore:
             mapping.close()
             return None
         words = memoryview(mapping)[: L.HEADER_BYTES].cast("Q")
+        locks: list[Any] = []
         try:
             valid = (
                 words[L.MAGIC] == L.CHANNEL_MAGIC
@@ -179,13 +209,20 @@ class ChannelCore:
                 and L.HEADER_BYTES + words[L.RING_BYTES] <= len(mapping)
                 and words[L.CAPACITY] > 0
             )
-            lock = _shm.open_semaphore(_names.lock_semaphore(namespace, int(words[L.LOCK_ID]))) if valid else None
+            if valid:
+                for word in (L.LOCK_ID, L.RECV_LOCK_ID, L.WAIT_LOCK_ID):
+                    lock = _shm.open_semaphore(_names.lock_semaphore(namespace, int(words[word])))
+                    if lock is None:
+                        break
+                    locks.append(lock)
         finally:
             words.release()
-        if lock is None:
+        if len(locks) != 3:
+            for lock in locks:
+                lock.close()
             mapping.close()
             return None
-        core = cls(namespace, channel_id, mapping, lock)
+        core = cls(namespace, channel_id, mapping, (locks[0], locks[1], locks[2]))
         core.acquire()
         try:
             destroyed = core.words[L.DESTROYED]
@@ -224,7 +261,8 @@ class ChannelCore:
         finally:
             self.release_lock()
         if last:
-            _shm.unlink_semaphore(_names.lock_semaphore(self.namespace, int(self.words[L.LOCK_ID])))
+            for word in (L.LOCK_ID, L.RECV_LOCK_ID, L.WAIT_LOCK_ID):
+                _shm.unlink_semaphore(_names.lock_semaphore(self.namespace, int(self.words[word])))
             for path in glob.glob(_names.spill_file(self.namespace, self.channel_id, 0)[:-16] + "*"):
                 _unlink_file(path)
         self._close_local()
@@ -236,10 +274,11 @@ class ChannelCore:
             self.mapping.close()
         except (BufferError, ValueError):
             pass  # a view is still exported somewhere; the mapping goes with the process
-        try:
-            self.lock.close()  # type: ignore[attr-defined]
-        except Exception:  # noqa: BLE001 - already closed
-            pass
+        for lock in (self.send_lock, self._own_recv_lock, self.wait_lock):
+            try:
+                lock.close()
+            except Exception:  # noqa: BLE001 - already closed
+                pass
 
     def __del__(self) -> None:
         if not getattr(self, "released", True):
@@ -251,17 +290,59 @@ class ChannelCore:
     # --- locking ----------------------------------------------------------------------
 
     def acquire(self) -> None:
-        self.lock.acquire()  # type: ignore[attr-defined]
+        """Take the send lock (it also guards the attach slots and CLOSED)."""
+        self.send_lock.acquire()
         self.words[L.LOCK_OWNER] = _pid
 
     def release_lock(self) -> None:
         self.words[L.LOCK_OWNER] = 0
-        self.lock.release()  # type: ignore[attr-defined]
+        self.send_lock.release()
 
-    # --- records (lock held) ---------------------------------------------------------
+    def _lock_waitlists(self) -> None:
+        self.wait_lock.acquire()
+        self.words[L.WAIT_LOCK_OWNER] = _pid
+
+    def _unlock_waitlists(self) -> None:
+        self.words[L.WAIT_LOCK_OWNER] = 0
+        self.wait_lock.release()
+
+    def _waitlist_add(self, first_word: int, count_word: int, waker: _waker.Waker) -> None:
+        self._lock_waitlists()
+        try:
+            if not L.waitlist_add(self.words, first_word, count_word, waker.waker_id):
+                raise RuntimeError(
+                    f"shmfeed: more than {L.WAITLIST_SLOTS} threads wait on channel {self.channel_id:016x}"
+                )
+        finally:
+            self._unlock_waitlists()
+
+    def _waitlist_remove(self, first_word: int, count_word: int, waker: _waker.Waker) -> None:
+        if not self.words[count_word]:
+            return
+        self._lock_waitlists()
+        try:
+            L.waitlist_remove(self.words, first_word, count_word, waker.waker_id)
+        finally:
+            self._unlock_waitlists()
+
+    def _wake(self, first_word: int, count_word: int) -> None:
+        """Post every waker of one wait list (call after releasing a side lock)."""
+        self._lock_waitlists()
+        try:
+            waker_ids = L.waitlist_take_all(self.words, first_word, count_word)
+        finally:
+            self._unlock_waitlists()
+        for waker_id in waker_ids:
+            _waker.post(self.namespace, waker_id)
+
+    # --- records ----------------------------------------------------------------------
 
     def _write_locked(self, kind: int, payload: bytes) -> bool:
-        """Append one record if it fits now; False if the ring is full."""
+        """Append one record if it fits now; False if the ring is full (send lock held).
+
+        The bytes go in first and WRITE_POS, the commit, last: a receiver never sees a
+        partial record, and a sender that dies before the commit leaves nothing behind.
+        """
         words = self.words
         if words[L.SENT] - words[L.RECEIVED] >= self.capacity:
             return False
@@ -282,37 +363,32 @@ class ChannelCore:
         RECORD_HEADER.pack_into(buffer, base + offset, size, kind)
         start = base + offset + 8
         buffer[start : start + size] = payload
-        words[L.WRITE_POS] = write_pos + need
         words[L.SENT] += 1
         words[L.BYTES_SENT] += size
         if kind == KIND_SPILL:
             words[L.SPILLED] += 1
+        words[L.WRITE_POS] = write_pos + need
         return True
 
     def _read_locked(self) -> tuple[int, bytes] | None:
-        """Take the oldest record, or None if the ring is empty."""
+        """Take the oldest record, or None if the ring is empty (receive lock held)."""
         words = self.words
-        if words[L.SENT] == words[L.RECEIVED]:
-            return None
-        ring = self.ring_bytes
         read_pos = words[L.READ_POS]
         available = words[L.WRITE_POS] - read_pos
+        if not available:
+            return None
+        ring = self.ring_bytes
         offset = read_pos % ring
         base = L.HEADER_BYTES
         size, kind = RECORD_HEADER.unpack_from(self.buffer, base + offset)
-        if kind == KIND_WRAP:
+        if kind == KIND_WRAP and available > ring - offset:
             skipped = ring - offset
             read_pos += skipped
             available -= skipped
             offset = 0
             size, kind = RECORD_HEADER.unpack_from(self.buffer, base)
         record = 8 + ((size + 7) & ~7)
-        if (
-            kind not in (KIND_DATA, KIND_SPILL)
-            or offset + record > ring
-            or record > available
-            or available > ring
-        ):
+        if kind not in (KIND_DATA, KIND_SPILL) or offset + record > ring or record > available or available > ring:
             self._discard_corrupt_locked()
             raise ChannelCorruptError(
                 f"shmfeed: channel {self.channel_id:016x} holds corrupt bytes at ring offset "
@@ -320,15 +396,16 @@ class ChannelCore:
             )
         start = base + offset + 8
         data = self.buffer[start : start + size].tobytes()
-        words[L.READ_POS] = read_pos + record
         words[L.RECEIVED] += 1
+        words[L.READ_POS] = read_pos + record
         return kind, data
 
     def _discard_corrupt_locked(self) -> None:
         words = self.words
         words[L.READ_POS] = words[L.WRITE_POS]
-        words[L.DROPPED] += words[L.SENT] - words[L.RECEIVED]
-        words[L.RECEIVED] = words[L.SENT]
+        sent = words[L.SENT]
+        words[L.DISCARDED] += max(0, sent - words[L.RECEIVED])
+        words[L.RECEIVED] = sent
 
     def _materialise(self, kind: int, data: bytes) -> bytes:
         """The encoded value of a record (reads and frees a spill file)."""
@@ -351,16 +428,24 @@ class ChannelCore:
             raise ChannelCorruptError(f"shmfeed: channel {self.channel_id:016x}: a large value was truncated")
         return value
 
-    def _drop_oldest_locked(self) -> bool:
+    def _drop_oldest(self) -> bool:
+        """Discard the oldest record to make room (send lock held); False if empty."""
+        own_lock = self.recv_lock is not self.send_lock
+        if own_lock:
+            self.recv_lock.acquire()
+            self.words[L.RECV_LOCK_OWNER] = _pid
         try:
             taken = self._read_locked()
         except ChannelCorruptError:
             return True
+        finally:
+            if own_lock:
+                self.words[L.RECV_LOCK_OWNER] = 0
+                self.recv_lock.release()
         if taken is None:
             return False
         if taken[0] == KIND_SPILL:
-            spill_id, _ = SPILL_REFERENCE.unpack(taken[1])
-            _unlink_file(_names.spill_file(self.namespace, self.channel_id, spill_id))
+            self._unlink_spill_record(taken[1])
         self.words[L.DROPPED] += 1
         return True
 
@@ -382,51 +467,46 @@ class ChannelCore:
         """Try to append a record now, applying the overflow policy if full.
 
         With ``waker``, a full ring (policy "block" or "evict") registers it in the send
-        wait list in the same critical section, so that no wake-up is lost.
+        wait list, then checks once more, so that no wake-up is lost.
         Returns DELIVERED, FULL, DROPPED or CLOSED.
         """
         words = self.words
-        self.lock.acquire()  # type: ignore[attr-defined]
+        send_lock = self.send_lock
+        send_lock.acquire()
         words[L.LOCK_OWNER] = _pid
-        to_wake: list[int] | None = None
         try:
             if words[L.CLOSED]:
                 return CLOSED
             if waker is not None:
-                L.waitlist_remove(words, L.SEND_WAITLIST_WORD, L.SEND_WAITING, waker.waker_id)
+                self._waitlist_remove(L.SEND_WAITLIST_WORD, L.SEND_WAITING, waker)
             if not self._write_locked(kind, record):
                 overflow = self.overflow
                 if overflow == "drop_newest":
                     words[L.DROPPED] += 1
                     return DROPPED
                 if overflow == "drop_oldest":
-                    while self._drop_oldest_locked():
+                    while self._drop_oldest():
                         if self._write_locked(kind, record):
                             break
                     else:
                         return FULL
                 else:
-                    if waker is not None and not L.waitlist_add(
-                        words, L.SEND_WAITLIST_WORD, L.SEND_WAITING, waker.waker_id
-                    ):
-                        raise RuntimeError("shmfeed: more than 64 senders wait on one channel")
-                    return FULL
-            if words[L.RECV_WAITING]:
-                to_wake = L.waitlist_take_all(words, L.RECV_WAITLIST_WORD, L.RECV_WAITING)
-            return DELIVERED
+                    if waker is None:
+                        return FULL
+                    self._waitlist_add(L.SEND_WAITLIST_WORD, L.SEND_WAITING, waker)
+                    if not self._write_locked(kind, record):
+                        return FULL
         finally:
             words[L.LOCK_OWNER] = 0
-            self.lock.release()  # type: ignore[attr-defined]
-            if to_wake:
-                self._post(to_wake)
+            send_lock.release()
+        # Read only after the release above (a full barrier) made the commit visible.
+        if words[L.RECV_WAITING]:
+            self._wake(L.RECV_WAITLIST_WORD, L.RECV_WAITING)
+        return DELIVERED
 
     def forget_sender(self, waker: _waker.Waker) -> None:
         """Take ``waker`` out of the send wait list (after a timeout or cancellation)."""
-        self.acquire()
-        try:
-            L.waitlist_remove(self.words, L.SEND_WAITLIST_WORD, L.SEND_WAITING, waker.waker_id)
-        finally:
-            self.release_lock()
+        self._waitlist_remove(L.SEND_WAITLIST_WORD, L.SEND_WAITING, waker)
 
     def put(self, payload: bytes, timeout: float | None) -> int:
         """Blocking send of one encoded value; DELIVERED or DROPPED. Raises on close/timeout."""
@@ -468,41 +548,40 @@ class ChannelCore:
     def poll(self, waker: _waker.Waker | None = None) -> bytes | None:
         """Take one encoded value if there is one.
 
-        Returns None if empty (registering ``waker`` in the receive wait list in the same
-        critical section); raises ``ChannelClosed`` if closed and drained.
+        Returns None if empty (registering ``waker`` in the receive wait list, then
+        checking once more); raises ``ChannelClosed`` if closed and drained.
         """
         words = self.words
-        self.lock.acquire()  # type: ignore[attr-defined]
-        words[L.LOCK_OWNER] = _pid
-        to_wake: list[int] | None = None
+        recv_lock = self.recv_lock
+        recv_lock.acquire()
+        words[L.RECV_LOCK_OWNER] = _pid
         try:
             if waker is not None:
-                L.waitlist_remove(words, L.RECV_WAITLIST_WORD, L.RECV_WAITING, waker.waker_id)
+                self._waitlist_remove(L.RECV_WAITLIST_WORD, L.RECV_WAITING, waker)
+            closed = words[L.CLOSED]  # read before the ring: what was sent before close is kept
             taken = self._read_locked()
             if taken is None:
-                if words[L.CLOSED]:
+                if closed:
                     raise ChannelClosed(f"shmfeed: channel {self.channel_id:016x} is closed")
-                if waker is not None and not L.waitlist_add(
-                    words, L.RECV_WAITLIST_WORD, L.RECV_WAITING, waker.waker_id
-                ):
-                    raise RuntimeError("shmfeed: more than 64 receivers wait on one channel")
-                return None
-            if words[L.SEND_WAITING]:
-                to_wake = L.waitlist_take_all(words, L.SEND_WAITLIST_WORD, L.SEND_WAITING)
+                if waker is None:
+                    return None
+                self._waitlist_add(L.RECV_WAITLIST_WORD, L.RECV_WAITING, waker)
+                closed = words[L.CLOSED]
+                taken = self._read_locked()
+                if taken is None:
+                    if closed:
+                        raise ChannelClosed(f"shmfeed: channel {self.channel_id:016x} is closed")
+                    return None
         finally:
-            words[L.LOCK_OWNER] = 0
-            self.lock.release()  # type: ignore[attr-defined]
-            if to_wake:
-                self._post(to_wake)
+            words[L.RECV_LOCK_OWNER] = 0
+            recv_lock.release()
+        if words[L.SEND_WAITING]:
+            self._wake(L.SEND_WAITLIST_WORD, L.SEND_WAITING)
         kind, data = taken
         return data if kind == KIND_DATA else self._materialise(kind, data)
 
     def forget_receiver(self, waker: _waker.Waker) -> None:
-        self.acquire()
-        try:
-            L.waitlist_remove(self.words, L.RECV_WAITLIST_WORD, L.RECV_WAITING, waker.waker_id)
-        finally:
-            self.release_lock()
+        self._waitlist_remove(L.RECV_WAITLIST_WORD, L.RECV_WAITING, waker)
 
     def take(self, timeout: float | None) -> bytes:
         """Blocking receive of one encoded value. Raises ChannelClosed or TimeoutError."""
@@ -511,6 +590,13 @@ class ChannelCore:
             return data
         if timeout is not None and timeout <= 0:
             raise TimeoutError(f"shmfeed: nothing to receive on channel {self.channel_id:016x}")
+        for _ in range(YIELDS_BEFORE_SLEEP):
+            # Give a sender that shares our CPU the chance to produce before we sleep:
+            # one sleep/wake pair costs both sides far more than a yield.
+            os.sched_yield()
+            data = self.poll()
+            if data is not None:
+                return data
         waker = _waker.current_waker(self.namespace)
         deadline = None if timeout is None else time.monotonic() + timeout
         try:
@@ -530,31 +616,17 @@ class ChannelCore:
 
     def close(self) -> None:
         """Close the channel for every process and wake everyone waiting on it."""
-        self.acquire()
+        self.acquire()  # the send lock: no send commits after CLOSED is set
         try:
             self.words[L.CLOSED] = 1
-            to_wake = self._take_all_waiters_locked()
         finally:
             self.release_lock()
-        self._post(to_wake)
+        self._wake(L.RECV_WAITLIST_WORD, L.RECV_WAITING)
+        self._wake(L.SEND_WAITLIST_WORD, L.SEND_WAITING)
 
     def wake_senders(self) -> None:
         """Wake every sender waiting for space (their subscription may have ended)."""
-        self.acquire()
-        try:
-            to_wake = L.waitlist_take_all(self.words, L.SEND_WAITLIST_WORD, L.SEND_WAITING)
-        finally:
-            self.release_lock()
-        self._post(to_wake)
-
-    def _take_all_waiters_locked(self) -> list[int]:
-        return L.waitlist_take_all(self.words, L.RECV_WAITLIST_WORD, L.RECV_WAITING) + L.waitlist_take_all(
-            self.words, L.SEND_WAITLIST_WORD, L.SEND_WAITING
-        )
-
-    def _post(self, waker_ids: Iterable[int]) -> None:
-        for waker_id in waker_ids:
-            _waker.post(self.namespace, waker_id)
+        self._wake(L.SEND_WAITLIST_WORD, L.SEND_WAITING)
 
     # --- figures (no lock: a torn read only misreports a counter) -----------------------
 
