@@ -175,7 +175,8 @@ class Channel(Generic[T]):
             ChannelClosed: the channel is closed and drained.
             ChannelCorruptError: the ring held bytes that are not a valid message.
         """
-        _check_timeout(timeout)
+        if timeout is not None:
+            _check_timeout(timeout)
         return _codec.decode(self._live_core().take(timeout))  # type: ignore[no-any-return]
 
     async def recv_async(self, timeout: float | None = None) -> T:
@@ -211,7 +212,7 @@ class Channel(Generic[T]):
             waiting_receivers=int(words[L.RECV_WAITING]),
             fill=max(0, int(words[L.SENT] - words[L.RECEIVED])),
             capacity=int(words[L.CAPACITY]),
-            bytes_sent=int(words[L.BYTES_SENT]),
+            bytes_sent=int(words[L.WRITE_POS]),
             ring_bytes=int(words[L.RING_BYTES]),
             spilled=int(words[L.SPILLED]),
             closed=bool(words[L.CLOSED]),
@@ -224,11 +225,14 @@ class Channel(Generic[T]):
         return 0 if core is None or core.released else core.pending()
 
     def __iter__(self) -> Iterator[T]:
+        core = self._live_core()
+        take, decode = core.take, _codec.decode
         while True:
             try:
-                yield self.recv()
+                data = take(None)
             except ChannelClosed:
                 return
+            yield decode(data)
 
     def __aiter__(self) -> AsyncIterator[T]:
         return self

@@ -361,11 +361,12 @@ class FeedCore:
                 core = target.core
                 if size <= core.spill_threshold:
                     kind, record = _ring.KIND_DATA, payload
+                    outcome = core.offer_fast(payload)
                 else:
                     if spill is None:
                         spill = _ring.Spill(self.namespace, payload)
                     kind, record = _ring.KIND_SPILL, spill.link_into(core)
-                outcome = core.offer(kind, record)
+                    outcome = core.offer(kind, record)
                 if outcome == _ring.DELIVERED:
                     delivered += 1
                 elif outcome == _ring.FULL:

@@ -38,7 +38,7 @@ Channel segment (``MAGIC = CHANNEL_MAGIC``), words 8-27:
 | 16   | RECV_WAITING  | receivers in the receive wait list                       |
 | 17   | SEND_WAITING  | senders in the send wait list                            |
 | 18   | OVERFLOW      | overflow policy code                                     |
-| 19   | BYTES_SENT    | payload bytes ever committed                             |
+| 19   | (unused)      | reserved                                                 |
 | 20   | EVICTED       | evictions (overflow="evict")                             |
 | 21   | SPILLED       | values that travelled in a spill file                    |
 | 22   | ELEM_TYPE_LEN | length of the element type name at bytes 256-511         |
@@ -50,7 +50,7 @@ Channel segment (``MAGIC = CHANNEL_MAGIC``), words 8-27:
 
 A channel has three locks, always taken in the order send, receive, wait-list: senders
 hold the send lock (which also guards the attach slots and CLOSED), receivers the receive
-lock, and both only briefly the wait-list lock. Senders write WRITE_POS, SENT, BYTES_SENT,
+lock, and both only briefly the wait-list lock. Senders write WRITE_POS, SENT,
 DROPPED, SPILLED; receivers write READ_POS, RECEIVED, DISCARDED. Each side reads the
 other's positions without its lock, which is sound on x86-64 (aligned 8-byte stores are
 atomic and stay in program order; the semaphore operations are full barriers); elsewhere
@@ -110,7 +110,7 @@ MAGIC, HEADER_BYTES_WORD, LOCK_ID, LOCK_OWNER, DESTROYED, CREATOR_PID, CREATOR_T
     RECV_WAITING,
     SEND_WAITING,
     OVERFLOW,
-    BYTES_SENT,
+    _UNUSED_19,
     EVICTED,
     SPILLED,
     ELEM_TYPE_LEN,

@@ -18,7 +18,7 @@ class ChannelStatistics:
         waiting_receivers: receivers currently waiting for a value.
         fill: values waiting to be received.
         capacity: most values it holds before senders wait.
-        bytes_sent: encoded bytes ever committed.
+        bytes_sent: bytes ever written to the ring (records with their headers).
         ring_bytes: size of its ring in shared memory.
         spilled: values too large for the ring that travelled as files.
         closed: whether it was closed.
