@@ -57,6 +57,8 @@ def _segment_state(path: str) -> tuple[bool, list[int]]:
             locks = [int(words[L.LOCK_ID])]
             if words[L.MAGIC] == L.FEED_MAGIC:
                 locks.append(int(words[L.SEND_LOCK_ID]))
+            elif words[L.MAGIC] == L.CHANNEL_MAGIC:
+                locks += [int(words[L.RECV_LOCK_ID]), int(words[L.WAIT_LOCK_ID])]
             alive = any(_process.is_alive(pid, ticks) for pid, ticks in L.attached_processes(words))
             if words[L.MAGIC] not in (L.FEED_MAGIC, L.CHANNEL_MAGIC):
                 alive = False
@@ -85,11 +87,19 @@ def sweep(namespace: str, remove: bool = True) -> Leftovers:
                 found.segments.append(path)
                 if remove:
                     _shm.unlink_segment("/" + entry)
+                for lock_id in locks:  # the dead segment's locks go with it
+                    lock_path = _names.semaphore_path(_names.lock_semaphore(namespace, lock_id))
+                    if os.path.exists(lock_path):
+                        found.semaphores.append(lock_path)
+                        if remove:
+                            _shm.unlink_semaphore(_names.lock_semaphore(namespace, lock_id))
     now = time.time()
     for entry in entries:
         path = f"{_names.SHM_DIR}/{entry}"
         rest = entry[len("sem." + start) :] if entry.startswith("sem.") else entry[len(start) :]
         garbage = False
+        if path in found.semaphores:
+            continue
         if entry.startswith("sem.") and rest.startswith("w"):
             garbage = not _pid_alive(int(rest[1:], 16) >> 32)
         elif entry.startswith("sem.") and rest.startswith("l"):

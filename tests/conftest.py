@@ -38,6 +38,14 @@ def _force_remove(name: str) -> None:
 
 
 @pytest.fixture(params=START_METHODS)
-def mp_context(request: pytest.FixtureRequest) -> multiprocessing.context.BaseContext:
-    """A multiprocessing context for each start method."""
+def mp_context(request: pytest.FixtureRequest, namespace: str) -> multiprocessing.context.BaseContext:
+    """A multiprocessing context for each start method.
+
+    The forkserver keeps the environment it was started with, so it is restarted to let
+    its children see this test's SHMFEED_NAMESPACE.
+    """
+    if request.param == "forkserver":
+        from multiprocessing import forkserver
+
+        forkserver._forkserver._stop()
     return multiprocessing.get_context(request.param)

@@ -1,0 +1,39 @@
+"""The public surface: what __all__ promises is what the package exports, named shmfeed.*."""
+
+from __future__ import annotations
+
+import pytest
+
+import shmfeed
+
+pytestmark = pytest.mark.timeout(30)
+
+
+def test_all_names_are_exported_and_nothing_public_is_missing():
+    public = {name for name in dir(shmfeed) if not name.startswith("_")}
+    assert set(shmfeed.__all__) <= public
+    modules = {"annotations"}
+    assert public - set(shmfeed.__all__) - modules == set()
+
+
+@pytest.mark.parametrize("name", shmfeed.__all__)
+def test_public_objects_say_they_live_in_shmfeed(name):
+    obj = getattr(shmfeed, name)
+    if isinstance(obj, type) or callable(obj):
+        assert obj.__module__ == "shmfeed"
+
+
+def test_every_library_error_derives_from_the_root():
+    for name in shmfeed.__all__:
+        obj = getattr(shmfeed, name)
+        if isinstance(obj, type) and issubclass(obj, BaseException):
+            assert issubclass(obj, shmfeed.ShmfeedError), name
+    assert issubclass(shmfeed.FeedTypeError, TypeError)
+    assert issubclass(shmfeed.EncodingError, TypeError)
+    assert shmfeed.ErrMuxClosed is shmfeed.MuxClosedError
+    assert str(shmfeed.MuxClosedError()) == "event: mux closed"
+
+
+def test_public_api_has_docstrings():
+    for name in ("Channel", "Feed", "Subscription", "select", "register_type"):
+        assert getattr(shmfeed, name).__doc__, name
