@@ -609,10 +609,11 @@ class Feed(Generic[T]):
         core = self._core
         if core is None or core.released:
             core = self._open()
+        payload = _codec.encode(value)  # first: a value that cannot travel must not fix the type
         type_name = _codec.type_name(type(value))
         if type_name != core.type_name:
             core.check_send_type(type_name)
-        return core.send(_codec.encode(value))
+        return core.send(payload)
 
     def close(self) -> None:
         """End every subscription successfully (their ``err()`` closes); later sends raise."""

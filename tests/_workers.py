@@ -5,7 +5,9 @@ parent pickles a reference to the function; the codec names classes by module.qu
 
 Every target takes the test's namespace first and puts it in the environment: a
 forkserver child inherits the environment of the forkserver process (started by the
-first test that used it), not that of the test, so ``SHMFEED_NAMESPACE`` would be stale.
+first test that used it), not that of the test, so ``SHMFEED_NAMESPACE`` could be stale.
+(conftest restarts the forkserver per test as well; passing the namespace keeps these
+targets correct without relying on that.)
 
 Targets report failures on their results channel as ``("error", traceback)`` before
 re-raising, so that the parent fails with the child's traceback instead of a timeout.
