@@ -50,7 +50,10 @@ OVERFLOW_CODES = {name: code for code, name in enumerate(OVERFLOW_POLICIES)}
 # Outcomes of an offer.
 DELIVERED, FULL, CLOSED, DROPPED = 0, 1, 2, 3
 
-YIELDS_BEFORE_SLEEP = 1
+# Yield-before-sleep tuning (see ChannelCore._should_yield).
+YIELD_CREDIT_MAX = 32
+YIELD_MISS_COST = 1
+YIELD_PROBE_EVERY = 256
 
 # Receivers read the senders' positions without the send lock only where aligned 8-byte
 # stores are atomic and ordered (x86); elsewhere they take the send lock as well.
@@ -61,13 +64,7 @@ _pid = os.getpid()
 
 def _refresh_pid() -> None:
     global _pid
-    YIELDS_BEFORE_SLEEP = 1
-
-# Receivers read the senders' positions without the send lock only where aligned 8-byte
-# stores are atomic and ordered (x86); elsewhere they take the send lock as well.
-SINGLE_LOCK = platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686")
-
-_pid = os.getpid()
+    _pid = os.getpid()
 
 
 class Spill:
@@ -146,6 +143,34 @@ class ChannelCore:
         )
         self.released = False
         self._release_lock = threading.Lock()
+        self._yield_credit = YIELD_CREDIT_MAX
+        self._yielded = False
+        self._taken_since_empty = 0
+        self._empties_to_probe = YIELD_PROBE_EVERY
+
+    def _should_yield(self) -> bool:
+        """Whether a receiver that found the ring empty should yield the CPU once.
+
+        A yield pays when the sender shares our CPU and fills the ring meanwhile: the next
+        drain then takes several values. When values come one at a time anyway (ping-pong),
+        a yield only hands the CPU to whatever else is runnable, possibly for a whole
+        time slice. So judge each yield by the drain that followed it, keep yielding while
+        yields pay, and otherwise try one now and then.
+        """
+        if self._yielded:
+            if self._taken_since_empty >= 2:
+                self._yield_credit = min(self._yield_credit + 1, YIELD_CREDIT_MAX)
+            else:
+                self._yield_credit = max(self._yield_credit - YIELD_MISS_COST, 0)
+            self._yielded = False
+        self._taken_since_empty = 0
+        if self._yield_credit:
+            return True
+        self._empties_to_probe -= 1
+        if self._empties_to_probe <= 0:
+            self._empties_to_probe = YIELD_PROBE_EVERY
+            return True
+        return False
 
     # --- creation and lifetime -------------------------------------------------------
 
@@ -649,15 +674,18 @@ class ChannelCore:
         """Blocking receive of one encoded value. Raises ChannelClosed or TimeoutError."""
         data = self.poll_fast()
         if data is not None:
+            self._taken_since_empty += 1
             return data
         if timeout is not None and timeout <= 0:
             raise TimeoutError(f"shmfeed: nothing to receive on channel {self.channel_id:016x}")
-        for _ in range(YIELDS_BEFORE_SLEEP):
-            # Give a sender that shares our CPU the chance to produce before we sleep:
-            # one sleep/wake pair costs both sides far more than a yield.
+        if self._should_yield():
+            # Let a sender that shares our CPU produce before we sleep: a sleep/wake pair
+            # per message costs both sides far more than a yield (see _should_yield).
             os.sched_yield()
+            self._yielded = True
             data = self.poll()
             if data is not None:
+                self._taken_since_empty = 1
                 return data
         waker = _waker.current_waker(self.namespace)
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -665,6 +693,7 @@ class ChannelCore:
             while True:
                 data = self.poll(waker)
                 if data is not None:
+                    self._taken_since_empty = 1
                     return data
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
