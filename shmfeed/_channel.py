@@ -7,7 +7,7 @@ import struct
 import time
 from typing import Any, AsyncIterator, Generic, Iterator, TypeVar
 
-from . import _aio, _codec, _names, _ring, _waker
+from . import _aio, _codec, _names, _registry_client, _ring, _waker
 from . import _layout as L
 from ._errors import ChannelClosed, FeedTypeError
 from ._stats import ChannelStatistics
@@ -81,6 +81,7 @@ class Channel(Generic[T]):
             self._namespace, capacity, ring_bytes, overflow, self._elem_type_name
         )
         self._channel_id = self._core.channel_id
+        _registry_client.ensure_running(self._namespace)
 
     @classmethod
     def _from_id(cls, namespace: str, channel_id: int) -> "Channel[Any]":

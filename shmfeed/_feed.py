@@ -15,7 +15,7 @@ import threading
 import weakref
 from typing import Any, Generic, NamedTuple, TypeVar
 
-from . import _codec, _names, _process, _ring, _shm, _waker
+from . import _codec, _names, _process, _registry_client, _ring, _shm, _waker
 from . import _layout as L
 from ._channel import Channel, display_type
 from ._errors import ChannelClosed, FeedClosed, FeedTypeError, ShmfeedError, SlowSubscriberError
@@ -62,7 +62,9 @@ class FeedCore:
         self._targets: tuple[_Target, ...] = ()
         self._channels: dict[int, _ring.ChannelCore] = {}
         self.released = False
+        self.attached = True
         self._release_lock = threading.Lock()
+        self._is_sender = False
         self._refresh_type()
 
     # --- opening and lifetime -----------------------------------------------------------
@@ -84,6 +86,26 @@ class FeedCore:
         known = _feeds.get((namespace, key))
         if known is not None and not known.released:
             return known
+        core = cls.map_unattached(namespace, key)
+        if core is None:
+            return None
+        core.acquire()
+        try:
+            destroyed = core.words[L.DESTROYED]
+            if not destroyed:
+                L.attach(core.words)
+        finally:
+            core.release_lock()
+        if destroyed:
+            core._close_local()
+            return None
+        core.attached = True
+        return core
+
+    @classmethod
+    def map_unattached(cls, namespace: str, key: str) -> "FeedCore | None":
+        """Map a feed without joining its attach slots (for the registry and gc)."""
+        segment_name = _names.feed_segment(namespace, key)
         mapping = _shm.open_segment(segment_name)
         if mapping is None:
             return None
@@ -100,18 +122,9 @@ class FeedCore:
             words.release()
         if lock is None or send_lock is None:
             mapping.close()
-            return None  # being destroyed right now: try again
+            return None  # being destroyed right now
         core = cls(namespace, key, mapping, lock, send_lock)
-        core.acquire()
-        try:
-            destroyed = core.words[L.DESTROYED]
-            if not destroyed:
-                L.attach(core.words)
-        finally:
-            core.release_lock()
-        if destroyed:
-            core._close_local()
-            return None
+        core.attached = False
         return core
 
     @classmethod
@@ -146,6 +159,7 @@ class FeedCore:
 
     def reattach_after_fork(self) -> None:
         self._release_lock = threading.Lock()
+        self._is_sender = False
         self.acquire()
         try:
             if not self.words[L.DESTROYED]:
@@ -159,6 +173,9 @@ class FeedCore:
             if self.released:
                 return
             self.released = True
+        if not self.attached:
+            self._close_local()
+            return
         if _feeds.get((self.namespace, self.key)) is self:
             _feeds.pop((self.namespace, self.key), None)
         self._channels.clear()
@@ -172,9 +189,14 @@ class FeedCore:
         finally:
             self.release_lock()
         if last:
-            _shm.unlink_semaphore(_names.lock_semaphore(self.namespace, int(self.words[L.LOCK_ID])))
-            _shm.unlink_semaphore(_names.lock_semaphore(self.namespace, int(self.words[L.SEND_LOCK_ID])))
+            self.unlink_names()
         self._close_local()
+
+    def unlink_names(self) -> None:
+        """Remove the feed's segment and locks from /dev/shm (DESTROYED set)."""
+        _shm.unlink_segment(self.segment_name)
+        _shm.unlink_semaphore(_names.lock_semaphore(self.namespace, int(self.words[L.LOCK_ID])))
+        _shm.unlink_semaphore(_names.lock_semaphore(self.namespace, int(self.words[L.SEND_LOCK_ID])))
 
     def _close_local(self) -> None:
         try:
@@ -344,8 +366,18 @@ class FeedCore:
 
     # --- sending --------------------------------------------------------------------------
 
+    def _register_sender(self) -> None:
+        self.acquire()
+        try:
+            L.add_sender(self.words)
+        finally:
+            self.release_lock()
+        self._is_sender = True
+
     def send(self, payload: bytes) -> int:
         """Deliver one encoded value to every subscribed channel; returns how many took it."""
+        if not self._is_sender:
+            self._register_sender()
         words = self.words
         send_lock = self.send_lock
         send_lock.acquire()
@@ -557,6 +589,7 @@ class Feed(Generic[T]):
                 if self._key is None:
                     self._key = _names.anonymous_feed_key(_names.new_id())
                 core = self._core = FeedCore.open_or_create(self._namespace, self._key, self._name)
+                _registry_client.ensure_running(self._namespace)
                 if self._elem_type_name:
                     core.acquire()
                     try:

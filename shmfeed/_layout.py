@@ -76,6 +76,9 @@ Feed segment (``MAGIC = FEED_MAGIC``), words 8-31:
 | 18   | DELIVERED       | deliveries to channels                                   |
 | 19   | LAST_SENDER_PID | pid of the last process that sent                        |
 
+Bytes 3072-3583: 32 sender slots of (pid, start_ticks), the processes that ever sent on
+the feed (so that the registry can tell when every sender died without closing it).
+
 The subscription table starts at byte 4096: ``FEED_TABLE_SLOTS`` entries of 4 words
 (``SUB_ID``, ``CHANNEL_ID``, ``ERR_CHANNEL_ID``, ``STATE | OWNER_PID << 32``).
 The table is changed under the segment lock; the send lock is held for a whole send.
@@ -147,6 +150,9 @@ ATTACH_SLOTS = 128
 RECV_WAITLIST_WORD = 2560 // 8
 SEND_WAITLIST_WORD = 3072 // 8
 WAITLIST_SLOTS = 64
+
+SENDER_FIRST_WORD = 3072 // 8
+SENDER_SLOTS = 32
 
 FEED_TABLE_SLOTS = 4096
 FEED_ENTRY_WORDS = 4
@@ -231,12 +237,43 @@ def detach(words: memoryview, is_alive: Callable[[int, int], bool] = _process.is
 
 def attached_processes(words: memoryview) -> list[tuple[int, int]]:
     """The ``(pid, start_ticks)`` pairs in the attach slots."""
+    return _slot_pairs(words, ATTACH_FIRST_WORD, ATTACH_SLOTS)
+
+
+def _slot_pairs(words: memoryview, first_word: int, slots: int) -> list[tuple[int, int]]:
     result = []
-    for slot in range(ATTACH_SLOTS):
-        word = ATTACH_FIRST_WORD + 2 * slot
+    for word in range(first_word, first_word + 2 * slots, 2):
         if words[word]:
             result.append((int(words[word]), int(words[word + 1])))
     return result
+
+
+def remove_slot_pair(words: memoryview, first_word: int, slots: int, pid: int, ticks: int) -> bool:
+    """Clear the slot holding ``(pid, ticks)``; True if there was one (lock held)."""
+    for word in range(first_word, first_word + 2 * slots, 2):
+        if words[word] == pid and words[word + 1] == ticks:
+            words[word] = words[word + 1] = 0
+            return True
+    return False
+
+
+def sender_processes(words: memoryview) -> list[tuple[int, int]]:
+    """The ``(pid, start_ticks)`` pairs of a feed's sender slots."""
+    return _slot_pairs(words, SENDER_FIRST_WORD, SENDER_SLOTS)
+
+
+def add_sender(words: memoryview) -> None:
+    """Record this process as a sender of the feed (lock held); a full table is fine."""
+    pid, ticks = _process.identity()
+    free = -1
+    for word in range(SENDER_FIRST_WORD, SENDER_FIRST_WORD + 2 * SENDER_SLOTS, 2):
+        if words[word] == pid and words[word + 1] == ticks:
+            return
+        if free < 0 and words[word] == 0:
+            free = word
+    if free >= 0:
+        words[free] = pid
+        words[free + 1] = ticks
 
 
 def waitlist_add(words: memoryview, first_word: int, count_word: int, waker_id: int) -> bool:

@@ -142,6 +142,7 @@ class ChannelCore:
             self.buffer, L.TYPE_NAME_OFFSET, int(self.words[L.ELEM_TYPE_LEN]), L.TYPE_NAME_MAX
         )
         self.released = False
+        self.attached = True
         self._release_lock = threading.Lock()
         self._yield_credit = YIELD_CREDIT_MAX
         self._yielded = False
@@ -219,6 +220,26 @@ class ChannelCore:
         core = _cores.get((namespace, channel_id))
         if core is not None and not core.released:
             return core
+        core = cls.map_unattached(namespace, channel_id)
+        if core is None:
+            return None
+        core.acquire()
+        try:
+            destroyed = core.words[L.DESTROYED]
+            if not destroyed:
+                L.attach(core.words)
+        finally:
+            core.release_lock()
+        if destroyed:
+            core._close_local()
+            return None
+        core.attached = True
+        _register_core(core)
+        return core
+
+    @classmethod
+    def map_unattached(cls, namespace: str, channel_id: int) -> "ChannelCore | None":
+        """Map a channel without joining its attach slots (for the registry and gc)."""
         name = _names.channel_segment(namespace, channel_id)
         mapping = _shm.open_segment(name)
         if mapping is None:
@@ -250,17 +271,7 @@ class ChannelCore:
             mapping.close()
             return None
         core = cls(namespace, channel_id, mapping, (locks[0], locks[1], locks[2]))
-        core.acquire()
-        try:
-            destroyed = core.words[L.DESTROYED]
-            if not destroyed:
-                L.attach(core.words)
-        finally:
-            core.release_lock()
-        if destroyed:
-            core._close_local()
-            return None
-        _register_core(core)
+        core.attached = False
         return core
 
     def reattach_after_fork(self) -> None:
@@ -278,7 +289,11 @@ class ChannelCore:
             if self.released:
                 return
             self.released = True
-        _cores.pop((self.namespace, self.channel_id), None)
+        if not self.attached:
+            self._close_local()
+            return
+        if _cores.get((self.namespace, self.channel_id)) is self:
+            _cores.pop((self.namespace, self.channel_id), None)
         self.acquire()
         try:
             last = L.detach(self.words) and not self.words[L.DESTROYED]
@@ -288,11 +303,16 @@ class ChannelCore:
         finally:
             self.release_lock()
         if last:
-            for word in (L.LOCK_ID, L.RECV_LOCK_ID, L.WAIT_LOCK_ID):
-                _shm.unlink_semaphore(_names.lock_semaphore(self.namespace, int(self.words[word])))
-            for path in glob.glob(_names.spill_file(self.namespace, self.channel_id, 0)[:-16] + "*"):
-                _unlink_file(path)
+            self.unlink_names()
         self._close_local()
+
+    def unlink_names(self) -> None:
+        """Remove the channel's segment, locks and spill files from /dev/shm (DESTROYED set)."""
+        _shm.unlink_segment(self.segment_name)
+        for word in (L.LOCK_ID, L.RECV_LOCK_ID, L.WAIT_LOCK_ID):
+            _shm.unlink_semaphore(_names.lock_semaphore(self.namespace, int(self.words[word])))
+        for path in glob.glob(_names.spill_file(self.namespace, self.channel_id, 0)[:-16] + "*"):
+            _unlink_file(path)
 
     def _close_local(self) -> None:
         try:

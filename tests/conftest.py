@@ -19,6 +19,7 @@ def namespace(monkeypatch: pytest.MonkeyPatch):
     """Each test runs in its own SHMFEED_NAMESPACE and must leave /dev/shm clean."""
     name = f"test-{uuid.uuid4().hex[:12]}"
     monkeypatch.setenv("SHMFEED_NAMESPACE", name)
+    monkeypatch.setenv("SHMFEED_REGISTRY_IDLE", "0.5")  # test registries leave soon after
     yield name
     gc.collect()
     _release.release_namespace(name)

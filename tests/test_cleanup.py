@@ -35,7 +35,8 @@ def test_objects_are_unlinked_when_the_last_process_lets_go(namespace, mp_contex
     assert _gc.namespace_entries(namespace) == []
 
 
-def test_gc_removes_what_a_killed_process_left(namespace, mp_context, capsys):
+def test_gc_removes_what_a_killed_process_left(namespace, mp_context, monkeypatch):
+    monkeypatch.setenv("SHMFEED_NO_REGISTRY", "1")  # else the registry cleans up first
     feed, channel, ready = shmfeed.Feed("left"), shmfeed.Channel(), shmfeed.Channel()
     process = mp_context.Process(target=_hold_objects_then_wait, args=(feed, channel, ready))
     process.start()

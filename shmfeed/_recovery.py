@@ -1,0 +1,257 @@
+"""Repairing a namespace after processes died: the registry's and ``shmfeed gc``'s work.
+
+Everything a process shares lives in shared memory, so recovery needs no record of its
+own: it reads each segment and, for every process that is gone,
+
+- releases a lock it held (its pid is in the lock's owner word) and, for a channel's send
+  or receive lock, recounts the messages so that a half-finished counter update is undone
+  (records themselves are committed by one store, so none is ever half there);
+- takes its wakers out of the wait lists;
+- ends the feed subscriptions it made, which releases sends waiting on their channels;
+- fails, with ``SenderDiedError``, the subscriptions of a feed whose every sender is dead;
+- removes it from the attach slots, and unlinks a segment no live process is attached to.
+
+All of this is idempotent, so a registry that is killed half-way is simply redone by the next.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import _gc
+from . import _layout as L
+from . import _names, _process, _ring
+from ._errors import SenderDiedError
+from ._feed import FeedCore, _finish
+
+_OWNER_WORDS = ((L.LOCK_OWNER, "send"), (L.RECV_LOCK_OWNER, "receive"), (L.WAIT_LOCK_OWNER, "wait-list"))
+
+
+class Liveness:
+    """Answers "is this process alive?", each pid looked up once per pass."""
+
+    def __init__(self) -> None:
+        self._ticks: dict[int, int | None] = {}
+
+    def ticks(self, pid: int) -> int | None:
+        if pid not in self._ticks:
+            self._ticks[pid] = _process.start_ticks(pid) if pid > 0 else None
+        return self._ticks[pid]
+
+    def alive(self, pid: int, ticks: int) -> bool:
+        now = self.ticks(pid)
+        return now is not None and (ticks == 0 or now == ticks)
+
+    def owner_alive(self, pid: int, attached: list[tuple[int, int]]) -> bool:
+        """Whether the pid in a lock's owner word is alive (its start time from the slots)."""
+        for slot_pid, slot_ticks in attached:
+            if slot_pid == pid:
+                return self.alive(slot_pid, slot_ticks)
+        return self.ticks(pid) is not None
+
+
+@dataclass
+class Repairs:
+    """What one pass did, for logs and for ``shmfeed gc``'s report."""
+
+    released_locks: list[str] = field(default_factory=list)
+    ended_subscriptions: int = 0
+    failed_subscriptions: int = 0
+    destroyed: list[str] = field(default_factory=list)
+    removed_files: list[str] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(
+            self.released_locks or self.ended_subscriptions or self.failed_subscriptions
+            or self.destroyed or self.removed_files
+        )
+
+
+def recover_namespace(namespace: str, liveness: Liveness | None = None) -> Repairs:
+    """One full recovery pass over the namespace."""
+    liveness = liveness or Liveness()
+    repairs = Repairs()
+    start = _names.prefix(namespace)
+    for entry in _gc.namespace_entries(namespace):
+        rest = entry[len(start) :]
+        if entry.startswith("sem.") or "." in rest:
+            continue
+        try:
+            if rest.startswith("c"):
+                recover_channel(namespace, int(rest[1:], 16), liveness, repairs)
+            elif rest.startswith("f"):
+                recover_feed(namespace, rest[1:], liveness, repairs)
+        except (ValueError, OSError):
+            continue  # a name that is not ours, or gone meanwhile
+    repairs.removed_files += _gc.sweep(namespace).all()
+    return repairs
+
+
+def _release_dead_owner(
+    core: Any, owner_word: int, lock: Any, what: str, liveness: Liveness, attached: list[tuple[int, int]],
+    repairs: Repairs,
+) -> bool:
+    owner = int(core.words[owner_word])
+    if not owner or liveness.owner_alive(owner, attached):
+        return False
+    if lock.value != 0:
+        return False  # released after all (the owner word was being cleared)
+    core.words[owner_word] = 0
+    lock.release()
+    repairs.released_locks.append(f"{what} lock of {core.segment_name} held by dead pid {owner}")
+    return True
+
+
+def recover_channel(namespace: str, channel_id: int, liveness: Liveness, repairs: Repairs) -> None:
+    core = _ring.ChannelCore.map_unattached(namespace, channel_id)
+    if core is None:
+        return
+    try:
+        words = core.words
+        attached = L.attached_processes(words)
+        locks = {L.LOCK_OWNER: core.send_lock, L.RECV_LOCK_OWNER: core._own_recv_lock, L.WAIT_LOCK_OWNER: core.wait_lock}
+        recount = False
+        for owner_word, what in _OWNER_WORDS:
+            if _release_dead_owner(core, owner_word, locks[owner_word], what, liveness, attached, repairs):
+                recount = recount or owner_word != L.WAIT_LOCK_OWNER
+        _drop_dead_wakers(core, liveness)
+        if recount:
+            _recount(core)
+        dead = [p for p in attached if not liveness.alive(*p)]
+        if dead or not attached:
+            core.acquire()
+            try:
+                for pid, ticks in dead:
+                    if L.remove_slot_pair(words, L.ATTACH_FIRST_WORD, L.ATTACH_SLOTS, pid, ticks):
+                        words[L.ATTACHED] -= 1
+                orphaned = not words[L.DESTROYED] and not any(
+                    liveness.alive(*p) for p in L.attached_processes(words)
+                )
+                if orphaned:
+                    words[L.DESTROYED] = 1
+            finally:
+                core.release_lock()
+            if orphaned:
+                core.close()  # wakes anyone still waiting (a process between attach steps)
+                core.unlink_names()
+                repairs.destroyed += _names_of(namespace, core.segment_name, words, (L.LOCK_ID, L.RECV_LOCK_ID, L.WAIT_LOCK_ID))
+    finally:
+        core.release()
+
+
+def _names_of(namespace: str, segment_name: str, words: memoryview, lock_words: tuple[int, ...]) -> list[str]:
+    """Paths in /dev/shm of a destroyed segment and its locks, for the report."""
+    locks = [_names.semaphore_path(_names.lock_semaphore(namespace, int(words[w]))) for w in lock_words]
+    return [_names.shm_path(segment_name)] + locks
+
+
+def _drop_dead_wakers(core: _ring.ChannelCore, liveness: Liveness) -> None:
+    words = core.words
+    if not (words[L.RECV_WAITING] or words[L.SEND_WAITING]):
+        return
+    core._lock_waitlists()
+    try:
+        for first, count in ((L.RECV_WAITLIST_WORD, L.RECV_WAITING), (L.SEND_WAITLIST_WORD, L.SEND_WAITING)):
+            for word in range(first, first + L.WAITLIST_SLOTS):
+                waker_id = int(words[word])
+                if waker_id and liveness.ticks(waker_id >> 32) is None:
+                    words[word] = 0
+                    words[count] = max(0, words[count] - 1)
+    finally:
+        core._unlock_waitlists()
+
+
+def _recount(core: _ring.ChannelCore) -> None:
+    """Make SENT - RECEIVED equal the records in the ring again (both locks held)."""
+    core.acquire()
+    own_recv = core.recv_lock is not core.send_lock
+    if own_recv:
+        core.recv_lock.acquire()
+    try:
+        words, ring, base = core.words, core.ring_bytes, L.HEADER_BYTES
+        position, end, records = int(words[L.READ_POS]), int(words[L.WRITE_POS]), 0
+        while position < end and end - position <= ring:
+            offset = position % ring
+            size, kind = _ring.RECORD_HEADER.unpack_from(core.buffer, base + offset)
+            if kind == _ring.KIND_WRAP:
+                position += ring - offset
+                continue
+            if kind not in (_ring.KIND_DATA, _ring.KIND_SPILL):
+                break
+            position += 8 + ((size + 7) & ~7)
+            records += 1
+        words[L.SENT] = int(words[L.RECEIVED]) + records
+    finally:
+        if own_recv:
+            core.recv_lock.release()
+        core.release_lock()
+
+
+def recover_feed(namespace: str, key: str, liveness: Liveness, repairs: Repairs) -> None:
+    core = FeedCore.map_unattached(namespace, key)
+    if core is None:
+        return
+    try:
+        words = core.words
+        attached = L.attached_processes(words)
+        _release_dead_owner(core, L.SEND_LOCK_OWNER, core.send_lock, "send", liveness, attached, repairs)
+        _release_dead_owner(core, L.LOCK_OWNER, core.lock, "table", liveness, attached, repairs)
+        _end_dead_subscriptions(core, liveness, repairs)
+        _fail_if_every_sender_died(core, liveness, repairs)
+        dead = [p for p in attached if not liveness.alive(*p)]
+        if dead or not attached:
+            core.acquire()
+            try:
+                for pid, ticks in dead:
+                    if L.remove_slot_pair(words, L.ATTACH_FIRST_WORD, L.ATTACH_SLOTS, pid, ticks):
+                        words[L.ATTACHED] -= 1
+                orphaned = not words[L.DESTROYED] and not any(
+                    liveness.alive(*p) for p in L.attached_processes(words)
+                )
+                if orphaned:
+                    words[L.DESTROYED] = 1
+            finally:
+                core.release_lock()
+            if orphaned:
+                core.unlink_names()
+                repairs.destroyed += _names_of(namespace, core.segment_name, words, (L.LOCK_ID, L.SEND_LOCK_ID))
+    finally:
+        core.release()
+
+
+def _active_entries(core: FeedCore) -> list[tuple[int, int, int, int, int]]:
+    """(entry, sub_id, channel_id, err_channel_id, owner pid) of active subscriptions."""
+    table, entries = core.table, []
+    for entry in range(int(core.words[L.TABLE_HIGH])):
+        word = entry * L.FEED_ENTRY_WORDS
+        state = int(table[word + 3])
+        if state & 0xFFFF_FFFF == L.SUB_ACTIVE_STATE:
+            entries.append((entry, int(table[word]), int(table[word + 1]), int(table[word + 2]), state >> 32))
+    return entries
+
+
+def _end_dead_subscriptions(core: FeedCore, liveness: Liveness, repairs: Repairs) -> None:
+    for entry, sub_id, channel_id, err_id, owner in _active_entries(core):
+        if liveness.ticks(owner) is None and core.end_subscription(entry, sub_id, channel_id, err_id):
+            repairs.ended_subscriptions += 1
+
+
+def _fail_if_every_sender_died(core: FeedCore, liveness: Liveness, repairs: Repairs) -> None:
+    words = core.words
+    senders = L.sender_processes(words)
+    if not senders or words[L.FEED_CLOSED] or any(liveness.alive(*s) for s in senders):
+        return
+    for entry, sub_id, channel_id, err_id, _owner in _active_entries(core):
+        error = SenderDiedError(
+            f"shmfeed: every process sending on feed {core._label()} died without closing it; "
+            f"resubscribe once a sender is back"
+        )
+        if core.end_subscription(entry, sub_id, channel_id, err_id, error):
+            repairs.failed_subscriptions += 1
+    core.acquire()
+    try:
+        for pid, ticks in senders:
+            L.remove_slot_pair(words, L.SENDER_FIRST_WORD, L.SENDER_SLOTS, pid, ticks)
+    finally:
+        core.release_lock()
