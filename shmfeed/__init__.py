@@ -22,6 +22,7 @@ from ._errors import (
     SubscriptionFailed,
 )
 from ._feed import Feed
+from ._scope import SubscriptionScope
 from ._stats import ChannelStatistics, FeedStatistics, SubscriptionStatistics
 from ._subscription import ErrorChannel, Subscription, select
 
@@ -44,6 +45,7 @@ __all__ = [
     "SlowSubscriberError",
     "Subscription",
     "SubscriptionFailed",
+    "SubscriptionScope",
     "SubscriptionStatistics",
     "register_type",
     "select",

@@ -60,7 +60,7 @@ def _segment_state(path: str) -> tuple[bool, list[int]]:
             elif words[L.MAGIC] == L.CHANNEL_MAGIC:
                 locks += [int(words[L.RECV_LOCK_ID]), int(words[L.WAIT_LOCK_ID])]
             alive = any(_process.is_alive(pid, ticks) for pid, ticks in L.attached_processes(words))
-            if words[L.MAGIC] not in (L.FEED_MAGIC, L.CHANNEL_MAGIC):
+            if words[L.MAGIC] not in L.MAGICS:
                 alive = False
             return alive and not words[L.DESTROYED], locks
         finally:

@@ -82,6 +82,12 @@ the feed (so that the registry can tell when every sender died without closing i
 The subscription table starts at byte 4096: ``FEED_TABLE_SLOTS`` entries of 4 words
 (``SUB_ID``, ``CHANNEL_ID``, ``ERR_CHANNEL_ID``, ``STATE | OWNER_PID << 32``).
 The table is changed under the segment lock; the send lock is held for a whole send.
+
+Scope segment (``MAGIC = SCOPE_MAGIC``, a named ``SubscriptionScope``), words 8-10:
+SCOPE_CLOSED, SCOPE_COUNT (tracked subscriptions of all processes), SCOPE_NAME_LEN (name at
+bytes 2560-2815). Bytes 3072-3583: the wait list of the processes' scope watchers (64
+waker ids). The entry table starts at byte 4096: ``SCOPE_SLOTS`` entries of 4 words
+(pid, start_ticks, local id, 1 if in use), one per tracked subscription.
 """
 
 from __future__ import annotations
@@ -96,6 +102,8 @@ HEADER_BYTES = PAGE
 
 CHANNEL_MAGIC = int.from_bytes(b"SFCHAN01", "little")
 FEED_MAGIC = int.from_bytes(b"SFFEED01", "little")
+SCOPE_MAGIC = int.from_bytes(b"SFSCOP01", "little")
+MAGICS = (CHANNEL_MAGIC, FEED_MAGIC, SCOPE_MAGIC)
 
 # Common words.
 MAGIC, HEADER_BYTES_WORD, LOCK_ID, LOCK_OWNER, DESTROYED, CREATOR_PID, CREATOR_TICKS, ATTACHED = range(8)
@@ -139,6 +147,13 @@ MAGIC, HEADER_BYTES_WORD, LOCK_ID, LOCK_OWNER, DESTROYED, CREATOR_PID, CREATOR_T
     DELIVERED,
     LAST_SENDER_PID,
 ) = range(8, 20)
+
+# Scope words.
+SCOPE_CLOSED, SCOPE_COUNT, SCOPE_NAME_LEN, SCOPE_WAITING = 8, 9, 10, 11
+SCOPE_WAITLIST_WORD = 3072 // 8
+SCOPE_SLOTS = 1024
+SCOPE_ENTRY_WORDS = 4
+SCOPE_SEGMENT_BYTES = 4096 + SCOPE_SLOTS * SCOPE_ENTRY_WORDS * 8
 
 TYPE_NAME_OFFSET = 256
 TYPE_NAME_MAX = 256

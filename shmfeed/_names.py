@@ -67,6 +67,10 @@ def feed_segment(namespace: str, feed_key: str) -> str:
     return f"/{prefix(namespace)}f{feed_key}"
 
 
+def scope_segment(namespace: str, name: str) -> str:
+    return f"/{prefix(namespace)}s{hashlib.sha1(name.encode()).hexdigest()[:20]}"
+
+
 def named_feed_key(name: str) -> str:
     """The segment key of a named feed: a hash, since names may be long or odd."""
     return "n" + hashlib.sha1(name.encode()).hexdigest()[:20]

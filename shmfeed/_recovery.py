@@ -21,7 +21,7 @@ from typing import Any
 
 from . import _gc
 from . import _layout as L
-from . import _names, _process, _ring
+from . import _names, _process, _ring, _shm
 from ._errors import SenderDiedError
 from ._feed import FeedCore, _finish
 
@@ -82,6 +82,8 @@ def recover_namespace(namespace: str, liveness: Liveness | None = None) -> Repai
                 recover_channel(namespace, int(rest[1:], 16), liveness, repairs)
             elif rest.startswith("f"):
                 recover_feed(namespace, rest[1:], liveness, repairs)
+            elif rest.startswith("s"):
+                recover_scope(namespace, "/" + entry, liveness, repairs)
         except (ValueError, OSError):
             continue  # a name that is not ours, or gone meanwhile
     repairs.removed_files += _gc.sweep(namespace).all()
@@ -255,3 +257,56 @@ def _fail_if_every_sender_died(core: FeedCore, liveness: Liveness, repairs: Repa
             L.remove_slot_pair(words, L.SENDER_FIRST_WORD, L.SENDER_SLOTS, pid, ticks)
     finally:
         core.release_lock()
+
+
+def recover_scope(namespace: str, segment_name: str, liveness: Liveness, repairs: Repairs) -> None:
+    """Drop the entries and wakers of dead processes from a named scope; unlink it if orphaned."""
+    mapping = _shm.open_segment(segment_name)
+    if mapping is None:
+        return
+    buffer = memoryview(mapping)
+    words = buffer[: L.HEADER_BYTES].cast("Q")
+    table = buffer[L.HEADER_BYTES : L.SCOPE_SEGMENT_BYTES].cast("Q") if len(mapping) >= L.SCOPE_SEGMENT_BYTES else None
+    lock = None
+    try:
+        if table is None or words[L.MAGIC] != L.SCOPE_MAGIC:
+            return
+        lock = _shm.open_semaphore(_names.lock_semaphore(namespace, int(words[L.LOCK_ID])))
+        if lock is None:
+            return
+        attached = L.attached_processes(words)
+        if int(words[L.LOCK_OWNER]) and not liveness.owner_alive(int(words[L.LOCK_OWNER]), attached) and lock.value == 0:
+            words[L.LOCK_OWNER] = 0
+            lock.release()
+            repairs.released_locks.append(f"lock of {segment_name} held by a dead process")
+        lock.acquire()
+        try:
+            for word in range(0, L.SCOPE_SLOTS * L.SCOPE_ENTRY_WORDS, L.SCOPE_ENTRY_WORDS):
+                if table[word + 3] and not liveness.alive(int(table[word]), int(table[word + 1])):
+                    table[word + 3] = 0
+                    words[L.SCOPE_COUNT] -= 1
+            for word in range(L.SCOPE_WAITLIST_WORD, L.SCOPE_WAITLIST_WORD + L.WAITLIST_SLOTS):
+                if words[word] and liveness.ticks(int(words[word]) >> 32) is None:
+                    words[word] = 0
+                    words[L.SCOPE_WAITING] = max(0, words[L.SCOPE_WAITING] - 1)
+            for pid, ticks in attached:
+                if not liveness.alive(pid, ticks) and L.remove_slot_pair(words, L.ATTACH_FIRST_WORD, L.ATTACH_SLOTS, pid, ticks):
+                    words[L.ATTACHED] -= 1
+            orphaned = not words[L.DESTROYED] and not any(liveness.alive(*p) for p in L.attached_processes(words))
+            if orphaned:
+                words[L.DESTROYED] = 1
+        finally:
+            lock.release()
+        if orphaned:
+            lock_name = _names.lock_semaphore(namespace, int(words[L.LOCK_ID]))
+            _shm.unlink_segment(segment_name)
+            _shm.unlink_semaphore(lock_name)
+            repairs.destroyed += [_names.shm_path(segment_name), _names.semaphore_path(lock_name)]
+    finally:
+        if lock is not None:
+            lock.close()
+        if table is not None:
+            table.release()
+        words.release()
+        buffer.release()
+        mapping.close()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from . import _aio, _feed, _ring, _waker
+from . import _aio, _feed, _ring, _scope, _waker
 
 
 def release_namespace(namespace: str) -> None:
@@ -11,6 +11,7 @@ def release_namespace(namespace: str) -> None:
     Objects of that namespace still referenced become unusable. Other processes are not
     affected, except that the last process to detach an object unlinks it.
     """
+    _scope.release_namespace(namespace)
     _feed.release_namespace(namespace)
     _ring.release_namespace(namespace)
     _aio.stop(namespace)

@@ -1,0 +1,413 @@
+"""``SubscriptionScope``: end many subscriptions at once, in one process or across many.
+
+A scope without a name lives in its process. A named scope is one shared-memory segment
+(layout in ``_layout``): a closed flag, a count, and one entry per tracked subscription
+of any process. Each process that tracks into a named scope runs one watcher thread that
+sleeps on a waker in the scope's wait list; closing the scope from any process wakes every
+watcher, and each ends its own process's tracked subscriptions. The registry removes the
+entries of processes that died.
+"""
+
+from __future__ import annotations
+
+import itertools
+import mmap
+import threading
+import weakref
+from typing import Any
+
+from . import _layout as L
+from . import _names, _process, _registry_client, _ring, _shm, _waker
+from ._errors import ShmfeedError
+from ._subscription import ErrorChannel, Subscription
+
+_OPEN_ATTEMPTS = 100
+_local_ids = itertools.count(1)
+
+
+class ScopeSubscription(Subscription):
+    """The wrapper ``SubscriptionScope.track`` returns; unsubscribing it leaves the scope."""
+
+    def __init__(self, scope: "SubscriptionScope", inner: Subscription, local_id: int) -> None:
+        self._scope = scope
+        self._inner = inner
+        self._local_id = local_id
+        self._lock = threading.Lock()
+        self._done = False
+
+    def err(self) -> ErrorChannel:
+        return self._inner.err()
+
+    def unsubscribe(self) -> None:
+        with self._lock:
+            if self._done:
+                return
+            self._done = True
+        self._scope._untrack(self._local_id)
+        self._inner.unsubscribe()
+
+    def _end(self) -> None:
+        """The scope closed: end the inner subscription (the scope forgets us itself)."""
+        with self._lock:
+            if self._done:
+                return
+            self._done = True
+        self._inner.unsubscribe()
+
+    def __repr__(self) -> str:
+        return f"<shmfeed.ScopeSubscription of {self._inner!r}>"
+
+
+class SubscriptionScope:
+    """Tracks subscriptions so that they can all be ended together (geth's SubscriptionScope).
+
+    ``SubscriptionScope()`` is ready to use and lives in this process.
+    ``SubscriptionScope("job-42")`` is shared by every process of the namespace that opens
+    that name: ``count()`` counts the subscriptions tracked by all of them, and ``close()``
+    from any of them ends them all (their ``err()`` closes in every process).
+    A scope is a context manager that closes it on exit.
+    """
+
+    def __init__(self, name: str | None = None) -> None:
+        if name is not None:
+            _names.validate_name(name, what="scope name", limit=L.FEED_NAME_MAX)
+        self._name = name
+        self._lock = threading.Lock()
+        self._tracked: dict[int, ScopeSubscription] = {}
+        self._closed = False
+        self._shared = _SharedScope.open(_names.current_namespace(), name) if name is not None else None
+        if self._shared is not None:
+            self._shared.members.add(self)
+
+    @property
+    def name(self) -> str | None:
+        return self._name
+
+    def track(self, sub: Subscription) -> Subscription | None:
+        """Track ``sub``; returns a wrapper, or None if the scope is closed.
+
+        Unsubscribing the wrapper unsubscribes ``sub`` and removes it from the scope.
+
+        Raises:
+            TypeError: ``sub`` is not a Subscription.
+        """
+        if not isinstance(sub, Subscription):
+            raise TypeError(f"shmfeed: track takes a Subscription, got {type(sub).__name__}")
+        local_id = next(_local_ids)
+        wrapper = ScopeSubscription(self, sub, local_id)
+        with self._lock:
+            if self._closed:
+                return None
+            if self._shared is not None and not self._shared.add(local_id):
+                self._closed = True
+                return None
+            self._tracked[local_id] = wrapper
+        return wrapper
+
+    def _untrack(self, local_id: int) -> None:
+        with self._lock:
+            present = self._tracked.pop(local_id, None) is not None
+        if present and self._shared is not None:
+            self._shared.remove(local_id)
+
+    def close(self) -> None:
+        """Unsubscribe every tracked subscription (of every process, for a named scope).
+
+        Later ``track`` calls return None. Closing twice is fine.
+        """
+        if self._shared is not None:
+            self._shared.close()  # our own watcher ends our tracked subscriptions too
+        self._end_local()
+
+    def _end_local(self) -> None:
+        with self._lock:
+            self._closed = True
+            tracked, self._tracked = list(self._tracked.values()), {}
+        for wrapper in tracked:
+            wrapper._end()
+
+    def count(self) -> int:
+        """How many subscriptions are tracked (by every process, for a named scope)."""
+        if self._shared is not None:
+            return self._shared.count()
+        with self._lock:
+            return len(self._tracked)
+
+    @property
+    def closed(self) -> bool:
+        if self._shared is not None and self._shared.closed:
+            return True
+        return self._closed
+
+    def __enter__(self) -> "SubscriptionScope":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        label = repr(self._name) if self._name is not None else "local"
+        return f"<shmfeed.SubscriptionScope {label} count={self.count()}>"
+
+
+SubscriptionScope.__module__ = ScopeSubscription.__module__ = "shmfeed"
+
+
+class _SharedScope:
+    """This process's attachment to a named scope's segment, and its watcher thread."""
+
+    def __init__(self, namespace: str, name: str, mapping: mmap.mmap, lock: Any) -> None:
+        self.namespace = namespace
+        self.name = name
+        self.segment_name = _names.scope_segment(namespace, name)
+        self.mapping = mapping
+        self.buffer = memoryview(mapping)
+        self.words = self.buffer[: L.HEADER_BYTES].cast("Q")
+        self.table = self.buffer[L.HEADER_BYTES : L.SCOPE_SEGMENT_BYTES].cast("Q")
+        self.lock = lock
+        self.members: "weakref.WeakSet[SubscriptionScope]" = weakref.WeakSet()
+        self.watcher: threading.Thread | None = None
+        self.waker: _waker.Waker | None = None
+        self.stopping = False
+        self.released = False
+
+    @classmethod
+    def open(cls, namespace: str, name: str) -> "_SharedScope":
+        known = _shared.get((namespace, name))
+        if known is not None and not known.released:
+            return known
+        segment_name = _names.scope_segment(namespace, name)
+        for _ in range(_OPEN_ATTEMPTS):
+            scope = cls._attach(namespace, name, segment_name) or cls._create(namespace, name, segment_name)
+            if scope is not None:
+                _shared[(namespace, name)] = scope
+                _registry_client.ensure_running(namespace)
+                return scope
+        raise ShmfeedError(f"shmfeed: could not open or create scope {name!r}; try again")
+
+    @classmethod
+    def _attach(cls, namespace: str, name: str, segment_name: str) -> "_SharedScope | None":
+        mapping = _shm.open_segment(segment_name)
+        if mapping is None:
+            return None
+        if len(mapping) < L.SCOPE_SEGMENT_BYTES:
+            mapping.close()
+            raise ShmfeedError(f"shmfeed: scope segment {segment_name!r} is damaged; run `shmfeed gc`")
+        words = memoryview(mapping)[: L.HEADER_BYTES].cast("Q")
+        try:
+            if words[L.MAGIC] != L.SCOPE_MAGIC:
+                raise ShmfeedError(f"shmfeed: {segment_name!r} is not a scope; run `shmfeed gc`")
+            lock = _shm.open_semaphore(_names.lock_semaphore(namespace, int(words[L.LOCK_ID])))
+        finally:
+            words.release()
+        if lock is None:
+            mapping.close()
+            return None
+        scope = cls(namespace, name, mapping, lock)
+        scope.acquire()
+        try:
+            destroyed = scope.words[L.DESTROYED]
+            if not destroyed:
+                L.attach(scope.words)
+        finally:
+            scope.release_lock()
+        if destroyed:
+            scope._close_local()
+            return None
+        return scope
+
+    @classmethod
+    def _create(cls, namespace: str, name: str, segment_name: str) -> "_SharedScope | None":
+        lock_id = _names.new_id()
+        lock_name = _names.lock_semaphore(namespace, lock_id)
+        lock = _shm.create_semaphore(lock_name, 1)
+
+        def initialise(mapping: mmap.mmap) -> None:
+            buffer = memoryview(mapping)
+            words = buffer[: L.HEADER_BYTES].cast("Q")
+            L.init_common(words, L.SCOPE_MAGIC, lock_id)
+            words[L.SCOPE_NAME_LEN] = L.write_text(buffer, L.FEED_NAME_OFFSET, L.FEED_NAME_MAX, name)
+            L.attach(words)
+            words.release()
+            buffer.release()
+
+        mapping = None
+        try:
+            mapping = _shm.create_segment(segment_name, L.SCOPE_SEGMENT_BYTES, initialise)
+        finally:
+            if mapping is None:
+                _shm.unlink_semaphore(lock_name)
+        return cls(namespace, name, mapping, lock)
+
+    def acquire(self) -> None:
+        self.lock.acquire()
+        self.words[L.LOCK_OWNER] = _ring._pid
+
+    def release_lock(self) -> None:
+        self.words[L.LOCK_OWNER] = 0
+        self.lock.release()
+
+    # --- entries ----------------------------------------------------------------------------
+
+    def add(self, local_id: int) -> bool:
+        """Record one tracked subscription of this process; False if the scope is closed."""
+        pid, ticks = _process.identity()
+        self.acquire()
+        try:
+            if self.words[L.SCOPE_CLOSED]:
+                return False
+            table = self.table
+            for word in range(0, L.SCOPE_SLOTS * L.SCOPE_ENTRY_WORDS, L.SCOPE_ENTRY_WORDS):
+                if not table[word + 3]:
+                    table[word], table[word + 1], table[word + 2], table[word + 3] = pid, ticks, local_id, 1
+                    self.words[L.SCOPE_COUNT] += 1
+                    break
+            else:
+                raise ShmfeedError(f"shmfeed: scope {self.name!r} tracks {L.SCOPE_SLOTS} subscriptions, the most it can")
+        finally:
+            self.release_lock()
+        self._ensure_watcher()
+        return True
+
+    def remove(self, local_id: int) -> None:
+        pid, ticks = _process.identity()
+        self.acquire()
+        try:
+            table = self.table
+            for word in range(0, L.SCOPE_SLOTS * L.SCOPE_ENTRY_WORDS, L.SCOPE_ENTRY_WORDS):
+                if table[word + 3] and table[word] == pid and table[word + 1] == ticks and table[word + 2] == local_id:
+                    table[word + 3] = 0
+                    self.words[L.SCOPE_COUNT] -= 1
+                    break
+        finally:
+            self.release_lock()
+
+    def count(self) -> int:
+        return int(self.words[L.SCOPE_COUNT])
+
+    @property
+    def closed(self) -> bool:
+        return bool(self.words[L.SCOPE_CLOSED])
+
+    def close(self) -> None:
+        """Close the scope for every process and wake every process's watcher."""
+        self.acquire()
+        try:
+            self.words[L.SCOPE_CLOSED] = 1
+            table = self.table
+            for word in range(0, L.SCOPE_SLOTS * L.SCOPE_ENTRY_WORDS, L.SCOPE_ENTRY_WORDS):
+                table[word + 3] = 0
+            self.words[L.SCOPE_COUNT] = 0
+            waker_ids = L.waitlist_take_all(self.words, L.SCOPE_WAITLIST_WORD, L.SCOPE_WAITING)
+        finally:
+            self.release_lock()
+        for waker_id in waker_ids:
+            _waker.post(self.namespace, waker_id)
+
+    # --- the watcher ----------------------------------------------------------------------------
+
+    def _ensure_watcher(self) -> None:
+        if self.watcher is not None and self.watcher.is_alive():
+            return
+        self.waker = _waker.Waker(self.namespace)
+        self.stopping = False
+        self.watcher = threading.Thread(target=self._watch, name=f"shmfeed-scope-{self.name}", daemon=True)
+        self.watcher.start()
+
+    def _watch(self) -> None:
+        waker = self.waker
+        assert waker is not None
+        while not self.stopping:
+            self.acquire()
+            try:
+                closed = self.words[L.SCOPE_CLOSED]
+                if not closed:
+                    L.waitlist_remove(self.words, L.SCOPE_WAITLIST_WORD, L.SCOPE_WAITING, waker.waker_id)
+                    L.waitlist_add(self.words, L.SCOPE_WAITLIST_WORD, L.SCOPE_WAITING, waker.waker_id)
+            finally:
+                self.release_lock()
+            if closed:
+                for member in list(self.members):
+                    member._end_local()
+                return
+            waker.wait(None)
+
+    def stop_watcher(self) -> None:
+        watcher, waker = self.watcher, self.waker
+        if watcher is None or waker is None:
+            return
+        self.stopping = True
+        waker.post()
+        watcher.join()
+        self.watcher = None
+
+    # --- lifetime ---------------------------------------------------------------------------------
+
+    def release(self) -> None:
+        if self.released:
+            return
+        self.released = True
+        self.stop_watcher()
+        self.acquire()
+        try:
+            if self.waker is not None:
+                L.waitlist_remove(self.words, L.SCOPE_WAITLIST_WORD, L.SCOPE_WAITING, self.waker.waker_id)
+            last = L.detach(self.words) and not self.words[L.DESTROYED]
+            if last:
+                self.words[L.DESTROYED] = 1
+        finally:
+            self.release_lock()
+        if last:
+            _shm.unlink_segment(self.segment_name)
+            _shm.unlink_semaphore(_names.lock_semaphore(self.namespace, int(self.words[L.LOCK_ID])))
+        if self.waker is not None:
+            self.waker.destroy()
+        self._close_local()
+
+    def _close_local(self) -> None:
+        try:
+            self.words.release()
+            self.table.release()
+            self.buffer.release()
+            self.mapping.close()
+        except (BufferError, ValueError):
+            pass
+        try:
+            self.lock.close()
+        except Exception:  # noqa: BLE001 - already closed
+            pass
+
+    def __del__(self) -> None:
+        if not getattr(self, "released", True):
+            try:
+                self.release()
+            except Exception:  # noqa: BLE001
+                pass
+
+
+_shared: "weakref.WeakValueDictionary[tuple[str, str], _SharedScope]" = weakref.WeakValueDictionary()
+
+
+def release_namespace(namespace: str | None = None) -> None:
+    """Detach this process from its named scopes (of one namespace, or all)."""
+    for scope in list(_shared.values()):
+        if namespace is None or scope.namespace == namespace:
+            scope.release()
+
+
+def _after_fork() -> None:
+    # The parent's watcher threads do not exist here; the child's tracked subscriptions
+    # will start their own. The parent's entries stay the parent's.
+    for scope in list(_shared.values()):
+        scope.watcher = None
+        scope.waker = None
+        scope.acquire()
+        try:
+            if not scope.words[L.DESTROYED]:
+                L.attach(scope.words)
+        finally:
+            scope.release_lock()
+
+
+_process.on_exit(release_namespace)
+_process.on_fork_child(_after_fork)
