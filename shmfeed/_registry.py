@@ -232,8 +232,11 @@ class Registry:
                     "removed": repairs.removed_files, "ended": repairs.ended_subscriptions,
                     "failed": repairs.failed_subscriptions}
         if op == "snapshot":
+            from . import _inspect
+
             return {"ok": True, "pid": os.getpid(), "started": self.started, "watched": sorted(self.watched),
-                    "passes": self.passes, "last_repairs": self.last_repairs}
+                    "passes": self.passes, "last_repairs": self.last_repairs,
+                    "namespace_state": _inspect.snapshot(self.namespace)}
         return {"ok": False, "error": f"unknown op {op!r}"}
 
 

@@ -1,0 +1,165 @@
+"""A read-only snapshot of a namespace, for the monitor and the registry's ``snapshot`` query.
+
+It maps each segment read-only and copies its counters; it takes no lock and writes
+nothing, so watching costs the data path nothing (a torn read only misreports a figure).
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import time
+from typing import Any
+
+import psutil
+
+from . import _gc
+from . import _layout as L
+from . import _names, _process
+
+_process_names: dict[tuple[int, int], str] = {}
+
+
+def process_name(pid: int, ticks: int = 0) -> str:
+    """A process's name (cached by pid and start time), '?' if it is gone."""
+    key = (pid, ticks)
+    if key not in _process_names:
+        try:
+            process = psutil.Process(pid)
+            name = process.name()
+            command = process.cmdline()
+            if name.startswith("python") and len(command) > 1:
+                if command[1] == "-m" and len(command) > 2:
+                    name = f"{name} -m {command[2]}"
+                elif command[1] == "-c":
+                    name = f"{name} -c"
+                else:
+                    name = f"{name} {os.path.basename(command[1])}"
+            _process_names[key] = name[:40]
+        except psutil.Error:
+            return "?"
+    return _process_names[key]
+
+
+def _process_list(pairs: list[tuple[int, int]]) -> list[dict[str, Any]]:
+    return [
+        {"pid": pid, "name": process_name(pid, ticks), "alive": _process.is_alive(pid, ticks)}
+        for pid, ticks in pairs
+    ]
+
+
+def _waiter_pids(words: memoryview, first_word: int) -> list[int]:
+    return sorted({int(words[w]) >> 32 for w in range(first_word, first_word + L.WAITLIST_SLOTS) if words[w]})
+
+
+def _map(path: str) -> mmap.mmap | None:
+    try:
+        with open(path, "rb") as segment_file:
+            size = os.fstat(segment_file.fileno()).st_size
+            if size < L.HEADER_BYTES:
+                return None
+            return mmap.mmap(segment_file.fileno(), size, prot=mmap.PROT_READ)
+    except (OSError, ValueError):
+        return None
+
+
+def snapshot(namespace: str) -> dict[str, Any]:
+    """Feeds, channels and scopes of the namespace with their counters and processes."""
+    start = _names.prefix(namespace)
+    feeds: list[dict[str, Any]] = []
+    channels: list[dict[str, Any]] = []
+    scopes: list[dict[str, Any]] = []
+    dead: set[int] = set()
+    for entry in _gc.namespace_entries(namespace):
+        rest = entry[len(start) :]
+        if entry.startswith("sem.") or "." in rest:
+            continue
+        mapping = _map(f"{_names.SHM_DIR}/{entry}")
+        if mapping is None:
+            continue
+        buffer = memoryview(mapping)
+        words = buffer[: L.HEADER_BYTES].cast("Q")
+        try:
+            if words[L.DESTROYED]:
+                continue
+            attached = L.attached_processes(words)
+            processes = _process_list(attached)
+            dead.update(p["pid"] for p in processes if not p["alive"])
+            magic = words[L.MAGIC]
+            if magic == L.CHANNEL_MAGIC:
+                channels.append(_channel(rest, words, buffer, processes))
+            elif magic == L.FEED_MAGIC and len(mapping) >= L.FEED_SEGMENT_BYTES:
+                feeds.append(_feed(rest, words, buffer, processes))
+            elif magic == L.SCOPE_MAGIC:
+                scopes.append({
+                    "name": L.read_text(buffer, L.FEED_NAME_OFFSET, int(words[L.SCOPE_NAME_LEN]), L.FEED_NAME_MAX),
+                    "count": int(words[L.SCOPE_COUNT]),
+                    "closed": bool(words[L.SCOPE_CLOSED]),
+                    "processes": processes,
+                })
+        finally:
+            words.release()
+            buffer.release()
+            mapping.close()
+    return {
+        "namespace": namespace,
+        "time": time.time(),
+        "feeds": feeds,
+        "channels": channels,
+        "scopes": scopes,
+        "dead_processes": sorted(dead),
+        "leftovers": _gc.sweep(namespace, remove=False).all(),
+    }
+
+
+def _channel(rest: str, words: memoryview, buffer: memoryview, processes: list[dict[str, Any]]) -> dict[str, Any]:
+    from ._ring import OVERFLOW_POLICIES
+
+    sent, received = int(words[L.SENT]), int(words[L.RECEIVED])
+    creator = int(words[L.CREATOR_PID])
+    return {
+        "id": rest[1:],
+        "owner_pid": creator,
+        "owner_name": process_name(creator, int(words[L.CREATOR_TICKS])),
+        "elem_type": L.read_text(buffer, L.TYPE_NAME_OFFSET, int(words[L.ELEM_TYPE_LEN]), L.TYPE_NAME_MAX) or None,
+        "capacity": int(words[L.CAPACITY]),
+        "fill": max(0, sent - received),
+        "ring_bytes": int(words[L.RING_BYTES]),
+        "bytes_in_ring": max(0, int(words[L.WRITE_POS] - words[L.READ_POS])),
+        "bytes_written": int(words[L.WRITE_POS]),
+        "sent": sent,
+        "received": received,
+        "dropped": int(words[L.DROPPED]) + int(words[L.DISCARDED]),
+        "evicted": int(words[L.EVICTED]),
+        "overflow": OVERFLOW_POLICIES[int(words[L.OVERFLOW]) % len(OVERFLOW_POLICIES)],
+        "closed": bool(words[L.CLOSED]),
+        "waiting_senders": _waiter_pids(words, L.SEND_WAITLIST_WORD),
+        "waiting_receivers": _waiter_pids(words, L.RECV_WAITLIST_WORD),
+        "processes": processes,
+    }
+
+
+def _feed(rest: str, words: memoryview, buffer: memoryview, processes: list[dict[str, Any]]) -> dict[str, Any]:
+    table = buffer[L.HEADER_BYTES : L.FEED_SEGMENT_BYTES].cast("Q")
+    try:
+        subscriptions = []
+        for entry in range(min(int(words[L.TABLE_HIGH]), L.FEED_TABLE_SLOTS)):
+            word = entry * L.FEED_ENTRY_WORDS
+            state = int(table[word + 3])
+            if state & 0xFFFF_FFFF == L.SUB_ACTIVE_STATE:
+                subscriptions.append({"channel": f"{int(table[word + 1]):016x}", "owner_pid": state >> 32})
+    finally:
+        table.release()
+    name_len = int(words[L.NAME_LEN])
+    return {
+        "key": rest[1:],
+        "name": L.read_text(buffer, L.FEED_NAME_OFFSET, name_len, L.FEED_NAME_MAX) if name_len else None,
+        "elem_type": L.read_text(buffer, L.TYPE_NAME_OFFSET, int(words[L.FEED_TYPE_LEN]), L.TYPE_NAME_MAX) or None,
+        "sent": int(words[L.SENDS]),
+        "delivered": int(words[L.DELIVERED]),
+        "closed": bool(words[L.FEED_CLOSED]),
+        "senders": _process_list(L.sender_processes(words)),
+        "send_lock_holder": int(words[L.SEND_LOCK_OWNER]) or None,
+        "subscriptions": subscriptions,
+        "processes": processes,
+    }
