@@ -103,8 +103,12 @@ class FeedCore:
         return core
 
     @classmethod
-    def map_unattached(cls, namespace: str, key: str) -> "FeedCore | None":
-        """Map a feed without joining its attach slots (for the registry and gc)."""
+    def map_unattached(cls, namespace: str, key: str, lock_timeout: float = 0.2) -> "FeedCore | None":
+        """Map a feed without joining its attach slots (for the registry and gc).
+
+        Its locks give up after ``lock_timeout`` seconds with ``_shm.LockBusy``, and the
+        channels it ends subscriptions on are opened the same way.
+        """
         segment_name = _names.feed_segment(namespace, key)
         mapping = _shm.open_segment(segment_name)
         if mapping is None:
@@ -123,7 +127,7 @@ class FeedCore:
         if lock is None or send_lock is None:
             mapping.close()
             return None  # being destroyed right now
-        core = cls(namespace, key, mapping, lock, send_lock)
+        core = cls(namespace, key, mapping, _shm.BoundedLock(lock, lock_timeout), _shm.BoundedLock(send_lock, lock_timeout))
         core.attached = False
         return core
 
@@ -307,7 +311,7 @@ class FeedCore:
         finally:
             self.release_lock()
         if was_active:
-            _finish(self.namespace, channel_id, err_channel_id, error)
+            _finish(self.namespace, channel_id, err_channel_id, error, attach=self.attached)
         return was_active
 
     def close(self) -> None:
@@ -324,7 +328,7 @@ class FeedCore:
         finally:
             self.release_lock()
         for channel_id, err_channel_id in ended:
-            _finish(self.namespace, channel_id, err_channel_id, None)
+            _finish(self.namespace, channel_id, err_channel_id, None, attach=self.attached)
 
     @property
     def closed(self) -> bool:
@@ -484,19 +488,33 @@ def _discard_record(core: _ring.ChannelCore, kind: int, record: bytes) -> None:
         core._unlink_spill_record(record)
 
 
-def _finish(namespace: str, channel_id: int, err_channel_id: int, error: BaseException | None) -> None:
-    """After a subscription ended: wake sends waiting on its channel, close its err()."""
-    channel = _ring.ChannelCore.open(namespace, channel_id)
+def _finish(
+    namespace: str, channel_id: int, err_channel_id: int, error: BaseException | None, attach: bool = True
+) -> None:
+    """After a subscription ended: wake sends waiting on its channel, close its err().
+
+    ``attach=False`` (the registry) maps the channels without joining them, with bounded locks.
+    """
+    open_channel = _ring.ChannelCore.open if attach else _ring.ChannelCore.map_unattached
+    channel = open_channel(namespace, channel_id)
     if channel is not None:
-        channel.wake_senders()
-    err_channel = _ring.ChannelCore.open(namespace, err_channel_id)
+        try:
+            channel.wake_senders()
+        finally:
+            if not attach:
+                channel.release()
+    err_channel = open_channel(namespace, err_channel_id)
     if err_channel is not None:
-        if error is not None:
-            try:
-                err_channel.put(encode_error(error), 0)
-            except (ChannelClosed, TimeoutError):
-                pass
-        err_channel.close()
+        try:
+            if error is not None:
+                try:
+                    err_channel.put(encode_error(error), 0)
+                except (ChannelClosed, TimeoutError):
+                    pass
+            err_channel.close()
+        finally:
+            if not attach:
+                err_channel.release()
 
 
 class FeedSubscription(Subscription):

@@ -28,11 +28,21 @@ from ._feed import FeedCore, _finish
 _OWNER_WORDS = ((L.LOCK_OWNER, "send"), (L.RECV_LOCK_OWNER, "receive"), (L.WAIT_LOCK_OWNER, "wait-list"))
 
 
-class Liveness:
-    """Answers "is this process alive?", each pid looked up once per pass."""
+SUSPECT_CHECKS = 3  # passes, at least SCAN apart, that must see a lock held by nobody
 
-    def __init__(self) -> None:
+
+class Liveness:
+    """Answers "is this process alive?", each pid looked up once per pass.
+
+    It also carries ``suspects`` from pass to pass: locks seen taken (value 0) with no
+    owner recorded while a process attached to the segment was dead. A process killed
+    between taking a lock and writing its pid leaves exactly that; a live holder writes its
+    pid within nanoseconds, so a lock seen ownerless by several passes was orphaned.
+    """
+
+    def __init__(self, suspects: dict[tuple[str, int], int] | None = None) -> None:
         self._ticks: dict[int, int | None] = {}
+        self.suspects = suspects if suspects is not None else {}
 
     def ticks(self, pid: int) -> int | None:
         if pid not in self._ticks:
@@ -85,7 +95,7 @@ def recover_namespace(namespace: str, liveness: Liveness | None = None) -> Repai
             elif rest.startswith("s"):
                 recover_scope(namespace, "/" + entry, liveness, repairs)
         except (ValueError, OSError):
-            continue  # a name that is not ours, or gone meanwhile
+            continue  # a name that is not ours, gone meanwhile, or a lock still taken (LockBusy)
     repairs.removed_files += _gc.sweep(namespace).all()
     return repairs
 
@@ -95,7 +105,24 @@ def _release_dead_owner(
     repairs: Repairs,
 ) -> bool:
     owner = int(core.words[owner_word])
-    if not owner or liveness.owner_alive(owner, attached):
+    key = (core.segment_name, owner_word)
+    if not owner:
+        if lock.value != 0:
+            liveness.suspects.pop(key, None)
+            return False
+        if key not in liveness.suspects:
+            if any(not liveness.alive(*p) for p in attached):
+                liveness.suspects[key] = 1
+            return False
+        liveness.suspects[key] += 1
+        if liveness.suspects[key] < SUSPECT_CHECKS:
+            return False
+        del liveness.suspects[key]
+        lock.release()
+        repairs.released_locks.append(f"{what} lock of {core.segment_name} taken by a process that died at once")
+        return True
+    liveness.suspects.pop(key, None)
+    if liveness.owner_alive(owner, attached):
         return False
     if lock.value != 0:
         return False  # released after all (the owner word was being cleared)
@@ -168,8 +195,12 @@ def _recount(core: _ring.ChannelCore) -> None:
     """Make SENT - RECEIVED equal the records in the ring again (both locks held)."""
     core.acquire()
     own_recv = core.recv_lock is not core.send_lock
-    if own_recv:
-        core.recv_lock.acquire()
+    try:
+        if own_recv:
+            core.recv_lock.acquire()
+    except BaseException:
+        core.release_lock()
+        raise
     try:
         words, ring, base = core.words, core.ring_bytes, L.HEADER_BYTES
         position, end, records = int(words[L.READ_POS]), int(words[L.WRITE_POS]), 0
@@ -271,9 +302,10 @@ def recover_scope(namespace: str, segment_name: str, liveness: Liveness, repairs
     try:
         if table is None or words[L.MAGIC] != L.SCOPE_MAGIC:
             return
-        lock = _shm.open_semaphore(_names.lock_semaphore(namespace, int(words[L.LOCK_ID])))
-        if lock is None:
+        semaphore = _shm.open_semaphore(_names.lock_semaphore(namespace, int(words[L.LOCK_ID])))
+        if semaphore is None:
             return
+        lock = _shm.BoundedLock(semaphore, 0.2)
         attached = L.attached_processes(words)
         if int(words[L.LOCK_OWNER]) and not liveness.owner_alive(int(words[L.LOCK_OWNER]), attached) and lock.value == 0:
             words[L.LOCK_OWNER] = 0

@@ -45,6 +45,7 @@ class Registry:
         self.passes = 0
         self.last_repairs: list[str] = []
         self.stopping = False
+        self.suspects: dict[tuple[str, int], int] = {}
 
     # --- life ---------------------------------------------------------------------------
 
@@ -131,7 +132,7 @@ class Registry:
                 self.recover()
             if time.monotonic() >= next_scan:
                 next_scan = time.monotonic() + SCAN_SECONDS
-                if self._scan():
+                if self._scan() or self.suspects:
                     self.recover()
                 if _gc.namespace_entries(self.namespace):
                     idle_since = None
@@ -188,7 +189,7 @@ class Registry:
             os.close(pidfd)
 
     def recover(self) -> _recovery.Repairs:
-        repairs = _recovery.recover_namespace(self.namespace)
+        repairs = _recovery.recover_namespace(self.namespace, _recovery.Liveness(self.suspects))
         self.passes += 1
         if repairs:
             self.last_repairs = (repairs.released_locks + repairs.destroyed + repairs.removed_files)[-50:]

@@ -238,8 +238,11 @@ class ChannelCore:
         return core
 
     @classmethod
-    def map_unattached(cls, namespace: str, channel_id: int) -> "ChannelCore | None":
-        """Map a channel without joining its attach slots (for the registry and gc)."""
+    def map_unattached(cls, namespace: str, channel_id: int, lock_timeout: float = 0.2) -> "ChannelCore | None":
+        """Map a channel without joining its attach slots (for the registry and gc).
+
+        Its locks give up after ``lock_timeout`` seconds with ``_shm.LockBusy``.
+        """
         name = _names.channel_segment(namespace, channel_id)
         mapping = _shm.open_segment(name)
         if mapping is None:
@@ -270,7 +273,8 @@ class ChannelCore:
                 lock.close()
             mapping.close()
             return None
-        core = cls(namespace, channel_id, mapping, (locks[0], locks[1], locks[2]))
+        bounded = [_shm.BoundedLock(lock, lock_timeout) for lock in locks]
+        core = cls(namespace, channel_id, mapping, (bounded[0], bounded[1], bounded[2]))
         core.attached = False
         return core
 

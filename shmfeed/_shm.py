@@ -119,3 +119,35 @@ def wait_semaphore(semaphore: posix_ipc.Semaphore, timeout: float | None) -> boo
     except posix_ipc.SignalError:
         # The handler runs when we return to Python code; the caller's loop retries.
         return False
+
+
+class LockBusy(SharedObjectError):
+    """A bounded lock could not be taken in time (recovery moves on and retries later)."""
+
+
+class BoundedLock:
+    """A semaphore whose ``acquire`` gives up after ``timeout`` seconds with ``LockBusy``.
+
+    The registry takes locks through these so that a lock orphaned by a dead process can
+    never stall the process whose job is to free it.
+    """
+
+    def __init__(self, semaphore: posix_ipc.Semaphore, timeout: float) -> None:
+        self.semaphore = semaphore
+        self.timeout = timeout
+
+    def acquire(self, timeout: float | None = None) -> None:
+        try:
+            self.semaphore.acquire(self.timeout if timeout is None else min(timeout, self.timeout))
+        except posix_ipc.BusyError:
+            raise LockBusy(f"shmfeed: semaphore {self.semaphore.name!r} stayed taken") from None
+
+    def release(self) -> None:
+        self.semaphore.release()
+
+    @property
+    def value(self) -> int:
+        return int(self.semaphore.value)
+
+    def close(self) -> None:
+        self.semaphore.close()
