@@ -268,7 +268,7 @@ class FeedCore:
             if channel.elem_type_name:
                 self._fix_type_locked(channel.elem_type_name, "Subscribe")
             table = self.table
-            high = int(words[L.TABLE_HIGH])
+            high = L.table_high(words)
             entry = next((e for e in range(high) if table[_entry_word(e) + 3] & 0xFFFF_FFFF == L.SUB_FREE), high)
             if entry >= L.FEED_TABLE_SLOTS:
                 raise ShmfeedError(
@@ -321,7 +321,7 @@ class FeedCore:
         try:
             words[L.FEED_CLOSED] = 1
             table = self.table
-            for entry in range(int(words[L.TABLE_HIGH])):
+            for entry in range(L.table_high(words)):
                 word = _entry_word(entry)
                 if self._cancel_locked(entry, int(table[word])):
                     ended.append((int(table[word + 1]), int(table[word + 2])))
@@ -345,7 +345,7 @@ class FeedCore:
         try:
             version = words[L.SUB_VERSION]
             table = self.table
-            for entry in range(int(words[L.TABLE_HIGH])):
+            for entry in range(L.table_high(words)):
                 word = _entry_word(entry)
                 if table[word + 3] & 0xFFFF_FFFF == L.SUB_ACTIVE_STATE:
                     entries.append((entry, int(table[word]), int(table[word + 1]), int(table[word + 2])))

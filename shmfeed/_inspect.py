@@ -143,7 +143,7 @@ def _feed(rest: str, words: memoryview, buffer: memoryview, processes: list[dict
     table = buffer[L.HEADER_BYTES : L.FEED_SEGMENT_BYTES].cast("Q")
     try:
         subscriptions = []
-        for entry in range(min(int(words[L.TABLE_HIGH]), L.FEED_TABLE_SLOTS)):
+        for entry in range(L.table_high(words)):
             word = entry * L.FEED_ENTRY_WORDS
             state = int(table[word + 3])
             if state & 0xFFFF_FFFF == L.SUB_ACTIVE_STATE:

@@ -177,6 +177,11 @@ FEED_SEGMENT_BYTES = HEADER_BYTES + FEED_TABLE_SLOTS * FEED_ENTRY_WORDS * 8
 SUB_FREE, SUB_ACTIVE_STATE, SUB_CANCELLED, SUB_FAILED = 0, 1, 2, 3
 
 
+def table_high(words: memoryview) -> int:
+    """A feed's TABLE_HIGH, clamped to the table: shared memory is never trusted."""
+    return min(int(words[TABLE_HIGH]), FEED_TABLE_SLOTS)
+
+
 def write_text(buffer: memoryview, offset: int, limit: int, text: str) -> int:
     """Store ``text`` (UTF-8, truncated to ``limit`` bytes) and return its length."""
     data = text.encode("utf-8", "replace")[:limit]

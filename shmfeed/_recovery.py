@@ -256,7 +256,7 @@ def recover_feed(namespace: str, key: str, liveness: Liveness, repairs: Repairs)
 def _active_entries(core: FeedCore) -> list[tuple[int, int, int, int, int]]:
     """(entry, sub_id, channel_id, err_channel_id, owner pid) of active subscriptions."""
     table, entries = core.table, []
-    for entry in range(int(core.words[L.TABLE_HIGH])):
+    for entry in range(L.table_high(core.words)):
         word = entry * L.FEED_ENTRY_WORDS
         state = int(table[word + 3])
         if state & 0xFFFF_FFFF == L.SUB_ACTIVE_STATE:
