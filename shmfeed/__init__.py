@@ -22,9 +22,11 @@ from ._errors import (
     SubscriptionFailed,
 )
 from ._feed import Feed
+from ._resubscribe import join_subscriptions, new_subscription, resubscribe, resubscribe_err
 from ._scope import SubscriptionScope
 from ._stats import ChannelStatistics, FeedStatistics, SubscriptionStatistics
 from ._subscription import ErrorChannel, Subscription, select
+from ._typemux import TypeMux, TypeMuxEvent, TypeMuxSubscription
 
 __all__ = [
     "Channel",
@@ -47,7 +49,14 @@ __all__ = [
     "SubscriptionFailed",
     "SubscriptionScope",
     "SubscriptionStatistics",
+    "TypeMux",
+    "TypeMuxEvent",
+    "TypeMuxSubscription",
+    "join_subscriptions",
+    "new_subscription",
     "register_type",
+    "resubscribe",
+    "resubscribe_err",
     "select",
 ]
 

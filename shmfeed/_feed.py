@@ -167,7 +167,17 @@ class FeedCore:
         self.acquire()
         try:
             if not self.words[L.DESTROYED]:
-                L.attach(self.words)
+                L.claim_after_fork(self.words)
+        finally:
+            self.release_lock()
+
+    def reserve_for_child(self) -> None:
+        if self.released or not self.attached:
+            return
+        self.acquire()
+        try:
+            if not self.words[L.DESTROYED]:
+                L.reserve_for_child(self.words)
         finally:
             self.release_lock()
 
@@ -742,5 +752,11 @@ def _after_fork() -> None:
         core.reattach_after_fork()
 
 
+def _before_fork() -> None:
+    for core in list(_feeds.values()):
+        core.reserve_for_child()
+
+
 _process.on_exit(_at_exit)
+_process.before_fork(_before_fork)
 _process.on_fork_child(_after_fork)

@@ -204,6 +204,43 @@ def init_common(words: memoryview, magic: int, lock_id: int) -> None:
     words[CREATOR_TICKS] = ticks
 
 
+FORK_PENDING = 0xFFFF_FFFF_FFFF_FFFF  # start-ticks of a slot a parent holds for its child
+
+
+def reserve_for_child(words: memoryview) -> None:
+    """Before fork: hold a slot for the child (lock held).
+
+    The parent may drop the object right after forking, before the child has run at all;
+    without this, it could unlink an object the child is about to use.
+    """
+    free = _free_slot(words)
+    if free >= 0:
+        words[free] = _process.identity()[0]
+        words[free + 1] = FORK_PENDING
+        words[ATTACHED] += 1
+
+
+def claim_after_fork(words: memoryview) -> bool:
+    """In the child: take over a slot the parent reserved, or attach (lock held)."""
+    parent = os.getppid()
+    pid, ticks = _process.identity()
+    for slot in range(ATTACH_SLOTS):
+        word = ATTACH_FIRST_WORD + 2 * slot
+        if words[word] == parent and words[word + 1] == FORK_PENDING:
+            words[word] = pid
+            words[word + 1] = ticks
+            return True
+    return attach(words)
+
+
+def _free_slot(words: memoryview) -> int:
+    for slot in range(ATTACH_SLOTS):
+        word = ATTACH_FIRST_WORD + 2 * slot
+        if words[word] == 0:
+            return word
+    return _reclaim_dead_slot(words)
+
+
 def attach(words: memoryview) -> bool:
     """Record this process in the attach slots (lock held). False if the table is full."""
     pid, ticks = _process.identity()

@@ -18,6 +18,7 @@ from typing import Callable
 import psutil
 
 _fork_hooks: list[Callable[[], None]] = []
+_before_fork_hooks: list[Callable[[], None]] = []
 _exit_hooks: list[Callable[[], None]] = []
 _identity: tuple[int, int] | None = None
 _exit_ran_in: int | None = None
@@ -49,12 +50,18 @@ def _start_ticks_psutil(pid: int) -> int | None:
         return None
 
 
+ANY_START = (0, 0xFFFF_FFFF_FFFF_FFFF)  # start-ticks values that match any process
+
+
 def is_alive(pid: int, ticks: int) -> bool:
-    """True if the process ``pid`` that started at ``ticks`` still runs."""
+    """True if the process ``pid`` that started at ``ticks`` still runs.
+
+    ``ticks`` 0 (unknown) or the fork-pending mark match whatever process has the pid.
+    """
     if pid <= 0:
         return False
     now = start_ticks(pid)
-    return now is not None and (ticks == 0 or now == ticks)
+    return now is not None and (ticks in ANY_START or now == ticks)
 
 
 def identity() -> tuple[int, int]:
@@ -69,6 +76,19 @@ def identity() -> tuple[int, int]:
 def on_fork_child(hook: Callable[[], None]) -> None:
     """Call ``hook`` in every forked child, before anything else runs there."""
     _fork_hooks.append(hook)
+
+
+def before_fork(hook: Callable[[], None]) -> None:
+    """Call ``hook`` in the parent just before every fork."""
+    _before_fork_hooks.append(hook)
+
+
+def _before_fork() -> None:
+    for hook in _before_fork_hooks:
+        try:
+            hook()
+        except Exception:  # noqa: BLE001 - a failing hook must not break fork
+            pass
 
 
 def on_exit(hook: Callable[[], None]) -> None:
@@ -116,4 +136,4 @@ def _after_fork_in_child() -> None:
 
 atexit.register(_run_exit_hooks)
 _register_multiprocessing_finalizer()
-os.register_at_fork(after_in_child=_after_fork_in_child)
+os.register_at_fork(before=_before_fork, after_in_child=_after_fork_in_child)

@@ -51,7 +51,7 @@ class Liveness:
 
     def alive(self, pid: int, ticks: int) -> bool:
         now = self.ticks(pid)
-        return now is not None and (ticks == 0 or now == ticks)
+        return now is not None and (ticks in _process.ANY_START or now == ticks)
 
     def owner_alive(self, pid: int, attached: list[tuple[int, int]]) -> bool:
         """Whether the pid in a lock's owner word is alive (its start time from the slots)."""

@@ -283,7 +283,17 @@ class ChannelCore:
         self.acquire()
         try:
             if not self.words[L.DESTROYED]:
-                L.attach(self.words)
+                L.claim_after_fork(self.words)
+        finally:
+            self.release_lock()
+
+    def reserve_for_child(self) -> None:
+        if self.released or not self.attached:
+            return
+        self.acquire()
+        try:
+            if not self.words[L.DESTROYED]:
+                L.reserve_for_child(self.words)
         finally:
             self.release_lock()
 
@@ -775,4 +785,10 @@ def _after_fork() -> None:
 
 
 _process.on_exit(release_namespace)
+def _before_fork() -> None:
+    for core in list(_cores.values()):
+        core.reserve_for_child()
+
+
+_process.before_fork(_before_fork)
 _process.on_fork_child(_after_fork)

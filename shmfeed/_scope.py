@@ -404,10 +404,22 @@ def _after_fork() -> None:
         scope.acquire()
         try:
             if not scope.words[L.DESTROYED]:
-                L.attach(scope.words)
+                L.claim_after_fork(scope.words)
         finally:
             scope.release_lock()
 
 
+def _before_fork() -> None:
+    for scope in list(_shared.values()):
+        if not scope.released:
+            scope.acquire()
+            try:
+                if not scope.words[L.DESTROYED]:
+                    L.reserve_for_child(scope.words)
+            finally:
+                scope.release_lock()
+
+
 _process.on_exit(release_namespace)
+_process.before_fork(_before_fork)
 _process.on_fork_child(_after_fork)
