@@ -10,6 +10,7 @@ Prints 0 0 0 1 1 1 2 2 2, one per line.
 from __future__ import annotations
 
 import multiprocessing as mp
+import sys
 from dataclasses import dataclass
 
 import shmfeed
@@ -26,7 +27,9 @@ def consumer(events: shmfeed.Channel, done: shmfeed.Channel) -> None:
         channel, event = shmfeed.select(events, done)
         if channel is done:
             return
-        print(event.i, flush=True)  # "process" the event
+        # "Process" the event: one write per line, so lines of processes never interleave.
+        sys.stdout.write(f"{event.i}\n")
+        sys.stdout.flush()
         event.ack.send(None)
 
 

@@ -6,6 +6,7 @@ Run: python examples/demo.py
 from __future__ import annotations
 
 import multiprocessing as mp
+import sys
 
 import shmfeed
 
@@ -15,7 +16,9 @@ def subscriber(name: str, channel: shmfeed.Channel, ready: mp.Event) -> None:
     total = 0
     for price in channel:  # receives until the channel is closed
         total += price["cents"]
-    print(f"{name}: got {channel.statistics().received} prices, total {total} cents", flush=True)
+    # One write per line, so that the lines of several processes never interleave.
+    sys.stdout.write(f"{name}: got {channel.statistics().received} prices, total {total} cents\n")
+    sys.stdout.flush()
 
 
 def worker(jobs: shmfeed.Channel, results: shmfeed.Channel) -> None:
