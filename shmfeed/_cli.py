@@ -1,4 +1,4 @@
-"""The ``shmfeed`` command: ``registry`` and ``gc`` (``monitor`` arrives with its own module)."""
+"""The ``shmfeed`` command: ``monitor``, ``registry`` and ``gc``."""
 
 from __future__ import annotations
 
@@ -42,9 +42,23 @@ def _registry_command(args: argparse.Namespace) -> int:
     return _registry.main(forwarded)
 
 
+def _monitor_command(args: argparse.Namespace) -> int:
+    from . import _monitor
+
+    if args.interval <= 0:
+        raise SystemExit("shmfeed monitor: --interval must be positive")
+    return _monitor.run(args.namespace or _names.current_namespace(), args.once, args.json, args.interval)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="shmfeed", description="Event feeds across processes.")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    monitor = commands.add_parser("monitor", help="watch a namespace live: feeds, channels, scopes, who blocks whom")
+    monitor.add_argument("--namespace", help="namespace (default: $SHMFEED_NAMESPACE or one per user)")
+    monitor.add_argument("--once", action="store_true", help="print one view and exit")
+    monitor.add_argument("--json", action="store_true", help="print one machine-readable snapshot and exit")
+    monitor.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes (default 1)")
+    monitor.set_defaults(run=_monitor_command)
     registry = commands.add_parser("registry", help="run the namespace's registry in the foreground")
     registry.add_argument("--namespace", help="namespace (default: $SHMFEED_NAMESPACE or one per user)")
     registry.add_argument("--idle", type=float, help="exit after this many seconds with nothing in the namespace")

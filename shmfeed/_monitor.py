@@ -1,0 +1,198 @@
+"""``shmfeed monitor``: a live view of a namespace, like ``top``.
+
+The figures come from ``_inspect.snapshot`` (read-only mappings, no locks), so watching
+costs the bus nothing; rates are the differences between two snapshots. The registry is
+asked only for its pid and start time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import sys
+import time
+from typing import Any
+
+from . import _inspect, _registry_client
+
+SCHEMA_VERSION = 1
+
+
+def collect(namespace: str, previous: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One machine-readable view: the snapshot, the registry, and rates against ``previous``."""
+    view = _inspect.snapshot(namespace)
+    view["schema"] = SCHEMA_VERSION
+    try:
+        answer = _registry_client.request(namespace, {"op": "ping"}, timeout=1.0)
+        view["registry"] = {"pid": answer["pid"], "uptime_s": round(time.time() - answer["started"], 1)}
+    except Exception:  # noqa: BLE001 - no registry is a state to show, not an error
+        view["registry"] = None
+    elapsed = (view["time"] - previous["time"]) if previous else 0.0
+    before_feeds = {f["key"]: f for f in previous["feeds"]} if previous else {}
+    before_channels = {c["id"]: c for c in previous["channels"]} if previous else {}
+    for feed in view["feeds"]:
+        before = before_feeds.get(feed["key"])
+        feed["rate_per_s"] = _rate(feed["sent"], before and before["sent"], elapsed)
+    for channel in view["channels"]:
+        before = before_channels.get(channel["id"])
+        channel["rate_per_s"] = _rate(channel["sent"], before and before["sent"], elapsed)
+        channel["bytes_per_s"] = _rate(channel["bytes_written"], before and before["bytes_written"], elapsed)
+    view["feeds"].sort(key=lambda f: (-(f["rate_per_s"] or 0), -f["sent"]))
+    view["channels"].sort(key=lambda c: (-bool(c["waiting_senders"]), -c["fill"] / c["capacity"], -(c["rate_per_s"] or 0)))
+    view["totals"] = {
+        "feeds": len(view["feeds"]),
+        "channels": len(view["channels"]),
+        "scopes": len(view["scopes"]),
+        "processes": len({p["pid"] for c in view["channels"] for p in c["processes"]}
+                         | {p["pid"] for f in view["feeds"] for p in f["processes"]}),
+        "blocked_senders": sum(len(c["waiting_senders"]) for c in view["channels"]),
+    }
+    return view
+
+
+def _rate(now: int, before: int | None, elapsed: float) -> float | None:
+    if before is None or elapsed <= 0:
+        return None
+    return round(max(0, now - before) / elapsed, 1)
+
+
+def exists(view: dict[str, Any]) -> bool:
+    return bool(view["registry"] or view["feeds"] or view["channels"] or view["scopes"] or view["leftovers"])
+
+
+# --- rendering ---------------------------------------------------------------------------------
+
+
+def _bar(fill: int, capacity: int, width: int = 12) -> str:
+    filled = round(width * fill / capacity) if capacity else 0
+    return "█" * filled + "·" * (width - filled)
+
+
+def _fmt_rate(rate: float | None) -> str:
+    return "-" if rate is None else f"{rate:,.0f}"
+
+
+def _fmt_bytes(count: float | None) -> str:
+    if count is None:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if count < 1024 or unit == "GiB":
+            return f"{count:,.0f} {unit}" if unit == "B" else f"{count:,.1f} {unit}"
+        count /= 1024
+    return "-"
+
+
+def _processes(processes: list[dict[str, Any]], limit: int = 3) -> str:
+    shown = [f"{p['pid']}" + ("" if p["alive"] else "†") for p in processes[:limit]]
+    return ",".join(shown) + ("…" if len(processes) > limit else "")
+
+
+def render(view: dict[str, Any]) -> Any:
+    """A rich renderable of the view."""
+    from rich.console import Group
+    from rich.table import Table
+    from rich.text import Text
+
+    registry = view["registry"]
+    header = Text()
+    header.append(f"shmfeed monitor  namespace {view['namespace']!r}  ", style="bold")
+    header.append(f"registry pid {registry['pid']} up {registry['uptime_s']:.0f}s" if registry else "registry: not running",
+                  style="green" if registry else "yellow")
+    totals = view["totals"]
+    header.append(f"\n{totals['feeds']} feeds  {totals['channels']} channels  {totals['scopes']} scopes  "
+                  f"{totals['processes']} processes  {totals['blocked_senders']} blocked senders")
+
+    feeds = Table(title="Feeds", expand=True, title_justify="left")
+    for column in ("name", "type", "senders", "subs", "sent", "rate/s"):
+        feeds.add_column(column, justify="right" if column in ("subs", "sent", "rate/s") else "left")
+    for feed in view["feeds"]:
+        feeds.add_row(feed["name"] or f"<anon {feed['key'][:8]}>", (feed["elem_type"] or "-").removeprefix("builtins."),
+                      _processes(feed["senders"]), str(len(feed["subscriptions"])), f"{feed['sent']:,}",
+                      _fmt_rate(feed["rate_per_s"]))
+
+    channels = Table(title="Channels (fullest first; red: a sender waits on it)", expand=True, title_justify="left")
+    for column in ("id", "owner", "capacity", "fill", "", "bytes", "rate/s", "senders waiting", "receivers"):
+        channels.add_column(column, justify="right" if column in ("capacity", "fill", "bytes", "rate/s") else "left")
+    for channel in view["channels"]:
+        style = "bold red" if channel["waiting_senders"] else ("dim" if channel["closed"] else None)
+        channels.add_row(
+            channel["id"][:8], f"{channel['owner_pid']} {channel['owner_name']}"[:28], f"{channel['capacity']:,}",
+            f"{channel['fill']:,}", _bar(channel["fill"], channel["capacity"]), _fmt_bytes(channel["bytes_in_ring"]),
+            _fmt_rate(channel["rate_per_s"]), ",".join(map(str, channel["waiting_senders"])) or "-",
+            ",".join(map(str, channel["waiting_receivers"])) or "-", style=style,
+        )
+
+    scopes = Table(title="Scopes", expand=True, title_justify="left")
+    scopes.add_column("name")
+    scopes.add_column("count", justify="right")
+    scopes.add_column("state")
+    for scope in view["scopes"]:
+        scopes.add_row(scope["name"], str(scope["count"]), "closed" if scope["closed"] else "open")
+
+    problems = Text("Dead processes and leftovers\n", style="bold")
+    if view["dead_processes"] or view["leftovers"]:
+        if view["dead_processes"]:
+            problems.append(f"dead: {', '.join(map(str, view['dead_processes']))} (the registry cleans up)\n", style="red")
+        for path in view["leftovers"][:10]:
+            problems.append(f"leftover: {path} (shmfeed gc removes it)\n", style="yellow")
+    else:
+        problems.append("none\n", style="green")
+    footer = Text("q: quit", style="dim")
+    return Group(header, feeds, channels, scopes, problems, footer)
+
+
+def render_text(view: dict[str, Any], width: int = 120) -> str:
+    from rich.console import Console
+
+    console = Console(width=width, record=True, file=open(os.devnull, "w"), color_system=None)
+    console.print(render(view))
+    return console.export_text()
+
+
+# --- the command ----------------------------------------------------------------------------------
+
+
+def run(namespace: str, once: bool, as_json: bool, interval: float) -> int:
+    first = collect(namespace)
+    if not exists(first):
+        print(f"shmfeed monitor: namespace {namespace!r} has no registry and nothing in /dev/shm "
+              f"(is SHMFEED_NAMESPACE right?)", file=sys.stderr)
+        return 1
+    if once or as_json:
+        time.sleep(min(interval, 0.5))  # a second sample, for the rates
+        view = collect(namespace, first)
+        if as_json:
+            json.dump(view, sys.stdout, indent=2, default=str)
+            sys.stdout.write("\n")
+        else:
+            sys.stdout.write(render_text(view))
+        return 0
+    return _live(namespace, first, interval)
+
+
+def _live(namespace: str, previous: dict[str, Any], interval: float) -> int:
+    import termios
+    import tty
+
+    from rich.live import Live
+
+    stdin = sys.stdin.fileno()
+    saved = termios.tcgetattr(stdin) if os.isatty(stdin) else None
+    try:
+        if saved is not None:
+            tty.setcbreak(stdin)
+        with Live(render(collect(namespace, previous)), auto_refresh=False, screen=True) as live:
+            while True:
+                # Waiting for a key is also the refresh timer.
+                ready, _, _ = select.select([stdin], [], [], interval)
+                if ready and os.read(stdin, 1) in (b"q", b"Q", b"\x03"):
+                    return 0
+                view = collect(namespace, previous)
+                previous = view
+                live.update(render(view), refresh=True)
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        if saved is not None:
+            termios.tcsetattr(stdin, termios.TCSADRAIN, saved)
