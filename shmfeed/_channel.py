@@ -84,6 +84,19 @@ class Channel(Generic[T]):
         _registry_client.ensure_running(self._namespace)
 
     @classmethod
+    def _error_channel(cls) -> "Channel[Any]":
+        """A subscription's error channel: one slot, a small ring, hidden by the monitor."""
+        channel = cls.__new__(cls)
+        channel._namespace = _names.current_namespace()
+        channel._elem_type = None
+        channel._elem_type_name = ""
+        channel._core = _ring.ChannelCore.create(
+            channel._namespace, 1, _ring.MIN_RING_BYTES, "block", "", flags=L.FLAG_ERROR_CHANNEL
+        )
+        channel._channel_id = channel._core.channel_id
+        return channel
+
+    @classmethod
     def _from_id(cls, namespace: str, channel_id: int) -> "Channel[Any]":
         """A handle on an existing channel; a closed stand-in if it no longer exists."""
         channel = cls.__new__(cls)

@@ -25,7 +25,6 @@ from ._subscription import ErrorChannel, SharedErrorChannel, Subscription, encod
 T = TypeVar("T")
 
 _OPEN_ATTEMPTS = 100
-_ERROR_CHANNEL_RING = 4096
 
 
 class _Target(NamedTuple):
@@ -609,8 +608,12 @@ class Feed(Generic[T]):
 
     def _open(self) -> FeedCore:
         core = self._core
-        if core is not None and not core.released:
-            return core
+        if core is not None:
+            if not core.released:
+                return core
+            # Released by release_namespace or at exit: do not create it again behind the
+            # user's back (the process is going away, or the namespace was let go).
+            raise FeedClosed(f"shmfeed: feed {core._label()} was released by this process")
         with self._open_lock:
             core = self._core
             if core is None or core.released:
@@ -647,7 +650,7 @@ class Feed(Generic[T]):
         channel_core = channel._live_core()
         if channel_core.namespace != core.namespace:
             raise ValueError("shmfeed: the channel and the feed live in different namespaces")
-        err = Channel(capacity=1, buffer_size=_ERROR_CHANNEL_RING)
+        err = Channel._error_channel()
         try:
             entry, sub_id = core.add_subscription(channel_core, err._channel_id)
         except BaseException:

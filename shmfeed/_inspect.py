@@ -70,6 +70,7 @@ def snapshot(namespace: str) -> dict[str, Any]:
     channels: list[dict[str, Any]] = []
     scopes: list[dict[str, Any]] = []
     dead: set[int] = set()
+    error_channels = 0
     for entry in _gc.namespace_entries(namespace):
         rest = entry[len(start) :]
         if entry.startswith("sem.") or "." in rest:
@@ -87,7 +88,10 @@ def snapshot(namespace: str) -> dict[str, Any]:
             dead.update(p["pid"] for p in processes if not p["alive"])
             magic = words[L.MAGIC]
             if magic == L.CHANNEL_MAGIC:
-                channels.append(_channel(rest, words, buffer, processes))
+                if words[L.CHANNEL_FLAGS] & L.FLAG_ERROR_CHANNEL:
+                    error_channels += 1
+                else:
+                    channels.append(_channel(rest, words, buffer, processes))
             elif magic == L.FEED_MAGIC and len(mapping) >= L.FEED_SEGMENT_BYTES:
                 feeds.append(_feed(rest, words, buffer, processes))
             elif magic == L.SCOPE_MAGIC:
@@ -107,6 +111,7 @@ def snapshot(namespace: str) -> dict[str, Any]:
         "feeds": feeds,
         "channels": channels,
         "scopes": scopes,
+        "error_channels": error_channels,
         "dead_processes": sorted(dead),
         "leftovers": _gc.sweep(namespace, remove=False).all(),
     }

@@ -23,7 +23,7 @@ The last process to detach (the others being gone or dead) unlinks the segment a
 semaphores, so nothing stays in ``/dev/shm`` after normal exits; the registry and
 ``shmfeed gc`` use the same slots to clean up after processes that were killed.
 
-Channel segment (``MAGIC = CHANNEL_MAGIC``), words 8-27:
+Channel segment (``MAGIC = CHANNEL_MAGIC``), words 8-28:
 
 | word | name          | meaning                                                  |
 |------|---------------|----------------------------------------------------------|
@@ -47,6 +47,7 @@ Channel segment (``MAGIC = CHANNEL_MAGIC``), words 8-27:
 | 25   | WAIT_LOCK_ID  | names the lock of the two wait lists                     |
 | 26   | WAIT_LOCK_OWNER | pid holding the wait-list lock                         |
 | 27   | DISCARDED     | messages discarded because the ring was found corrupt    |
+| 28   | CHANNEL_FLAGS | bit 0: a subscription's error channel (hidden by the monitor) |
 
 A channel has three locks, always taken in the order send, receive, wait-list: senders
 hold the send lock (which also guards the attach slots and CLOSED), receivers the receive
@@ -130,7 +131,10 @@ MAGIC, HEADER_BYTES_WORD, LOCK_ID, LOCK_OWNER, DESTROYED, CREATOR_PID, CREATOR_T
     WAIT_LOCK_ID,
     WAIT_LOCK_OWNER,
     DISCARDED,
-) = range(8, 28)
+    CHANNEL_FLAGS,
+) = range(8, 29)
+
+FLAG_ERROR_CHANNEL = 1
 
 # Feed words.
 (

@@ -158,9 +158,11 @@ class _ResubscribeSubscription(Subscription):
         """Call fn until it returns a subscription (None once unsubscribed)."""
         while True:
             with self._lock:
-                if self._quit.is_set():
-                    return None
                 ctx = self._attempt = threading.Event()
+                if self._quit.is_set():
+                    if self._last_try:
+                        return None
+                    ctx.set()  # as geth, the first attempt is made even if cancelled already
             self._last_try = time.monotonic()
             sub: Subscription | None = None
             failed = False

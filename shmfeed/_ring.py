@@ -177,7 +177,7 @@ class ChannelCore:
 
     @classmethod
     def create(
-        cls, namespace: str, capacity: int, ring_bytes: int, overflow: str, elem_type_name: str
+        cls, namespace: str, capacity: int, ring_bytes: int, overflow: str, elem_type_name: str, flags: int = 0
     ) -> "ChannelCore":
         lock_ids = (_names.new_id(), _names.new_id(), _names.new_id())
         lock_names = [_names.lock_semaphore(namespace, lock_id) for lock_id in lock_ids]
@@ -192,6 +192,7 @@ class ChannelCore:
             words[L.RING_BYTES] = ring_bytes
             words[L.CAPACITY] = capacity
             words[L.OVERFLOW] = OVERFLOW_CODES[overflow]
+            words[L.CHANNEL_FLAGS] = flags
             words[L.ELEM_TYPE_LEN] = L.write_text(buffer, L.TYPE_NAME_OFFSET, L.TYPE_NAME_MAX, elem_type_name)
             L.attach(words)
             words.release()

@@ -208,8 +208,9 @@ def select(*channels: Any, timeout: float | None = None) -> tuple[Any, Any]:
     if not channels:
         raise TypeError("shmfeed: select needs at least one channel")
     for channel in channels:
-        if not hasattr(channel, "_select_poll"):
-            raise TypeError(f"shmfeed: select takes channels, got {type(channel).__name__}")
+        poll = getattr(type(channel), "_select_poll", None)
+        if poll is None or poll is ErrorChannel._select_poll:
+            raise TypeError(f"shmfeed: select takes shmfeed channels and error channels, got {type(channel).__name__}")
     _check_timeout(timeout)
     namespaces = {ns for ns in (getattr(c, "_select_namespace", None) for c in channels) if ns}
     if len(namespaces) > 1:

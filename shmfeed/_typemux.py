@@ -186,6 +186,8 @@ class TypeMux:
             sub.unsubscribe()
             raise
         sub.unsubscribe()
+        if live and self._stopped_elsewhere():
+            self.stop()  # as a post would: this mux learns it was stopped
         return sub
 
     def post(self, ev: object) -> None:
@@ -208,8 +210,10 @@ class TypeMux:
             if self._stopped_elsewhere():
                 stopped_elsewhere = True
                 raise MuxClosedError()
-            feed = self._feed_for(type(ev), create=self._name is not None)
-            if feed is not None:  # an anonymous mux has no feed for a type nobody wants
+            # An anonymous mux has no feed for a type nobody subscribed to; a named one
+            # may have subscribers in other processes.
+            feed = self._feed_for(type(ev)) if self._name is not None else self._feeds.get(type(ev))
+            if feed is not None:
                 try:
                     feed.send(event)
                 except FeedClosed:
@@ -252,9 +256,10 @@ class TypeMux:
         """Whether another process (or another TypeMux object) stopped this named mux."""
         return self._state is not None and self._state.closed
 
-    def _feed_for(self, tp: type, create: bool = True) -> Feed[TypeMuxEvent] | None:
+    def _feed_for(self, tp: type) -> Feed[TypeMuxEvent]:
+        """The feed of events of type ``tp`` (opened or created on first use)."""
         feed = self._feeds.get(tp)
-        if feed is None and create:
+        if feed is None:
             with self._lock:
                 feed = self._feeds.get(tp)
                 if feed is None:

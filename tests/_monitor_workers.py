@@ -1,0 +1,40 @@
+"""Process targets for test_monitor (importable, so every start method can run them)."""
+
+from __future__ import annotations
+
+import os
+
+import shmfeed
+
+
+def hold_two_channels(namespace: str, ready, stop) -> None:
+    """Two channels subscribed to Feed("beta"), then wait."""
+    os.environ["SHMFEED_NAMESPACE"] = namespace
+    feed = shmfeed.Feed("beta")
+    channels = [shmfeed.Channel(capacity=8) for _ in range(2)]
+    subs = [feed.subscribe(channel) for channel in channels]
+    ready.put(os.getpid())
+    stop.get()
+    del subs
+
+
+def send_until_blocked(namespace: str, ready) -> None:
+    """Send on Feed("alpha") forever: blocks once a subscriber's channel is full."""
+    os.environ["SHMFEED_NAMESPACE"] = namespace
+    feed = shmfeed.Feed("alpha")
+    ready.put(os.getpid())
+    value = 0
+    while True:
+        feed.send(value)
+        value += 1
+
+
+def stream(namespace: str, ready: shmfeed.Channel, stop: shmfeed.Channel) -> None:
+    """Send on Feed("live") until told to stop (traffic for the live view)."""
+    os.environ["SHMFEED_NAMESPACE"] = namespace
+    feed = shmfeed.Feed("live")
+    ready.send(os.getpid())
+    value = 0
+    while not len(stop):
+        feed.send(value)
+        value += 1
