@@ -663,6 +663,39 @@ def print_tables(doc: dict) -> None:
 # --------------------------------------------------------------------------------------
 
 
+def _monitor_loop(namespace: str, interval: float) -> None:
+    """What `shmfeed monitor --interval S` does each refresh: snapshot, rates, render."""
+    from shmfeed import _monitor
+
+    previous = None
+    while True:
+        previous = _monitor.collect(namespace, previous)
+        _monitor.render_text(previous)
+        time.sleep(interval)
+
+
+def run_monitor_cost(scale: float, rounds: int = 3) -> dict:
+    """Small-event fan-out to 4 subscribers, alternately without and with a monitor."""
+    wl = next(w for w in workloads(scale) if w.name == "small")
+    rates: dict[str, list[float]] = {"without": [], "with": []}
+    for _ in range(rounds):
+        for mode in ("without", "with"):
+            watcher = _start(_monitor_loop, os.environ["SHMFEED_NAMESPACE"], 0.5) if mode == "with" else None
+            try:
+                cell = run_cell(ShmfeedTransport, wl, 4)
+            finally:
+                if watcher is not None:
+                    watcher.terminate()
+                    watcher.join(5)
+                    _children.remove(watcher)
+            if "error" in cell:
+                return {"error": cell["error"]}
+            rates[mode].append(cell["events_per_s"])
+    without, with_ = statistics.median(rates["without"]), statistics.median(rates["with"])
+    return {"without_ev_s": rates["without"], "with_ev_s": rates["with"],
+            "slowdown_pct": round(100 * (without - with_) / without, 1)}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="divide event counts by 10")
@@ -670,6 +703,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--events-scale", type=float, default=1.0, help="multiply event counts by F")
     ap.add_argument("--subs", default="1,2,4", help="subscriber counts (default 1,2,4)")
     ap.add_argument("--only", default="", help="comma-separated workloads to run (default all)")
+    ap.add_argument("--monitor-cost", action="store_true",
+                    help="only measure small-event fan-out to 4 subscribers with and without a monitor refreshing every 0.5 s")
     args = ap.parse_args(argv)
 
     namespace = f"bench-{os.getpid()}"
@@ -706,6 +741,10 @@ def main(argv: list[str] | None = None) -> int:
     spinners: list[mp.process.BaseProcess] = []
     ok = True
     try:
+        if args.monitor_cost:
+            result = run_monitor_cost(scale)
+            print(json.dumps(result, indent=2))
+            return 0 if "error" not in result else 1
         for wl in workloads(scale):
             if args.only and wl.name not in args.only.split(","):
                 continue
