@@ -17,6 +17,7 @@ from typing import Any, Generic, NamedTuple, TypeVar
 
 from . import _codec, _names, _process, _registry_client, _ring, _shm, _waker
 from . import _layout as L
+from ._segment import AttachedSegment
 from ._channel import Channel, display_type
 from ._errors import ChannelClosed, FeedClosed, FeedTypeError, ShmfeedError, SlowSubscriberError
 from ._stats import FeedStatistics, SubscriptionStatistics
@@ -39,20 +40,16 @@ def _entry_word(entry: int) -> int:
     return entry * L.FEED_ENTRY_WORDS
 
 
-class FeedCore:
+class FeedCore(AttachedSegment):
     """This process's attachment to one feed segment."""
 
     def __init__(
         self, namespace: str, key: str, mapping: mmap.mmap, lock: Any, send_lock: Any
     ) -> None:
-        self.namespace = namespace
+        self._setup_segment(namespace, _names.feed_segment(namespace, key), mapping)
         self.key = key
-        self.segment_name = _names.feed_segment(namespace, key)
-        self.mapping = mapping
-        self.buffer = memoryview(mapping)
-        self.words = self.buffer[: L.HEADER_BYTES].cast("Q")
         self.table = self.buffer[L.HEADER_BYTES : L.FEED_SEGMENT_BYTES].cast("Q")
-        self.lock = lock
+        self.lock = self.segment_lock = lock
         self.send_lock = send_lock
         name_len = int(self.words[L.NAME_LEN])
         self.name = L.read_text(self.buffer, L.FEED_NAME_OFFSET, name_len, L.FEED_NAME_MAX) if name_len else None
@@ -60,9 +57,6 @@ class FeedCore:
         self._targets_version = -1
         self._targets: tuple[_Target, ...] = ()
         self._channels: dict[int, _ring.ChannelCore] = {}
-        self.released = False
-        self.attached = True
-        self._release_lock = threading.Lock()
         self._is_sender = False
         self._refresh_type()
 
@@ -88,17 +82,9 @@ class FeedCore:
         core = cls.map_unattached(namespace, key)
         if core is None:
             return None
-        core.acquire()
-        try:
-            destroyed = core.words[L.DESTROYED]
-            if not destroyed:
-                L.attach(core.words)
-        finally:
-            core.release_lock()
-        if destroyed:
+        if not core.join():
             core._close_local()
             return None
-        core.attached = True
         return core
 
     @classmethod
@@ -161,49 +147,14 @@ class FeedCore:
         return cls(namespace, key, mapping, lock, send_lock)
 
     def reattach_after_fork(self) -> None:
-        self._release_lock = threading.Lock()
-        self._is_sender = False
-        self.acquire()
-        try:
-            if not self.words[L.DESTROYED]:
-                L.claim_after_fork(self.words)
-        finally:
-            self.release_lock()
+        self._is_sender = False  # the child registers as a sender when it sends
+        super().reattach_after_fork()
 
-    def reserve_for_child(self) -> None:
-        if self.released or not self.attached:
-            return
-        self.acquire()
-        try:
-            if not self.words[L.DESTROYED]:
-                L.reserve_for_child(self.words)
-        finally:
-            self.release_lock()
-
-    def release(self) -> None:
-        """Detach this process; the last live process unlinks the feed."""
-        with self._release_lock:
-            if self.released:
-                return
-            self.released = True
-        if not self.attached:
-            self._close_local()
-            return
+    def _before_detach(self) -> None:
         if _feeds.get((self.namespace, self.key)) is self:
             _feeds.pop((self.namespace, self.key), None)
         self._channels.clear()
         self._targets = ()
-        self.acquire()
-        try:
-            last = L.detach(self.words) and not self.words[L.DESTROYED]
-            if last:
-                self.words[L.DESTROYED] = 1
-                _shm.unlink_segment(self.segment_name)
-        finally:
-            self.release_lock()
-        if last:
-            self.unlink_names()
-        self._close_local()
 
     def unlink_names(self) -> None:
         """Remove the feed's segment and locks from /dev/shm (DESTROYED set)."""
@@ -211,34 +162,11 @@ class FeedCore:
         _shm.unlink_semaphore(_names.lock_semaphore(self.namespace, int(self.words[L.LOCK_ID])))
         _shm.unlink_semaphore(_names.lock_semaphore(self.namespace, int(self.words[L.SEND_LOCK_ID])))
 
-    def _close_local(self) -> None:
-        try:
-            self.words.release()
-            self.table.release()
-            self.buffer.release()
-            self.mapping.close()
-        except (BufferError, ValueError):
-            pass
-        for semaphore in (self.lock, self.send_lock):
-            try:
-                semaphore.close()
-            except Exception:  # noqa: BLE001 - already closed
-                pass
+    def _views(self) -> list[memoryview]:
+        return [self.words, self.table, self.buffer]
 
-    def __del__(self) -> None:
-        if not getattr(self, "released", True):
-            try:
-                self.release()
-            except Exception:  # noqa: BLE001
-                pass
-
-    def acquire(self) -> None:
-        self.lock.acquire()
-        self.words[L.LOCK_OWNER] = _ring._pid
-
-    def release_lock(self) -> None:
-        self.words[L.LOCK_OWNER] = 0
-        self.lock.release()
+    def _semaphores(self) -> list[Any]:
+        return [self.lock, self.send_lock]
 
     # --- the element type ----------------------------------------------------------------
 

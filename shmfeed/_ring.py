@@ -34,6 +34,7 @@ from typing import Any
 
 from . import _layout as L
 from . import _names, _process, _shm, _waker
+from ._segment import AttachedSegment
 from ._errors import ChannelClosed, ChannelCorruptError
 
 RECORD_HEADER = struct.Struct("<II")
@@ -112,7 +113,7 @@ def _align(value: int, to: int) -> int:
     return (value + to - 1) // to * to
 
 
-class ChannelCore:
+class ChannelCore(AttachedSegment):
     """This process's attachment to one channel segment (shared by its Channel objects).
 
     Senders take the send lock, receivers the receive lock; a sender and a receiver never
@@ -125,13 +126,10 @@ class ChannelCore:
     def __init__(
         self, namespace: str, channel_id: int, mapping: mmap.mmap, locks: tuple[Any, Any, Any]
     ) -> None:
-        self.namespace = namespace
+        self._setup_segment(namespace, _names.channel_segment(namespace, channel_id), mapping)
         self.channel_id = channel_id
-        self.segment_name = _names.channel_segment(namespace, channel_id)
-        self.mapping = mapping
-        self.buffer = memoryview(mapping)
-        self.words = self.buffer[: L.HEADER_BYTES].cast("Q")
         self.send_lock, recv_lock, self.wait_lock = locks
+        self.segment_lock = self.send_lock  # the send lock also guards the header
         self.recv_lock = self.send_lock if SINGLE_LOCK else recv_lock
         self._own_recv_lock = recv_lock
         self.ring_bytes = int(self.words[L.RING_BYTES])
@@ -141,9 +139,6 @@ class ChannelCore:
         self.elem_type_name = L.read_text(
             self.buffer, L.TYPE_NAME_OFFSET, int(self.words[L.ELEM_TYPE_LEN]), L.TYPE_NAME_MAX
         )
-        self.released = False
-        self.attached = True
-        self._release_lock = threading.Lock()
         self._yield_credit = YIELD_CREDIT_MAX
         self._yielded = False
         self._taken_since_empty = 0
@@ -224,17 +219,9 @@ class ChannelCore:
         core = cls.map_unattached(namespace, channel_id)
         if core is None:
             return None
-        core.acquire()
-        try:
-            destroyed = core.words[L.DESTROYED]
-            if not destroyed:
-                L.attach(core.words)
-        finally:
-            core.release_lock()
-        if destroyed:
+        if not core.join():
             core._close_local()
             return None
-        core.attached = True
         _register_core(core)
         return core
 
@@ -279,47 +266,9 @@ class ChannelCore:
         core.attached = False
         return core
 
-    def reattach_after_fork(self) -> None:
-        self._release_lock = threading.Lock()
-        self.acquire()
-        try:
-            if not self.words[L.DESTROYED]:
-                L.claim_after_fork(self.words)
-        finally:
-            self.release_lock()
-
-    def reserve_for_child(self) -> None:
-        if self.released or not self.attached:
-            return
-        self.acquire()
-        try:
-            if not self.words[L.DESTROYED]:
-                L.reserve_for_child(self.words)
-        finally:
-            self.release_lock()
-
-    def release(self) -> None:
-        """Detach this process; the last live process unlinks the channel's names."""
-        with self._release_lock:
-            if self.released:
-                return
-            self.released = True
-        if not self.attached:
-            self._close_local()
-            return
+    def _before_detach(self) -> None:
         if _cores.get((self.namespace, self.channel_id)) is self:
             _cores.pop((self.namespace, self.channel_id), None)
-        self.acquire()
-        try:
-            last = L.detach(self.words) and not self.words[L.DESTROYED]
-            if last:
-                self.words[L.DESTROYED] = 1
-                _shm.unlink_segment(self.segment_name)
-        finally:
-            self.release_lock()
-        if last:
-            self.unlink_names()
-        self._close_local()
 
     def unlink_names(self) -> None:
         """Remove the channel's segment, locks and spill files from /dev/shm (DESTROYED set)."""
@@ -329,36 +278,10 @@ class ChannelCore:
         for path in glob.glob(_names.spill_file(self.namespace, self.channel_id, 0)[:-16] + "*"):
             _unlink_file(path)
 
-    def _close_local(self) -> None:
-        try:
-            self.words.release()
-            self.buffer.release()
-            self.mapping.close()
-        except (BufferError, ValueError):
-            pass  # a view is still exported somewhere; the mapping goes with the process
-        for lock in (self.send_lock, self._own_recv_lock, self.wait_lock):
-            try:
-                lock.close()
-            except Exception:  # noqa: BLE001 - already closed
-                pass
-
-    def __del__(self) -> None:
-        if not getattr(self, "released", True):
-            try:
-                self.release()
-            except Exception:  # noqa: BLE001 - nothing to report to during collection
-                pass
+    def _semaphores(self) -> list[Any]:
+        return [self.send_lock, self._own_recv_lock, self.wait_lock]
 
     # --- locking ----------------------------------------------------------------------
-
-    def acquire(self) -> None:
-        """Take the send lock (it also guards the attach slots and CLOSED)."""
-        self.send_lock.acquire()
-        self.words[L.LOCK_OWNER] = _pid
-
-    def release_lock(self) -> None:
-        self.words[L.LOCK_OWNER] = 0
-        self.send_lock.release()
 
     def _lock_waitlists(self) -> None:
         self.wait_lock.acquire()

@@ -17,6 +17,7 @@ import weakref
 from typing import Any
 
 from . import _layout as L
+from ._segment import AttachedSegment
 from . import _names, _process, _registry_client, _ring, _shm, _waker
 from ._errors import ShmfeedError
 from ._subscription import ErrorChannel, Subscription
@@ -153,23 +154,18 @@ class SubscriptionScope:
 SubscriptionScope.__module__ = ScopeSubscription.__module__ = "shmfeed"
 
 
-class _SharedScope:
+class _SharedScope(AttachedSegment):
     """This process's attachment to a named scope's segment, and its watcher thread."""
 
     def __init__(self, namespace: str, name: str, mapping: mmap.mmap, lock: Any) -> None:
-        self.namespace = namespace
+        self._setup_segment(namespace, _names.scope_segment(namespace, name), mapping)
         self.name = name
-        self.segment_name = _names.scope_segment(namespace, name)
-        self.mapping = mapping
-        self.buffer = memoryview(mapping)
-        self.words = self.buffer[: L.HEADER_BYTES].cast("Q")
         self.table = self.buffer[L.HEADER_BYTES : L.SCOPE_SEGMENT_BYTES].cast("Q")
-        self.lock = lock
+        self.lock = self.segment_lock = lock
         self.members: "weakref.WeakSet[SubscriptionScope]" = weakref.WeakSet()
         self.watcher: threading.Thread | None = None
         self.waker: _waker.Waker | None = None
         self.stopping = False
-        self.released = False
 
     @classmethod
     def open(cls, namespace: str, name: str) -> "_SharedScope":
@@ -204,14 +200,7 @@ class _SharedScope:
             mapping.close()
             return None
         scope = cls(namespace, name, mapping, lock)
-        scope.acquire()
-        try:
-            destroyed = scope.words[L.DESTROYED]
-            if not destroyed:
-                L.attach(scope.words)
-        finally:
-            scope.release_lock()
-        if destroyed:
+        if not scope.join():
             scope._close_local()
             return None
         return scope
@@ -238,14 +227,6 @@ class _SharedScope:
             if mapping is None:
                 _shm.unlink_semaphore(lock_name)
         return cls(namespace, name, mapping, lock)
-
-    def acquire(self) -> None:
-        self.lock.acquire()
-        self.words[L.LOCK_OWNER] = _ring._pid
-
-    def release_lock(self) -> None:
-        self.words[L.LOCK_OWNER] = 0
-        self.lock.release()
 
     # --- entries ----------------------------------------------------------------------------
 
@@ -343,46 +324,28 @@ class _SharedScope:
 
     # --- lifetime ---------------------------------------------------------------------------------
 
-    def release(self) -> None:
-        if self.released:
-            return
-        self.released = True
+    def _before_detach(self) -> None:
         self.stop_watcher()
-        self.acquire()
-        try:
-            if self.waker is not None:
+        if self.waker is not None:
+            self.acquire()
+            try:
                 L.waitlist_remove(self.words, L.SCOPE_WAITLIST_WORD, L.SCOPE_WAITING, self.waker.waker_id)
-            last = L.detach(self.words) and not self.words[L.DESTROYED]
-            if last:
-                self.words[L.DESTROYED] = 1
-        finally:
-            self.release_lock()
-        if last:
-            _shm.unlink_segment(self.segment_name)
-            _shm.unlink_semaphore(_names.lock_semaphore(self.namespace, int(self.words[L.LOCK_ID])))
+            finally:
+                self.release_lock()
+
+    def _after_detach(self) -> None:
         if self.waker is not None:
             self.waker.destroy()
-        self._close_local()
 
-    def _close_local(self) -> None:
-        try:
-            self.words.release()
-            self.table.release()
-            self.buffer.release()
-            self.mapping.close()
-        except (BufferError, ValueError):
-            pass
-        try:
-            self.lock.close()
-        except Exception:  # noqa: BLE001 - already closed
-            pass
+    def unlink_names(self) -> None:
+        _shm.unlink_segment(self.segment_name)
+        _shm.unlink_semaphore(_names.lock_semaphore(self.namespace, int(self.words[L.LOCK_ID])))
 
-    def __del__(self) -> None:
-        if not getattr(self, "released", True):
-            try:
-                self.release()
-            except Exception:  # noqa: BLE001
-                pass
+    def _views(self) -> list[memoryview]:
+        return [self.words, self.table, self.buffer]
+
+    def _semaphores(self) -> list[Any]:
+        return [self.lock]
 
 
 _shared: "weakref.WeakValueDictionary[tuple[str, str], _SharedScope]" = weakref.WeakValueDictionary()
@@ -401,23 +364,12 @@ def _after_fork() -> None:
     for scope in list(_shared.values()):
         scope.watcher = None
         scope.waker = None
-        scope.acquire()
-        try:
-            if not scope.words[L.DESTROYED]:
-                L.claim_after_fork(scope.words)
-        finally:
-            scope.release_lock()
+        scope.reattach_after_fork()
 
 
 def _before_fork() -> None:
     for scope in list(_shared.values()):
-        if not scope.released:
-            scope.acquire()
-            try:
-                if not scope.words[L.DESTROYED]:
-                    L.reserve_for_child(scope.words)
-            finally:
-                scope.release_lock()
+        scope.reserve_for_child()
 
 
 _process.on_exit(release_namespace)

@@ -1,0 +1,141 @@
+"""What every shared-memory object of a process has in common: locking its header,
+joining and leaving its attach slots, fork, and letting go of the mapping.
+
+``ChannelCore``, ``FeedCore`` and the named scope's ``_SharedScope`` derive from
+``AttachedSegment`` and add their own data, locks and names.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import threading
+from typing import Any
+
+from . import _layout as L
+
+
+class AttachedSegment:
+    """This process's mapping of one segment, and its place in the segment's attach slots.
+
+    Subclasses set ``segment_lock`` (the semaphore guarding the header and attach slots)
+    and implement ``unlink_names`` and ``_semaphores``.
+    """
+
+    segment_lock: Any
+
+    def _setup_segment(self, namespace: str, segment_name: str, mapping: mmap.mmap) -> None:
+        self.namespace = namespace
+        self.segment_name = segment_name
+        self.mapping = mapping
+        self.buffer = memoryview(mapping)
+        self.words = self.buffer[: L.HEADER_BYTES].cast("Q")
+        self.released = False
+        self.attached = True
+        self._release_lock = threading.Lock()
+
+    # --- the header lock ----------------------------------------------------------------
+
+    def acquire(self) -> None:
+        """Take the segment lock, recording our pid so a death while holding it is repaired."""
+        self.segment_lock.acquire()
+        self.words[L.LOCK_OWNER] = os.getpid()
+
+    def release_lock(self) -> None:
+        self.words[L.LOCK_OWNER] = 0
+        self.segment_lock.release()
+
+    # --- attach slots -----------------------------------------------------------------------
+
+    def join(self) -> bool:
+        """Enter the attach slots; False if the segment is being destroyed."""
+        self.acquire()
+        try:
+            if self.words[L.DESTROYED]:
+                return False
+            L.attach(self.words)
+        finally:
+            self.release_lock()
+        self.attached = True
+        return True
+
+    def reattach_after_fork(self) -> None:
+        """In a forked child: take the slot the parent reserved (see ``reserve_for_child``)."""
+        self._release_lock = threading.Lock()
+        self.acquire()
+        try:
+            if not self.words[L.DESTROYED]:
+                L.claim_after_fork(self.words)
+        finally:
+            self.release_lock()
+
+    def reserve_for_child(self) -> None:
+        """Before fork: hold a slot for the child, which may run after we let go."""
+        if self.released or not self.attached:
+            return
+        self.acquire()
+        try:
+            if not self.words[L.DESTROYED]:
+                L.reserve_for_child(self.words)
+        finally:
+            self.release_lock()
+
+    def release(self) -> None:
+        """Leave the segment; the last live process unlinks its names. Idempotent."""
+        with self._release_lock:
+            if self.released:
+                return
+            self.released = True
+        last = False
+        if self.attached:
+            self._before_detach()
+            self.acquire()
+            try:
+                last = L.detach(self.words) and not self.words[L.DESTROYED]
+                if last:
+                    self.words[L.DESTROYED] = 1  # under the lock: openers now see it is gone
+            finally:
+                self.release_lock()
+        if last:
+            self.unlink_names()
+        self._after_detach()
+        self._close_local()
+
+    def _before_detach(self) -> None:
+        """Hook: drop per-process state that refers to the segment."""
+
+    def _after_detach(self) -> None:
+        """Hook: release what must outlive the detach step."""
+
+    def unlink_names(self) -> None:
+        """Remove the segment's names from /dev/shm (it is marked DESTROYED)."""
+        raise NotImplementedError
+
+    # --- the mapping ---------------------------------------------------------------------------
+
+    def _views(self) -> list[memoryview]:
+        """Views of the mapping to release before closing it, innermost first."""
+        return [self.words, self.buffer]
+
+    def _semaphores(self) -> list[Any]:
+        raise NotImplementedError
+
+    def _close_local(self) -> None:
+        try:
+            for view in self._views():
+                view.release()
+            self.mapping.close()
+        except (BufferError, ValueError):
+            pass  # a view is still exported somewhere: the mapping goes with the process
+        for semaphore in self._semaphores():
+            try:
+                semaphore.close()
+            except Exception:  # noqa: BLE001 - already closed
+                pass
+
+    def __del__(self) -> None:
+        if not getattr(self, "released", True):
+            try:
+                self.release()
+            except Exception:  # noqa: BLE001 - nothing to report to during collection
+                pass
