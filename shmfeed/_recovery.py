@@ -147,26 +147,34 @@ def recover_channel(namespace: str, channel_id: int, liveness: Liveness, repairs
         _drop_dead_wakers(core, liveness)
         if recount:
             _recount(core)
-        dead = [p for p in attached if not liveness.alive(*p)]
-        if dead or not attached:
-            core.acquire()
-            try:
-                for pid, ticks in dead:
-                    if L.remove_slot_pair(words, L.ATTACH_FIRST_WORD, L.ATTACH_SLOTS, pid, ticks):
-                        words[L.ATTACHED] -= 1
-                orphaned = not words[L.DESTROYED] and not any(
-                    liveness.alive(*p) for p in L.attached_processes(words)
-                )
-                if orphaned:
-                    words[L.DESTROYED] = 1
-            finally:
-                core.release_lock()
-            if orphaned:
-                core.close()  # wakes anyone still waiting (a process between attach steps)
-                core.unlink_names()
-                repairs.destroyed += _names_of(namespace, core.segment_name, words, (L.LOCK_ID, L.RECV_LOCK_ID, L.WAIT_LOCK_ID))
+        if _drop_dead_attachers(core, attached, liveness):
+            core.close()  # wakes anyone still waiting (a process between attach steps)
+            core.unlink_names()
+            repairs.destroyed += _names_of(namespace, core.segment_name, words, (L.LOCK_ID, L.RECV_LOCK_ID, L.WAIT_LOCK_ID))
     finally:
         core.release()
+
+
+def _drop_dead_attachers(core: Any, attached: list[tuple[int, int]], liveness: Liveness) -> bool:
+    """Clear dead processes from the attach slots; True if the segment is now orphaned.
+
+    An orphaned segment is marked DESTROYED (under its lock); the caller unlinks it.
+    """
+    dead = [p for p in attached if not liveness.alive(*p)]
+    if attached and not dead:
+        return False
+    words = core.words
+    core.acquire()
+    try:
+        for pid, ticks in dead:
+            if L.remove_slot_pair(words, L.ATTACH_FIRST_WORD, L.ATTACH_SLOTS, pid, ticks):
+                words[L.ATTACHED] -= 1
+        orphaned = not words[L.DESTROYED] and not any(liveness.alive(*p) for p in L.attached_processes(words))
+        if orphaned:
+            words[L.DESTROYED] = 1
+        return orphaned
+    finally:
+        core.release_lock()
 
 
 def _names_of(namespace: str, segment_name: str, words: memoryview, lock_words: tuple[int, ...]) -> list[str]:
@@ -232,23 +240,9 @@ def recover_feed(namespace: str, key: str, liveness: Liveness, repairs: Repairs)
         _release_dead_owner(core, L.LOCK_OWNER, core.lock, "table", liveness, attached, repairs)
         _end_dead_subscriptions(core, liveness, repairs)
         _fail_if_every_sender_died(core, liveness, repairs)
-        dead = [p for p in attached if not liveness.alive(*p)]
-        if dead or not attached:
-            core.acquire()
-            try:
-                for pid, ticks in dead:
-                    if L.remove_slot_pair(words, L.ATTACH_FIRST_WORD, L.ATTACH_SLOTS, pid, ticks):
-                        words[L.ATTACHED] -= 1
-                orphaned = not words[L.DESTROYED] and not any(
-                    liveness.alive(*p) for p in L.attached_processes(words)
-                )
-                if orphaned:
-                    words[L.DESTROYED] = 1
-            finally:
-                core.release_lock()
-            if orphaned:
-                core.unlink_names()
-                repairs.destroyed += _names_of(namespace, core.segment_name, words, (L.LOCK_ID, L.SEND_LOCK_ID))
+        if _drop_dead_attachers(core, attached, liveness):
+            core.unlink_names()
+            repairs.destroyed += _names_of(namespace, core.segment_name, words, (L.LOCK_ID, L.SEND_LOCK_ID))
     finally:
         core.release()
 
