@@ -135,15 +135,16 @@ class FeedCore(AttachedSegment):
             words.release()
             buffer.release()
 
+        mapping = None
         try:
             mapping = _shm.create_segment(segment_name, L.FEED_SEGMENT_BYTES, initialise)
-        except BaseException:
-            mapping = None
-            raise
         finally:
-            if mapping is None:
-                _shm.unlink_semaphore(lock_name)
-                _shm.unlink_semaphore(send_lock_name)
+            if mapping is None:  # failed, or another process published the feed first
+                for name_, semaphore in ((lock_name, lock), (send_lock_name, send_lock)):
+                    _shm.unlink_semaphore(name_)
+                    semaphore.close()
+        if mapping is None:
+            return None  # the caller opens the other process's feed
         return cls(namespace, key, mapping, lock, send_lock)
 
     def reattach_after_fork(self) -> None:
@@ -157,10 +158,13 @@ class FeedCore(AttachedSegment):
         self._targets = ()
 
     def unlink_names(self) -> None:
-        """Remove the feed's segment and locks from /dev/shm (DESTROYED set)."""
-        _shm.unlink_segment(self.segment_name)
+        """Remove the feed's locks, then its segment, from /dev/shm (DESTROYED set).
+
+        Segment last: a process killed half-way leaves a segment that names what is left.
+        """
         _shm.unlink_semaphore(_names.lock_semaphore(self.namespace, int(self.words[L.LOCK_ID])))
         _shm.unlink_semaphore(_names.lock_semaphore(self.namespace, int(self.words[L.SEND_LOCK_ID])))
+        _shm.unlink_segment(self.segment_name)
 
     def _views(self) -> list[memoryview]:
         return [self.words, self.table, self.buffer]

@@ -96,7 +96,7 @@ from __future__ import annotations
 import os
 from typing import Callable
 
-from . import _process
+from . import _process, _waker
 
 PAGE = 4096
 HEADER_BYTES = PAGE
@@ -356,6 +356,20 @@ def waitlist_remove(words: memoryview, first_word: int, count_word: int, waker_i
             words[word] = 0
             words[count_word] -= 1
             return
+
+
+def waitlist_post_all(words: memoryview, first_word: int, count_word: int, namespace: str) -> None:
+    """Post every waker of a wait list, then empty it (wait-list lock held)."""
+    remaining = words[count_word]
+    word = first_word
+    end = first_word + WAITLIST_SLOTS
+    while remaining and word < end:
+        waker_id = words[word]
+        if waker_id:
+            _waker.post(namespace, int(waker_id))
+            remaining -= 1
+        word += 1
+    waitlist_take_all(words, first_word, count_word)
 
 
 def waitlist_take_all(words: memoryview, first_word: int, count_word: int) -> list[int]:

@@ -144,7 +144,8 @@ def recover_channel(namespace: str, channel_id: int, liveness: Liveness, repairs
         for owner_word, what in _OWNER_WORDS:
             if _release_dead_owner(core, owner_word, locks[owner_word], what, liveness, attached, repairs):
                 recount = recount or owner_word != L.WAIT_LOCK_OWNER
-        _drop_dead_wakers(core, liveness)
+        someone_died = recount or any(not liveness.alive(*p) for p in attached)
+        _drop_dead_wakers(core, liveness, wake_the_rest=someone_died)
         if recount:
             _recount(core)
         if _drop_dead_attachers(core, attached, liveness):
@@ -183,7 +184,13 @@ def _names_of(namespace: str, segment_name: str, words: memoryview, lock_words: 
     return [_names.shm_path(segment_name)] + locks
 
 
-def _drop_dead_wakers(core: _ring.ChannelCore, liveness: Liveness) -> None:
+def _drop_dead_wakers(core: _ring.ChannelCore, liveness: Liveness, wake_the_rest: bool) -> None:
+    """Take dead processes' wakers out of the wait lists; after a death, wake the others.
+
+    A process killed while waking waiters leaves some of them listed but not posted
+    (see ``ChannelCore._wake``); waking every listed waiter costs at most one spurious
+    wake-up each, and every waiter checks again.
+    """
     words = core.words
     if not (words[L.RECV_WAITING] or words[L.SEND_WAITING]):
         return
@@ -195,6 +202,8 @@ def _drop_dead_wakers(core: _ring.ChannelCore, liveness: Liveness) -> None:
                 if waker_id and liveness.ticks(waker_id >> 32) is None:
                     words[word] = 0
                     words[count] = max(0, words[count] - 1)
+            if wake_the_rest:
+                L.waitlist_post_all(words, first, count, core.namespace)
     finally:
         core._unlock_waitlists()
 
@@ -315,6 +324,8 @@ def recover_scope(namespace: str, segment_name: str, liveness: Liveness, repairs
                 if words[word] and liveness.ticks(int(words[word]) >> 32) is None:
                     words[word] = 0
                     words[L.SCOPE_WAITING] = max(0, words[L.SCOPE_WAITING] - 1)
+            if words[L.SCOPE_CLOSED]:  # a closer may have died before waking every watcher
+                L.waitlist_post_all(words, L.SCOPE_WAITLIST_WORD, L.SCOPE_WAITING, namespace)
             for pid, ticks in attached:
                 if not liveness.alive(pid, ticks) and L.remove_slot_pair(words, L.ATTACH_FIRST_WORD, L.ATTACH_SLOTS, pid, ticks):
                     words[L.ATTACHED] -= 1

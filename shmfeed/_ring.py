@@ -271,12 +271,15 @@ class ChannelCore(AttachedSegment):
             _cores.pop((self.namespace, self.channel_id), None)
 
     def unlink_names(self) -> None:
-        """Remove the channel's segment, locks and spill files from /dev/shm (DESTROYED set)."""
-        _shm.unlink_segment(self.segment_name)
+        """Remove the channel's locks, spill files, then segment from /dev/shm (DESTROYED set).
+
+        Segment last: a process killed half-way leaves a segment that names what is left.
+        """
         for word in (L.LOCK_ID, L.RECV_LOCK_ID, L.WAIT_LOCK_ID):
             _shm.unlink_semaphore(_names.lock_semaphore(self.namespace, int(self.words[word])))
         for path in glob.glob(_names.spill_file(self.namespace, self.channel_id, 0)[:-16] + "*"):
             _unlink_file(path)
+        _shm.unlink_segment(self.segment_name)
 
     def _semaphores(self) -> list[Any]:
         return [self.send_lock, self._own_recv_lock, self.wait_lock]
@@ -311,14 +314,17 @@ class ChannelCore(AttachedSegment):
             self._unlock_waitlists()
 
     def _wake(self, first_word: int, count_word: int) -> None:
-        """Post every waker of one wait list (call after releasing a side lock)."""
+        """Post every waker of one wait list (call after releasing a side lock).
+
+        The posts happen before the list is cleared, under the wait-list lock: a process
+        killed half-way leaves the wakers it had not posted yet in the list, and recovery
+        posts them.
+        """
         self._lock_waitlists()
         try:
-            waker_ids = L.waitlist_take_all(self.words, first_word, count_word)
+            L.waitlist_post_all(self.words, first_word, count_word, self.namespace)
         finally:
             self._unlock_waitlists()
-        for waker_id in waker_ids:
-            _waker.post(self.namespace, waker_id)
 
     # --- records ----------------------------------------------------------------------
 

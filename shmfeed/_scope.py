@@ -224,8 +224,11 @@ class _SharedScope(AttachedSegment):
         try:
             mapping = _shm.create_segment(segment_name, L.SCOPE_SEGMENT_BYTES, initialise)
         finally:
-            if mapping is None:
+            if mapping is None:  # failed, or another process published the scope first
                 _shm.unlink_semaphore(lock_name)
+                lock.close()
+        if mapping is None:
+            return None
         return cls(namespace, name, mapping, lock)
 
     # --- entries ----------------------------------------------------------------------------
@@ -279,11 +282,11 @@ class _SharedScope(AttachedSegment):
             for word in range(0, L.SCOPE_SLOTS * L.SCOPE_ENTRY_WORDS, L.SCOPE_ENTRY_WORDS):
                 table[word + 3] = 0
             self.words[L.SCOPE_COUNT] = 0
-            waker_ids = L.waitlist_take_all(self.words, L.SCOPE_WAITLIST_WORD, L.SCOPE_WAITING)
+            # Post before clearing, under the lock: if we die half-way, the wakers not yet
+            # posted are still listed, and recovery posts them.
+            L.waitlist_post_all(self.words, L.SCOPE_WAITLIST_WORD, L.SCOPE_WAITING, self.namespace)
         finally:
             self.release_lock()
-        for waker_id in waker_ids:
-            _waker.post(self.namespace, waker_id)
 
     # --- the watcher ----------------------------------------------------------------------------
 
@@ -338,8 +341,8 @@ class _SharedScope(AttachedSegment):
             self.waker.destroy()
 
     def unlink_names(self) -> None:
-        _shm.unlink_segment(self.segment_name)
         _shm.unlink_semaphore(_names.lock_semaphore(self.namespace, int(self.words[L.LOCK_ID])))
+        _shm.unlink_segment(self.segment_name)  # last, so that it names what is left
 
     def _views(self) -> list[memoryview]:
         return [self.words, self.table, self.buffer]
