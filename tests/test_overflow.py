@@ -1,0 +1,107 @@
+"""Overflow policies across processes, with a deliberately slow receiver; every drop counted."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+import _overflow_workers as W
+import shmfeed
+
+pytestmark = pytest.mark.timeout(120)
+
+N = 300
+
+
+def _run(mp_context, overflow: str):
+    feed = shmfeed.Feed()
+    channel = shmfeed.Channel(capacity=8, overflow=overflow)
+    sub = feed.subscribe(channel)
+    ready, results = shmfeed.Channel(), shmfeed.Channel()
+    receiver = mp_context.Process(target=W.slow_receiver, args=(channel, ready, results))
+    receiver.start()
+    ready.recv(timeout=30)
+    counts = [feed.send(value) for value in range(N)]
+    return feed, channel, sub, receiver, results, counts
+
+
+def _finish(channel, receiver, results):
+    channel.close()
+    got = results.recv(timeout=60)
+    receiver.join(30)
+    assert receiver.exitcode == 0
+    return got
+
+
+def test_block_waits_for_the_slow_receiver(mp_context):
+    _, channel, _, receiver, results, counts = _run(mp_context, "block")
+    got = _finish(channel, receiver, results)
+    assert counts == [1] * N and got == list(range(N))
+    assert channel.statistics().dropped == 0
+
+
+def test_drop_newest_skips_values_and_counts_them(mp_context):
+    _, channel, _, receiver, results, counts = _run(mp_context, "drop_newest")
+    stats = channel.statistics()
+    got = _finish(channel, receiver, results)
+    assert got == sorted(got) and len(set(got)) == len(got)  # in order, no duplicate
+    assert sum(counts) == len(got)  # send counts only the deliveries
+    assert stats.dropped == N - len(got) > 0
+    assert got[0] == 0
+
+
+def test_drop_oldest_discards_the_oldest_and_counts_them(mp_context):
+    _, channel, _, receiver, results, counts = _run(mp_context, "drop_oldest")
+    stats = channel.statistics()
+    got = _finish(channel, receiver, results)
+    assert got == sorted(got) and len(set(got)) == len(got)
+    assert counts == [1] * N  # every value was written; older ones made room
+    assert stats.dropped == N - len(got) > 0
+    assert got[-8:] == list(range(N - 8, N))  # the newest values survive
+
+
+def test_evict_ends_the_subscription_with_slow_subscriber_error(mp_context):
+    feed, channel, sub, receiver, results, counts = _run(mp_context, "evict")
+    assert isinstance(sub.err().recv(timeout=10), shmfeed.SlowSubscriberError)
+    assert channel.statistics().evicted == 1
+    got = _finish(channel, receiver, results)
+    assert got == list(range(len(got)))  # what it got before eviction, in order
+    assert sum(counts) == len(got) and counts[-1] == 0
+    assert feed.send(-1) == 0
+
+
+def test_resubscribe_repairs_an_eviction(mp_context):
+    feed = shmfeed.Feed()
+    channel = shmfeed.Channel(capacity=8, overflow="evict")
+    errors = []
+    subscribed = threading.Event()
+
+    def subscribe(ctx, last_error):
+        if last_error is not None:
+            errors.append(last_error)
+        subscription = feed.subscribe(channel)
+        subscribed.set()
+        return subscription
+
+    sub = shmfeed.resubscribe_err(0.05, subscribe)
+    assert subscribed.wait(10)
+    ready, results = shmfeed.Channel(), shmfeed.Channel()
+    receiver = mp_context.Process(target=W.slow_receiver, args=(channel, ready, results))
+    receiver.start()
+    ready.recv(timeout=30)
+    for value in range(N):
+        feed.send(value)
+    assert channel.statistics().evicted >= 1
+    deadline = time.monotonic() + 10
+    while not errors or feed.statistics().subscriptions == 0:  # resubscribe repairs it
+        assert time.monotonic() < deadline, "fn was never called again"
+        time.sleep(0.01)
+    while len(channel):  # let the slow receiver catch up, then send after the repair
+        time.sleep(0.01)
+    assert feed.send(N) == 1
+    sub.unsubscribe()
+    got = _finish(channel, receiver, results)
+    assert errors and all(isinstance(e, shmfeed.SlowSubscriberError) for e in errors)
+    assert got == sorted(got) and len(set(got)) == len(got) and got[-1] == N
