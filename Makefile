@@ -13,4 +13,5 @@ demo: install
 	$(PYTHON) examples/demo.py
 
 test: install-test
+	$(PYTHON) -m mypy shmfeed
 	$(PYTHON) -m pytest -q

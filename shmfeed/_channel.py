@@ -114,7 +114,7 @@ class Channel(Generic[T]):
 
     @__orig_class__.setter
     def __orig_class__(self, alias: Any) -> None:
-        args = getattr(alias, "__args__", ())
+        args: tuple[Any, ...] = getattr(alias, "__args__", ())
         if self._elem_type_name == "" and len(args) == 1 and isinstance(args[0], type):
             self._set_elem_type(args[0])
 
@@ -191,7 +191,7 @@ class Channel(Generic[T]):
         """
         if timeout is not None:
             _check_timeout(timeout)
-        return _codec.decode(self._live_core().take(timeout))  # type: ignore[no-any-return]
+        return _codec.decode(self._live_core().take(timeout))  # type: ignore[return-value]
 
     async def recv_async(self, timeout: float | None = None) -> T:
         """Like :meth:`recv`, for asyncio code: waits without blocking the event loop.
@@ -203,7 +203,7 @@ class Channel(Generic[T]):
         data = core.poll()
         if data is None:
             data = await _poll_async(core, timeout)
-        return _codec.decode(data)  # type: ignore[no-any-return]
+        return _codec.decode(data)  # type: ignore[return-value]
 
     def close(self) -> None:
         """Close the channel for every process.
@@ -246,7 +246,7 @@ class Channel(Generic[T]):
                 data = take(None)
             except ChannelClosed:
                 return
-            yield decode(data)
+            yield decode(data)  # type: ignore[misc]
 
     def __aiter__(self) -> AsyncIterator[T]:
         return self

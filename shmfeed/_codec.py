@@ -308,7 +308,7 @@ def _dec_dataclass(data: bytes) -> Any:
         names = _dc_names[cls] = tuple(f.name for f in dataclasses.fields(cls))
     if type(values) is not list or len(values) != len(names):
         raise ChannelCorruptError(f"undecodable message: wrong field count for {name}")
-    obj = cls.__new__(cls)  # no __init__/__post_init__; object.__setattr__ passes frozen
+    obj: Any = object.__new__(cls)  # no __init__/__post_init__; object.__setattr__ passes frozen
     for n, v in zip(names, values):
         object.__setattr__(obj, n, v)
     return obj
@@ -390,7 +390,7 @@ def _tz_state(d: datetime | time) -> list[Any] | None:
     tz = d.tzinfo
     name = tz.tzname(None) if type(tz) is timezone else None
     zi = sys.modules.get("zoneinfo")
-    key = tz.key if zi is not None and type(tz) is zi.ZoneInfo else None
+    key = getattr(tz, "key", None) if zi is not None and type(tz) is zi.ZoneInfo else None
     us = (off.days * 86400 + off.seconds) * 1_000_000 + off.microseconds
     return [us, None if name == timezone(off).tzname(None) else name, key]
 
@@ -414,12 +414,12 @@ def _with_tz(state: Any, build: Callable[[Any], Any]) -> Any:
 
 def _dec_datetime(data: bytes) -> datetime:
     *f, fold, tz = _items(data, 9)
-    return _with_tz(tz, lambda z: datetime(*f, tzinfo=z, fold=fold))
+    return _with_tz(tz, lambda z: datetime(*f, tzinfo=z, fold=fold))  # type: ignore[misc]
 
 
 def _dec_time(data: bytes) -> time:
     *f, fold, tz = _items(data, 6)
-    return _with_tz(tz, lambda z: time(*f, tzinfo=z, fold=fold))
+    return _with_tz(tz, lambda z: time(*f, tzinfo=z, fold=fold))  # type: ignore[misc]
 
 
 def _dec_registered(data: bytes) -> Any:

@@ -528,7 +528,7 @@ class Feed(Generic[T]):
 
     @__orig_class__.setter
     def __orig_class__(self, alias: Any) -> None:
-        args = getattr(alias, "__args__", ())
+        args: tuple[Any, ...] = getattr(alias, "__args__", ())
         if len(args) == 1 and isinstance(args[0], type) and not self._elem_type_name:
             self._elem_type_name = _codec.type_name(args[0])
             core = self._open()
