@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Side-by-side benchmark: shmfeed vs. other local IPC transports.
 
-    python tools/bench.py [--quick] [--json] [--events-scale F]
+    python tools/bench.py [--quick] [--json] [--events-scale F] [--png FILE] [--transports a,b]
 
 Throughput: the same lossless fan-out job for every transport. One sender process sends N
 values; each of 1, 2 or 4 receiver processes must get every value exactly once, in order
@@ -366,7 +366,389 @@ class ZmqTransport(Transport):
             pass
 
 
-TRANSPORTS: list[type[Transport]] = [ShmfeedTransport, MPQueueTransport, ZmqTransport]
+class PipeTransport(Transport):
+    name = "mp.Pipe"
+    note = "one multiprocessing.Pipe(duplex=False) per subscriber; send_bytes of msgpack bytes (bound: the OS pipe buffer, not capacity)"
+
+    def setup(self, n_subs: int, workload: Workload) -> None:
+        self.pipes = [CTX.Pipe(duplex=False) for _ in range(n_subs)]  # (reader, writer)
+
+    def sender(self):
+        writers = [w for _, w in self.pipes]
+        sends = [w.send_bytes for w in writers]
+        packb = msgpack.packb
+
+        def send(value: Any) -> None:
+            data = packb(value)
+            for s in sends:
+                s(data)
+
+        def finish() -> None:
+            for s in sends:
+                s(b"")  # msgpack output is never empty
+
+        return send, finish
+
+    def receiver(self, i: int) -> Iterator[Any]:
+        recv = self.pipes[i][0].recv_bytes
+        unpackb = msgpack.unpackb
+        while True:
+            data = recv()
+            if not data:
+                return
+            yield unpackb(data)
+
+    def teardown(self) -> None:
+        for r, w in self.pipes:
+            r.close()
+            w.close()
+        del self.pipes
+
+    def pp_setup(self) -> None:
+        self.pp = [CTX.Pipe(duplex=False), CTX.Pipe(duplex=False)]
+
+    def pp_endpoint(self, side: int):
+        out, inp = (self.pp[0][1], self.pp[1][0]) if side == 0 else (self.pp[1][1], self.pp[0][0])
+        packb, unpackb = msgpack.packb, msgpack.unpackb
+        return (lambda v: out.send_bytes(packb(v))), (lambda: unpackb(inp.recv_bytes()))
+
+    def pp_teardown(self) -> None:
+        for r, w in self.pp:
+            r.close()
+            w.close()
+        del self.pp
+
+
+class FasterFifoTransport(Transport):
+    name = "faster-fifo"
+    note = ("one faster_fifo.Queue per subscriber, max_size_bytes = capacity x (record + 8); "
+            "per-event put/get of msgpack bytes (identity dumps/loads: no pickle)")
+    BLOCK_S = CELL_TIMEOUT_S  # put/get raise Full/Empty after this long instead of losing data
+
+    @classmethod
+    def available(cls) -> tuple[bool, str]:
+        try:
+            import faster_fifo  # noqa: F401
+        except ImportError:
+            return False, "faster-fifo not installed (import faster_fifo failed): skipped"
+        return True, ""
+
+    @staticmethod
+    def _queue(max_bytes: int):
+        import faster_fifo
+
+        return faster_fifo.Queue(max_size_bytes=max_bytes, loads=lambda b: b, dumps=lambda b: b)
+
+    def setup(self, n_subs: int, workload: Workload) -> None:
+        size = workload.capacity * (workload.encoded_size() + 8)
+        self.queues = [self._queue(size) for _ in range(n_subs)]
+
+    def sender(self):
+        puts = [q.put for q in self.queues]
+        packb = msgpack.packb
+        t = self.BLOCK_S
+
+        def send(value: Any) -> None:
+            data = packb(value)
+            for put in puts:
+                put(data, True, t)
+
+        def finish() -> None:
+            for put in puts:
+                put(b"", True, t)
+
+        return send, finish
+
+    def receiver(self, i: int) -> Iterator[Any]:
+        get = self.queues[i].get
+        unpackb = msgpack.unpackb
+        t = self.BLOCK_S
+        while True:
+            data = get(True, t)  # a memoryview into the queue's read buffer
+            if not len(data):
+                return
+            yield unpackb(data)
+
+    def teardown(self) -> None:
+        for q in self.queues:
+            q.close()
+        del self.queues
+
+    def pp_setup(self) -> None:
+        self.pp = [self._queue(1 << 16), self._queue(1 << 16)]
+
+    def pp_endpoint(self, side: int):
+        out, inp = (self.pp[0], self.pp[1]) if side == 0 else (self.pp[1], self.pp[0])
+        packb, unpackb = msgpack.packb, msgpack.unpackb
+        t = self.BLOCK_S
+        return (lambda v: out.put(packb(v), True, t)), (lambda: unpackb(inp.get(True, t)))
+
+    def pp_teardown(self) -> None:
+        for q in self.pp:
+            q.close()
+        del self.pp
+
+
+class Iceoryx2Transport(Transport):
+    name = "iceoryx2"
+    note = ("iceoryx2 pub/sub, Slice[c_uint8] of msgpack bytes; lossless: safe overflow off, "
+            "subscriber_max_buffer_size = capacity, publisher RetryUntilDelivered, publisher created "
+            "before the subscribers (else 0.10.0 lost samples), send() must reach every subscriber; "
+            "receivers poll receive() and yield (sleep(0)) when empty; latency: two services")
+    lossless = True
+
+    @classmethod
+    def available(cls) -> tuple[bool, str]:
+        try:
+            os.environ.setdefault("IOX2_LOG_LEVEL", "ERROR")
+            import iceoryx2  # noqa: F401
+        except ImportError:
+            return False, "iceoryx2 not installed (import iceoryx2 failed): skipped"
+        return True, ""
+
+    def _name(self, tag: str) -> str:
+        return f"shmfeed-bench-{os.getpid()}-{tag}-{id(self):x}"
+
+    def setup(self, n_subs: int, workload: Workload) -> None:
+        self.n_subs = n_subs
+        self.capacity = workload.capacity
+        self.max_len = workload.encoded_size() + 64
+        self.svc_name = self._name("pub")
+
+    @staticmethod
+    def _node():
+        import iceoryx2 as iox2
+
+        iox2.set_log_level(iox2.LogLevel.Error)
+        return iox2.NodeBuilder.new().create(iox2.ServiceType.Ipc)
+
+    def _service(self, node, name: str, capacity: int, max_subs: int):
+        import ctypes
+
+        import iceoryx2 as iox2
+
+        return (
+            node.service_builder(iox2.ServiceName.new(name))
+            .publish_subscribe(iox2.Slice[ctypes.c_uint8])
+            .enable_safe_overflow(False)
+            .subscriber_max_buffer_size(capacity)
+            .subscriber_max_borrowed_samples(2)
+            .history_size(0)
+            .max_subscribers(max_subs)
+            .max_publishers(1)
+            .open_or_create()
+        )
+
+    def _publisher(self, service, max_len: int):
+        import iceoryx2 as iox2
+
+        return (
+            service.publisher_builder()
+            .initial_max_slice_len(max_len)
+            .allocation_strategy(iox2.AllocationStrategy.PowerOfTwo)
+            .backpressure_strategy(iox2.BackpressureStrategy.RetryUntilDelivered)
+            .create()
+        )
+
+    @staticmethod
+    def _sendfn(pub, expect: int):
+        import ctypes
+
+        loan, memmove = pub.loan_slice_uninit, ctypes.memmove
+
+        def send_bytes(data: bytes) -> None:
+            n = len(data)
+            sample = loan(n if n else 1)
+            if n:
+                memmove(sample.payload().as_ptr(), data, n)
+            else:
+                sample.payload()[0] = 0xC1  # never a valid msgpack first byte: end of stream
+            got = sample.assume_init().send()
+            if got != expect:
+                raise RuntimeError(f"iceoryx2 send() reached {got} of {expect} subscribers (sample lost)")
+
+        return send_bytes
+
+    @staticmethod
+    def _recvfn(sub):
+        from ctypes import string_at
+
+        receive, sleep = sub.receive, time.sleep
+        unpackb = msgpack.unpackb
+
+        def recv_raw(decode):
+            while True:
+                sample = receive()
+                if sample is not None:
+                    break
+                sleep(0)
+            payload = sample.payload()
+            data = string_at(payload.as_ptr(), payload.len())  # one copy, like a pipe's recv_bytes
+            sample.delete()
+            return None if data == b"\xc1" else decode(data)
+
+        return recv_raw, unpackb
+
+    def sender(self):
+        self.node = self._node()
+        self.service = self._service(self.node, self.svc_name, self.capacity, self.n_subs)
+        self.pub = self._publisher(self.service, self.max_len)
+        send_bytes = self._sendfn(self.pub, self.n_subs)
+        packb = msgpack.packb
+
+        def send(value: Any) -> None:
+            send_bytes(packb(value))
+
+        def finish() -> None:
+            send_bytes(b"")
+
+        return send, finish
+
+    def sender_ready(self) -> None:
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while self.service.dynamic_config.number_of_subscribers < self.n_subs:
+            if time.monotonic() > deadline:
+                raise RuntimeError("iceoryx2: subscribers did not connect")
+            time.sleep(0.001)
+        self.pub.update_connections()
+
+    def sender_close(self) -> None:
+        self.pub.delete()
+        del self.pub, self.service, self.node
+
+    def _subscriber(self, node, name: str, capacity: int, max_subs: int):
+        service = self._service(node, name, capacity, max_subs)
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while service.dynamic_config.number_of_publishers < 1:  # see note: publisher first
+            if time.monotonic() > deadline:
+                raise RuntimeError("iceoryx2: no publisher")
+            time.sleep(0.001)
+        return service, service.subscriber_builder().buffer_size(capacity).create()
+
+    @staticmethod
+    def _drop_at_exit(keep: list) -> None:
+        # Workers leave through os._exit: drop the iceoryx2 ports and node (Rust Drop removes
+        # their files) in multiprocessing's exit hook.
+        mp.util.Finalize(None, keep.clear, exitpriority=100)
+
+    def receiver(self, i: int) -> Iterator[Any]:
+        node = self._node()
+        service, sub = self._subscriber(node, self.svc_name, self.capacity, self.n_subs)
+        keep = [sub, service, node]
+        self._drop_at_exit(keep)
+        recv_raw, unpackb = self._recvfn(sub)
+        del node, service, sub
+
+        def gen() -> Iterator[Any]:
+            while True:
+                v = recv_raw(unpackb)
+                if v is None:
+                    return
+                yield v
+
+        return gen()
+
+    def pp_setup(self) -> None:
+        self.pp_names = (self._name("ping"), self._name("pong"))
+
+    def pp_endpoint(self, side: int):
+        node = self._node()
+        out_name, in_name = self.pp_names if side == 0 else self.pp_names[::-1]
+        out_svc = self._service(node, out_name, 16, 1)
+        pub = self._publisher(out_svc, 256)
+        in_svc, sub = self._subscriber(node, in_name, 16, 1)
+        while out_svc.dynamic_config.number_of_subscribers < 1:
+            time.sleep(0.001)
+        pub.update_connections()
+        self._drop_at_exit([pub, sub, out_svc, in_svc, node])
+        send_bytes = self._sendfn(pub, 1)
+        recv_raw, unpackb = self._recvfn(sub)
+        packb = msgpack.packb
+        return (lambda v: send_bytes(packb(v))), (lambda: recv_raw(unpackb))
+
+
+class PlainRingTransport(Transport):
+    name = "plain ring"
+    note = ("FLOOR, not a peer: tools/plain_ring.py, one posix_ipc SPSC ring (shm + 2 semaphores, "
+            "capacity slots) per subscriber; the sender writes the msgpack bytes into each")
+    floor = True
+
+    @classmethod
+    def available(cls) -> tuple[bool, str]:
+        try:
+            _plain_ring()
+        except ImportError as exc:
+            return False, f"tools/plain_ring.py not importable ({exc}): skipped"
+        return True, ""
+
+    def setup(self, n_subs: int, workload: Workload) -> None:
+        PlainRing = _plain_ring()
+        self.rings = [PlainRing(workload.capacity, workload.encoded_size() + 64) for _ in range(n_subs)]
+
+    def sender(self):
+        puts = [r.put for r in self.rings]
+        packb = msgpack.packb
+
+        def send(value: Any) -> None:
+            data = packb(value)
+            for put in puts:
+                put(data)
+
+        def finish() -> None:
+            for r in self.rings:
+                r.put_end()
+
+        return send, finish
+
+    def receiver(self, i: int) -> Iterator[Any]:
+        get = self.rings[i].get
+        unpackb = msgpack.unpackb
+        while True:
+            v = get(unpackb)
+            if v is None:
+                return
+            yield v
+
+    def teardown(self) -> None:
+        for r in self.rings:
+            r.close()
+            r.unlink()
+        del self.rings
+
+    def pp_setup(self) -> None:
+        PlainRing = _plain_ring()
+        self.pp = [PlainRing(16, 256), PlainRing(16, 256)]
+
+    def pp_endpoint(self, side: int):
+        out, inp = (self.pp[0], self.pp[1]) if side == 0 else (self.pp[1], self.pp[0])
+        packb, unpackb = msgpack.packb, msgpack.unpackb
+        return (lambda v: out.put(packb(v))), (lambda: inp.get(unpackb))
+
+    def pp_teardown(self) -> None:
+        for r in self.pp:
+            r.close()
+            r.unlink()
+        del self.pp
+
+
+def _plain_ring():
+    here = os.path.dirname(os.path.abspath(__file__))
+    if here not in sys.path:
+        sys.path.insert(0, here)
+    from plain_ring import PlainRing
+
+    return PlainRing
+
+
+TRANSPORTS: list[type[Transport]] = [
+    ShmfeedTransport,
+    MPQueueTransport,
+    PipeTransport,
+    ZmqTransport,
+    FasterFifoTransport,
+    Iceoryx2Transport,
+    PlainRingTransport,
+]
 BASELINE = "shmfeed"
 
 
@@ -605,6 +987,35 @@ def _fmt_rate(x: float) -> str:
     return f"{x:,.0f}"
 
 
+def _cell_keys(cells: list[dict]) -> list[tuple[str, int]]:
+    keys: list[tuple[str, int]] = []
+    for c in cells:
+        k = (c["workload"], c["subs"])
+        if k not in keys:
+            keys.append(k)
+    return keys
+
+
+def summarize(doc: dict) -> list[dict]:
+    """Per cell: shmfeed vs. the fastest lossless peer (the floor is not a peer) and vs. the floor."""
+    kinds = doc["meta"]["kinds"]
+    out = []
+    cells = doc["throughput"]
+    for k in _cell_keys(cells):
+        group = [c for c in cells if (c["workload"], c["subs"]) == k and "error" not in c]
+        base = next((c for c in group if c["transport"] == BASELINE), None)
+        peers = [c for c in group if kinds.get(c["transport"]) == "peer"]
+        best = max(peers, key=lambda c: c["events_per_s"], default=None)
+        floor = next((c for c in group if kinds.get(c["transport"]) == "floor"), None)
+        row: dict[str, Any] = {"workload": k[0], "subs": k[1]}
+        if base is not None and best is not None:
+            row.update(best_peer=best["transport"], shmfeed_vs_best_peer=base["events_per_s"] / best["events_per_s"])
+        if base is not None and floor is not None:
+            row.update(shmfeed_vs_floor=base["events_per_s"] / floor["events_per_s"])
+        out.append(row)
+    return out
+
+
 def print_tables(doc: dict) -> None:
     m = doc["meta"]
     print(
@@ -612,43 +1023,50 @@ def print_tables(doc: dict) -> None:
         f"namespace={m['namespace']}  scale={m['events_scale']}"
     )
     for name, note in m["transports"].items():
-        print(f"  {name:9s} {note}")
+        print(f"  {name:11s} {note}")
     print()
     print("Throughput: lossless fan-out, 1 sender -> N receiver processes, every event checked in order.")
-    print("  CPU µs/ev: tx = sender process, rx = mean per receiver process. ratio = shmfeed ev/s / this ev/s")
-    hdr = f"{'workload':8s} {'subs':>4s} {'events':>7s}  {'transport':9s} {'events/s':>12s} {'MB/s':>8s} {'tx µs/ev':>9s} {'rx µs/ev':>9s} {'ratio':>7s}"
+    print("  CPU µs/ev: tx = sender process, rx = mean per receiver process.")
+    print("  vs shmfeed = shmfeed ev/s / this ev/s (> 1: shmfeed is faster). (floor) = not a peer, see notes.")
+    hdr = (f"{'workload':8s} {'subs':>4s} {'events':>7s}  {'transport':18s} {'events/s':>12s} {'MB/s':>8s} "
+           f"{'tx µs/ev':>9s} {'rx µs/ev':>9s} {'vs shmfeed':>10s}")
     print(hdr)
     print("-" * len(hdr))
     cells = doc["throughput"]
-    keys = []
-    for c in cells:
-        k = (c["workload"], c["subs"])
-        if k not in keys:
-            keys.append(k)
-    for k in keys:
+    summaries = {(r["workload"], r["subs"]): r for r in doc.get("summary", [])}
+    for k in _cell_keys(cells):
         group = [c for c in cells if (c["workload"], c["subs"]) == k]
         base = next((c for c in group if c["transport"] == BASELINE and "error" not in c), None)
         for c in group:
             lead = f"{c['workload']:8s} {c['subs']:>4d} {c['events']:>7d}"
+            label = c["transport"] + (" (floor)" if m["kinds"].get(c["transport"]) == "floor" else "")
             if "error" in c:
-                print(f"{lead}  {c['transport']:9s} ERROR: {c['error'].strip().splitlines()[-1][:100]}")
+                print(f"{lead}  {label:18s} ERROR: {c['error'].strip().splitlines()[-1][:100]}")
                 continue
             ratio = "" if base is None or c is base else f"{base['events_per_s'] / c['events_per_s']:.2f}x"
             print(
-                f"{lead}  {c['transport']:9s} {_fmt_rate(c['events_per_s']):>12s} {c['mb_per_s']:>8.1f} "
-                f"{c['tx_cpu_us_per_event']:>9.1f} {c['rx_cpu_us_per_event']:>9.1f} {ratio:>7s}"
+                f"{lead}  {label:18s} {_fmt_rate(c['events_per_s']):>12s} {c['mb_per_s']:>8.1f} "
+                f"{c['tx_cpu_us_per_event']:>9.1f} {c['rx_cpu_us_per_event']:>9.1f} {ratio:>10s}"
             )
+        r = summaries.get(k, {})
+        parts = []
+        if "shmfeed_vs_best_peer" in r:
+            parts.append(f"shmfeed / best peer ({r['best_peer']}) = {r['shmfeed_vs_best_peer']:.2f}x")
+        if "shmfeed_vs_floor" in r:
+            parts.append(f"shmfeed / plain ring floor = {r['shmfeed_vs_floor']:.2f}x")
+        if parts:
+            print(f"{'':22s}" + ";  ".join(parts))
         print()
     print("Latency: ping-pong, small value, one-way = round trip / 2 (µs)")
-    hdr = f"{'transport':9s} {'load':22s} {'p50':>8s} {'p99':>8s} {'p99.9':>8s} {'max':>9s}"
+    hdr = f"{'transport':11s} {'load':22s} {'p50':>8s} {'p99':>8s} {'p99.9':>8s} {'max':>9s}"
     print(hdr)
     print("-" * len(hdr))
     for r in doc["latency"]:
         if "error" in r:
-            print(f"{r['transport']:9s} {r['load']:22s} ERROR: {r['error'].strip().splitlines()[-1][:100]}")
+            print(f"{r['transport']:11s} {r['load']:22s} ERROR: {r['error'].strip().splitlines()[-1][:100]}")
             continue
         print(
-            f"{r['transport']:9s} {r['load']:22s} {r['p50_us']:>8.1f} {r['p99_us']:>8.1f} {r['p999_us']:>8.1f} {r['max_us']:>9.1f}"
+            f"{r['transport']:11s} {r['load']:22s} {r['p50_us']:>8.1f} {r['p99_us']:>8.1f} {r['p999_us']:>8.1f} {r['max_us']:>9.1f}"
         )
     if doc["notes"]:
         print()
@@ -656,6 +1074,46 @@ def print_tables(doc: dict) -> None:
             print(f"note: {note}")
     print()
     print(f"total {doc['meta']['wall_seconds']:.1f} s; result: {'OK' if doc['ok'] else 'FAILED'}")
+
+
+def draw_png(doc: dict, path: str) -> str | None:
+    """Grouped bars (log scale) of events/s per transport per cell; returns a note on failure."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return f"--png {path}: matplotlib not installed: no chart"
+    cells = [c for c in doc["throughput"] if "error" not in c]
+    keys = _cell_keys(doc["throughput"])
+    names = list(doc["meta"]["transports"])
+    if not cells or not keys:
+        return f"--png {path}: no results to draw"
+    width = 0.8 / len(names)
+    fig, ax = plt.subplots(figsize=(min(16.0, max(8.0, 0.25 * len(keys) * len(names) + 2)), 6))
+    for j, name in enumerate(names):
+        xs, ys = [], []
+        for x, k in enumerate(keys):
+            c = next((c for c in cells if (c["workload"], c["subs"]) == k and c["transport"] == name), None)
+            if c is not None:
+                xs.append(x - 0.4 + width * (j + 0.5))
+                ys.append(c["events_per_s"])
+        kind = doc["meta"]["kinds"].get(name)
+        label = name + (" (floor)" if kind == "floor" else "")
+        ax.bar(xs, ys, width, label=label, hatch="//" if kind == "floor" else None,
+               edgecolor="black" if name == BASELINE else None, linewidth=1.2 if name == BASELINE else 0)
+    ax.set_yscale("log")
+    ax.set_xticks(range(len(keys)))
+    ax.set_xticklabels([f"{w}\nx{n}" for w, n in keys])
+    ax.set_ylabel("events/s (log)")
+    ax.set_title("Lossless fan-out, 1 sender -> N receivers (msgpack, in-order checked)")
+    ax.grid(axis="y", which="both", alpha=0.3)
+    ax.legend(fontsize="small", ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return None
 
 
 # --------------------------------------------------------------------------------------
@@ -696,6 +1154,14 @@ def run_monitor_cost(scale: float, rounds: int = 3) -> dict:
             "slowdown_pct": round(100 * (without - with_) / without, 1)}
 
 
+def _kind(tcls: type[Transport]) -> str:
+    if tcls.name == BASELINE:
+        return "baseline"
+    if getattr(tcls, "floor", False):
+        return "floor"
+    return "peer" if getattr(tcls, "lossless", True) else "lossy peer"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="divide event counts by 10")
@@ -703,6 +1169,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--events-scale", type=float, default=1.0, help="multiply event counts by F")
     ap.add_argument("--subs", default="1,2,4", help="subscriber counts (default 1,2,4)")
     ap.add_argument("--only", default="", help="comma-separated workloads to run (default all)")
+    ap.add_argument("--transports", default="", help="comma-separated transport names to run (default all; shmfeed always)")
+    ap.add_argument("--png", metavar="FILE", default="", help="also draw the throughput results as a bar chart (needs matplotlib)")
     ap.add_argument("--monitor-cost", action="store_true",
                     help="only measure small-event fan-out to 4 subscribers with and without a monitor refreshing every 0.5 s")
     args = ap.parse_args(argv)
@@ -717,7 +1185,10 @@ def main(argv: list[str] | None = None) -> int:
     sub_counts = [int(s) for s in args.subs.split(",") if s]
     notes: list[str] = []
     transports: list[type[Transport]] = []
+    wanted = {t.strip() for t in args.transports.split(",") if t.strip()}
     for tcls in TRANSPORTS:
+        if wanted and tcls.name not in wanted and tcls.name != BASELINE:
+            continue
         ok, why = tcls.available()
         if ok:
             transports.append(tcls)
@@ -733,6 +1204,7 @@ def main(argv: list[str] | None = None) -> int:
             "namespace": namespace,
             "events_scale": scale,
             "transports": {t.name: t.note for t in transports},
+            "kinds": {t.name: _kind(t) for t in transports},
         },
         "throughput": [],
         "latency": [],
@@ -788,7 +1260,18 @@ def main(argv: list[str] | None = None) -> int:
         if still:
             notes.append(f"WARNING: {len(still)} entr(ies) still in /dev/shm after sweep: {still[:5]}")
             ok = False
+        try:
+            ring_left = [e for e in os.listdir("/dev/shm") if e.startswith((f"plainring-{os.getpid()}-", f"sem.plainring-{os.getpid()}-"))]
+        except OSError:
+            ring_left = []
+        if ring_left:
+            notes.append(f"WARNING: plain ring left {len(ring_left)} entr(ies) in /dev/shm: {ring_left[:5]}")
+            ok = False
 
+    doc["summary"] = summarize(doc)
+    if args.png:
+        problem = draw_png(doc, args.png)
+        notes.append(problem or f"chart written to {args.png}")
     doc["ok"] = bool(ok)
     doc["meta"]["wall_seconds"] = time.monotonic() - started
     if args.json:
