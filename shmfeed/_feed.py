@@ -79,7 +79,7 @@ class FeedCore(AttachedSegment):
         known = _feeds.get((namespace, key))
         if known is not None and not known.released:
             return known
-        core = cls.map_unattached(namespace, key)
+        core = cls.map_unattached(namespace, key, lock_timeout=None)
         if core is None:
             return None
         if not core.join():
@@ -88,11 +88,14 @@ class FeedCore(AttachedSegment):
         return core
 
     @classmethod
-    def map_unattached(cls, namespace: str, key: str, lock_timeout: float = 0.2) -> "FeedCore | None":
+    def map_unattached(
+        cls, namespace: str, key: str, lock_timeout: float | None = _ring.RECOVERY_LOCK_TIMEOUT
+    ) -> "FeedCore | None":
         """Map a feed without joining its attach slots (for the registry and gc).
 
-        Its locks give up after ``lock_timeout`` seconds with ``_shm.LockBusy``, and the
-        channels it ends subscriptions on are opened the same way.
+        With ``lock_timeout`` (the default, for recovery) its locks give up after that many
+        seconds with ``_shm.LockBusy``, and the channels it ends subscriptions on are opened
+        the same way; ``_open`` passes None for ordinary blocking locks.
         """
         segment_name = _names.feed_segment(namespace, key)
         mapping = _shm.open_segment(segment_name)
@@ -112,7 +115,9 @@ class FeedCore(AttachedSegment):
         if lock is None or send_lock is None:
             mapping.close()
             return None  # being destroyed right now
-        core = cls(namespace, key, mapping, _shm.BoundedLock(lock, lock_timeout), _shm.BoundedLock(send_lock, lock_timeout))
+        if lock_timeout is not None:
+            lock, send_lock = _shm.BoundedLock(lock, lock_timeout), _shm.BoundedLock(send_lock, lock_timeout)
+        core = cls(namespace, key, mapping, lock, send_lock)
         core.attached = False
         return core
 
@@ -342,7 +347,8 @@ class FeedCore(AttachedSegment):
                 else:
                     if spill is None:
                         spill = _ring.Spill(self.namespace, payload)
-                    kind, record = _ring.KIND_SPILL, spill.link_into(core)
+                    kind = _ring.KIND_SPILL
+                    record = _ring.SPILL_REFERENCE.pack(*spill.link_into(core.namespace, core.channel_id))
                     outcome = core.offer(kind, record)
                 if outcome == _ring.DELIVERED:
                     delivered += 1

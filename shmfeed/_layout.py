@@ -99,6 +99,7 @@ from typing import Callable
 from . import _process, _waker
 
 PAGE = 4096
+U64_MAX = 0xFFFF_FFFF_FFFF_FFFF
 HEADER_BYTES = PAGE
 
 CHANNEL_MAGIC = int.from_bytes(b"SFCHAN01", "little")

@@ -279,7 +279,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--idle", type=float, default=None, help="exit after this many idle seconds")
     parser.add_argument("--forever", action="store_true", help="do not exit when idle")
     parser.add_argument("--startup-fd", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--detach", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.detach and os.fork() != 0:
+        os._exit(0)  # the process that started us reaps this one; the registry runs on
     _registry_client.disabled = True
     namespace = args.namespace or _names.current_namespace()
     idle = float("inf") if args.forever else (

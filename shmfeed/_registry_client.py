@@ -29,8 +29,6 @@ FRAME = struct.Struct("<I")
 MAX_FRAME_BYTES = 16 * 1024 * 1024
 DISABLE_ENV = "SHMFEED_NO_REGISTRY"
 
-_checked: dict[str, int] = {}
-_spawned: list[subprocess.Popen[bytes]] = []
 _lock = threading.Lock()
 disabled = False  # set in the registry process itself
 
@@ -95,7 +93,6 @@ def ensure_running(namespace: str) -> None:
 
 def _spawn(namespace: str) -> None:
     with _lock:
-        _reap()
         startup = _open_lock_file(startup_lock_path(namespace))
         try:
             try:
@@ -105,21 +102,17 @@ def _spawn(namespace: str) -> None:
             if is_running(namespace):
                 return
             # The child inherits the startup lock and drops it once it holds the registry
-            # lock, so nobody else spawns a duplicate in between.
-            _spawned.append(
-                subprocess.Popen(
-                    [sys.executable, "-m", "shmfeed._registry", "--namespace", namespace,
-                     "--startup-fd", str(startup)],
-                    pass_fds=(startup,), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                    stderr=subprocess.DEVNULL, start_new_session=True,
-                )
+            # lock, so nobody else spawns a duplicate in between. It forks the registry
+            # proper and exits at once; a thread reaps it, so no zombie or child is left.
+            child = subprocess.Popen(
+                [sys.executable, "-m", "shmfeed._registry", "--namespace", namespace,
+                 "--startup-fd", str(startup), "--detach"],
+                pass_fds=(startup,), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL, start_new_session=True,
             )
+            threading.Thread(target=child.wait, name="shmfeed-registry-reaper", daemon=True).start()
         finally:
             os.close(startup)
-
-
-def _reap() -> None:
-    _spawned[:] = [child for child in _spawned if child.poll() is None]
 
 
 def request(namespace: str, message: dict[str, Any], timeout: float = 5.0) -> Any:
@@ -173,8 +166,6 @@ def _read_exactly(connection: socket.socket, size: int) -> bytes:
 def _forget_after_fork() -> None:
     global _lock
     _lock = threading.Lock()
-    _spawned.clear()
 
 
 _process.on_fork_child(_forget_after_fork)
-_process.on_exit(_reap)

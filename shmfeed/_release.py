@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from . import _aio, _feed, _ring, _scope, _waker
+from . import _aio, _feed, _ring, _scope, _spill, _waker
 
 
 def release_namespace(namespace: str) -> None:
@@ -16,3 +16,4 @@ def release_namespace(namespace: str) -> None:
     _ring.release_namespace(namespace)
     _aio.stop(namespace)
     _waker.destroy_wakers(namespace)
+    _spill.release_pools(namespace)

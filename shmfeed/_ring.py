@@ -14,9 +14,9 @@ Kinds:
 | WRAP  | none: the rest of the ring is unused, the next record is at offset 0    |
 | SPILL | (spill id u64, size u64): the value is in the file ``_names.spill_file`` |
 
-A value whose record would exceed a quarter of the ring travels as a spill file: written
-once per send into ``/dev/shm``, hard-linked once per receiving channel, and unlinked by the
-receiver after reading, so the kernel frees it when the last channel has read it.
+A value whose record would exceed a quarter of the ring travels as a spill file (see
+``_spill``): written once per send, hard-linked once per receiving channel, and unlinked
+by each receiver after reading.
 Everything read from the ring is validated; bad bytes raise ``ChannelCorruptError``.
 """
 
@@ -33,7 +33,8 @@ import weakref
 from typing import Any
 
 from . import _layout as L
-from . import _names, _process, _shm, _waker
+from . import _names, _process, _shm, _spill, _waker
+from ._spill import Spill
 from ._segment import AttachedSegment
 from ._errors import ChannelClosed, ChannelCorruptError
 
@@ -47,6 +48,8 @@ MAX_RECORD_BYTES = 0xFFFF_FFF0
 
 OVERFLOW_POLICIES = ("block", "drop_newest", "drop_oldest", "evict")
 OVERFLOW_CODES = {name: code for code, name in enumerate(OVERFLOW_POLICIES)}
+
+RECOVERY_LOCK_TIMEOUT = 0.2  # seconds the registry waits for a lock before moving on
 
 # Outcomes of an offer.
 DELIVERED, FULL, CLOSED, DROPPED = 0, 1, 2, 3
@@ -66,35 +69,6 @@ _pid = os.getpid()
 def _refresh_pid() -> None:
     global _pid
     _pid = os.getpid()
-
-
-class Spill:
-    """One large value written once to a temporary file, linked into each channel."""
-
-    def __init__(self, namespace: str, payload: bytes) -> None:
-        self.namespace = namespace
-        self.payload = payload
-        self.temp_path: str | None = None
-
-    def link_into(self, core: "ChannelCore") -> bytes:
-        """Link the value for ``core`` and return the ring record's payload."""
-        if self.temp_path is None:
-            self.temp_path = _names.spill_temp_file(self.namespace, _names.new_id())
-            descriptor = os.open(self.temp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            try:
-                view = memoryview(self.payload)
-                while view:
-                    view = view[os.write(descriptor, view) :]
-            finally:
-                os.close(descriptor)
-        spill_id = _names.new_id()
-        os.link(self.temp_path, _names.spill_file(core.namespace, core.channel_id, spill_id))
-        return SPILL_REFERENCE.pack(spill_id, len(self.payload))
-
-    def close(self) -> None:
-        if self.temp_path is not None:
-            _unlink_file(self.temp_path)
-            self.temp_path = None
 
 
 def _unlink_file(path: str) -> None:
@@ -216,7 +190,7 @@ class ChannelCore(AttachedSegment):
         core = _cores.get((namespace, channel_id))
         if core is not None and not core.released:
             return core
-        core = cls.map_unattached(namespace, channel_id)
+        core = cls.map_unattached(namespace, channel_id, lock_timeout=None)
         if core is None:
             return None
         if not core.join():
@@ -226,10 +200,13 @@ class ChannelCore(AttachedSegment):
         return core
 
     @classmethod
-    def map_unattached(cls, namespace: str, channel_id: int, lock_timeout: float = 0.2) -> "ChannelCore | None":
+    def map_unattached(
+        cls, namespace: str, channel_id: int, lock_timeout: float | None = RECOVERY_LOCK_TIMEOUT
+    ) -> "ChannelCore | None":
         """Map a channel without joining its attach slots (for the registry and gc).
 
-        Its locks give up after ``lock_timeout`` seconds with ``_shm.LockBusy``.
+        With ``lock_timeout`` (the default, for recovery) its locks give up after that many
+        seconds with ``_shm.LockBusy``; ``open`` passes None for ordinary blocking locks.
         """
         name = _names.channel_segment(namespace, channel_id)
         mapping = _shm.open_segment(name)
@@ -261,8 +238,9 @@ class ChannelCore(AttachedSegment):
                 lock.close()
             mapping.close()
             return None
-        bounded = [_shm.BoundedLock(lock, lock_timeout) for lock in locks]
-        core = cls(namespace, channel_id, mapping, (bounded[0], bounded[1], bounded[2]))
+        if lock_timeout is not None:
+            locks = [_shm.BoundedLock(lock, lock_timeout) for lock in locks]
+        core = cls(namespace, channel_id, mapping, (locks[0], locks[1], locks[2]))
         core.attached = False
         return core
 
@@ -370,6 +348,12 @@ class ChannelCore(AttachedSegment):
         ring = self.ring_bytes
         offset = read_pos % ring
         base = L.HEADER_BYTES
+        if offset & 7 or available < 0:  # records are 8-aligned: anything else is corrupt
+            self._discard_corrupt_locked()
+            raise ChannelCorruptError(
+                f"shmfeed: channel {self.channel_id:016x} has a corrupt read position; "
+                f"its waiting messages were discarded"
+            )
         size, kind = RECORD_HEADER.unpack_from(self.buffer, base + offset)
         if kind == KIND_WRAP and available > ring - offset:
             skipped = ring - offset
@@ -390,11 +374,17 @@ class ChannelCore(AttachedSegment):
         words[L.READ_POS] = read_pos + record
         return kind, data
 
+    def _corrupt_header(self, error: Exception) -> ChannelCorruptError:
+        return ChannelCorruptError(
+            f"shmfeed: channel {self.channel_id:016x} has a corrupt header ({error}); "
+            f"it cannot be used safely"
+        )
+
     def _discard_corrupt_locked(self) -> None:
         words = self.words
         words[L.READ_POS] = words[L.WRITE_POS]
         sent = words[L.SENT]
-        words[L.DISCARDED] += max(0, sent - words[L.RECEIVED])
+        words[L.DISCARDED] = min(L.U64_MAX, words[L.DISCARDED] + max(0, sent - words[L.RECEIVED]))
         words[L.RECEIVED] = sent
 
     def _materialise(self, kind: int, data: bytes) -> bytes:
@@ -406,14 +396,11 @@ class ChannelCore(AttachedSegment):
         spill_id, size = SPILL_REFERENCE.unpack(data)
         path = _names.spill_file(self.namespace, self.channel_id, spill_id)
         try:
-            with open(path, "rb", buffering=0) as spill:
-                value = spill.read()
-        except OSError as error:
+            value = _spill.read_and_unlink(path, size)
+        except (OSError, ValueError) as error:
             raise ChannelCorruptError(
                 f"shmfeed: channel {self.channel_id:016x}: a large value's file is missing ({error})"
             ) from error
-        finally:
-            _unlink_file(path)
         if len(value) != size:
             raise ChannelCorruptError(f"shmfeed: channel {self.channel_id:016x}: a large value was truncated")
         return value
@@ -448,10 +435,10 @@ class ChannelCore(AttachedSegment):
         if spill is None:
             spill = Spill(self.namespace, payload)
             try:
-                return KIND_SPILL, spill.link_into(self)
+                return KIND_SPILL, SPILL_REFERENCE.pack(*spill.link_into(self.namespace, self.channel_id))
             finally:
                 spill.close()
-        return KIND_SPILL, spill.link_into(self)
+        return KIND_SPILL, SPILL_REFERENCE.pack(*spill.link_into(self.namespace, self.channel_id))
 
     def offer_fast(self, payload: bytes) -> int:
         """The common case of ``offer``: an inline record, no waker (the hot path, inlined).
@@ -462,27 +449,31 @@ class ChannelCore(AttachedSegment):
         send_lock = self.send_lock
         send_lock.acquire()
         words[L.LOCK_OWNER] = _pid
-        size = len(payload)
-        record = 8 + ((size + 7) & ~7)
-        write_pos = words[L.WRITE_POS]
-        ring = self.ring_bytes
-        offset = write_pos % ring
-        if (
-            words[L.CLOSED]
-            or record > ring - offset
-            or write_pos - words[L.READ_POS] + record > ring
-            or words[L.SENT] - words[L.RECEIVED] >= self.capacity
-        ):
+        try:
+            size = len(payload)
+            record = 8 + ((size + 7) & ~7)
+            write_pos = words[L.WRITE_POS]
+            ring = self.ring_bytes
+            offset = write_pos % ring
+            fits = not (
+                words[L.CLOSED]
+                or record > ring - offset
+                or write_pos - words[L.READ_POS] + record > ring
+                or words[L.SENT] - words[L.RECEIVED] >= self.capacity
+            )
+            if fits:
+                start = L.HEADER_BYTES + offset
+                _pack_record_header(self.buffer, start, size, KIND_DATA)
+                self.buffer[start + 8 : start + 8 + size] = payload
+                words[L.SENT] += 1
+                words[L.WRITE_POS] = write_pos + record
+        except ValueError as error:  # a counter at 2**64: only a corrupt header gets there
+            raise self._corrupt_header(error) from error
+        finally:
             words[L.LOCK_OWNER] = 0
             send_lock.release()
+        if not fits:
             return self.offer(KIND_DATA, payload)
-        start = L.HEADER_BYTES + offset
-        _pack_record_header(self.buffer, start, size, KIND_DATA)
-        self.buffer[start + 8 : start + 8 + size] = payload
-        words[L.SENT] += 1
-        words[L.WRITE_POS] = write_pos + record
-        words[L.LOCK_OWNER] = 0
-        send_lock.release()
         # Read only after the release above (a full barrier) made the commit visible.
         if words[L.RECV_WAITING]:
             self._wake(L.RECV_WAITLIST_WORD, L.RECV_WAITING)
@@ -521,6 +512,8 @@ class ChannelCore(AttachedSegment):
                     self._waitlist_add(L.SEND_WAITLIST_WORD, L.SEND_WAITING, waker)
                     if not self._write_locked(kind, record):
                         return FULL
+        except ValueError as error:  # a counter or position at 2**64: a corrupt header
+            raise self._corrupt_header(error) from error
         finally:
             words[L.LOCK_OWNER] = 0
             send_lock.release()
@@ -576,25 +569,29 @@ class ChannelCore(AttachedSegment):
         recv_lock = self.recv_lock
         recv_lock.acquire()
         words[L.RECV_LOCK_OWNER] = _pid
-        read_pos = words[L.READ_POS]
-        available = words[L.WRITE_POS] - read_pos
-        offset = read_pos % self.ring_bytes
-        start = L.HEADER_BYTES + offset
-        if available:
-            size, kind = _unpack_record_header(self.buffer, start)
-            record = 8 + ((size + 7) & ~7)
-            if kind == KIND_DATA and record <= available and offset + record <= self.ring_bytes:
-                data = self.buffer[start + 8 : start + 8 + size].tobytes()
-                words[L.RECEIVED] += 1
-                words[L.READ_POS] = read_pos + record
-                words[L.RECV_LOCK_OWNER] = 0
-                recv_lock.release()
-                if words[L.SEND_WAITING]:
-                    self._wake(L.SEND_WAITLIST_WORD, L.SEND_WAITING)
-                return data
-        words[L.RECV_LOCK_OWNER] = 0
-        recv_lock.release()
-        return self.poll()
+        data = None
+        try:
+            read_pos = words[L.READ_POS]
+            available = words[L.WRITE_POS] - read_pos
+            offset = read_pos % self.ring_bytes
+            start = L.HEADER_BYTES + offset
+            if available and not offset & 7:  # a misaligned position is corrupt: poll() says so
+                size, kind = _unpack_record_header(self.buffer, start)
+                record = 8 + ((size + 7) & ~7)
+                if kind == KIND_DATA and record <= available and offset + record <= self.ring_bytes:
+                    data = self.buffer[start + 8 : start + 8 + size].tobytes()
+                    words[L.RECEIVED] += 1
+                    words[L.READ_POS] = read_pos + record
+        except ValueError as error:  # a counter at 2**64: only a corrupt header gets there
+            raise self._corrupt_header(error) from error
+        finally:
+            words[L.RECV_LOCK_OWNER] = 0
+            recv_lock.release()
+        if data is None:
+            return self.poll()
+        if words[L.SEND_WAITING]:
+            self._wake(L.SEND_WAITLIST_WORD, L.SEND_WAITING)
+        return data
 
     def poll(self, waker: _waker.Waker | None = None) -> bytes | None:
         """Take one encoded value if there is one.
@@ -623,6 +620,8 @@ class ChannelCore(AttachedSegment):
                     if closed:
                         raise ChannelClosed(f"shmfeed: channel {self.channel_id:016x} is closed")
                     return None
+        except ValueError as error:  # a counter or position at 2**64: a corrupt header
+            raise self._corrupt_header(error) from error
         finally:
             words[L.RECV_LOCK_OWNER] = 0
             recv_lock.release()
