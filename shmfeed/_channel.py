@@ -30,7 +30,30 @@ def _check_timeout(timeout: float | None) -> None:
             raise ValueError("shmfeed: timeout must not be NaN")
 
 
-class Channel(Generic[T]):
+class TypeArgument:
+    """Lets ``Cls[int]()`` fix the element type at run time, as ``elem_type=int`` does.
+
+    ``typing`` assigns ``__orig_class__`` on the new instance after ``__init__``; this
+    property catches that assignment and hands the type argument to the class.
+    """
+
+    __slots__ = ()
+
+    @property
+    def __orig_class__(self) -> Any:
+        raise AttributeError("__orig_class__")
+
+    @__orig_class__.setter
+    def __orig_class__(self, alias: Any) -> None:
+        args: tuple[Any, ...] = getattr(alias, "__args__", ())
+        if len(args) == 1 and isinstance(args[0], type):
+            self._apply_type_argument(args[0])
+
+    def _apply_type_argument(self, elem_type: type) -> None:
+        raise NotImplementedError
+
+
+class Channel(TypeArgument, Generic[T]):
     """A channel whose buffer is a ring in POSIX shared memory.
 
     Any process that holds the channel (passed as a ``Process``/``Pool`` argument, pickled,
@@ -107,16 +130,9 @@ class Channel(Generic[T]):
         channel._elem_type_name = channel._core.elem_type_name if channel._core is not None else ""
         return channel
 
-    # Channel[int]() sets elem_type at run time: typing assigns __orig_class__ after __init__.
-    @property
-    def __orig_class__(self) -> Any:
-        raise AttributeError("__orig_class__")
-
-    @__orig_class__.setter
-    def __orig_class__(self, alias: Any) -> None:
-        args: tuple[Any, ...] = getattr(alias, "__args__", ())
-        if self._elem_type_name == "" and len(args) == 1 and isinstance(args[0], type):
-            self._set_elem_type(args[0])
+    def _apply_type_argument(self, elem_type: type) -> None:
+        if self._elem_type_name == "":
+            self._set_elem_type(elem_type)
 
     def _set_elem_type(self, elem_type: type) -> None:
         core = self._live_core()

@@ -17,8 +17,8 @@ from typing import Any, Generic, NamedTuple, TypeVar
 
 from . import _codec, _names, _process, _registry_client, _ring, _shm, _waker
 from . import _layout as L
-from ._segment import AttachedSegment
-from ._channel import Channel, display_type
+from ._segment import AttachedSegment, open_named
+from ._channel import Channel, TypeArgument, display_type
 from ._errors import ChannelClosed, FeedClosed, FeedTypeError, ShmfeedError, SlowSubscriberError
 from ._stats import FeedStatistics, SubscriptionStatistics
 from ._subscription import ErrorChannel, SharedErrorChannel, Subscription, encode_error
@@ -97,24 +97,13 @@ class FeedCore(AttachedSegment):
         seconds with ``_shm.LockBusy``, and the channels it ends subscriptions on are opened
         the same way; ``_open`` passes None for ordinary blocking locks.
         """
-        segment_name = _names.feed_segment(namespace, key)
-        mapping = _shm.open_segment(segment_name)
-        if mapping is None:
-            return None
-        if len(mapping) < L.FEED_SEGMENT_BYTES:
-            mapping.close()
-            raise ShmfeedError(f"shmfeed: feed segment {segment_name!r} is damaged; run `shmfeed gc`")
-        words = memoryview(mapping)[: L.HEADER_BYTES].cast("Q")
-        try:
-            if words[L.MAGIC] != L.FEED_MAGIC:
-                raise ShmfeedError(f"shmfeed: {segment_name!r} is not a feed; run `shmfeed gc`")
-            lock = _shm.open_semaphore(_names.lock_semaphore(namespace, int(words[L.LOCK_ID])))
-            send_lock = _shm.open_semaphore(_names.lock_semaphore(namespace, int(words[L.SEND_LOCK_ID])))
-        finally:
-            words.release()
-        if lock is None or send_lock is None:
-            mapping.close()
-            return None  # being destroyed right now
+        opened = open_named(
+            namespace, _names.feed_segment(namespace, key), L.FEED_SEGMENT_BYTES, L.FEED_MAGIC, "feed",
+            (L.LOCK_ID, L.SEND_LOCK_ID),
+        )
+        if opened is None:
+            return None  # absent, or being destroyed right now
+        mapping, (lock, send_lock) = opened
         if lock_timeout is not None:
             lock, send_lock = _shm.BoundedLock(lock, lock_timeout), _shm.BoundedLock(send_lock, lock_timeout)
         core = cls(namespace, key, mapping, lock, send_lock)
@@ -503,7 +492,7 @@ class FeedSubscription(Subscription):
         return f"<shmfeed.Subscription to feed {self._feed._label()} {state}>"
 
 
-class Feed(Generic[T]):
+class Feed(TypeArgument, Generic[T]):
     """One-to-many delivery of values to channels in any process (go-ethereum's Feed).
 
     ``Feed()`` is ready to use at once. ``Feed("prices")`` opens or creates the feed of that
@@ -528,15 +517,9 @@ class Feed(Generic[T]):
         if name is not None or elem_type is not None:
             self._open()
 
-    @property
-    def __orig_class__(self) -> Any:
-        raise AttributeError("__orig_class__")
-
-    @__orig_class__.setter
-    def __orig_class__(self, alias: Any) -> None:
-        args: tuple[Any, ...] = getattr(alias, "__args__", ())
-        if len(args) == 1 and isinstance(args[0], type) and not self._elem_type_name:
-            self._elem_type_name = _codec.type_name(args[0])
+    def _apply_type_argument(self, elem_type: type) -> None:
+        if not self._elem_type_name:
+            self._elem_type_name = _codec.type_name(elem_type)
             core = self._open()
             core.acquire()
             try:

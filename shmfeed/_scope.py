@@ -17,7 +17,7 @@ import weakref
 from typing import Any
 
 from . import _layout as L
-from ._segment import AttachedSegment
+from ._segment import AttachedSegment, open_named
 from . import _names, _process, _registry_client, _ring, _shm, _waker
 from ._errors import ShmfeedError
 from ._subscription import ErrorChannel, Subscription
@@ -183,22 +183,10 @@ class _SharedScope(AttachedSegment):
 
     @classmethod
     def _attach(cls, namespace: str, name: str, segment_name: str) -> "_SharedScope | None":
-        mapping = _shm.open_segment(segment_name)
-        if mapping is None:
+        opened = open_named(namespace, segment_name, L.SCOPE_SEGMENT_BYTES, L.SCOPE_MAGIC, "scope", (L.LOCK_ID,))
+        if opened is None:
             return None
-        if len(mapping) < L.SCOPE_SEGMENT_BYTES:
-            mapping.close()
-            raise ShmfeedError(f"shmfeed: scope segment {segment_name!r} is damaged; run `shmfeed gc`")
-        words = memoryview(mapping)[: L.HEADER_BYTES].cast("Q")
-        try:
-            if words[L.MAGIC] != L.SCOPE_MAGIC:
-                raise ShmfeedError(f"shmfeed: {segment_name!r} is not a scope; run `shmfeed gc`")
-            lock = _shm.open_semaphore(_names.lock_semaphore(namespace, int(words[L.LOCK_ID])))
-        finally:
-            words.release()
-        if lock is None:
-            mapping.close()
-            return None
+        mapping, (lock,) = opened
         scope = cls(namespace, name, mapping, lock)
         if not scope.join():
             scope._close_local()

@@ -13,6 +13,40 @@ import threading
 from typing import Any
 
 from . import _layout as L
+from . import _names, _shm
+from ._errors import ShmfeedError
+
+
+def open_named(
+    namespace: str, segment_name: str, min_size: int, magic: int, what: str, lock_words: tuple[int, ...]
+) -> tuple[mmap.mmap, list[Any]] | None:
+    """Map an existing segment and open the semaphores its header names.
+
+    Returns None if it does not exist or is being destroyed (a lock is gone).
+
+    Raises:
+        ShmfeedError: the segment is too small or of another kind (run ``shmfeed gc``).
+    """
+    mapping = _shm.open_segment(segment_name)
+    if mapping is None:
+        return None
+    if len(mapping) < min_size:
+        mapping.close()
+        raise ShmfeedError(f"shmfeed: {what} segment {segment_name!r} is damaged; run `shmfeed gc`")
+    words = memoryview(mapping)[: L.HEADER_BYTES].cast("Q")
+    try:
+        if words[L.MAGIC] != magic:
+            raise ShmfeedError(f"shmfeed: {segment_name!r} is not a {what}; run `shmfeed gc`")
+        locks = [_shm.open_semaphore(_names.lock_semaphore(namespace, int(words[w]))) for w in lock_words]
+    finally:
+        words.release()
+    if any(lock is None for lock in locks):
+        for lock in locks:
+            if lock is not None:
+                lock.close()
+        mapping.close()
+        return None
+    return mapping, locks
 
 
 class AttachedSegment:
