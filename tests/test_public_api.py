@@ -37,3 +37,10 @@ def test_every_library_error_derives_from_the_root():
 def test_public_api_has_docstrings():
     for name in ("Channel", "Feed", "Subscription", "select", "register_type"):
         assert getattr(shmfeed, name).__doc__, name
+
+
+def test_the_readme_documents_every_public_name():
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    assert [name for name in shmfeed.__all__ if f"`{name}" not in readme and f"{name}(" not in readme] == []
