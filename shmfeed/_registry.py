@@ -145,8 +145,9 @@ class Registry:
 
     def _scan(self) -> bool:
         """Watch every process found in the segments; True if one of them is already dead."""
-        found_dead = False
-        for pid, ticks in self._processes_in_segments():
+        processes, orphans = self._processes_in_segments()
+        found_dead = orphans  # a segment nobody is attached to: its last user died leaving it
+        for pid, ticks in processes:
             if pid in self.watched or pid == os.getpid():
                 continue
             if not _process.is_alive(pid, ticks):
@@ -165,9 +166,11 @@ class Registry:
             self.selector.register(pidfd, selectors.EVENT_READ, ("pid", pid))
         return found_dead
 
-    def _processes_in_segments(self) -> set[tuple[int, int]]:
+    def _processes_in_segments(self) -> tuple[set[tuple[int, int]], bool]:
+        """The processes in the segments' slots, and whether some segment has none."""
         start = _names.prefix(self.namespace)
         found: set[tuple[int, int]] = set()
+        orphans = False
         for entry in _gc.namespace_entries(self.namespace):
             rest = entry[len(start) :]
             if entry.startswith("sem."):
@@ -179,8 +182,10 @@ class Registry:
                 continue
             if "." in rest:
                 continue
-            found.update(_read_slots(f"{_names.SHM_DIR}/{entry}"))
-        return found
+            slots = _read_slots(f"{_names.SHM_DIR}/{entry}")
+            orphans = orphans or not slots
+            found.update(slots)
+        return found, orphans
 
     def _unwatch(self, pid: int) -> None:
         pidfd = self.watched.pop(pid, None)
@@ -255,6 +260,8 @@ def _read_slots(path: str) -> set[tuple[int, int]]:
     try:
         words = memoryview(mapping).cast("Q")
         try:
+            if words[L.DESTROYED]:
+                return set()  # being destroyed, or its destroyer died half-way
             found = set(L.attached_processes(words))
             if words[L.MAGIC] == L.FEED_MAGIC:
                 found.update(L.sender_processes(words))
