@@ -30,7 +30,6 @@ import subprocess
 import sys
 import threading
 import time
-import traceback
 from typing import Any, Callable, Iterator
 
 import shmfeed
@@ -81,23 +80,7 @@ def lost_and_duplicated(expected: list[Any], got: list[Any]) -> tuple[set[Any], 
 # --- helpers for targets ------------------------------------------------------------------------------
 
 
-def enter_namespace(namespace: str) -> None:
-    os.environ["SHMFEED_NAMESPACE"] = namespace
-
-
-def reporting(fn: Callable[..., None]) -> Callable[..., None]:
-    """Decorate a target ``fn(results, ...)`` called as ``(namespace, results, ...)``."""
-
-    @functools.wraps(fn)
-    def wrapper(namespace: str, results: shmfeed.Channel, *args: Any) -> None:
-        enter_namespace(namespace)
-        try:
-            fn(results, *args)
-        except BaseException:
-            results.send(("error", os.getpid(), traceback.format_exc()), timeout=RECV_TIMEOUT)
-            raise
-
-    return wrapper
+from _workers import enter_namespace, reporting  # noqa: E402 - shared with the other targets
 
 
 # --- helpers for drivers ---------------------------------------------------------------------------------

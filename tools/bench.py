@@ -878,6 +878,22 @@ def _collect(results, want: int, deadline: float) -> list[tuple]:
     return out
 
 
+def _finish(procs: list, results: Any, teardown: Callable[[], None], record: dict) -> None:
+    """Join (or terminate) a measurement's processes, then tear its transport down."""
+    for p in procs:
+        p.join(10)
+        if p.is_alive():
+            p.terminate()
+            p.join(5)
+        if p in _children:
+            _children.remove(p)
+    results.close()
+    try:
+        teardown()
+    except Exception as exc:  # noqa: BLE001
+        record.setdefault("error", f"teardown: {exc!r}")
+
+
 def run_cell(tcls: type[Transport], wl: Workload, n_subs: int) -> dict:
     transport = tcls()
     transport.setup(n_subs, wl)
@@ -923,18 +939,7 @@ def run_cell(tcls: type[Transport], wl: Workload, n_subs: int) -> dict:
         return cell
     finally:
         done.set()
-        for p in procs:
-            p.join(10)
-            if p.is_alive():
-                p.terminate()
-                p.join(5)
-            if p in _children:
-                _children.remove(p)
-        results.close()
-        try:
-            transport.teardown()
-        except Exception as exc:  # noqa: BLE001
-            cell.setdefault("error", f"teardown: {exc!r}")
+        _finish(procs, results, transport.teardown, cell)
         del transport
         gc.collect()
 
@@ -962,18 +967,7 @@ def run_pingpong(tcls: type[Transport], n: int, load: str) -> dict:
         out.update(p50_us=pct(0.50), p99_us=pct(0.99), p999_us=pct(0.999), max_us=samples[-1] / 2 / 1000)
         return out
     finally:
-        for p in procs:
-            p.join(10)
-            if p.is_alive():
-                p.terminate()
-                p.join(5)
-            if p in _children:
-                _children.remove(p)
-        results.close()
-        try:
-            transport.pp_teardown()
-        except Exception as exc:  # noqa: BLE001
-            out.setdefault("error", f"teardown: {exc!r}")
+        _finish(procs, results, transport.pp_teardown, out)
         del transport
         gc.collect()
 
