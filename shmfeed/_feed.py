@@ -327,10 +327,10 @@ class FeedCore(AttachedSegment):
                 raise FeedClosed(f"shmfeed: send on closed feed {self._label()}")
             delivered = 0
             waiting: list[tuple[_Target, int, bytes]] = []
-            size = len(payload) + 8
+            size = len(payload)
             for target in self.targets():
                 core = target.core
-                if size <= core.spill_threshold:
+                if size <= core.inline_limit:
                     kind, record = _ring.KIND_DATA, payload
                     outcome = core.offer_fast(payload)
                 else:

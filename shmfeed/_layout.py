@@ -179,7 +179,7 @@ FEED_ENTRY_WORDS = 4
 FEED_SEGMENT_BYTES = HEADER_BYTES + FEED_TABLE_SLOTS * FEED_ENTRY_WORDS * 8
 
 # Subscription entry states (low 32 bits of the entry's fourth word).
-SUB_FREE, SUB_ACTIVE_STATE, SUB_CANCELLED, SUB_FAILED = 0, 1, 2, 3
+SUB_FREE, SUB_ACTIVE_STATE = 0, 1
 
 
 def table_high(words: memoryview) -> int:
@@ -389,6 +389,3 @@ def waitlist_take_all(words: memoryview, first_word: int, count_word: int) -> li
     words[count_word] = 0
     return taken
 
-
-def current_pid() -> int:
-    return os.getpid()

@@ -109,6 +109,9 @@ class ChannelCore(AttachedSegment):
         self.ring_bytes = int(self.words[L.RING_BYTES])
         self.capacity = int(self.words[L.CAPACITY])
         self.spill_threshold = self.ring_bytes // 4
+        # Longest payload that travels inline: its record fits a quarter of the ring and
+        # its length fits the record header's u32.
+        self.inline_limit = min(self.spill_threshold, MAX_RECORD_BYTES) - 8
         self.overflow = OVERFLOW_POLICIES[int(self.words[L.OVERFLOW]) % len(OVERFLOW_POLICIES)]
         self.elem_type_name = L.read_text(
             self.buffer, L.TYPE_NAME_OFFSET, int(self.words[L.ELEM_TYPE_LEN]), L.TYPE_NAME_MAX
@@ -428,17 +431,15 @@ class ChannelCore(AttachedSegment):
 
     # --- the data path ------------------------------------------------------------------
 
-    def record_for(self, payload: bytes, spill: Spill | None) -> tuple[int, bytes]:
-        """The record kind and bytes that carry ``payload`` in this ring."""
-        if len(payload) + 8 <= self.spill_threshold:
+    def record_for(self, payload: bytes) -> tuple[int, bytes]:
+        """The record kind and bytes that carry ``payload`` in this ring (one receiver)."""
+        if len(payload) <= self.inline_limit:
             return KIND_DATA, payload
-        if spill is None:
-            spill = Spill(self.namespace, payload)
-            try:
-                return KIND_SPILL, SPILL_REFERENCE.pack(*spill.link_into(self.namespace, self.channel_id))
-            finally:
-                spill.close()
-        return KIND_SPILL, SPILL_REFERENCE.pack(*spill.link_into(self.namespace, self.channel_id))
+        spill = Spill(self.namespace, payload)
+        try:
+            return KIND_SPILL, SPILL_REFERENCE.pack(*spill.link_into(self.namespace, self.channel_id))
+        finally:
+            spill.close()
 
     def offer_fast(self, payload: bytes) -> int:
         """The common case of ``offer``: an inline record, no waker (the hot path, inlined).
@@ -528,7 +529,7 @@ class ChannelCore(AttachedSegment):
 
     def put(self, payload: bytes, timeout: float | None) -> int:
         """Blocking send of one encoded value; DELIVERED or DROPPED. Raises on close/timeout."""
-        kind, record = self.record_for(payload, None)
+        kind, record = self.record_for(payload)
         try:
             outcome = self.offer_fast(record) if kind == KIND_DATA else self.offer(kind, record)
             if outcome == FULL:

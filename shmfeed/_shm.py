@@ -106,21 +106,6 @@ def unlink_semaphore(name: str) -> None:
         pass
 
 
-def wait_semaphore(semaphore: posix_ipc.Semaphore, timeout: float | None) -> bool:
-    """Decrement ``semaphore``, waiting up to ``timeout`` seconds; False on timeout.
-
-    Signals (Ctrl-C) interrupt the wait and get their Python handler run.
-    """
-    try:
-        semaphore.acquire(timeout)
-        return True
-    except posix_ipc.BusyError:
-        return False
-    except posix_ipc.SignalError:
-        # The handler runs when we return to Python code; the caller's loop retries.
-        return False
-
-
 class LockBusy(SharedObjectError):
     """A bounded lock could not be taken in time (recovery moves on and retries later)."""
 
