@@ -5,8 +5,11 @@ each Channel is one ring buffer in POSIX shared memory guarded by POSIX semaphor
 values travel as msgpack. See ``docs/architecture.md`` for the map of the package.
 """
 
-from ._channel import Channel
-from ._codec import register_type
+from __future__ import annotations
+
+import importlib as _importlib
+import typing as _typing
+
 from ._errors import (
     ChannelClosed,
     ChannelCorruptError,
@@ -21,12 +24,16 @@ from ._errors import (
     SlowSubscriberError,
     SubscriptionFailed,
 )
-from ._feed import Feed
-from ._resubscribe import join_subscriptions, new_subscription, resubscribe, resubscribe_err
-from ._scope import SubscriptionScope
-from ._stats import ChannelStatistics, FeedStatistics, SubscriptionStatistics
-from ._subscription import ErrorChannel, Subscription, select
-from ._typemux import TypeMux, TypeMuxEvent, TypeMuxSubscription
+
+if _typing.TYPE_CHECKING:
+    from ._channel import Channel
+    from ._codec import register_type
+    from ._feed import Feed
+    from ._resubscribe import join_subscriptions, new_subscription, resubscribe, resubscribe_err
+    from ._scope import SubscriptionScope
+    from ._stats import ChannelStatistics, FeedStatistics, SubscriptionStatistics
+    from ._subscription import ErrorChannel, Subscription, select
+    from ._typemux import TypeMux, TypeMuxEvent, TypeMuxSubscription
 
 __all__ = [
     "Channel",
@@ -60,13 +67,55 @@ __all__ = [
     "select",
 ]
 
+# The rest loads on first use, so that `import shmfeed` (and the registry process, which
+# needs only the control plane) starts fast; the errors load now because the library
+# raises them from anywhere.
+_LAZY = {
+    "Channel": "_channel",
+    "register_type": "_codec",
+    "Feed": "_feed",
+    "join_subscriptions": "_resubscribe",
+    "new_subscription": "_resubscribe",
+    "resubscribe": "_resubscribe",
+    "resubscribe_err": "_resubscribe",
+    "SubscriptionScope": "_scope",
+    "ChannelStatistics": "_stats",
+    "FeedStatistics": "_stats",
+    "SubscriptionStatistics": "_stats",
+    "ErrorChannel": "_subscription",
+    "Subscription": "_subscription",
+    "select": "_subscription",
+    "TypeMux": "_typemux",
+    "TypeMuxEvent": "_typemux",
+    "TypeMuxSubscription": "_typemux",
+}
+
+
+def _present_as_public(value: _typing.Any) -> None:
+    """Show public names as ``shmfeed.X`` in reprs and tracebacks."""
+    try:
+        value.__module__ = "shmfeed"
+    except (AttributeError, TypeError):
+        pass
+
+
+def __getattr__(name: str) -> _typing.Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'shmfeed' has no attribute {name!r}")
+    value = getattr(_importlib.import_module(f".{module}", __name__), name)
+    _present_as_public(value)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
 for _name in __all__:
-    _obj = globals()[_name]
-    if isinstance(_obj, type) or callable(_obj):
-        try:
-            _obj.__module__ = "shmfeed"
-        except (AttributeError, TypeError):
-            pass
-del _name, _obj
+    if _name not in _LAZY:
+        _present_as_public(globals()[_name])
+del _name
 
 __version__ = "0.1.0"

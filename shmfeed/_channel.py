@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
 import struct
 import time
 from typing import Any, AsyncIterator, Generic, Iterator, TypeVar
 
-from . import _aio, _codec, _names, _registry_client, _ring, _waker
+from . import _codec, _names, _registry_client, _ring, _waker
 from . import _layout as L
 from ._errors import ChannelClosed, FeedTypeError
 from ._stats import ChannelStatistics
@@ -318,6 +317,10 @@ Channel.__module__ = "shmfeed"
 
 async def _poll_async(core: _ring.ChannelCore, timeout: float | None) -> bytes:
     """Wait in the event loop until ``core`` has a value; return its encoded bytes."""
+    import asyncio  # here, not at the top: most users (and the registry) never need it
+
+    from . import _aio
+
     dispatcher = _aio.dispatcher(core.namespace)
     deadline = None if timeout is None else time.monotonic() + timeout
     try:

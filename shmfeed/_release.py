@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from . import _aio, _feed, _ring, _scope, _spill, _waker
+import sys
+
+from . import _feed, _ring, _scope, _spill, _waker
 
 
 def release_namespace(namespace: str) -> None:
@@ -14,6 +16,8 @@ def release_namespace(namespace: str) -> None:
     _scope.release_namespace(namespace)
     _feed.release_namespace(namespace)
     _ring.release_namespace(namespace)
-    _aio.stop(namespace)
+    aio = sys.modules.get(f"{__package__}._aio")  # loaded only once something awaited
+    if aio is not None:
+        aio.stop(namespace)
     _waker.destroy_wakers(namespace)
     _spill.release_pools(namespace)

@@ -24,7 +24,7 @@ from collections import OrderedDict
 
 import posix_ipc
 
-from . import _names, _process, _shm
+from . import _names, _process, _registry_client, _shm
 
 _POST_CACHE_SIZE = 256
 
@@ -44,6 +44,9 @@ _libc.sem_close.argtypes = [ctypes.c_void_p]
 _libc.sem_wait.argtypes = [ctypes.c_void_p]
 _libc.sem_trywait.argtypes = [ctypes.c_void_p]
 _libc.sem_timedwait.argtypes = [ctypes.c_void_p, ctypes.POINTER(_Timespec)]
+
+
+WATCHDOG_SECONDS = 0.25
 
 
 def _native_wait(handle: int, timeout: float | None) -> bool:
@@ -68,9 +71,10 @@ def _native_wait(handle: int, timeout: float | None) -> bool:
 class Waker:
     """The semaphore one thread sleeps on."""
 
-    __slots__ = ("waker_id", "name", "pid", "semaphore", "handle", "__weakref__")
+    __slots__ = ("waker_id", "namespace", "name", "pid", "semaphore", "handle", "__weakref__")
 
     def __init__(self, namespace: str) -> None:
+        self.namespace = namespace
         # The pid in the high half lets cleanup tell which process a leftover belonged to.
         self.waker_id = (os.getpid() << 32) | (_names.new_id() & 0xFFFF_FFFF or 1)
         self.name = _names.waker_semaphore(namespace, self.waker_id)
@@ -83,10 +87,22 @@ class Waker:
         _live_wakers.add(self)
 
     def wait(self, timeout: float | None) -> bool:
-        """Sleep until posted or ``timeout`` seconds pass; True if posted."""
+        """Sleep until posted or ``timeout`` seconds pass; True if posted.
+
+        A long sleep wakes every ``WATCHDOG_SECONDS`` to make sure the namespace's registry
+        runs: what this thread waits for may hang on a death only the registry repairs (a
+        full channel's reader killed), and a registry killed too must come back.
+        """
         if not self.handle:
             raise _shm.SharedObjectError("shmfeed: this waker was destroyed (the namespace was released)")
-        return _native_wait(self.handle, timeout)
+        deadline = None if timeout is None else time.monotonic() + max(0.0, timeout)
+        while True:
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= WATCHDOG_SECONDS:
+                return _native_wait(self.handle, max(0.0, remaining))
+            if _native_wait(self.handle, WATCHDOG_SECONDS):
+                return True
+            _registry_client.ensure_running(self.namespace)
 
     def drain(self) -> None:
         """Swallow posts that arrived after the waiter stopped listening."""
