@@ -27,6 +27,7 @@ import mmap
 import os
 import platform
 import struct
+import sys
 import threading
 import time
 import weakref
@@ -64,6 +65,26 @@ YIELD_PROBE_EVERY = 256
 SINGLE_LOCK = platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686")
 
 _pid = os.getpid()
+
+
+def _load_accelerator() -> Any:
+    """The C hot path (``_accel.c``) if it was built, else None: the Python path below.
+
+    ``SHMFEED_PURE_PYTHON=1`` forces the Python path (tests run both). The C code writes
+    record headers in native order, so it is used only where that is little-endian.
+    """
+    if os.environ.get("SHMFEED_PURE_PYTHON") or sys.byteorder != "little":
+        return None
+    try:
+        from . import _accel  # type: ignore[attr-defined]
+    except ImportError:
+        return None
+    return _accel
+
+
+_accel = _load_accelerator()
+ACCEL_WORDS = (L.WRITE_POS, L.READ_POS, L.SENT, L.RECEIVED, L.CLOSED, L.CAPACITY,
+               L.LOCK_OWNER, L.RECV_LOCK_OWNER, L.RECV_WAITING, L.SEND_WAITING)
 
 
 def _refresh_pid() -> None:
@@ -120,6 +141,13 @@ class ChannelCore(AttachedSegment):
         self._yielded = False
         self._taken_since_empty = 0
         self._empties_to_probe = YIELD_PROBE_EVERY
+        self._fast: Any = None
+        if _accel is not None and not isinstance(self.send_lock, _shm.BoundedLock):
+            # The registry's bounded locks (map_unattached) stay on the Python path.
+            send_name = _names.lock_semaphore(namespace, int(self.words[L.LOCK_ID]))
+            recv_word = L.LOCK_ID if SINGLE_LOCK else L.RECV_LOCK_ID
+            recv_name = _names.lock_semaphore(namespace, int(self.words[recv_word]))
+            self._fast = _accel.Ring(mapping, send_name, recv_name, L.HEADER_BYTES, self.ring_bytes, ACCEL_WORDS)
 
     def _should_yield(self) -> bool:
         """Whether a receiver that found the ring empty should yield the CPU once.
@@ -246,6 +274,11 @@ class ChannelCore(AttachedSegment):
         core = cls(namespace, channel_id, mapping, (locks[0], locks[1], locks[2]))
         core.attached = False
         return core
+
+    def _close_local(self) -> None:
+        if self._fast is not None:
+            self._fast.release()  # its hold on the mapping first, or the mapping stays
+        super()._close_local()
 
     def _before_detach(self) -> None:
         if _cores.get((self.namespace, self.channel_id)) is self:
@@ -446,6 +479,15 @@ class ChannelCore(AttachedSegment):
 
         Returns DELIVERED if written, else whatever ``offer`` decides.
         """
+        fast = self._fast
+        if fast is not None:
+            outcome = fast.offer(payload, _pid)
+            if outcome == 0:
+                return DELIVERED
+            if outcome == 1:
+                self._wake(L.RECV_WAITLIST_WORD, L.RECV_WAITING)
+                return DELIVERED
+            return self.offer(KIND_DATA, payload)
         words = self.words
         send_lock = self.send_lock
         send_lock.acquire()
@@ -566,6 +608,14 @@ class ChannelCore(AttachedSegment):
 
     def poll_fast(self) -> bytes | None:
         """The common case of ``poll``: an inline record is waiting (the hot path, inlined)."""
+        fast = self._fast
+        if fast is not None:
+            data = fast.poll(_pid)
+            if data is None:
+                return self.poll()
+            if self.words[L.SEND_WAITING]:
+                self._wake(L.SEND_WAITLIST_WORD, L.SEND_WAITING)
+            return data
         words = self.words
         recv_lock = self.recv_lock
         recv_lock.acquire()
