@@ -50,7 +50,7 @@ static inline void store(Ring *self, int which, uint64_t value) {
 
 /* Take a side lock; the GIL is let go only if we must wait for it. -1 with an exception
  * set if a signal handler raised meanwhile or the ring was released while we waited. */
-static int lock(Ring *self, sem_t *semaphore) {
+static int lock_semaphore(sem_t *semaphore, const int *has_view) {
     if (sem_trywait(semaphore) == 0)
         return 0;
     for (;;) {
@@ -69,12 +69,16 @@ static int lock(Ring *self, sem_t *semaphore) {
         if (PyErr_CheckSignals() < 0)
             return -1;
     }
-    if (!self->has_view) {  /* released by another thread while we waited */
+    if (!*has_view) {  /* released by another thread while we waited */
         sem_post(semaphore);
-        PyErr_SetString(PyExc_ValueError, "shmfeed: the channel was released");
+        PyErr_SetString(PyExc_ValueError, "shmfeed: the object was released");
         return -1;
     }
     return 0;
+}
+
+static int lock(Ring *self, sem_t *semaphore) {
+    return lock_semaphore(semaphore, &self->has_view);
 }
 
 static int check_open(Ring *self) {
@@ -85,29 +89,12 @@ static int check_open(Ring *self) {
     return 0;
 }
 
-/* Ring.offer(payload, pid) -> 0 delivered, 1 delivered and receivers wait (wake them),
- * 2 not written (take the Python path). */
-static PyObject *Ring_offer(Ring *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 2) {
-        PyErr_SetString(PyExc_TypeError, "offer(payload, pid)");
-        return NULL;
-    }
-    if (check_open(self) < 0)
-        return NULL;
-    Py_buffer payload;
-    if (PyObject_GetBuffer(args[0], &payload, PyBUF_SIMPLE) < 0)
-        return NULL;
-    uint64_t pid = PyLong_AsUnsignedLongLong(args[1]);
-    if (pid == (uint64_t)-1 && PyErr_Occurred()) {
-        PyBuffer_Release(&payload);
-        return NULL;
-    }
-    if (lock(self, self->send_lock) < 0) {
-        PyBuffer_Release(&payload);
-        return NULL;
-    }
+/* Append one inline record if it fits now: 0 written, 1 written and receivers wait (the
+ * caller wakes them), 2 not written (the Python path decides), -1 error (exception set). */
+static int ring_offer(Ring *self, const void *payload, uint64_t size, uint64_t pid) {
+    if (check_open(self) < 0 || lock(self, self->send_lock) < 0)
+        return -1;
     store(self, W_LOCK_OWNER, pid);
-    uint64_t size = (uint64_t)payload.len;
     uint64_t record = 8 + ((size + 7) & ~(uint64_t)7);
     uint64_t ring = self->ring_bytes;
     uint64_t write_pos = load(self, W_WRITE_POS);
@@ -125,19 +112,83 @@ static PyObject *Ring_offer(Ring *self, PyObject *const *args, Py_ssize_t nargs)
         && sent != UINT64_MAX
         && write_pos <= UINT64_MAX - record;
     if (fits) {
-        uint32_t header[2] = {(uint32_t)size, KIND_DATA};  /* little-endian: x86-64 and arm64 */
+        uint32_t header[2] = {(uint32_t)size, KIND_DATA};  /* little-endian only (see _ring) */
         unsigned char *at = self->ring + offset;
         memcpy(at, header, 8);
-        memcpy(at + 8, payload.buf, (size_t)size);
+        memcpy(at + 8, payload, (size_t)size);
         store(self, W_SENT, sent + 1);
         store(self, W_WRITE_POS, write_pos + record);  /* the commit: after the bytes */
     }
     store(self, W_LOCK_OWNER, 0);
     sem_post(self->send_lock);  /* a full barrier: the commit is visible before we look */
-    PyBuffer_Release(&payload);
     if (!fits)
-        return PyLong_FromLong(2);
-    return PyLong_FromLong(load(self, W_RECV_WAITING) ? 1 : 0);
+        return 2;
+    return load(self, W_RECV_WAITING) ? 1 : 0;
+}
+
+static int parse_payload_and_pid(PyObject *payload_object, PyObject *pid_object, Py_buffer *payload,
+                                 uint64_t *pid) {
+    *pid = PyLong_AsUnsignedLongLong(pid_object);
+    if (*pid == (uint64_t)-1 && PyErr_Occurred())
+        return -1;
+    return PyObject_GetBuffer(payload_object, payload, PyBUF_SIMPLE);
+}
+
+/* Ring.offer(payload, pid) -> 0 written, 1 written and receivers wait, 2 not written. */
+static PyObject *Ring_offer(Ring *self, PyObject *const *args, Py_ssize_t nargs) {
+    Py_buffer payload;
+    uint64_t pid;
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "offer(payload, pid)");
+        return NULL;
+    }
+    if (parse_payload_and_pid(args[0], args[1], &payload, &pid) < 0)
+        return NULL;
+    int outcome = ring_offer(self, payload.buf, (uint64_t)payload.len, pid);
+    PyBuffer_Release(&payload);
+    return outcome < 0 ? NULL : PyLong_FromLong(outcome);
+}
+
+static PyTypeObject RingType;
+
+/* offer_all(rings, payload, pid, start) -> -1 when rings[start:] all took the payload and
+ * nobody waits on them; else 2*i + 1 if rings[i] took it and its receivers wait, or 2*i
+ * if it did not take it. The caller deals with ring i and calls again from i + 1. */
+static PyObject *offer_all(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+    Py_buffer payload;
+    uint64_t pid;
+    if (nargs != 4 || !PyTuple_Check(args[0])) {
+        PyErr_SetString(PyExc_TypeError, "offer_all(rings: tuple, payload, pid, start)");
+        return NULL;
+    }
+    Py_ssize_t start = PyLong_AsSsize_t(args[3]);
+    if (start == -1 && PyErr_Occurred())
+        return NULL;
+    if (parse_payload_and_pid(args[1], args[2], &payload, &pid) < 0)
+        return NULL;
+    PyObject *rings = args[0];
+    Py_INCREF(rings);
+    long answer = -1;
+    for (Py_ssize_t i = start < 0 ? 0 : start; i < PyTuple_GET_SIZE(rings); i++) {
+        PyObject *item = PyTuple_GET_ITEM(rings, i);
+        if (!PyObject_TypeCheck(item, &RingType)) {
+            PyErr_SetString(PyExc_TypeError, "offer_all: rings must hold Ring objects");
+            answer = -2;
+            break;
+        }
+        int outcome = ring_offer((Ring *)item, payload.buf, (uint64_t)payload.len, pid);
+        if (outcome < 0) {
+            answer = -2;
+            break;
+        }
+        if (outcome) {
+            answer = 2 * (long)i + (outcome == 1);
+            break;
+        }
+    }
+    Py_DECREF(rings);
+    PyBuffer_Release(&payload);
+    return answer == -2 ? NULL : PyLong_FromLong(answer);
 }
 
 /* Ring.poll(pid) -> the payload of the oldest inline record, or None (take the Python
@@ -206,6 +257,25 @@ static sem_t *open_semaphore(PyObject *name) {
     return semaphore;
 }
 
+/* Word indices from a Python tuple, each checked to lie inside the header. */
+static int parse_indices(PyObject *indices, Py_ssize_t count, Py_ssize_t header_bytes, Py_ssize_t *out) {
+    if (PyTuple_GET_SIZE(indices) != count) {
+        PyErr_Format(PyExc_ValueError, "%zd word indices are needed", count);
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < count; i++) {
+        Py_ssize_t index = PyLong_AsSsize_t(PyTuple_GET_ITEM(indices, i));
+        if (index == -1 && PyErr_Occurred())
+            return -1;
+        if (index < 0 || (index + 1) * 8 > header_bytes) {
+            PyErr_SetString(PyExc_ValueError, "a word index lies outside the header");
+            return -1;
+        }
+        out[i] = index;
+    }
+    return 0;
+}
+
 /* Ring(mapping, send_lock_name, recv_lock_name, header_bytes, ring_bytes, indices) */
 static int Ring_init(Ring *self, PyObject *args, PyObject *kwargs) {
     PyObject *mapping, *send_name, *recv_name, *indices;
@@ -218,20 +288,8 @@ static int Ring_init(Ring *self, PyObject *args, PyObject *kwargs) {
     if (!PyArg_ParseTuple(args, "OUUnKO!:Ring", &mapping, &send_name, &recv_name, &header_bytes,
                           &ring_bytes, &PyTuple_Type, &indices))
         return -1;
-    if (PyTuple_GET_SIZE(indices) != W_COUNT) {
-        PyErr_Format(PyExc_ValueError, "Ring needs %d word indices", W_COUNT);
+    if (parse_indices(indices, W_COUNT, header_bytes, self->index) < 0)
         return -1;
-    }
-    for (Py_ssize_t i = 0; i < W_COUNT; i++) {
-        Py_ssize_t index = PyLong_AsSsize_t(PyTuple_GET_ITEM(indices, i));
-        if (index == -1 && PyErr_Occurred())
-            return -1;
-        if (index < 0 || (index + 1) * 8 > header_bytes) {
-            PyErr_SetString(PyExc_ValueError, "Ring: a word index lies outside the header");
-            return -1;
-        }
-        self->index[i] = index;
-    }
     if (header_bytes < 8 || header_bytes % 8 || ring_bytes < 8 || ring_bytes % 8) {
         PyErr_SetString(PyExc_ValueError, "Ring: header and ring sizes must be positive multiples of 8");
         return -1;
@@ -293,19 +351,182 @@ static PyTypeObject RingType = {
     .tp_methods = Ring_methods,
 };
 
+/* --- a feed's send ----------------------------------------------------------------------- */
+
+/* Word indices into the feed header, in the order Python passes them. */
+enum { F_SEND_LOCK_OWNER, F_CLOSED, F_SUB_VERSION, F_SENDS, F_DELIVERED, F_LAST_SENDER_PID, F_COUNT };
+
+typedef struct {
+    PyObject_HEAD
+    Py_buffer view;
+    int has_view;
+    sem_t *send_lock;
+    uint64_t *words;
+    Py_ssize_t index[F_COUNT];
+} Feed;
+
+static inline uint64_t feed_load(const Feed *self, int which) {
+    return __atomic_load_n(&self->words[self->index[which]], __ATOMIC_ACQUIRE);
+}
+
+static inline void feed_store(Feed *self, int which, uint64_t value) {
+    __atomic_store_n(&self->words[self->index[which]], value, __ATOMIC_RELEASE);
+}
+
+static void feed_unlock(Feed *self) {
+    feed_store(self, F_SEND_LOCK_OWNER, 0);
+    sem_post(self->send_lock);
+}
+
+/* Feed.send(rings, payload, pid, version) -> the common case of FeedCore.send in one call.
+ *   -1  nothing done, lock not held: the feed is closed or its subscriptions changed
+ *       since ``version`` (the Python path re-reads them);
+ *   -2  every ring took the payload, nobody waits, the counters are updated, lock released;
+ *   i >= 0, as offer_all: ring i needs the Python path (2*i) or a wake-up (2*i + 1), the
+ *       rings before it took the payload, and THE FEED'S SEND LOCK IS STILL HELD: the
+ *       caller goes on from there and releases it. */
+static PyObject *Feed_send(Feed *self, PyObject *const *args, Py_ssize_t nargs) {
+    Py_buffer payload;
+    uint64_t pid, version;
+    if (nargs != 4 || !PyTuple_Check(args[0])) {
+        PyErr_SetString(PyExc_TypeError, "send(rings: tuple, payload, pid, version)");
+        return NULL;
+    }
+    if (!self->has_view) {
+        PyErr_SetString(PyExc_ValueError, "shmfeed: the feed was released");
+        return NULL;
+    }
+    version = PyLong_AsUnsignedLongLong(args[3]);
+    if (version == (uint64_t)-1 && PyErr_Occurred()) {
+        PyErr_Clear();
+        return PyLong_FromLong(-1);  /* not a version a table can have: the Python path */
+    }
+    if (parse_payload_and_pid(args[1], args[2], &payload, &pid) < 0)
+        return NULL;
+    PyObject *rings = args[0];
+    Py_INCREF(rings);
+    long answer = -2;
+    if (lock_semaphore(self->send_lock, &self->has_view) < 0) {
+        answer = -3;
+        goto done;
+    }
+    feed_store(self, F_SEND_LOCK_OWNER, pid);
+    if (feed_load(self, F_CLOSED) || feed_load(self, F_SUB_VERSION) != version) {
+        feed_unlock(self);
+        answer = -1;
+        goto done;
+    }
+    Py_ssize_t count = PyTuple_GET_SIZE(rings);
+    for (Py_ssize_t i = 0; i < count; i++) {
+        PyObject *item = PyTuple_GET_ITEM(rings, i);
+        int outcome = PyObject_TypeCheck(item, &RingType)
+            ? ring_offer((Ring *)item, payload.buf, (uint64_t)payload.len, pid) : -1;
+        if (outcome < 0) {
+            if (!PyErr_Occurred())
+                PyErr_SetString(PyExc_TypeError, "Feed.send: rings must hold Ring objects");
+            feed_unlock(self);
+            answer = -3;
+            goto done;
+        }
+        if (outcome) {
+            answer = 2 * (long)i + (outcome == 1);  /* the lock stays held: see above */
+            goto done;
+        }
+    }
+    feed_store(self, F_SENDS, feed_load(self, F_SENDS) + 1);
+    feed_store(self, F_DELIVERED, feed_load(self, F_DELIVERED) + (uint64_t)count);
+    feed_store(self, F_LAST_SENDER_PID, pid);
+    feed_unlock(self);
+done:
+    Py_DECREF(rings);
+    PyBuffer_Release(&payload);
+    return answer == -3 ? NULL : PyLong_FromLong(answer);
+}
+
+static PyObject *Feed_release(Feed *self, PyObject *Py_UNUSED(ignored)) {
+    if (self->has_view) {
+        self->has_view = 0;
+        self->words = NULL;
+        PyBuffer_Release(&self->view);
+    }
+    Py_RETURN_NONE;
+}
+
+/* Feed(mapping, send_lock_name, header_bytes, indices) */
+static int Feed_init(Feed *self, PyObject *args, PyObject *kwargs) {
+    PyObject *mapping, *send_name, *indices;
+    Py_ssize_t header_bytes;
+    if (self->has_view || self->send_lock) {
+        PyErr_SetString(PyExc_TypeError, "Feed is initialised once");
+        return -1;
+    }
+    if (!PyArg_ParseTuple(args, "OUnO!:Feed", &mapping, &send_name, &header_bytes, &PyTuple_Type, &indices))
+        return -1;
+    if (parse_indices(indices, F_COUNT, header_bytes, self->index) < 0)
+        return -1;
+    if (PyObject_GetBuffer(mapping, &self->view, PyBUF_WRITABLE) < 0)
+        return -1;
+    if (self->view.len < header_bytes || ((uintptr_t)self->view.buf & 7)) {
+        PyBuffer_Release(&self->view);
+        PyErr_SetString(PyExc_ValueError, "Feed: the mapping is smaller than its header");
+        return -1;
+    }
+    self->send_lock = open_semaphore(send_name);
+    if (self->send_lock == NULL) {
+        PyBuffer_Release(&self->view);
+        return -1;
+    }
+    self->has_view = 1;
+    self->words = (uint64_t *)self->view.buf;
+    return 0;
+}
+
+static void Feed_dealloc(Feed *self) {
+    Feed_release(self, NULL);
+    if (self->send_lock)
+        sem_close(self->send_lock);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyMethodDef Feed_methods[] = {
+    {"send", (PyCFunction)(void (*)(void))Feed_send, METH_FASTCALL,
+     "send(rings, payload, pid, version) -> -1 Python path, -2 done, else 2*i (+1) with the lock held"},
+    {"release", (PyCFunction)Feed_release, METH_NOARGS, "let go of the mapping (idempotent)"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject FeedType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "shmfeed._accel.Feed",
+    .tp_basicsize = sizeof(Feed),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "The C hot path of one feed's send (see FeedCore.send in shmfeed/_feed.py).",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)Feed_init,
+    .tp_dealloc = (destructor)Feed_dealloc,
+    .tp_methods = Feed_methods,
+};
+
+static PyMethodDef module_methods[] = {
+    {"offer_all", (PyCFunction)(void (*)(void))offer_all, METH_FASTCALL,
+     "offer_all(rings, payload, pid, start) -> -1 all done, else 2*i (+1: taken, wake its receivers)"},
+    {NULL, NULL, 0, NULL},
+};
+
 static struct PyModuleDef accel_module = {
-    PyModuleDef_HEAD_INIT, "shmfeed._accel", "The optional C hot path of shmfeed's rings.", -1, NULL,
+    PyModuleDef_HEAD_INIT, "shmfeed._accel", "The optional C hot path of shmfeed's rings.", -1, module_methods,
 };
 
 PyMODINIT_FUNC PyInit__accel(void) {
-    if (PyType_Ready(&RingType) < 0)
+    if (PyType_Ready(&RingType) < 0 || PyType_Ready(&FeedType) < 0)
         return NULL;
     PyObject *module = PyModule_Create(&accel_module);
     if (module == NULL)
         return NULL;
     Py_INCREF(&RingType);
-    if (PyModule_AddObject(module, "Ring", (PyObject *)&RingType) < 0) {
-        Py_DECREF(&RingType);
+    Py_INCREF(&FeedType);
+    if (PyModule_AddObject(module, "Ring", (PyObject *)&RingType) < 0
+            || PyModule_AddObject(module, "Feed", (PyObject *)&FeedType) < 0) {
         Py_DECREF(module);
         return NULL;
     }

@@ -35,6 +35,11 @@ class _Target(NamedTuple):
     err_channel_id: int
 
 
+# The C loop over a feed's rings; without the accelerator _fast_plan is always None.
+offer_all: Any = _ring._accel.offer_all if _ring._accel is not None else None
+ACCEL_WORDS = (L.SEND_LOCK_OWNER, L.FEED_CLOSED, L.SUB_VERSION, L.SENDS, L.DELIVERED, L.LAST_SENDER_PID)
+
+
 def _entry_word(entry: int) -> int:
     """Index of an entry's first word in the table view."""
     return entry * L.FEED_ENTRY_WORDS
@@ -57,6 +62,14 @@ class FeedCore(AttachedSegment):
         self._targets_version = -1
         self._targets: tuple[_Target, ...] = ()
         self._channels: dict[int, _ring.ChannelCore] = {}
+        # For the C send: (table version, targets, their C rings, the longest payload all of
+        # them take inline), one tuple so that threads read it whole; None if a target has
+        # no C ring.
+        self._fast_plan: tuple[int, tuple[_Target, ...], tuple[Any, ...], int] | None = None
+        self._fast: Any = None  # the C send of the feed (see FeedCore.send)
+        if _ring._accel is not None and not isinstance(send_lock, _shm.BoundedLock):
+            send_lock_name = _names.lock_semaphore(namespace, int(self.words[L.SEND_LOCK_ID]))
+            self._fast = _ring._accel.Feed(mapping, send_lock_name, L.HEADER_BYTES, ACCEL_WORDS)
         self._is_sender = False
         self._refresh_type()
 
@@ -150,6 +163,7 @@ class FeedCore(AttachedSegment):
             _feeds.pop((self.namespace, self.key), None)
         self._channels.clear()
         self._targets = ()
+        self._fast_plan = None
 
     def unlink_names(self) -> None:
         """Remove the feed's locks, then its segment, from /dev/shm (DESTROYED set).
@@ -162,6 +176,11 @@ class FeedCore(AttachedSegment):
 
     def _views(self) -> list[memoryview]:
         return [self.words, self.table, self.buffer]
+
+    def _close_local(self) -> None:
+        if self._fast is not None:
+            self._fast.release()  # its hold on the mapping first, or the mapping stays
+        super()._close_local()
 
     def _semaphores(self) -> list[Any]:
         return [self.lock, self.send_lock]
@@ -298,6 +317,9 @@ class FeedCore(AttachedSegment):
             targets.append(_Target(entry, sub_id, core, err_channel_id))
         self._channels = channels
         self._targets = tuple(targets)
+        rings = tuple(target.core._fast for target in targets)
+        inline_limit = min((target.core.inline_limit for target in targets), default=-1)
+        self._fast_plan = (version, self._targets, rings, inline_limit) if rings and None not in rings else None
         self._targets_version = version
         for entry, sub_id, channel_id, err_channel_id in gone:
             self.end_subscription(entry, sub_id, channel_id, err_channel_id)
@@ -317,40 +339,65 @@ class FeedCore(AttachedSegment):
         """Deliver one encoded value to every subscribed channel; returns how many took it."""
         if not self._is_sender:
             self._register_sender()
+        size = len(payload)
+        answer = -1
+        plan = self._fast_plan
+        if plan is not None and size <= plan[3] and self._fast is not None:
+            # All of it in C when nothing unusual happens (see _accel.c, Feed.send); when
+            # it answers i >= 0 it still holds the send lock and we go on from ring i.
+            answer = self._fast.send(plan[2], payload, _ring._pid, plan[0])
+            if answer == -2:
+                return len(plan[2])
         words = self.words
         send_lock = self.send_lock
-        send_lock.acquire()
-        words[L.SEND_LOCK_OWNER] = _ring._pid
+        if answer == -1:
+            send_lock.acquire()
+            words[L.SEND_LOCK_OWNER] = _ring._pid
         spill: _ring.Spill | None = None
         try:
-            if words[L.FEED_CLOSED]:
+            if words[L.FEED_CLOSED] and answer == -1:
                 raise FeedClosed(f"shmfeed: send on closed feed {self._label()}")
             delivered = 0
             waiting: list[tuple[_Target, int, bytes]] = []
-            size = len(payload)
-            for target in self.targets():
-                core = target.core
-                if size <= core.inline_limit:
-                    kind, record = _ring.KIND_DATA, payload
-                    outcome = core.offer_fast(payload)
-                else:
-                    if spill is None:
-                        spill = _ring.Spill(self.namespace, payload)
-                    kind = _ring.KIND_SPILL
-                    record = _ring.SPILL_REFERENCE.pack(*spill.link_into(core.namespace, core.channel_id))
-                    outcome = core.offer(kind, record)
-                if outcome == _ring.DELIVERED:
-                    delivered += 1
-                elif outcome == _ring.FULL:
-                    if core.overflow == "evict":
-                        self._evict(target)
-                        _discard_record(core, kind, record)
+            if answer == -1:
+                targets = self.targets()
+                plan = self._fast_plan
+                if plan is not None and plan[1] is not targets:
+                    plan = None  # rebuilt meanwhile by another thread: the Python loop
+            else:
+                assert plan is not None  # the C send went through it (it checked the version)
+                targets = plan[1]
+            if plan is not None and size <= plan[3]:
+                rings = plan[2]
+                # The C loop writes to every ring it can and stops at each one that needs
+                # more: a wake-up, or the Python path (full, closed, ...).
+                start = 0
+                delivered = len(targets)
+                if answer == -1:
+                    answer = offer_all(rings, payload, _ring._pid, 0)
+                while answer >= 0:
+                    target = targets[answer >> 1]
+                    if answer & 1:
+                        target.core._wake(L.RECV_WAITLIST_WORD, L.RECV_WAITING)
                     else:
-                        waiting.append((target, kind, record))
-                else:
-                    if outcome == _ring.CLOSED:
-                        self._end(target)
-                    _discard_record(core, kind, record)
+                        delivered -= 1
+                        outcome = target.core.offer(_ring.KIND_DATA, payload)
+                        delivered += self._settle(target, outcome, _ring.KIND_DATA, payload, waiting)
+                    start = (answer >> 1) + 1
+                    answer = offer_all(rings, payload, _ring._pid, start)
+            else:
+                for target in targets:
+                    core = target.core
+                    if size <= core.inline_limit:
+                        kind, record = _ring.KIND_DATA, payload
+                        outcome = core.offer_fast(payload)
+                    else:
+                        if spill is None:
+                            spill = _ring.Spill(self.namespace, payload)
+                        kind = _ring.KIND_SPILL
+                        record = _ring.SPILL_REFERENCE.pack(*spill.link_into(core.namespace, core.channel_id))
+                        outcome = core.offer(kind, record)
+                    delivered += self._settle(target, outcome, kind, record, waiting)
             if waiting:
                 delivered += self._send_waiting(waiting)
             words[L.SENDS] += 1
@@ -362,6 +409,25 @@ class FeedCore(AttachedSegment):
             send_lock.release()
             if spill is not None:
                 spill.close()
+
+    def _settle(
+        self, target: _Target, outcome: int, kind: int, record: bytes, waiting: list[tuple[_Target, int, bytes]]
+    ) -> int:
+        """Act on one target's first offer; 1 if it took the value (feed send lock held)."""
+        if outcome == _ring.DELIVERED:
+            return 1
+        core = target.core
+        if outcome == _ring.FULL:
+            if core.overflow == "evict":
+                self._evict(target)
+                _discard_record(core, kind, record)
+            else:
+                waiting.append((target, kind, record))  # delivered (or not) by _send_waiting
+        else:
+            if outcome == _ring.CLOSED:
+                self._end(target)
+            _discard_record(core, kind, record)
+        return 0
 
     def _send_waiting(self, waiting: list[tuple[_Target, int, bytes]]) -> int:
         """Wait until each full channel took the value or its subscription ended."""
