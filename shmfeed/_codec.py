@@ -100,14 +100,48 @@ class _ThreadState(threading.local):
 _state = _ThreadState()
 
 
+_SCAN_LIMIT = 64 * 1024  # larger output: look at the value, not the bytes, if it is small
+_WALK_BUDGET = 1024  # containers and items looked at before falling back to the scan
+
+
 def _checked(packer: msgpack.Packer, out: bytes, value: Any) -> bytes:
     # strict_types still packs bytearray and memoryview as bin, which would decode as
-    # bytes. Bin markers are rare in hot-path output, so scan (memchr) and only then walk.
-    if 0xC4 in out or 0xC5 in out or 0xC6 in out:
+    # bytes. Bin markers are rare in small output, so scan it (memchr) and only then walk
+    # the value; in large output (a big blob) the scans cost more than the pack itself,
+    # while the value is usually a few items: walk those first.
+    if len(out) > _SCAN_LIMIT:
+        found = _has_buffers(value)
+        if found is None:
+            found = 0xC4 in out or 0xC5 in out or 0xC6 in out
+    else:
+        found = 0xC4 in out or 0xC5 in out or 0xC6 in out
+    if found:
         fixed = _fix_buffers(value)
         if fixed is not value:
             return packer.pack(fixed)
     return out
+
+
+def _has_buffers(value: Any) -> bool | None:
+    """Whether ``value`` holds a bytearray or memoryview; None if it is too big to tell cheaply."""
+    budget = _WALK_BUDGET
+    pending = [value]
+    while pending:
+        item = pending.pop()
+        kind = type(item)
+        if kind is bytearray or kind is memoryview:
+            return True
+        if kind is dict:
+            pending.extend(item.keys())
+            pending.extend(item.values())
+        elif kind is list:
+            pending.extend(item)
+        else:
+            continue
+        budget -= 1 + len(item)
+        if budget < 0:
+            return None
+    return False
 
 
 def _fix_buffers(v: Any) -> Any:
