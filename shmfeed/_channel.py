@@ -315,7 +315,7 @@ class Channel(TypeArgument, Generic[T]):
 Channel.__module__ = "shmfeed"
 
 
-async def _poll_async(core: _ring.ChannelCore, timeout: float | None) -> bytes:
+async def _poll_async(core: _ring.ChannelCore, timeout: float | None) -> bytes | memoryview:
     """Wait in the event loop until ``core`` has a value; return its encoded bytes."""
     import asyncio  # here, not at the top: most users (and the registry) never need it
 

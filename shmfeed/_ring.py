@@ -423,8 +423,8 @@ class ChannelCore(AttachedSegment):
         words[L.DISCARDED] = min(L.U64_MAX, words[L.DISCARDED] + max(0, sent - words[L.RECEIVED]))
         words[L.RECEIVED] = sent
 
-    def _materialise(self, kind: int, data: bytes) -> bytes:
-        """The encoded value of a record (reads and frees a spill file)."""
+    def _materialise(self, kind: int, data: bytes) -> bytes | memoryview:
+        """The encoded value of a record (reads a spill file: see ``_spill.read``)."""
         if kind == KIND_DATA:
             return data
         if len(data) != SPILL_REFERENCE.size:
@@ -432,7 +432,7 @@ class ChannelCore(AttachedSegment):
         spill_id, size = SPILL_REFERENCE.unpack(data)
         path = _names.spill_file(self.namespace, self.channel_id, spill_id)
         try:
-            value = _spill.read_and_unlink(path, size)
+            value = _spill.read(path, size)
         except (OSError, ValueError) as error:
             raise ChannelCorruptError(
                 f"shmfeed: channel {self.channel_id:016x}: a large value's file is missing ({error})"
@@ -606,7 +606,7 @@ class ChannelCore(AttachedSegment):
         spill_id, _ = SPILL_REFERENCE.unpack(record)
         _unlink_file(_names.spill_file(self.namespace, self.channel_id, spill_id))
 
-    def poll_fast(self) -> bytes | None:
+    def poll_fast(self) -> bytes | memoryview | None:
         """The common case of ``poll``: an inline record is waiting (the hot path, inlined)."""
         fast = self._fast
         if fast is not None:
@@ -644,7 +644,7 @@ class ChannelCore(AttachedSegment):
             self._wake(L.SEND_WAITLIST_WORD, L.SEND_WAITING)
         return data
 
-    def poll(self, waker: _waker.Waker | None = None) -> bytes | None:
+    def poll(self, waker: _waker.Waker | None = None) -> bytes | memoryview | None:
         """Take one encoded value if there is one.
 
         Returns None if empty (registering ``waker`` in the receive wait list, then
@@ -684,7 +684,7 @@ class ChannelCore(AttachedSegment):
     def forget_receiver(self, waker: _waker.Waker) -> None:
         self._waitlist_remove(L.RECV_WAITLIST_WORD, L.RECV_WAITING, waker)
 
-    def take(self, timeout: float | None) -> bytes:
+    def take(self, timeout: float | None) -> bytes | memoryview:
         """Blocking receive of one encoded value. Raises ChannelClosed or TimeoutError."""
         data = self.poll_fast()
         if data is not None:

@@ -156,12 +156,20 @@ class Spill:
             self.file = None
 
 
-def read_and_unlink(path: str, size: int) -> bytes:
-    """A receiver's read of its link, which it then removes.
+def read(path: str, size: int) -> bytes | memoryview:
+    """A receiver's read of its link to a large value.
+
+    Small and very large values are read into bytes and the link removed at once. Others
+    come as a view of the file mapped in this process, decoded in place: the link must
+    outlive that decoding (while it exists no sender rewrites the file), so it is removed
+    at this thread's next large read or when the process lets go of the namespace (and
+    with the channel in any case).
 
     Raises OSError if the file is missing, ValueError if it does not hold ``size`` bytes
     (a size read from shared memory is never trusted with an allocation).
     """
+    unlink_deferred()  # what this thread read before is decoded by now
+    keep_link = False
     try:
         descriptor = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         try:
@@ -173,11 +181,47 @@ def read_and_unlink(path: str, size: int) -> bytes:
                 with open(descriptor, "rb", buffering=0, closefd=False) as spill:
                     return spill.read(size)
             with _reader_lock:
-                return _mapped(descriptor, (info.st_dev, info.st_ino, size))[:size]
+                view = memoryview(_mapped(descriptor, (info.st_dev, info.st_ino, size)))[:size]
+            keep_link = True
+            return view
         finally:
             os.close(descriptor)
     finally:
-        _unlink(path)
+        if keep_link:
+            _deferred_links().append(path)
+        else:
+            _unlink(path)
+
+
+class _DeferredLinks(threading.local):
+    def __init__(self) -> None:
+        self.paths: list[str] = []
+
+
+_deferred_lock = threading.Lock()
+_deferred = _DeferredLinks()
+_all_deferred: list[list[str]] = []  # the threads' lists that hold links, for release_pools
+
+
+def _deferred_links() -> list[str]:
+    paths = _deferred.paths
+    if not paths:
+        with _deferred_lock:
+            _all_deferred.append(paths)
+    return paths
+
+
+def unlink_deferred(every_thread: bool = False) -> None:
+    """Remove the links kept for values read in place (this thread's, or every thread's)."""
+    mine = _deferred.paths
+    if not (mine or every_thread):
+        return
+    with _deferred_lock:
+        lists = list(_all_deferred) if every_thread else [mine]
+        for paths in lists:
+            while paths:
+                _unlink(paths.pop())
+        _all_deferred[:] = [paths for paths in _all_deferred if paths]  # by identity, not ==
 
 
 _reader_lock = threading.Lock()
@@ -213,10 +257,19 @@ def _mapped(descriptor: int, key: tuple[int, int, int]) -> mmap.mmap:
     return mapping
 
 
+_retired: list[tuple[int, mmap.mmap]] = []  # forgotten while a view was still being decoded
+
+
 def _forget_mapping(key: tuple[int, int, int]) -> None:
-    kept, mapping = _reader_maps.pop(key)
-    mapping.close()
-    os.close(kept)
+    _retired.append(_reader_maps.pop(key))
+    for entry in list(_retired):
+        kept, mapping = entry
+        try:
+            mapping.close()
+        except BufferError:
+            continue  # a view of it is alive: try again at the next forgetting
+        _retired.remove(entry)
+        os.close(kept)
 
 
 def forget_reader_mappings() -> None:
@@ -233,14 +286,19 @@ def release_pools(namespace: str | None = None) -> None:
             for entry in _pools.pop(key):
                 entry.close()
                 _unlink(entry.path)
+    unlink_deferred(every_thread=True)
     forget_reader_mappings()
 
 
 def _forget_after_fork() -> None:
     # The parent's pool files are the parent's: the child makes its own (named by its pid).
-    global _pool_lock, _reader_lock
+    global _pool_lock, _reader_lock, _deferred_lock
     _pool_lock = threading.Lock()
     _reader_lock = threading.Lock()
+    _deferred_lock = threading.Lock()
+    for paths in _all_deferred:
+        paths.clear()  # the parent's reads: the parent removes those links
+    _all_deferred.clear()
     for pool in _pools.values():
         for entry in pool:
             entry.close()
