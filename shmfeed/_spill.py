@@ -36,6 +36,11 @@ READER_MAPPED_BYTES = 128 << 20  # ... holding no more than this
 READER_MAP_MIN = 64 << 10  # smaller files are simply read
 
 
+try:
+    from ._accel import copy_into as _copy_into  # type: ignore[import-not-found]
+except ImportError:
+    _copy_into = None
+
 MALLOC_OPT_OUT_ENV = "SHMFEED_NO_MALLOC_TUNING"
 _malloc_tuned = False
 
@@ -148,7 +153,10 @@ class Spill:
         if file.mapping is None and size:
             file.mapping = mmap.mmap(file.descriptor, size)
         if file.mapping is not None:
-            file.mapping[:size] = self.payload
+            if _copy_into is not None:
+                _copy_into(file.mapping, self.payload)
+            else:
+                file.mapping[:size] = self.payload
 
     def close(self) -> None:
         if self.file is not None:
