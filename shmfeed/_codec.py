@@ -106,14 +106,13 @@ _WALK_BUDGET = 1024  # containers and items looked at before falling back to the
 
 def _checked(packer: msgpack.Packer, out: bytes, value: Any) -> bytes:
     # strict_types still packs bytearray and memoryview as bin, which would decode as
-    # bytes. Bin markers are rare in small output, so scan it (memchr) and only then walk
-    # the value; in large output (a big blob) the scans cost more than the pack itself,
-    # while the value is usually a few items: walk those first.
-    if len(out) > _SCAN_LIMIT:
-        found = _has_buffers(value)
-        if found is None:
-            found = 0xC4 in out or 0xC5 in out or 0xC6 in out
-    else:
+    # bytes. Bin markers are rare in small output, so scan it (memchr) and only then look
+    # at the value; in large output (a big blob) the scans cost more than the pack itself,
+    # while the value is usually a few items: look at those first.
+    if len(out) <= _SCAN_LIMIT and not (0xC4 in out or 0xC5 in out or 0xC6 in out):
+        return out
+    found = _has_buffers(value)
+    if found is None:  # too big to walk cheaply: trust the bytes
         found = 0xC4 in out or 0xC5 in out or 0xC6 in out
     if found:
         fixed = _fix_buffers(value)
@@ -122,23 +121,34 @@ def _checked(packer: msgpack.Packer, out: bytes, value: Any) -> bytes:
     return out
 
 
+
 def _has_buffers(value: Any) -> bool | None:
-    """Whether ``value`` holds a bytearray or memoryview; None if it is too big to tell cheaply."""
+    """Whether ``value`` holds a bytearray or memoryview where msgpack would see it (in
+    dicts and lists; other containers go through ``_default``); None if it is too big to
+    tell cheaply."""
+    kind = type(value)
+    if kind is bytearray or kind is memoryview:
+        return True
     budget = _WALK_BUDGET
     pending = [value]
     while pending:
         item = pending.pop()
-        kind = type(item)
-        if kind is bytearray or kind is memoryview:
-            return True
-        if kind is dict:
-            pending.extend(item.keys())
-            pending.extend(item.values())
-        elif kind is list:
-            pending.extend(item)
-        else:
-            continue
-        budget -= 1 + len(item)
+        if type(item) is dict:
+            budget -= len(item)
+            for key, member in item.items():
+                kind = type(member)
+                if kind is bytearray or kind is memoryview or type(key) is memoryview:
+                    return True
+                if kind is dict or kind is list:
+                    pending.append(member)
+        elif type(item) is list:
+            budget -= len(item)
+            for member in item:
+                kind = type(member)
+                if kind is bytearray or kind is memoryview:
+                    return True
+                if kind is dict or kind is list:
+                    pending.append(member)
         if budget < 0:
             return None
     return False

@@ -217,3 +217,18 @@ def block_in_select(results: shmfeed.Channel, a: shmfeed.Channel, b: shmfeed.Cha
     results.send(("blocking", "select", os.getpid()))
     channel, value = shmfeed.select(a, b)
     results.send(("woke", "select", "a" if channel == a else "b" if channel == b else "?", value))
+
+
+# --- 16. many large values, each checked ---------------------------------------------------------------
+
+
+def large_value(seq: int, size: int) -> bytes:
+    """A value whose every byte depends on ``seq``: a stale or torn read shows."""
+    return hashlib.shake_256(seq.to_bytes(8, "little")).digest(size)
+
+
+@reporting
+def check_large_values(results: shmfeed.Channel, channel: shmfeed.Channel, n: int, size: int) -> None:
+    results.send(("ready", os.getpid()))
+    bad = [seq for seq in range(n) if channel.recv(timeout=RECV_TIMEOUT) != large_value(seq, size)]
+    results.send(("checked", os.getpid(), bad))

@@ -1,0 +1,173 @@
+"""The optional C hot path (``shmfeed/_accel.c``), its pure-Python twin, and large values.
+
+The C path must behave exactly like the Python one, so the core tests run a second time
+with ``SHMFEED_PURE_PYTHON=1``; the C entry points are also checked directly on the
+edges where C could go wrong (released objects, bad arguments, odd sizes).
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+import _workers as W
+import shmfeed
+from shmfeed import _ring, _spill
+
+TESTS = os.path.dirname(os.path.abspath(__file__))
+
+
+def test_the_accelerator_is_built_and_used() -> None:
+    if os.environ.get("SHMFEED_PURE_PYTHON"):
+        assert _ring._accel is None
+        return
+    if shutil.which("cc") is None and shutil.which("gcc") is None:
+        pytest.skip("no C compiler here: the pure-Python path is the one in use")
+    assert _ring._accel is not None, "shmfeed/_accel.c was not built (see setup.py)"
+    channel = shmfeed.Channel(int)
+    assert channel._live_core()._fast is not None
+    feed = shmfeed.Feed(int)
+    sub = feed.subscribe(channel)
+    assert feed.send(5) == 1 and channel.recv(timeout=5) == 5
+    assert feed._open()._fast_plan is not None  # the whole send ran in C
+    sub.unsubscribe()
+    channel.close()
+
+
+@pytest.mark.timeout(240)
+def test_core_suites_pass_on_the_pure_python_path() -> None:
+    environment = {**os.environ, "SHMFEED_PURE_PYTHON": "1"}
+    environment.pop("SHMFEED_NAMESPACE", None)  # each test there makes its own
+    suites = ["test_channel.py", "test_feed.py", "test_overflow.py", "test_bad_input.py", "test_accel.py"]
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
+         "-k", "not pure_python_path", *suites],
+        cwd=TESTS, env=environment, capture_output=True, text=True, timeout=220,
+    )
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
+    assert " passed" in run.stdout
+
+
+needs_accel = pytest.mark.skipif(_ring._accel is None, reason="the C path is not built")
+
+
+@needs_accel
+def test_a_released_ring_raises_instead_of_touching_unmapped_memory() -> None:
+    channel = shmfeed.Channel(int)
+    core = channel._live_core()
+    fast = core._fast
+    core.release()
+    with pytest.raises(ValueError, match="released"):
+        fast.offer(b"\x01", os.getpid())
+    with pytest.raises(ValueError, match="released"):
+        fast.poll(os.getpid())
+    fast.release()  # idempotent
+
+
+@needs_accel
+def test_bad_arguments_to_the_c_entry_points_are_clean_errors() -> None:
+    accel = _ring._accel
+    channel = shmfeed.Channel(int)
+    core = channel._live_core()
+    with pytest.raises(TypeError):
+        core._fast.offer("text", os.getpid())  # not a buffer
+    with pytest.raises(TypeError):
+        core._fast.offer(b"x")
+    with pytest.raises(OverflowError):
+        core._fast.poll(-1)
+    with pytest.raises(TypeError):
+        accel.offer_all([core._fast], b"x", 1, 0)  # a list, not a tuple
+    with pytest.raises(TypeError):
+        accel.offer_all((object(),), b"x", 1, 0)
+    with pytest.raises(ValueError):
+        accel.Ring(mmap.mmap(-1, 4096), "/nope", "/nope", 4096, 4096, tuple(range(10)))  # too small
+    with pytest.raises(ValueError):
+        accel.Ring(core.mapping, "/nope", "/nope", 4096, core.ring_bytes, (9999,) * 10)  # outside
+    with pytest.raises(OSError):
+        accel.Ring(core.mapping, "/sf.no-such-lock", "/sf.no-such-lock", 4096, core.ring_bytes,
+                   _ring.ACCEL_WORDS)
+    with pytest.raises(ValueError):
+        accel.copy_into(bytearray(3), b"four")
+    channel.send(7)  # the channel is unharmed
+    assert channel.recv(timeout=5) == 7
+    channel.close()
+
+
+@needs_accel
+@pytest.mark.parametrize("size", [0, 1, 15, 16, 63, 64, 65, 4095, 100_003])
+def test_copy_into_copies_exactly(size: int) -> None:
+    source = W.large_value(size, size)
+    for shift in (0, 1, 8):
+        destination = bytearray(size + shift + 5)
+        view = memoryview(destination)[shift:]
+        _ring._accel.copy_into(view, source)
+        view.release()
+        assert destination[shift : shift + size] == source
+        assert destination[:shift] == bytes(shift) and destination[shift + size :] == bytes(5)
+
+
+@needs_accel
+def test_odd_record_sizes_round_trip_through_the_c_ring() -> None:
+    channel = shmfeed.Channel(capacity=64, buffer_size=4096)
+    for round_ in range(20):  # many wraps of a small ring
+        values = [b"x" * ((round_ * 7 + i) % 200) for i in range(9)]
+        for value in values:
+            channel.send(value, timeout=5)
+        assert [channel.recv(timeout=5) for _ in values] == values
+    channel.close()
+
+
+@pytest.mark.timeout(180)
+def test_large_values_survive_pool_reuse_and_in_place_reads(mp_context, namespace) -> None:
+    """Enough large values that spill files go round the sender's pool many times while two
+    receivers read them in place: any stale, torn or early-reused read shows as a mismatch."""
+    n, size = 120, 300_000
+    feed = shmfeed.Feed()
+    channels = [shmfeed.Channel(capacity=3) for _ in range(2)]
+    subs = [feed.subscribe(channel) for channel in channels]
+    results = shmfeed.Channel()
+    processes = [mp_context.Process(target=W.check_large_values, args=(namespace, results, c, n, size))
+                 for c in channels]
+    try:
+        for process in processes:
+            process.start()
+        assert [results.recv(timeout=60)[0] for _ in processes] == ["ready", "ready"]
+        for seq in range(n):
+            assert feed.send(W.large_value(seq, size)) == 2
+        reports = [results.recv(timeout=120) for _ in processes]
+        assert [r[0] for r in reports] == ["checked", "checked"], reports
+        assert [r[2] for r in reports] == [[], []]
+        for process in processes:
+            process.join(30)
+        assert [p.exitcode for p in processes] == [0, 0]
+    finally:
+        for process in processes:
+            if process.is_alive():
+                process.kill()
+                process.join()
+    for sub in subs:
+        sub.unsubscribe()
+
+
+def test_a_value_read_in_place_keeps_its_link_until_the_next_large_read(namespace) -> None:
+    channel = shmfeed.Channel(capacity=4)
+    first, second = W.large_value(1, 200_000), W.large_value(2, 200_000)
+    channel.send(first)
+    channel.send(second)
+
+    def links() -> list[str]:
+        return [name for name in os.listdir("/dev/shm") if ".x" in name and f"c{channel._channel_id:016x}" in name]
+
+    assert len(links()) == 2
+    assert channel.recv(timeout=5) == first
+    assert len(links()) == 2  # the first is kept while it could still be being decoded
+    assert channel.recv(timeout=5) == second
+    assert len(links()) == 1  # ... and goes at the next large read
+    _spill.unlink_deferred()
+    assert links() == []
+    channel.close()
