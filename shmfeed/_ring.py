@@ -703,6 +703,7 @@ class ChannelCore(AttachedSegment):
                 return data
         waker = _waker.current_waker(self.namespace)
         deadline = None if timeout is None else time.monotonic() + timeout
+        fast = self._fast
         try:
             while True:
                 data = self.poll(waker)
@@ -714,7 +715,14 @@ class ChannelCore(AttachedSegment):
                     raise TimeoutError(
                         f"shmfeed: nothing received on channel {self.channel_id:016x} in {timeout} s"
                     )
-                waker.wait(remaining)
+                if waker.wait(remaining) and fast is not None:
+                    # Woken by a send (which emptied the wait list): the C path first.
+                    data = fast.poll(_pid)
+                    if data is not None:
+                        if self.words[L.SEND_WAITING]:
+                            self._wake(L.SEND_WAITLIST_WORD, L.SEND_WAITING)
+                        self._taken_since_empty = 1
+                        return data
         finally:
             self.forget_receiver(waker)
             waker.drain()

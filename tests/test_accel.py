@@ -29,9 +29,9 @@ def test_the_accelerator_is_built_and_used() -> None:
     if shutil.which("cc") is None and shutil.which("gcc") is None:
         pytest.skip("no C compiler here: the pure-Python path is the one in use")
     assert _ring._accel is not None, "shmfeed/_accel.c was not built (see setup.py)"
-    channel = shmfeed.Channel(int)
+    channel = shmfeed.Channel[int]()
     assert channel._live_core()._fast is not None
-    feed = shmfeed.Feed(int)
+    feed = shmfeed.Feed[int]()
     sub = feed.subscribe(channel)
     assert feed.send(5) == 1 and channel.recv(timeout=5) == 5
     assert feed._open()._fast_plan is not None  # the whole send ran in C
@@ -58,7 +58,7 @@ needs_accel = pytest.mark.skipif(_ring._accel is None, reason="the C path is not
 
 @needs_accel
 def test_a_released_ring_raises_instead_of_touching_unmapped_memory() -> None:
-    channel = shmfeed.Channel(int)
+    channel = shmfeed.Channel[int]()
     core = channel._live_core()
     fast = core._fast
     core.release()
@@ -72,7 +72,7 @@ def test_a_released_ring_raises_instead_of_touching_unmapped_memory() -> None:
 @needs_accel
 def test_bad_arguments_to_the_c_entry_points_are_clean_errors() -> None:
     accel = _ring._accel
-    channel = shmfeed.Channel(int)
+    channel = shmfeed.Channel[int]()
     core = channel._live_core()
     with pytest.raises(TypeError):
         core._fast.offer("text", os.getpid())  # not a buffer
