@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import time
 from typing import Callable
 
 import posix_ipc
@@ -81,10 +82,32 @@ def unlink_segment(name: str) -> None:
     _unlink_quietly(name)
 
 
+class Semaphore(posix_ipc.Semaphore):
+    """A posix_ipc semaphore whose ``acquire`` goes on waiting after a signal.
+
+    ``sem_wait`` is never restarted after a signal handler ran, and posix_ipc then raises
+    ``SignalError``: a SIGCHLD or SIGALRM handler would otherwise fail whatever held the
+    wait (a release at exit left a segment half-destroyed this way). The handler itself
+    runs, and may raise (KeyboardInterrupt), before the next try.
+    """
+
+    __slots__ = ()
+
+    def acquire(self, timeout: float | None = None) -> None:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            try:
+                super().acquire(timeout)
+                return
+            except posix_ipc.SignalError:
+                if deadline is not None:
+                    timeout = max(0.0, deadline - time.monotonic())
+
+
 def create_semaphore(name: str, initial_value: int) -> posix_ipc.Semaphore:
     """Create a new named semaphore (the name must be fresh)."""
     try:
-        return posix_ipc.Semaphore(name, posix_ipc.O_CREX, MODE, initial_value)
+        return Semaphore(name, posix_ipc.O_CREX, MODE, initial_value)
     except posix_ipc.Error as error:
         raise SharedObjectError(f"shmfeed: cannot create semaphore {name!r}: {error}") from error
 
@@ -92,7 +115,7 @@ def create_semaphore(name: str, initial_value: int) -> posix_ipc.Semaphore:
 def open_semaphore(name: str) -> posix_ipc.Semaphore | None:
     """Open an existing named semaphore; None if it does not exist."""
     try:
-        return posix_ipc.Semaphore(name)
+        return Semaphore(name)
     except posix_ipc.ExistentialError:
         return None
     except posix_ipc.Error as error:
