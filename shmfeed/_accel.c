@@ -18,6 +18,7 @@
 #include <fcntl.h>
 #include <semaphore.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <string.h>
 #if defined(__x86_64__) && defined(__SSE2__)
 #include <emmintrin.h>
@@ -28,8 +29,11 @@
 /* Word indices into the channel header, in the order Python passes them. */
 enum {
     W_WRITE_POS, W_READ_POS, W_SENT, W_RECEIVED, W_CLOSED, W_CAPACITY,
-    W_LOCK_OWNER, W_RECV_LOCK_OWNER, W_RECV_WAITING, W_SEND_WAITING, W_COUNT
+    W_LOCK_OWNER, W_RECV_LOCK_OWNER, W_RECV_WAITING, W_SEND_WAITING, W_WAIT_LOCK_OWNER, W_COUNT
 };
+
+#define WAKER_CACHE 8
+#define WAKER_PREFIX_MAX 200
 
 typedef struct {
     PyObject_HEAD
@@ -37,10 +41,17 @@ typedef struct {
     int has_view;
     sem_t *send_lock;
     sem_t *recv_lock;
+    sem_t *wait_lock;
     unsigned char *ring;   /* first byte of the ring (after the header) */
     uint64_t *words;       /* the header as u64 words */
     uint64_t ring_bytes;
+    Py_ssize_t header_words;
+    Py_ssize_t waitlist_slots;
     Py_ssize_t index[W_COUNT];
+    char waker_prefix[WAKER_PREFIX_MAX];  /* a waker's semaphore name, less its hex id */
+    uint64_t waker_ids[WAKER_CACHE];      /* wakers posted lately, and their handles */
+    sem_t *wakers[WAKER_CACHE];
+    int next_victim;
 } Ring;
 
 static inline uint64_t load(const Ring *self, int which) {
@@ -238,6 +249,72 @@ static PyObject *Ring_poll(Ring *self, PyObject *pid_object) {
     return data;
 }
 
+/* Post the semaphore of waker ``id`` (opened once, then kept in a small cache); a waker
+ * whose semaphore is gone (its thread ended) is skipped, as in _waker.post. */
+static void post_waker(Ring *self, uint64_t id) {
+    for (int i = 0; i < WAKER_CACHE; i++) {
+        if (self->wakers[i] && self->waker_ids[i] == id) {
+            sem_post(self->wakers[i]);
+            return;
+        }
+    }
+    char name[WAKER_PREFIX_MAX + 17];
+    snprintf(name, sizeof name, "%s%016llx", self->waker_prefix, (unsigned long long)id);
+    sem_t *semaphore = sem_open(name, 0);
+    if (semaphore == SEM_FAILED)
+        return;
+    sem_post(semaphore);
+    int victim = self->next_victim;
+    self->next_victim = (victim + 1) % WAKER_CACHE;
+    if (self->wakers[victim])
+        sem_close(self->wakers[victim]);
+    self->wakers[victim] = semaphore;
+    self->waker_ids[victim] = id;
+}
+
+/* Ring.wake(first_word, count_word, pid): post every waker of one wait list, then empty
+ * it, under the wait-list lock; the same steps, in the same order, as ChannelCore._wake
+ * (posts before the clearing: a process killed half-way leaves the rest for recovery). */
+static PyObject *Ring_wake(Ring *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "wake(first_word, count_word, pid)");
+        return NULL;
+    }
+    Py_ssize_t first = PyLong_AsSsize_t(args[0]);
+    Py_ssize_t count_word = PyLong_AsSsize_t(args[1]);
+    uint64_t pid = PyLong_AsUnsignedLongLong(args[2]);
+    if (PyErr_Occurred())
+        return NULL;
+    if (first < 0 || first + self->waitlist_slots > self->header_words || count_word < 0
+            || count_word >= self->header_words) {
+        PyErr_SetString(PyExc_ValueError, "wake: the wait list lies outside the header");
+        return NULL;
+    }
+    if (check_open(self) < 0 || lock(self, self->wait_lock) < 0)
+        return NULL;
+    store(self, W_WAIT_LOCK_OWNER, pid);
+    uint64_t *words = self->words;
+    uint64_t remaining = __atomic_load_n(&words[count_word], __ATOMIC_ACQUIRE);
+    for (Py_ssize_t i = 0; remaining && i < self->waitlist_slots; i++) {
+        uint64_t id = __atomic_load_n(&words[first + i], __ATOMIC_RELAXED);
+        if (id) {
+            post_waker(self, id);
+            remaining--;
+        }
+    }
+    remaining = __atomic_load_n(&words[count_word], __ATOMIC_RELAXED);
+    for (Py_ssize_t i = 0; remaining && i < self->waitlist_slots; i++) {
+        if (__atomic_load_n(&words[first + i], __ATOMIC_RELAXED)) {
+            __atomic_store_n(&words[first + i], 0, __ATOMIC_RELAXED);
+            remaining--;
+        }
+    }
+    __atomic_store_n(&words[count_word], 0, __ATOMIC_RELEASE);
+    store(self, W_WAIT_LOCK_OWNER, 0);
+    sem_post(self->wait_lock);
+    Py_RETURN_NONE;
+}
+
 static PyObject *Ring_release(Ring *self, PyObject *Py_UNUSED(ignored)) {
     if (self->has_view) {
         self->has_view = 0;
@@ -279,18 +356,26 @@ static int parse_indices(PyObject *indices, Py_ssize_t count, Py_ssize_t header_
     return 0;
 }
 
-/* Ring(mapping, send_lock_name, recv_lock_name, header_bytes, ring_bytes, indices) */
+/* Ring(mapping, send_lock_name, recv_lock_name, wait_lock_name, waker_prefix, header_bytes,
+ *      ring_bytes, waitlist_slots, indices) */
 static int Ring_init(Ring *self, PyObject *args, PyObject *kwargs) {
-    PyObject *mapping, *send_name, *recv_name, *indices;
-    Py_ssize_t header_bytes;
+    PyObject *mapping, *send_name, *recv_name, *wait_name, *indices;
+    const char *waker_prefix;
+    Py_ssize_t header_bytes, waitlist_slots;
     unsigned long long ring_bytes;
-    if (self->has_view || self->send_lock || self->recv_lock) {
+    if (self->has_view || self->send_lock || self->recv_lock || self->wait_lock) {
         PyErr_SetString(PyExc_TypeError, "Ring is initialised once");
         return -1;
     }
-    if (!PyArg_ParseTuple(args, "OUUnKO!:Ring", &mapping, &send_name, &recv_name, &header_bytes,
-                          &ring_bytes, &PyTuple_Type, &indices))
+    if (!PyArg_ParseTuple(args, "OUUUsnKnO!:Ring", &mapping, &send_name, &recv_name, &wait_name,
+                          &waker_prefix, &header_bytes, &ring_bytes, &waitlist_slots, &PyTuple_Type,
+                          &indices))
         return -1;
+    if (strlen(waker_prefix) >= WAKER_PREFIX_MAX || waitlist_slots < 0
+            || waitlist_slots > header_bytes / 8) {
+        PyErr_SetString(PyExc_ValueError, "Ring: bad waker prefix or wait-list size");
+        return -1;
+    }
     if (parse_indices(indices, W_COUNT, header_bytes, self->index) < 0)
         return -1;
     if (header_bytes < 8 || header_bytes % 8 || ring_bytes < 8 || ring_bytes % 8) {
@@ -307,14 +392,20 @@ static int Ring_init(Ring *self, PyObject *args, PyObject *kwargs) {
     self->send_lock = open_semaphore(send_name);
     if (self->send_lock != NULL)
         self->recv_lock = open_semaphore(recv_name);
-    if (self->recv_lock == NULL) {
-        if (self->send_lock != NULL) {
+    if (self->recv_lock != NULL)
+        self->wait_lock = open_semaphore(wait_name);
+    if (self->wait_lock == NULL) {
+        if (self->send_lock != NULL)
             sem_close(self->send_lock);
-            self->send_lock = NULL;
-        }
+        if (self->recv_lock != NULL)
+            sem_close(self->recv_lock);
+        self->send_lock = self->recv_lock = NULL;
         PyBuffer_Release(&self->view);
         return -1;
     }
+    strcpy(self->waker_prefix, waker_prefix);
+    self->header_words = header_bytes / 8;
+    self->waitlist_slots = waitlist_slots;
     self->has_view = 1;
     self->words = (uint64_t *)self->view.buf;
     self->ring = (unsigned char *)self->view.buf + header_bytes;
@@ -330,6 +421,11 @@ static void Ring_dealloc(Ring *self) {
         sem_close(self->send_lock);
     if (self->recv_lock)
         sem_close(self->recv_lock);
+    if (self->wait_lock)
+        sem_close(self->wait_lock);
+    for (int i = 0; i < WAKER_CACHE; i++)
+        if (self->wakers[i])
+            sem_close(self->wakers[i]);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
@@ -338,6 +434,8 @@ static PyMethodDef Ring_methods[] = {
      "offer(payload, pid) -> 0 written, 1 written and receivers wait, 2 not written"},
     {"poll", (PyCFunction)Ring_poll, METH_O,
      "poll(pid) -> the oldest inline record's payload, or None for the Python path"},
+    {"wake", (PyCFunction)(void (*)(void))Ring_wake, METH_FASTCALL,
+     "wake(first_word, count_word, pid): post every waker of a wait list and empty it"},
     {"release", (PyCFunction)Ring_release, METH_NOARGS, "let go of the mapping (idempotent)"},
     {NULL, NULL, 0, NULL},
 };

@@ -84,7 +84,7 @@ def _load_accelerator() -> Any:
 
 _accel = _load_accelerator()
 ACCEL_WORDS = (L.WRITE_POS, L.READ_POS, L.SENT, L.RECEIVED, L.CLOSED, L.CAPACITY,
-               L.LOCK_OWNER, L.RECV_LOCK_OWNER, L.RECV_WAITING, L.SEND_WAITING)
+               L.LOCK_OWNER, L.RECV_LOCK_OWNER, L.RECV_WAITING, L.SEND_WAITING, L.WAIT_LOCK_OWNER)
 
 
 def _refresh_pid() -> None:
@@ -147,7 +147,10 @@ class ChannelCore(AttachedSegment):
             send_name = _names.lock_semaphore(namespace, int(self.words[L.LOCK_ID]))
             recv_word = L.LOCK_ID if SINGLE_LOCK else L.RECV_LOCK_ID
             recv_name = _names.lock_semaphore(namespace, int(self.words[recv_word]))
-            self._fast = _accel.Ring(mapping, send_name, recv_name, L.HEADER_BYTES, self.ring_bytes, ACCEL_WORDS)
+            wait_name = _names.lock_semaphore(namespace, int(self.words[L.WAIT_LOCK_ID]))
+            waker_prefix = _names.waker_semaphore(namespace, 0)[:-16]
+            self._fast = _accel.Ring(mapping, send_name, recv_name, wait_name, waker_prefix, L.HEADER_BYTES,
+                                     self.ring_bytes, L.WAITLIST_SLOTS, ACCEL_WORDS)
 
     def _should_yield(self) -> bool:
         """Whether a receiver that found the ring empty should yield the CPU once.
@@ -334,6 +337,9 @@ class ChannelCore(AttachedSegment):
         killed half-way leaves the wakers it had not posted yet in the list, and recovery
         posts them.
         """
+        if self._fast is not None:
+            self._fast.wake(first_word, count_word, _pid)  # the same steps, in C
+            return
         self._lock_waitlists()
         try:
             L.waitlist_post_all(self.words, first_word, count_word, self.namespace)

@@ -351,6 +351,9 @@ def take_wakers_then_stall(namespace: str, channel: shmfeed.Channel, ready: Any,
         time.sleep(RECV_TIMEOUT)
 
     _waker.post = stall  # type: ignore[assignment]
+    # The Python wait-list code, where the stall can be put (the C path, _accel.c, does
+    # the same steps in the same order).
+    channel._live_core()._fast = None
     channel.recv(timeout=RECV_TIMEOUT)
 
 

@@ -85,12 +85,18 @@ def test_bad_arguments_to_the_c_entry_points_are_clean_errors() -> None:
     with pytest.raises(TypeError):
         accel.offer_all((object(),), b"x", 1, 0)
     with pytest.raises(ValueError):
-        accel.Ring(mmap.mmap(-1, 4096), "/nope", "/nope", 4096, 4096, tuple(range(10)))  # too small
+        accel.Ring(mmap.mmap(-1, 4096), "/n", "/n", "/n", "/w", 4096, 4096, 64, _ring.ACCEL_WORDS)  # small
     with pytest.raises(ValueError):
-        accel.Ring(core.mapping, "/nope", "/nope", 4096, core.ring_bytes, (9999,) * 10)  # outside
+        accel.Ring(core.mapping, "/n", "/n", "/n", "/w", 4096, core.ring_bytes, 64, (9999,) * 11)  # outside
+    with pytest.raises(ValueError):
+        accel.Ring(core.mapping, "/n", "/n", "/n", "/w" * 300, 4096, core.ring_bytes, 64, _ring.ACCEL_WORDS)
     with pytest.raises(OSError):
-        accel.Ring(core.mapping, "/sf.no-such-lock", "/sf.no-such-lock", 4096, core.ring_bytes,
-                   _ring.ACCEL_WORDS)
+        accel.Ring(core.mapping, "/sf.no-such-lock", "/sf.no-such-lock", "/sf.no-such-lock", "/w", 4096,
+                   core.ring_bytes, 64, _ring.ACCEL_WORDS)
+    with pytest.raises(ValueError):
+        core._fast.wake(4000, 17, 1)  # a wait list past the header
+    with pytest.raises(TypeError):
+        core._fast.wake(1, 2)
     with pytest.raises(ValueError):
         accel.copy_into(bytearray(3), b"four")
     channel.send(7)  # the channel is unharmed

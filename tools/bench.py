@@ -11,7 +11,10 @@ is system-wide on Linux). CPU is ``time.process_time()`` of the sending process 
 threads, e.g. mp.Queue's feeder thread) and of each receiver.
 
 Latency: ping-pong between two processes, one channel each way; one-way = round trip / 2.
-Run idle and again with low-priority (nice 19) busy loops, one per core.
+Run idle (as is) and again with low-priority (nice 19) busy loops, one pinned to each core;
+under that load the two ends are pinned to different cores, for every transport alike:
+unpinned, the scheduler puts them on one core (a hand-over without a cross-core wake-up,
+~5 µs) or on two (~15 µs) at random from run to run, which swamped the differences.
 
 Peers are small ``Transport`` subclasses (see below): to add one, implement ``setup``,
 ``sender``, ``receiver`` and ``teardown`` (and ``pp_*`` for the latency test), and append it
@@ -824,8 +827,10 @@ def _receiver_main(transport: Transport, i: int, wl: Workload, results) -> None:
         results.put(("error", "rx", i, traceback.format_exc()))
 
 
-def _pp_main(transport: Transport, side: int, n: int, warmup: int, results) -> None:
+def _pp_main(transport: Transport, side: int, n: int, warmup: int, results, pin: bool) -> None:
     try:
+        if pin:
+            _pin(side)
         send, recv = transport.pp_endpoint(side)
         if side == 1:
             while True:
@@ -851,7 +856,17 @@ def _pp_main(transport: Transport, side: int, n: int, warmup: int, results) -> N
         results.put(("error", "pp", side, traceback.format_exc()))
 
 
-def _spin() -> None:
+def _pin(index: int) -> None:
+    """Run on CPU ``index`` (modulo the CPUs we may use): the two ends of a ping-pong on
+    two different CPUs every time, so that each transport is measured in the same regime
+    (two ends sharing a CPU hand over without an inter-processor wake-up, and the
+    scheduler picks one or the other at random from run to run)."""
+    cpus = sorted(os.sched_getaffinity(0))
+    os.sched_setaffinity(0, {cpus[index % len(cpus)]})
+
+
+def _spin(index: int) -> None:
+    _pin(index)
     os.nice(19)
     while True:
         pass
@@ -969,7 +984,9 @@ def run_pingpong(tcls: type[Transport], n: int, load: str) -> dict:
     out: dict[str, Any] = {"transport": tcls.name, "load": load, "round_trips": n}
     procs = []
     try:
-        procs = [_start(_pp_main, transport, 1, n, 0, results), _start(_pp_main, transport, 0, n, 200, results)]
+        pin = load != "idle"  # idle: as is; busy: each end on its own CPU (see _pin)
+        procs = [_start(_pp_main, transport, 1, n, 0, results, pin),
+                 _start(_pp_main, transport, 0, n, 200, results, pin)]
         msgs = _collect(results, 1, time.monotonic() + CELL_TIMEOUT_S)
         if not msgs:
             out["error"] = "HANG: ping-pong did not finish"
@@ -1243,7 +1260,7 @@ def main(argv: list[str] | None = None) -> int:
         n_pp = max(100, int(5000 * (0.2 if args.quick else 1.0)))
         for load in ("idle", "busy (2x nice-19 spin)"):
             if load != "idle":
-                spinners = [_start(_spin) for _ in range(2)]
+                spinners = [_start(_spin, index) for index in range(2)]
                 time.sleep(0.2)
             for tcls in transports:
                 r = run_pingpong(tcls, n_pp, load)
