@@ -191,8 +191,10 @@ class Channel(TypeArgument, Generic[T]):
             raise FeedTypeError(
                 "Send", display_type(_codec.type_name(type(value))), display_type(self._elem_type_name)
             )
-        payload = _codec.encode(value)
-        self._live_core().put(payload, timeout)
+        core = self._live_core()
+        payload = _codec.encode_for_send(value, core.large_values)
+        core.large_values = len(payload) > _codec.LARGE_OUTPUT
+        core.put(payload, timeout)
 
     def recv(self, timeout: float | None = None) -> T:
         """Take one value, waiting until one arrives.

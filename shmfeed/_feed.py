@@ -71,6 +71,7 @@ class FeedCore(AttachedSegment):
             send_lock_name = _names.lock_semaphore(namespace, int(self.words[L.SEND_LOCK_ID]))
             self._fast = _ring._accel.Feed(mapping, send_lock_name, L.HEADER_BYTES, ACCEL_WORDS)
         self._is_sender = False
+        self.large_values = False  # the last value sent from here was large (see _codec)
         self._refresh_type()
 
     # --- opening and lifetime -----------------------------------------------------------
@@ -335,7 +336,7 @@ class FeedCore(AttachedSegment):
             self.release_lock()
         self._is_sender = True
 
-    def send(self, payload: bytes) -> int:
+    def send(self, payload: _ring.Payload) -> int:
         """Deliver one encoded value to every subscribed channel; returns how many took it."""
         if not self._is_sender:
             self._register_sender()
@@ -358,7 +359,7 @@ class FeedCore(AttachedSegment):
             if words[L.FEED_CLOSED] and answer == -1:
                 raise FeedClosed(f"shmfeed: send on closed feed {self._label()}")
             delivered = 0
-            waiting: list[tuple[_Target, int, bytes]] = []
+            waiting: list[tuple[_Target, int, _ring.Payload]] = []
             if answer == -1:
                 targets = self.targets()
                 plan = self._fast_plan
@@ -411,7 +412,7 @@ class FeedCore(AttachedSegment):
                 spill.close()
 
     def _settle(
-        self, target: _Target, outcome: int, kind: int, record: bytes, waiting: list[tuple[_Target, int, bytes]]
+        self, target: _Target, outcome: int, kind: int, record: _ring.Payload, waiting: list[tuple[_Target, int, _ring.Payload]]
     ) -> int:
         """Act on one target's first offer; 1 if it took the value (feed send lock held)."""
         if outcome == _ring.DELIVERED:
@@ -429,7 +430,7 @@ class FeedCore(AttachedSegment):
             _discard_record(core, kind, record)
         return 0
 
-    def _send_waiting(self, waiting: list[tuple[_Target, int, bytes]]) -> int:
+    def _send_waiting(self, waiting: list[tuple[_Target, int, _ring.Payload]]) -> int:
         """Wait until each full channel took the value or its subscription ended."""
         waker = _waker.current_waker(self.namespace)
         delivered = 0
@@ -485,7 +486,7 @@ class FeedCore(AttachedSegment):
         return repr(self.name) if self.name is not None else f"<anonymous {self.key}>"
 
 
-def _discard_record(core: _ring.ChannelCore, kind: int, record: bytes) -> None:
+def _discard_record(core: _ring.ChannelCore, kind: int, record: _ring.Payload) -> None:
     if kind == _ring.KIND_SPILL:
         core._unlink_spill_record(record)
 
@@ -660,7 +661,9 @@ class Feed(TypeArgument, Generic[T]):
         core = self._core
         if core is None or core.released:
             core = self._open()
-        payload = _codec.encode(value)  # first: a value that cannot travel must not fix the type
+        # Encoded first: a value that cannot travel must not fix the type.
+        payload = _codec.encode_for_send(value, core.large_values)
+        core.large_values = len(payload) > _codec.LARGE_OUTPUT
         type_name = _codec.type_name(type(value))
         if type_name != core.type_name:
             core.check_send_type(type_name)

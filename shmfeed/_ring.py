@@ -66,6 +66,9 @@ SINGLE_LOCK = platform.machine().lower() not in ("x86_64", "amd64", "i386", "i68
 
 _pid = os.getpid()
 
+# An encoded value or record: bytes, or a view of a packer's buffer (see _codec.encode_for_send).
+Payload = bytes | memoryview
+
 
 def _load_accelerator() -> Any:
     """The C hot path (``_accel.c``) if it was built, else None: the Python path below.
@@ -141,6 +144,7 @@ class ChannelCore(AttachedSegment):
         self._yielded = False
         self._taken_since_empty = 0
         self._empties_to_probe = YIELD_PROBE_EVERY
+        self.large_values = False  # the last value sent from here was large (see _codec)
         self._fast: Any = None
         if _accel is not None and not isinstance(self.send_lock, _shm.BoundedLock):
             # The registry's bounded locks (map_unattached) stay on the Python path.
@@ -348,7 +352,7 @@ class ChannelCore(AttachedSegment):
 
     # --- records ----------------------------------------------------------------------
 
-    def _write_locked(self, kind: int, payload: bytes) -> bool:
+    def _write_locked(self, kind: int, payload: Payload) -> bool:
         """Append one record if it fits now; False if the ring is full (send lock held).
 
         The bytes go in first and WRITE_POS, the commit, last: a receiver never sees a
@@ -470,7 +474,7 @@ class ChannelCore(AttachedSegment):
 
     # --- the data path ------------------------------------------------------------------
 
-    def record_for(self, payload: bytes) -> tuple[int, bytes]:
+    def record_for(self, payload: Payload) -> tuple[int, Payload]:
         """The record kind and bytes that carry ``payload`` in this ring (one receiver)."""
         if len(payload) <= self.inline_limit:
             return KIND_DATA, payload
@@ -480,7 +484,7 @@ class ChannelCore(AttachedSegment):
         finally:
             spill.close()
 
-    def offer_fast(self, payload: bytes) -> int:
+    def offer_fast(self, payload: Payload) -> int:
         """The common case of ``offer``: an inline record, no waker (the hot path, inlined).
 
         Returns DELIVERED if written, else whatever ``offer`` decides.
@@ -528,7 +532,7 @@ class ChannelCore(AttachedSegment):
             self._wake(L.RECV_WAITLIST_WORD, L.RECV_WAITING)
         return DELIVERED
 
-    def offer(self, kind: int, record: bytes, waker: _waker.Waker | None = None) -> int:
+    def offer(self, kind: int, record: Payload, waker: _waker.Waker | None = None) -> int:
         """Try to append a record now, applying the overflow policy if full.
 
         With ``waker``, a full ring (policy "block" or "evict") registers it in the send
@@ -575,7 +579,7 @@ class ChannelCore(AttachedSegment):
         """Take ``waker`` out of the send wait list (after a timeout or cancellation)."""
         self._waitlist_remove(L.SEND_WAITLIST_WORD, L.SEND_WAITING, waker)
 
-    def put(self, payload: bytes, timeout: float | None) -> int:
+    def put(self, payload: Payload, timeout: float | None) -> int:
         """Blocking send of one encoded value; DELIVERED or DROPPED. Raises on close/timeout."""
         kind, record = self.record_for(payload)
         try:
@@ -592,7 +596,7 @@ class ChannelCore(AttachedSegment):
             raise ChannelClosed(f"shmfeed: send on closed channel {self.channel_id:016x}")
         return outcome
 
-    def _put_waiting(self, kind: int, record: bytes, timeout: float | None) -> int:
+    def _put_waiting(self, kind: int, record: Payload, timeout: float | None) -> int:
         waker = _waker.current_waker(self.namespace)
         deadline = None if timeout is None else time.monotonic() + timeout
         try:
@@ -608,7 +612,7 @@ class ChannelCore(AttachedSegment):
             self.forget_sender(waker)
             waker.drain()
 
-    def _unlink_spill_record(self, record: bytes) -> None:
+    def _unlink_spill_record(self, record: Payload) -> None:
         spill_id, _ = SPILL_REFERENCE.unpack(record)
         _unlink_file(_names.spill_file(self.namespace, self.channel_id, spill_id))
 

@@ -127,7 +127,7 @@ def _unlink(path: str) -> None:
 class Spill:
     """One large value of one send, written once, linked into each channel that needs it."""
 
-    def __init__(self, namespace: str, payload: bytes) -> None:
+    def __init__(self, namespace: str, payload: bytes | memoryview) -> None:
         tune_malloc()
         self.namespace = namespace
         self.payload = payload

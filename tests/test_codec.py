@@ -612,3 +612,23 @@ def test_numpy_not_imported_for_plain_values() -> None:
             "assert c.decode(c.encode(v)) == v; assert 'numpy' not in sys.modules")
     cwd = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     subprocess.run([sys.executable, "-c", code], check=True, cwd=cwd, timeout=30)
+
+
+def test_encode_for_send_gives_a_view_for_large_values_that_lives_until_the_next_call():
+    big = {"seq": 1, "blob": bytes(range(256)) * 1024}
+    first = _codec.encode_for_send(big, True)
+    assert type(first) is memoryview and bytes(first) == _codec.encode(big)
+    second = _codec.encode_for_send({"seq": 2}, True)
+    assert _codec.decode(second) == {"seq": 2}
+    with pytest.raises(ValueError):
+        len(first)  # released by the call after it: never read stale bytes through it
+    assert type(_codec.encode_for_send(big, False)) is bytes
+    # What msgpack would flatten (a bytearray) takes the exact-type path, and round-trips.
+    tricky = {"blob": bytearray(b"x" * 100_000)}
+    assert type(_codec.decode(_codec.encode_for_send(tricky, True))["blob"]) is bytearray
+    with pytest.raises(EncodingError):
+        _codec.encode_for_send({"bad": object()}, True)
+    kept = _codec.encode_for_send(big, True)
+    held = kept[:10]  # a view of the view outlives its send (as in a traceback) ...
+    again = _codec.encode_for_send(big, True)  # ... a fresh packer takes over
+    assert bytes(again) == _codec.encode(big) and bytes(held) == bytes(_codec.encode(big)[:10])
