@@ -250,19 +250,20 @@ static PyObject *Ring_poll(Ring *self, PyObject *pid_object) {
 }
 
 /* Post the semaphore of waker ``id`` (opened once, then kept in a small cache); a waker
- * whose semaphore is gone (its thread ended) is skipped, as in _waker.post. */
-static void post_waker(Ring *self, uint64_t id) {
+ * whose semaphore is gone (its thread ended) is skipped, as in _waker.post. -1 (errno
+ * set) if it cannot be opened for another reason, such as no descriptor left. */
+static int post_waker(Ring *self, uint64_t id) {
     for (int i = 0; i < WAKER_CACHE; i++) {
         if (self->wakers[i] && self->waker_ids[i] == id) {
             sem_post(self->wakers[i]);
-            return;
+            return 0;
         }
     }
     char name[WAKER_PREFIX_MAX + 17];
     snprintf(name, sizeof name, "%s%016llx", self->waker_prefix, (unsigned long long)id);
     sem_t *semaphore = sem_open(name, 0);
     if (semaphore == SEM_FAILED)
-        return;
+        return errno == ENOENT ? 0 : -1;
     sem_post(semaphore);
     int victim = self->next_victim;
     self->next_victim = (victim + 1) % WAKER_CACHE;
@@ -270,6 +271,7 @@ static void post_waker(Ring *self, uint64_t id) {
         sem_close(self->wakers[victim]);
     self->wakers[victim] = semaphore;
     self->waker_ids[victim] = id;
+    return 0;
 }
 
 /* Ring.wake(first_word, count_word, pid): post every waker of one wait list, then empty
@@ -298,7 +300,15 @@ static PyObject *Ring_wake(Ring *self, PyObject *const *args, Py_ssize_t nargs) 
     for (Py_ssize_t i = 0; remaining && i < self->waitlist_slots; i++) {
         uint64_t id = __atomic_load_n(&words[first + i], __ATOMIC_RELAXED);
         if (id) {
-            post_waker(self, id);
+            if (post_waker(self, id) < 0) {
+                /* Leave the list as it is (its wakers are posted again later; a spare post
+                 * is only a spurious wake-up) rather than lose this one's wake-up. */
+                int error = errno;
+                store(self, W_WAIT_LOCK_OWNER, 0);
+                sem_post(self->wait_lock);
+                errno = error;
+                return PyErr_SetFromErrno(PyExc_OSError);
+            }
             remaining--;
         }
     }
@@ -464,6 +474,7 @@ typedef struct {
     sem_t *send_lock;
     uint64_t *words;
     Py_ssize_t index[F_COUNT];
+    unsigned long holder;  /* the thread a send returned to with the lock held, or 0 */
 } Feed;
 
 static inline uint64_t feed_load(const Feed *self, int which) {
@@ -475,7 +486,8 @@ static inline void feed_store(Feed *self, int which, uint64_t value) {
 }
 
 static void feed_unlock(Feed *self) {
-    feed_store(self, F_SEND_LOCK_OWNER, 0);
+    if (self->has_view)
+        feed_store(self, F_SEND_LOCK_OWNER, 0);
     sem_post(self->send_lock);
 }
 
@@ -484,8 +496,10 @@ static void feed_unlock(Feed *self) {
  *       since ``version`` (the Python path re-reads them);
  *   -2  every ring took the payload, nobody waits, the counters are updated, lock released;
  *   i >= 0, as offer_all: ring i needs the Python path (2*i) or a wake-up (2*i + 1), the
- *       rings before it took the payload, and THE FEED'S SEND LOCK IS STILL HELD: the
- *       caller goes on from there and releases it. */
+ *       rings before it took the payload, and THE FEED'S SEND LOCK IS STILL HELD by this
+ *       thread: the caller goes on from there and then calls unlock_if_held(), in a
+ *       ``finally`` around this very call (so an exception raised as this returns, such as
+ *       a KeyboardInterrupt, cannot leave the lock taken). */
 static PyObject *Feed_send(Feed *self, PyObject *const *args, Py_ssize_t nargs) {
     Py_buffer payload;
     uint64_t pid, version;
@@ -522,6 +536,10 @@ static PyObject *Feed_send(Feed *self, PyObject *const *args, Py_ssize_t nargs) 
         PyObject *item = PyTuple_GET_ITEM(rings, i);
         int outcome = PyObject_TypeCheck(item, &RingType)
             ? ring_offer((Ring *)item, payload.buf, (uint64_t)payload.len, pid) : -1;
+        if (outcome >= 0 && !self->has_view) {  /* released while a ring lock was awaited */
+            PyErr_SetString(PyExc_ValueError, "shmfeed: the feed was released");
+            outcome = -1;
+        }
         if (outcome < 0) {
             if (!PyErr_Occurred())
                 PyErr_SetString(PyExc_TypeError, "Feed.send: rings must hold Ring objects");
@@ -531,6 +549,7 @@ static PyObject *Feed_send(Feed *self, PyObject *const *args, Py_ssize_t nargs) 
         }
         if (outcome) {
             answer = 2 * (long)i + (outcome == 1);  /* the lock stays held: see above */
+            self->holder = PyThread_get_thread_ident();
             goto done;
         }
     }
@@ -542,6 +561,16 @@ done:
     Py_DECREF(rings);
     PyBuffer_Release(&payload);
     return answer == -3 ? NULL : PyLong_FromLong(answer);
+}
+
+/* Feed.unlock_if_held(): release the send lock if a send returned to this thread holding
+ * it (see Feed.send); otherwise nothing. */
+static PyObject *Feed_unlock_if_held(Feed *self, PyObject *Py_UNUSED(ignored)) {
+    if (self->holder && self->holder == PyThread_get_thread_ident()) {
+        self->holder = 0;
+        feed_unlock(self);
+    }
+    Py_RETURN_NONE;
 }
 
 static PyObject *Feed_release(Feed *self, PyObject *Py_UNUSED(ignored)) {
@@ -592,6 +621,8 @@ static void Feed_dealloc(Feed *self) {
 static PyMethodDef Feed_methods[] = {
     {"send", (PyCFunction)(void (*)(void))Feed_send, METH_FASTCALL,
      "send(rings, payload, pid, version) -> -1 Python path, -2 done, else 2*i (+1) with the lock held"},
+    {"unlock_if_held", (PyCFunction)Feed_unlock_if_held, METH_NOARGS,
+     "release the send lock if a send returned to this thread holding it"},
     {"release", (PyCFunction)Feed_release, METH_NOARGS, "let go of the mapping (idempotent)"},
     {NULL, NULL, 0, NULL},
 };

@@ -69,7 +69,10 @@ class FeedCore(AttachedSegment):
         self._fast: Any = None  # the C send of the feed (see FeedCore.send)
         if _ring._accel is not None and not isinstance(send_lock, _shm.BoundedLock):
             send_lock_name = _names.lock_semaphore(namespace, int(self.words[L.SEND_LOCK_ID]))
-            self._fast = _ring._accel.Feed(mapping, send_lock_name, L.HEADER_BYTES, ACCEL_WORDS)
+            try:
+                self._fast = _ring._accel.Feed(mapping, send_lock_name, L.HEADER_BYTES, ACCEL_WORDS)
+            except OSError:
+                pass  # destroyed meanwhile (its lock is gone): the Python path says so in time
         self._is_sender = False
         self.large_values = False  # the last value sent from here was large (see _codec)
         self._refresh_type()
@@ -179,8 +182,9 @@ class FeedCore(AttachedSegment):
         return [self.words, self.table, self.buffer]
 
     def _close_local(self) -> None:
-        if self._fast is not None:
-            self._fast.release()  # its hold on the mapping first, or the mapping stays
+        fast = getattr(self, "_fast", None)  # absent if __init__ failed early
+        if fast is not None:
+            fast.release()  # its hold on the mapping first, or the mapping stays
         super()._close_local()
 
     def _semaphores(self) -> list[Any]:
@@ -340,39 +344,52 @@ class FeedCore(AttachedSegment):
         """Deliver one encoded value to every subscribed channel; returns how many took it."""
         if not self._is_sender:
             self._register_sender()
-        size = len(payload)
-        answer = -1
         plan = self._fast_plan
-        if plan is not None and size <= plan[3] and self._fast is not None:
-            # All of it in C when nothing unusual happens (see _accel.c, Feed.send); when
-            # it answers i >= 0 it still holds the send lock and we go on from ring i.
-            answer = self._fast.send(plan[2], payload, _ring._pid, plan[0])
-            if answer == -2:
-                return len(plan[2])
+        fast = self._fast
+        if plan is not None and fast is not None and len(payload) <= plan[3]:
+            # All of it in C when nothing unusual happens (see _accel.c, Feed.send). When
+            # it answers i >= 0 it still holds the send lock and we go on from ring i;
+            # the finally lets go of it whatever happens from the moment the call returns.
+            try:
+                answer = fast.send(plan[2], payload, _ring._pid, plan[0])
+                if answer == -2:
+                    return len(plan[2])
+                if answer >= 0:
+                    return self._send_locked(payload, plan, answer)
+            finally:
+                fast.unlock_if_held()
         words = self.words
         send_lock = self.send_lock
-        if answer == -1:
-            send_lock.acquire()
-            words[L.SEND_LOCK_OWNER] = _ring._pid
+        send_lock.acquire()
+        words[L.SEND_LOCK_OWNER] = _ring._pid
+        try:
+            return self._send_locked(payload, None, -1)
+        finally:
+            words[L.SEND_LOCK_OWNER] = 0
+            send_lock.release()
+
+    def _send_locked(self, payload: _ring.Payload, plan: Any, answer: int) -> int:
+        """The send, with the feed's send lock held: from the start (``answer`` -1), or
+        from where the C send stopped (``answer`` as ``_accel.offer_all``, on ``plan``)."""
+        words = self.words
+        size = len(payload)
         spill: _ring.Spill | None = None
         try:
-            if words[L.FEED_CLOSED] and answer == -1:
-                raise FeedClosed(f"shmfeed: send on closed feed {self._label()}")
-            delivered = 0
-            waiting: list[tuple[_Target, int, _ring.Payload]] = []
             if answer == -1:
+                if words[L.FEED_CLOSED]:
+                    raise FeedClosed(f"shmfeed: send on closed feed {self._label()}")
                 targets = self.targets()
                 plan = self._fast_plan
                 if plan is not None and plan[1] is not targets:
                     plan = None  # rebuilt meanwhile by another thread: the Python loop
             else:
-                assert plan is not None  # the C send went through it (it checked the version)
-                targets = plan[1]
+                targets = plan[1]  # the C send went through it (it checked the version)
+            delivered = 0
+            waiting: list[tuple[_Target, int, _ring.Payload]] = []
             if plan is not None and size <= plan[3]:
                 rings = plan[2]
                 # The C loop writes to every ring it can and stops at each one that needs
                 # more: a wake-up, or the Python path (full, closed, ...).
-                start = 0
                 delivered = len(targets)
                 if answer == -1:
                     answer = offer_all(rings, payload, _ring._pid, 0)
@@ -384,8 +401,7 @@ class FeedCore(AttachedSegment):
                         delivered -= 1
                         outcome = target.core.offer(_ring.KIND_DATA, payload)
                         delivered += self._settle(target, outcome, _ring.KIND_DATA, payload, waiting)
-                    start = (answer >> 1) + 1
-                    answer = offer_all(rings, payload, _ring._pid, start)
+                    answer = offer_all(rings, payload, _ring._pid, (answer >> 1) + 1)
             else:
                 for target in targets:
                     core = target.core
@@ -406,8 +422,6 @@ class FeedCore(AttachedSegment):
             words[L.LAST_SENDER_PID] = _ring._pid
             return delivered
         finally:
-            words[L.SEND_LOCK_OWNER] = 0
-            send_lock.release()
             if spill is not None:
                 spill.close()
 

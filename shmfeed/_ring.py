@@ -153,8 +153,11 @@ class ChannelCore(AttachedSegment):
             recv_name = _names.lock_semaphore(namespace, int(self.words[recv_word]))
             wait_name = _names.lock_semaphore(namespace, int(self.words[L.WAIT_LOCK_ID]))
             waker_prefix = _names.waker_semaphore(namespace, 0)[:-16]
-            self._fast = _accel.Ring(mapping, send_name, recv_name, wait_name, waker_prefix, L.HEADER_BYTES,
-                                     self.ring_bytes, L.WAITLIST_SLOTS, ACCEL_WORDS)
+            try:
+                self._fast = _accel.Ring(mapping, send_name, recv_name, wait_name, waker_prefix,
+                                         L.HEADER_BYTES, self.ring_bytes, L.WAITLIST_SLOTS, ACCEL_WORDS)
+            except OSError:
+                pass  # destroyed meanwhile (a lock is gone): the Python path says so in time
 
     def _should_yield(self) -> bool:
         """Whether a receiver that found the ring empty should yield the CPU once.
@@ -283,8 +286,9 @@ class ChannelCore(AttachedSegment):
         return core
 
     def _close_local(self) -> None:
-        if self._fast is not None:
-            self._fast.release()  # its hold on the mapping first, or the mapping stays
+        fast = getattr(self, "_fast", None)  # absent if __init__ failed early
+        if fast is not None:
+            fast.release()  # its hold on the mapping first, or the mapping stays
         super()._close_local()
 
     def _before_detach(self) -> None:

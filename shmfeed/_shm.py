@@ -8,6 +8,8 @@ Low-level ``posix_ipc`` errors never reach users: they are wrapped with the obje
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import mmap
 import os
 import time
@@ -82,26 +84,79 @@ def unlink_segment(name: str) -> None:
     _unlink_quietly(name)
 
 
-class Semaphore(posix_ipc.Semaphore):
-    """A posix_ipc semaphore whose ``acquire`` goes on waiting after a signal.
+class _Timespec(ctypes.Structure):
+    _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
 
-    ``sem_wait`` is never restarted after a signal handler ran, and posix_ipc then raises
-    ``SignalError``: a SIGCHLD or SIGALRM handler would otherwise fail whatever held the
-    wait (a release at exit left a segment half-destroyed this way). The handler itself
-    runs, and may raise (KeyboardInterrupt), before the next try.
+
+# Sleeping goes through libc directly: posix_ipc replaces any exception a signal handler
+# raises during a wait (other than KeyboardInterrupt) with its own SignalError, which
+# would hide e.g. a timeout alarm. With ctypes, EINTR comes back to Python, where the
+# handler runs and its exception propagates, or the wait resumes (PEP 475 semantics).
+libc = ctypes.CDLL(None, use_errno=True)
+libc.sem_open.restype = ctypes.c_void_p
+libc.sem_open.argtypes = [ctypes.c_char_p, ctypes.c_int]
+libc.sem_close.argtypes = [ctypes.c_void_p]
+libc.sem_wait.argtypes = [ctypes.c_void_p]
+libc.sem_trywait.argtypes = [ctypes.c_void_p]
+libc.sem_timedwait.argtypes = [ctypes.c_void_p, ctypes.POINTER(_Timespec)]
+
+
+def native_wait(handle: int, timeout: float | None) -> bool:
+    """Decrement the semaphore at ``handle``; False after ``timeout`` seconds."""
+    if timeout is None:
+        while libc.sem_wait(handle) != 0:
+            if ctypes.get_errno() != errno.EINTR:
+                raise OSError(ctypes.get_errno(), "sem_wait failed")
+        return True
+    deadline = time.time() + max(0.0, timeout)  # sem_timedwait measures CLOCK_REALTIME
+    whole = int(deadline)
+    spec = _Timespec(whole, int((deadline - whole) * 1e9))
+    while libc.sem_timedwait(handle, ctypes.byref(spec)) != 0:
+        error = ctypes.get_errno()
+        if error == errno.ETIMEDOUT:
+            return False
+        if error != errno.EINTR:
+            raise OSError(error, "sem_timedwait failed")
+    return True
+
+
+
+class Semaphore(posix_ipc.Semaphore):
+    """A posix_ipc semaphore whose ``acquire`` waits like a Python call should.
+
+    posix_ipc's own wait fails with ``SignalError`` whenever a signal handler ran (a
+    release at exit left a segment half-destroyed this way) and replaces whatever the
+    handler raised. So only the uncontended case is posix_ipc's (a ``sem_trywait``);
+    waiting goes through ``native_wait``, which resumes after a handler ran and lets the
+    handler's exception (KeyboardInterrupt, SystemExit, a timeout alarm) propagate.
     """
 
-    __slots__ = ()
+    __slots__ = ("_native",)
 
     def acquire(self, timeout: float | None = None) -> None:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            try:
-                super().acquire(timeout)
-                return
-            except posix_ipc.SignalError:
-                if deadline is not None:
-                    timeout = max(0.0, deadline - time.monotonic())
+        try:
+            super().acquire(0)
+            return
+        except posix_ipc.BusyError:
+            pass
+        if not native_wait(self._native_handle(), timeout):
+            raise posix_ipc.BusyError(f"semaphore {self.name!r} still taken after {timeout} s")
+
+    def _native_handle(self) -> int:
+        handle: int | None = getattr(self, "_native", None)
+        if handle is None:
+            handle = libc.sem_open(self.name.encode(), 0)
+            if not handle:
+                raise SharedObjectError(f"shmfeed: cannot open semaphore {self.name!r}")
+            self._native = handle
+        return handle
+
+    def close(self) -> None:
+        handle = getattr(self, "_native", None)
+        if handle:
+            self._native = None
+            libc.sem_close(handle)  # glibc counts opens: posix_ipc's own handle stays valid
+        super().close()
 
 
 def create_semaphore(name: str, initial_value: int) -> posix_ipc.Semaphore:

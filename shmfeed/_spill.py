@@ -81,10 +81,24 @@ class _PoolFile:
         self.mapping: mmap.mmap | None = None
 
     def close(self) -> None:
+        """Let go of the mapping and descriptor (idempotent: the number may be reused)."""
         if self.mapping is not None:
             self.mapping.close()
             self.mapping = None
-        os.close(self.descriptor)
+        if self.descriptor >= 0:
+            descriptor, self.descriptor = self.descriptor, -1
+            os.close(descriptor)
+
+    def reusable(self) -> bool:
+        """No receiver links the file any more, and it is still ours under its name (gc
+        may have removed a pool file it took for a dead process's)."""
+        info = os.fstat(self.descriptor)
+        if info.st_nlink != 1:
+            return False
+        try:
+            return os.stat(self.path).st_ino == info.st_ino
+        except FileNotFoundError:
+            return False
 
 
 _pools: dict[str, list[_PoolFile]] = {}
@@ -97,7 +111,7 @@ def _take(namespace: str, size: int) -> _PoolFile:
         pool = _pools.setdefault(namespace, [])
         # Oldest first: files go round in order, so the oldest is likeliest free.
         for index, entry in enumerate(pool):
-            if not entry.busy and os.fstat(entry.descriptor).st_nlink == 1:
+            if not entry.busy and entry.reusable():
                 entry.busy = True
                 pool.append(pool.pop(index))
                 return entry
@@ -144,14 +158,16 @@ class Spill:
 
     def _write(self, file: _PoolFile) -> None:
         size = len(self.payload)
-        if file.size != size:
+        if file.size < size:
+            # Files only grow: a receiver reads in place through a mapping, and a file that
+            # shrank under a mapping would kill it with SIGBUS. The record gives the length.
             if file.mapping is not None:
                 file.mapping.close()
                 file.mapping = None
             os.ftruncate(file.descriptor, size)
             file.size = size
-        if file.mapping is None and size:
-            file.mapping = mmap.mmap(file.descriptor, size)
+        if file.mapping is None and file.size:
+            file.mapping = mmap.mmap(file.descriptor, file.size)
         if file.mapping is not None:
             if _copy_into is not None:
                 _copy_into(file.mapping, self.payload)
@@ -182,54 +198,56 @@ def read(path: str, size: int) -> bytes | memoryview:
         descriptor = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         try:
             info = os.fstat(descriptor)
-            if info.st_size != size:
+            if info.st_size < size:  # pool files only grow: the value is at their start
                 raise ValueError(f"the record says {size} bytes, the file holds {info.st_size}")
             tune_malloc()
-            if not READER_MAP_MIN <= size <= READER_MAPPED_BYTES // 4:
+            if not READER_MAP_MIN <= info.st_size <= READER_MAPPED_BYTES // 4:
                 with open(descriptor, "rb", buffering=0, closefd=False) as spill:
                     return spill.read(size)
             with _reader_lock:
-                view = memoryview(_mapped(descriptor, (info.st_dev, info.st_ino, size)))[:size]
+                view = memoryview(_mapped(descriptor, (info.st_dev, info.st_ino, info.st_size)))[:size]
             keep_link = True
             return view
         finally:
             os.close(descriptor)
     finally:
         if keep_link:
-            _deferred_links().append(path)
+            with _deferred_lock:
+                _deferred.setdefault(threading.get_ident(), []).append(path)
         else:
             _unlink(path)
 
 
-class _DeferredLinks(threading.local):
-    def __init__(self) -> None:
-        self.paths: list[str] = []
-
-
 _deferred_lock = threading.Lock()
-_deferred = _DeferredLinks()
-_all_deferred: list[list[str]] = []  # the threads' lists that hold links, for release_pools
+_deferred: dict[int, list[str]] = {}  # thread -> links kept for the values it reads in place
 
 
-def _deferred_links() -> list[str]:
-    paths = _deferred.paths
-    if not paths:
-        with _deferred_lock:
-            _all_deferred.append(paths)
-    return paths
-
-
-def unlink_deferred(every_thread: bool = False) -> None:
-    """Remove the links kept for values read in place (this thread's, or every thread's)."""
-    mine = _deferred.paths
-    if not (mine or every_thread):
+def unlink_deferred(namespace: str | None = None, every_thread: bool = False) -> None:
+    """Remove the links kept for values read in place: this thread's (and those of threads
+    that ended), or every thread's; of one namespace, or all."""
+    if not _deferred:
         return
+    me = threading.get_ident()
     with _deferred_lock:
-        lists = list(_all_deferred) if every_thread else [mine]
-        for paths in lists:
-            while paths:
-                _unlink(paths.pop())
-        _all_deferred[:] = [paths for paths in _all_deferred if paths]  # by identity, not ==
+        if every_thread:
+            threads = list(_deferred)
+        else:
+            threads = [me]
+            others = [thread for thread in _deferred if thread != me]
+            if others:
+                alive = {thread.ident for thread in threading.enumerate()}
+                threads += [thread for thread in others if thread not in alive]
+        start = _names.prefix(namespace) if namespace is not None else ""
+        for thread in threads:
+            paths = _deferred.get(thread, [])
+            kept = [path for path in paths if not os.path.basename(path).startswith(start)]
+            for path in paths:
+                if os.path.basename(path).startswith(start):
+                    _unlink(path)
+            if kept:
+                _deferred[thread] = kept
+            else:
+                _deferred.pop(thread, None)
 
 
 _reader_lock = threading.Lock()
@@ -292,9 +310,10 @@ def release_pools(namespace: str | None = None) -> None:
     with _pool_lock:
         for key in [k for k in _pools if namespace is None or k == namespace]:
             for entry in _pools.pop(key):
-                entry.close()
+                if not entry.busy:  # a send in another thread still uses it: it closes it
+                    entry.close()
                 _unlink(entry.path)
-    unlink_deferred(every_thread=True)
+    unlink_deferred(namespace, every_thread=True)
     forget_reader_mappings()
 
 
@@ -304,9 +323,7 @@ def _forget_after_fork() -> None:
     _pool_lock = threading.Lock()
     _reader_lock = threading.Lock()
     _deferred_lock = threading.Lock()
-    for paths in _all_deferred:
-        paths.clear()  # the parent's reads: the parent removes those links
-    _all_deferred.clear()
+    _deferred.clear()  # the parent's reads: the parent removes those links
     for pool in _pools.values():
         for entry in pool:
             entry.close()

@@ -14,8 +14,6 @@ reused, random bits with them are not), and cleanup can tell whose a leftover wa
 
 from __future__ import annotations
 
-import ctypes
-import errno
 import os
 import threading
 import time
@@ -27,45 +25,10 @@ import posix_ipc
 from . import _names, _process, _registry_client, _shm
 
 _POST_CACHE_SIZE = 256
-
-
-class _Timespec(ctypes.Structure):
-    _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
-
-
-# Sleeping goes through libc directly: posix_ipc replaces any exception a signal handler
-# raises during a wait (other than KeyboardInterrupt) with its own SignalError, which
-# would hide e.g. a timeout alarm. With ctypes, EINTR comes back to Python, where the
-# handler runs and its exception propagates, or the wait resumes (PEP 475 semantics).
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.sem_open.restype = ctypes.c_void_p
-_libc.sem_open.argtypes = [ctypes.c_char_p, ctypes.c_int]
-_libc.sem_close.argtypes = [ctypes.c_void_p]
-_libc.sem_wait.argtypes = [ctypes.c_void_p]
-_libc.sem_trywait.argtypes = [ctypes.c_void_p]
-_libc.sem_timedwait.argtypes = [ctypes.c_void_p, ctypes.POINTER(_Timespec)]
-
+_libc = _shm.libc
+_native_wait = _shm.native_wait  # sleeps so that signal handlers run and may raise
 
 WATCHDOG_SECONDS = 0.25
-
-
-def _native_wait(handle: int, timeout: float | None) -> bool:
-    """Decrement the semaphore at ``handle``; False after ``timeout`` seconds."""
-    if timeout is None:
-        while _libc.sem_wait(handle) != 0:
-            if ctypes.get_errno() != errno.EINTR:
-                raise OSError(ctypes.get_errno(), "sem_wait failed")
-        return True
-    deadline = time.time() + max(0.0, timeout)  # sem_timedwait measures CLOCK_REALTIME
-    whole = int(deadline)
-    spec = _Timespec(whole, int((deadline - whole) * 1e9))
-    while _libc.sem_timedwait(handle, ctypes.byref(spec)) != 0:
-        error = ctypes.get_errno()
-        if error == errno.ETIMEDOUT:
-            return False
-        if error != errno.EINTR:
-            raise OSError(error, "sem_timedwait failed")
-    return True
 
 
 class Waker:

@@ -177,3 +177,81 @@ def test_a_value_read_in_place_keeps_its_link_until_the_next_large_read(namespac
     _spill.unlink_deferred()
     assert links() == []
     channel.close()
+
+
+@needs_accel
+def test_a_c_send_that_stops_at_a_ring_holds_the_feed_lock_for_its_thread_only() -> None:
+    import threading
+
+    feed = shmfeed.Feed()
+    channel = shmfeed.Channel(capacity=1)
+    sub = feed.subscribe(channel)
+    assert feed.send(1) == 1  # full now; this also builds the C plan
+    core = feed._open()
+    plan = core._fast_plan
+    assert plan is not None
+    answer = core._fast.send(plan[2], b"\x02", os.getpid(), plan[0])
+    assert answer == 0  # ring 0 did not take it: the lock is held, for the Python path
+    assert core.send_lock.value == 0
+    other = threading.Thread(target=core._fast.unlock_if_held)
+    other.start()
+    other.join()
+    assert core.send_lock.value == 0  # not that thread's to release
+    core._fast.unlock_if_held()
+    assert core.send_lock.value == 1
+    core._fast.unlock_if_held()  # idempotent
+    assert core.send_lock.value == 1
+    assert channel.recv(timeout=5) == 1
+    sub.unsubscribe()
+    channel.close()
+
+
+def test_a_lock_wait_lets_a_signal_handler_raise() -> None:
+    import signal
+
+    channel = shmfeed.Channel()
+    core = channel._live_core()
+    core.send_lock.acquire()  # as if another sender held it
+
+    def alarm(*_: object) -> None:
+        raise TimeoutError("alarm")
+
+    previous = signal.signal(signal.SIGALRM, alarm)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.2)
+        with pytest.raises(TimeoutError, match="alarm"):
+            channel.send(1, timeout=5)  # waits for the send lock: the alarm must get out
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+        core.send_lock.release()
+    channel.send(2, timeout=5)
+    assert channel.recv(timeout=5) == 2
+    channel.close()
+
+
+def test_pool_files_only_grow_and_smaller_values_read_right(namespace) -> None:
+    channel = shmfeed.Channel(capacity=2)
+    sizes = [400_000, 150_000, 300_000, 100_000, 400_000, 90_000]
+    for seq, size in enumerate(sizes):  # one at a time: each goes round the same pool file
+        channel.send(W.large_value(seq, size), timeout=5)
+        assert channel.recv(timeout=5) == W.large_value(seq, size)
+    channel.close()
+
+
+def test_links_kept_by_a_thread_that_ended_go_at_the_next_large_read(namespace) -> None:
+    import threading
+
+    channel = shmfeed.Channel(capacity=4)
+    for seq in range(2):
+        channel.send(W.large_value(seq, 200_000), timeout=5)
+    got = []
+    reader = threading.Thread(target=lambda: got.append(channel.recv(timeout=5)))
+    reader.start()
+    reader.join()
+    assert got == [W.large_value(0, 200_000)]
+    prefix = f"c{channel._channel_id:016x}.x"
+    assert len([n for n in os.listdir("/dev/shm") if prefix in n]) == 2  # its link is kept
+    assert channel.recv(timeout=5) == W.large_value(1, 200_000)
+    assert len([n for n in os.listdir("/dev/shm") if prefix in n]) == 1  # only ours now
+    channel.close()
