@@ -1013,8 +1013,20 @@ def rss_report(run: Run) -> dict:
                                 "first_mib": round(sum(first) / len(first) / mib, 1),
                                 "last_mib": round(sum(last) / len(last) / mib, 1),
                                 "growth_mib": round((sum(last) / len(last) - sum(first) / len(first)) / mib, 1),
-                                "max_mib": round(max(r for _, r in samples) / mib, 1)}
+                                "max_mib": round(max(r for _, r in samples) / mib, 1),
+                                "sixths_mib": _sixths(samples, t_first, life)}
     return out
+
+
+def _sixths(samples: list[tuple[float, int]], start: float, life: float) -> list[float]:
+    """Mean RSS (MiB) over each sixth of a process's life: a leak climbs sixth after sixth,
+    a warm-up levels off."""
+    means = []
+    for part in range(6):
+        low, high = start + life * part / 6, start + life * (part + 1) / 6
+        window = [r for t, r in samples if low <= t <= high]
+        means.append(round(sum(window) / len(window) / (1 << 20), 1) if window else 0.0)
+    return means
 
 
 def kill_tree(run: Run) -> list[int]:
@@ -1070,7 +1082,7 @@ def print_human(report: dict) -> None:
     p(f"  RSS (MiB) of the {len(growth)} longest-lived processes, first vs last minute (or third):")
     for name, g in growth[:12]:
         p(f"    {name:28s} {g['first_mib']:8.1f} -> {g['last_mib']:8.1f}  ({g['growth_mib']:+.1f}, max {g['max_mib']})"
-          f"  lived {g['lived_s']} s")
+          f"  lived {g['lived_s']} s; by sixths {g['sixths_mib']}")
     d = report["dev_shm"]
     p(f"  /dev/shm before final gc: {len(d['before_final_gc'])} entries; after: {d['left'] or 'nothing'}")
     p(f"  violations: {report['violation_count']} {report['violation_counts']}")
