@@ -8,6 +8,7 @@ import os
 import time
 import uuid
 
+import psutil
 import pytest
 
 from shmfeed import _gc, _release
@@ -33,21 +34,30 @@ def namespace(monkeypatch: pytest.MonkeyPatch):
 
 
 def _wait_out_destruction(name: str, timeout: float = 5.0) -> list[str]:
-    """What of the namespace is left in /dev/shm, once destructions in progress are done.
+    """What of the namespace is left in /dev/shm, once cleanups in progress are done.
 
-    A segment marked DESTROYED is being unlinked right now by some process (the registry
-    cleaning up after a child that just exited, say): not a leak, so give it a moment.
-    Anything else left is reported at once.
+    A segment marked DESTROYED is being unlinked right now by some process, and the waker of
+    a dead process (a pool worker a Pool terminated, say) is the registry's to remove once
+    it notices the death: neither is a leak, so give them a moment. Anything else left is
+    reported at once.
     """
     deadline = time.monotonic() + timeout
     while True:
         left = _gc.namespace_entries(name)
-        segments = [entry for entry in left if not entry.startswith("sem.")]
-        if not left or time.monotonic() > deadline or not segments:
+        if not left or time.monotonic() > deadline:
             return left
-        if not all(_being_destroyed(entry) for entry in segments):
+        if not all(_being_cleaned(entry) for entry in left):
             return left
         time.sleep(0.05)
+
+
+def _being_cleaned(entry: str) -> bool:
+    waker = entry.rsplit(".", 1)[-1]
+    if entry.startswith("sem.") and waker.startswith("w"):
+        return not psutil.pid_exists(int(waker[1:], 16) >> 32)  # a dead process's waker
+    if entry.startswith("sem."):
+        return True  # a lock: goes with its segment, judged by that
+    return _being_destroyed(entry)
 
 
 def _being_destroyed(entry: str) -> bool:
