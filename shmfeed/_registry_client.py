@@ -83,6 +83,18 @@ def is_running(namespace: str) -> bool:
     return False
 
 
+def forget_dead_registry(namespace: str) -> None:
+    """Remove the runtime files (lock, startup lock, socket) a killed registry left; nothing
+    if a registry runs."""
+    if is_running(namespace):
+        return
+    for path in (socket_path(namespace), lock_path(namespace), startup_lock_path(namespace)):
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+
+
 def ensure_running(namespace: str) -> None:
     """Start the namespace's registry in the background if none runs (cheap when one does)."""
     if disabled or os.environ.get(DISABLE_ENV):

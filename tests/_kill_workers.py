@@ -180,16 +180,6 @@ def cleanup(namespace: str, timeout: float = 10.0) -> list[str]:
         time.sleep(0.01)
 
 
-def forget_dead_registry(namespace: str) -> None:
-    """Remove the runtime files (lock, startup lock, socket) a killed registry left."""
-    if _registry_client.is_running(namespace):
-        return
-    for path in (_registry_client.socket_path(namespace), _registry_client.lock_path(namespace),
-                 _registry_client.startup_lock_path(namespace)):
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
-
-
 class SenderThread(threading.Thread):
     """Sends ``values`` (on a feed or a channel) and records what each send returned and when."""
 
@@ -694,7 +684,7 @@ def scenario_all_killed(ctx: Any, namespace: str, use_gc: bool = False) -> Outco
     reports.close()
     reports.join_thread()
     if use_gc:
-        forget_dead_registry(namespace)
+        _registry_client.forget_dead_registry(namespace)
     label = "6b all killed + registry, shmfeed gc" if use_gc else "6 all parties killed"
     return Outcome(label, cleaned, 0, 0, _gc.namespace_entries(namespace), bound_s=CLEAN_BOUND)
 

@@ -1121,11 +1121,11 @@ def main(argv: list[str] | None = None) -> int:
         if leftover and report is not None:
             report["processes"]["killed_at_end"] = leftover
         with contextlib.suppress(Exception):
-            from shmfeed import _gc
+            from shmfeed import _gc, _registry_client
 
             if _gc.namespace_entries(namespace):
                 _gc.sweep(namespace)
-            forget_dead_registry(namespace)
+            _registry_client.forget_dead_registry(namespace)
     if args.json:
         print(json.dumps(report, indent=2, default=str))
     elif "error" in report:
@@ -1135,17 +1135,6 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print_human(report)
     return 0 if report["ok"] else 1
-
-
-def forget_dead_registry(namespace: str) -> None:
-    from shmfeed import _registry_client
-
-    if _registry_client.is_running(namespace):
-        return
-    for path in (_registry_client.socket_path(namespace), _registry_client.lock_path(namespace),
-                 _registry_client.startup_lock_path(namespace)):
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
 
 
 if __name__ == "__main__":
