@@ -689,7 +689,71 @@ static PyObject *copy_into(PyObject *module, PyObject *const *args, Py_ssize_t n
     Py_RETURN_NONE;
 }
 
+/* has_buffers(value, budget) -> True, False or None: whether msgpack would meet a
+ * bytearray or memoryview (which it packs as bin, decoding as bytes) in value's dicts and
+ * lists; None once more than budget items were looked at. The twin of _codec._has_buffers.
+ * No Python code runs during the walk (exact type checks only), so borrowed references
+ * stay valid. */
+#define HAS_BUFFERS_STACK 256
+
+static inline int is_buffer_type(PyObject *item) {
+    return PyByteArray_CheckExact(item) || PyMemoryView_Check(item);
+}
+
+static PyObject *has_buffers(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "has_buffers(value, budget)");
+        return NULL;
+    }
+    Py_ssize_t budget = PyLong_AsSsize_t(args[1]);
+    if (budget == -1 && PyErr_Occurred())
+        return NULL;
+    PyObject *value = args[0];
+    if (is_buffer_type(value))
+        Py_RETURN_TRUE;
+    PyObject *stack[HAS_BUFFERS_STACK];
+    Py_ssize_t depth = 0;
+    stack[depth++] = value;
+    while (depth) {
+        PyObject *item = stack[--depth];
+        if (PyDict_CheckExact(item)) {
+            budget -= PyDict_GET_SIZE(item);
+            if (budget < 0)
+                Py_RETURN_NONE;
+            Py_ssize_t position = 0;
+            PyObject *key, *member;
+            while (PyDict_Next(item, &position, &key, &member)) {
+                if (is_buffer_type(member) || PyMemoryView_Check(key))
+                    Py_RETURN_TRUE;
+                if (PyDict_CheckExact(member) || PyList_CheckExact(member)) {
+                    if (depth == HAS_BUFFERS_STACK)
+                        Py_RETURN_NONE;
+                    stack[depth++] = member;
+                }
+            }
+        } else if (PyList_CheckExact(item)) {
+            Py_ssize_t size = PyList_GET_SIZE(item);
+            budget -= size;
+            if (budget < 0)
+                Py_RETURN_NONE;
+            for (Py_ssize_t i = 0; i < size; i++) {
+                PyObject *member = PyList_GET_ITEM(item, i);
+                if (is_buffer_type(member))
+                    Py_RETURN_TRUE;
+                if (PyDict_CheckExact(member) || PyList_CheckExact(member)) {
+                    if (depth == HAS_BUFFERS_STACK)
+                        Py_RETURN_NONE;
+                    stack[depth++] = member;
+                }
+            }
+        }
+    }
+    Py_RETURN_FALSE;
+}
+
 static PyMethodDef module_methods[] = {
+    {"has_buffers", (PyCFunction)(void (*)(void))has_buffers, METH_FASTCALL,
+     "has_buffers(value, budget) -> bool, or None if value is too big to tell (see _codec)"},
     {"copy_into", (PyCFunction)(void (*)(void))copy_into, METH_FASTCALL,
      "copy_into(destination, source): copy around the cache (for large values)"},
     {"offer_all", (PyCFunction)(void (*)(void))offer_all, METH_FASTCALL,

@@ -40,6 +40,7 @@ from uuid import UUID
 
 import msgpack
 
+from shmfeed import _native
 from shmfeed._errors import ChannelCorruptError, EncodingError
 
 __all__ = ["CHANNEL_EXT_CODE", "encode", "decode", "register_type", "register_reference_type",
@@ -104,16 +105,23 @@ _state = _ThreadState()
 
 _SCAN_LIMIT = 64 * 1024  # larger output: look at the value, not the bytes, if it is small
 _WALK_BUDGET = 1024  # containers and items looked at before falling back to the scan
+# The C twin of _has_buffers (_accel.c), or None.
+_native_has_buffers: Callable[[Any, int], bool | None] | None = (
+    _native.accel.has_buffers if _native.accel is not None else None)
 
 
 def _checked(packer: msgpack.Packer, out: bytes, value: Any) -> bytes:
     # strict_types still packs bytearray and memoryview as bin, which would decode as
-    # bytes. Bin markers are rare in small output, so scan it (memchr) and only then look
-    # at the value; in large output (a big blob) the scans cost more than the pack itself,
-    # while the value is usually a few items: look at those first.
-    if len(out) <= _SCAN_LIMIT and not (0xC4 in out or 0xC5 in out or 0xC6 in out):
+    # bytes. With the C walk, look at the value (a few dozen ns for a usual event).
+    # Without it: bin markers are rare in small output, so scan it (memchr) and only then
+    # walk the value; in large output (a big blob) the scans cost more than the pack
+    # itself, while the value is usually a few items: walk those first.
+    if _native_has_buffers is not None:
+        found = _native_has_buffers(value, _WALK_BUDGET)
+    elif len(out) <= _SCAN_LIMIT and not (0xC4 in out or 0xC5 in out or 0xC6 in out):
         return out
-    found = _has_buffers(value)
+    else:
+        found = _has_buffers(value)
     if found is None:  # too big to walk cheaply: trust the bytes
         found = 0xC4 in out or 0xC5 in out or 0xC6 in out
     if found:
@@ -123,15 +131,13 @@ def _checked(packer: msgpack.Packer, out: bytes, value: Any) -> bytes:
     return out
 
 
-
-def _has_buffers(value: Any) -> bool | None:
+def _has_buffers(value: Any, budget: int = _WALK_BUDGET) -> bool | None:
     """Whether ``value`` holds a bytearray or memoryview where msgpack would see it (in
     dicts and lists; other containers go through ``_default``); None if it is too big to
     tell cheaply."""
     kind = type(value)
     if kind is bytearray or kind is memoryview:
         return True
-    budget = _WALK_BUDGET
     pending = [value]
     while pending:
         item = pending.pop()
@@ -200,7 +206,8 @@ def encode_for_send(value: object, large: bool) -> bytes | memoryview:
     except Exception:  # noqa: BLE001 - encode() raises the proper error, or succeeds
         packer.reset()
         return encode(value)
-    if _has_buffers(value) is not False:  # a bytearray/memoryview, or too big to tell
+    walk = _native_has_buffers or _has_buffers
+    if walk(value, _WALK_BUDGET) is not False:  # a bytearray/memoryview, or too big to tell
         packer.reset()
         return encode(value)
     st.view = packer.getbuffer()

@@ -27,14 +27,13 @@ import mmap
 import os
 import platform
 import struct
-import sys
 import threading
 import time
 import weakref
 from typing import Any
 
 from . import _layout as L
-from . import _names, _process, _shm, _spill, _waker
+from . import _names, _native, _process, _shm, _spill, _waker
 from ._spill import Spill
 from ._segment import AttachedSegment
 from ._errors import ChannelClosed, ChannelCorruptError
@@ -70,22 +69,7 @@ _pid = os.getpid()
 Payload = bytes | memoryview
 
 
-def _load_accelerator() -> Any:
-    """The C hot path (``_accel.c``) if it was built, else None: the Python path below.
-
-    ``SHMFEED_PURE_PYTHON=1`` forces the Python path (tests run both). The C code writes
-    record headers in native order, so it is used only where that is little-endian.
-    """
-    if os.environ.get("SHMFEED_PURE_PYTHON") or sys.byteorder != "little":
-        return None
-    try:
-        from . import _accel  # type: ignore[attr-defined]
-    except ImportError:
-        return None
-    return _accel
-
-
-_accel = _load_accelerator()
+_accel = _native.accel  # the C hot path, or None: the Python path below
 ACCEL_WORDS = (L.WRITE_POS, L.READ_POS, L.SENT, L.RECEIVED, L.CLOSED, L.CAPACITY,
                L.LOCK_OWNER, L.RECV_LOCK_OWNER, L.RECV_WAITING, L.SEND_WAITING, L.WAIT_LOCK_OWNER)
 

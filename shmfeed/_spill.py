@@ -27,7 +27,7 @@ import platform
 import threading
 from collections import OrderedDict
 
-from . import _names, _process
+from . import _names, _native, _process
 
 POOL_FILES = 32  # per process and namespace ...
 POOL_BYTES = 256 << 20  # ... and no more bytes than this in them
@@ -36,10 +36,7 @@ READER_MAPPED_BYTES = 128 << 20  # ... holding no more than this
 READER_MAP_MIN = 64 << 10  # smaller files are simply read
 
 
-try:
-    from ._accel import copy_into as _copy_into  # type: ignore[import-not-found]
-except ImportError:
-    _copy_into = None
+_copy_into = _native.accel.copy_into if _native.accel is not None else None
 
 MALLOC_OPT_OUT_ENV = "SHMFEED_NO_MALLOC_TUNING"
 _malloc_tuned = False

@@ -43,7 +43,8 @@ def test_the_accelerator_is_built_and_used() -> None:
 def test_core_suites_pass_on_the_pure_python_path() -> None:
     environment = {**os.environ, "SHMFEED_PURE_PYTHON": "1"}
     environment.pop("SHMFEED_NAMESPACE", None)  # each test there makes its own
-    suites = ["test_channel.py", "test_feed.py", "test_overflow.py", "test_bad_input.py", "test_accel.py"]
+    suites = ["test_channel.py", "test_feed.py", "test_overflow.py", "test_bad_input.py", "test_codec.py",
+              "test_accel.py"]
     run = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
          "-k", "not pure_python_path", *suites],
@@ -255,3 +256,35 @@ def test_links_kept_by_a_thread_that_ended_go_at_the_next_large_read(namespace) 
     assert channel.recv(timeout=5) == W.large_value(1, 200_000)
     assert len([n for n in os.listdir("/dev/shm") if prefix in n]) == 1  # only ours now
     channel.close()
+
+
+_BIG_LIST = list(range(5000))
+_DEEP: list = []
+_cursor = _DEEP
+for _ in range(400):  # deeper than the C walk's stack
+    _cursor.append([])
+    _cursor = _cursor[0]
+
+
+@needs_accel
+@pytest.mark.parametrize("value", [
+    None, 1, b"x", bytearray(b"x"), memoryview(b"x"), {}, [],
+    {"a": 1, "b": b"bytes only"}, {"a": [1, {"b": bytearray(2)}]}, [[[memoryview(b"")]]],
+    {memoryview(b"k"): 1}, {"t": (bytearray(1),)},  # a tuple goes through _default
+    _BIG_LIST, {"big": _BIG_LIST}, [_BIG_LIST, bytearray(1)], _DEEP,
+    [{"k": i} for i in range(600)],
+], ids=repr)
+def test_the_c_buffer_walk_agrees_with_the_python_one(value: object) -> None:
+    from shmfeed import EncodingError, _codec
+
+    native = _ring._accel.has_buffers(value, _codec._WALK_BUDGET)
+    python = _codec._has_buffers(value, _codec._WALK_BUDGET)
+    # None means "too big to tell" (the caller then scans the bytes); the C walk may give
+    # up sooner (its stack is bounded), but it never says False where Python says True.
+    assert native == python or native is None, (native, python)
+    if "memory" in repr(value):  # a memoryview is refused (SPEC), bytearray round-trips
+        with pytest.raises(EncodingError):
+            _codec.encode(value)
+    else:
+        decoded = _codec.decode(_codec.encode(value))
+        assert decoded == value and type(decoded) is type(value)
