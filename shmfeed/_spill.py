@@ -36,7 +36,7 @@ READER_MAPPED_BYTES = 128 << 20  # ... holding no more than this
 READER_MAP_MIN = 64 << 10  # smaller files are simply read
 
 
-_copy_into = _native.accel.copy_into if _native.accel is not None else None
+_copy_into = _native.accel.copy_into if _native.accel is not None and not os.environ.get("XNT") else None
 
 MALLOC_OPT_OUT_ENV = "SHMFEED_NO_MALLOC_TUNING"
 _malloc_tuned = False
