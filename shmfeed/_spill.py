@@ -28,6 +28,7 @@ import threading
 from collections import OrderedDict
 
 from . import _names, _native, _process
+from ._largecopy import CopyChooser
 
 POOL_FILES = 32  # per process and namespace ...
 POOL_BYTES = 256 << 20  # ... and no more bytes than this in them
@@ -36,7 +37,7 @@ READER_MAPPED_BYTES = 128 << 20  # ... holding no more than this
 READER_MAP_MIN = 64 << 10  # smaller files are simply read
 
 
-_copy_into = _native.accel.copy_into if _native.accel is not None and not os.environ.get("XNT") else None
+_copier = CopyChooser(_native.accel.copy_into if _native.accel is not None else None)
 
 MALLOC_OPT_OUT_ENV = "SHMFEED_NO_MALLOC_TUNING"
 _malloc_tuned = False
@@ -68,7 +69,7 @@ def tune_malloc() -> None:
 
 
 class _PoolFile:
-    __slots__ = ("path", "descriptor", "size", "busy", "mapping")
+    __slots__ = ("path", "descriptor", "size", "busy", "mapping", "mark")
 
     def __init__(self, path: str, descriptor: int) -> None:
         self.path = path
@@ -76,6 +77,7 @@ class _PoolFile:
         self.size = 0
         self.busy = False  # taken by a send that has not finished linking
         self.mapping: mmap.mmap | None = None
+        self.mark: int | None = None  # how the last copy wrote it (see _largecopy)
 
     def close(self) -> None:
         """Let go of the mapping and descriptor (idempotent: the number may be reused)."""
@@ -165,11 +167,9 @@ class Spill:
             file.size = size
         if file.mapping is None and file.size:
             file.mapping = mmap.mmap(file.descriptor, file.size)
+            file.mark = None  # new pages: the next copy's timing would be spoilt
         if file.mapping is not None:
-            if _copy_into is not None:
-                _copy_into(file.mapping, self.payload)
-            else:
-                file.mapping[:size] = self.payload
+            file.mark = _copier.copy(file.mapping, self.payload, file.mark)
 
     def close(self) -> None:
         if self.file is not None:
