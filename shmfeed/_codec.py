@@ -187,27 +187,118 @@ def _pack(value: Any) -> bytes:
 
 
 LARGE_OUTPUT = 64 * 1024  # a send whose last value encoded to more expects another
+SEGMENT_MIN = 64 * 1024  # a bytes member this large is kept as its own part, not copied
+_SEGMENT_DEPTH = 2  # containers looked into for such members: the value and its members
+_SEGMENT_MEMBERS = 64  # a container with more members is packed whole
+_BIN32_HEADER = struct.Struct(">BI")  # msgpack bin 32: what msgpack uses past 64 KiB
+_EXT32_HEADER = struct.Struct(">BIb")  # msgpack ext 32: what msgpack uses past 64 KiB
 
 
-def encode_for_send(value: object, large: bool) -> bytes | memoryview:
+class Segments:
+    """An encoded value in parts, whose concatenation is its msgpack encoding.
+
+    Big ``bytes`` members of a dict, list or tuple (or of one inside those) are referenced,
+    not copied, until the value is written where it travels (a spill file): a copy fewer
+    per large send. ``join()`` gives the contiguous bytes where those are needed (a value
+    small enough for a ring).
+    """
+
+    __slots__ = ("parts", "size")
+
+    def __init__(self, parts: list[bytes]) -> None:
+        self.parts = parts
+        self.size = sum(map(len, parts))
+
+    def __len__(self) -> int:
+        return self.size
+
+    def join(self) -> bytes:
+        return b"".join(self.parts)
+
+
+def _is_big_bytes(item: Any) -> bool:
+    return type(item) is bytes and SEGMENT_MIN <= len(item) <= 0xFFFF_FFFF
+
+
+def _members(item: Any) -> Any:
+    # What a container packs, in order: a dict's keys and values alternately.
+    return (member for pair in item.items() for member in pair) if type(item) is dict else item
+
+
+def _worth_parts(item: Any, depth: int) -> bool:
+    # A container to encode part by part: a big bytes object within _SEGMENT_DEPTH of the top.
+    kind = type(item)
+    if depth >= _SEGMENT_DEPTH or not (kind is dict or kind is list or kind is tuple):
+        return False
+    if len(item) > _SEGMENT_MEMBERS:
+        return False
+    return any(_is_big_bytes(member) or _worth_parts(member, depth + 1) for member in _members(item))
+
+
+def _emit(item: Any, depth: int, packer: msgpack.Packer, parts: list[bytes]) -> None:
+    # Append the encoding of item to parts: big bytes objects as themselves, the rest packed.
+    if _is_big_bytes(item):
+        parts += (_BIN32_HEADER.pack(0xC6, len(item)), item)
+        return
+    kind = type(item)
+    if kind is tuple and _worth_parts(item, depth):
+        items = list(item)
+        # A tuple is ext _TUPLE around its items as a list, packed as their own value: a
+        # bytearray in there would need the fix-up that encode gives; pack it whole then.
+        if (_native_has_buffers or _has_buffers)(items, _WALK_BUDGET) is False:
+            inner: list[bytes] = []
+            _emit(items, depth, packer, inner)
+            parts.append(_EXT32_HEADER.pack(0xC9, sum(map(len, inner)), _TUPLE))
+            parts += inner
+            return
+    elif kind is dict and _worth_parts(item, depth):
+        parts.append(packer.pack_map_header(len(item)))
+        for member in _members(item):
+            _emit(member, depth + 1, packer, parts)
+        return
+    elif kind is list and _worth_parts(item, depth):
+        parts.append(packer.pack_array_header(len(item)))
+        for member in item:
+            _emit(member, depth + 1, packer, parts)
+        return
+    parts.append(packer.pack(item))
+
+
+def _segments(value: Any, packer: msgpack.Packer) -> Segments | None:
+    # The encoding of a value holding big bytes members, in parts; None if it holds none.
+    # The dicts and lists in it hold no bytearray or memoryview (checked by the caller), so
+    # each member packs alone to the same bytes that packing the whole would give.
+    if not _worth_parts(value, 0):
+        return None
+    parts: list[bytes] = []
+    _emit(value, 0, packer, parts)
+    return Segments(parts)
+
+
+def encode_for_send(value: object, large: bool) -> bytes | memoryview | Segments:
     """``encode`` for a send that uses the result before it returns.
 
-    With ``large`` (the previous value of this sender was large), the result is a view of
-    this thread's packer buffer, valid until the next call in this thread: it saves copying
-    a large value into a bytes object (a quarter of a 1 MiB send). Anything unusual takes
-    the plain ``encode``.
+    With ``large`` (the previous value of this sender was large), the result avoids a copy
+    of the value: ``Segments`` if big bytes members can be kept apart, else a view of this
+    thread's packer buffer, valid until the next call in this thread (it saves copying the
+    output into a bytes object). Anything unusual takes the plain ``encode``.
     """
     st = _state
     if not large or st.depth:
         return encode(value)
+    walk = _native_has_buffers or _has_buffers
+    if walk(value, _WALK_BUDGET) is not False:  # a bytearray/memoryview, or too big to tell
+        return encode(value)
+    try:
+        segments = _segments(value, st.packer)
+    except Exception:  # noqa: BLE001 - encode() raises the proper error, or succeeds
+        return encode(value)
+    if segments is not None:
+        return segments
     packer = _fresh_view_packer(st)
     try:
         packer.pack(value)
-    except Exception:  # noqa: BLE001 - encode() raises the proper error, or succeeds
-        packer.reset()
-        return encode(value)
-    walk = _native_has_buffers or _has_buffers
-    if walk(value, _WALK_BUDGET) is not False:  # a bytearray/memoryview, or too big to tell
+    except Exception:  # noqa: BLE001 - as above
         packer.reset()
         return encode(value)
     st.view = packer.getbuffer()

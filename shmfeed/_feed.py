@@ -18,6 +18,7 @@ from typing import Any, Generic, NamedTuple, TypeVar
 from . import _codec, _names, _process, _registry_client, _ring, _shm, _waker
 from . import _layout as L
 from ._segment import AttachedSegment, open_named
+from ._codec import Segments
 from ._channel import Channel, TypeArgument, display_type
 from ._errors import ChannelClosed, FeedClosed, FeedTypeError, ShmfeedError, SlowSubscriberError
 from ._stats import FeedStatistics, SubscriptionStatistics
@@ -340,13 +341,15 @@ class FeedCore(AttachedSegment):
             self.release_lock()
         self._is_sender = True
 
-    def send(self, payload: _ring.Payload) -> int:
+    def send(self, payload: _ring.Encoded) -> int:
         """Deliver one encoded value to every subscribed channel; returns how many took it."""
         if not self._is_sender:
             self._register_sender()
         plan = self._fast_plan
         fast = self._fast
         if plan is not None and fast is not None and len(payload) <= plan[3]:
+            if isinstance(payload, Segments):
+                payload = payload.join()  # inline in every ring
             # All of it in C when nothing unusual happens (see _accel.c, Feed.send). When
             # it answers i >= 0 it still holds the send lock and we go on from ring i;
             # the finally lets go of it whatever happens from the moment the call returns.
@@ -368,7 +371,7 @@ class FeedCore(AttachedSegment):
             words[L.SEND_LOCK_OWNER] = 0
             send_lock.release()
 
-    def _send_locked(self, payload: _ring.Payload, plan: Any, answer: int) -> int:
+    def _send_locked(self, payload: _ring.Encoded, plan: Any, answer: int) -> int:
         """The send, with the feed's send lock held: from the start (``answer`` -1), or
         from where the C send stopped (``answer`` as ``_accel.offer_all``, on ``plan``)."""
         words = self.words
@@ -387,6 +390,8 @@ class FeedCore(AttachedSegment):
             delivered = 0
             waiting: list[tuple[_Target, int, _ring.Payload]] = []
             if plan is not None and size <= plan[3]:
+                if isinstance(payload, Segments):
+                    payload = payload.join()  # inline in every ring
                 rings = plan[2]
                 # The C loop writes to every ring it can and stops at each one that needs
                 # more: a wake-up, or the Python path (full, closed, ...).
@@ -406,6 +411,8 @@ class FeedCore(AttachedSegment):
                 for target in targets:
                     core = target.core
                     if size <= core.inline_limit:
+                        if isinstance(payload, Segments):
+                            payload = payload.join()  # inline here (and wherever else it fits)
                         kind, record = _ring.KIND_DATA, payload
                         outcome = core.offer_fast(payload)
                     else:

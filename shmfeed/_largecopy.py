@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import mmap
 import time
+from collections.abc import Sequence
 from typing import Any
 
 ORDINARY, STREAMED = 1, 2  # marks: how a file was last written (None: newly mapped)
@@ -28,6 +29,14 @@ TRIAL_COPIES = 96  # ... or copies, whichever comes first
 # the receiver's cheaper read of a value still in cache does not show in the sender's timing.
 ORDINARY_MARGIN = 2.0
 WEIGHT = 0.25  # of a new timing in the running average of the way in use
+
+
+def _ordinary_copy(destination: mmap.mmap, parts: Sequence[bytes | memoryview]) -> None:
+    offset = 0
+    for part in parts:
+        end = offset + len(part)
+        destination[offset:end] = part
+        offset = end
 
 
 class CopyChooser:
@@ -42,26 +51,37 @@ class CopyChooser:
         self.trial_copies = 0  # > 0: a trial of the other way is under way
         self.trial_costs: list[float] = []
 
-    def copy(self, destination: mmap.mmap, payload: bytes | memoryview, mark: int | None) -> int:
-        """Copy ``payload`` to the start of ``destination``; return the file's new mark.
+    def copy(self, destination: mmap.mmap, parts: Sequence[bytes | memoryview], mark: int | None) -> int:
+        """Copy ``parts``, one after the other, to the start of ``destination``; return the
+        file's new mark.
 
         ``mark`` is what this returned for the file last time, or None if its mapping is
         new (page faults would spoil the timing).
         """
-        size = len(payload)
+        size = sum(map(len, parts))
         if self.streaming_copy is None:
-            destination[:size] = payload
+            _ordinary_copy(destination, parts)
             return ORDINARY
         streaming = self.streaming != (self.trial_copies > 0)
         started = time.perf_counter_ns()
         if streaming:
-            self.streaming_copy(destination, payload)
+            self._streaming_copy(destination, parts)
         else:
-            destination[:size] = payload
+            _ordinary_copy(destination, parts)
         elapsed = time.perf_counter_ns() - started
         fair = mark is not None and (streaming or mark == ORDINARY)
         self._learn(streaming, elapsed / max(size, 1) if fair else None)
         return STREAMED if streaming else ORDINARY
+
+    def _streaming_copy(self, destination: mmap.mmap, parts: Sequence[bytes | memoryview]) -> None:
+        if len(parts) == 1:
+            self.streaming_copy(destination, parts[0])
+            return
+        with memoryview(destination) as view:
+            offset = 0
+            for part in parts:
+                self.streaming_copy(view[offset:], part)
+                offset += len(part)
 
     def _learn(self, streaming: bool, cost: float | None) -> None:
         if self.trial_copies:

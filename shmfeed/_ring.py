@@ -34,6 +34,7 @@ from typing import Any
 
 from . import _layout as L
 from . import _names, _native, _process, _shm, _spill, _waker
+from ._codec import Segments
 from ._spill import Spill
 from ._segment import AttachedSegment
 from ._errors import ChannelClosed, ChannelCorruptError
@@ -67,6 +68,8 @@ _pid = os.getpid()
 
 # An encoded value or record: bytes, or a view of a packer's buffer (see _codec.encode_for_send).
 Payload = bytes | memoryview
+# What a send starts from: a Payload, or a large value in parts (joined if it goes inline).
+Encoded = bytes | memoryview | Segments
 
 
 _accel = _native.accel  # the C hot path, or None: the Python path below
@@ -462,10 +465,10 @@ class ChannelCore(AttachedSegment):
 
     # --- the data path ------------------------------------------------------------------
 
-    def record_for(self, payload: Payload) -> tuple[int, Payload]:
+    def record_for(self, payload: Encoded) -> tuple[int, Payload]:
         """The record kind and bytes that carry ``payload`` in this ring (one receiver)."""
         if len(payload) <= self.inline_limit:
-            return KIND_DATA, payload
+            return KIND_DATA, payload.join() if isinstance(payload, Segments) else payload
         spill = Spill(self.namespace, payload)
         try:
             return KIND_SPILL, SPILL_REFERENCE.pack(*spill.link_into(self.namespace, self.channel_id))
@@ -567,7 +570,7 @@ class ChannelCore(AttachedSegment):
         """Take ``waker`` out of the send wait list (after a timeout or cancellation)."""
         self._waitlist_remove(L.SEND_WAITLIST_WORD, L.SEND_WAITING, waker)
 
-    def put(self, payload: Payload, timeout: float | None) -> int:
+    def put(self, payload: Encoded, timeout: float | None) -> int:
         """Blocking send of one encoded value; DELIVERED or DROPPED. Raises on close/timeout."""
         kind, record = self.record_for(payload)
         try:

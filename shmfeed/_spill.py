@@ -26,8 +26,10 @@ import os
 import platform
 import threading
 from collections import OrderedDict
+from collections.abc import Sequence
 
 from . import _names, _native, _process
+from ._codec import Segments
 from ._largecopy import CopyChooser
 
 POOL_FILES = 32  # per process and namespace ...
@@ -140,10 +142,11 @@ def _unlink(path: str) -> None:
 class Spill:
     """One large value of one send, written once, linked into each channel that needs it."""
 
-    def __init__(self, namespace: str, payload: bytes | memoryview) -> None:
+    def __init__(self, namespace: str, payload: bytes | memoryview | Segments) -> None:
         tune_malloc()
         self.namespace = namespace
         self.payload = payload
+        self.parts: Sequence[bytes | memoryview] = payload.parts if isinstance(payload, Segments) else (payload,)
         self.file: _PoolFile | None = None
 
     def link_into(self, namespace: str, channel_id: int) -> tuple[int, int]:
@@ -169,7 +172,7 @@ class Spill:
             file.mapping = mmap.mmap(file.descriptor, file.size)
             file.mark = None  # new pages: the next copy's timing would be spoilt
         if file.mapping is not None:
-            file.mark = _copier.copy(file.mapping, self.payload, file.mark)
+            file.mark = _copier.copy(file.mapping, self.parts, file.mark)
 
     def close(self) -> None:
         if self.file is not None:

@@ -227,6 +227,18 @@ def large_value(seq: int, size: int) -> bytes:
     return hashlib.shake_256(seq.to_bytes(8, "little")).digest(size)
 
 
+def large_record(seq: int, size: int) -> dict:
+    """A dict around a large bytes member (sent in parts, see _codec.Segments)."""
+    return {"seq": seq, "blob": large_value(seq, size), "tail": [seq, "end"]}
+
+
+@reporting
+def check_large_records(results: shmfeed.Channel, channel: shmfeed.Channel, n: int, size: int) -> None:
+    results.send(("ready", os.getpid()))
+    bad = [seq for seq in range(n) if channel.recv(timeout=RECV_TIMEOUT) != large_record(seq, size)]
+    results.send(("checked", os.getpid(), bad))
+
+
 @reporting
 def check_large_values(results: shmfeed.Channel, channel: shmfeed.Channel, n: int, size: int) -> None:
     results.send(("ready", os.getpid()))

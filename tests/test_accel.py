@@ -129,29 +129,25 @@ def test_odd_record_sizes_round_trip_through_the_c_ring() -> None:
     channel.close()
 
 
-@pytest.mark.timeout(180)
-def test_large_values_survive_pool_reuse_and_in_place_reads(mp_context, namespace) -> None:
-    """Enough large values that spill files go round the sender's pool many times while two
-    receivers read them in place: any stale, torn or early-reused read shows as a mismatch."""
-    n, size = 120, 300_000
+def _send_and_check_in_processes(mp_context, namespace, channels, check, make, n: int, size: int) -> None:
+    """Send ``make(seq, size)`` for seq < n on a feed to ``channels``, each read in its own
+    process by ``check`` (a _workers function), which must find every value exact."""
     feed = shmfeed.Feed()
-    channels = [shmfeed.Channel(capacity=3) for _ in range(2)]
     subs = [feed.subscribe(channel) for channel in channels]
     results = shmfeed.Channel()
-    processes = [mp_context.Process(target=W.check_large_values, args=(namespace, results, c, n, size))
-                 for c in channels]
+    processes = [mp_context.Process(target=check, args=(namespace, results, c, n, size)) for c in channels]
     try:
         for process in processes:
             process.start()
-        assert [results.recv(timeout=60)[0] for _ in processes] == ["ready", "ready"]
+        assert [results.recv(timeout=60)[0] for _ in processes] == ["ready"] * len(channels)
         for seq in range(n):
-            assert feed.send(W.large_value(seq, size)) == 2
+            assert feed.send(make(seq, size)) == len(channels)
         reports = [results.recv(timeout=120) for _ in processes]
-        assert [r[0] for r in reports] == ["checked", "checked"], reports
-        assert [r[2] for r in reports] == [[], []]
+        assert [r[0] for r in reports] == ["checked"] * len(channels), reports
+        assert [r[2] for r in reports] == [[]] * len(channels)
         for process in processes:
             process.join(30)
-        assert [p.exitcode for p in processes] == [0, 0]
+        assert [p.exitcode for p in processes] == [0] * len(channels)
     finally:
         for process in processes:
             if process.is_alive():
@@ -159,6 +155,31 @@ def test_large_values_survive_pool_reuse_and_in_place_reads(mp_context, namespac
                 process.join()
     for sub in subs:
         sub.unsubscribe()
+
+
+@pytest.mark.timeout(180)
+def test_large_values_survive_pool_reuse_and_in_place_reads(mp_context, namespace) -> None:
+    """Enough large values that spill files go round the sender's pool many times while two
+    receivers read them in place: any stale, torn or early-reused read shows as a mismatch."""
+    channels = [shmfeed.Channel(capacity=3) for _ in range(2)]
+    _send_and_check_in_processes(mp_context, namespace, channels, W.check_large_values, W.large_value, 120, 300_000)
+
+
+@pytest.mark.timeout(180)
+def test_large_records_in_parts_reach_inline_and_spilling_channels_alike(mp_context, namespace) -> None:
+    """A dict around a large blob is encoded in parts (the blob is not copied until written):
+    joined for a channel whose ring takes it inline, written part by part to a spill file for
+    one whose ring does not; both receivers get every value exactly."""
+    size = 300_000
+    channels = [shmfeed.Channel(capacity=3), shmfeed.Channel(capacity=3, buffer_size=4 << 20)]
+    assert channels[0]._live_core().inline_limit < size < channels[1]._live_core().inline_limit
+    _send_and_check_in_processes(mp_context, namespace, channels, W.check_large_records, W.large_record, 80, size)
+    # Channel.send takes the same two roads.
+    for channel in channels:
+        for seq in range(3):  # the capacity
+            channel.send(W.large_record(seq, size), timeout=10)
+        assert [channel.recv(timeout=10) for _ in range(3)] == [W.large_record(seq, size) for seq in range(3)]
+        channel.close()
 
 
 def test_a_value_read_in_place_keeps_its_link_until_the_next_large_read(namespace) -> None:

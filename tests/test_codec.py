@@ -615,7 +615,7 @@ def test_numpy_not_imported_for_plain_values() -> None:
 
 
 def test_encode_for_send_gives_a_view_for_large_values_that_lives_until_the_next_call():
-    big = {"seq": 1, "blob": bytes(range(256)) * 1024}
+    big = {"seq": 1, "text": "abcdefgh" * 32768}  # no big bytes member: no Segments
     first = _codec.encode_for_send(big, True)
     assert type(first) is memoryview and bytes(first) == _codec.encode(big)
     second = _codec.encode_for_send({"seq": 2}, True)
@@ -632,3 +632,61 @@ def test_encode_for_send_gives_a_view_for_large_values_that_lives_until_the_next
     held = kept[:10]  # a view of the view outlives its send (as in a traceback) ...
     again = _codec.encode_for_send(big, True)  # ... a fresh packer takes over
     assert bytes(again) == _codec.encode(big) and bytes(held) == bytes(_codec.encode(big)[:10])
+
+
+_BLOB = bytes(range(256)) * 512  # 128 KiB: kept as its own part
+
+
+@pytest.mark.parametrize("value", [
+    {"seq": 1, "blob": _BLOB},
+    [_BLOB, 2, "three", _BLOB[:_codec.SEGMENT_MIN]],  # a member of exactly SEGMENT_MIN too
+    {_BLOB: "a big key", "t": (1, 2), "when": datetime(2024, 1, 2, tzinfo=timezone.utc)},
+    {"a": _BLOB, "b": _BLOB, "nested": {"c": _BLOB}, "n": None},  # nested big bytes: packed
+    {"blob": _BLOB, "small": b"x" * 100, "set": {1, 2}, "dec": Decimal("1.5")},
+    (7, _BLOB),  # a tuple: ext around its items
+    {"frames": [_BLOB, _BLOB], "meta": ("m", _BLOB, None)},
+], ids=["dict", "list", "bytes-key-and-ext", "two-and-nested", "mixed", "tuple", "nested"])
+def test_large_values_travel_in_parts_that_join_to_the_same_encoding(value: object) -> None:
+    encoded = _codec.encode_for_send(value, True)
+    assert type(encoded) is _codec.Segments
+    assert encoded.join() == _codec.encode(value) and len(encoded) == len(encoded.join())
+    assert any(part is _BLOB for part in encoded.parts)  # the blob itself: not copied
+    decoded = _codec.decode(encoded.join())
+    assert decoded == value and type(decoded) is type(value)
+
+
+@pytest.mark.parametrize("value", [
+    {"blob": _BLOB, "bad": object()},  # unencodable member: the plain error, nothing partial
+    {"blob": _BLOB, "keep": bytearray(b"x")},  # exact types: a bytearray stays one
+    {"blob": _BLOB, **{f"k{i}": i for i in range(100)}},  # too many members: packed whole
+    {"blob": bytearray(_BLOB)},  # not bytes
+    {"deep": [[_BLOB]]},  # deeper than looked into
+])
+def test_unusual_large_values_are_encoded_whole(value: object) -> None:
+    if "bad" in value:  # type: ignore[operator]
+        with pytest.raises(EncodingError):
+            _codec.encode_for_send(value, True)
+        return
+    encoded = _codec.encode_for_send(value, True)
+    assert type(encoded) is not _codec.Segments
+    decoded = _codec.decode(bytes(encoded))
+    assert decoded == value and type(decoded) is type(value)
+    if type(value) is dict and "keep" in value:
+        assert type(decoded["keep"]) is bytearray
+
+
+_SIZES = st.sampled_from([_codec.SEGMENT_MIN - 1, _codec.SEGMENT_MIN, 0xFFFF, 0x10000, 100_000])
+_LEAF = (st.none() | st.integers(-2**63, 2**64 - 1) | st.text(max_size=5) | st.binary(max_size=8)
+         | st.binary(max_size=8).map(bytearray) | _SIZES.map(bytes))
+_TREE = st.recursive(_LEAF, lambda inner: st.lists(inner, max_size=4) | st.lists(inner, max_size=4).map(tuple)
+                     | st.dictionaries(st.text(max_size=3) | st.integers(0, 9), inner, max_size=4),
+                     max_leaves=12)
+
+
+@settings(max_examples=150, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_TREE)
+def test_parts_always_join_to_the_encoding_and_decode_with_exact_types(value: object) -> None:
+    encoded = _codec.encode_for_send(value, True)
+    whole = _codec.encode(value)
+    assert bytes(encoded.join() if type(encoded) is _codec.Segments else encoded) == whole
+    assert typed(_codec.decode(whole)) == typed(value)

@@ -39,7 +39,7 @@ def _run(chooser: _largecopy.CopyChooser, copies: int, files: list[mmap.mmap], m
     payload = bytes(SIZE)
     for index in range(copies):
         slot = index % len(files)
-        marks[slot] = chooser.copy(files[slot], payload, marks[slot])
+        marks[slot] = chooser.copy(files[slot], (payload,), marks[slot])
 
 
 @pytest.mark.timeout(30)
@@ -82,7 +82,7 @@ def test_an_ordinary_copy_over_streamed_lines_is_not_held_against_ordinary_store
         costs.cost[False] = 0.3 if first_ordinary_over_streamed else 0.03
         ordinary_next = chooser.streaming == bool(chooser.trial_copies)
         slow_first += first_ordinary_over_streamed and ordinary_next
-        marks[slot] = chooser.copy(files[slot], payload, marks[slot])
+        marks[slot] = chooser.copy(files[slot], (payload,), marks[slot])
     assert slow_first > 0  # the trial did meet such files ...
     assert not chooser.streaming, chooser.cost  # ... and did not count them
     for file in files:
@@ -91,7 +91,8 @@ def test_an_ordinary_copy_over_streamed_lines_is_not_held_against_ordinary_store
 
 @pytest.mark.timeout(30)
 @pytest.mark.parametrize("streaming", [False, True])
-def test_either_way_copies_exactly(streaming: bool) -> None:
+@pytest.mark.parametrize("sizes", [[SIZE + 4], [5, SIZE, 3, 1, SIZE - 7]], ids=["one part", "parts"])
+def test_either_way_copies_exactly(streaming: bool, sizes: list[int]) -> None:
     copy_into = _native.accel.copy_into if _native.accel is not None else None
     if streaming and copy_into is None:
         pytest.skip("the C path is not built")
@@ -99,8 +100,9 @@ def test_either_way_copies_exactly(streaming: bool) -> None:
     chooser.streaming = streaming
     destination = mmap.mmap(-1, 3 * SIZE)
     destination[:] = b"\xee" * (3 * SIZE)
-    payload = bytes(range(256)) * (SIZE // 256) + b"tail"
-    chooser.copy(destination, payload, None)
+    parts = [bytes((n + i) % 256 for i in range(size)) for n, size in enumerate(sizes)]
+    payload = b"".join(parts)
+    chooser.copy(destination, parts, None)
     assert destination[: len(payload)] == payload
     assert destination[len(payload):] == b"\xee" * (3 * SIZE - len(payload))
     destination.close()
