@@ -167,20 +167,21 @@ class Registry:
         return found_dead
 
     def _processes_in_segments(self) -> tuple[set[tuple[int, int]], bool]:
-        """The processes in the segments' slots, and whether some segment has none."""
+        """The processes in the segments' slots and those whose wakers are left, and whether
+        some segment has none."""
         start = _names.prefix(self.namespace)
         found: set[tuple[int, int]] = set()
         orphans = False
         for entry in _gc.namespace_entries(self.namespace):
-            rest = entry[len(start) :]
             if entry.startswith("sem."):
-                if rest.startswith("w"):
+                rest = entry[len("sem." + start) :]
+                if rest.startswith("w"):  # a waker: its pid is in its name
                     try:
                         found.add((int(rest[1:], 16) >> 32, 0))
                     except ValueError:
                         pass
                 continue
-            if "." in rest:
+            if "." in entry[len(start) :]:
                 continue
             slots = _read_slots(f"{_names.SHM_DIR}/{entry}")
             orphans = orphans or not slots

@@ -6,11 +6,12 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
 import shmfeed
-from shmfeed import _gc, _release
+from shmfeed import _gc, _registry_client, _release
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -18,6 +19,11 @@ pytestmark = pytest.mark.timeout(60)
 def _hold_objects_then_wait(feed: shmfeed.Feed, channel: shmfeed.Channel, ready: shmfeed.Channel) -> None:
     mine = shmfeed.Channel()
     feed.subscribe(mine)
+    ready.send(os.getpid())
+    channel.recv()  # blocks (a waker exists) until killed
+
+
+def _wait_on(channel: shmfeed.Channel, ready: shmfeed.Channel) -> None:
     ready.send(os.getpid())
     channel.recv()  # blocks (a waker exists) until killed
 
@@ -58,6 +64,32 @@ def test_gc_removes_what_a_killed_process_left(namespace, mp_context, monkeypatc
     assert result.returncode == 0, result.stderr
     assert f"removed {before} leftover(s)" in result.stdout
     assert _gc.namespace_entries(namespace) == []
+
+
+def test_the_registry_removes_a_dead_process_waker_that_no_segment_names(namespace, mp_context, monkeypatch):
+    # The child's only trace once the channel is gone is its waker (a sleeper's semaphore,
+    # its pid in the name): the registry must find it by that name, or it stays for good
+    # and the registry, never seeing the namespace empty, never leaves.
+    monkeypatch.setenv("SHMFEED_NO_REGISTRY", "1")  # no registry yet: nothing cleans up early
+    channel, ready = shmfeed.Channel(), shmfeed.Channel()
+    process = mp_context.Process(target=_wait_on, args=(channel, ready))
+    process.start()
+    pid = ready.recv(timeout=30)
+    while channel.statistics().waiting_receivers == 0:  # asleep, so its waker exists
+        pass
+    os.kill(pid, signal.SIGKILL)
+    process.join(30)
+    del channel, ready  # the last live process lets go: the segments go, the waker stays
+    _release.release_namespace(namespace)
+    left = _gc.namespace_entries(namespace)
+    assert [entry for entry in left if ".w" in entry] and not [entry for entry in left if ".c" in entry], left
+    monkeypatch.delenv("SHMFEED_NO_REGISTRY")
+    _registry_client.ensure_running(namespace)
+    deadline = time.monotonic() + 15
+    while (_gc.namespace_entries(namespace) or _registry_client.is_running(namespace)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _gc.namespace_entries(namespace) == []
+    assert not _registry_client.is_running(namespace)  # and, the namespace empty, it left
 
 
 def test_gc_dry_run_lists_without_removing(namespace):
