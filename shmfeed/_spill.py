@@ -319,7 +319,8 @@ def release_pools(namespace: str | None = None) -> None:
 
 def _forget_after_fork() -> None:
     # The parent's pool files are the parent's: the child makes its own (named by its pid).
-    global _pool_lock, _reader_lock, _deferred_lock
+    global _copier, _pool_lock, _reader_lock, _deferred_lock
+    _copier = CopyChooser(_copier.streaming_copy)  # the child runs where the parent did not
     _pool_lock = threading.Lock()
     _reader_lock = threading.Lock()
     _deferred_lock = threading.Lock()
