@@ -28,6 +28,18 @@ def _wait_on(channel: shmfeed.Channel, ready: shmfeed.Channel) -> None:
     channel.recv()  # blocks (a waker exists) until killed
 
 
+def _kill_while_asleep(mp_context, target, args: tuple, channel: shmfeed.Channel, ready: shmfeed.Channel) -> None:
+    """Start ``target`` in a child, wait until it sleeps on ``channel`` (so its waker exists),
+    then SIGKILL it."""
+    process = mp_context.Process(target=target, args=args)
+    process.start()
+    pid = ready.recv(timeout=30)
+    while channel.statistics().waiting_receivers == 0:
+        pass
+    os.kill(pid, signal.SIGKILL)
+    process.join(30)
+
+
 def test_objects_are_unlinked_when_the_last_process_lets_go(namespace, mp_context):
     channel = shmfeed.Channel()
     process = mp_context.Process(target=channel.send, args=("from child",))
@@ -44,13 +56,7 @@ def test_objects_are_unlinked_when_the_last_process_lets_go(namespace, mp_contex
 def test_gc_removes_what_a_killed_process_left(namespace, mp_context, monkeypatch):
     monkeypatch.setenv("SHMFEED_NO_REGISTRY", "1")  # else the registry cleans up first
     feed, channel, ready = shmfeed.Feed("left"), shmfeed.Channel(), shmfeed.Channel()
-    process = mp_context.Process(target=_hold_objects_then_wait, args=(feed, channel, ready))
-    process.start()
-    pid = ready.recv(timeout=30)
-    while channel.statistics().waiting_receivers == 0:  # asleep, so its waker exists
-        pass
-    os.kill(pid, signal.SIGKILL)
-    process.join(30)
+    _kill_while_asleep(mp_context, _hold_objects_then_wait, (feed, channel, ready), channel, ready)
     # Let go of ours: the child's channel, subscription and waker stay behind.
     del feed, channel, ready
     _release.release_namespace(namespace)
@@ -72,13 +78,7 @@ def test_the_registry_removes_a_dead_process_waker_that_no_segment_names(namespa
     # and the registry, never seeing the namespace empty, never leaves.
     monkeypatch.setenv("SHMFEED_NO_REGISTRY", "1")  # no registry yet: nothing cleans up early
     channel, ready = shmfeed.Channel(), shmfeed.Channel()
-    process = mp_context.Process(target=_wait_on, args=(channel, ready))
-    process.start()
-    pid = ready.recv(timeout=30)
-    while channel.statistics().waiting_receivers == 0:  # asleep, so its waker exists
-        pass
-    os.kill(pid, signal.SIGKILL)
-    process.join(30)
+    _kill_while_asleep(mp_context, _wait_on, (channel, ready), channel, ready)
     del channel, ready  # the last live process lets go: the segments go, the waker stays
     _release.release_namespace(namespace)
     left = _gc.namespace_entries(namespace)
