@@ -162,6 +162,9 @@ def _has_buffers(value: Any, budget: int = _WALK_BUDGET) -> bool | None:
     return False
 
 
+_walk_buffers = _native_has_buffers or _has_buffers  # the C walk where it was built
+
+
 def _fix_buffers(v: Any) -> Any:
     tp = type(v)
     if tp is bytearray or tp is memoryview:
@@ -236,43 +239,47 @@ def _worth_parts(item: Any, depth: int) -> bool:
 
 
 def _emit(item: Any, depth: int, packer: msgpack.Packer, parts: list[bytes]) -> None:
-    # Append the encoding of item to parts: big bytes objects as themselves, the rest packed.
+    # Append the encoding of item to parts: big bytes objects as themselves, containers
+    # worth it part by part, the rest packed.
     if _is_big_bytes(item):
         parts += (_BIN32_HEADER.pack(0xC6, len(item)), item)
-        return
+    elif not _worth_parts(item, depth) or not _emit_container(item, depth, packer, parts):
+        parts.append(packer.pack(item))
+
+
+def _emit_container(item: Any, depth: int, packer: msgpack.Packer, parts: list[bytes]) -> bool:
+    # Append a dict, list or tuple worth encoding in parts; False (nothing appended) for a
+    # tuple that must be packed whole.
     kind = type(item)
-    if kind is tuple and _worth_parts(item, depth):
+    if kind is tuple:
         items = list(item)
         # A tuple is ext _TUPLE around its items as a list, packed as their own value: a
         # bytearray in there would need the fix-up that encode gives; pack it whole then.
-        if (_native_has_buffers or _has_buffers)(items, _WALK_BUDGET) is False:
-            inner: list[bytes] = []
-            _emit(items, depth, packer, inner)
-            parts.append(_EXT32_HEADER.pack(0xC9, sum(map(len, inner)), _TUPLE))
-            parts += inner
-            return
-    elif kind is dict and _worth_parts(item, depth):
+        if _walk_buffers(items, _WALK_BUDGET) is not False:
+            return False
+        inner: list[bytes] = []
+        _emit_container(items, depth, packer, inner)
+        parts.append(_EXT32_HEADER.pack(0xC9, sum(map(len, inner)), _TUPLE))
+        parts += inner
+        return True
+    if kind is dict:
         parts.append(packer.pack_map_header(len(item)))
-        for member in _members(item):
-            _emit(member, depth + 1, packer, parts)
-        return
-    elif kind is list and _worth_parts(item, depth):
+    else:
         parts.append(packer.pack_array_header(len(item)))
-        for member in item:
-            _emit(member, depth + 1, packer, parts)
-        return
-    parts.append(packer.pack(item))
+    for member in _members(item):
+        _emit(member, depth + 1, packer, parts)
+    return True
 
 
 def _segments(value: Any, packer: msgpack.Packer) -> Segments | None:
-    # The encoding of a value holding big bytes members, in parts; None if it holds none.
+    # The encoding of a value holding big bytes members, in parts; None if it holds none
+    # (or is a tuple that must be packed whole).
     # The dicts and lists in it hold no bytearray or memoryview (checked by the caller), so
     # each member packs alone to the same bytes that packing the whole would give.
     if not _worth_parts(value, 0):
         return None
     parts: list[bytes] = []
-    _emit(value, 0, packer, parts)
-    return Segments(parts)
+    return Segments(parts) if _emit_container(value, 0, packer, parts) else None
 
 
 def encode_for_send(value: object, large: bool) -> bytes | memoryview | Segments:
@@ -286,8 +293,7 @@ def encode_for_send(value: object, large: bool) -> bytes | memoryview | Segments
     st = _state
     if not large or st.depth:
         return encode(value)
-    walk = _native_has_buffers or _has_buffers
-    if walk(value, _WALK_BUDGET) is not False:  # a bytearray/memoryview, or too big to tell
+    if _walk_buffers(value, _WALK_BUDGET) is not False:  # a bytearray/memoryview, or too big to tell
         return encode(value)
     try:
         segments = _segments(value, st.packer)

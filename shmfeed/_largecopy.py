@@ -58,7 +58,6 @@ class CopyChooser:
         ``mark`` is what this returned for the file last time, or None if its mapping is
         new (page faults would spoil the timing).
         """
-        size = sum(map(len, parts))
         if self.streaming_copy is None:
             _ordinary_copy(destination, parts)
             return ORDINARY
@@ -70,7 +69,7 @@ class CopyChooser:
             _ordinary_copy(destination, parts)
         elapsed = time.perf_counter_ns() - started
         fair = mark is not None and (streaming or mark == ORDINARY)
-        self._learn(streaming, elapsed / max(size, 1) if fair else None)
+        self._learn(streaming, elapsed / max(sum(map(len, parts)), 1) if fair else None)
         return STREAMED if streaming else ORDINARY
 
     def _streaming_copy(self, destination: mmap.mmap, parts: Sequence[bytes | memoryview]) -> None:

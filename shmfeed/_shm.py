@@ -120,7 +120,6 @@ def native_wait(handle: int, timeout: float | None) -> bool:
     return True
 
 
-
 class Semaphore(posix_ipc.Semaphore):
     """A posix_ipc semaphore whose ``acquire`` waits like a Python call should.
 

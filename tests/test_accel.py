@@ -15,6 +15,7 @@ import sys
 
 import pytest
 
+import _kill_workers as K
 import _workers as W
 import shmfeed
 from shmfeed import _ring, _spill
@@ -135,24 +136,15 @@ def _send_and_check_in_processes(mp_context, namespace, channels, check, make, n
     feed = shmfeed.Feed()
     subs = [feed.subscribe(channel) for channel in channels]
     results = shmfeed.Channel()
-    processes = [mp_context.Process(target=check, args=(namespace, results, c, n, size)) for c in channels]
-    try:
-        for process in processes:
-            process.start()
+    specs = [(check, (namespace, results, channel, n, size)) for channel in channels]
+    with K.running(mp_context, *specs) as processes:
         assert [results.recv(timeout=60)[0] for _ in processes] == ["ready"] * len(channels)
         for seq in range(n):
             assert feed.send(make(seq, size)) == len(channels)
         reports = [results.recv(timeout=120) for _ in processes]
         assert [r[0] for r in reports] == ["checked"] * len(channels), reports
         assert [r[2] for r in reports] == [[]] * len(channels)
-        for process in processes:
-            process.join(30)
-        assert [p.exitcode for p in processes] == [0] * len(channels)
-    finally:
-        for process in processes:
-            if process.is_alive():
-                process.kill()
-                process.join()
+    assert [p.exitcode for p in processes] == [0] * len(channels)
     for sub in subs:
         sub.unsubscribe()
 

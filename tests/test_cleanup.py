@@ -6,12 +6,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
 import shmfeed
-from shmfeed import _gc, _registry_client, _release
+from _kill_workers import wait_until
+from shmfeed import _gc, _names, _registry_client, _release
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -28,14 +28,21 @@ def _wait_on(channel: shmfeed.Channel, ready: shmfeed.Channel) -> None:
     channel.recv()  # blocks (a waker exists) until killed
 
 
+def _channels_and_wakers(namespace: str, entries: list[str]) -> tuple[list[str], list[str]]:
+    """The channel segments and the wakers among a namespace's entries in /dev/shm (by
+    their full prefix: the namespace token itself may hold ".c" or ".w")."""
+    start = _names.prefix(namespace)
+    return ([entry for entry in entries if entry.startswith(start + "c")],
+            [entry for entry in entries if entry.startswith("sem." + start + "w")])
+
+
 def _kill_while_asleep(mp_context, target, args: tuple, channel: shmfeed.Channel, ready: shmfeed.Channel) -> None:
     """Start ``target`` in a child, wait until it sleeps on ``channel`` (so its waker exists),
     then SIGKILL it."""
     process = mp_context.Process(target=target, args=args)
     process.start()
     pid = ready.recv(timeout=30)
-    while channel.statistics().waiting_receivers == 0:
-        pass
+    wait_until(lambda: channel.statistics().waiting_receivers, 30, "the child asleep on the channel")
     os.kill(pid, signal.SIGKILL)
     process.join(30)
 
@@ -61,7 +68,8 @@ def test_gc_removes_what_a_killed_process_left(namespace, mp_context, monkeypatc
     del feed, channel, ready
     _release.release_namespace(namespace)
     left = _gc.namespace_entries(namespace)
-    assert any(".c" in entry for entry in left) and any(".w" in entry for entry in left)
+    channels, wakers = _channels_and_wakers(namespace, left)
+    assert channels and wakers, left
     before = len(left)
     result = subprocess.run(
         [sys.executable, "-m", "shmfeed._cli", "gc", "--namespace", namespace],
@@ -82,14 +90,13 @@ def test_the_registry_removes_a_dead_process_waker_that_no_segment_names(namespa
     del channel, ready  # the last live process lets go: the segments go, the waker stays
     _release.release_namespace(namespace)
     left = _gc.namespace_entries(namespace)
-    assert [entry for entry in left if ".w" in entry] and not [entry for entry in left if ".c" in entry], left
+    channels, wakers = _channels_and_wakers(namespace, left)
+    assert wakers and not channels, left
     monkeypatch.delenv("SHMFEED_NO_REGISTRY")
     _registry_client.ensure_running(namespace)
-    deadline = time.monotonic() + 15
-    while (_gc.namespace_entries(namespace) or _registry_client.is_running(namespace)) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert _gc.namespace_entries(namespace) == []
-    assert not _registry_client.is_running(namespace)  # and, the namespace empty, it left
+    wait_until(lambda: not _gc.namespace_entries(namespace), 15, "the registry removing the dead waker")
+    # ... and, the namespace empty, it leaves.
+    wait_until(lambda: not _registry_client.is_running(namespace), 15, "the registry leaving")
 
 
 def test_gc_dry_run_lists_without_removing(namespace):
