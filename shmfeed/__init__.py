@@ -23,6 +23,7 @@ from ._errors import (
     ShmfeedError,
     SlowSubscriberError,
     SubscriptionFailed,
+    TableFullError,
 )
 
 if _typing.TYPE_CHECKING:
@@ -56,6 +57,7 @@ __all__ = [
     "SubscriptionFailed",
     "SubscriptionScope",
     "SubscriptionStatistics",
+    "TableFullError",
     "TypeMux",
     "TypeMuxEvent",
     "TypeMuxSubscription",

@@ -173,6 +173,8 @@ class Channel(TypeArgument, Generic[T]):
         core = self._core
         if core is None or core.released:
             raise ChannelClosed(f"shmfeed: channel {self._channel_id:016x} no longer exists")
+        if core.refused is not None:
+            core.check_usable()
         return core
 
     # --- sending and receiving -----------------------------------------------------------

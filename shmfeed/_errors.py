@@ -15,6 +15,7 @@ __all__ = [
     "SenderDiedError",
     "RegistryUnavailableError",
     "ChannelCorruptError",
+    "TableFullError",
 ]
 
 
@@ -75,3 +76,10 @@ class RegistryUnavailableError(SubscriptionFailed):
 
 class ChannelCorruptError(SubscriptionFailed):
     """The bytes in a channel's ring are not a valid message (a buggy or hostile writer)."""
+
+
+class TableFullError(ShmfeedError):
+    """A fixed-size table in shared memory is full; the message names the limit.
+
+    Nothing was changed: the call that would have overflowed the table refuses instead.
+    """

@@ -11,18 +11,19 @@ subscription ended. Unsubscribing from any process wakes such a waiting send.
 from __future__ import annotations
 
 import mmap
+import os
 import threading
 import weakref
-from typing import Any, Generic, NamedTuple, TypeVar
+from typing import Any, Generic, Iterator, NamedTuple, TypeVar
 
 from . import _codec, _names, _process, _registry_client, _ring, _shm, _waker
 from . import _layout as L
 from ._segment import AttachedSegment, open_named
 from ._codec import Segments
 from ._channel import Channel, TypeArgument, display_type
-from ._errors import ChannelClosed, FeedClosed, FeedTypeError, ShmfeedError, SlowSubscriberError
+from ._errors import ChannelClosed, FeedClosed, FeedTypeError, ShmfeedError, SlowSubscriberError, TableFullError
 from ._stats import FeedStatistics, SubscriptionStatistics
-from ._subscription import ErrorChannel, SharedErrorChannel, Subscription, encode_error
+from ._subscription import ErrorChannel, SharedErrorChannel, Subscription, encode_error, select
 
 T = TypeVar("T")
 
@@ -75,6 +76,7 @@ class FeedCore(AttachedSegment):
             except OSError:
                 pass  # destroyed meanwhile (its lock is gone): the Python path says so in time
         self._is_sender = False
+        self.users = 0  # Feed objects of this process bound to this core (see Feed.detach)
         self.large_values = False  # the last value sent from here was large (see _codec)
         self._refresh_type()
 
@@ -91,6 +93,14 @@ class FeedCore(AttachedSegment):
                 _feeds[(namespace, key)] = core
                 return core
         raise ShmfeedError(f"shmfeed: could not open or create feed {name or key!r}; try again")
+
+    @classmethod
+    def exists(cls, namespace: str, key: str) -> bool:
+        """Whether the feed's segment exists (or this process has it open)."""
+        known = _feeds.get((namespace, key))
+        if known is not None and not known.released:
+            return True
+        return os.path.exists(_names.shm_path(_names.feed_segment(namespace, key)))
 
     @classmethod
     def _open(cls, namespace: str, key: str, segment_name: str) -> "FeedCore | None":
@@ -231,8 +241,9 @@ class FeedCore(AttachedSegment):
             high = L.table_high(words)
             entry = next((e for e in range(high) if table[_entry_word(e) + 3] & 0xFFFF_FFFF == L.SUB_FREE), high)
             if entry >= L.FEED_TABLE_SLOTS:
-                raise ShmfeedError(
-                    f"shmfeed: feed {self._label()} has {L.FEED_TABLE_SLOTS} subscriptions, the most it can hold"
+                raise TableFullError(
+                    f"shmfeed: feed {self._label()} has {L.FEED_TABLE_SLOTS} subscriptions, the most it can "
+                    f"hold; unsubscribe some first"
                 )
             words[L.NEXT_SUB_ID] += 1
             sub_id = int(words[L.NEXT_SUB_ID])
@@ -334,12 +345,18 @@ class FeedCore(AttachedSegment):
     # --- sending --------------------------------------------------------------------------
 
     def _register_sender(self) -> None:
-        self.acquire()
-        try:
-            L.add_sender(self.words)
-        finally:
-            self.release_lock()
+        """Flag our attach slot as a sender's (see ``_layout``): its death now fails
+        subscriptions, unless it detaches normally first."""
+        self.check_usable()
+        if not L.set_own_flag(self.words, L.SLOT_SENDER, True):
+            raise ShmfeedError(f"shmfeed: this process is not attached to feed {self._label()}")
         self._is_sender = True
+
+    def stop_sending(self) -> None:
+        """Clear our sender flag: we stopped sending, normally (no lock: see ``_layout``)."""
+        if self._is_sender and not self.released:
+            L.set_own_flag(self.words, L.SLOT_SENDER, False)
+            self._is_sender = False
 
     def send(self, payload: _ring.Encoded) -> int:
         """Deliver one encoded value to every subscribed channel; returns how many took it."""
@@ -506,6 +523,9 @@ class FeedCore(AttachedSegment):
     def _label(self) -> str:
         return repr(self.name) if self.name is not None else f"<anonymous {self.key}>"
 
+    def describe(self) -> str:
+        return f"feed {self._label()}"
+
 
 def _discard_record(core: _ring.ChannelCore, kind: int, record: _ring.Payload) -> None:
     if kind == _ring.KIND_SPILL:
@@ -551,6 +571,7 @@ class FeedSubscription(Subscription):
         self._sub_id = sub_id
         self._err = SharedErrorChannel(err)
         self._lock = threading.Lock()
+        self._owner_pid = os.getpid()
         _subscriptions.add(self)
 
     def err(self) -> ErrorChannel:
@@ -565,6 +586,33 @@ class FeedSubscription(Subscription):
                 self._entry, self._sub_id, self._channel._channel_id, self._err.channel._channel_id
             )
             self._err.channel.close()
+
+    def __iter__(self) -> Iterator[Any]:
+        """Receive the subscription's values until it ends: the consumer loop to write.
+
+        ``for value in sub:`` yields what arrives on the subscribed channel. When the
+        subscription ends (``feed.close()``, ``unsubscribe()``, the channel closed), the
+        values already delivered are yielded and the loop stops; when it fails (for example
+        ``SenderDiedError``), they are yielded and then that error is raised. A plain
+        ``for value in channel:`` only stops when the channel itself is closed.
+        """
+        channel, err = self._channel, self._err
+        while True:
+            try:
+                which, value = select(channel, err)
+            except ChannelClosed:
+                return
+            if which is channel:
+                yield value
+                continue
+            while True:  # ended: what was delivered before the end is still the consumer's
+                try:
+                    yield channel.recv(timeout=0)
+                except (TimeoutError, ChannelClosed):
+                    break
+            if value is not None:
+                raise value
+            return
 
     def statistics(self) -> SubscriptionStatistics:
         feed = self._feed
@@ -589,6 +637,13 @@ class Feed(TypeArgument, Generic[T]):
 
     A feed carries one type, fixed by the first ``send`` or by subscribing a typed channel
     (or by ``elem_type`` / ``Feed[int]()``). Types compare exactly.
+
+    ``Feed()`` names its shared memory at once but creates it at first use, in whichever
+    process uses it first: a Feed made before ``fork`` is one feed in the parent and every
+    child, used before the fork or not.
+
+    Used as a context manager (``with Feed("prices") as feed:``), the block's end is
+    ``detach()``: this process is done with the feed, which goes on for everyone else.
     """
 
     def __init__(self, name: str | None = None, *, elem_type: type[T] | None = None) -> None:
@@ -598,10 +653,14 @@ class Feed(TypeArgument, Generic[T]):
             raise TypeError(f"shmfeed: elem_type must be a type or None, got {elem_type!r}")
         self._name = name
         self._namespace = _names.current_namespace()
-        self._key: str | None = _names.named_feed_key(name) if name is not None else None
+        # The key is chosen now, the segment made at first use: forked children that use
+        # a Feed() made before the fork all find the same segment.
+        self._key = _names.named_feed_key(name) if name is not None else _names.anonymous_feed_key(_names.new_id())
         self._core: FeedCore | None = None
         self._elem_type_name = _codec.type_name(elem_type) if elem_type is not None else ""
         self._open_lock = threading.Lock()
+        self._detached = False
+        self._subscriptions: "weakref.WeakSet[FeedSubscription]" = weakref.WeakSet()
         if name is not None or elem_type is not None:
             self._open()
 
@@ -619,16 +678,18 @@ class Feed(TypeArgument, Generic[T]):
         core = self._core
         if core is not None:
             if not core.released:
+                core.check_usable()
                 return core
             # Released by release_namespace or at exit: do not create it again behind the
             # user's back (the process is going away, or the namespace was let go).
             raise FeedClosed(f"shmfeed: feed {core._label()} was released by this process")
+        if self._detached:
+            raise FeedClosed(f"shmfeed: this Feed object was detached; open the feed again to use it")
         with self._open_lock:
             core = self._core
             if core is None or core.released:
-                if self._key is None:
-                    self._key = _names.anonymous_feed_key(_names.new_id())
                 core = self._core = FeedCore.open_or_create(self._namespace, self._key, self._name)
+                core.users += 1
                 _registry_client.ensure_running(self._namespace)
                 if self._elem_type_name:
                     core.acquire()
@@ -637,6 +698,14 @@ class Feed(TypeArgument, Generic[T]):
                     finally:
                         core.release_lock()
         return core
+
+    def _existing(self) -> FeedCore | None:
+        """The feed's core if its segment exists; never creates it (for read-only calls)."""
+        if self._core is not None or self._detached:
+            return self._open()
+        if FeedCore.exists(self._namespace, self._key):
+            return self._open()
+        return None
 
     @property
     def name(self) -> str | None:
@@ -665,7 +734,9 @@ class Feed(TypeArgument, Generic[T]):
         except BaseException:
             err.close()
             raise
-        return FeedSubscription(core, channel, entry, sub_id, err)
+        subscription = FeedSubscription(core, channel, entry, sub_id, err)
+        self._subscriptions.add(subscription)
+        return subscription
 
     def send(self, value: T) -> int:
         """Deliver ``value`` to every subscribed channel, in whatever process it lives.
@@ -691,16 +762,52 @@ class Feed(TypeArgument, Generic[T]):
         return core.send(payload)
 
     def close(self) -> None:
-        """End every subscription successfully (their ``err()`` closes); later sends raise."""
+        """End every subscription successfully (their ``err()`` closes); later sends raise.
+
+        This closes the feed for every process. To stop using it in this process only,
+        use ``detach()`` (or the Feed as a context manager).
+        """
         self._open().close()
+
+    def detach(self) -> None:
+        """This process is done with the feed; the feed goes on for every other process.
+
+        Ends the subscriptions made through this Feed object (their ``err()`` closes),
+        and once no other Feed object of this process uses the feed, lets go of it: the
+        process is then no longer one of its senders, so its exit, or even its death,
+        fails nobody's subscription. Later calls on this object raise ``FeedClosed``.
+        Idempotent. Exiting normally does the same for every feed of the process.
+        """
+        with self._open_lock:
+            if self._detached:
+                return
+            self._detached = True
+            core, self._core = self._core, None
+        for subscription in list(self._subscriptions):
+            if subscription._owner_pid == os.getpid():  # a forked child's copies are the parent's
+                subscription.unsubscribe()
+        if core is not None and not core.released:
+            core.users -= 1
+            if core.users <= 0:
+                core.release()
+
+    def __enter__(self) -> "Feed[T]":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.detach()
 
     @property
     def closed(self) -> bool:
-        return self._open().closed
+        """True once any process closed the feed (False for a feed not created yet)."""
+        core = self._existing()
+        return core is not None and core.closed
 
     def statistics(self) -> FeedStatistics:
         """A snapshot of the feed's counters (see ``FeedStatistics``)."""
-        core = self._open()
+        core = self._existing()
+        if core is None:  # not created yet: nothing happened on it
+            return FeedStatistics(name=self._name, elem_type=None, sent=0, delivered=0, subscriptions=0, closed=False)
         core._refresh_type()
         words = core.words
         return FeedStatistics(
@@ -733,6 +840,8 @@ def _rebuild_feed(namespace: str, key: str, name: str | None) -> Feed[Any]:
     feed._core = None
     feed._elem_type_name = ""
     feed._open_lock = threading.Lock()
+    feed._detached = False
+    feed._subscriptions = weakref.WeakSet()
     feed._open()
     return feed
 
@@ -771,6 +880,13 @@ def _before_fork() -> None:
         core.reserve_for_child()
 
 
+def _stop_sending() -> None:
+    # SIGTERM in a multiprocessing child (see _process): no lock may be taken here.
+    for core in list(_feeds.values()):
+        core.stop_sending()
+
+
 _process.on_exit(_at_exit)
 _process.before_fork(_before_fork)
 _process.on_fork_child(_after_fork)
+_process.on_terminate(_stop_sending)

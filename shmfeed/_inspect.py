@@ -163,7 +163,7 @@ def _feed(rest: str, words: memoryview, buffer: memoryview, processes: list[dict
         "sent": int(words[L.SENDS]),
         "delivered": int(words[L.DELIVERED]),
         "closed": bool(words[L.FEED_CLOSED]),
-        "senders": _process_list(L.sender_processes(words)),
+        "senders": _process_list(L.attached_processes(words, L.SLOT_SENDER)),
         "send_lock_holder": int(words[L.SEND_LOCK_OWNER]) or None,
         "subscriptions": subscriptions,
         "processes": processes,

@@ -18,8 +18,11 @@ Common part (words 0-7 and the attach slots), the same in every segment:
 | 6    | CREATOR_TICKS | creator                          | creator's start time (clock ticks)        |
 | 7    | ATTACHED      | attach/detach                    | how many attach slots are in use          |
 
-Bytes 512-2559: 128 attach slots of (pid, start_ticks): the processes using the segment.
-The last process to detach (the others being gone or dead) unlinks the segment and its
+Bytes 512-2559: 128 attach slots of (pid | flags << 32, start_ticks): the processes using
+the segment. The high half of a slot's first word holds that process's flags (``SLOT_SENDER``:
+it sends on this feed; ``SLOT_HOLDER``: it holds a ``Channel`` object of this channel); only
+the owner of a slot writes its flags while it lives, with one aligned 8-byte store, so no
+lock is needed for that (and a SIGTERM handler may clear them). The last process to detach (the others being gone or dead) unlinks the segment and its
 semaphores, so nothing stays in ``/dev/shm`` after normal exits; the registry and
 ``shmfeed gc`` use the same slots to clean up after processes that were killed.
 
@@ -38,7 +41,7 @@ Channel segment (``MAGIC = CHANNEL_MAGIC``), words 8-28:
 | 16   | RECV_WAITING  | receivers in the receive wait list                       |
 | 17   | SEND_WAITING  | senders in the send wait list                            |
 | 18   | OVERFLOW      | overflow policy code                                     |
-| 19   | (unused)      | reserved                                                 |
+| 19   | LAST_RECV_PID | pid of the last process that received (for the monitor)  |
 | 20   | EVICTED       | evictions (overflow="evict")                             |
 | 21   | SPILLED       | values that travelled in a spill file                    |
 | 22   | ELEM_TYPE_LEN | length of the element type name at bytes 256-511         |
@@ -48,6 +51,7 @@ Channel segment (``MAGIC = CHANNEL_MAGIC``), words 8-28:
 | 26   | WAIT_LOCK_OWNER | pid holding the wait-list lock                         |
 | 27   | DISCARDED     | messages discarded because the ring was found corrupt    |
 | 28   | CHANNEL_FLAGS | bit 0: a subscription's error channel (hidden by the monitor) |
+| 29   | LAST_RECV_TIME | CLOCK_MONOTONIC ns of the last receive (for the monitor) |
 
 A channel has three locks, always taken in the order send, receive, wait-list: senders
 hold the send lock (which also guards the attach slots and CLOSED), receivers the receive
@@ -76,9 +80,13 @@ Feed segment (``MAGIC = FEED_MAGIC``), words 8-31:
 | 17   | NEXT_SUB_ID     | last subscription id handed out                          |
 | 18   | DELIVERED       | deliveries to channels                                   |
 | 19   | LAST_SENDER_PID | pid of the last process that sent                        |
+| 20   | SENDER_DEATHS   | senders that died without detaching, not yet reported    |
 
-Bytes 3072-3583: 32 sender slots of (pid, start_ticks), the processes that ever sent on
-the feed (so that the registry can tell when every sender died without closing it).
+The senders of a feed are the attach slots flagged ``SLOT_SENDER`` (set by a process at its
+first send, cleared when it detaches normally). The registry fails the subscriptions with
+``SenderDiedError`` once no live sender is left and one of them died (a flagged slot of a
+dead process, or SENDER_DEATHS, counted when recovery cleared such a slot while other
+senders lived on).
 
 The subscription table starts at byte 4096: ``FEED_TABLE_SLOTS`` entries of 4 words
 (``SUB_ID``, ``CHANNEL_ID``, ``ERR_CHANNEL_ID``, ``STATE | OWNER_PID << 32``).
@@ -123,7 +131,7 @@ MAGIC, HEADER_BYTES_WORD, LOCK_ID, LOCK_OWNER, DESTROYED, CREATOR_PID, CREATOR_T
     RECV_WAITING,
     SEND_WAITING,
     OVERFLOW,
-    _UNUSED_19,
+    LAST_RECV_PID,
     EVICTED,
     SPILLED,
     ELEM_TYPE_LEN,
@@ -133,7 +141,8 @@ MAGIC, HEADER_BYTES_WORD, LOCK_ID, LOCK_OWNER, DESTROYED, CREATOR_PID, CREATOR_T
     WAIT_LOCK_OWNER,
     DISCARDED,
     CHANNEL_FLAGS,
-) = range(8, 29)
+    LAST_RECV_TIME,
+) = range(8, 30)
 
 FLAG_ERROR_CHANNEL = 1
 
@@ -151,7 +160,8 @@ FLAG_ERROR_CHANNEL = 1
     NEXT_SUB_ID,
     DELIVERED,
     LAST_SENDER_PID,
-) = range(8, 20)
+    SENDER_DEATHS,
+) = range(8, 21)
 
 # Scope words.
 SCOPE_CLOSED, SCOPE_COUNT, SCOPE_NAME_LEN, SCOPE_WAITING = 8, 9, 10, 11
@@ -171,8 +181,10 @@ RECV_WAITLIST_WORD = 2560 // 8
 SEND_WAITLIST_WORD = 3072 // 8
 WAITLIST_SLOTS = 64
 
-SENDER_FIRST_WORD = 3072 // 8
-SENDER_SLOTS = 32
+# Flags in the high half of an attach slot's first word (see the docstring).
+SLOT_PID_MASK = 0xFFFF_FFFF
+SLOT_SENDER = 1 << 32  # feeds: this process has sent
+SLOT_HOLDER = 1 << 33  # channels: this process holds a Channel object of it
 
 FEED_TABLE_SLOTS = 4096
 FEED_ENTRY_WORDS = 4
@@ -212,11 +224,21 @@ def init_common(words: memoryview, magic: int, lock_id: int) -> None:
 FORK_PENDING = 0xFFFF_FFFF_FFFF_FFFF  # start-ticks of a slot a parent holds for its child
 
 
+def _slot_words() -> range:
+    return range(ATTACH_FIRST_WORD, ATTACH_FIRST_WORD + 2 * ATTACH_SLOTS, 2)
+
+
+def slot_pid(first_word_value: int) -> int:
+    """The pid in an attach slot's first word (its high half holds flags)."""
+    return int(first_word_value) & SLOT_PID_MASK
+
+
 def reserve_for_child(words: memoryview) -> None:
     """Before fork: hold a slot for the child (lock held).
 
     The parent may drop the object right after forking, before the child has run at all;
-    without this, it could unlink an object the child is about to use.
+    without this, it could unlink an object the child is about to use. A full table is
+    left to the child, whose ``claim_after_fork`` then refuses.
     """
     free = _free_slot(words)
     if free >= 0:
@@ -226,11 +248,13 @@ def reserve_for_child(words: memoryview) -> None:
 
 
 def claim_after_fork(words: memoryview) -> bool:
-    """In the child: take over a slot the parent reserved, or attach (lock held)."""
+    """In the child: take over a slot the parent reserved, or attach (lock held).
+
+    False if the attach slots are full.
+    """
     parent = os.getppid()
     pid, ticks = _process.identity()
-    for slot in range(ATTACH_SLOTS):
-        word = ATTACH_FIRST_WORD + 2 * slot
+    for word in _slot_words():
         if words[word] == parent and words[word + 1] == FORK_PENDING:
             words[word] = pid
             words[word + 1] = ticks
@@ -239,8 +263,7 @@ def claim_after_fork(words: memoryview) -> bool:
 
 
 def _free_slot(words: memoryview) -> int:
-    for slot in range(ATTACH_SLOTS):
-        word = ATTACH_FIRST_WORD + 2 * slot
+    for word in _slot_words():
         if words[word] == 0:
             return word
     return _reclaim_dead_slot(words)
@@ -250,12 +273,11 @@ def attach(words: memoryview) -> bool:
     """Record this process in the attach slots (lock held). False if the table is full."""
     pid, ticks = _process.identity()
     free = -1
-    for slot in range(ATTACH_SLOTS):
-        word = ATTACH_FIRST_WORD + 2 * slot
-        slot_pid = words[word]
-        if slot_pid == pid and words[word + 1] == ticks:
+    for word in _slot_words():
+        value = words[word]
+        if value & SLOT_PID_MASK == pid and words[word + 1] == ticks:
             return True
-        if free < 0 and slot_pid == 0:
+        if free < 0 and value == 0:
             free = word
     if free < 0:
         free = _reclaim_dead_slot(words)
@@ -267,10 +289,21 @@ def attach(words: memoryview) -> bool:
     return True
 
 
+def table_full_message(what: str) -> str:
+    return (
+        f"shmfeed: {what} is used by {ATTACH_SLOTS} processes, the most one object can be "
+        f"(its attach slots); let some of them close it or exit first"
+    )
+
+
 def _reclaim_dead_slot(words: memoryview) -> int:
-    for slot in range(ATTACH_SLOTS):
-        word = ATTACH_FIRST_WORD + 2 * slot
-        if not _process.is_alive(words[word], words[word + 1]):
+    """A dead process's slot, cleared for reuse; -1 if none (lock held).
+
+    A dead sender's slot is left to recovery, which must see that a sender died.
+    """
+    for word in _slot_words():
+        value = words[word]
+        if not value & SLOT_SENDER and not _process.is_alive(slot_pid(value), words[word + 1]):
             words[word] = words[word + 1] = 0
             words[ATTACHED] -= 1
             return word
@@ -284,58 +317,57 @@ def detach(words: memoryview, is_alive: Callable[[int, int], bool] = _process.is
     """
     pid, ticks = _process.identity()
     others_alive = False
-    for slot in range(ATTACH_SLOTS):
-        word = ATTACH_FIRST_WORD + 2 * slot
-        slot_pid = words[word]
-        if slot_pid == 0:
+    for word in _slot_words():
+        value = words[word]
+        if value == 0:
             continue
-        if slot_pid == pid and words[word + 1] == ticks:
+        if value & SLOT_PID_MASK == pid and words[word + 1] == ticks:
             words[word] = words[word + 1] = 0
             words[ATTACHED] -= 1
         elif not others_alive:
-            others_alive = is_alive(slot_pid, words[word + 1])
+            others_alive = is_alive(slot_pid(value), words[word + 1])
     return not others_alive
 
 
-def attached_processes(words: memoryview) -> list[tuple[int, int]]:
-    """The ``(pid, start_ticks)`` pairs in the attach slots."""
-    return _slot_pairs(words, ATTACH_FIRST_WORD, ATTACH_SLOTS)
-
-
-def _slot_pairs(words: memoryview, first_word: int, slots: int) -> list[tuple[int, int]]:
+def attached_processes(words: memoryview, flag: int = 0) -> list[tuple[int, int]]:
+    """The ``(pid, start_ticks)`` pairs in the attach slots (only those flagged ``flag``)."""
     result = []
-    for word in range(first_word, first_word + 2 * slots, 2):
-        if words[word]:
-            result.append((int(words[word]), int(words[word + 1])))
+    for word in _slot_words():
+        value = int(words[word])
+        if value and (not flag or value & flag):
+            result.append((value & SLOT_PID_MASK, int(words[word + 1])))
     return result
 
 
-def remove_slot_pair(words: memoryview, first_word: int, slots: int, pid: int, ticks: int) -> bool:
-    """Clear the slot holding ``(pid, ticks)``; True if there was one (lock held)."""
-    for word in range(first_word, first_word + 2 * slots, 2):
-        if words[word] == pid and words[word + 1] == ticks:
+def remove_attached(words: memoryview, pid: int, ticks: int) -> int:
+    """Clear the attach slot of ``(pid, ticks)`` (lock held); returns its flags, -1 if absent."""
+    for word in _slot_words():
+        value = int(words[word])
+        if value and value & SLOT_PID_MASK == pid and words[word + 1] == ticks:
             words[word] = words[word + 1] = 0
-            return True
-    return False
+            words[ATTACHED] -= 1
+            return value & ~SLOT_PID_MASK
+    return -1
 
 
-def sender_processes(words: memoryview) -> list[tuple[int, int]]:
-    """The ``(pid, start_ticks)`` pairs of a feed's sender slots."""
-    return _slot_pairs(words, SENDER_FIRST_WORD, SENDER_SLOTS)
-
-
-def add_sender(words: memoryview) -> None:
-    """Record this process as a sender of the feed (lock held); a full table is fine."""
+def own_slot(words: memoryview) -> int:
+    """This process's attach slot (its first word), or -1. No lock: only we change it."""
     pid, ticks = _process.identity()
-    free = -1
-    for word in range(SENDER_FIRST_WORD, SENDER_FIRST_WORD + 2 * SENDER_SLOTS, 2):
-        if words[word] == pid and words[word + 1] == ticks:
-            return
-        if free < 0 and words[word] == 0:
-            free = word
-    if free >= 0:
-        words[free] = pid
-        words[free + 1] = ticks
+    for word in _slot_words():
+        if words[word] & SLOT_PID_MASK == pid and words[word + 1] == ticks:
+            return word
+    return -1
+
+
+def set_own_flag(words: memoryview, flag: int, on: bool) -> bool:
+    """Set or clear a flag of this process's slot (no lock: see the docstring); False if
+    this process is not attached."""
+    word = own_slot(words)
+    if word < 0:
+        return False
+    value = int(words[word])
+    words[word] = value | flag if on else value & ~flag
+    return True
 
 
 def waitlist_add(words: memoryview, first_word: int, count_word: int, waker_id: int) -> bool:

@@ -156,10 +156,13 @@ def recover_channel(namespace: str, channel_id: int, liveness: Liveness, repairs
         core.release()
 
 
-def _drop_dead_attachers(core: Any, attached: list[tuple[int, int]], liveness: Liveness) -> bool:
+def _drop_dead_attachers(
+    core: Any, attached: list[tuple[int, int]], liveness: Liveness, sender_deaths_word: int | None = None
+) -> bool:
     """Clear dead processes from the attach slots; True if the segment is now orphaned.
 
-    An orphaned segment is marked DESTROYED (under its lock); the caller unlinks it.
+    An orphaned segment is marked DESTROYED (under its lock); the caller unlinks it. For a
+    feed (``sender_deaths_word``), a dead sender's slot is counted there as it goes.
     """
     dead = [p for p in attached if not liveness.alive(*p)]
     if attached and not dead:
@@ -168,8 +171,9 @@ def _drop_dead_attachers(core: Any, attached: list[tuple[int, int]], liveness: L
     core.acquire()
     try:
         for pid, ticks in dead:
-            if L.remove_slot_pair(words, L.ATTACH_FIRST_WORD, L.ATTACH_SLOTS, pid, ticks):
-                words[L.ATTACHED] -= 1
+            flags = L.remove_attached(words, pid, ticks)
+            if sender_deaths_word is not None and flags > 0 and flags & L.SLOT_SENDER:
+                words[sender_deaths_word] += 1
         orphaned = not words[L.DESTROYED] and not any(liveness.alive(*p) for p in L.attached_processes(words))
         if orphaned:
             words[L.DESTROYED] = 1
@@ -249,7 +253,7 @@ def recover_feed(namespace: str, key: str, liveness: Liveness, repairs: Repairs)
         _release_dead_owner(core, L.LOCK_OWNER, core.lock, "table", liveness, attached, repairs)
         _end_dead_subscriptions(core, liveness, repairs)
         _fail_if_every_sender_died(core, liveness, repairs)
-        if _drop_dead_attachers(core, attached, liveness):
+        if _drop_dead_attachers(core, L.attached_processes(words), liveness, L.SENDER_DEATHS):
             core.unlink_names()
             repairs.destroyed += _names_of(namespace, core.segment_name, words, (L.LOCK_ID, L.SEND_LOCK_ID))
     finally:
@@ -274,21 +278,31 @@ def _end_dead_subscriptions(core: FeedCore, liveness: Liveness, repairs: Repairs
 
 
 def _fail_if_every_sender_died(core: FeedCore, liveness: Liveness, repairs: Repairs) -> None:
+    """Fail the subscriptions once no live sender is left and one of the senders died.
+
+    A sender that detached normally cleared its flag: it stopped sending and fails nobody.
+    A dead sender's slot is counted in SENDER_DEATHS while others still send, so that its
+    death is reported when the last of them is gone.
+    """
     words = core.words
-    senders = L.sender_processes(words)
-    if not senders or words[L.FEED_CLOSED] or any(liveness.alive(*s) for s in senders):
+    senders = L.attached_processes(words, L.SLOT_SENDER)
+    dead = [s for s in senders if not liveness.alive(*s)]
+    if not dead and not words[L.SENDER_DEATHS]:
         return
-    for entry, sub_id, channel_id, err_id, _owner in _active_entries(core):
-        error = SenderDiedError(
-            f"shmfeed: every process sending on feed {core._label()} died without closing it; "
-            f"resubscribe once a sender is back"
-        )
-        if core.end_subscription(entry, sub_id, channel_id, err_id, error):
-            repairs.failed_subscriptions += 1
+    someone_sends = len(dead) < len(senders)
+    if not someone_sends and not words[L.FEED_CLOSED]:
+        for entry, sub_id, channel_id, err_id, _owner in _active_entries(core):
+            error = SenderDiedError(
+                f"shmfeed: every process sending on feed {core._label()} is gone and at least one "
+                f"died without detaching; resubscribe once a sender is back"
+            )
+            if core.end_subscription(entry, sub_id, channel_id, err_id, error):
+                repairs.failed_subscriptions += 1
     core.acquire()
     try:
-        for pid, ticks in senders:
-            L.remove_slot_pair(words, L.SENDER_FIRST_WORD, L.SENDER_SLOTS, pid, ticks)
+        for pid, ticks in dead:
+            L.remove_attached(words, pid, ticks)
+        words[L.SENDER_DEATHS] = len(dead) + int(words[L.SENDER_DEATHS]) if someone_sends else 0
     finally:
         core.release_lock()
 
@@ -327,8 +341,8 @@ def recover_scope(namespace: str, segment_name: str, liveness: Liveness, repairs
             if words[L.SCOPE_CLOSED]:  # a closer may have died before waking every watcher
                 L.waitlist_post_all(words, L.SCOPE_WAITLIST_WORD, L.SCOPE_WAITING, namespace)
             for pid, ticks in attached:
-                if not liveness.alive(pid, ticks) and L.remove_slot_pair(words, L.ATTACH_FIRST_WORD, L.ATTACH_SLOTS, pid, ticks):
-                    words[L.ATTACHED] -= 1
+                if not liveness.alive(pid, ticks):
+                    L.remove_attached(words, pid, ticks)
             orphaned = not words[L.DESTROYED] and not any(liveness.alive(*p) for p in L.attached_processes(words))
             if orphaned:
                 words[L.DESTROYED] = 1

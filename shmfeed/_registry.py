@@ -248,7 +248,7 @@ class Registry:
 
 
 def _read_slots(path: str) -> set[tuple[int, int]]:
-    """(pid, ticks) of a segment's attach slots and, for a feed, its sender slots."""
+    """(pid, ticks) of a segment's attach slots (a feed's senders are among them)."""
     import mmap
 
     try:
@@ -263,10 +263,7 @@ def _read_slots(path: str) -> set[tuple[int, int]]:
         try:
             if words[L.DESTROYED]:
                 return set()  # being destroyed, or its destroyer died half-way
-            found = set(L.attached_processes(words))
-            if words[L.MAGIC] == L.FEED_MAGIC:
-                found.update(L.sender_processes(words))
-            return found
+            return set(L.attached_processes(words))
         finally:
             words.release()
     finally:

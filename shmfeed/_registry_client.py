@@ -97,8 +97,8 @@ def forget_dead_registry(namespace: str) -> None:
 
 def ensure_running(namespace: str) -> None:
     """Start the namespace's registry in the background if none runs (cheap when one does)."""
-    if disabled or os.environ.get(DISABLE_ENV):
-        return
+    if disabled or os.environ.get(DISABLE_ENV) or _process.exiting():
+        return  # at exit a daemon thread's watchdog must not start one
     try:
         if is_running(namespace):
             return

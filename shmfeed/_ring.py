@@ -37,7 +37,7 @@ from . import _names, _native, _process, _shm, _spill, _waker
 from ._codec import Segments
 from ._spill import Spill
 from ._segment import AttachedSegment
-from ._errors import ChannelClosed, ChannelCorruptError
+from ._errors import ChannelClosed, ChannelCorruptError, TableFullError
 
 RECORD_HEADER = struct.Struct("<II")
 _pack_record_header = RECORD_HEADER.pack_into
@@ -145,6 +145,9 @@ class ChannelCore(AttachedSegment):
                                          L.HEADER_BYTES, self.ring_bytes, L.WAITLIST_SLOTS, ACCEL_WORDS)
             except OSError:
                 pass  # destroyed meanwhile (a lock is gone): the Python path says so in time
+
+    def describe(self) -> str:
+        return f"channel {self.channel_id:016x}"
 
     def _should_yield(self) -> bool:
         """Whether a receiver that found the ring empty should yield the CPU once.
@@ -310,8 +313,10 @@ class ChannelCore(AttachedSegment):
         self._lock_waitlists()
         try:
             if not L.waitlist_add(self.words, first_word, count_word, waker.waker_id):
-                raise RuntimeError(
-                    f"shmfeed: more than {L.WAITLIST_SLOTS} threads wait on channel {self.channel_id:016x}"
+                side = "receivers" if first_word == L.RECV_WAITLIST_WORD else "senders"
+                raise TableFullError(
+                    f"shmfeed: {L.WAITLIST_SLOTS} {side} already wait on channel {self.channel_id:016x}, "
+                    f"the most its wait list holds; use fewer waiting threads or more channels"
                 )
         finally:
             self._unlock_waitlists()

@@ -14,12 +14,12 @@ import itertools
 import mmap
 import threading
 import weakref
-from typing import Any
+from typing import Any, Iterator
 
 from . import _layout as L
 from ._segment import AttachedSegment, open_named
 from . import _names, _process, _registry_client, _ring, _shm, _waker
-from ._errors import ShmfeedError
+from ._errors import ShmfeedError, TableFullError
 from ._subscription import ErrorChannel, Subscription
 
 _OPEN_ATTEMPTS = 100
@@ -46,6 +46,10 @@ class ScopeSubscription(Subscription):
             self._done = True
         self._scope._untrack(self._local_id)
         self._inner.unsubscribe()
+
+    def __iter__(self) -> Iterator[Any]:
+        """Iterate the tracked subscription (see ``Feed.subscribe``'s subscription)."""
+        return iter(self._inner)  # type: ignore[call-overload]
 
     def _end(self) -> None:
         """The scope closed: end the inner subscription (the scope forgets us itself)."""
@@ -219,15 +223,21 @@ class _SharedScope(AttachedSegment):
             return None
         return cls(namespace, name, mapping, lock)
 
+    def describe(self) -> str:
+        return f"scope {self.name!r}"
+
     # --- entries ----------------------------------------------------------------------------
 
     def add(self, local_id: int) -> bool:
         """Record one tracked subscription of this process; False if the scope is closed."""
+        self.check_usable()
         pid, ticks = _process.identity()
+        self._ensure_waker()
         self.acquire()
         try:
             if self.words[L.SCOPE_CLOSED]:
                 return False
+            self._check_watcher_room()
             table = self.table
             for word in range(0, L.SCOPE_SLOTS * L.SCOPE_ENTRY_WORDS, L.SCOPE_ENTRY_WORDS):
                 if not table[word + 3]:
@@ -235,11 +245,30 @@ class _SharedScope(AttachedSegment):
                     self.words[L.SCOPE_COUNT] += 1
                     break
             else:
-                raise ShmfeedError(f"shmfeed: scope {self.name!r} tracks {L.SCOPE_SLOTS} subscriptions, the most it can")
+                raise TableFullError(
+                    f"shmfeed: scope {self.name!r} already tracks {L.SCOPE_SLOTS} subscriptions, the most it can"
+                )
         finally:
             self.release_lock()
         self._ensure_watcher()
         return True
+
+    def _check_watcher_room(self) -> None:
+        """Refuse a process whose watcher would not fit the wait list (lock held).
+
+        The watcher's waker is listed here already, so that it cannot lose its place: a
+        closing process posts and clears the list, and only then does a watcher leave.
+        """
+        waker = self.waker
+        assert waker is not None
+        listed = range(L.SCOPE_WAITLIST_WORD, L.SCOPE_WAITLIST_WORD + L.WAITLIST_SLOTS)
+        if any(self.words[word] == waker.waker_id for word in listed):
+            return
+        if not L.waitlist_add(self.words, L.SCOPE_WAITLIST_WORD, L.SCOPE_WAITING, waker.waker_id):
+            raise TableFullError(
+                f"shmfeed: {L.WAITLIST_SLOTS} processes already watch scope {self.name!r}, the most its "
+                f"wait list holds; track its subscriptions from fewer processes"
+            )
 
     def remove(self, local_id: int) -> None:
         pid, ticks = _process.identity()
@@ -263,6 +292,7 @@ class _SharedScope(AttachedSegment):
 
     def close(self) -> None:
         """Close the scope for every process and wake every process's watcher."""
+        self.check_usable()
         self.acquire()
         try:
             self.words[L.SCOPE_CLOSED] = 1
@@ -278,10 +308,14 @@ class _SharedScope(AttachedSegment):
 
     # --- the watcher ----------------------------------------------------------------------------
 
+    def _ensure_waker(self) -> None:
+        if self.waker is None:
+            self.waker = _waker.Waker(self.namespace)
+
     def _ensure_watcher(self) -> None:
         if self.watcher is not None and self.watcher.is_alive():
             return
-        self.waker = _waker.Waker(self.namespace)
+        self._ensure_waker()
         self.stopping = False
         self.watcher = threading.Thread(target=self._watch, name=f"shmfeed-scope-{self.name}", daemon=True)
         self.watcher.start()

@@ -13,8 +13,8 @@ import threading
 from typing import Any
 
 from . import _layout as L
-from . import _names, _shm
-from ._errors import ShmfeedError
+from . import _names, _process, _shm
+from ._errors import ShmfeedError, TableFullError
 
 
 def open_named(
@@ -66,6 +66,7 @@ class AttachedSegment:
         self.words = self.buffer[: L.HEADER_BYTES].cast("Q")
         self.released = False
         self.attached = True
+        self.refused: str | None = None
         self._release_lock = threading.Lock()
 
     # --- the header lock ----------------------------------------------------------------
@@ -81,27 +82,49 @@ class AttachedSegment:
 
     # --- attach slots -----------------------------------------------------------------------
 
+    def describe(self) -> str:
+        """What this object is, for messages."""
+        return f"shared object {self.segment_name!r}"
+
     def join(self) -> bool:
-        """Enter the attach slots; False if the segment is being destroyed."""
+        """Enter the attach slots; False if the segment is being destroyed.
+
+        Raises:
+            TableFullError: every attach slot is taken by a live process (the mapping is
+                let go of first).
+        """
         self.acquire()
         try:
             if self.words[L.DESTROYED]:
                 return False
-            L.attach(self.words)
+            full = not L.attach(self.words)
         finally:
             self.release_lock()
+        if full:
+            self._close_local()
+            raise TableFullError(L.table_full_message(self.describe()))
         self.attached = True
         return True
 
     def reattach_after_fork(self) -> None:
-        """In a forked child: take the slot the parent reserved (see ``reserve_for_child``)."""
+        """In a forked child: take the slot the parent reserved (see ``reserve_for_child``).
+
+        If every slot is taken, the child cannot use the object: ``refused`` says why, and
+        its first use raises ``TableFullError`` (nothing can be raised from a fork hook).
+        """
         self._release_lock = threading.Lock()
         self.acquire()
         try:
-            if not self.words[L.DESTROYED]:
-                L.claim_after_fork(self.words)
+            if not self.words[L.DESTROYED] and not L.claim_after_fork(self.words):
+                self.refused = L.table_full_message(self.describe())
+                self.attached = False
         finally:
             self.release_lock()
+
+    def check_usable(self) -> None:
+        """Raise ``TableFullError`` if this process could not attach after fork."""
+        if self.refused is not None:
+            raise TableFullError(self.refused)
 
     def reserve_for_child(self) -> None:
         """Before fork: hold a slot for the child, which may run after we let go."""
@@ -133,7 +156,8 @@ class AttachedSegment:
         if last:
             self.unlink_names()
         self._after_detach()
-        self._close_local()
+        if not _process.exiting():  # at exit a daemon thread may still use the mapping
+            self._close_local()
 
     def _before_detach(self) -> None:
         """Hook: drop per-process state that refers to the segment."""

@@ -306,15 +306,20 @@ def forget_reader_mappings() -> None:
 
 
 def release_pools(namespace: str | None = None) -> None:
-    """Close and unlink this process's pool files (links held by channels stay valid)."""
+    """Close and unlink this process's pool files (links held by channels stay valid).
+
+    At exit nothing is unmapped: a daemon thread may still copy into or read from it.
+    """
+    exiting = _process.exiting()
     with _pool_lock:
         for key in [k for k in _pools if namespace is None or k == namespace]:
             for entry in _pools.pop(key):
-                if not entry.busy:  # a send in another thread still uses it: it closes it
+                if not entry.busy and not exiting:  # a send in another thread closes it
                     entry.close()
                 _unlink(entry.path)
     unlink_deferred(namespace, every_thread=True)
-    forget_reader_mappings()
+    if not exiting:
+        forget_reader_mappings()
 
 
 def _forget_after_fork() -> None:

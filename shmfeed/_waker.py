@@ -76,8 +76,12 @@ class Waker:
         self.semaphore.release()
 
     def destroy(self) -> None:
+        """Unlink the semaphore (ours only) and close it, except at exit: a daemon thread
+        may still sleep on it then, and closing it under that thread crashes the process."""
         if self.pid == os.getpid():
             _shm.unlink_semaphore(self.name)
+        if _process.exiting():
+            return
         if self.handle:
             _libc.sem_close(self.handle)
             self.handle = None
@@ -106,8 +110,9 @@ def current_waker(namespace: str) -> Waker:
     if waker is None or waker.pid != os.getpid():
         waker = Waker(namespace)
         wakers[namespace] = waker
-        # A thread's wakers are unlinked when the thread ends (its locals are collected).
-        weakref.finalize(wakers, waker.destroy)
+        # A thread's wakers are unlinked when the thread ends (its locals are collected);
+        # not by weakref's own atexit pass, which would run before our exit hooks.
+        weakref.finalize(wakers, waker.destroy).atexit = False
     return waker
 
 
