@@ -20,6 +20,7 @@
 #include <stdint.h>
 #include <stdio.h>
 #include <string.h>
+#include <time.h>
 #if defined(__x86_64__) && defined(__SSE2__)
 #include <emmintrin.h>
 #endif
@@ -29,7 +30,8 @@
 /* Word indices into the channel header, in the order Python passes them. */
 enum {
     W_WRITE_POS, W_READ_POS, W_SENT, W_RECEIVED, W_CLOSED, W_CAPACITY,
-    W_LOCK_OWNER, W_RECV_LOCK_OWNER, W_RECV_WAITING, W_SEND_WAITING, W_WAIT_LOCK_OWNER, W_COUNT
+    W_LOCK_OWNER, W_RECV_LOCK_OWNER, W_RECV_WAITING, W_SEND_WAITING, W_WAIT_LOCK_OWNER,
+    W_LAST_RECV_PID, W_LAST_RECV_TIME, W_COUNT
 };
 
 #define WAKER_CACHE 8
@@ -205,6 +207,15 @@ static PyObject *offer_all(PyObject *module, PyObject *const *args, Py_ssize_t n
     return answer == -2 ? NULL : PyLong_FromLong(answer);
 }
 
+/* Who received last, and when (CLOCK_MONOTONIC ns, coarse: a few ns to read), for the
+ * monitor's "last read" and "no reader"; as ChannelCore._note_receiver. */
+static inline void note_receiver(Ring *self, uint64_t pid) {
+    struct timespec now;
+    clock_gettime(CLOCK_MONOTONIC_COARSE, &now);
+    store(self, W_LAST_RECV_PID, pid);
+    store(self, W_LAST_RECV_TIME, (uint64_t)now.tv_sec * 1000000000u + (uint64_t)now.tv_nsec);
+}
+
 /* Ring.poll(pid) -> the payload of the oldest inline record, or None (take the Python
  * path: empty, wrapped, a spill record, or anything odd). */
 static PyObject *Ring_poll(Ring *self, PyObject *pid_object) {
@@ -237,6 +248,7 @@ static PyObject *Ring_poll(Ring *self, PyObject *pid_object) {
             } else {
                 store(self, W_RECEIVED, received + 1);
                 store(self, W_READ_POS, read_pos + record);
+                note_receiver(self, pid);
             }
         }
     }

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import struct
 import time
+import warnings
 from typing import Any, AsyncIterator, Generic, Iterator, TypeVar
 
 from . import _codec, _names, _registry_client, _ring, _waker
@@ -102,6 +103,7 @@ class Channel(TypeArgument, Generic[T]):
         self._core: _ring.ChannelCore | None = _ring.ChannelCore.create(
             self._namespace, capacity, ring_bytes, overflow, self._elem_type_name
         )
+        self._core.hold()
         self._channel_id = self._core.channel_id
         _registry_client.ensure_running(self._namespace)
 
@@ -115,6 +117,7 @@ class Channel(TypeArgument, Generic[T]):
         channel._core = _ring.ChannelCore.create(
             channel._namespace, 1, _ring.MIN_RING_BYTES, "block", "", flags=L.FLAG_ERROR_CHANNEL
         )
+        channel._core.hold()
         channel._channel_id = channel._core.channel_id
         return channel
 
@@ -125,6 +128,8 @@ class Channel(TypeArgument, Generic[T]):
         channel._namespace = namespace
         channel._channel_id = channel_id
         channel._core = _ring.ChannelCore.open(namespace, channel_id)
+        if channel._core is not None:
+            channel._core.hold()
         channel._elem_type = None
         channel._elem_type_name = channel._core.elem_type_name if channel._core is not None else ""
         return channel
@@ -275,6 +280,22 @@ class Channel(TypeArgument, Generic[T]):
             return await self.recv_async()
         except ChannelClosed:
             raise StopAsyncIteration from None
+
+    def __del__(self) -> None:
+        # A channel no process holds any more can never be read again: close it, so that
+        # its subscriptions end instead of blocking their feeds' sends for good.
+        core = getattr(self, "_core", None)
+        if core is None:
+            return
+        self._core = None
+        if core.let_go() and _ring.subscribed_here(core.namespace, core.channel_id):
+            warnings.warn(
+                f"shmfeed: channel {self._channel_id:016x} was dropped while still subscribed "
+                f"(no process holds it any more); it was closed and its subscriptions ended. "
+                f"Unsubscribe or close it (a with block) when done with it",
+                ResourceWarning,
+                source=self,
+            )
 
     def __enter__(self) -> "Channel[T]":
         return self

@@ -880,6 +880,24 @@ def _before_fork() -> None:
         core.reserve_for_child()
 
 
+def _subscribed_here(namespace: str, channel_id: int) -> bool:
+    """Whether this process made an active subscription of the channel (no lock: a hint)."""
+    me = _ring._pid
+    for core in list(_feeds.values()):
+        if core.namespace != namespace or core.released:
+            continue
+        table = core.table
+        for entry in range(L.table_high(core.words)):
+            word = _entry_word(entry)
+            state = int(table[word + 3])
+            if table[word + 1] == channel_id and state & 0xFFFF_FFFF == L.SUB_ACTIVE_STATE and state >> 32 == me:
+                return True
+    return False
+
+
+_ring.subscribed_here = _subscribed_here
+
+
 def _stop_sending() -> None:
     # SIGTERM in a multiprocessing child (see _process): no lock may be taken here.
     for core in list(_feeds.values()):

@@ -29,6 +29,7 @@ import psutil
 
 _fork_hooks: list[Callable[[], None]] = []
 _before_fork_hooks: list[Callable[[], None]] = []
+_after_fork_parent_hooks: list[Callable[[], None]] = []
 _exit_hooks: list[Callable[[], None]] = []
 _terminate_hooks: list[Callable[[], None]] = []
 _identity: tuple[int, int] | None = None
@@ -94,12 +95,25 @@ def before_fork(hook: Callable[[], None]) -> None:
     _before_fork_hooks.append(hook)
 
 
-def _before_fork() -> None:
-    for hook in _before_fork_hooks:
+def after_fork_in_parent(hook: Callable[[], None]) -> None:
+    """Call ``hook`` in the parent just after every fork."""
+    _after_fork_parent_hooks.append(hook)
+
+
+def _run_hooks(hooks: list[Callable[[], None]]) -> None:
+    for hook in hooks:
         try:
             hook()
         except Exception:  # noqa: BLE001 - a failing hook must not break fork
             pass
+
+
+def _before_fork() -> None:
+    _run_hooks(_before_fork_hooks)
+
+
+def _after_fork_in_parent() -> None:
+    _run_hooks(_after_fork_parent_hooks)
 
 
 def on_exit(hook: Callable[[], None]) -> None:
@@ -182,4 +196,4 @@ def _after_fork_in_child() -> None:
 
 atexit.register(_run_exit_hooks)
 _register_multiprocessing_finalizer()
-os.register_at_fork(before=_before_fork, after_in_child=_after_fork_in_child)
+os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent, after_in_child=_after_fork_in_child)

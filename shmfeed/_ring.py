@@ -30,7 +30,7 @@ import struct
 import threading
 import time
 import weakref
-from typing import Any
+from typing import Any, Callable
 
 from . import _layout as L
 from . import _names, _native, _process, _shm, _spill, _waker
@@ -74,7 +74,8 @@ Encoded = bytes | memoryview | Segments
 
 _accel = _native.accel  # the C hot path, or None: the Python path below
 ACCEL_WORDS = (L.WRITE_POS, L.READ_POS, L.SENT, L.RECEIVED, L.CLOSED, L.CAPACITY,
-               L.LOCK_OWNER, L.RECV_LOCK_OWNER, L.RECV_WAITING, L.SEND_WAITING, L.WAIT_LOCK_OWNER)
+               L.LOCK_OWNER, L.RECV_LOCK_OWNER, L.RECV_WAITING, L.SEND_WAITING, L.WAIT_LOCK_OWNER,
+               L.LAST_RECV_PID, L.LAST_RECV_TIME)
 
 
 def _refresh_pid() -> None:
@@ -132,6 +133,7 @@ class ChannelCore(AttachedSegment):
         self._taken_since_empty = 0
         self._empties_to_probe = YIELD_PROBE_EVERY
         self.large_values = False  # the last value sent from here was large (see _codec)
+        self.holders = 0  # Channel objects of this process (see hold)
         self._fast: Any = None
         if _accel is not None and not isinstance(self.send_lock, _shm.BoundedLock):
             # The registry's bounded locks (map_unattached) stay on the Python path.
@@ -284,6 +286,33 @@ class ChannelCore(AttachedSegment):
     def _before_detach(self) -> None:
         if _cores.get((self.namespace, self.channel_id)) is self:
             _cores.pop((self.namespace, self.channel_id), None)
+
+    # --- holders: processes that hold a Channel object of this channel -----------------
+
+    def hold(self) -> None:
+        """One more ``Channel`` object of this process refers to this channel."""
+        self.holders += 1
+        if self.holders == 1:
+            L.set_own_flag(self.words, L.SLOT_HOLDER, True)
+
+    def let_go(self) -> bool:
+        """One ``Channel`` object fewer. When it was this process's last and no live
+        process holds one any more, close the channel: nobody can ever read it, so its
+        subscriptions end and sends waiting on it return. True if this closed it."""
+        self.holders -= 1
+        if self.holders > 0 or self.released or _process.exiting():
+            return False
+        L.set_own_flag(self.words, L.SLOT_HOLDER, False)
+        holders = L.attached_processes(self.words, L.SLOT_HOLDER)
+        if self.closed or any(_process.is_alive(pid, ticks) for pid, ticks in holders):
+            return False
+        self.close()
+        return True
+
+    def reattach_after_fork(self) -> None:
+        super().reattach_after_fork()
+        if self.holders and self.attached:  # the child holds the parent's Channel objects too
+            L.set_own_flag(self.words, L.SLOT_HOLDER, True)
 
     def unlink_names(self) -> None:
         """Remove the channel's locks, spill files, then segment from /dev/shm (DESTROYED set).
@@ -639,6 +668,8 @@ class ChannelCore(AttachedSegment):
                     data = self.buffer[start + 8 : start + 8 + size].tobytes()
                     words[L.RECEIVED] += 1
                     words[L.READ_POS] = read_pos + record
+                    words[L.LAST_RECV_PID] = _pid
+                    words[L.LAST_RECV_TIME] = time.monotonic_ns()
         except ValueError as error:  # a counter at 2**64: only a corrupt header gets there
             raise self._corrupt_header(error) from error
         finally:
@@ -682,6 +713,8 @@ class ChannelCore(AttachedSegment):
         finally:
             words[L.RECV_LOCK_OWNER] = 0
             recv_lock.release()
+        words[L.LAST_RECV_PID] = _pid  # the monitor's "last read" (a hint: no lock needed)
+        words[L.LAST_RECV_TIME] = time.monotonic_ns()
         if words[L.SEND_WAITING]:
             self._wake(L.SEND_WAITLIST_WORD, L.SEND_WAITING)
         kind, data = taken
@@ -759,6 +792,10 @@ class ChannelCore(AttachedSegment):
 
 
 _cores: "weakref.WeakValueDictionary[tuple[str, int], ChannelCore]" = weakref.WeakValueDictionary()
+
+# Whether this process has an active feed subscription of a channel (namespace, id); set by
+# _feed, which the ring may not import.
+subscribed_here: Callable[[str, int], bool] = lambda namespace, channel_id: False
 
 
 def _register_core(core: ChannelCore) -> None:

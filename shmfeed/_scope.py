@@ -1,6 +1,8 @@
 """``SubscriptionScope``: end many subscriptions at once, in one process or across many.
 
-A scope without a name lives in its process. A named scope is one shared-memory segment
+A scope without a name lives in its process until the process forks: then (just before
+the fork) it becomes shared under a hidden name, so that parent and children use one scope.
+A named scope is one shared-memory segment
 (layout in ``_layout``): a closed flag, a count, and one entry per tracked subscription
 of any process. Each process that tracks into a named scope runs one watcher thread that
 sleeps on a waker in the scope's wait list; closing the scope from any process wakes every
@@ -77,12 +79,26 @@ class SubscriptionScope:
         if name is not None:
             _names.validate_name(name, what="scope name", limit=L.FEED_NAME_MAX)
         self._name = name
+        self._namespace = _names.current_namespace()
         self._lock = threading.Lock()
         self._tracked: dict[int, ScopeSubscription] = {}
         self._closed = False
-        self._shared = _SharedScope.open(_names.current_namespace(), name) if name is not None else None
+        self._shared = _SharedScope.open(self._namespace, name) if name is not None else None
         if self._shared is not None:
             self._shared.members.add(self)
+        else:
+            _local_scopes.add(self)
+
+    def _share(self) -> None:
+        """Before a fork: move this process-local scope into shared memory (hidden name)."""
+        with self._lock:
+            if self._shared is not None or self._closed:
+                return
+            shared = _SharedScope.open(self._namespace, f"anonymous {_names.new_id():016x}")
+            shared.members.add(self)
+            for local_id in self._tracked:
+                shared.add(local_id, watch=False)  # the watcher starts after the fork
+            self._shared = shared
 
     @property
     def name(self) -> str | None:
@@ -228,8 +244,11 @@ class _SharedScope(AttachedSegment):
 
     # --- entries ----------------------------------------------------------------------------
 
-    def add(self, local_id: int) -> bool:
-        """Record one tracked subscription of this process; False if the scope is closed."""
+    def add(self, local_id: int, watch: bool = True) -> bool:
+        """Record one tracked subscription of this process; False if the scope is closed.
+
+        ``watch=False`` leaves starting the watcher thread to the caller.
+        """
         self.check_usable()
         pid, ticks = _process.identity()
         self._ensure_waker()
@@ -250,7 +269,8 @@ class _SharedScope(AttachedSegment):
                 )
         finally:
             self.release_lock()
-        self._ensure_watcher()
+        if watch:
+            self._ensure_watcher()
         return True
 
     def _check_watcher_room(self) -> None:
@@ -374,6 +394,7 @@ class _SharedScope(AttachedSegment):
 
 
 _shared: "weakref.WeakValueDictionary[tuple[str, str], _SharedScope]" = weakref.WeakValueDictionary()
+_local_scopes: "weakref.WeakSet[SubscriptionScope]" = weakref.WeakSet()
 
 
 def release_namespace(namespace: str | None = None) -> None:
@@ -385,18 +406,32 @@ def release_namespace(namespace: str | None = None) -> None:
 
 def _after_fork() -> None:
     # The parent's watcher threads do not exist here; the child's tracked subscriptions
-    # will start their own. The parent's entries stay the parent's.
+    # will start their own. The parent's entries (and subscriptions) stay the parent's.
+    _local_scopes.clear()
     for scope in list(_shared.values()):
         scope.watcher = None
         scope.waker = None
         scope.reattach_after_fork()
+        for member in list(scope.members):
+            member._lock = threading.Lock()
+            member._tracked = {}
 
 
 def _before_fork() -> None:
+    for local in list(_local_scopes):
+        local._share()
+        _local_scopes.discard(local)
     for scope in list(_shared.values()):
         scope.reserve_for_child()
 
 
+def _after_fork_in_parent() -> None:
+    for scope in list(_shared.values()):
+        if any(member._tracked for member in scope.members):
+            scope._ensure_watcher()
+
+
 _process.on_exit(release_namespace)
 _process.before_fork(_before_fork)
+_process.after_fork_in_parent(_after_fork_in_parent)
 _process.on_fork_child(_after_fork)

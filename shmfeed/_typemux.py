@@ -2,10 +2,11 @@
 
 A mux keeps one Feed per event type. ``subscribe(*types)`` makes one Channel and subscribes
 it to the feed of each type; ``post(ev)`` sends ``TypeMuxEvent(now, ev)`` on the feed of
-``type(ev)``. ``TypeMux()`` lives in its process, with anonymous feeds. ``TypeMux("x")``
-uses named feeds (``typemux:x:<module.qualname>``), so every process of the namespace that
-opens ``"x"`` posts to and subscribes on the same mux, plus a named *state* feed on which
-nothing is sent: ``stop()`` closes it. Later posts in any process see it closed and raise
+``type(ev)``. ``TypeMux("x")`` uses named feeds (``typemux:x:<module.qualname>``), so every
+process of the namespace that opens ``"x"`` posts to and subscribes on the same mux, plus a
+named *state* feed on which nothing is sent: ``stop()`` closes it. ``TypeMux()`` is the same
+under a hidden random name, so that a mux made before a fork is one mux in the parent and
+its children (its feeds are created at first use). Later posts in any process see it closed and raise
 ``MuxClosedError``; each process with subscriptions on the mux runs one watcher thread,
 subscribed to the state feed, that wakes when it closes and stops the mux there too
 (closing that process's subscription channels, which releases posts waiting on them).
@@ -129,13 +130,15 @@ class TypeMux:
         if name is not None:
             _names.validate_name(name, what="TypeMux name", limit=_NAME_MAX)
         self._name = name
+        # An anonymous mux is a named one under a name nobody else knows (see the module).
+        self._shared_name = name if name is not None else f"anonymous.{_names.new_id():016x}"
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)  # notified when no post is running
         self._posting = 0
         self._stopped = False
         self._feeds: dict[type, Feed[TypeMuxEvent]] = {}
         self._subs: set[TypeMuxSubscription] = set()
-        self._state: Feed[Any] | None = Feed(f"typemux-state:{name}") if name is not None else None
+        self._state: Feed[Any] | None = Feed(f"typemux-state:{name}") if name is not None else None  # lazy if None
         self._watcher: Subscription | None = None
         _muxes.add(self)
 
@@ -177,8 +180,7 @@ class TypeMux:
         try:
             if live and not self._stopped_elsewhere():
                 if sub._attach([self._feed_for(tp) for tp in types]):
-                    if self._state is not None:
-                        self._ensure_watcher()
+                    self._ensure_watcher()
                     return sub
         except FeedClosed:
             pass  # stopped meanwhile (a stopped mux's feeds are closed)
@@ -210,14 +212,10 @@ class TypeMux:
             if self._stopped_elsewhere():
                 stopped_elsewhere = True
                 raise MuxClosedError()
-            # An anonymous mux has no feed for a type nobody subscribed to; a named one
-            # may have subscribers in other processes.
-            feed = self._feed_for(type(ev)) if self._name is not None else self._feeds.get(type(ev))
-            if feed is not None:
-                try:
-                    feed.send(event)
-                except FeedClosed:
-                    raise MuxClosedError() from None
+            try:
+                self._feed_for(type(ev)).send(event)  # subscribers may be in other processes
+            except FeedClosed:
+                raise MuxClosedError() from None
         finally:
             with self._lock:
                 self._posting -= 1
@@ -240,8 +238,8 @@ class TypeMux:
             subs, self._subs = list(self._subs), set()
             watcher, self._watcher = self._watcher, None
             feeds = list(self._feeds.values())
-        if first and self._state is not None:
-            self._state.close()  # tells the other processes (see the module docstring)
+        if first:
+            self._state_feed().close()  # tells the other processes (see the module docstring)
         for sub in subs:
             sub._close()
         if first:
@@ -252,9 +250,19 @@ class TypeMux:
         with self._lock:
             self._idle.wait_for(lambda: self._posting == 0)
 
+    def _state_feed(self) -> Feed[Any]:
+        """The state feed (see the module docstring), opened at first need."""
+        state = self._state
+        if state is None:
+            with self._lock:
+                state = self._state
+                if state is None:
+                    state = self._state = Feed(f"typemux-state:{self._shared_name}")
+        return state
+
     def _stopped_elsewhere(self) -> bool:
-        """Whether another process (or another TypeMux object) stopped this named mux."""
-        return self._state is not None and self._state.closed
+        """Whether another process (or another TypeMux object) stopped this mux."""
+        return self._state_feed().closed
 
     def _feed_for(self, tp: type) -> Feed[TypeMuxEvent]:
         """The feed of events of type ``tp`` (opened or created on first use)."""
@@ -263,14 +271,14 @@ class TypeMux:
             with self._lock:
                 feed = self._feeds.get(tp)
                 if feed is None:
-                    feed = self._feeds[tp] = Feed(self._feed_name(tp)) if self._name is not None else Feed()
+                    feed = self._feeds[tp] = Feed(self._feed_name(tp))
         return feed
 
     def _feed_name(self, tp: type) -> str:
         type_name = _codec.type_name(tp)
-        name = f"typemux:{self._name}:{type_name}"
+        name = f"typemux:{self._shared_name}:{type_name}"
         if len(name) > L.FEED_NAME_MAX:
-            name = f"typemux:{self._name}:#{hashlib.sha1(type_name.encode()).hexdigest()[:24]}"
+            name = f"typemux:{self._shared_name}:#{hashlib.sha1(type_name.encode()).hexdigest()[:24]}"
         return name
 
     def _forget(self, sub: TypeMuxSubscription) -> None:
@@ -289,8 +297,7 @@ class TypeMux:
 
     def _watch(self, quit: QuitEvent) -> None:
         """The watcher thread: wait until the state feed closes, then stop here too."""
-        state = self._state
-        assert state is not None
+        state = self._state_feed()
         channel: Channel[Any] = Channel(capacity=1, buffer_size=_STATE_RING_BYTES)
         try:
             while True:
@@ -314,9 +321,7 @@ class TypeMux:
         self.stop()
 
     def __reduce__(self) -> tuple[Any, ...]:
-        if self._name is None:
-            raise TypeError("shmfeed: an anonymous TypeMux lives in its process; name it to share it")
-        return (TypeMux, (self._name,))
+        return (_rebuild_mux, (self._name, self._shared_name))
 
     def __repr__(self) -> str:
         label = repr(self._name) if self._name is not None else "anonymous"
@@ -324,6 +329,12 @@ class TypeMux:
 
 
 TypeMux.__module__ = TypeMuxSubscription.__module__ = "shmfeed"
+
+
+def _rebuild_mux(name: str | None, shared_name: str) -> TypeMux:
+    mux = TypeMux(name)
+    mux._shared_name = shared_name
+    return mux
 
 _muxes: "weakref.WeakSet[TypeMux]" = weakref.WeakSet()
 

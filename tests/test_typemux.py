@@ -263,8 +263,11 @@ def test_named_mux_is_shared_and_stops_everywhere():
     assert second.subscribe(W.Ping).closed()
     for mux in (second, copy):
         mux.stop()
-    with pytest.raises(TypeError):
-        pickle.dumps(shmfeed.TypeMux())
+    anonymous = shmfeed.TypeMux()  # a pickled anonymous mux is the same mux, as a Feed is
+    anonymous_sub = anonymous.subscribe(W.Ping)
+    pickle.loads(pickle.dumps(anonymous)).post(W.Ping(7))
+    assert anonymous_sub.chan().recv(timeout=WAIT).data == W.Ping(7)
+    anonymous.stop()
 
 
 @pytest.mark.timeout(120)
