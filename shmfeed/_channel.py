@@ -130,6 +130,7 @@ class Channel(TypeArgument, Generic[T]):
         channel._core = _ring.ChannelCore.open(namespace, channel_id)
         if channel._core is not None:
             channel._core.hold()
+            channel._core.count_in_flight(-1)
         channel._elem_type = None
         channel._elem_type_name = channel._core.elem_type_name if channel._core is not None else ""
         return channel
@@ -304,6 +305,9 @@ class Channel(TypeArgument, Generic[T]):
         self.close()
 
     def __reduce__(self) -> tuple[Any, ...]:
+        core = self._core
+        if core is not None and not core.released:
+            core.count_in_flight(+1)  # held in flight until unpickled (see ChannelCore.let_go)
         return (_rebuild_channel, (self._namespace, self._channel_id))
 
     def __eq__(self, other: object) -> bool:
@@ -374,6 +378,9 @@ def _rebuild_channel(namespace: str, channel_id: int) -> Channel[Any]:
 
 
 def _channel_to_bytes(channel: Channel[Any]) -> bytes:
+    core = channel._core
+    if core is not None and not core.released:
+        core.count_in_flight(+1)  # as __reduce__
     return _REFERENCE.pack(channel._channel_id) + channel._namespace.encode()
 
 

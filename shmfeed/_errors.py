@@ -35,6 +35,10 @@ class FeedTypeError(ShmfeedError, TypeError):
         self.got = got
         self.want = want
 
+    def __reduce__(self) -> tuple[object, ...]:
+        # Raised in a Pool worker, it is pickled back to the parent: rebuild from the parts.
+        return (type(self), (self.op, self.got, self.want))
+
 
 class EncodingError(ShmfeedError, TypeError):
     """A value cannot be encoded for another process (nothing was delivered)."""

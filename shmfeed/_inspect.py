@@ -140,8 +140,28 @@ def _channel(rest: str, words: memoryview, buffer: memoryview, processes: list[d
         "closed": bool(words[L.CLOSED]),
         "waiting_senders": _waiter_pids(words, L.SEND_WAITLIST_WORD),
         "waiting_receivers": _waiter_pids(words, L.RECV_WAITLIST_WORD),
+        "holders": _process_list(L.attached_processes(words, L.SLOT_HOLDER)),
+        **_last_read(words),
         "processes": processes,
     }
+
+
+def _last_read(words: memoryview) -> dict[str, Any]:
+    """Who received last and when; ``no_reader_s``: seconds since a receiver was last seen,
+    if the last one is gone (or none ever read), else None."""
+    pid = int(words[L.LAST_RECV_PID]) & L.SLOT_PID_MASK
+    stamp = int(words[L.LAST_RECV_TIME])
+    ago = max(0.0, (time.monotonic_ns() - stamp) / 1e9) if stamp else None
+    ticks = next((t for p, t in L.attached_processes(words) if p == pid), None) if pid else None
+    alive = ticks is not None and _process.is_alive(pid, ticks)
+    last = {"pid": pid, "name": process_name(pid, ticks or 0), "alive": alive, "seconds_ago": ago} if pid else None
+    if alive:
+        no_reader = None
+    elif ago is not None:
+        no_reader = round(ago, 1)
+    else:  # never read: since the channel was made, as far as the creator's start tells
+        no_reader = None
+    return {"last_receiver": last, "no_reader_s": no_reader, "never_read": not pid}
 
 
 def _feed(rest: str, words: memoryview, buffer: memoryview, processes: list[dict[str, Any]]) -> dict[str, Any]:

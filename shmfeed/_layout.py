@@ -52,6 +52,11 @@ Channel segment (``MAGIC = CHANNEL_MAGIC``), words 8-28:
 | 27   | DISCARDED     | messages discarded because the ring was found corrupt    |
 | 28   | CHANNEL_FLAGS | bit 0: a subscription's error channel (hidden by the monitor) |
 | 29   | LAST_RECV_TIME | CLOCK_MONOTONIC ns of the last receive (for the monitor) |
+| 30   | IN_FLIGHT     | pickled or encoded references not yet unpickled (see below) |
+
+A channel that no live process holds (no ``SLOT_HOLDER`` flag) and that no reference in
+flight (IN_FLIGHT) may still reach is closed by the process that dropped the last
+``Channel`` object: nobody can ever read it again.
 
 A channel has three locks, always taken in the order send, receive, wait-list: senders
 hold the send lock (which also guards the attach slots and CLOSED), receivers the receive
@@ -142,7 +147,8 @@ MAGIC, HEADER_BYTES_WORD, LOCK_ID, LOCK_OWNER, DESTROYED, CREATOR_PID, CREATOR_T
     DISCARDED,
     CHANNEL_FLAGS,
     LAST_RECV_TIME,
-) = range(8, 30)
+    IN_FLIGHT,
+) = range(8, 31)
 
 FLAG_ERROR_CHANNEL = 1
 
@@ -238,11 +244,14 @@ def reserve_for_child(words: memoryview) -> None:
 
     The parent may drop the object right after forking, before the child has run at all;
     without this, it could unlink an object the child is about to use. A full table is
-    left to the child, whose ``claim_after_fork`` then refuses.
+    left to the child, whose ``claim_after_fork`` then refuses. The slot carries our
+    ``SLOT_HOLDER`` flag: the child inherits our Channel objects.
     """
+    own = own_slot(words)
+    flags = int(words[own]) & SLOT_HOLDER if own >= 0 else 0
     free = _free_slot(words)
     if free >= 0:
-        words[free] = _process.identity()[0]
+        words[free] = _process.identity()[0] | flags
         words[free + 1] = FORK_PENDING
         words[ATTACHED] += 1
 
@@ -255,7 +264,7 @@ def claim_after_fork(words: memoryview) -> bool:
     parent = os.getppid()
     pid, ticks = _process.identity()
     for word in _slot_words():
-        if words[word] == parent and words[word + 1] == FORK_PENDING:
+        if words[word] & SLOT_PID_MASK == parent and words[word + 1] == FORK_PENDING:
             words[word] = pid
             words[word + 1] = ticks
             return True

@@ -16,7 +16,7 @@ from typing import Any
 
 from . import _inspect, _registry_client
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: channels have holders, last_receiver, no_reader_s, never_read
 
 
 def collect(namespace: str, previous: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -83,6 +83,18 @@ def _fmt_bytes(count: float | None) -> str:
     return "-"
 
 
+def _last_read(channel: dict[str, Any]) -> str:
+    """Who read the channel last: "4711 waiting", "4711 2s ago", "no reader 35s", "never"."""
+    last = channel["last_receiver"]
+    if channel["waiting_receivers"]:
+        return ",".join(map(str, channel["waiting_receivers"])) + " waiting"
+    if channel["no_reader_s"] is not None:
+        return f"no reader {channel['no_reader_s']:.0f}s (last {last['pid']})" if last else "no reader"
+    if last is None:
+        return "never"
+    return f"{last['pid']} {last['seconds_ago']:.0f}s ago"
+
+
 def _processes(processes: list[dict[str, Any]], limit: int = 3) -> str:
     shown = [f"{p['pid']}" + ("" if p["alive"] else "†") for p in processes[:limit]]
     return ",".join(shown) + ("…" if len(processes) > limit else "")
@@ -112,7 +124,7 @@ def render(view: dict[str, Any]) -> Any:
                       _fmt_rate(feed["rate_per_s"]))
 
     channels = Table(title="Channels (fullest first; red: a sender waits on it)", expand=True, title_justify="left")
-    for column in ("id", "owner", "capacity", "fill", "", "bytes", "rate/s", "senders waiting", "receivers"):
+    for column in ("id", "owner", "capacity", "fill", "", "bytes", "rate/s", "senders waiting", "held by", "last read"):
         channels.add_column(column, justify="right" if column in ("capacity", "fill", "bytes", "rate/s") else "left")
     for channel in view["channels"]:
         style = "bold red" if channel["waiting_senders"] else ("dim" if channel["closed"] else None)
@@ -120,7 +132,7 @@ def render(view: dict[str, Any]) -> Any:
             channel["id"][:8], f"{channel['owner_pid']} {channel['owner_name']}"[:28], f"{channel['capacity']:,}",
             f"{channel['fill']:,}", _bar(channel["fill"], channel["capacity"]), _fmt_bytes(channel["bytes_in_ring"]),
             _fmt_rate(channel["rate_per_s"]), ",".join(map(str, channel["waiting_senders"])) or "-",
-            ",".join(map(str, channel["waiting_receivers"])) or "-", style=style,
+            _processes(channel["holders"]) or "-", _last_read(channel), style=style,
         )
 
     scopes = Table(title="Scopes", expand=True, title_justify="left")

@@ -304,10 +304,22 @@ class ChannelCore(AttachedSegment):
             return False
         L.set_own_flag(self.words, L.SLOT_HOLDER, False)
         holders = L.attached_processes(self.words, L.SLOT_HOLDER)
-        if self.closed or any(_process.is_alive(pid, ticks) for pid, ticks in holders):
+        if self.closed or self.words[L.IN_FLIGHT] or any(_process.is_alive(*p) for p in holders):
             return False
         self.close()
         return True
+
+    def count_in_flight(self, change: int) -> None:
+        """A reference to the channel was pickled (+1) or unpickled (-1, never below 0).
+
+        Between the two, no process may hold a Channel object of it, yet one will: the
+        channel must not be taken for abandoned (see ``let_go``).
+        """
+        self.acquire()
+        try:
+            self.words[L.IN_FLIGHT] = max(0, int(self.words[L.IN_FLIGHT]) + change)
+        finally:
+            self.release_lock()
 
     def reattach_after_fork(self) -> None:
         super().reattach_after_fork()
