@@ -531,10 +531,9 @@ def _finish(
     if err_channel is not None:
         try:
             if error is not None:
-                try:
-                    err_channel.put(encode_error(error), 0)
-                except (ChannelClosed, TimeoutError):
-                    pass
+                # Not put(..., 0): that would give up on a lock held for a moment and lose
+                # the error. Full (an error is there already) or closed: nothing to add.
+                err_channel.put_if_room(encode_error(error))
             err_channel.close()
         finally:
             if not attach:
