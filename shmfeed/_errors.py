@@ -11,6 +11,7 @@ __all__ = [
     "MuxClosedError",
     "ErrMuxClosed",
     "SlowSubscriberError",
+    "FeedSendTimeout",
     "SubscriptionFailed",
     "SenderDiedError",
     "RegistryUnavailableError",
@@ -59,6 +60,33 @@ ErrMuxClosed = MuxClosedError
 
 class SlowSubscriberError(ShmfeedError):
     """The subscription was ended because its channel was full (overflow="evict")."""
+
+
+class FeedSendTimeout(ShmfeedError, TimeoutError):
+    """``Feed.send(value, timeout=...)`` could not deliver to every channel in time.
+
+    The channels that got the value keep it; the others never get it from this send (their
+    copies were withdrawn), so sending the value again reaches the first ones twice.
+
+    Attributes:
+        delivered: how many channels got the value (what ``send`` would have returned).
+        pending: labels of the channels that did not get it: each channel's hex id, as its
+            ``repr`` shows it. The message says why for each: ``full``, ``locked`` (a lock
+            of it held by another process) or ``not reached`` (time ran out before it).
+    """
+
+    def __init__(self, message: str, *, delivered: int = 0, pending: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.delivered = delivered
+        self.pending = pending
+
+    def __reduce__(self) -> tuple[object, ...]:
+        # Exceptions pickle as type(self)(*args): keep the attributes too.
+        return (_rebuild_feed_send_timeout, (str(self), self.delivered, self.pending))
+
+
+def _rebuild_feed_send_timeout(message: str, delivered: int, pending: tuple[str, ...]) -> FeedSendTimeout:
+    return FeedSendTimeout(message, delivered=delivered, pending=pending)
 
 
 class SubscriptionFailed(ShmfeedError):

@@ -246,4 +246,4 @@ def lock_timeout(lock: str, owner: int) -> TimeoutError:
         holder = f"another process (pid {owner})"
     else:
         holder = "another process"
-    return TimeoutError(f"shmfeed: {lock} is held by {holder}; the deadline passed while waiting for it")
+    return TimeoutError(f"shmfeed: timed out waiting for {lock}, held by {holder}")
