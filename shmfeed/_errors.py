@@ -80,6 +80,19 @@ class FeedSendTimeout(ShmfeedError, TimeoutError):
         self.delivered = delivered
         self.pending = pending
 
+    @classmethod
+    def of_send(
+        cls, feed: str, timeout: float | None, delivered: int, pending: list[tuple[str, str]], cause: str = ""
+    ) -> "FeedSendTimeout":
+        """The error of one send of ``feed``: ``pending`` holds (label, why) pairs."""
+        channels = "channel" if delivered == 1 else "channels"
+        message = f"shmfeed: feed {feed} send timed out after {timeout} s: delivered to {delivered} {channels}"
+        if pending:
+            message += ", not to " + ", ".join(f"{label} ({why})" for label, why in pending)
+        if cause:
+            message += f"; {cause}"
+        return cls(message, delivered=delivered, pending=tuple(label for label, _ in pending))
+
     def __reduce__(self) -> tuple[object, ...]:
         # Exceptions pickle as type(self)(*args): keep the attributes too.
         return (_rebuild_feed_send_timeout, (str(self), self.delivered, self.pending))

@@ -403,8 +403,13 @@ class FeedCore(AttachedSegment):
 
     def nobody_reached(self, timeout: float | None, error: TimeoutError) -> FeedSendTimeout:
         """The error of a send whose ``error`` (a lock wait) came before any delivery."""
-        pending = [(label, "not reached") for label in self._subscribed_labels()]
-        return self._timed_out(timeout, 0, pending, str(error).removeprefix("shmfeed: "))
+        table = self.table  # read without the lock: a torn read only misnames a channel
+        pending = [
+            (_channel_label(int(table[_entry_word(entry) + 1])), "not reached")
+            for entry in range(L.table_high(self.words))
+            if table[_entry_word(entry) + 3] & 0xFFFF_FFFF == L.SUB_ACTIVE_STATE
+        ]
+        return FeedSendTimeout.of_send(self._label(), timeout, 0, pending, str(error).removeprefix("shmfeed: "))
 
     def _send_locked(self, payload: _ring.Encoded, plan: Any, answer: int, deadline: float | None,
                      timeout: float | None) -> int:
@@ -507,27 +512,8 @@ class FeedCore(AttachedSegment):
             _discard_record(entry.target.core, entry.kind, entry.record)
         if delivered:
             self._count(delivered)  # a send that reached nobody is not counted at all
-        return self._timed_out(timeout, delivered, [(_channel_label(t.core.channel_id), why) for t, why in pending])
-
-    def _timed_out(
-        self, timeout: float | None, delivered: int, pending: list[tuple[str, str]], cause: str = ""
-    ) -> FeedSendTimeout:
-        channels = "channel" if delivered == 1 else "channels"
-        message = f"shmfeed: feed {self._label()} send timed out after {timeout} s: delivered to {delivered} {channels}"
-        if pending:
-            message += ", not to " + ", ".join(f"{label} ({why})" for label, why in pending)
-        if cause:
-            message += f"; {cause}"
-        return FeedSendTimeout(message, delivered=delivered, pending=tuple(label for label, _ in pending))
-
-    def _subscribed_labels(self) -> list[str]:
-        """Labels of the channels subscribed now, read without the lock (for a message)."""
-        table = self.table
-        return [
-            _channel_label(int(table[_entry_word(entry) + 1]))
-            for entry in range(L.table_high(self.words))
-            if table[_entry_word(entry) + 3] & 0xFFFF_FFFF == L.SUB_ACTIVE_STATE
-        ]
+        labelled = [(_channel_label(target.core.channel_id), why) for target, why in pending]
+        return FeedSendTimeout.of_send(self._label(), timeout, delivered, labelled)
 
     def _settle(
         self, target: _Target, outcome: int, kind: int, record: _ring.Payload, waiting: list[_Waiting],

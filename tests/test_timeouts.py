@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import glob
 import multiprocessing
+import pickle
 import re
 import time
 from typing import Any, Callable, Iterator
@@ -201,6 +202,8 @@ def test_feed_send_timing_out_on_a_full_channel_says_who_got_the_value(namespace
     assert str(error) == (
         f"shmfeed: feed 'prices' send timed out after 1.0 s: delivered to 1 channel, not to {_label(full)} (full)"
     )
+    again = pickle.loads(pickle.dumps(error))  # e.g. a Pool task's error, back in the parent
+    assert (type(again), str(again), again.delivered, again.pending) == (type(error), str(error), 1, error.pending)
     assert full.statistics().waiting_senders == 0  # no waker left in its wait list
     assert _spill_files(namespace, full) == files_before  # its copy of a large value was withdrawn
     assert _drain(roomy) == [new]  # exactly once
