@@ -73,6 +73,8 @@ class FeedSendTimeout(ShmfeedError, TimeoutError):
         pending: labels of the channels that did not get it: each channel's hex id, as its
             ``repr`` shows it. The message says why for each: ``full``, ``locked`` (a lock
             of it held by another process) or ``not reached`` (time ran out before it).
+            Every other subscribed channel got the value, but for those a send skips
+            anyway (closed, unsubscribed meanwhile, or dropping it by overflow policy).
     """
 
     def __init__(self, message: str, *, delivered: int = 0, pending: tuple[str, ...] = ()) -> None:
