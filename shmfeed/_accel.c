@@ -5,8 +5,8 @@
  * shmfeed/_ring.py, which stays the reference and the fallback), in one call instead of a
  * dozen interpreted steps: take the side lock, check, copy one inline record, commit,
  * release. Everything unusual (a full or wrapping ring, a spill record, a closed channel,
- * a corrupt position) is left to the Python path: these functions then change nothing
- * and say "not here".
+ * a corrupt position, a lock someone else holds) is left to the Python path: these
+ * functions then change nothing and say "not here".
  *
  * The layout (word indices, header size) is passed in by Python from shmfeed/_layout.py,
  * so that stays the one place that defines it.
@@ -17,6 +17,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <semaphore.h>
+#include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <string.h>
@@ -64,37 +65,32 @@ static inline void store(Ring *self, int which, uint64_t value) {
     __atomic_store_n(&self->words[self->index[which]], value, __ATOMIC_RELEASE);
 }
 
-/* Take a side lock; the GIL is let go only if we must wait for it. -1 with an exception
- * set if a signal handler raised meanwhile or the ring was released while we waited. */
-static int lock_semaphore(sem_t *semaphore, const int *has_view) {
-    if (sem_trywait(semaphore) == 0)
-        return 0;
-    for (;;) {
-        int result, error;
-        Py_BEGIN_ALLOW_THREADS
-        result = sem_wait(semaphore);
-        error = errno;
-        Py_END_ALLOW_THREADS
-        if (result == 0)
-            break;
-        if (error != EINTR) {
-            errno = error;
-            PyErr_SetFromErrno(PyExc_OSError);
-            return -1;
-        }
-        if (PyErr_CheckSignals() < 0)
-            return -1;
-    }
-    if (!*has_view) {  /* released by another thread while we waited */
-        sem_post(semaphore);
-        PyErr_SetString(PyExc_ValueError, "shmfeed: the object was released");
-        return -1;
-    }
-    return 0;
+/* Tries of a lock before giving up on it, a pause apart: about a microsecond or two,
+ * enough for a holder on another core to finish its few hundred nanoseconds. */
+#define LOCK_SPINS 64
+
+static inline void cpu_relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#else
+    __asm__ __volatile__("" ::: "memory");
+#endif
 }
 
-static int lock(Ring *self, sem_t *semaphore) {
-    return lock_semaphore(semaphore, &self->has_view);
+/* Take a lock if it is free or freed within a short spin: 0 taken, 1 busy. A C call never
+ * sleeps on a lock. Another process may hold one for as long as it likes (a sender copying
+ * a large value, a process stopped in a debugger); the caller's deadline must bound that
+ * wait, so a busy lock sends the caller to the Python path, which waits with it (see
+ * ChannelCore in _ring.py). The GIL is kept: nothing here waits long. */
+static int try_lock(sem_t *semaphore) {
+    if (sem_trywait(semaphore) == 0)
+        return 0;
+    for (int i = 0; i < LOCK_SPINS; i++) {
+        cpu_relax();
+        if (sem_trywait(semaphore) == 0)
+            return 0;
+    }
+    return 1;
 }
 
 static int check_open(Ring *self) {
@@ -106,10 +102,13 @@ static int check_open(Ring *self) {
 }
 
 /* Append one inline record if it fits now: 0 written, 1 written and receivers wait (the
- * caller wakes them), 2 not written (the Python path decides), -1 error (exception set). */
+ * caller wakes them), 2 not written (full, odd, or the lock busy: the Python path
+ * decides), -1 error (exception set). */
 static int ring_offer(Ring *self, const void *payload, uint64_t size, uint64_t pid) {
-    if (check_open(self) < 0 || lock(self, self->send_lock) < 0)
+    if (check_open(self) < 0)
         return -1;
+    if (try_lock(self->send_lock))
+        return 2;
     store(self, W_LOCK_OWNER, pid);
     uint64_t record = 8 + ((size + 7) & ~(uint64_t)7);
     uint64_t ring = self->ring_bytes;
@@ -217,15 +216,15 @@ static inline void note_receiver(Ring *self, uint64_t pid) {
 }
 
 /* Ring.poll(pid) -> the payload of the oldest inline record, or None (take the Python
- * path: empty, wrapped, a spill record, or anything odd). */
+ * path: empty, wrapped, a spill record, the lock busy, or anything odd). */
 static PyObject *Ring_poll(Ring *self, PyObject *pid_object) {
     if (check_open(self) < 0)
         return NULL;
     uint64_t pid = PyLong_AsUnsignedLongLong(pid_object);
     if (pid == (uint64_t)-1 && PyErr_Occurred())
         return NULL;
-    if (lock(self, self->recv_lock) < 0)
-        return NULL;
+    if (try_lock(self->recv_lock))
+        Py_RETURN_NONE;
     store(self, W_RECV_LOCK_OWNER, pid);
     PyObject *data = NULL;
     int failed = 0;
@@ -286,9 +285,10 @@ static int post_waker(Ring *self, uint64_t id) {
     return 0;
 }
 
-/* Ring.wake(first_word, count_word, pid): post every waker of one wait list, then empty
- * it, under the wait-list lock; the same steps, in the same order, as ChannelCore._wake
- * (posts before the clearing: a process killed half-way leaves the rest for recovery). */
+/* Ring.wake(first_word, count_word, pid) -> True: posted every waker of one wait list,
+ * then emptied it, under the wait-list lock; the same steps, in the same order, as
+ * ChannelCore._wake (posts before the clearing: a process killed half-way leaves the rest
+ * for recovery). False: the lock was busy, nothing done (the Python path waits for it). */
 static PyObject *Ring_wake(Ring *self, PyObject *const *args, Py_ssize_t nargs) {
     if (nargs != 3) {
         PyErr_SetString(PyExc_TypeError, "wake(first_word, count_word, pid)");
@@ -304,8 +304,10 @@ static PyObject *Ring_wake(Ring *self, PyObject *const *args, Py_ssize_t nargs) 
         PyErr_SetString(PyExc_ValueError, "wake: the wait list lies outside the header");
         return NULL;
     }
-    if (check_open(self) < 0 || lock(self, self->wait_lock) < 0)
+    if (check_open(self) < 0)
         return NULL;
+    if (try_lock(self->wait_lock))
+        Py_RETURN_FALSE;
     store(self, W_WAIT_LOCK_OWNER, pid);
     uint64_t *words = self->words;
     uint64_t remaining = __atomic_load_n(&words[count_word], __ATOMIC_ACQUIRE);
@@ -334,7 +336,7 @@ static PyObject *Ring_wake(Ring *self, PyObject *const *args, Py_ssize_t nargs) 
     __atomic_store_n(&words[count_word], 0, __ATOMIC_RELEASE);
     store(self, W_WAIT_LOCK_OWNER, 0);
     sem_post(self->wait_lock);
-    Py_RETURN_NONE;
+    Py_RETURN_TRUE;
 }
 
 static PyObject *Ring_release(Ring *self, PyObject *Py_UNUSED(ignored)) {
@@ -457,7 +459,7 @@ static PyMethodDef Ring_methods[] = {
     {"poll", (PyCFunction)Ring_poll, METH_O,
      "poll(pid) -> the oldest inline record's payload, or None for the Python path"},
     {"wake", (PyCFunction)(void (*)(void))Ring_wake, METH_FASTCALL,
-     "wake(first_word, count_word, pid): post every waker of a wait list and empty it"},
+     "wake(first_word, count_word, pid) -> True: posted every waker of a wait list and emptied it; False: lock busy"},
     {"release", (PyCFunction)Ring_release, METH_NOARGS, "let go of the mapping (idempotent)"},
     {NULL, NULL, 0, NULL},
 };
@@ -504,8 +506,9 @@ static void feed_unlock(Feed *self) {
 }
 
 /* Feed.send(rings, payload, pid, version) -> the common case of FeedCore.send in one call.
- *   -1  nothing done, lock not held: the feed is closed or its subscriptions changed
- *       since ``version`` (the Python path re-reads them);
+ *   -1  nothing done, lock not held: the feed is closed, its subscriptions changed since
+ *       ``version`` (the Python path re-reads them), or its send lock is busy (the Python
+ *       path waits for it with the caller's deadline);
  *   -2  every ring took the payload, nobody waits, the counters are updated, lock released;
  *   i >= 0, as offer_all: ring i needs the Python path (2*i) or a wake-up (2*i + 1), the
  *       rings before it took the payload, and THE FEED'S SEND LOCK IS STILL HELD by this
@@ -533,8 +536,8 @@ static PyObject *Feed_send(Feed *self, PyObject *const *args, Py_ssize_t nargs) 
     PyObject *rings = args[0];
     Py_INCREF(rings);
     long answer = -2;
-    if (lock_semaphore(self->send_lock, &self->has_view) < 0) {
-        answer = -3;
+    if (try_lock(self->send_lock)) {
+        answer = -1;
         goto done;
     }
     feed_store(self, F_SEND_LOCK_OWNER, pid);
@@ -548,10 +551,6 @@ static PyObject *Feed_send(Feed *self, PyObject *const *args, Py_ssize_t nargs) 
         PyObject *item = PyTuple_GET_ITEM(rings, i);
         int outcome = PyObject_TypeCheck(item, &RingType)
             ? ring_offer((Ring *)item, payload.buf, (uint64_t)payload.len, pid) : -1;
-        if (outcome >= 0 && !self->has_view) {  /* released while a ring lock was awaited */
-            PyErr_SetString(PyExc_ValueError, "shmfeed: the feed was released");
-            outcome = -1;
-        }
         if (outcome < 0) {
             if (!PyErr_Occurred())
                 PyErr_SetString(PyExc_TypeError, "Feed.send: rings must hold Ring objects");
@@ -763,7 +762,105 @@ static PyObject *has_buffers(PyObject *module, PyObject *const *args, Py_ssize_t
     Py_RETURN_FALSE;
 }
 
+/* --- SIGTERM: a terminated multiprocessing child stops being a sender first ------------
+ *
+ * Pool.terminate() (and so the end of a ``with Pool(...)`` block) ends its workers with
+ * SIGTERM. A worker that sent on a feed would then count as a sender that died. A Python
+ * signal handler cannot help: it runs only when the main thread next checks for signals,
+ * and a signal that lands just before a blocking call leaves it waiting for good (the pool
+ * then waits for that worker for ever). This C handler runs at once: it clears the sender
+ * flag of each slot this process registered (one atomic store each, async-signal-safe),
+ * then dies of the signal as before. Each registration keeps its mapping exported, so the
+ * words it points into stay mapped until it is taken back. */
+#define SENDER_MARKS 64
+static uint64_t *volatile mark_words[SENDER_MARKS];
+static uint64_t mark_flags[SENDER_MARKS];
+static Py_buffer mark_views[SENDER_MARKS];
+
+static void on_sigterm(int signum) {
+    for (int i = 0; i < SENDER_MARKS; i++) {
+        uint64_t *word = mark_words[i];
+        if (word)
+            __atomic_and_fetch(word, ~mark_flags[i], __ATOMIC_SEQ_CST);
+    }
+    signal(signum, SIG_DFL);
+    raise(signum);
+}
+
+/* mark_sender(mapping, offset, flag) -> handle (-1 if every mark is taken). */
+static PyObject *mark_sender(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "mark_sender(mapping, offset, flag)");
+        return NULL;
+    }
+    Py_ssize_t offset = PyLong_AsSsize_t(args[1]);
+    uint64_t flag = PyLong_AsUnsignedLongLong(args[2]);
+    if (PyErr_Occurred())
+        return NULL;
+    for (int i = 0; i < SENDER_MARKS; i++) {
+        if (mark_words[i] == NULL && mark_views[i].obj == NULL) {
+            if (PyObject_GetBuffer(args[0], &mark_views[i], PyBUF_WRITABLE) < 0)
+                return NULL;
+            if (offset < 0 || offset % 8 || offset + 8 > mark_views[i].len) {
+                PyBuffer_Release(&mark_views[i]);
+                PyErr_SetString(PyExc_ValueError, "mark_sender: offset outside the mapping");
+                return NULL;
+            }
+            mark_flags[i] = flag;
+            mark_words[i] = (uint64_t *)((char *)mark_views[i].buf + offset);
+            return PyLong_FromLong(i);
+        }
+    }
+    return PyLong_FromLong(-1);
+}
+
+/* unmark_sender(handle): the handler no longer touches that word; the mapping is let go. */
+static PyObject *unmark_sender(PyObject *module, PyObject *handle_object) {
+    long i = PyLong_AsLong(handle_object);
+    if (i == -1 && PyErr_Occurred())
+        return NULL;
+    if (i >= 0 && i < SENDER_MARKS && mark_views[i].obj != NULL) {
+        mark_words[i] = NULL;  /* first: the handler must not see a word being let go */
+        PyBuffer_Release(&mark_views[i]);
+    }
+    Py_RETURN_NONE;
+}
+
+/* forget_marks(): in a forked child, the parent's marks name the parent's slots. */
+static PyObject *forget_marks(PyObject *module, PyObject *Py_UNUSED(ignored)) {
+    for (int i = 0; i < SENDER_MARKS; i++) {
+        mark_words[i] = NULL;
+        if (mark_views[i].obj != NULL)
+            PyBuffer_Release(&mark_views[i]);
+    }
+    Py_RETURN_NONE;
+}
+
+/* catch_sigterm() -> True if the handler is now installed (only over the default action). */
+static PyObject *catch_sigterm(PyObject *module, PyObject *Py_UNUSED(ignored)) {
+    struct sigaction current, mine;
+    if (sigaction(SIGTERM, NULL, &current) != 0)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    if (current.sa_handler == on_sigterm)
+        Py_RETURN_TRUE;
+    if (current.sa_handler != SIG_DFL || (current.sa_flags & SA_SIGINFO))
+        Py_RETURN_FALSE;
+    memset(&mine, 0, sizeof mine);
+    mine.sa_handler = on_sigterm;
+    sigemptyset(&mine.sa_mask);
+    mine.sa_flags = SA_RESTART;
+    if (sigaction(SIGTERM, &mine, NULL) != 0)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    Py_RETURN_TRUE;
+}
+
 static PyMethodDef module_methods[] = {
+    {"mark_sender", (PyCFunction)(void (*)(void))mark_sender, METH_FASTCALL,
+     "mark_sender(mapping, offset, flag) -> handle: SIGTERM clears that flag first"},
+    {"unmark_sender", (PyCFunction)unmark_sender, METH_O, "unmark_sender(handle)"},
+    {"forget_marks", (PyCFunction)forget_marks, METH_NOARGS, "forget_marks(): after fork, in the child"},
+    {"catch_sigterm", (PyCFunction)catch_sigterm, METH_NOARGS,
+     "catch_sigterm() -> bool: install the SIGTERM handler over the default action"},
     {"has_buffers", (PyCFunction)(void (*)(void))has_buffers, METH_FASTCALL,
      "has_buffers(value, budget) -> bool, or None if value is too big to tell (see _codec)"},
     {"copy_into", (PyCFunction)(void (*)(void))copy_into, METH_FASTCALL,

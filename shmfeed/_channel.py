@@ -188,10 +188,14 @@ class Channel(TypeArgument, Generic[T]):
     def send(self, value: T, timeout: float | None = None) -> None:
         """Put one value in the channel, waiting while it is full.
 
+        ``timeout`` bounds the whole call, including a wait for the channel's send lock
+        while another process holds it (a sender copying a large value, say).
+
         Raises:
             FeedTypeError: the channel is typed and ``type(value)`` is not its type.
             EncodingError: the value cannot be encoded (a TypeError; nothing was sent).
-            TimeoutError: still full after ``timeout`` seconds.
+            TimeoutError: still full, or its send lock still held by another process,
+                after ``timeout`` seconds; the value was not sent.
             ChannelClosed: the channel is closed.
         """
         _check_timeout(timeout)
@@ -207,10 +211,12 @@ class Channel(TypeArgument, Generic[T]):
     def recv(self, timeout: float | None = None) -> T:
         """Take one value, waiting until one arrives.
 
-        ``timeout=0`` polls. Values of one sender come in the order sent.
+        ``timeout=0`` polls. Values of one sender come in the order sent. ``timeout`` bounds
+        the whole call, including a wait for the receive lock while another process holds it.
 
         Raises:
-            TimeoutError: nothing arrived within ``timeout`` seconds.
+            TimeoutError: nothing arrived, or the receive lock stayed held by another
+                process, within ``timeout`` seconds; nothing was taken.
             ChannelClosed: the channel is closed and drained.
             ChannelCorruptError: the ring held bytes that are not a valid message.
         """
@@ -221,13 +227,16 @@ class Channel(TypeArgument, Generic[T]):
     async def recv_async(self, timeout: float | None = None) -> T:
         """Like :meth:`recv`, for asyncio code: waits without blocking the event loop.
 
-        Cancelling the awaiting task loses no value.
+        Cancelling the awaiting task loses no value. A wait for the receive lock while
+        another process holds it blocks the event loop, up to ``timeout``: that lock is held
+        only while a value is taken.
         """
         _check_timeout(timeout)
         core = self._live_core()
-        data = core.poll()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        data = core.poll(None, deadline)
         if data is None:
-            data = await _poll_async(core, timeout)
+            data = await _poll_async(core, deadline, timeout)
         return _codec.decode(data)  # type: ignore[return-value]
 
     def close(self) -> None:
@@ -325,8 +334,8 @@ class Channel(TypeArgument, Generic[T]):
 
     # --- select support ---------------------------------------------------------------------
 
-    def _select_poll(self, waker: _waker.Waker | None) -> tuple[bool, Any]:
-        data = self._live_core().poll(waker)
+    def _select_poll(self, waker: _waker.Waker | None, deadline: float | None = None) -> tuple[bool, Any]:
+        data = self._live_core().poll(waker, deadline)
         if data is None:
             return False, None
         return True, _codec.decode(data)
@@ -344,19 +353,18 @@ class Channel(TypeArgument, Generic[T]):
 Channel.__module__ = "shmfeed"
 
 
-async def _poll_async(core: _ring.ChannelCore, timeout: float | None) -> bytes | memoryview:
+async def _poll_async(core: _ring.ChannelCore, deadline: float | None, timeout: float | None) -> bytes | memoryview:
     """Wait in the event loop until ``core`` has a value; return its encoded bytes."""
     import asyncio  # here, not at the top: most users (and the registry) never need it
 
     from . import _aio
 
     dispatcher = _aio.dispatcher(core.namespace)
-    deadline = None if timeout is None else time.monotonic() + timeout
     try:
         while True:
             future = dispatcher.future()
             try:
-                data = core.poll(dispatcher.waker)
+                data = core.poll(dispatcher.waker, deadline)
                 if data is not None:
                     return data
                 remaining = None if deadline is None else deadline - time.monotonic()

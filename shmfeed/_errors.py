@@ -11,6 +11,7 @@ __all__ = [
     "MuxClosedError",
     "ErrMuxClosed",
     "SlowSubscriberError",
+    "FeedSendTimeout",
     "SubscriptionFailed",
     "SenderDiedError",
     "RegistryUnavailableError",
@@ -64,6 +65,48 @@ ErrMuxClosed = MuxClosedError
 
 class SlowSubscriberError(ShmfeedError):
     """The subscription was ended because its channel was full (overflow="evict")."""
+
+
+class FeedSendTimeout(ShmfeedError, TimeoutError):
+    """``Feed.send(value, timeout=...)`` could not deliver to every channel in time.
+
+    The channels that got the value keep it; the others never get it from this send (their
+    copies were withdrawn), so sending the value again reaches the first ones twice.
+
+    Attributes:
+        delivered: how many channels got the value (what ``send`` would have returned).
+        pending: labels of the channels that did not get it: each channel's hex id, as its
+            ``repr`` shows it. The message says why for each: ``full``, ``locked`` (a lock
+            of it held by another process) or ``not reached`` (time ran out before it).
+            Every other subscribed channel got the value, but for those a send skips
+            anyway (closed, unsubscribed meanwhile, or dropping it by overflow policy).
+    """
+
+    def __init__(self, message: str, *, delivered: int = 0, pending: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.delivered = delivered
+        self.pending = pending
+
+    @classmethod
+    def of_send(
+        cls, feed: str, timeout: float | None, delivered: int, pending: list[tuple[str, str]], cause: str = ""
+    ) -> "FeedSendTimeout":
+        """The error of one send of ``feed``: ``pending`` holds (label, why) pairs."""
+        channels = "channel" if delivered == 1 else "channels"
+        message = f"shmfeed: feed {feed} send timed out after {timeout} s: delivered to {delivered} {channels}"
+        if pending:
+            message += ", not to " + ", ".join(f"{label} ({why})" for label, why in pending)
+        if cause:
+            message += f"; {cause}"
+        return cls(message, delivered=delivered, pending=tuple(label for label, _ in pending))
+
+    def __reduce__(self) -> tuple[object, ...]:
+        # Exceptions pickle as type(self)(*args): keep the attributes too.
+        return (_rebuild_feed_send_timeout, (str(self), self.delivered, self.pending))
+
+
+def _rebuild_feed_send_timeout(message: str, delivered: int, pending: tuple[str, ...]) -> FeedSendTimeout:
+    return FeedSendTimeout(message, delivered=delivered, pending=pending)
 
 
 class SubscriptionFailed(ShmfeedError):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import mmap
 import os
 import threading
+import time
 import weakref
 from typing import Any, Generic, Iterator, NamedTuple, TypeVar
 
@@ -20,8 +21,10 @@ from . import _codec, _names, _process, _registry_client, _ring, _shm, _waker
 from . import _layout as L
 from ._segment import AttachedSegment, open_named
 from ._codec import Segments
-from ._channel import Channel, TypeArgument, display_type
-from ._errors import ChannelClosed, FeedClosed, FeedTypeError, ShmfeedError, SlowSubscriberError, TableFullError
+from ._channel import Channel, TypeArgument, _check_timeout, display_type
+from ._errors import (
+    ChannelClosed, FeedClosed, FeedSendTimeout, FeedTypeError, ShmfeedError, SlowSubscriberError, TableFullError,
+)
 from ._stats import FeedStatistics, SubscriptionStatistics
 from ._subscription import ErrorChannel, SharedErrorChannel, Subscription, encode_error, select
 
@@ -35,6 +38,19 @@ class _Target(NamedTuple):
     sub_id: int
     core: _ring.ChannelCore
     err_channel_id: int
+
+
+class _Waiting(NamedTuple):
+    """A full channel a send waits on, and the record it will write there."""
+
+    target: _Target
+    kind: int
+    record: _ring.Payload
+
+
+def _channel_label(channel_id: int) -> str:
+    """How errors name a channel: its hex id, as ``repr(channel)`` shows it."""
+    return f"{channel_id:016x}"
 
 
 # The C loop over a feed's rings; without the accelerator _fast_plan is always None.
@@ -76,6 +92,7 @@ class FeedCore(AttachedSegment):
             except OSError:
                 pass  # destroyed meanwhile (its lock is gone): the Python path says so in time
         self._is_sender = False
+        self._sigterm_mark: int | None = None  # see _register_sender
         self.users = 0  # Feed objects of this process bound to this core (see Feed.detach)
         self.large_values = False  # the last value sent from here was large (see _codec)
         self._refresh_type()
@@ -171,9 +188,11 @@ class FeedCore(AttachedSegment):
 
     def reattach_after_fork(self) -> None:
         self._is_sender = False  # the child registers as a sender when it sends
+        self._sigterm_mark = None  # the parent's (see _after_fork)
         super().reattach_after_fork()
 
     def _before_detach(self) -> None:
+        self._stop_sending()
         if _feeds.get((self.namespace, self.key)) is self:
             _feeds.pop((self.namespace, self.key), None)
         self._channels.clear()
@@ -217,10 +236,10 @@ class FeedCore(AttachedSegment):
         elif self.type_name != type_name:
             raise FeedTypeError(operation, display_type(type_name), display_type(self.type_name))
 
-    def check_send_type(self, type_name: str) -> None:
+    def check_send_type(self, type_name: str, deadline: float | None = None) -> None:
         if type_name == self.type_name:
             return
-        self.acquire()
+        self.acquire(deadline)
         try:
             self._fix_type_locked(type_name, "Send")
         finally:
@@ -305,14 +324,14 @@ class FeedCore(AttachedSegment):
     def closed(self) -> bool:
         return bool(self.words[L.FEED_CLOSED])
 
-    def targets(self) -> tuple[_Target, ...]:
+    def targets(self, deadline: float | None = None) -> tuple[_Target, ...]:
         """The active subscriptions, re-read only when the table changed."""
         version = self.words[L.SUB_VERSION]
         if version == self._targets_version:
             return self._targets
         words = self.words
         entries = []
-        self.acquire()
+        self.acquire(deadline)
         try:
             version = words[L.SUB_VERSION]
             table = self.table
@@ -326,7 +345,7 @@ class FeedCore(AttachedSegment):
         for entry, sub_id, channel_id, err_channel_id in entries:
             core = self._channels.get(channel_id)
             if core is None or core.released:
-                core = _ring.ChannelCore.open(self.namespace, channel_id)
+                core = _ring.ChannelCore.open(self.namespace, channel_id, deadline)
             if core is None:
                 gone.append((entry, sub_id, channel_id, err_channel_id))
                 continue
@@ -346,51 +365,98 @@ class FeedCore(AttachedSegment):
 
     def _register_sender(self) -> None:
         """Flag our attach slot as a sender's (see ``_layout``): its death now fails
-        subscriptions, unless it detaches normally first."""
+        subscriptions, unless it detaches normally first.
+
+        In a multiprocessing child, SIGTERM (``Pool.terminate``, the end of a ``with
+        Pool(...)`` block) clears the flag before the process dies (see ``_accel.c``): a
+        terminated worker stopped sending, it did not crash. Without the C accelerator
+        such a worker counts as a sender that died.
+        """
         self.check_usable()
         if not L.set_own_flag(self.words, L.SLOT_SENDER, True):
             raise ShmfeedError(f"shmfeed: this process is not attached to feed {self._label()}")
         self._is_sender = True
+        accel = _ring._accel
+        if accel is not None and self._sigterm_mark is None and _process.in_multiprocessing_child():
+            if accel.catch_sigterm():
+                self._sigterm_mark = accel.mark_sender(self.mapping, L.own_slot(self.words) * 8, L.SLOT_SENDER)
 
-    def stop_sending(self) -> None:
-        """Clear our sender flag: we stopped sending, normally (no lock: see ``_layout``)."""
-        if self._is_sender and not self.released:
+    def _stop_sending(self) -> None:
+        """Before detaching: clear our sender flag, then take back its SIGTERM mark (in this
+        order, so that a SIGTERM at any moment leaves the flag cleared)."""
+        if self._is_sender:
             L.set_own_flag(self.words, L.SLOT_SENDER, False)
             self._is_sender = False
+        mark, self._sigterm_mark = self._sigterm_mark, None
+        if mark is not None and _ring._accel is not None:
+            _ring._accel.unmark_sender(mark)
 
-    def send(self, payload: _ring.Encoded) -> int:
-        """Deliver one encoded value to every subscribed channel; returns how many took it."""
-        if not self._is_sender:
-            self._register_sender()
-        plan = self._fast_plan
-        fast = self._fast
-        if plan is not None and fast is not None and len(payload) <= plan[3]:
-            if isinstance(payload, Segments):
-                payload = payload.join()  # inline in every ring
-            # All of it in C when nothing unusual happens (see _accel.c, Feed.send). When
-            # it answers i >= 0 it still holds the send lock and we go on from ring i;
-            # the finally lets go of it whatever happens from the moment the call returns.
-            try:
-                answer = fast.send(plan[2], payload, _ring._pid, plan[0])
-                if answer == -2:
-                    return len(plan[2])
-                if answer >= 0:
-                    return self._send_locked(payload, plan, answer)
-            finally:
-                fast.unlock_if_held()
-        words = self.words
-        send_lock = self.send_lock
-        send_lock.acquire()
-        words[L.SEND_LOCK_OWNER] = _ring._pid
+    def send(self, payload: _ring.Encoded, deadline: float | None = None, timeout: float | None = None) -> int:
+        """Deliver one encoded value to every subscribed channel; returns how many took it.
+
+        ``deadline`` (a ``time.monotonic()`` value, ``timeout`` seconds from the call)
+        bounds every wait: the feed's locks, each ring's locks, the wait on full channels.
+
+        Raises:
+            FeedSendTimeout: the send could not finish by ``deadline``.
+        """
         try:
-            return self._send_locked(payload, None, -1)
-        finally:
-            words[L.SEND_LOCK_OWNER] = 0
-            send_lock.release()
+            if not self._is_sender:
+                self._register_sender()
+            plan = self._fast_plan
+            fast = self._fast
+            if plan is not None and fast is not None and len(payload) <= plan[3]:
+                if isinstance(payload, Segments):
+                    payload = payload.join()  # inline in every ring
+                # All of it in C when nothing unusual happens (see _accel.c, Feed.send). When
+                # it answers i >= 0 it still holds the send lock and we go on from ring i;
+                # the finally lets go of it whatever happens from the moment the call returns.
+                # It answers -1 without the lock if the lock is busy: we wait for it below.
+                try:
+                    answer = fast.send(plan[2], payload, _ring._pid, plan[0])
+                    if answer == -2:
+                        return len(plan[2])
+                    if answer >= 0:
+                        return self._send_locked(payload, plan, answer, deadline, timeout)
+                finally:
+                    fast.unlock_if_held()
+            words = self.words
+            send_lock = self.send_lock
+            if not send_lock.acquire_by(deadline):
+                raise _shm.lock_timeout(f"the send lock of feed {self._label()}", int(words[L.SEND_LOCK_OWNER]))
+            words[L.SEND_LOCK_OWNER] = _ring._pid
+            try:
+                return self._send_locked(payload, None, -1, deadline, timeout)
+            finally:
+                words[L.SEND_LOCK_OWNER] = 0
+                send_lock.release()
+        except FeedSendTimeout:
+            raise
+        except TimeoutError as error:
+            # A lock wait before any ring was written (_send_locked turns every later one
+            # into a FeedSendTimeout): no channel got the value.
+            raise self.nobody_reached(timeout, error) from error
 
-    def _send_locked(self, payload: _ring.Encoded, plan: Any, answer: int) -> int:
+    def nobody_reached(self, timeout: float | None, error: TimeoutError) -> FeedSendTimeout:
+        """The error of a send whose ``error`` (a lock wait) came before any delivery."""
+        table = self.table  # read without the lock: a torn read only misnames a channel
+        pending = [
+            (_channel_label(int(table[_entry_word(entry) + 1])), "not reached")
+            for entry in range(L.table_high(self.words))
+            if table[_entry_word(entry) + 3] & 0xFFFF_FFFF == L.SUB_ACTIVE_STATE
+        ]
+        return FeedSendTimeout.of_send(self._label(), timeout, 0, pending, str(error).removeprefix("shmfeed: "))
+
+    def _send_locked(self, payload: _ring.Encoded, plan: Any, answer: int, deadline: float | None,
+                     timeout: float | None) -> int:
         """The send, with the feed's send lock held: from the start (``answer`` -1), or
-        from where the C send stopped (``answer`` as ``_accel.offer_all``, on ``plan``)."""
+        from where the C send stopped (``answer`` as ``_accel.offer_all``, on ``plan``).
+
+        A ring lock still held by someone else at ``deadline`` ends the first pass at that
+        ring; the wait on full rings ends at ``deadline`` too. Either way the rings that
+        took the value keep it, every other copy is withdrawn, and ``FeedSendTimeout`` says
+        which is which.
+        """
         words = self.words
         size = len(payload)
         spill: _ring.Spill | None = None
@@ -398,59 +464,96 @@ class FeedCore(AttachedSegment):
             if answer == -1:
                 if words[L.FEED_CLOSED]:
                     raise FeedClosed(f"shmfeed: send on closed feed {self._label()}")
-                targets = self.targets()
+                targets = self.targets(deadline)  # a TimeoutError here: nobody got the value yet
                 plan = self._fast_plan
                 if plan is not None and plan[1] is not targets:
                     plan = None  # rebuilt meanwhile by another thread: the Python loop
             else:
                 targets = plan[1]  # the C send went through it (it checked the version)
             delivered = 0
-            waiting: list[tuple[_Target, int, _ring.Payload]] = []
-            if plan is not None and size <= plan[3]:
-                if isinstance(payload, Segments):
-                    payload = payload.join()  # inline in every ring
-                rings = plan[2]
-                # The C loop writes to every ring it can and stops at each one that needs
-                # more: a wake-up, or the Python path (full, closed, ...).
-                delivered = len(targets)
-                if answer == -1:
-                    answer = offer_all(rings, payload, _ring._pid, 0)
-                while answer >= 0:
-                    target = targets[answer >> 1]
-                    if answer & 1:
-                        target.core._wake(L.RECV_WAITLIST_WORD, L.RECV_WAITING)
-                    else:
-                        delivered -= 1
-                        outcome = target.core.offer(_ring.KIND_DATA, payload)
-                        delivered += self._settle(target, outcome, _ring.KIND_DATA, payload, waiting)
-                    answer = offer_all(rings, payload, _ring._pid, (answer >> 1) + 1)
-            else:
-                for target in targets:
-                    core = target.core
-                    if size <= core.inline_limit:
-                        if isinstance(payload, Segments):
-                            payload = payload.join()  # inline here (and wherever else it fits)
-                        kind, record = _ring.KIND_DATA, payload
-                        outcome = core.offer_fast(payload)
-                    else:
-                        if spill is None:
-                            spill = _ring.Spill(self.namespace, payload)
-                        kind = _ring.KIND_SPILL
-                        record = _ring.SPILL_REFERENCE.pack(*spill.link_into(core.namespace, core.channel_id))
-                        outcome = core.offer(kind, record)
-                    delivered += self._settle(target, outcome, kind, record, waiting)
+            waiting: list[_Waiting] = []
+            reached = 0  # the target in hand; those before it are settled
+            try:
+                if plan is not None and size <= plan[3]:
+                    if isinstance(payload, Segments):
+                        payload = payload.join()  # inline in every ring
+                    rings = plan[2]
+                    # The C loop writes to every ring it can and stops at each one that needs
+                    # more: a wake-up, or the Python path (full, closed, locked, ...).
+                    if answer == -1:
+                        answer = offer_all(rings, payload, _ring._pid, 0)
+                    while answer >= 0:
+                        delivered += (answer >> 1) - reached  # the rings before it took it in C
+                        reached = answer >> 1
+                        target = targets[reached]
+                        if answer & 1:
+                            delivered += 1
+                            target.core._wake(L.RECV_WAITLIST_WORD, L.RECV_WAITING)
+                        else:
+                            outcome = target.core.offer(_ring.KIND_DATA, payload, None, deadline)
+                            delivered += self._settle(target, outcome, _ring.KIND_DATA, payload, waiting, deadline)
+                        reached += 1
+                        answer = offer_all(rings, payload, _ring._pid, reached)
+                    delivered += len(targets) - reached
+                else:
+                    for reached, target in enumerate(targets):
+                        core = target.core
+                        if size <= core.inline_limit:
+                            if isinstance(payload, Segments):
+                                payload = payload.join()  # inline here (and wherever else it fits)
+                            kind, record = _ring.KIND_DATA, payload
+                        else:
+                            if spill is None:
+                                spill = _ring.Spill(self.namespace, payload)
+                            kind = _ring.KIND_SPILL
+                            record = _ring.SPILL_REFERENCE.pack(*spill.link_into(core.namespace, core.channel_id))
+                        try:
+                            if kind == _ring.KIND_DATA:
+                                outcome = core.offer_fast(record, deadline)
+                            else:
+                                outcome = core.offer(kind, record, None, deadline)
+                            delivered += self._settle(target, outcome, kind, record, waiting, deadline)
+                        except TimeoutError:
+                            _discard_record(core, kind, record)  # its own spill link, if any
+                            raise
+            except TimeoutError as error:
+                pending = [(entry.target, "full") for entry in waiting] + [(targets[reached], "locked")]
+                pending += [(target, "not reached") for target in targets[reached + 1 :]]
+                raise self._expire(timeout, delivered, waiting, pending) from error
             if waiting:
-                delivered += self._send_waiting(waiting)
-            words[L.SENDS] += 1
-            words[L.DELIVERED] += delivered
-            words[L.LAST_SENDER_PID] = _ring._pid
+                got, locked = self._send_waiting(waiting, deadline)
+                delivered += got
+                if waiting:  # the deadline passed first
+                    pending = [(entry.target, "locked" if entry.target is locked else "full") for entry in waiting]
+                    raise self._expire(timeout, delivered, waiting, pending)
+            self._count(delivered)
             return delivered
         finally:
             if spill is not None:
                 spill.close()
 
+    def _count(self, delivered: int) -> None:
+        """Count one send that reached ``delivered`` channels (feed send lock held)."""
+        words = self.words
+        words[L.SENDS] += 1
+        words[L.DELIVERED] += delivered
+        words[L.LAST_SENDER_PID] = _ring._pid
+
+    def _expire(
+        self, timeout: float | None, delivered: int, waiting: list[_Waiting], pending: list[tuple[_Target, str]]
+    ) -> FeedSendTimeout:
+        """End a send that ran out of time (feed send lock held): withdraw the copies still
+        waiting, count what was delivered, and say who got the value and who did not."""
+        for entry in waiting:
+            _discard_record(entry.target.core, entry.kind, entry.record)
+        if delivered:
+            self._count(delivered)  # a send that reached nobody is not counted at all
+        labelled = [(_channel_label(target.core.channel_id), why) for target, why in pending]
+        return FeedSendTimeout.of_send(self._label(), timeout, delivered, labelled)
+
     def _settle(
-        self, target: _Target, outcome: int, kind: int, record: _ring.Payload, waiting: list[tuple[_Target, int, _ring.Payload]]
+        self, target: _Target, outcome: int, kind: int, record: _ring.Payload, waiting: list[_Waiting],
+        deadline: float | None,
     ) -> int:
         """Act on one target's first offer; 1 if it took the value (feed send lock held)."""
         if outcome == _ring.DELIVERED:
@@ -458,58 +561,69 @@ class FeedCore(AttachedSegment):
         core = target.core
         if outcome == _ring.FULL:
             if core.overflow == "evict":
-                self._evict(target)
+                self._evict(target, deadline)
                 _discard_record(core, kind, record)
             else:
-                waiting.append((target, kind, record))  # delivered (or not) by _send_waiting
+                waiting.append(_Waiting(target, kind, record))  # delivered (or not) by _send_waiting
         else:
             if outcome == _ring.CLOSED:
                 self._end(target)
             _discard_record(core, kind, record)
         return 0
 
-    def _send_waiting(self, waiting: list[tuple[_Target, int, _ring.Payload]]) -> int:
-        """Wait until each full channel took the value or its subscription ended."""
+    def _send_waiting(self, waiting: list[_Waiting], deadline: float | None) -> tuple[int, _Target | None]:
+        """Wait until each full channel took the value or its subscription ended, or until
+        ``deadline``. Returns how many took it, and the target whose lock was still held at
+        the deadline, if any; ``waiting`` is left holding the channels that did not get it.
+        """
         waker = _waker.current_waker(self.namespace)
         delivered = 0
-        registered = [target.core for target, _, _ in waiting]
+        registered = [entry.target.core for entry in waiting]
         try:
             while waiting:
-                still = []
-                for target, kind, record in waiting:
+                still: list[_Waiting] = []
+                for index, entry in enumerate(waiting):
+                    target, kind, record = entry
                     core = target.core
                     if not self.is_active(target.entry, target.sub_id) or self.closed:
                         _discard_record(core, kind, record)
                         continue
-                    outcome = core.offer(kind, record, waker)
+                    try:
+                        outcome = core.offer(kind, record, waker, deadline)
+                    except TimeoutError:
+                        waiting[:] = still + waiting[index:]  # this one and the rest stay out
+                        return delivered, target
                     if outcome == _ring.DELIVERED:
                         delivered += 1
                     elif outcome == _ring.FULL:
                         # Re-checked after registering: an unsubscribe in between wakes us.
                         if self.is_active(target.entry, target.sub_id) and not self.closed:
-                            still.append((target, kind, record))
+                            still.append(entry)
                         else:
                             _discard_record(core, kind, record)
                     else:
                         if outcome == _ring.CLOSED:
                             self._end(target)
                         _discard_record(core, kind, record)
-                waiting = still
+                waiting[:] = still
                 if waiting:
-                    waker.wait(None)
+                    remaining = None if deadline is None else deadline - time.monotonic()
+                    if remaining is not None and remaining <= 0:
+                        break  # one last offer each came after the deadline: still full
+                    waker.wait(remaining)
         finally:
             for core in registered:
                 if not core.released:
                     core.forget_sender(waker)
             waker.drain()
-        return delivered
+        return delivered, None
 
     def _end(self, target: _Target) -> None:
         self.end_subscription(target.entry, target.sub_id, target.core.channel_id, target.err_channel_id)
 
-    def _evict(self, target: _Target) -> None:
+    def _evict(self, target: _Target, deadline: float | None = None) -> None:
         core = target.core
-        core.acquire()
+        core.acquire(deadline)  # a TimeoutError leaves it subscribed: the send did not reach it
         try:
             core.words[L.EVICTED] += 1
         finally:
@@ -551,10 +665,9 @@ def _finish(
     if err_channel is not None:
         try:
             if error is not None:
-                try:
-                    err_channel.put(encode_error(error), 0)
-                except (ChannelClosed, TimeoutError):
-                    pass
+                # Not put(..., 0): that would give up on a lock held for a moment and lose
+                # the error. Full (an error is there already) or closed: nothing to add.
+                err_channel.put_if_room(encode_error(error))
             err_channel.close()
         finally:
             if not attach:
@@ -738,18 +851,42 @@ class Feed(TypeArgument, Generic[T]):
         self._subscriptions.add(subscription)
         return subscription
 
-    def send(self, value: T) -> int:
+    def send(self, value: T, timeout: float | None = None) -> int:
         """Deliver ``value`` to every subscribed channel, in whatever process it lives.
 
-        Waits while a subscriber's channel is full (unless its overflow policy says
-        otherwise); an unsubscribe, or the end of the subscriber's process, releases that
-        wait. Returns how many channels the value was delivered to.
+        Sends are serialized feed-wide: a send first waits for the feed's send lock (which
+        another process's send may hold while it waits on a full channel), writes the value
+        into every channel that has room, then waits while a subscriber's channel is full
+        (unless its overflow policy says otherwise); an unsubscribe, or the end of the
+        subscriber's process, releases that wait.
+
+        ``timeout`` bounds all of it, so that a producer can bound its wait. A send that
+        cannot finish in time raises ``FeedSendTimeout``: the channels that already got
+        the value keep it (``delivered`` says how many), every other subscribed channel
+        (``pending`` names them) never gets it from this send, and nothing of it is left
+        behind. The feed's statistics count such a send only if it reached some channel,
+        and then only those deliveries.
+
+        Args:
+            value: the value; its type must be the feed's (the first send fixes it).
+            timeout: seconds to wait at most; None waits as long as it takes.
+
+        Returns:
+            How many channels the value was delivered to (channels that dropped it by
+            their overflow policy, closed ones and evicted ones are not counted).
 
         Raises:
             FeedTypeError: ``type(value)`` is not the feed's type.
             EncodingError: the value cannot be encoded (a TypeError); nobody got it.
             FeedClosed: the feed was closed.
+            FeedSendTimeout: (a ``TimeoutError``) the send could not finish within
+                ``timeout`` seconds: a full channel, or a lock of the feed or of a channel
+                held by another process.
         """
+        deadline = None
+        if timeout is not None:
+            _check_timeout(timeout)
+            deadline = time.monotonic() + timeout
         core = self._core
         if core is None or core.released:
             core = self._open()
@@ -758,8 +895,11 @@ class Feed(TypeArgument, Generic[T]):
         core.large_values = len(payload) > _codec.LARGE_OUTPUT
         type_name = _codec.type_name(type(value))
         if type_name != core.type_name:
-            core.check_send_type(type_name)
-        return core.send(payload)
+            try:
+                core.check_send_type(type_name, deadline)
+            except TimeoutError as error:
+                raise core.nobody_reached(timeout, error) from error
+        return core.send(payload, deadline, timeout)
 
     def close(self) -> None:
         """End every subscription successfully (their ``err()`` closes); later sends raise.
@@ -871,6 +1011,8 @@ def _at_exit() -> None:
 def _after_fork() -> None:
     # The parent's subscriptions stay the parent's: the child must not end them at exit.
     _subscriptions.clear()
+    if _ring._accel is not None:
+        _ring._accel.forget_marks()
     for core in list(_feeds.values()):
         core.reattach_after_fork()
 
@@ -898,13 +1040,6 @@ def _subscribed_here(namespace: str, channel_id: int) -> bool:
 _ring.subscribed_here = _subscribed_here
 
 
-def _stop_sending() -> None:
-    # SIGTERM in a multiprocessing child (see _process): no lock may be taken here.
-    for core in list(_feeds.values()):
-        core.stop_sending()
-
-
 _process.on_exit(_at_exit)
 _process.before_fork(_before_fork)
 _process.on_fork_child(_after_fork)
-_process.on_terminate(_stop_sending)

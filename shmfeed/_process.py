@@ -10,18 +10,12 @@ released at exit. ``multiprocessing`` children leave through ``os._exit`` after 
 At exit, daemon threads may still sleep inside the library (on a semaphore, or reading a
 mapping). So exit hooks let go of shared names and attach slots but close and unmap
 nothing: ``exiting()`` tells them, and the operating system reclaims the rest.
-
-A ``multiprocessing`` child ended with SIGTERM (``Pool.terminate``, the end of a ``with
-Pool(...)`` block, ``Process.terminate``) first runs the terminate hooks (which only clear
-flags, with no lock) and then dies of the signal as before: such a worker stops being a
-feed's sender instead of counting as one that died.
 """
 
 from __future__ import annotations
 
 import atexit
 import os
-import signal
 import threading
 from typing import Callable
 
@@ -31,7 +25,6 @@ _fork_hooks: list[Callable[[], None]] = []
 _before_fork_hooks: list[Callable[[], None]] = []
 _after_fork_parent_hooks: list[Callable[[], None]] = []
 _exit_hooks: list[Callable[[], None]] = []
-_terminate_hooks: list[Callable[[], None]] = []
 _identity: tuple[int, int] | None = None
 _exit_ran_in: int | None = None
 
@@ -126,30 +119,11 @@ def exiting() -> bool:
     return _exit_ran_in == os.getpid()
 
 
-def on_terminate(hook: Callable[[], None]) -> None:
-    """Call ``hook`` when a multiprocessing child is terminated by SIGTERM (no locks!)."""
-    _terminate_hooks.append(hook)
+def in_multiprocessing_child() -> bool:
+    """True in a process started by ``multiprocessing`` (a Pool worker, say)."""
+    import multiprocessing
 
-
-def _on_sigterm(signum: int, frame: object) -> None:
-    for hook in _terminate_hooks:
-        try:
-            hook()
-        except Exception:  # noqa: BLE001 - the process dies next whatever happens
-            pass
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    os.kill(os.getpid(), signal.SIGTERM)  # die of the signal, as without us
-
-
-def _handle_sigterm_in_child() -> None:
-    """In a multiprocessing child whose SIGTERM does the default thing: handle it."""
-    if threading.current_thread() is not threading.main_thread():
-        return
-    try:
-        if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
-            signal.signal(signal.SIGTERM, _on_sigterm)
-    except (ValueError, OSError):
-        pass
+    return multiprocessing.parent_process() is not None
 
 
 def _run_exit_hooks() -> None:
@@ -180,10 +154,6 @@ def _register_multiprocessing_finalizer(_: object = None) -> None:
 
     util.Finalize(None, _run_exit_hooks, exitpriority=-1000)
     util.register_after_fork(_after_fork_token, _register_multiprocessing_finalizer)
-    import multiprocessing
-
-    if multiprocessing.parent_process() is not None:
-        _handle_sigterm_in_child()
 
 
 def _after_fork_in_child() -> None:

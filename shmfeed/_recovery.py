@@ -286,7 +286,12 @@ def _fail_if_every_sender_died(core: FeedCore, liveness: Liveness, repairs: Repa
     """
     words = core.words
     senders = L.attached_processes(words, L.SLOT_SENDER)
+    # A process clears its flag as it stops sending, which may be as it exits: only a flag
+    # read after its death was known is final.
     dead = [s for s in senders if not liveness.alive(*s)]
+    if dead:
+        still_flagged = set(L.attached_processes(words, L.SLOT_SENDER))
+        dead = [s for s in dead if s in still_flagged]
     if not dead and not words[L.SENDER_DEATHS]:
         return
     someone_sends = len(dead) < len(senders)

@@ -107,6 +107,16 @@ class ChannelCore(AttachedSegment):
     lock and then checks once more; the other side, after committing (and after the full
     barrier of releasing its own lock), wakes the registered wakers. Either the sleeper
     sees the change or the changer sees the sleeper: no wake-up is lost.
+
+    Deadlines (``time.monotonic()`` values, None for none) bound every lock wait that comes
+    before a value is committed or taken: the send and receive locks, which another process
+    may hold across a copy of any size, and the wait-list lock when registering. A wait
+    that reaches its deadline raises ``TimeoutError`` having changed nothing. Two steps
+    take the wait-list lock with no deadline, because they must happen: the wake-up after
+    a commit (else a sleeping peer never hears of it) and taking one's own waker out of a
+    list on the way out. That lock is only ever held for a few word writes and posts, and
+    its holder never waits for anything while holding it (it is last in the lock order),
+    so a live holder lets go at once; a dead one is released by recovery.
     """
 
     def __init__(
@@ -218,15 +228,25 @@ class ChannelCore(AttachedSegment):
         return core
 
     @classmethod
-    def open(cls, namespace: str, channel_id: int) -> "ChannelCore | None":
-        """Attach to an existing channel; None if it no longer exists."""
+    def open(cls, namespace: str, channel_id: int, deadline: float | None = None) -> "ChannelCore | None":
+        """Attach to an existing channel; None if it no longer exists.
+
+        Raises:
+            TimeoutError: its send lock (which guards the attach slots) was still held by
+                another process or thread at ``deadline``.
+        """
         core = _cores.get((namespace, channel_id))
         if core is not None and not core.released:
             return core
         core = cls.map_unattached(namespace, channel_id, lock_timeout=None)
         if core is None:
             return None
-        if not core.join():
+        try:
+            joined = core.join(deadline)
+        except BaseException:
+            core._close_local()
+            raise
+        if not joined:
             core._close_local()
             return None
         _register_core(core)
@@ -342,16 +362,26 @@ class ChannelCore(AttachedSegment):
 
     # --- locking ----------------------------------------------------------------------
 
-    def _lock_waitlists(self) -> None:
-        self.wait_lock.acquire()
+    def _lock_name(self) -> str:
+        return f"the send lock of channel {self.channel_id:016x}"
+
+    def _held(self, which: str, owner_word: int) -> TimeoutError:
+        """The error of a wait for one of the channel's locks that reached its deadline."""
+        return _shm.lock_timeout(f"the {which} lock of channel {self.channel_id:016x}", int(self.words[owner_word]))
+
+    def _lock_waitlists(self, deadline: float | None = None) -> None:
+        if not self.wait_lock.acquire_by(deadline):
+            raise self._held("wait-list", L.WAIT_LOCK_OWNER)
         self.words[L.WAIT_LOCK_OWNER] = _pid
 
     def _unlock_waitlists(self) -> None:
         self.words[L.WAIT_LOCK_OWNER] = 0
         self.wait_lock.release()
 
-    def _waitlist_add(self, first_word: int, count_word: int, waker: _waker.Waker) -> None:
-        self._lock_waitlists()
+    def _waitlist_add(
+        self, first_word: int, count_word: int, waker: _waker.Waker, deadline: float | None = None
+    ) -> None:
+        self._lock_waitlists(deadline)
         try:
             if not L.waitlist_add(self.words, first_word, count_word, waker.waker_id):
                 side = "receivers" if first_word == L.RECV_WAITLIST_WORD else "senders"
@@ -362,10 +392,12 @@ class ChannelCore(AttachedSegment):
         finally:
             self._unlock_waitlists()
 
-    def _waitlist_remove(self, first_word: int, count_word: int, waker: _waker.Waker) -> None:
+    def _waitlist_remove(
+        self, first_word: int, count_word: int, waker: _waker.Waker, deadline: float | None = None
+    ) -> None:
         if not self.words[count_word]:
             return
-        self._lock_waitlists()
+        self._lock_waitlists(deadline)
         try:
             L.waitlist_remove(self.words, first_word, count_word, waker.waker_id)
         finally:
@@ -376,11 +408,10 @@ class ChannelCore(AttachedSegment):
 
         The posts happen before the list is cleared, under the wait-list lock: a process
         killed half-way leaves the wakers it had not posted yet in the list, and recovery
-        posts them.
+        posts them. No deadline: see the class docstring.
         """
-        if self._fast is not None:
-            self._fast.wake(first_word, count_word, _pid)  # the same steps, in C
-            return
+        if self._fast is not None and self._fast.wake(first_word, count_word, _pid):
+            return  # the same steps, in C (False: the lock was taken, so wait for it here)
         self._lock_waitlists()
         try:
             L.waitlist_post_all(self.words, first_word, count_word, self.namespace)
@@ -488,11 +519,12 @@ class ChannelCore(AttachedSegment):
             raise ChannelCorruptError(f"shmfeed: channel {self.channel_id:016x}: a large value was truncated")
         return value
 
-    def _drop_oldest(self) -> bool:
+    def _drop_oldest(self, deadline: float | None = None) -> bool:
         """Discard the oldest record to make room (send lock held); False if empty."""
         own_lock = self.recv_lock is not self.send_lock
         if own_lock:
-            self.recv_lock.acquire()
+            if not self.recv_lock.acquire_by(deadline):
+                raise self._held("receive", L.RECV_LOCK_OWNER)
             self.words[L.RECV_LOCK_OWNER] = _pid
         try:
             taken = self._read_locked()
@@ -521,7 +553,7 @@ class ChannelCore(AttachedSegment):
         finally:
             spill.close()
 
-    def offer_fast(self, payload: Payload) -> int:
+    def offer_fast(self, payload: Payload, deadline: float | None = None) -> int:
         """The common case of ``offer``: an inline record, no waker (the hot path, inlined).
 
         Returns DELIVERED if written, else whatever ``offer`` decides.
@@ -534,10 +566,11 @@ class ChannelCore(AttachedSegment):
             if outcome == 1:
                 self._wake(L.RECV_WAITLIST_WORD, L.RECV_WAITING)
                 return DELIVERED
-            return self.offer(KIND_DATA, payload)
+            return self.offer(KIND_DATA, payload, None, deadline)  # full, odd, or locked
         words = self.words
         send_lock = self.send_lock
-        send_lock.acquire()
+        if not send_lock.acquire_by(deadline):
+            raise self._held("send", L.LOCK_OWNER)
         words[L.LOCK_OWNER] = _pid
         try:
             size = len(payload)
@@ -563,35 +596,39 @@ class ChannelCore(AttachedSegment):
             words[L.LOCK_OWNER] = 0
             send_lock.release()
         if not fits:
-            return self.offer(KIND_DATA, payload)
+            return self.offer(KIND_DATA, payload, None, deadline)
         # Read only after the release above (a full barrier) made the commit visible.
         if words[L.RECV_WAITING]:
             self._wake(L.RECV_WAITLIST_WORD, L.RECV_WAITING)
         return DELIVERED
 
-    def offer(self, kind: int, record: Payload, waker: _waker.Waker | None = None) -> int:
+    def offer(
+        self, kind: int, record: Payload, waker: _waker.Waker | None = None, deadline: float | None = None
+    ) -> int:
         """Try to append a record now, applying the overflow policy if full.
 
         With ``waker``, a full ring (policy "block" or "evict") registers it in the send
         wait list, then checks once more, so that no wake-up is lost.
-        Returns DELIVERED, FULL, DROPPED or CLOSED.
+        Returns DELIVERED, FULL, DROPPED or CLOSED; raises ``TimeoutError``, having written
+        nothing, if a lock it needs is still held by someone else at ``deadline``.
         """
         words = self.words
         send_lock = self.send_lock
-        send_lock.acquire()
+        if not send_lock.acquire_by(deadline):
+            raise self._held("send", L.LOCK_OWNER)
         words[L.LOCK_OWNER] = _pid
         try:
             if words[L.CLOSED]:
                 return CLOSED
             if waker is not None:
-                self._waitlist_remove(L.SEND_WAITLIST_WORD, L.SEND_WAITING, waker)
+                self._waitlist_remove(L.SEND_WAITLIST_WORD, L.SEND_WAITING, waker, deadline)
             if not self._write_locked(kind, record):
                 overflow = self.overflow
                 if overflow == "drop_newest":
                     words[L.DROPPED] += 1
                     return DROPPED
                 if overflow == "drop_oldest":
-                    while self._drop_oldest():
+                    while self._drop_oldest(deadline):
                         if self._write_locked(kind, record):
                             break
                     else:
@@ -599,7 +636,7 @@ class ChannelCore(AttachedSegment):
                 else:
                     if waker is None:
                         return FULL
-                    self._waitlist_add(L.SEND_WAITLIST_WORD, L.SEND_WAITING, waker)
+                    self._waitlist_add(L.SEND_WAITLIST_WORD, L.SEND_WAITING, waker, deadline)
                     if not self._write_locked(kind, record):
                         return FULL
         except ValueError as error:  # a counter or position at 2**64: a corrupt header
@@ -617,12 +654,20 @@ class ChannelCore(AttachedSegment):
         self._waitlist_remove(L.SEND_WAITLIST_WORD, L.SEND_WAITING, waker)
 
     def put(self, payload: Encoded, timeout: float | None) -> int:
-        """Blocking send of one encoded value; DELIVERED or DROPPED. Raises on close/timeout."""
+        """Blocking send of one encoded value; DELIVERED or DROPPED.
+
+        Raises ``ChannelClosed``, or ``TimeoutError`` after ``timeout`` seconds (still full,
+        or a lock still held by someone else: either way nothing was written).
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
         kind, record = self.record_for(payload)
         try:
-            outcome = self.offer_fast(record) if kind == KIND_DATA else self.offer(kind, record)
+            if kind == KIND_DATA:
+                outcome = self.offer_fast(record, deadline)
+            else:
+                outcome = self.offer(kind, record, None, deadline)
             if outcome == FULL:
-                outcome = self._put_waiting(kind, record, timeout)
+                outcome = self._put_waiting(kind, record, deadline)
         except BaseException:
             if kind == KIND_SPILL:
                 self._unlink_spill_record(record)
@@ -633,12 +678,23 @@ class ChannelCore(AttachedSegment):
             raise ChannelClosed(f"shmfeed: send on closed channel {self.channel_id:016x}")
         return outcome
 
-    def _put_waiting(self, kind: int, record: Payload, timeout: float | None) -> int:
+    def put_if_room(self, payload: Encoded) -> bool:
+        """Append a value if there is room now, waiting for the lock however long it takes
+        (an error reported on a subscription's error channel); False if full or closed."""
+        kind, record = self.record_for(payload)
+        outcome = FULL
+        try:
+            outcome = self.offer(kind, record)
+        finally:
+            if kind == KIND_SPILL and outcome != DELIVERED:
+                self._unlink_spill_record(record)
+        return outcome == DELIVERED
+
+    def _put_waiting(self, kind: int, record: Payload, deadline: float | None) -> int:
         waker = _waker.current_waker(self.namespace)
-        deadline = None if timeout is None else time.monotonic() + timeout
         try:
             while True:
-                outcome = self.offer(kind, record, waker)
+                outcome = self.offer(kind, record, waker, deadline)
                 if outcome != FULL:
                     return outcome
                 remaining = None if deadline is None else deadline - time.monotonic()
@@ -653,19 +709,20 @@ class ChannelCore(AttachedSegment):
         spill_id, _ = SPILL_REFERENCE.unpack(record)
         _unlink_file(_names.spill_file(self.namespace, self.channel_id, spill_id))
 
-    def poll_fast(self) -> bytes | memoryview | None:
+    def poll_fast(self, deadline: float | None = None) -> bytes | memoryview | None:
         """The common case of ``poll``: an inline record is waiting (the hot path, inlined)."""
         fast = self._fast
         if fast is not None:
             data = fast.poll(_pid)
             if data is None:
-                return self.poll()
+                return self.poll(None, deadline)  # empty, odd, or locked
             if self.words[L.SEND_WAITING]:
                 self._wake(L.SEND_WAITLIST_WORD, L.SEND_WAITING)
             return data
         words = self.words
         recv_lock = self.recv_lock
-        recv_lock.acquire()
+        if not recv_lock.acquire_by(deadline):
+            raise self._held("receive", L.RECV_LOCK_OWNER)
         words[L.RECV_LOCK_OWNER] = _pid
         data = None
         try:
@@ -688,24 +745,27 @@ class ChannelCore(AttachedSegment):
             words[L.RECV_LOCK_OWNER] = 0
             recv_lock.release()
         if data is None:
-            return self.poll()
+            return self.poll(None, deadline)
         if words[L.SEND_WAITING]:
             self._wake(L.SEND_WAITLIST_WORD, L.SEND_WAITING)
         return data
 
-    def poll(self, waker: _waker.Waker | None = None) -> bytes | memoryview | None:
+    def poll(self, waker: _waker.Waker | None = None, deadline: float | None = None) -> bytes | memoryview | None:
         """Take one encoded value if there is one.
 
         Returns None if empty (registering ``waker`` in the receive wait list, then
-        checking once more); raises ``ChannelClosed`` if closed and drained.
+        checking once more); raises ``ChannelClosed`` if closed and drained, and
+        ``TimeoutError``, having taken nothing, if a lock it needs is still held by someone
+        else at ``deadline``.
         """
         words = self.words
         recv_lock = self.recv_lock
-        recv_lock.acquire()
+        if not recv_lock.acquire_by(deadline):
+            raise self._held("receive", L.RECV_LOCK_OWNER)
         words[L.RECV_LOCK_OWNER] = _pid
         try:
             if waker is not None:
-                self._waitlist_remove(L.RECV_WAITLIST_WORD, L.RECV_WAITING, waker)
+                self._waitlist_remove(L.RECV_WAITLIST_WORD, L.RECV_WAITING, waker, deadline)
             closed = words[L.CLOSED]  # read before the ring: what was sent before close is kept
             taken = self._read_locked()
             if taken is None:
@@ -713,7 +773,7 @@ class ChannelCore(AttachedSegment):
                     raise ChannelClosed(f"shmfeed: channel {self.channel_id:016x} is closed")
                 if waker is None:
                     return None
-                self._waitlist_add(L.RECV_WAITLIST_WORD, L.RECV_WAITING, waker)
+                self._waitlist_add(L.RECV_WAITLIST_WORD, L.RECV_WAITING, waker, deadline)
                 closed = words[L.CLOSED]
                 taken = self._read_locked()
                 if taken is None:
@@ -737,7 +797,8 @@ class ChannelCore(AttachedSegment):
 
     def take(self, timeout: float | None) -> bytes | memoryview:
         """Blocking receive of one encoded value. Raises ChannelClosed or TimeoutError."""
-        data = self.poll_fast()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        data = self.poll_fast(deadline)
         if data is not None:
             self._taken_since_empty += 1
             return data
@@ -748,16 +809,15 @@ class ChannelCore(AttachedSegment):
             # per message costs both sides far more than a yield (see _should_yield).
             os.sched_yield()
             self._yielded = True
-            data = self.poll()
+            data = self.poll(None, deadline)
             if data is not None:
                 self._taken_since_empty = 1
                 return data
         waker = _waker.current_waker(self.namespace)
-        deadline = None if timeout is None else time.monotonic() + timeout
         fast = self._fast
         try:
             while True:
-                data = self.poll(waker)
+                data = self.poll(waker, deadline)
                 if data is not None:
                     self._taken_since_empty = 1
                     return data

@@ -71,10 +71,20 @@ class AttachedSegment:
 
     # --- the header lock ----------------------------------------------------------------
 
-    def acquire(self) -> None:
-        """Take the segment lock, recording our pid so a death while holding it is repaired."""
-        self.segment_lock.acquire()
+    def acquire(self, deadline: float | None = None) -> None:
+        """Take the segment lock, recording our pid so a death while holding it is repaired.
+
+        Raises:
+            TimeoutError: another process or thread still held it at ``deadline`` (a
+                ``time.monotonic()`` value; None waits as long as it takes).
+        """
+        if not self.segment_lock.acquire_by(deadline):
+            raise _shm.lock_timeout(self._lock_name(), int(self.words[L.LOCK_OWNER]))
         self.words[L.LOCK_OWNER] = os.getpid()
+
+    def _lock_name(self) -> str:
+        """The segment lock as an error message names it."""
+        return f"the lock of {self.segment_name!r}"
 
     def release_lock(self) -> None:
         self.words[L.LOCK_OWNER] = 0
@@ -86,14 +96,14 @@ class AttachedSegment:
         """What this object is, for messages."""
         return f"shared object {self.segment_name!r}"
 
-    def join(self) -> bool:
+    def join(self, deadline: float | None = None) -> bool:
         """Enter the attach slots; False if the segment is being destroyed.
 
         Raises:
             TableFullError: every attach slot is taken by a live process (the mapping is
                 let go of first).
         """
-        self.acquire()
+        self.acquire(deadline)
         try:
             if self.words[L.DESTROYED]:
                 return False

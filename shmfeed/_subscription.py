@@ -6,8 +6,9 @@ exception instance) if the subscription failed, then ``None`` once it is closed,
 channel so that any process (a feed closing, the registry) can fail or close it; in-process
 ones use ``LocalErrorChannel``. Both, and ``Channel``, speak the select protocol:
 
-- ``_select_poll(waker)``: ``(True, value)`` if ready (consumed), else ``(False, None)``
-  after registering ``waker`` (when given) in the same critical section;
+- ``_select_poll(waker, deadline)``: ``(True, value)`` if ready (consumed), else
+  ``(False, None)`` after registering ``waker`` (when given) in the same critical section;
+  ``TimeoutError``, having consumed nothing, if a lock stayed held past ``deadline``;
 - ``_select_forget(waker)``: stop notifying ``waker``.
 """
 
@@ -26,7 +27,7 @@ from ._stats import SubscriptionStatistics
 
 
 class _Selectable(Protocol):
-    def _select_poll(self, waker: _waker.Waker | None) -> tuple[bool, Any]: ...
+    def _select_poll(self, waker: _waker.Waker | None, deadline: float | None = None) -> tuple[bool, Any]: ...
 
     def _select_forget(self, waker: _waker.Waker) -> None: ...
 
@@ -57,7 +58,7 @@ class ErrorChannel:
         """
         raise NotImplementedError
 
-    def _select_poll(self, waker: _waker.Waker | None) -> tuple[bool, Any]:
+    def _select_poll(self, waker: _waker.Waker | None, deadline: float | None = None) -> tuple[bool, Any]:
         raise NotImplementedError
 
     def _select_forget(self, waker: _waker.Waker) -> None:
@@ -77,9 +78,9 @@ class SharedErrorChannel(ErrorChannel):
         except ChannelClosed:
             return None
 
-    def _select_poll(self, waker: _waker.Waker | None) -> tuple[bool, Any]:
+    def _select_poll(self, waker: _waker.Waker | None, deadline: float | None = None) -> tuple[bool, Any]:
         try:
-            ready, value = self.channel._select_poll(waker)
+            ready, value = self.channel._select_poll(waker, deadline)
         except ChannelClosed:
             return True, None
         return (True, decode_error(value)) if ready else (False, None)
@@ -143,8 +144,8 @@ class LocalErrorChannel(ErrorChannel):
                 raise TimeoutError("shmfeed: the subscription is still running")
             return self._take_locked()[1]
 
-    def _select_poll(self, waker: _waker.Waker | None) -> tuple[bool, Any]:
-        with self._condition:
+    def _select_poll(self, waker: _waker.Waker | None, deadline: float | None = None) -> tuple[bool, Any]:
+        with self._condition:  # an in-process lock, held for a few steps: no deadline needed
             ready, error = self._take_locked()
             if not ready and waker is not None and waker not in self._wakers:
                 self._wakers.append(waker)
@@ -200,8 +201,12 @@ def select(*channels: Any, timeout: float | None = None) -> tuple[Any, Any]:
     several are ready one is picked at random. The waiting thread sleeps on a semaphore
     and uses no CPU.
 
+    ``timeout`` bounds the whole call, including waits for a channel's receive lock while
+    another process holds it.
+
     Raises:
-        TimeoutError: nothing was ready within ``timeout`` seconds (``0`` polls).
+        TimeoutError: nothing was ready (or a receive lock stayed held by another process)
+            within ``timeout`` seconds (``0`` polls); nothing was taken.
         ChannelClosed: a data channel is closed and drained.
         TypeError: an argument is not a channel.
     """
@@ -218,18 +223,18 @@ def select(*channels: Any, timeout: float | None = None) -> tuple[Any, Any]:
     namespace = namespaces.pop() if namespaces else _names.current_namespace()
     start = random.randrange(len(channels))
     order = channels[start:] + channels[:start]
+    deadline = None if timeout is None else time.monotonic() + timeout
     for channel in order:
-        ready, value = channel._select_poll(None)
+        ready, value = channel._select_poll(None, deadline)
         if ready:
             return channel, value
     if timeout is not None and timeout <= 0:
         raise TimeoutError("shmfeed: no channel was ready")
     waker = _waker.current_waker(namespace)
-    deadline = None if timeout is None else time.monotonic() + timeout
     try:
         while True:
             for channel in order:
-                ready, value = channel._select_poll(waker)
+                ready, value = channel._select_poll(waker, deadline)
                 if ready:
                     return channel, value
             remaining = None if deadline is None else deadline - time.monotonic()

@@ -220,6 +220,36 @@ def test_a_c_send_that_stops_at_a_ring_holds_the_feed_lock_for_its_thread_only()
     channel.close()
 
 
+@needs_accel
+def test_the_c_calls_never_sleep_on_a_taken_lock() -> None:
+    """A taken lock is answered "the Python path" at once (which waits with the caller's
+    deadline: test_timeouts), with nothing changed; once free, the C calls do the work."""
+    from shmfeed import _layout as L
+
+    feed = shmfeed.Feed()
+    channel = shmfeed.Channel(capacity=4)
+    sub = feed.subscribe(channel)
+    assert feed.send(1) == 1  # builds the C plan
+    core, feed_core = channel._live_core(), feed._open()
+    fast, pid = core._fast, os.getpid()
+    wake_args = (L.RECV_WAITLIST_WORD, L.RECV_WAITING, pid)
+    for lock in (core.send_lock, core.recv_lock, core.wait_lock, feed_core.send_lock):
+        lock.acquire()
+        try:
+            assert fast.offer(b"\x92\x01", pid) == (2 if lock is core.send_lock else 0)
+            assert (fast.poll(pid) is None) == (lock is core.recv_lock)
+            assert fast.wake(*wake_args) is (lock is not core.wait_lock)
+            plan = feed_core._fast_plan
+            answer = feed_core._fast.send(plan[2], b"\x03", pid, plan[0])
+            feed_core._fast.unlock_if_held()
+            assert answer == (-1 if lock is feed_core.send_lock else 0 if lock is core.send_lock else -2)
+        finally:
+            lock.release()
+        assert lock.value == 1
+    sub.unsubscribe()
+    channel.close()
+
+
 def test_a_lock_wait_lets_a_signal_handler_raise() -> None:
     import signal
 

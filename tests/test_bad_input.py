@@ -100,6 +100,10 @@ CASES: list[tuple[str, Callable[[], Any], type[BaseException], str]] = [
     ("send(wrong type)", lambda: _int_feed().send("x"), shmfeed.FeedTypeError, "event: wrong type in Send got str, want int"),
     ("feed send(unencodable)", lambda: shmfeed.Feed().send(Plain()), shmfeed.EncodingError, "cannot encode"),
     ("closed feed send", lambda: _closed_feed().send(1), shmfeed.FeedClosed, "send on closed feed"),
+    ("feed send(timeout=nan)", lambda: shmfeed.Feed().send(1, timeout=NAN), ValueError, "timeout must not be NaN"),
+    ("feed send(timeout='1')", lambda: shmfeed.Feed().send(1, timeout="1"), TypeError, "timeout must be a number"),
+    ("FeedSendTimeout: feed send(timeout=-1) full", lambda: _send_to_full_feed(-1), shmfeed.FeedSendTimeout,
+     r"send timed out after -1 s: delivered to 0 channels, not to [0-9a-f]{16} \(full\)"),
     ("closed feed subscribe", lambda: _closed_feed().subscribe(shmfeed.Channel()), shmfeed.FeedClosed,
      "subscribe to closed feed"),
     # select
@@ -156,6 +160,12 @@ def _full_channel() -> shmfeed.Channel:
     return channel
 
 
+def _send_to_full_feed(timeout: float) -> None:
+    feed, channel = shmfeed.Feed(), _full_channel()
+    with feed.subscribe(channel):
+        feed.send(2, timeout=timeout)
+
+
 def _still_usable() -> None:
     """A valid operation after the bad one: the shared state is fine."""
     feed = shmfeed.Feed("bad-input-after")
@@ -192,9 +202,10 @@ def test_every_public_name_is_covered() -> None:
 def test_errors_share_one_root_and_are_exported() -> None:
     for name in ("FeedTypeError", "EncodingError", "ChannelClosed", "FeedClosed", "MuxClosedError",
                  "SlowSubscriberError", "SubscriptionFailed", "SenderDiedError", "RegistryUnavailableError",
-                 "ChannelCorruptError"):
+                 "ChannelCorruptError", "FeedSendTimeout"):
         assert issubclass(getattr(shmfeed, name), shmfeed.ShmfeedError), name
     assert issubclass(shmfeed.FeedTypeError, TypeError) and issubclass(shmfeed.EncodingError, TypeError)
+    assert issubclass(shmfeed.FeedSendTimeout, TimeoutError)
     assert shmfeed.ErrMuxClosed is shmfeed.MuxClosedError
 
 
