@@ -310,7 +310,10 @@ class _SharedScope(AttachedSegment):
             return
         self.stopping = True
         waker.post()
-        watcher.join()
+        # The watcher may hold the last reference, so that the release runs in it (its run
+        # ends there): it is stopping already, and a thread cannot join itself.
+        if watcher is not threading.current_thread():
+            watcher.join()
         self.watcher = None
 
     # --- lifetime ---------------------------------------------------------------------------------
