@@ -114,11 +114,20 @@ class AttachedSegment:
             self.release_lock()
 
     def release(self) -> None:
-        """Leave the segment; the last live process unlinks its names. Idempotent."""
+        """Leave the segment; the last live process unlinks its names. Idempotent.
+
+        A call while another thread releases the segment returns once that release is done:
+        the other may be a finalizer (``__del__`` in whichever thread dropped the last
+        reference, a scope's watcher say) that ``release_namespace`` found through a weak
+        reference mid-way, and its callers count on the segment being let go on return.
+        """
         with self._release_lock:
             if self.released:
                 return
             self.released = True
+            self._detach_and_close()
+
+    def _detach_and_close(self) -> None:
         last = False
         if self.attached:
             self._before_detach()
