@@ -66,6 +66,8 @@ def _entry_word(entry: int) -> int:
 class FeedCore(AttachedSegment):
     """This process's attachment to one feed segment."""
 
+    kind = L.FEED_KIND
+
     def __init__(
         self, namespace: str, key: str, mapping: mmap.mmap, lock: Any, send_lock: Any
     ) -> None:
@@ -142,13 +144,10 @@ class FeedCore(AttachedSegment):
         seconds with ``_shm.LockBusy``, and the channels it ends subscriptions on are opened
         the same way; ``_open`` passes None for ordinary blocking locks.
         """
-        opened = open_named(
-            namespace, _names.feed_segment(namespace, key), L.FEED_SEGMENT_BYTES, L.FEED_MAGIC, "feed",
-            (L.LOCK_ID, L.SEND_LOCK_ID),
-        )
+        opened = open_named(namespace, _names.feed_segment(namespace, key), cls.kind)
         if opened is None:
             return None  # absent, or being destroyed right now
-        mapping, (lock, send_lock) = opened
+        mapping, (send_lock, lock) = opened
         if lock_timeout is not None:
             lock, send_lock = _shm.BoundedLock(lock, lock_timeout), _shm.BoundedLock(send_lock, lock_timeout)
         core = cls(namespace, key, mapping, lock, send_lock)
@@ -199,15 +198,6 @@ class FeedCore(AttachedSegment):
         self._targets = ()
         self._fast_plan = None
 
-    def unlink_names(self) -> None:
-        """Remove the feed's locks, then its segment, from /dev/shm (DESTROYED set).
-
-        Segment last: a process killed half-way leaves a segment that names what is left.
-        """
-        _shm.unlink_semaphore(_names.lock_semaphore(self.namespace, int(self.words[L.LOCK_ID])))
-        _shm.unlink_semaphore(_names.lock_semaphore(self.namespace, int(self.words[L.SEND_LOCK_ID])))
-        _shm.unlink_segment(self.segment_name)
-
     def _views(self) -> list[memoryview]:
         return [self.words, self.table, self.buffer]
 
@@ -217,8 +207,8 @@ class FeedCore(AttachedSegment):
             fast.release()  # its hold on the mapping first, or the mapping stays
         super()._close_local()
 
-    def _semaphores(self) -> list[Any]:
-        return [self.lock, self.send_lock]
+    def lock_semaphores(self) -> list[Any]:
+        return [self.send_lock, self.lock]
 
     # --- the element type ----------------------------------------------------------------
 

@@ -1,22 +1,36 @@
 """Finding and removing what processes of a namespace left in /dev/shm.
 
 A segment is garbage when none of the processes in its attach slots is alive; a waker or
-spill temp file when the pid in its name is dead; a lock semaphore when no segment names
-it (and it is older than a grace period, since a segment being created makes its locks
-first); a spill link when its channel is gone.
+spill temp file when the pid in its name is dead; a spill link when its channel is gone; a
+lock semaphore when no segment names it and it is older than ``LOCK_GRACE_SECONDS``.
+
+The grace period is decided from the lock's age: the mtime of its file in /dev/shm, set
+when ``sem_open`` made it (glibc writes the file, then links it in) and moved by nothing
+after (waits and posts go through a mapping). A segment is made lock semaphores first, then
+the segment published by ``link(2)``, so a lock that no segment names is normal for the
+moment a creation takes; one still unnamed after the grace period was left by a creation
+that died (a process killed between the two steps), or by a segment that no longer names
+it (destroyed half-way, overwritten). A creation slower than that is taken for a dead one:
+its temporary segment name goes after the same grace period.
+
+Only names that ``_names.parse_entry`` recognises, on regular files of ours, are looked at
+(``own_entries``); anything else is left alone and never raises.
 """
 
 from __future__ import annotations
 
+import errno
 import mmap
 import os
+import stat
 import time
 from dataclasses import dataclass, field
 
 from . import _layout as L
 from . import _names, _process, _shm
+from ._names import Entry, EntryKind
 
-LOCK_GRACE_SECONDS = 30.0
+LOCK_GRACE_SECONDS = 5.0
 
 
 @dataclass
@@ -32,7 +46,7 @@ class Leftovers:
 
 
 def namespace_entries(namespace: str) -> list[str]:
-    """Names in /dev/shm that belong to ``namespace``."""
+    """Names in /dev/shm that belong to ``namespace`` (whatever they are)."""
     start = _names.prefix(namespace)
     try:
         entries = os.listdir(_names.SHM_DIR)
@@ -41,28 +55,72 @@ def namespace_entries(namespace: str) -> list[str]:
     return sorted(e for e in entries if e.startswith(start) or e.startswith("sem." + start))
 
 
-def _segment_state(path: str) -> tuple[bool, list[int]]:
-    """(any live process attached, lock ids it names)."""
+def own_entries(namespace: str) -> list[Entry]:
+    """The namespace's names that the library makes, on regular files of this user's.
+
+    Anything else (a name planted or damaged, another user's file) is nothing gc, recovery,
+    the registry or the monitor may act on: they skip it, and it keeps no registry alive.
+    """
+    uid = os.getuid()
+    found = []
+    for file in namespace_entries(namespace):
+        entry = _names.parse_entry(namespace, file)
+        if entry is not None and _is_own_file(entry.path, uid):
+            found.append(entry)
+    return found
+
+
+def _is_own_file(path: str, uid: int) -> bool:
     try:
-        with open(path, "rb") as segment_file:
-            size = os.fstat(segment_file.fileno()).st_size
-            if size < L.HEADER_BYTES:
-                return False, []
-            mapping = mmap.mmap(segment_file.fileno(), L.HEADER_BYTES, prot=mmap.PROT_READ)
+        info = os.lstat(path)
     except OSError:
-        return True, []  # cannot tell: leave it
+        return False
+    return stat.S_ISREG(info.st_mode) and info.st_uid == uid
+
+
+def map_segment(path: str, whole: bool = False) -> tuple[mmap.mmap, int] | None:
+    """Map a segment read-only, its header or the ``whole`` of it: (mapping, file size);
+    None if the file is smaller than a header. No symlink is followed and no FIFO waited on.
+
+    Raises:
+        OSError: it cannot be opened now (gone, not a regular file, no descriptors left).
+    """
+    descriptor = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        info = os.fstat(descriptor)
+        if not stat.S_ISREG(info.st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", path)
+        if info.st_size < L.HEADER_BYTES:
+            return None
+        length = info.st_size if whole else L.HEADER_BYTES
+        return mmap.mmap(descriptor, length, prot=mmap.PROT_READ), info.st_size
+    finally:
+        os.close(descriptor)
+
+
+def _segment_state(path: str) -> tuple[bool, list[int]] | None:
+    """(any live process attached, ids of the locks it names); None if it cannot be read now.
+
+    A segment of no known kind (damaged, overwritten) is dead and names no lock: its words
+    are not to be trusted, and the locks it had go as orphaned ones after the grace period.
+    """
+    try:
+        mapped = map_segment(path)
+    except (OSError, ValueError):
+        return None
+    if mapped is None:
+        return False, []
+    mapping, size = mapped
     try:
         words = memoryview(mapping).cast("Q")
         try:
-            locks = [int(words[L.LOCK_ID])]
-            if words[L.MAGIC] == L.FEED_MAGIC:
-                locks.append(int(words[L.SEND_LOCK_ID]))
-            elif words[L.MAGIC] == L.CHANNEL_MAGIC:
-                locks += [int(words[L.RECV_LOCK_ID]), int(words[L.WAIT_LOCK_ID])]
-            alive = any(_process.is_alive(pid, ticks) for pid, ticks in L.attached_processes(words))
-            if words[L.MAGIC] not in L.MAGICS:
-                alive = False
-            return alive and not words[L.DESTROYED], locks
+            kind = L.segment_kind(words, size)
+            if kind is None:
+                return False, []
+            alive = not words[L.DESTROYED] and any(
+                _process.is_alive(pid, ticks) for pid, ticks in L.attached_processes(words)
+            )
+            return alive, L.lock_ids(words, kind)
         finally:
             words.release()
     finally:
@@ -71,55 +129,69 @@ def _segment_state(path: str) -> tuple[bool, list[int]]:
 
 def sweep(namespace: str, remove: bool = True) -> Leftovers:
     """Find (and with ``remove``, unlink) the namespace's leftovers of dead processes."""
-    start = _names.prefix(namespace)
     found = Leftovers()
-    entries = namespace_entries(namespace)
-    live_locks: set[int] = set()
-    live_channels: set[str] = set()
+    entries = own_entries(namespace)
+    named_locks: set[int] | None = set()  # None: a segment could not be read, so any lock may be named
+    live_segments: set[str] = set()
     for entry in entries:
-        if entry.startswith(start) and "." not in entry[len(start) :]:
-            path = f"{_names.SHM_DIR}/{entry}"
-            alive, locks = _segment_state(path)
-            if alive:
-                live_locks.update(locks)
-                live_channels.add(entry)
-            else:
-                found.segments.append(path)
-                if remove:
-                    _shm.unlink_segment("/" + entry)
-                for lock_id in locks:  # the dead segment's locks go with it
-                    lock_path = _names.semaphore_path(_names.lock_semaphore(namespace, lock_id))
-                    if os.path.exists(lock_path):
-                        found.semaphores.append(lock_path)
-                        if remove:
-                            _shm.unlink_semaphore(_names.lock_semaphore(namespace, lock_id))
+        if entry.kind not in _names.SEGMENT_ENTRY_KINDS:
+            continue
+        state = _segment_state(entry.path)
+        if state is None or state[0]:
+            live_segments.add(entry.segment)
+            if state is None:
+                named_locks = None
+            elif named_locks is not None:
+                named_locks.update(state[1])
+        else:
+            _remove_dead_segment(namespace, entry, state[1], found, remove)
     now = time.time()
     for entry in entries:
-        path = f"{_names.SHM_DIR}/{entry}"
-        rest = entry[len("sem." + start) :] if entry.startswith("sem.") else entry[len(start) :]
-        garbage = False
-        if path in found.semaphores:
+        if entry.path in found.semaphores or not _is_leftover(entry, named_locks, live_segments, now):
             continue
-        if entry.startswith("sem.") and rest.startswith("w"):
-            garbage = not _pid_alive(int(rest[1:], 16) >> 32)
-        elif entry.startswith("sem.") and rest.startswith("l"):
-            garbage = int(rest[1:], 16) not in live_locks and _older_than(path, now, LOCK_GRACE_SECONDS)
-        elif rest.startswith("t"):
-            garbage = not _pid_alive(int(rest[1:].split(".")[0], 16))
-        elif rest.startswith("c") and ".x" in rest:
-            garbage = start + rest.split(".")[0] not in live_channels
-        elif ".t" in rest and not entry.startswith("sem."):
-            garbage = _older_than(path, now, LOCK_GRACE_SECONDS)  # a creation that died
-        else:
-            continue
-        if garbage:
-            (found.semaphores if entry.startswith("sem.") else found.files).append(path)
-            if remove:
-                try:
-                    os.unlink(path)
-                except FileNotFoundError:
-                    pass
+        if not remove or _unlink(entry.path):
+            (found.semaphores if entry.kind in (EntryKind.LOCK, EntryKind.WAKER) else found.files).append(entry.path)
     return found
+
+
+def _remove_dead_segment(namespace: str, entry: Entry, lock_ids: list[int], found: Leftovers, remove: bool) -> None:
+    """A segment no live process uses, and the locks it names (locks first, as everywhere)."""
+    for lock_id in lock_ids:
+        lock_name = _names.lock_semaphore(namespace, lock_id)
+        lock_path = _names.semaphore_path(lock_name)
+        if os.path.exists(lock_path):
+            found.semaphores.append(lock_path)
+            if remove:
+                _shm.unlink_semaphore(lock_name)
+    found.segments.append(entry.path)
+    if remove:
+        _shm.unlink_segment(entry.segment)
+
+
+def _is_leftover(entry: Entry, named_locks: set[int] | None, live_segments: set[str], now: float) -> bool:
+    """Whether a name that is not a segment was left by a dead process (segments are judged
+    by their attach slots, in ``sweep``)."""
+    if entry.kind in (EntryKind.WAKER, EntryKind.SPILL_TEMP):
+        return not _pid_alive(entry.pid)
+    if entry.kind is EntryKind.LOCK:
+        return (named_locks is not None and entry.number not in named_locks
+                and _older_than(entry.path, now, LOCK_GRACE_SECONDS))
+    if entry.kind is EntryKind.SPILL_LINK:
+        return entry.segment not in live_segments
+    if entry.kind is EntryKind.CREATING:
+        return _older_than(entry.path, now, LOCK_GRACE_SECONDS)  # a creation that died
+    return False
+
+
+def _unlink(path: str) -> bool:
+    """Remove a file; False if it could not be (and it is still there)."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError:
+        return False
+    return True
 
 
 def _pid_alive(pid: int) -> bool:

@@ -49,33 +49,28 @@ def _process_list(pairs: list[tuple[int, int]]) -> list[dict[str, Any]]:
 
 
 def _waiter_pids(words: memoryview, first_word: int) -> list[int]:
-    return sorted({int(words[w]) >> 32 for w in range(first_word, first_word + L.WAITLIST_SLOTS) if words[w]})
+    return sorted({_names.waker_pid(int(words[w])) for w in range(first_word, first_word + L.WAITLIST_SLOTS) if words[w]})
 
 
 def _map(path: str) -> mmap.mmap | None:
     try:
-        with open(path, "rb") as segment_file:
-            size = os.fstat(segment_file.fileno()).st_size
-            if size < L.HEADER_BYTES:
-                return None
-            return mmap.mmap(segment_file.fileno(), size, prot=mmap.PROT_READ)
+        mapped = _gc.map_segment(path, whole=True)
     except (OSError, ValueError):
         return None
+    return mapped[0] if mapped is not None else None
 
 
 def snapshot(namespace: str) -> dict[str, Any]:
     """Feeds, channels and scopes of the namespace with their counters and processes."""
-    start = _names.prefix(namespace)
     feeds: list[dict[str, Any]] = []
     channels: list[dict[str, Any]] = []
     scopes: list[dict[str, Any]] = []
     dead: set[int] = set()
     error_channels = 0
-    for entry in _gc.namespace_entries(namespace):
-        rest = entry[len(start) :]
-        if entry.startswith("sem.") or "." in rest:
+    for entry in _gc.own_entries(namespace):
+        if entry.kind not in _names.SEGMENT_ENTRY_KINDS:
             continue
-        mapping = _map(f"{_names.SHM_DIR}/{entry}")
+        mapping = _map(entry.path)
         if mapping is None:
             continue
         buffer = memoryview(mapping)
@@ -91,9 +86,9 @@ def snapshot(namespace: str) -> dict[str, Any]:
                 if words[L.CHANNEL_FLAGS] & L.FLAG_ERROR_CHANNEL:
                     error_channels += 1
                 else:
-                    channels.append(_channel(rest, words, buffer, processes))
+                    channels.append(_channel(entry.key, words, buffer, processes))
             elif magic == L.FEED_MAGIC and len(mapping) >= L.FEED_SEGMENT_BYTES:
-                feeds.append(_feed(rest, words, buffer, processes))
+                feeds.append(_feed(entry.key, words, buffer, processes))
             elif magic == L.SCOPE_MAGIC:
                 scopes.append({
                     "name": L.read_text(buffer, L.FEED_NAME_OFFSET, int(words[L.SCOPE_NAME_LEN]), L.FEED_NAME_MAX),
@@ -117,13 +112,13 @@ def snapshot(namespace: str) -> dict[str, Any]:
     }
 
 
-def _channel(rest: str, words: memoryview, buffer: memoryview, processes: list[dict[str, Any]]) -> dict[str, Any]:
+def _channel(channel_id: str, words: memoryview, buffer: memoryview, processes: list[dict[str, Any]]) -> dict[str, Any]:
     from ._ring import OVERFLOW_POLICIES
 
     sent, received = int(words[L.SENT]), int(words[L.RECEIVED])
     creator = int(words[L.CREATOR_PID])
     return {
-        "id": rest[1:],
+        "id": channel_id,
         "owner_pid": creator,
         "owner_name": process_name(creator, int(words[L.CREATOR_TICKS])),
         "elem_type": L.read_text(buffer, L.TYPE_NAME_OFFSET, int(words[L.ELEM_TYPE_LEN]), L.TYPE_NAME_MAX) or None,
@@ -164,7 +159,7 @@ def _last_read(words: memoryview) -> dict[str, Any]:
     return {"last_receiver": last, "no_reader_s": no_reader, "never_read": not pid}
 
 
-def _feed(rest: str, words: memoryview, buffer: memoryview, processes: list[dict[str, Any]]) -> dict[str, Any]:
+def _feed(key: str, words: memoryview, buffer: memoryview, processes: list[dict[str, Any]]) -> dict[str, Any]:
     table = buffer[L.HEADER_BYTES : L.FEED_SEGMENT_BYTES].cast("Q")
     try:
         subscriptions = []
@@ -177,7 +172,7 @@ def _feed(rest: str, words: memoryview, buffer: memoryview, processes: list[dict
         table.release()
     name_len = int(words[L.NAME_LEN])
     return {
-        "key": rest[1:],
+        "key": key,
         "name": L.read_text(buffer, L.FEED_NAME_OFFSET, name_len, L.FEED_NAME_MAX) if name_len else None,
         "elem_type": L.read_text(buffer, L.TYPE_NAME_OFFSET, int(words[L.FEED_TYPE_LEN]), L.TYPE_NAME_MAX) or None,
         "sent": int(words[L.SENDS]),

@@ -102,12 +102,16 @@ SCOPE_CLOSED, SCOPE_COUNT (tracked subscriptions of all processes), SCOPE_NAME_L
 bytes 2560-2815). Bytes 3072-3583: the wait list of the processes' scope watchers (64
 waker ids). The entry table starts at byte 4096: ``SCOPE_SLOTS`` entries of 4 words
 (pid, start_ticks, local id, 1 if in use), one per tracked subscription.
+
+The three kinds, with their magic, smallest size and lock words, are described once more as
+data (``SEGMENT_KINDS``): opening, unlinking, ``shmfeed gc`` and recovery walk a segment's
+locks through it, whatever its kind.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Callable
+from typing import Callable, NamedTuple
 
 from . import _process, _waker
 
@@ -118,7 +122,6 @@ HEADER_BYTES = PAGE
 CHANNEL_MAGIC = int.from_bytes(b"SFCHAN01", "little")
 FEED_MAGIC = int.from_bytes(b"SFFEED01", "little")
 SCOPE_MAGIC = int.from_bytes(b"SFSCOP01", "little")
-MAGICS = (CHANNEL_MAGIC, FEED_MAGIC, SCOPE_MAGIC)
 
 # Common words.
 MAGIC, HEADER_BYTES_WORD, LOCK_ID, LOCK_OWNER, DESTROYED, CREATOR_PID, CREATOR_TICKS, ATTACHED = range(8)
@@ -198,6 +201,49 @@ FEED_SEGMENT_BYTES = HEADER_BYTES + FEED_TABLE_SLOTS * FEED_ENTRY_WORDS * 8
 
 # Subscription entry states (low 32 bits of the entry's fourth word).
 SUB_FREE, SUB_ACTIVE_STATE = 0, 1
+
+MIN_RING_BYTES = PAGE
+
+
+class LockWord(NamedTuple):
+    """One lock of a segment: the word naming its semaphore, the word its holder's pid is in."""
+
+    id_word: int
+    owner_word: int
+    what: str  # for reports: "send", "receive", ...
+
+
+class SegmentKind(NamedTuple):
+    """A kind of segment: how to tell it, its smallest size, its locks (in lock order)."""
+
+    name: str
+    magic: int
+    min_bytes: int
+    locks: tuple[LockWord, ...]
+
+
+CHANNEL_KIND = SegmentKind("channel", CHANNEL_MAGIC, HEADER_BYTES + MIN_RING_BYTES, (
+    LockWord(LOCK_ID, LOCK_OWNER, "send"),  # also guards the attach slots and CLOSED
+    LockWord(RECV_LOCK_ID, RECV_LOCK_OWNER, "receive"),
+    LockWord(WAIT_LOCK_ID, WAIT_LOCK_OWNER, "wait-list"),
+))
+FEED_KIND = SegmentKind("feed", FEED_MAGIC, FEED_SEGMENT_BYTES, (
+    LockWord(SEND_LOCK_ID, SEND_LOCK_OWNER, "send"),  # held for a whole send
+    LockWord(LOCK_ID, LOCK_OWNER, "table"),  # the subscription table and attach slots
+))
+SCOPE_KIND = SegmentKind("scope", SCOPE_MAGIC, SCOPE_SEGMENT_BYTES, (LockWord(LOCK_ID, LOCK_OWNER, "table"),))
+SEGMENT_KINDS = {kind.magic: kind for kind in (CHANNEL_KIND, FEED_KIND, SCOPE_KIND)}
+
+
+def segment_kind(words: memoryview, size: int) -> SegmentKind | None:
+    """The kind of a mapped segment by its magic; None if unknown or too small for its kind."""
+    kind = SEGMENT_KINDS.get(int(words[MAGIC]))
+    return kind if kind is not None and size >= kind.min_bytes else None
+
+
+def lock_ids(words: memoryview, kind: SegmentKind) -> list[int]:
+    """The ids of the lock semaphores a segment names, in its kind's lock order."""
+    return [int(words[lock.id_word]) for lock in kind.locks]
 
 
 def table_high(words: memoryview) -> int:

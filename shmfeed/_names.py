@@ -4,13 +4,20 @@ Every object of a namespace is named ``sf.<token>.<kind><id>`` where ``<token>``
 hash of the namespace, so that names stay short (macOS allows 31 characters) and two
 namespaces never collide. On Linux, POSIX shared memory and named semaphores live as files
 in ``/dev/shm`` (semaphores as ``sem.<name>``), which lets the cleanup code list them.
+
+Names are built here and parsed here only (``parse_entry``): gc, recovery, the registry and
+the monitor classify what they find in ``/dev/shm`` through it, and skip what it does not
+recognise.
 """
 
 from __future__ import annotations
 
+import enum
 import hashlib
 import os
+import re
 import secrets
+from typing import NamedTuple
 
 SHM_DIR = "/dev/shm"
 NAMESPACE_ENV = "SHMFEED_NAMESPACE"
@@ -105,3 +112,93 @@ def shm_path(segment_name: str) -> str:
 def semaphore_path(semaphore_name: str) -> str:
     """The file behind a POSIX named semaphore (Linux, glibc)."""
     return f"{SHM_DIR}/sem.{semaphore_name.lstrip('/')}"
+
+
+def new_waker_id(pid: int) -> int:
+    """A waker's id: its process's pid in the high 32 bits (so that a dead process's waker
+    can be told by its name alone), random non-zero low bits."""
+    return (pid << 32) | (new_id() & 0xFFFF_FFFF or 1)
+
+
+def waker_pid(waker_id: int) -> int:
+    """The process a waker belongs to (see ``new_waker_id``)."""
+    return waker_id >> 32
+
+
+class EntryKind(enum.Enum):
+    """What a name of a namespace in /dev/shm is."""
+
+    CHANNEL = "channel"  # segment c<id>
+    FEED = "feed"  # segment f<key>
+    SCOPE = "scope"  # segment s<hash>
+    CREATING = "creating"  # a segment's temporary name before it is published (see _shm)
+    LOCK = "lock"  # semaphore l<id>
+    WAKER = "waker"  # semaphore w<id>, its process's pid in the id
+    SPILL_LINK = "spill link"  # c<channel id>.x<spill id>: a large value linked to a channel
+    SPILL_TEMP = "spill temp"  # t<pid>.<spill id>: a sender's pool file
+
+
+SEGMENT_ENTRY_KINDS = (EntryKind.CHANNEL, EntryKind.FEED, EntryKind.SCOPE)
+
+
+class Entry(NamedTuple):
+    """One recognised name in /dev/shm (``parse_entry``)."""
+
+    kind: EntryKind
+    file: str  # the name in /dev/shm
+    key: str  # what follows the kind letter: a hex id, a feed key, a scope hash
+    segment: str  # a segment's POSIX name: its own, or its channel's for a spill link; else ""
+    pid: int  # a waker's or spill temp file's process; else 0
+
+    @property
+    def path(self) -> str:
+        return f"{SHM_DIR}/{self.file}"
+
+    @property
+    def number(self) -> int:
+        """The id of a channel, lock or waker."""
+        return int(self.key, 16)
+
+
+_HEX16 = "[0-9a-f]{16}"
+_SEGMENT_KEYS = {
+    "c": (EntryKind.CHANNEL, _HEX16),
+    "f": (EntryKind.FEED, f"n[0-9a-f]{{20}}|a{_HEX16}"),  # named_feed_key, anonymous_feed_key
+    "s": (EntryKind.SCOPE, "[0-9a-f]{20}"),
+}
+_SEGMENT = re.compile(r"(?P<letter>[cfs])(?P<key>[0-9a-z]+)(?P<creating>\.t[0-9a-f]+)?")
+_SEMAPHORE = re.compile(f"(?P<letter>[lw])(?P<key>{_HEX16})")
+_SPILL_LINK = re.compile(f"c(?P<key>{_HEX16})\\.x{_HEX16}")
+_SPILL_TEMP = re.compile(f"t(?P<pid>[0-9a-f]{{1,8}})\\.{_HEX16}")
+
+
+def parse_entry(namespace: str, file: str) -> Entry | None:
+    """Classify a name in /dev/shm; None if it is not one this module builds for ``namespace``.
+
+    Shared names are never trusted: anything else (planted, damaged, of another format) is
+    None, never an exception.
+    """
+    start = prefix(namespace)
+    if file.startswith("sem." + start):
+        match = _SEMAPHORE.fullmatch(file, len("sem." + start))
+        if match is None:
+            return None
+        key = match["key"]
+        if match["letter"] == "l":
+            return Entry(EntryKind.LOCK, file, key, "", 0)
+        return Entry(EntryKind.WAKER, file, key, "", waker_pid(int(key, 16)))
+    if not file.startswith(start):
+        return None
+    position = len(start)
+    if match := _SPILL_LINK.fullmatch(file, position):
+        return Entry(EntryKind.SPILL_LINK, file, match["key"], f"/{start}c{match['key']}", 0)
+    if match := _SPILL_TEMP.fullmatch(file, position):
+        return Entry(EntryKind.SPILL_TEMP, file, "", "", int(match["pid"], 16))
+    match = _SEGMENT.fullmatch(file, position)
+    if match is None:
+        return None
+    kind, key_pattern = _SEGMENT_KEYS[match["letter"]]
+    if not re.fullmatch(key_pattern, match["key"]):
+        return None
+    segment = f"/{start}{match['letter']}{match['key']}"
+    return Entry(EntryKind.CREATING if match["creating"] else kind, file, match["key"], segment, 0)

@@ -11,21 +11,26 @@ own: it reads each segment and, for every process that is gone,
 - fails, with ``SenderDiedError``, the subscriptions of a feed whose every sender is dead;
 - removes it from the attach slots, and unlinks a segment no live process is attached to.
 
+Channels, feeds and named scopes take the same steps (``_recover_segment``): their locks are
+walked through their kind's description (``_layout.SEGMENT_KINDS``), each taken with the
+bounded ``_ring.RECOVERY_LOCK_TIMEOUT``, and an orphaned segment is unlinked by its own
+``unlink_names`` (locks first, segment last). Only what a kind has of its own differs.
 All of this is idempotent, so a registry that is killed half-way is simply redone by the next.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable, NamedTuple
 
 from . import _gc
 from . import _layout as L
-from . import _names, _process, _ring, _shm
+from . import _names, _process, _ring
 from ._errors import SenderDiedError
-from ._feed import FeedCore, _finish
-
-_OWNER_WORDS = ((L.LOCK_OWNER, "send"), (L.RECV_LOCK_OWNER, "receive"), (L.WAIT_LOCK_OWNER, "wait-list"))
+from ._feed import FeedCore
+from ._names import Entry, EntryKind
+from ._scope import _SharedScope
+from ._segment import AttachedSegment
 
 
 SUSPECT_CHECKS = 3  # passes, at least SCAN apart, that must see a lock held by nobody
@@ -82,30 +87,56 @@ def recover_namespace(namespace: str, liveness: Liveness | None = None) -> Repai
     """One full recovery pass over the namespace."""
     liveness = liveness or Liveness()
     repairs = Repairs()
-    start = _names.prefix(namespace)
-    for entry in _gc.namespace_entries(namespace):
-        rest = entry[len(start) :]
-        if entry.startswith("sem.") or "." in rest:
+    for entry in _gc.own_entries(namespace):
+        steps = _SEGMENT_STEPS.get(entry.kind)
+        if steps is None:
             continue
         try:
-            if rest.startswith("c"):
-                recover_channel(namespace, int(rest[1:], 16), liveness, repairs)
-            elif rest.startswith("f"):
-                recover_feed(namespace, rest[1:], liveness, repairs)
-            elif rest.startswith("s"):
-                recover_scope(namespace, "/" + entry, liveness, repairs)
-        except (ValueError, OSError):
-            continue  # a name that is not ours, gone meanwhile, or a lock still taken (LockBusy)
+            core = steps.map_unattached(namespace, entry)
+            if core is not None:
+                _recover_segment(core, steps, liveness, repairs)
+        except Exception:  # noqa: BLE001 - see below
+            # Gone meanwhile, a lock still taken (LockBusy: retried next pass), or bytes that
+            # make no sense (shared memory is never trusted): the other segments are still
+            # recovered, and the sweep below judges a damaged one by its attach slots.
+            continue
     repairs.removed_files += _gc.sweep(namespace).all()
     return repairs
 
 
+def _recover_segment(core: AttachedSegment, steps: "_Steps", liveness: Liveness, repairs: Repairs) -> None:
+    """The steps every segment takes: its dead holders' locks released, then its kind's own
+    repairs, then dead processes out of its attach slots and, if no live one is left, the
+    segment unlinked (after its kind's last step before that)."""
+    try:
+        attached = L.attached_processes(core.words)
+        released = _release_dead_locks(core, attached, liveness, repairs)
+        steps.repair(core, released, liveness, repairs)
+        sender_deaths = L.SENDER_DEATHS if isinstance(core, FeedCore) else None
+        if _drop_dead_attachers(core, attached, liveness, sender_deaths):
+            steps.before_destroy(core)
+            _destroy(core, repairs)
+    finally:
+        core.release()
+
+
+def _release_dead_locks(
+    core: AttachedSegment, attached: list[tuple[int, int]], liveness: Liveness, repairs: Repairs
+) -> list[int]:
+    """Release each lock of the segment whose holder died; the owner words of those released."""
+    released = []
+    for lock_word, lock in zip(core.kind.locks, core.lock_semaphores()):
+        if _release_dead_owner(core, lock_word, lock, liveness, attached, repairs):
+            released.append(lock_word.owner_word)
+    return released
+
+
 def _release_dead_owner(
-    core: Any, owner_word: int, lock: Any, what: str, liveness: Liveness, attached: list[tuple[int, int]],
+    core: AttachedSegment, lock_word: L.LockWord, lock: Any, liveness: Liveness, attached: list[tuple[int, int]],
     repairs: Repairs,
 ) -> bool:
-    owner = int(core.words[owner_word])
-    key = (core.segment_name, owner_word)
+    owner = int(core.words[lock_word.owner_word])
+    key = (core.segment_name, lock_word.owner_word)
     if not owner:
         if lock.value != 0:
             liveness.suspects.pop(key, None)
@@ -119,45 +150,21 @@ def _release_dead_owner(
             return False
         del liveness.suspects[key]
         lock.release()
-        repairs.released_locks.append(f"{what} lock of {core.segment_name} taken by a process that died at once")
+        repairs.released_locks.append(f"{lock_word.what} lock of {core.segment_name} taken by a process that died at once")
         return True
     liveness.suspects.pop(key, None)
     if liveness.owner_alive(owner, attached):
         return False
     if lock.value != 0:
         return False  # released after all (the owner word was being cleared)
-    core.words[owner_word] = 0
+    core.words[lock_word.owner_word] = 0
     lock.release()
-    repairs.released_locks.append(f"{what} lock of {core.segment_name} held by dead pid {owner}")
+    repairs.released_locks.append(f"{lock_word.what} lock of {core.segment_name} held by dead pid {owner}")
     return True
 
 
-def recover_channel(namespace: str, channel_id: int, liveness: Liveness, repairs: Repairs) -> None:
-    core = _ring.ChannelCore.map_unattached(namespace, channel_id)
-    if core is None:
-        return
-    try:
-        words = core.words
-        attached = L.attached_processes(words)
-        locks = {L.LOCK_OWNER: core.send_lock, L.RECV_LOCK_OWNER: core._own_recv_lock, L.WAIT_LOCK_OWNER: core.wait_lock}
-        recount = False
-        for owner_word, what in _OWNER_WORDS:
-            if _release_dead_owner(core, owner_word, locks[owner_word], what, liveness, attached, repairs):
-                recount = recount or owner_word != L.WAIT_LOCK_OWNER
-        someone_died = recount or any(not liveness.alive(*p) for p in attached)
-        _drop_dead_wakers(core, liveness, wake_the_rest=someone_died)
-        if recount:
-            _recount(core)
-        if _drop_dead_attachers(core, attached, liveness):
-            core.close()  # wakes anyone still waiting (a process between attach steps)
-            core.unlink_names()
-            repairs.destroyed += _names_of(namespace, core.segment_name, words, (L.LOCK_ID, L.RECV_LOCK_ID, L.WAIT_LOCK_ID))
-    finally:
-        core.release()
-
-
 def _drop_dead_attachers(
-    core: Any, attached: list[tuple[int, int]], liveness: Liveness, sender_deaths_word: int | None = None
+    core: AttachedSegment, attached: list[tuple[int, int]], liveness: Liveness, sender_deaths_word: int | None = None
 ) -> bool:
     """Clear dead processes from the attach slots; True if the segment is now orphaned.
 
@@ -182,10 +189,28 @@ def _drop_dead_attachers(
         core.release_lock()
 
 
-def _names_of(namespace: str, segment_name: str, words: memoryview, lock_words: tuple[int, ...]) -> list[str]:
-    """Paths in /dev/shm of a destroyed segment and its locks, for the report."""
-    locks = [_names.semaphore_path(_names.lock_semaphore(namespace, int(words[w]))) for w in lock_words]
-    return [_names.shm_path(segment_name)] + locks
+def _destroy(core: AttachedSegment, repairs: Repairs) -> None:
+    """Unlink an orphaned segment (marked DESTROYED): its locks first, the segment last."""
+    locks = [_names.semaphore_path(_names.lock_semaphore(core.namespace, i)) for i in L.lock_ids(core.words, core.kind)]
+    core.unlink_names()
+    repairs.destroyed += [_names.shm_path(core.segment_name)] + locks
+
+
+# --- channels --------------------------------------------------------------------------------
+
+
+def _repair_channel(core: _ring.ChannelCore, released: list[int], liveness: Liveness, repairs: Repairs) -> None:
+    """Dead waiters out of the wait lists (the rest woken after a death); the message count
+    redone if a sender or receiver died holding its lock."""
+    recount = any(word != L.WAIT_LOCK_OWNER for word in released)
+    someone_died = recount or any(not liveness.alive(*p) for p in L.attached_processes(core.words))
+    _drop_dead_wakers(core, liveness, wake_the_rest=someone_died)
+    if recount:
+        _recount(core)
+
+
+def _close_channel(core: _ring.ChannelCore) -> None:
+    core.close()  # wakes anyone still waiting (a process between attach steps)
 
 
 def _drop_dead_wakers(core: _ring.ChannelCore, liveness: Liveness, wake_the_rest: bool) -> None:
@@ -203,7 +228,7 @@ def _drop_dead_wakers(core: _ring.ChannelCore, liveness: Liveness, wake_the_rest
         for first, count in ((L.RECV_WAITLIST_WORD, L.RECV_WAITING), (L.SEND_WAITLIST_WORD, L.SEND_WAITING)):
             for word in range(first, first + L.WAITLIST_SLOTS):
                 waker_id = int(words[word])
-                if waker_id and liveness.ticks(waker_id >> 32) is None:
+                if waker_id and liveness.ticks(_names.waker_pid(waker_id)) is None:
                     words[word] = 0
                     words[count] = max(0, words[count] - 1)
             if wake_the_rest:
@@ -242,22 +267,13 @@ def _recount(core: _ring.ChannelCore) -> None:
         core.release_lock()
 
 
-def recover_feed(namespace: str, key: str, liveness: Liveness, repairs: Repairs) -> None:
-    core = FeedCore.map_unattached(namespace, key)
-    if core is None:
-        return
-    try:
-        words = core.words
-        attached = L.attached_processes(words)
-        _release_dead_owner(core, L.SEND_LOCK_OWNER, core.send_lock, "send", liveness, attached, repairs)
-        _release_dead_owner(core, L.LOCK_OWNER, core.lock, "table", liveness, attached, repairs)
-        _end_dead_subscriptions(core, liveness, repairs)
-        _fail_if_every_sender_died(core, liveness, repairs)
-        if _drop_dead_attachers(core, L.attached_processes(words), liveness, L.SENDER_DEATHS):
-            core.unlink_names()
-            repairs.destroyed += _names_of(namespace, core.segment_name, words, (L.LOCK_ID, L.SEND_LOCK_ID))
-    finally:
-        core.release()
+# --- feeds -----------------------------------------------------------------------------------
+
+
+def _repair_feed(core: FeedCore, released: list[int], liveness: Liveness, repairs: Repairs) -> None:
+    """Subscriptions of dead processes ended; those of a feed whose every sender died failed."""
+    _end_dead_subscriptions(core, liveness, repairs)
+    _fail_if_every_sender_died(core, liveness, repairs)
 
 
 def _active_entries(core: FeedCore) -> list[tuple[int, int, int, int, int]]:
@@ -312,57 +328,43 @@ def _fail_if_every_sender_died(core: FeedCore, liveness: Liveness, repairs: Repa
         core.release_lock()
 
 
-def recover_scope(namespace: str, segment_name: str, liveness: Liveness, repairs: Repairs) -> None:
-    """Drop the entries and wakers of dead processes from a named scope; unlink it if orphaned."""
-    mapping = _shm.open_segment(segment_name)
-    if mapping is None:
-        return
-    buffer = memoryview(mapping)
-    words = buffer[: L.HEADER_BYTES].cast("Q")
-    table = buffer[L.HEADER_BYTES : L.SCOPE_SEGMENT_BYTES].cast("Q") if len(mapping) >= L.SCOPE_SEGMENT_BYTES else None
-    lock = None
+# --- named scopes ------------------------------------------------------------------------------
+
+
+def _repair_scope(core: _SharedScope, released: list[int], liveness: Liveness, repairs: Repairs) -> None:
+    """Entries and watchers' wakers of dead processes out of the scope (under its lock)."""
+    words, table = core.words, core.table
+    core.acquire()
     try:
-        if table is None or words[L.MAGIC] != L.SCOPE_MAGIC:
-            return
-        semaphore = _shm.open_semaphore(_names.lock_semaphore(namespace, int(words[L.LOCK_ID])))
-        if semaphore is None:
-            return
-        lock = _shm.BoundedLock(semaphore, 0.2)
-        attached = L.attached_processes(words)
-        if int(words[L.LOCK_OWNER]) and not liveness.owner_alive(int(words[L.LOCK_OWNER]), attached) and lock.value == 0:
-            words[L.LOCK_OWNER] = 0
-            lock.release()
-            repairs.released_locks.append(f"lock of {segment_name} held by a dead process")
-        lock.acquire()
-        try:
-            for word in range(0, L.SCOPE_SLOTS * L.SCOPE_ENTRY_WORDS, L.SCOPE_ENTRY_WORDS):
-                if table[word + 3] and not liveness.alive(int(table[word]), int(table[word + 1])):
-                    table[word + 3] = 0
-                    words[L.SCOPE_COUNT] -= 1
-            for word in range(L.SCOPE_WAITLIST_WORD, L.SCOPE_WAITLIST_WORD + L.WAITLIST_SLOTS):
-                if words[word] and liveness.ticks(int(words[word]) >> 32) is None:
-                    words[word] = 0
-                    words[L.SCOPE_WAITING] = max(0, words[L.SCOPE_WAITING] - 1)
-            if words[L.SCOPE_CLOSED]:  # a closer may have died before waking every watcher
-                L.waitlist_post_all(words, L.SCOPE_WAITLIST_WORD, L.SCOPE_WAITING, namespace)
-            for pid, ticks in attached:
-                if not liveness.alive(pid, ticks):
-                    L.remove_attached(words, pid, ticks)
-            orphaned = not words[L.DESTROYED] and not any(liveness.alive(*p) for p in L.attached_processes(words))
-            if orphaned:
-                words[L.DESTROYED] = 1
-        finally:
-            lock.release()
-        if orphaned:
-            lock_name = _names.lock_semaphore(namespace, int(words[L.LOCK_ID]))
-            _shm.unlink_segment(segment_name)
-            _shm.unlink_semaphore(lock_name)
-            repairs.destroyed += [_names.shm_path(segment_name), _names.semaphore_path(lock_name)]
+        for word in range(0, L.SCOPE_SLOTS * L.SCOPE_ENTRY_WORDS, L.SCOPE_ENTRY_WORDS):
+            if table[word + 3] and not liveness.alive(int(table[word]), int(table[word + 1])):
+                table[word + 3] = 0
+                words[L.SCOPE_COUNT] -= 1
+        for word in range(L.SCOPE_WAITLIST_WORD, L.SCOPE_WAITLIST_WORD + L.WAITLIST_SLOTS):
+            if words[word] and liveness.ticks(_names.waker_pid(int(words[word]))) is None:
+                words[word] = 0
+                words[L.SCOPE_WAITING] = max(0, words[L.SCOPE_WAITING] - 1)
+        if words[L.SCOPE_CLOSED]:  # a closer may have died before waking every watcher
+            L.waitlist_post_all(words, L.SCOPE_WAITLIST_WORD, L.SCOPE_WAITING, core.namespace)
     finally:
-        if lock is not None:
-            lock.close()
-        if table is not None:
-            table.release()
-        words.release()
-        buffer.release()
-        mapping.close()
+        core.release_lock()
+
+
+# --- every kind ------------------------------------------------------------------------------------
+
+
+class _Steps(NamedTuple):
+    """What recovery does differently for one kind of segment."""
+
+    map_unattached: Callable[[str, Entry], Any]  # the segment, its locks bounded; None if gone
+    repair: Callable[[Any, list[int], Liveness, Repairs], None]  # (core, released owner words, ...)
+    before_destroy: Callable[[Any], None] = lambda core: None
+
+
+_SEGMENT_STEPS = {
+    EntryKind.CHANNEL: _Steps(lambda namespace, entry: _ring.ChannelCore.map_unattached(namespace, entry.number),
+                              _repair_channel, _close_channel),
+    EntryKind.FEED: _Steps(lambda namespace, entry: FeedCore.map_unattached(namespace, entry.key), _repair_feed),
+    EntryKind.SCOPE: _Steps(lambda namespace, entry: _SharedScope.map_unattached(namespace, entry.segment),
+                            _repair_scope),
+}

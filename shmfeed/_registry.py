@@ -7,8 +7,13 @@ It holds the namespace's registry lock for its whole life (exactly one runs), an
   SIGKILL included — is noticed at once;
 - after a death, runs a recovery pass (``_recovery``): locks released, subscriptions ended,
   senders released, segments unlinked once no live process uses them;
+- every ``LEFTOVER_SECONDS``, also runs one if ``shmfeed gc`` would find something to
+  remove: leftovers no death points to, such as lock semaphores that no segment names any
+  more (a creation killed half-way, a segment overwritten), once their grace period is over;
 - answers queries on its unix socket (``ping``, ``recover``, ``snapshot``);
-- exits once the namespace has had nothing in /dev/shm for ``idle_seconds``.
+- exits once the namespace has had nothing of the library's in /dev/shm for
+  ``idle_seconds`` (names it does not recognise, or files of other users, do not count:
+  nothing can be done about them, and they must not keep it alive for good).
 
 It keeps no state that matters: a registry killed at any point is replaced by the next
 use, and the new one rebuilds everything from shared memory.
@@ -31,6 +36,7 @@ from . import _layout as L
 from . import _names, _process, _recovery, _registry_client
 
 SCAN_SECONDS = 0.25
+LEFTOVER_SECONDS = 1.0  # a sweep without removing costs about as much as a scan
 DEFAULT_IDLE_SECONDS = 2.0
 
 
@@ -114,7 +120,7 @@ class Registry:
 
     def _loop(self) -> None:
         idle_since: float | None = None
-        next_scan = 0.0
+        next_scan = next_leftover_check = 0.0
         while not self.stopping:
             now = time.monotonic()
             timeout = max(0.0, next_scan - now)
@@ -132,9 +138,12 @@ class Registry:
                 self.recover()
             if time.monotonic() >= next_scan:
                 next_scan = time.monotonic() + SCAN_SECONDS
-                if self._scan() or self.suspects:
+                leftover_check = time.monotonic() >= next_leftover_check
+                if leftover_check:
+                    next_leftover_check = time.monotonic() + LEFTOVER_SECONDS
+                if self._scan() or self.suspects or (leftover_check and self._leftovers()):
                     self.recover()
-                if _gc.namespace_entries(self.namespace):
+                if _gc.own_entries(self.namespace):
                     idle_since = None
                 elif idle_since is None:
                     idle_since = time.monotonic()
@@ -169,24 +178,20 @@ class Registry:
     def _processes_in_segments(self) -> tuple[set[tuple[int, int]], bool]:
         """The processes in the segments' slots and those whose wakers are left, and whether
         some segment has none."""
-        start = _names.prefix(self.namespace)
         found: set[tuple[int, int]] = set()
         orphans = False
-        for entry in _gc.namespace_entries(self.namespace):
-            if entry.startswith("sem."):
-                rest = entry[len("sem." + start) :]
-                if rest.startswith("w"):  # a waker: its pid is in its name
-                    try:
-                        found.add((int(rest[1:], 16) >> 32, 0))
-                    except ValueError:
-                        pass
-                continue
-            if "." in entry[len(start) :]:
-                continue
-            slots = _read_slots(f"{_names.SHM_DIR}/{entry}")
-            orphans = orphans or not slots
-            found.update(slots)
+        for entry in _gc.own_entries(self.namespace):
+            if entry.kind is _names.EntryKind.WAKER:  # its pid is in its name
+                found.add((entry.pid, 0))
+            elif entry.kind in _names.SEGMENT_ENTRY_KINDS:
+                slots = _read_slots(entry.path)
+                orphans = orphans or not slots
+                found.update(slots)
         return found, orphans
+
+    def _leftovers(self) -> bool:
+        """Whether the namespace holds something ``shmfeed gc`` would remove."""
+        return bool(_gc.sweep(self.namespace, remove=False).all())
 
     def _unwatch(self, pid: int) -> None:
         pidfd = self.watched.pop(pid, None)
@@ -249,15 +254,13 @@ class Registry:
 
 def _read_slots(path: str) -> set[tuple[int, int]]:
     """(pid, ticks) of a segment's attach slots (a feed's senders are among them)."""
-    import mmap
-
     try:
-        with open(path, "rb") as segment_file:
-            if os.fstat(segment_file.fileno()).st_size < L.HEADER_BYTES:
-                return set()
-            mapping = mmap.mmap(segment_file.fileno(), L.HEADER_BYTES, prot=mmap.PROT_READ)
+        mapped = _gc.map_segment(path)
     except (OSError, ValueError):
         return set()
+    if mapped is None:
+        return set()
+    mapping = mapped[0]
     try:
         words = memoryview(mapping).cast("Q")
         try:

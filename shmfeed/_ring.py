@@ -44,7 +44,7 @@ _pack_record_header = RECORD_HEADER.pack_into
 _unpack_record_header = RECORD_HEADER.unpack_from
 SPILL_REFERENCE = struct.Struct("<QQ")
 KIND_DATA, KIND_WRAP, KIND_SPILL = 1, 2, 3
-MIN_RING_BYTES = 4096
+MIN_RING_BYTES = L.MIN_RING_BYTES
 MAX_RECORD_BYTES = 0xFFFF_FFF0
 
 OVERFLOW_POLICIES = ("block", "drop_newest", "drop_oldest", "evict")
@@ -118,6 +118,8 @@ class ChannelCore(AttachedSegment):
     its holder never waits for anything while holding it (it is last in the lock order),
     so a live holder lets go at once; a dead one is released by recovery.
     """
+
+    kind = L.CHANNEL_KIND
 
     def __init__(
         self, namespace: str, channel_id: int, mapping: mmap.mmap, locks: tuple[Any, Any, Any]
@@ -265,7 +267,7 @@ class ChannelCore(AttachedSegment):
         mapping = _shm.open_segment(name)
         if mapping is None:
             return None
-        if len(mapping) < L.HEADER_BYTES + MIN_RING_BYTES:
+        if len(mapping) < cls.kind.min_bytes:
             mapping.close()
             return None
         words = memoryview(mapping)[: L.HEADER_BYTES].cast("Q")
@@ -279,8 +281,8 @@ class ChannelCore(AttachedSegment):
                 and words[L.CAPACITY] > 0
             )
             if valid:
-                for word in (L.LOCK_ID, L.RECV_LOCK_ID, L.WAIT_LOCK_ID):
-                    lock = _shm.open_semaphore(_names.lock_semaphore(namespace, int(words[word])))
+                for lock_id in L.lock_ids(words, cls.kind):
+                    lock = _shm.open_semaphore(_names.lock_semaphore(namespace, lock_id))
                     if lock is None:
                         break
                     locks.append(lock)
@@ -346,18 +348,12 @@ class ChannelCore(AttachedSegment):
         if self.holders and self.attached:  # the child holds the parent's Channel objects too
             L.set_own_flag(self.words, L.SLOT_HOLDER, True)
 
-    def unlink_names(self) -> None:
-        """Remove the channel's locks, spill files, then segment from /dev/shm (DESTROYED set).
-
-        Segment last: a process killed half-way leaves a segment that names what is left.
-        """
-        for word in (L.LOCK_ID, L.RECV_LOCK_ID, L.WAIT_LOCK_ID):
-            _shm.unlink_semaphore(_names.lock_semaphore(self.namespace, int(self.words[word])))
+    def _unlink_files(self) -> None:
+        """The spill files still linked to the channel (``unlink_names``)."""
         for path in glob.glob(_names.spill_file(self.namespace, self.channel_id, 0)[:-16] + "*"):
             _unlink_file(path)
-        _shm.unlink_segment(self.segment_name)
 
-    def _semaphores(self) -> list[Any]:
+    def lock_semaphores(self) -> list[Any]:
         return [self.send_lock, self._own_recv_lock, self.wait_lock]
 
     # --- locking ----------------------------------------------------------------------

@@ -177,8 +177,10 @@ SubscriptionScope.__module__ = ScopeSubscription.__module__ = "shmfeed"
 class _SharedScope(AttachedSegment):
     """This process's attachment to a named scope's segment, and its watcher thread."""
 
-    def __init__(self, namespace: str, name: str, mapping: mmap.mmap, lock: Any) -> None:
-        self._setup_segment(namespace, _names.scope_segment(namespace, name), mapping)
+    kind = L.SCOPE_KIND
+
+    def __init__(self, namespace: str, name: str, segment_name: str, mapping: mmap.mmap, lock: Any) -> None:
+        self._setup_segment(namespace, segment_name, mapping)
         self.name = name
         self.table = self.buffer[L.HEADER_BYTES : L.SCOPE_SEGMENT_BYTES].cast("Q")
         self.lock = self.segment_lock = lock
@@ -203,14 +205,33 @@ class _SharedScope(AttachedSegment):
 
     @classmethod
     def _attach(cls, namespace: str, name: str, segment_name: str) -> "_SharedScope | None":
-        opened = open_named(namespace, segment_name, L.SCOPE_SEGMENT_BYTES, L.SCOPE_MAGIC, "scope", (L.LOCK_ID,))
+        opened = open_named(namespace, segment_name, cls.kind)
         if opened is None:
             return None
         mapping, (lock,) = opened
-        scope = cls(namespace, name, mapping, lock)
+        scope = cls(namespace, name, segment_name, mapping, lock)
         if not scope.join():
             scope._close_local()
             return None
+        return scope
+
+    @classmethod
+    def map_unattached(
+        cls, namespace: str, segment_name: str, lock_timeout: float = _ring.RECOVERY_LOCK_TIMEOUT
+    ) -> "_SharedScope | None":
+        """Map a scope without joining its attach slots (for the registry and gc): its lock
+        gives up after ``lock_timeout`` seconds with ``_shm.LockBusy``.
+
+        Raises:
+            ShmfeedError: the segment is too small or not a scope.
+        """
+        opened = open_named(namespace, segment_name, cls.kind)
+        if opened is None:
+            return None
+        mapping, (lock,) = opened
+        scope = cls(namespace, "", segment_name, mapping, _shm.BoundedLock(lock, lock_timeout))
+        scope.name = L.read_text(scope.buffer, L.FEED_NAME_OFFSET, int(scope.words[L.SCOPE_NAME_LEN]), L.FEED_NAME_MAX)
+        scope.attached = False
         return scope
 
     @classmethod
@@ -237,7 +258,7 @@ class _SharedScope(AttachedSegment):
                 lock.close()
         if mapping is None:
             return None
-        return cls(namespace, name, mapping, lock)
+        return cls(namespace, name, segment_name, mapping, lock)
 
     def describe(self) -> str:
         return f"scope {self.name!r}"
@@ -364,7 +385,10 @@ class _SharedScope(AttachedSegment):
             return
         self.stopping = True
         waker.post()
-        watcher.join()
+        # The watcher may hold the last reference, so that the release runs in it (its run
+        # ends there): it is stopping already, and a thread cannot join itself.
+        if watcher is not threading.current_thread():
+            watcher.join()
         self.watcher = None
 
     # --- lifetime ---------------------------------------------------------------------------------
@@ -382,14 +406,10 @@ class _SharedScope(AttachedSegment):
         if self.waker is not None:
             self.waker.destroy()
 
-    def unlink_names(self) -> None:
-        _shm.unlink_semaphore(_names.lock_semaphore(self.namespace, int(self.words[L.LOCK_ID])))
-        _shm.unlink_segment(self.segment_name)  # last, so that it names what is left
-
     def _views(self) -> list[memoryview]:
         return [self.words, self.table, self.buffer]
 
-    def _semaphores(self) -> list[Any]:
+    def lock_semaphores(self) -> list[Any]:
         return [self.lock]
 
 

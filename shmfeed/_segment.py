@@ -17,10 +17,8 @@ from . import _names, _process, _shm
 from ._errors import ShmfeedError, TableFullError
 
 
-def open_named(
-    namespace: str, segment_name: str, min_size: int, magic: int, what: str, lock_words: tuple[int, ...]
-) -> tuple[mmap.mmap, list[Any]] | None:
-    """Map an existing segment and open the semaphores its header names.
+def open_named(namespace: str, segment_name: str, kind: L.SegmentKind) -> tuple[mmap.mmap, list[Any]] | None:
+    """Map an existing segment and open the semaphores its header names (in ``kind``'s order).
 
     Returns None if it does not exist or is being destroyed (a lock is gone).
 
@@ -30,14 +28,14 @@ def open_named(
     mapping = _shm.open_segment(segment_name)
     if mapping is None:
         return None
-    if len(mapping) < min_size:
+    if len(mapping) < kind.min_bytes:
         mapping.close()
-        raise ShmfeedError(f"shmfeed: {what} segment {segment_name!r} is damaged; run `shmfeed gc`")
+        raise ShmfeedError(f"shmfeed: {kind.name} segment {segment_name!r} is damaged; run `shmfeed gc`")
     words = memoryview(mapping)[: L.HEADER_BYTES].cast("Q")
     try:
-        if words[L.MAGIC] != magic:
-            raise ShmfeedError(f"shmfeed: {segment_name!r} is not a {what}; run `shmfeed gc`")
-        locks = [_shm.open_semaphore(_names.lock_semaphore(namespace, int(words[w]))) for w in lock_words]
+        if words[L.MAGIC] != kind.magic:
+            raise ShmfeedError(f"shmfeed: {segment_name!r} is not a {kind.name}; run `shmfeed gc`")
+        locks = [_shm.open_semaphore(_names.lock_semaphore(namespace, lock_id)) for lock_id in L.lock_ids(words, kind)]
     finally:
         words.release()
     if any(lock is None for lock in locks):
@@ -52,10 +50,11 @@ def open_named(
 class AttachedSegment:
     """This process's mapping of one segment, and its place in the segment's attach slots.
 
-    Subclasses set ``segment_lock`` (the semaphore guarding the header and attach slots)
-    and implement ``unlink_names`` and ``_semaphores``.
+    Subclasses set ``kind`` and ``segment_lock`` (the semaphore guarding the header and
+    attach slots) and implement ``lock_semaphores``.
     """
 
+    kind: L.SegmentKind
     segment_lock: Any
 
     def _setup_segment(self, namespace: str, segment_name: str, mapping: mmap.mmap) -> None:
@@ -148,11 +147,20 @@ class AttachedSegment:
             self.release_lock()
 
     def release(self) -> None:
-        """Leave the segment; the last live process unlinks its names. Idempotent."""
+        """Leave the segment; the last live process unlinks its names. Idempotent.
+
+        A call while another thread releases the segment returns once that release is done:
+        the other may be a finalizer (``__del__`` in whichever thread dropped the last
+        reference, a scope's watcher say) that ``release_namespace`` found through a weak
+        reference mid-way, and its callers count on the segment being let go on return.
+        """
         with self._release_lock:
             if self.released:
                 return
             self.released = True
+            self._detach_and_close()
+
+    def _detach_and_close(self) -> None:
         last = False
         if self.attached:
             self._before_detach()
@@ -176,8 +184,18 @@ class AttachedSegment:
         """Hook: release what must outlive the detach step."""
 
     def unlink_names(self) -> None:
-        """Remove the segment's names from /dev/shm (it is marked DESTROYED)."""
-        raise NotImplementedError
+        """Remove the segment's names from /dev/shm (it is marked DESTROYED): its locks, then
+        the files that belong to it, then the segment.
+
+        Segment last: a process killed half-way leaves a segment that names what is left.
+        """
+        for lock_id in L.lock_ids(self.words, self.kind):
+            _shm.unlink_semaphore(_names.lock_semaphore(self.namespace, lock_id))
+        self._unlink_files()
+        _shm.unlink_segment(self.segment_name)
+
+    def _unlink_files(self) -> None:
+        """Hook: remove files of the segment's other than its locks (before the segment)."""
 
     # --- the mapping ---------------------------------------------------------------------------
 
@@ -185,7 +203,8 @@ class AttachedSegment:
         """Views of the mapping to release before closing it, innermost first."""
         return [self.words, self.buffer]
 
-    def _semaphores(self) -> list[Any]:
+    def lock_semaphores(self) -> list[Any]:
+        """This process's handles of the segment's locks, in the order of ``kind.locks``."""
         raise NotImplementedError
 
     def _close_local(self) -> None:
@@ -195,7 +214,7 @@ class AttachedSegment:
             self.mapping.close()
         except (BufferError, ValueError):
             pass  # a view is still exported somewhere: the mapping goes with the process
-        for semaphore in self._semaphores():
+        for semaphore in self.lock_semaphores():
             try:
                 semaphore.close()
             except Exception:  # noqa: BLE001 - already closed

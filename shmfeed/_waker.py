@@ -39,7 +39,7 @@ class Waker:
     def __init__(self, namespace: str) -> None:
         self.namespace = namespace
         # The pid in the high half lets cleanup tell which process a leftover belonged to.
-        self.waker_id = (os.getpid() << 32) | (_names.new_id() & 0xFFFF_FFFF or 1)
+        self.waker_id = _names.new_waker_id(os.getpid())
         self.name = _names.waker_semaphore(namespace, self.waker_id)
         self.pid = os.getpid()
         self.semaphore = _shm.create_semaphore(self.name, 0)

@@ -129,6 +129,12 @@ def wait_until(predicate: Callable[[], Any], timeout: float = RESULT_TIMEOUT, wh
         time.sleep(0.002)
 
 
+def premise(ok: object, what: str) -> None:
+    """A broken premise of a test is a plain failure, not the one the test looks for."""
+    if not ok:
+        raise RuntimeError(f"premise of the test broken: {what}")
+
+
 def _ping(namespace: str) -> int | None:
     try:
         answer = _registry_client.request(namespace, {"op": "ping"}, timeout=2.0)
@@ -345,6 +351,31 @@ def take_wakers_then_stall(namespace: str, channel: shmfeed.Channel, ready: Any,
     # the same steps in the same order).
     channel._live_core()._fast = None
     channel.recv(timeout=RECV_TIMEOUT)
+
+
+def hold_channel_lock(namespace: str, channel: shmfeed.Channel, with_owner: bool, ready: Any) -> None:
+    """Take the channel's send lock as the library does (``with_owner``: writing LOCK_OWNER;
+    else as if killed before writing it), say so on the ``ready`` pipe, wait to be killed."""
+    enter_namespace(namespace)
+    core = channel._core  # type: ignore[attr-defined]
+    if with_owner:
+        core.acquire()
+    else:
+        core.send_lock.acquire()
+    ready.send(os.getpid())
+    signal.pause()
+
+
+def leave_segments(namespace: str, ready: Any) -> None:
+    """Make a channel, a named feed subscribed to it and a named scope tracking that, say so
+    on the ``ready`` pipe and wait to be killed: the segments outlive every process that used
+    them (the test runs no registry meanwhile)."""
+    enter_namespace(namespace)
+    channel = shmfeed.Channel()
+    scope = shmfeed.SubscriptionScope("left")
+    scope.track(shmfeed.Feed("left").subscribe(channel))
+    ready.send(os.getpid())
+    signal.pause()
 
 
 def loose_subscriber(namespace: str, reports: Any, feed_name: str, report_after: int) -> None:

@@ -11,7 +11,7 @@ import uuid
 import psutil
 import pytest
 
-from shmfeed import _gc, _release
+from shmfeed import _gc, _names, _release
 from shmfeed import _layout as L
 
 START_METHODS = ["fork", "spawn", "forkserver"]
@@ -46,16 +46,16 @@ def _wait_out_destruction(name: str, timeout: float = 5.0) -> list[str]:
         left = _gc.namespace_entries(name)
         if not left or time.monotonic() > deadline:
             return left
-        if not all(_being_cleaned(entry) for entry in left):
+        if not all(_being_cleaned(name, entry) for entry in left):
             return left
         time.sleep(0.05)
 
 
-def _being_cleaned(entry: str) -> bool:
-    waker = entry.rsplit(".", 1)[-1]
-    if entry.startswith("sem.") and waker.startswith("w"):
-        return not psutil.pid_exists(int(waker[1:], 16) >> 32)  # a dead process's waker
-    if entry.startswith("sem."):
+def _being_cleaned(namespace: str, entry: str) -> bool:
+    parsed = _names.parse_entry(namespace, entry)
+    if parsed is not None and parsed.kind is _names.EntryKind.WAKER:
+        return not psutil.pid_exists(parsed.pid)  # a dead process's waker
+    if parsed is not None and parsed.kind is _names.EntryKind.LOCK:
         return True  # a lock: goes with its segment, judged by that
     return _being_destroyed(entry)
 

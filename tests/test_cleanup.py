@@ -29,11 +29,10 @@ def _wait_on(channel: shmfeed.Channel, ready: shmfeed.Channel) -> None:
 
 
 def _channels_and_wakers(namespace: str, entries: list[str]) -> tuple[list[str], list[str]]:
-    """The channel segments and the wakers among a namespace's entries in /dev/shm (by
-    their full prefix: the namespace token itself may hold ".c" or ".w")."""
-    start = _names.prefix(namespace)
-    return ([entry for entry in entries if entry.startswith(start + "c")],
-            [entry for entry in entries if entry.startswith("sem." + start + "w")])
+    """The channel segments and the wakers among a namespace's entries in /dev/shm."""
+    kinds = {entry: getattr(_names.parse_entry(namespace, entry), "kind", None) for entry in entries}
+    return ([entry for entry, kind in kinds.items() if kind is _names.EntryKind.CHANNEL],
+            [entry for entry, kind in kinds.items() if kind is _names.EntryKind.WAKER])
 
 
 def _kill_while_asleep(mp_context, target, args: tuple, channel: shmfeed.Channel, ready: shmfeed.Channel) -> None:

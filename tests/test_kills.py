@@ -200,12 +200,6 @@ def test_concurrent_creation_of_a_named_feed(namespace, monkeypatch):
     sub.unsubscribe()
 
 
-def _premise(ok: object, what: str) -> None:
-    """A broken premise of a bug's test is a plain failure, not the expected one."""
-    if not ok:
-        raise RuntimeError(f"premise of the test broken: {what}")
-
-
 @pytest.mark.timeout(60)
 def test_killed_while_destroying_a_channel(namespace):
     """A process killed while destroying the last channel it used leaves nothing behind.
@@ -223,10 +217,10 @@ def test_killed_while_destroying_a_channel(namespace):
     try:
         with K.running(ctx, (K.destroy_then_stall, (namespace, results))) as (child,):
             message = K.get(results)
-            _premise(message[:2] == ("unlinking", child.pid), f"the child stalls: {message}")
+            K.premise(message[:2] == ("unlinking", child.pid), f"the child stalls: {message}")
             segment, locks = message[2].lstrip("/"), set(message[3])
             entries = set(_gc.namespace_entries(namespace))
-            _premise(len(locks) == 3 and not locks & entries and segment in entries,
+            K.premise(len(locks) == 3 and not locks & entries and segment in entries,
                      "the three semaphores are unlinked, the segment not yet")
             K.wait_watched(namespace, child.pid)
             K.kill(child.pid)
@@ -256,16 +250,16 @@ def test_killed_between_taking_and_posting_wakers(namespace):
     ready, go, stalled = ctx.Event(), ctx.Event(), ctx.Event()
     sender = K.SenderThread(lambda v: channel.send(v, timeout=5), ["b"])
     with K.running(ctx, (K.take_wakers_then_stall, (namespace, channel, ready, go, stalled))) as (child,):
-        _premise(ready.wait(30), "the child ready")
+        K.premise(ready.wait(30), "the child ready")
         sender.start()
         deadline = time.monotonic() + 30
         while channel.statistics().waiting_senders != 1 and time.monotonic() < deadline:
             time.sleep(0.002)
-        _premise(channel.statistics().waiting_senders == 1, "the send waiting")
+        K.premise(channel.statistics().waiting_senders == 1, "the send waiting")
         K.wait_watched(namespace, child.pid)
         go.set()
-        _premise(stalled.wait(30), "the child stalls in _waker.post")
-        _premise(channel.statistics().waiting_senders == 1, "the waker still listed, not posted")
+        K.premise(stalled.wait(30), "the child stalls in _waker.post")
+        K.premise(channel.statistics().waiting_senders == 1, "the waker still listed, not posted")
         K.kill(child.pid)
     sender.join(K.PROCEED_BOUND)
     try:

@@ -8,6 +8,8 @@ import time
 
 import pytest
 
+import _kill_workers as K
+import _scope_workers
 import shmfeed
 from shmfeed import _layout as L
 from shmfeed import _inspect, _recovery
@@ -20,38 +22,56 @@ def no_registry(monkeypatch):
     monkeypatch.setenv("SHMFEED_NO_REGISTRY", "1")
 
 
-def _take_lock_and_hang(channel: shmfeed.Channel, which: str, results: shmfeed.Channel) -> None:
-    core = channel._core
-    if which == "owner":
-        core.acquire()  # the owner word says who holds it
-    else:
-        core.send_lock.acquire()  # killed before writing the owner word
-    results.send(os.getpid())
-    signal.pause()
-
-
 def _kill(process, pid: int) -> None:
     os.kill(pid, signal.SIGKILL)
     process.join(10)
 
 
-@pytest.mark.parametrize("which", ["owner", "no owner"])
-def test_a_lock_of_a_killed_process_is_released(mp_context, namespace, which):
-    channel, results = shmfeed.Channel(capacity=4), shmfeed.Channel()
-    process = mp_context.Process(target=_take_lock_and_hang, args=(channel, which, results))
+def _kill_while_holding(mp_context, target, args: tuple) -> None:
+    """Run ``target(*args, ready)`` in a child until it says on the pipe that it holds a lock; kill it."""
+    reader, writer = mp_context.Pipe(duplex=False)
+    process = mp_context.Process(target=target, args=(*args, writer))
     process.start()
-    pid = results.recv(timeout=30)
-    _kill(process, pid)
-    assert channel._core.send_lock.value == 0
+    assert reader.poll(30), "the child never took the lock"
+    _kill(process, reader.recv())
+
+
+def _passes_until_released(namespace: str, lock) -> int:
+    """Recovery passes (the registry's, one after the other) until ``lock`` is free again."""
+    assert lock.value == 0
     suspects: dict = {}
     passes = 0
-    while channel._core.send_lock.value == 0:
+    while lock.value == 0:
         passes += 1
         assert passes <= _recovery.SUSPECT_CHECKS + 1, "the lock was never released"
         _recovery.recover_namespace(namespace, _recovery.Liveness(suspects))
+    return passes
+
+
+@pytest.mark.parametrize("which", ["owner", "no owner"])
+def test_a_lock_of_a_killed_process_is_released(mp_context, namespace, which):
+    channel = shmfeed.Channel(capacity=4)
+    _kill_while_holding(mp_context, K.hold_channel_lock, (namespace, channel, which == "owner"))
+    passes = _passes_until_released(namespace, channel._core.send_lock)
     assert passes == (1 if which == "owner" else _recovery.SUSPECT_CHECKS)
     channel.send("works again", timeout=5)
     assert channel.recv(timeout=5) == "works again"
+
+
+@pytest.mark.parametrize("which", ["owner", "no owner"])
+def test_a_scope_lock_of_a_killed_process_is_released_as_a_channel_lock_is(mp_context, namespace, which):
+    # The same steps as for a channel: a dead owner's lock at once, an ownerless one after
+    # SUSPECT_CHECKS passes; the dead process's entry goes in the pass that frees the lock.
+    scope = shmfeed.SubscriptionScope("job")
+    _kill_while_holding(mp_context, _scope_workers.hold_scope_lock, (namespace, "job", which == "owner"))
+    assert scope.count() == 1  # the child's tracked subscription
+    passes = _passes_until_released(namespace, scope._shared.segment_lock)
+    assert passes == (1 if which == "owner" else _recovery.SUSPECT_CHECKS)
+    assert scope.count() == 0
+    sub = scope.track(shmfeed.Feed().subscribe(shmfeed.Channel()))
+    assert sub is not None and scope.count() == 1
+    scope.close()
+    assert scope.count() == 0 and sub.err().recv(timeout=5) is None
 
 
 def _subscribe_and_hang(feed: shmfeed.Feed, results: shmfeed.Channel) -> None:
