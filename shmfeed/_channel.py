@@ -298,7 +298,11 @@ class Channel(TypeArgument, Generic[T]):
         if core is None:
             return
         self._core = None
-        if core.let_go() and _ring.subscribed_here(core.namespace, core.channel_id):
+        try:
+            abandoned = core.let_go() and _ring.subscribed_here(core.namespace, core.channel_id)
+        except Exception:  # noqa: BLE001 - at interpreter teardown modules may be half gone
+            return
+        if abandoned:
             warnings.warn(
                 f"shmfeed: channel {self._channel_id:016x} was dropped while still subscribed "
                 f"(no process holds it any more); it was closed and its subscriptions ended. "

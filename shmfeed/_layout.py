@@ -273,7 +273,6 @@ def init_common(words: memoryview, magic: int, lock_id: int) -> None:
     words[CREATOR_TICKS] = ticks
 
 
-FORK_PENDING = 0xFFFF_FFFF_FFFF_FFFF  # start-ticks of a slot a parent holds for its child
 
 
 def _slot_words() -> range:
@@ -298,7 +297,7 @@ def reserve_for_child(words: memoryview) -> None:
     free = _free_slot(words)
     if free >= 0:
         words[free] = _process.identity()[0] | flags
-        words[free + 1] = FORK_PENDING
+        words[free + 1] = _process.fork_reservation()
         words[ATTACHED] += 1
 
 
@@ -310,7 +309,7 @@ def claim_after_fork(words: memoryview) -> bool:
     parent = os.getppid()
     pid, ticks = _process.identity()
     for word in _slot_words():
-        if words[word] & SLOT_PID_MASK == parent and words[word + 1] == FORK_PENDING:
+        if words[word] & SLOT_PID_MASK == parent and _process.is_fork_reservation(words[word + 1]):
             words[word] = pid
             words[word + 1] = ticks
             return True
@@ -372,6 +371,7 @@ def detach(words: memoryview, is_alive: Callable[[int, int], bool] = _process.is
     """
     pid, ticks = _process.identity()
     others_alive = False
+    own_reservations = False
     for word in _slot_words():
         value = words[word]
         if value == 0:
@@ -379,8 +379,12 @@ def detach(words: memoryview, is_alive: Callable[[int, int], bool] = _process.is
         if value & SLOT_PID_MASK == pid and words[word + 1] == ticks:
             words[word] = words[word + 1] = 0
             words[ATTACHED] -= 1
+        elif value & SLOT_PID_MASK == pid and _process.is_fork_reservation(words[word + 1]):
+            own_reservations = True  # alive while a child of ours may still claim it
         elif not others_alive:
             others_alive = is_alive(slot_pid(value), words[word + 1])
+    if own_reservations and not others_alive:
+        others_alive = _process.has_unknown_child({p for p, _ in attached_processes(words)})
     return not others_alive
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import atexit
 import os
 import threading
+import time
 from typing import Callable
 
 import psutil
@@ -55,18 +56,56 @@ def _start_ticks_psutil(pid: int) -> int | None:
         return None
 
 
-ANY_START = (0, 0xFFFF_FFFF_FFFF_FFFF)  # start-ticks values that match any process
+# A slot a parent holds for a child it is forking (see _layout.reserve_for_child) records,
+# instead of a start time, this tag and the time of the fork in ms (CLOCK_MONOTONIC). The
+# child claims it at once, in its first instructions; one unclaimed for FORK_CLAIM_MS is
+# a child that died first, and stops counting as alive.
+FORK_RESERVED = 0xFFFF << 48
+FORK_CLAIM_MS = 5000
+
+
+def fork_reservation() -> int:
+    """The start-time word of a slot reserved now for a child."""
+    return FORK_RESERVED | (time.monotonic_ns() // 1_000_000)
+
+
+def is_fork_reservation(ticks: int) -> bool:
+    return int(ticks) >> 48 == 0xFFFF
+
+
+def matches(now_ticks: int | None, ticks: int) -> bool:
+    """Whether a live process that started at ``now_ticks`` is the one recorded as
+    ``ticks`` (0: unknown, any; a fork reservation: the parent, for a while)."""
+    if now_ticks is None:
+        return False
+    if ticks == 0:
+        return True
+    if is_fork_reservation(ticks):
+        return time.monotonic_ns() // 1_000_000 - (int(ticks) & 0xFFFF_FFFF_FFFF) < FORK_CLAIM_MS
+    return now_ticks == ticks
 
 
 def is_alive(pid: int, ticks: int) -> bool:
-    """True if the process ``pid`` that started at ``ticks`` still runs.
-
-    ``ticks`` 0 (unknown) or the fork-pending mark match whatever process has the pid.
-    """
+    """True if the process ``pid`` that started at ``ticks`` still runs (see ``matches``)."""
     if pid <= 0:
         return False
-    now = start_ticks(pid)
-    return now is not None and (ticks in ANY_START or now == ticks)
+    return matches(start_ticks(pid), ticks)
+
+
+def has_unknown_child(known: set[int]) -> bool:
+    """Whether this process has a live child whose pid is not in ``known``: one that may
+    not have claimed the slot reserved for it yet."""
+    try:
+        children = psutil.Process().children()
+    except psutil.Error:
+        return True
+    for child in children:
+        try:
+            if child.pid not in known and child.status() != psutil.STATUS_ZOMBIE:
+                return True
+        except psutil.Error:
+            continue
+    return False
 
 
 def identity() -> tuple[int, int]:

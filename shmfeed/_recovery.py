@@ -55,8 +55,7 @@ class Liveness:
         return self._ticks[pid]
 
     def alive(self, pid: int, ticks: int) -> bool:
-        now = self.ticks(pid)
-        return now is not None and (ticks in _process.ANY_START or now == ticks)
+        return _process.matches(self.ticks(pid), ticks)
 
     def owner_alive(self, pid: int, attached: list[tuple[int, int]]) -> bool:
         """Whether the pid in a lock's owner word is alive (its start time from the slots)."""

@@ -30,7 +30,7 @@ def publish_then_report_and_wait(namespace: str, feed_name: str, value: Any, rep
     enter_namespace(namespace)
     feed = shmfeed.Feed(feed_name)
     feed.send(value)
-    reports.put(os.getpid())
+    reports.send(os.getpid())
     signal.pause()
 
 
@@ -90,7 +90,7 @@ def tick_worker(namespace: str, feed_name: str, index: int, ready: Any, raise_at
     enter_namespace(namespace)
     channel = shmfeed.Channel(capacity=8)
     sub = shmfeed.Feed(feed_name).subscribe(channel)  # noqa: F841 - kept as users do
-    ready.put(index)
+    ready.send(index)
     count = 0
     for value in channel:
         count += 1
@@ -106,5 +106,5 @@ def read_some_then_wait(namespace: str, channel: shmfeed.Channel, n: int, report
     enter_namespace(namespace)
     for _ in range(n):
         channel.recv(timeout=RECV_TIMEOUT)
-    reports.put(os.getpid())
+    reports.send(os.getpid())
     signal.pause()

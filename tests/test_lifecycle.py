@@ -86,15 +86,15 @@ def test_pool_of_one_task_workers_stays_healthy_until_a_sender_is_killed(mp_cont
     channel = shmfeed.Channel(capacity=64)
     sub = feed.subscribe(channel)
     registry_pid(namespace)
-    with mp_context.Manager() as manager, mp_context.Pool(2, maxtasksperchild=1) as pool:
-        reports = manager.Queue()
+    reports = shmfeed.Channel()  # a task argument (no Manager: under fork it would hold our objects)
+    with mp_context.Pool(2, maxtasksperchild=1) as pool:
         for round_ in range(20):
             values = [(round_, worker) for worker in range(2)]
             assert pool.starmap(W.publish, [(namespace, "rounds", v) for v in values]) == [1, 1]
             assert sorted(channel.recv(timeout=5) for _ in values) == values
         _no_error_within(sub, 0.5)
         pool.apply_async(W.publish_then_report_and_wait, (namespace, "rounds", (20, 0), reports))
-        pid = reports.get(timeout=WAIT)
+        pid = reports.recv(timeout=WAIT)
         assert channel.recv(timeout=5) == (20, 0)
         wait_watched(namespace, pid)
         os.kill(pid, signal.SIGKILL)
@@ -229,12 +229,12 @@ def test_a_mux_made_before_fork_is_one_mux(namespace: str) -> None:
 def test_a_worker_that_raises_inside_its_loop_does_not_block_the_producer(mp_context: Any, namespace: str) -> None:
     feed = shmfeed.Feed("ticks")
     registry_pid(namespace)
-    with mp_context.Manager() as manager, mp_context.Pool(3) as pool:
-        ready = manager.Queue()
+    ready = shmfeed.Channel()
+    with mp_context.Pool(3) as pool:
         tasks = [pool.apply_async(W.tick_worker, (namespace, "ticks", i, ready, 50 if i == 0 else -1, 1999))
                  for i in range(3)]
         for _ in tasks:
-            ready.get(timeout=WAIT)
+            ready.recv(timeout=WAIT)
         started = time.monotonic()
         for tick in range(2000):
             feed.send(tick)
@@ -282,10 +282,10 @@ def test_iterating_a_subscription_raises_once_every_sender_died(mp_context: Any,
     channel = shmfeed.Channel(capacity=16)
     sub = feed.subscribe(channel)
     registry_pid(namespace)
-    reports = mp_context.Queue()
+    reports = shmfeed.Channel()
     child = mp_context.Process(target=W.publish_then_report_and_wait, args=(namespace, "dying", "v", reports))
     child.start()
-    pid = reports.get(timeout=WAIT)
+    pid = reports.recv(timeout=WAIT)
     wait_watched(namespace, pid)
     os.kill(pid, signal.SIGKILL)
     got = []
@@ -299,13 +299,13 @@ def test_iterating_a_subscription_raises_once_every_sender_died(mp_context: Any,
 @pytest.mark.timeout(120)
 def test_the_monitor_names_the_reader_of_a_full_channel(mp_context: Any, namespace: str) -> None:
     channel = shmfeed.Channel(capacity=4)
-    reports = mp_context.Queue()
+    reports = shmfeed.Channel()
     registry_pid(namespace)
     for value in range(4):
         channel.send(value)
     reader = mp_context.Process(target=W.read_some_then_wait, args=(namespace, channel, 2, reports))
     reader.start()
-    pid = reports.get(timeout=WAIT)
+    pid = reports.recv(timeout=WAIT)
     for value in range(2):
         channel.send(value)  # full again
     view = _channel_view(namespace, channel)

@@ -24,8 +24,7 @@ import uuid
 CALLS = ("send", "recv", "select", "err_recv", "recv_async", "feed_send", "iterate_sub")
 
 # The program each run executes: argv[1] names the blocked call. The main thread returns
-# soon after the daemon thread is registered as a waiter (or, for select / err().recv,
-# after the thread said it is about to block: there is no counter to watch for those).
+# soon after the daemon thread is registered as a waiter on the channel it blocks on.
 PROGRAM = r'''
 import asyncio, atexit, sys, threading, time
 # Registered before shmfeed's own hook, so it runs after it (atexit is last in, first
@@ -62,7 +61,7 @@ def run():
     target()
 threading.Thread(target=run, daemon=True).start()
 started.wait()
-stats = ch.statistics
+stats = sub.err().channel.statistics if call == "err_recv" else ch.statistics
 deadline = time.monotonic() + 5
 while time.monotonic() < deadline:  # until the thread sleeps (where there is a counter)
     s = stats()
