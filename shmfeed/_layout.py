@@ -371,7 +371,7 @@ def detach(words: memoryview, is_alive: Callable[[int, int], bool] = _process.is
     """
     pid, ticks = _process.identity()
     others_alive = False
-    own_reservations = False
+    own_reservations: list[int] = []
     for word in _slot_words():
         value = words[word]
         if value == 0:
@@ -380,11 +380,13 @@ def detach(words: memoryview, is_alive: Callable[[int, int], bool] = _process.is
             words[word] = words[word + 1] = 0
             words[ATTACHED] -= 1
         elif value & SLOT_PID_MASK == pid and _process.is_fork_reservation(words[word + 1]):
-            own_reservations = True  # alive while a child of ours may still claim it
+            own_reservations.append(_process.reserved_at(words[word + 1]))  # see below
         elif not others_alive:
             others_alive = is_alive(slot_pid(value), words[word + 1])
     if own_reservations and not others_alive:
-        others_alive = _process.has_unknown_child({p for p, _ in attached_processes(words)})
+        # Ours, for a child forked since: alive while such a child may still claim it.
+        known = {p for p, _ in attached_processes(words)}
+        others_alive = _process.has_unknown_child(known, min(own_reservations))
     return not others_alive
 
 

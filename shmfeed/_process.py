@@ -57,20 +57,31 @@ def _start_ticks_psutil(pid: int) -> int | None:
 
 
 # A slot a parent holds for a child it is forking (see _layout.reserve_for_child) records,
-# instead of a start time, this tag and the time of the fork in ms (CLOCK_MONOTONIC). The
-# child claims it at once, in its first instructions; one unclaimed for FORK_CLAIM_MS is
-# a child that died first, and stops counting as alive.
+# instead of a start time, this tag and the time of the fork in clock ticks since boot (the
+# unit and clock of a process's start time in /proc). The child claims it in its first
+# instructions; one unclaimed for FORK_CLAIM_SECONDS is a child that died first, and stops
+# counting as alive.
 FORK_RESERVED = 0xFFFF << 48
-FORK_CLAIM_MS = 5000
+FORK_CLAIM_SECONDS = 5
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def ticks_since_boot() -> int:
+    """Now, in the unit and clock of a process's start time."""
+    return int(time.clock_gettime(time.CLOCK_BOOTTIME) * _CLOCK_TICKS)
 
 
 def fork_reservation() -> int:
     """The start-time word of a slot reserved now for a child."""
-    return FORK_RESERVED | (time.monotonic_ns() // 1_000_000)
+    return FORK_RESERVED | ticks_since_boot()
 
 
 def is_fork_reservation(ticks: int) -> bool:
     return int(ticks) >> 48 == 0xFFFF
+
+
+def reserved_at(ticks: int) -> int:
+    return int(ticks) & 0xFFFF_FFFF_FFFF
 
 
 def matches(now_ticks: int | None, ticks: int) -> bool:
@@ -81,7 +92,7 @@ def matches(now_ticks: int | None, ticks: int) -> bool:
     if ticks == 0:
         return True
     if is_fork_reservation(ticks):
-        return time.monotonic_ns() // 1_000_000 - (int(ticks) & 0xFFFF_FFFF_FFFF) < FORK_CLAIM_MS
+        return ticks_since_boot() - reserved_at(ticks) < FORK_CLAIM_SECONDS * _CLOCK_TICKS
     return now_ticks == ticks
 
 
@@ -92,19 +103,18 @@ def is_alive(pid: int, ticks: int) -> bool:
     return matches(start_ticks(pid), ticks)
 
 
-def has_unknown_child(known: set[int]) -> bool:
-    """Whether this process has a live child whose pid is not in ``known``: one that may
-    not have claimed the slot reserved for it yet."""
+def has_unknown_child(known: set[int], since: int) -> bool:
+    """Whether this process has a live child, started at ``since`` (clock ticks since boot)
+    or later, whose pid is not in ``known``: one that may not have claimed the slot
+    reserved for it yet."""
     try:
         children = psutil.Process().children()
     except psutil.Error:
         return True
     for child in children:
-        try:
-            if child.pid not in known and child.status() != psutil.STATUS_ZOMBIE:
-                return True
-        except psutil.Error:
-            continue
+        started = start_ticks(child.pid)
+        if child.pid not in known and started is not None and started >= since - 1:
+            return True
     return False
 
 

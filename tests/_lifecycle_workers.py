@@ -108,3 +108,12 @@ def read_some_then_wait(namespace: str, channel: shmfeed.Channel, n: int, report
         channel.recv(timeout=RECV_TIMEOUT)
     reports.send(os.getpid())
     signal.pause()
+
+
+def send_in_block_then_wait(namespace: str, feed_name: str, value: Any, reports: shmfeed.Channel) -> None:
+    """Send inside a ``with Feed(...)`` block, report our pid after it, wait to be killed."""
+    enter_namespace(namespace)
+    with shmfeed.Feed(feed_name) as feed:
+        feed.send(value)
+    reports.send(os.getpid())
+    signal.pause()

@@ -102,6 +102,28 @@ def test_pool_of_one_task_workers_stays_healthy_until_a_sender_is_killed(mp_cont
     assert isinstance(error, shmfeed.SenderDiedError), repr(error)
 
 
+@pytest.mark.timeout(120)
+def test_a_process_that_detached_may_die_without_failing_anyone(mp_context: Any, namespace: str) -> None:
+    feed = shmfeed.Feed("detached")
+    channel = shmfeed.Channel()
+    sub = feed.subscribe(channel)
+    registry_pid(namespace)
+    reports = shmfeed.Channel()
+    child = mp_context.Process(target=W.send_in_block_then_wait, args=(namespace, "detached", 5, reports))
+    child.start()
+    pid = reports.recv(timeout=WAIT)
+    assert channel.recv(timeout=5) == 5
+    wait_watched(namespace, pid)
+    os.kill(pid, signal.SIGKILL)  # after its with-block: it had stopped sending
+    child.join(WAIT)
+    _no_error_within(sub)
+    with feed:  # detach() also ends the subscriptions made through this object
+        pass
+    assert sub.err().recv(timeout=5) is None
+    with pytest.raises(shmfeed.FeedClosed, match="detached"):
+        feed.send(6)
+
+
 # --- 2. every sender is tracked, however many ---------------------------------------------
 
 
