@@ -902,10 +902,11 @@ class Feed(TypeArgument, Generic[T]):
     def detach(self) -> None:
         """This process is done with the feed; the feed goes on for every other process.
 
-        Ends the subscriptions made through this Feed object (their ``err()`` closes),
-        and once no other Feed object of this process uses the feed, lets go of it: the
-        process is then no longer one of its senders, so its exit, or even its death,
-        fails nobody's subscription. Later calls on this object raise ``FeedClosed``.
+        Ends the subscriptions made through this Feed object (their ``err()`` closes)
+        and makes the process no longer one of the feed's senders (until it sends again
+        through another Feed object), so its exit, or even its death, fails nobody's
+        subscription; once no other Feed object of this process uses the feed, lets go of
+        its shared memory. Later calls on this object raise ``FeedClosed``.
         Idempotent. Exiting normally does the same for every feed of the process.
         """
         with self._open_lock:
@@ -920,6 +921,8 @@ class Feed(TypeArgument, Generic[T]):
             core.users -= 1
             if core.users <= 0:
                 core.release()
+            else:  # other Feed objects of this process keep it: still, we stopped sending
+                core._stop_sending()
 
     def __enter__(self) -> "Feed[T]":
         return self

@@ -32,15 +32,21 @@ def _words(obj: Any) -> Any:
     return obj._open().words if isinstance(obj, shmfeed.Feed) else obj._live_core().words
 
 
-def hold_lock(namespace: str, obj: Any, which: str, held: Any, release: Any, released: Any) -> None:
-    """Take ``which`` lock of ``obj`` as the library does (pid in its owner word), say so
-    on ``held``, keep it until ``release`` is set or HOLD_SECONDS pass, let go, say so."""
+def _take(namespace: str, obj: Any, which: str, held: Any) -> tuple[Any, Any, int]:
+    """Take ``which`` lock of ``obj`` as the library does (pid in its owner word); say so."""
     enter_namespace(namespace)
     lock, owner_word = _lock_and_owner_word(obj, which)
     words = _words(obj)
     lock.acquire()
     words[owner_word] = os.getpid()
     held.set()
+    return lock, words, owner_word
+
+
+def hold_lock(namespace: str, obj: Any, which: str, held: Any, release: Any, released: Any) -> None:
+    """Take ``which`` lock of ``obj`` as the library does (pid in its owner word), say so
+    on ``held``, keep it until ``release`` is set or HOLD_SECONDS pass, let go, say so."""
+    lock, words, owner_word = _take(namespace, obj, which, held)
     try:
         release.wait(HOLD_SECONDS)
     finally:
@@ -51,10 +57,5 @@ def hold_lock(namespace: str, obj: Any, which: str, held: Any, release: Any, rel
 
 def hold_lock_until_killed(namespace: str, obj: Any, which: str, held: Any) -> None:
     """Take ``which`` lock of ``obj`` as the library does, say so, and never let go."""
-    enter_namespace(namespace)
-    lock, owner_word = _lock_and_owner_word(obj, which)
-    words = _words(obj)
-    lock.acquire()
-    words[owner_word] = os.getpid()
-    held.set()
+    _take(namespace, obj, which, held)
     signal.pause()  # until killed

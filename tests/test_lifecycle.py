@@ -31,6 +31,15 @@ WAIT = 30.0
 NO_ERROR_WINDOW = 1.5  # longer than the registry's promise: a death is handled within 1 s
 
 
+def _subscribed(namespace: str, feed_name: str, capacity: int) -> tuple[shmfeed.Feed, shmfeed.Channel, Any]:
+    """A named feed, a channel subscribed to it, the subscription; the registry running."""
+    feed = shmfeed.Feed(feed_name)
+    channel = shmfeed.Channel(capacity=capacity)
+    sub = feed.subscribe(channel)
+    registry_pid(namespace)
+    return feed, channel, sub
+
+
 def _no_error_within(sub: shmfeed.Subscription, seconds: float = NO_ERROR_WINDOW) -> None:
     with pytest.raises(TimeoutError):
         error = sub.err().recv(timeout=seconds)
@@ -55,10 +64,7 @@ def test_exit_is_clean_while_a_daemon_thread_waits(call: str) -> None:
 
 @pytest.mark.timeout(60)
 def test_a_sender_that_exits_normally_fails_nobody(namespace: str) -> None:
-    feed = shmfeed.Feed("clean-exit")
-    channel = shmfeed.Channel()
-    sub = feed.subscribe(channel)
-    registry_pid(namespace)
+    feed, channel, sub = _subscribed(namespace, "clean-exit", 1024)
     subprocess.run([sys.executable, "-c", "import shmfeed; shmfeed.Feed('clean-exit').send('hi')"],
                    check=True, timeout=WAIT)
     assert channel.recv(timeout=5) == "hi"
@@ -68,10 +74,7 @@ def test_a_sender_that_exits_normally_fails_nobody(namespace: str) -> None:
 
 @pytest.mark.timeout(120)
 def test_pool_workers_that_publish_and_return_fail_nobody(mp_context: Any, namespace: str) -> None:
-    feed = shmfeed.Feed("pool-publish")
-    channel = shmfeed.Channel(capacity=256)
-    sub = feed.subscribe(channel)
-    registry_pid(namespace)
+    feed, channel, sub = _subscribed(namespace, "pool-publish", 256)
     with mp_context.Pool(4) as pool:  # its end terminates the workers (SIGTERM)
         sent = pool.starmap(W.publish, [(namespace, "pool-publish", i) for i in range(40)])
     assert sent == [1] * 40
@@ -82,10 +85,7 @@ def test_pool_workers_that_publish_and_return_fail_nobody(mp_context: Any, names
 
 @pytest.mark.timeout(180)
 def test_pool_of_one_task_workers_stays_healthy_until_a_sender_is_killed(mp_context: Any, namespace: str) -> None:
-    feed = shmfeed.Feed("rounds")
-    channel = shmfeed.Channel(capacity=64)
-    sub = feed.subscribe(channel)
-    registry_pid(namespace)
+    feed, channel, sub = _subscribed(namespace, "rounds", 64)
     reports = shmfeed.Channel()  # a task argument (no Manager: under fork it would hold our objects)
     with mp_context.Pool(2, maxtasksperchild=1) as pool:
         for round_ in range(20):
@@ -104,10 +104,7 @@ def test_pool_of_one_task_workers_stays_healthy_until_a_sender_is_killed(mp_cont
 
 @pytest.mark.timeout(120)
 def test_a_process_that_detached_may_die_without_failing_anyone(mp_context: Any, namespace: str) -> None:
-    feed = shmfeed.Feed("detached")
-    channel = shmfeed.Channel()
-    sub = feed.subscribe(channel)
-    registry_pid(namespace)
+    feed, channel, sub = _subscribed(namespace, "detached", 1024)
     reports = shmfeed.Channel()
     child = mp_context.Process(target=W.send_in_block_then_wait, args=(namespace, "detached", 5, reports))
     child.start()
@@ -129,10 +126,7 @@ def test_a_process_that_detached_may_die_without_failing_anyone(mp_context: Any,
 
 @pytest.mark.timeout(180)
 def test_the_33rd_sender_is_tracked(mp_context: Any, namespace: str) -> None:
-    feed = shmfeed.Feed("many")
-    channel = shmfeed.Channel(capacity=2048)
-    sub = feed.subscribe(channel)
-    registry_pid(namespace)
+    feed, channel, sub = _subscribed(namespace, "many", 2048)
     sent, go = mp_context.Queue(), mp_context.Event()
     last_values = [1000 + i for i in range(40)]
     specs = [(namespace, "many", [i], sent, go) for i in range(32)] + [(namespace, "many", last_values, sent, go)]
@@ -156,10 +150,7 @@ def test_the_33rd_sender_is_tracked(mp_context: Any, namespace: str) -> None:
 @pytest.mark.timeout(180)
 def test_a_hundred_concurrent_senders(namespace: str) -> None:
     ctx = multiprocessing.get_context("fork")
-    feed = shmfeed.Feed("hundred")
-    channel = shmfeed.Channel(capacity=4096)
-    sub = feed.subscribe(channel)
-    registry_pid(namespace)
+    feed, channel, sub = _subscribed(namespace, "hundred", 4096)
     with ctx.Pool(100) as pool:
         results = pool.starmap(W.publish, [(namespace, "hundred", i) for i in range(1000)], chunksize=1)
     assert results == [1] * 1000
@@ -300,10 +291,7 @@ def test_iterating_a_subscription_ends_when_the_feed_closes(namespace: str) -> N
 
 @pytest.mark.timeout(120)
 def test_iterating_a_subscription_raises_once_every_sender_died(mp_context: Any, namespace: str) -> None:
-    feed = shmfeed.Feed("dying")
-    channel = shmfeed.Channel(capacity=16)
-    sub = feed.subscribe(channel)
-    registry_pid(namespace)
+    feed, channel, sub = _subscribed(namespace, "dying", 16)
     reports = shmfeed.Channel()
     child = mp_context.Process(target=W.publish_then_report_and_wait, args=(namespace, "dying", "v", reports))
     child.start()
