@@ -733,8 +733,7 @@ class ChannelCore(AttachedSegment):
                     data = self.buffer[start + 8 : start + 8 + size].tobytes()
                     words[L.RECEIVED] += 1
                     words[L.READ_POS] = read_pos + record
-                    words[L.LAST_RECV_PID] = _pid
-                    words[L.LAST_RECV_TIME] = time.monotonic_ns()
+                    self._note_receiver()
         except ValueError as error:  # a counter at 2**64: only a corrupt header gets there
             raise self._corrupt_header(error) from error
         finally:
@@ -781,12 +780,18 @@ class ChannelCore(AttachedSegment):
         finally:
             words[L.RECV_LOCK_OWNER] = 0
             recv_lock.release()
-        words[L.LAST_RECV_PID] = _pid  # the monitor's "last read" (a hint: no lock needed)
-        words[L.LAST_RECV_TIME] = time.monotonic_ns()
+        self._note_receiver()
         if words[L.SEND_WAITING]:
             self._wake(L.SEND_WAITLIST_WORD, L.SEND_WAITING)
         kind, data = taken
         return data if kind == KIND_DATA else self._materialise(kind, data)
+
+    def _note_receiver(self) -> None:
+        """Who received last, and when: the monitor's "last read" (a hint: no lock needed;
+        the C poll does the same)."""
+        words = self.words
+        words[L.LAST_RECV_PID] = _pid
+        words[L.LAST_RECV_TIME] = time.monotonic_ns()
 
     def forget_receiver(self, waker: _waker.Waker) -> None:
         self._waitlist_remove(L.RECV_WAITLIST_WORD, L.RECV_WAITING, waker)
