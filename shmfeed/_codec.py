@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import importlib
 import struct
 import sys
 import threading
@@ -410,7 +409,11 @@ def type_name(tp: type) -> str:
 
 
 def resolve_type(name: str) -> type | None:
-    """The class named ``module.qualname``, importing the module if needed; else None."""
+    """The class named ``module.qualname`` in a module this process has imported; else None.
+
+    Never imports: a name read from shared memory must not make this process run a
+    module's code (SPEC §3). The receiver imports or registers its types itself.
+    """
     if not isinstance(name, str):
         return None
     tp = _resolved.get(name)
@@ -419,16 +422,13 @@ def resolve_type(name: str) -> type | None:
     parts = name.split(".")
     if len(parts) < 2 or not all(p.isidentifier() for p in parts):
         return None
-    for i in range(len(parts) - 1, 0, -1):  # longest module prefix that exists wins
+    for i in range(len(parts) - 1, 0, -1):  # longest module prefix that is imported wins
         mod_name = ".".join(parts[:i])
         mod = sys.modules.get(mod_name)
         if mod is None and mod_name == "__mp_main__":
             mod = sys.modules.get("__main__")
         if mod is None:
-            try:
-                mod = importlib.import_module(mod_name)
-            except Exception:
-                continue
+            continue
         obj: Any = mod
         try:
             for attr in parts[i:]:
@@ -440,6 +440,16 @@ def resolve_type(name: str) -> type | None:
         _resolved[name] = obj
         return obj
     return None
+
+
+def unknown_type_message(name: object, what: str = "class") -> str:
+    """Why a value naming the type ``name`` cannot be decoded here, and what to do."""
+    text = f"{name!r:.120}"
+    if isinstance(name, str) and resolve_type(name) is not None:
+        return f"undecodable message: {text} is not a {what} in this process"
+    return (f"undecodable message: no {what} {text} in this process: import its module (or "
+            f"register the type with shmfeed.register_type) before receiving; decoding never "
+            f"imports a module")
 
 
 def _is_namedtuple(tp: type) -> bool:
@@ -461,7 +471,7 @@ def _lookup(kind: int, name: Any) -> type:
         what, ok = _KINDS[kind]
         cls = resolve_type(name)  # None unless name is a str
         if cls is None or not ok(cls):  # never call or use anything that isn't one
-            raise ChannelCorruptError(f"undecodable message: {name!r:.120} is not a {what} class")
+            raise ChannelCorruptError(unknown_type_message(name, what))
         _kind_cache[(kind, name)] = cls
     return cls
 
@@ -621,7 +631,8 @@ def _dec_registered(data: bytes) -> Any:
     name, value = _items(data, 2)
     entry = _registered.get(name) if type(name) is str else None
     if entry is None:
-        raise ChannelCorruptError(f"undecodable message: no type registered as {name!r:.120}")
+        raise ChannelCorruptError(f"undecodable message: no type registered as {name!r:.120} in this "
+                                  f"process: call shmfeed.register_type for it before receiving")
     return entry[1](value)
 
 

@@ -690,3 +690,16 @@ def test_parts_always_join_to_the_encoding_and_decode_with_exact_types(value: ob
     whole = _codec.encode(value)
     assert bytes(encoded.join() if type(encoded) is _codec.Segments else encoded) == whole
     assert typed(_codec.decode(whole)) == typed(value)
+
+
+@pytest.mark.parametrize("code", [_codec._ENUM, _codec._DATACLASS, _codec._NAMEDTUPLE])
+def test_decoding_never_imports_the_module_a_value_names(code: int, tmp_path, monkeypatch) -> None:
+    # A module on sys.path that the process has not imported: decoding must not run it.
+    (tmp_path / "plantedmod.py").write_text(
+        "import pathlib\npathlib.Path(__file__).with_name('ran').write_text('x')\n"
+        "import enum\nclass X(enum.Enum):\n    A = 1\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ChannelCorruptError, match="'plantedmod.X'.*import its module"):
+        decode(_ext(code, ["plantedmod.X", 1] if code == _codec._ENUM else ["plantedmod.X", [1]]))
+    assert "plantedmod" not in sys.modules and not (tmp_path / "ran").exists()
