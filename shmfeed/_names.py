@@ -1,8 +1,10 @@
 """Namespaces and the names of every shared object (segments, semaphores, spill files).
 
-Every object of a namespace is named ``sf.<token>.<kind><id>`` where ``<token>`` is a short
-hash of the namespace, so that names stay short (macOS allows 31 characters) and two
-namespaces never collide. On Linux, POSIX shared memory and named semaphores live as files
+Every object of a namespace is named ``sf.<uid>.<token>.<kind><id>``: ``<uid>`` is the user's,
+so two users never share a name, and ``<token>`` is a keyed hash of the namespace, so two
+namespaces never collide. Hashes are keyed with the user's secret (``_runtime``): a name
+seen in ``ls /dev/shm`` tells another user nothing about the names of other feeds, scopes or
+namespaces, so nobody can plant a file where the user will create one. On Linux, POSIX shared memory and named semaphores live as files
 in ``/dev/shm`` (semaphores as ``sem.<name>``), which lets the cleanup code list them.
 
 Names are built here and parsed here only (``parse_entry``): gc, recovery, the registry and
@@ -14,10 +16,13 @@ from __future__ import annotations
 
 import enum
 import hashlib
+import hmac
 import os
 import re
 import secrets
 from typing import NamedTuple
+
+from . import _runtime
 
 SHM_DIR = "/dev/shm"
 NAMESPACE_ENV = "SHMFEED_NAMESPACE"
@@ -44,18 +49,24 @@ def validate_name(name: object, *, what: str, limit: int = MAX_OBJECT_NAME_LENGT
     return name
 
 
+def _keyed_hash(purpose: str, text: str, digits: int) -> str:
+    """``digits`` hex digits of an HMAC of ``text`` under the user's secret."""
+    message = f"{purpose}\0{text}".encode()
+    return hmac.new(_runtime.user_secret(), message, hashlib.sha256).hexdigest()[:digits]
+
+
 def namespace_token(namespace: str) -> str:
-    """Eight hex digits standing for the namespace in object names."""
+    """Twelve hex digits standing for the namespace in object and runtime file names."""
     token = _token_cache.get(namespace)
     if token is None:
-        token = hashlib.sha1(namespace.encode()).hexdigest()[:8]
+        token = _keyed_hash("namespace", namespace, 12)
         _token_cache[namespace] = token
     return token
 
 
 def prefix(namespace: str) -> str:
     """The common start of every object name of the namespace (without the leading '/')."""
-    return f"sf.{namespace_token(namespace)}."
+    return f"sf.{os.getuid()}.{namespace_token(namespace)}."
 
 
 def new_id() -> int:
@@ -75,12 +86,12 @@ def feed_segment(namespace: str, feed_key: str) -> str:
 
 
 def scope_segment(namespace: str, name: str) -> str:
-    return f"/{prefix(namespace)}s{hashlib.sha1(name.encode()).hexdigest()[:20]}"
+    return f"/{prefix(namespace)}s{_keyed_hash('scope', name, 20)}"
 
 
 def named_feed_key(name: str) -> str:
-    """The segment key of a named feed: a hash, since names may be long or odd."""
-    return "n" + hashlib.sha1(name.encode()).hexdigest()[:20]
+    """The segment key of a named feed: a keyed hash, since names may be long or odd."""
+    return "n" + _keyed_hash("feed", name, 20)
 
 
 def anonymous_feed_key(feed_id: int) -> str:

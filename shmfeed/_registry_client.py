@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import importlib.machinery
 import os
 import socket
-import stat
 import struct
 import subprocess
 import sys
@@ -22,7 +22,7 @@ from typing import Any
 
 import msgpack
 
-from . import _names, _process
+from . import _names, _process, _runtime
 from ._errors import RegistryUnavailableError
 
 FRAME = struct.Struct("<I")
@@ -35,18 +35,7 @@ disabled = False  # set in the registry process itself
 
 def runtime_dir() -> str:
     """The owner-only (0700) directory of the registry's socket and lock files."""
-    base = os.environ.get("XDG_RUNTIME_DIR")
-    path = os.path.join(base, "shmfeed") if base else f"/tmp/shmfeed-{os.getuid()}"
-    try:
-        os.mkdir(path, 0o700)
-    except FileExistsError:
-        pass
-    info = os.lstat(path)
-    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o077:
-        raise RegistryUnavailableError(
-            f"shmfeed: {path} must be a directory owned by you with mode 0700; remove or fix it"
-        )
-    return path
+    return _runtime.runtime_dir()
 
 
 def lock_path(namespace: str) -> str:
@@ -121,26 +110,56 @@ def _spawn(namespace: str) -> None:
             # lock, so nobody else spawns a duplicate in between. It forks the registry
             # proper and exits at once; a thread reaps it, so no zombie or child is left.
             child = subprocess.Popen(
-                [sys.executable, "-S", "-m", f"{__package__}._registry", "--namespace", namespace,
-                 "--startup-fd", str(startup), "--detach"],
-                pass_fds=(startup,), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL, start_new_session=True, env=_registry_environment(),
+                [sys.executable, "-I", "-S", "-c", _REGISTRY_BOOT, _registry_path(),
+                 "--namespace", namespace, "--startup-fd", str(startup), "--detach"],
+                cwd="/", pass_fds=(startup,), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL, start_new_session=True,
             )
             threading.Thread(target=child.wait, name="shmfeed-registry-reaper", daemon=True).start()
         finally:
             os.close(startup)
 
 
-def _registry_environment() -> dict[str, str]:
-    """Our environment, with this process's import path spelled out.
+_REGISTRY_IMPORTS = ("msgpack", "posix_ipc", "psutil")  # what the registry imports besides us
+# The registry runs isolated (-I: no PYTHON* variables, no user site, nothing prepended to
+# sys.path) and without site processing (-S: a third of Python's start-up, so the namespace
+# is without its watchdog for less time), in "/". Its import path is exactly the one given.
+_REGISTRY_BOOT = (
+    "import sys; sys.path[:0] = sys.argv.pop(1).split(':'); "
+    "from shmfeed._registry import main; sys.exit(main(sys.argv[1:]))"
+)
 
-    The registry starts with ``-S`` (no site processing: a third of Python's start-up), so
-    it must be told where this package and its dependencies are; a registry that starts
-    faster is a namespace that is without its watchdog for less time.
+
+def _registry_path() -> str:
+    """Where this package and the registry's dependencies were found, joined by ':'.
+
+    Never this process's working directory or its script's directory unless a module was
+    really imported from there: a ``psutil.py`` planted in a shared directory that the
+    user runs a program from must not run as the user in the registry.
     """
     package_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    path = [package_parent] + [entry for entry in sys.path if entry and os.path.isdir(entry)]
-    return {**os.environ, "PYTHONPATH": os.pathsep.join(dict.fromkeys(path))}
+    path = [package_parent] + [_import_root(name) for name in _REGISTRY_IMPORTS]
+    return os.pathsep.join(dict.fromkeys(p for p in path if p))
+
+
+def _import_root(module_name: str) -> str:
+    """The sys.path entry ``module_name`` is (or would be) imported from; "" if unknown.
+
+    The working directory and the script's directory are not searched for a module not yet
+    imported: they may be shared with other users.
+    """
+    module = sys.modules.get(module_name)
+    if module is None:
+        unsafe = {"", os.getcwd(), os.path.dirname(os.path.abspath(sys.argv[0])) if sys.argv and sys.argv[0] else ""}
+        safe_path = [entry for entry in sys.path if entry not in unsafe and os.path.isdir(entry)]
+        spec = importlib.machinery.PathFinder.find_spec(module_name, safe_path)
+        origin = spec.origin if spec is not None else None
+    else:
+        origin = getattr(module, "__file__", None)
+    if not origin:
+        return ""
+    root = os.path.dirname(os.path.abspath(origin))
+    return os.path.dirname(root) if os.path.basename(origin).startswith("__init__.") else root
 
 
 def request(namespace: str, message: dict[str, Any], timeout: float = 5.0) -> Any:
