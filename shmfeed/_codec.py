@@ -26,6 +26,7 @@ code  kind (payload)                code  kind (payload)
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import enum
 import struct
@@ -627,6 +628,25 @@ def _dec_time(data: bytes) -> time:
     return _with_tz(tz, lambda z: time(*f, tzinfo=z, fold=fold))  # type: ignore[misc]
 
 
+_SET_CHECK_MIN = 4096  # smaller sets build fast whatever their hashes
+_SET_PROBES_MAX = 1 << 24  # about 0.1 s of probing: no honest sender's set needs more
+
+
+def _set_members(data: bytes) -> list[Any]:
+    """A set's members, refused if building the set would take quadratic time.
+
+    Members that share a hash (ints differing by multiples of 2**61 - 1, say) make each
+    insertion probe all the earlier ones: a forged record of a few MB would take minutes.
+    """
+    members = _items(data)
+    if len(members) >= _SET_CHECK_MIN:
+        counts = collections.Counter(map(hash, members))
+        if sum(c * c for c in counts.values()) > _SET_PROBES_MAX:
+            raise ChannelCorruptError(f"undecodable message: a set of {len(members)} members whose "
+                                      f"hashes collide (forged?)")
+    return members
+
+
 def _dec_registered(data: bytes) -> Any:
     name, value = _items(data, 2)
     entry = _registered.get(name) if type(name) is str else None
@@ -657,8 +677,8 @@ _builtin_encoders = dict(_encoders)  # restored if a registration over a builtin
 _ext_decoders.update({
     _BIGINT: lambda b: int.from_bytes(b, "little", signed=True),
     _TUPLE: lambda b: tuple(_items(b)),
-    _SET: lambda b: set(_items(b)),
-    _FROZENSET: lambda b: frozenset(_items(b)),
+    _SET: lambda b: set(_set_members(b)),
+    _FROZENSET: lambda b: frozenset(_set_members(b)),
     _BYTEARRAY: bytearray,
     _DATETIME: _dec_datetime,
     _DATE: lambda b: date(*_items(b, 3)),
