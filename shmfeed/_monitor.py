@@ -3,20 +3,32 @@
 The figures come from ``_inspect.snapshot`` (read-only mappings, no locks), so watching
 costs the bus nothing; rates are the differences between two snapshots. The registry is
 asked only for its pid and start time.
+
+Every string the view shows came from shared memory or another process (feed, scope and
+type names, process names from /proc, file names): any of them may hold terminal escapes or
+rich markup, so each is shown through ``untrusted_text``, literally and with control
+characters escaped. ``--json`` prints the view raw (JSON escapes control characters).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import select
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import _inspect, _registry_client
 
+if TYPE_CHECKING:
+    from rich.text import Text
+
 SCHEMA_VERSION = 2  # 2: channels have holders, last_receiver, no_reader_s, never_read
+# C0, DEL, C1, and the invisible marks that reorder or hide text (bidi overrides, isolates,
+# zero-width characters): a name must not be shown as something it is not.
+CONTROL_CHARACTERS = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200b-\u200f\u202a-\u202e\u2060-\u2069\ufeff]")
 
 
 def collect(namespace: str, previous: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -64,6 +76,24 @@ def exists(view: dict[str, Any]) -> bool:
 # --- rendering ---------------------------------------------------------------------------------
 
 
+def untrusted_text(value: object, style: str = "") -> Text:
+    """``value`` as text to show that cannot act on the terminal or on rich.
+
+    Control characters (C0, DEL, C1: ESC, BEL, CSI, ...) become ``\\x..`` escapes, and the
+    result is a ``Text``, which rich never parses for markup, so ``[red]`` or ``[link=...]``
+    in a name is shown as written.
+    """
+    from rich.text import Text
+
+    escaped = CONTROL_CHARACTERS.sub(_escape, str(value))
+    return Text(escaped, style=style)
+
+
+def _escape(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code <= 0xFF else f"\\u{code:04x}"
+
+
 def _bar(fill: int, capacity: int, width: int = 12) -> str:
     filled = round(width * fill / capacity) if capacity else 0
     return "█" * filled + "·" * (width - filled)
@@ -107,10 +137,9 @@ def render(view: dict[str, Any]) -> Any:
     from rich.text import Text
 
     registry = view["registry"]
-    header = Text()
-    header.append(f"shmfeed monitor  namespace {view['namespace']!r}  ", style="bold")
-    header.append(f"registry pid {registry['pid']} up {registry['uptime_s']:.0f}s" if registry else "registry: not running",
-                  style="green" if registry else "yellow")
+    header = Text.assemble(("shmfeed monitor  namespace ", "bold"), untrusted_text(repr(view["namespace"]), "bold"), "  ")
+    header.append_text(untrusted_text(f"registry pid {registry['pid']} up {registry['uptime_s']:.0f}s", "green")
+                       if registry else Text("registry: not running", style="yellow"))
     totals = view["totals"]
     header.append(f"\n{totals['feeds']} feeds  {totals['channels']} channels  {totals['scopes']} scopes  "
                   f"{totals['processes']} processes  {totals['blocked_senders']} blocked senders")
@@ -119,35 +148,39 @@ def render(view: dict[str, Any]) -> Any:
     for column in ("name", "type", "senders", "subs", "sent", "rate/s"):
         feeds.add_column(column, justify="right" if column in ("subs", "sent", "rate/s") else "left")
     for feed in view["feeds"]:
-        feeds.add_row(feed["name"] or f"<anon {feed['key'][:8]}>", (feed["elem_type"] or "-").removeprefix("builtins."),
-                      _processes(feed["senders"]), str(len(feed["subscriptions"])), f"{feed['sent']:,}",
-                      _fmt_rate(feed["rate_per_s"]))
+        feeds.add_row(*map(untrusted_text, (
+            feed["name"] or f"<anon {feed['key'][:8]}>", (feed["elem_type"] or "-").removeprefix("builtins."),
+            _processes(feed["senders"]), len(feed["subscriptions"]), f"{feed['sent']:,}",
+            _fmt_rate(feed["rate_per_s"]),
+        )))
 
     channels = Table(title="Channels (fullest first; red: a sender waits on it)", expand=True, title_justify="left")
     for column in ("id", "owner", "capacity", "fill", "", "bytes", "rate/s", "senders waiting", "held by", "last read"):
         channels.add_column(column, justify="right" if column in ("capacity", "fill", "bytes", "rate/s") else "left")
     for channel in view["channels"]:
         style = "bold red" if channel["waiting_senders"] else ("dim" if channel["closed"] else None)
-        channels.add_row(
+        channels.add_row(*map(untrusted_text, (
             channel["id"][:8], f"{channel['owner_pid']} {channel['owner_name']}"[:28], f"{channel['capacity']:,}",
             f"{channel['fill']:,}", _bar(channel["fill"], channel["capacity"]), _fmt_bytes(channel["bytes_in_ring"]),
             _fmt_rate(channel["rate_per_s"]), ",".join(map(str, channel["waiting_senders"])) or "-",
-            _processes(channel["holders"]) or "-", _last_read(channel), style=style,
-        )
+            _processes(channel["holders"]) or "-", _last_read(channel),
+        )), style=style)
 
     scopes = Table(title="Scopes", expand=True, title_justify="left")
     scopes.add_column("name")
     scopes.add_column("count", justify="right")
     scopes.add_column("state")
     for scope in view["scopes"]:
-        scopes.add_row(scope["name"], str(scope["count"]), "closed" if scope["closed"] else "open")
+        scopes.add_row(*map(untrusted_text, (scope["name"], scope["count"], "closed" if scope["closed"] else "open")))
 
     problems = Text("Dead processes and leftovers\n", style="bold")
     if view["dead_processes"] or view["leftovers"]:
         if view["dead_processes"]:
-            problems.append(f"dead: {', '.join(map(str, view['dead_processes']))} (the registry cleans up)\n", style="red")
+            dead = untrusted_text(", ".join(map(str, view["dead_processes"])))
+            problems.append_text(Text.assemble("dead: ", dead, " (the registry cleans up)\n", style="red"))
         for path in view["leftovers"][:10]:
-            problems.append(f"leftover: {path} (shmfeed gc removes it)\n", style="yellow")
+            problems.append_text(Text.assemble("leftover: ", untrusted_text(path), " (shmfeed gc removes it)\n",
+                                               style="yellow"))
     else:
         problems.append("none\n", style="green")
     footer = Text("q: quit", style="dim")

@@ -10,7 +10,11 @@ It holds the namespace's registry lock for its whole life (exactly one runs), an
 - every ``LEFTOVER_SECONDS``, also runs one if ``shmfeed gc`` would find something to
   remove: leftovers no death points to, such as lock semaphores that no segment names any
   more (a creation killed half-way, a segment overwritten), once their grace period is over;
-- answers queries on its unix socket (``ping``, ``recover``, ``snapshot``);
+- answers queries on its unix socket (``ping``, ``recover``, ``snapshot``) from processes
+  of its own user only, without ever blocking on one: every connection is read and written
+  by the same non-blocking loop that watches the pidfds, has ``CLIENT_SECONDS`` for its
+  whole exchange, and at most ``MAX_CLIENTS`` are open at once (more are refused), so a
+  slow or stalled client delays neither other clients nor a recovery pass;
 - exits once the namespace has had nothing of the library's in /dev/shm for
   ``idle_seconds`` (names it does not recognise, or files of other users, do not count:
   nothing can be done about them, and they must not keep it alive for good).
@@ -27,9 +31,10 @@ import os
 import selectors
 import signal
 import socket
+import struct
 import sys
 import time
-from typing import Any
+from typing import Any, cast
 
 from . import _gc
 from . import _layout as L
@@ -38,6 +43,90 @@ from . import _names, _process, _recovery, _registry_client
 SCAN_SECONDS = 0.25
 LEFTOVER_SECONDS = 1.0  # a sweep without removing costs about as much as a scan
 DEFAULT_IDLE_SECONDS = 2.0
+MAX_CLIENTS = 32  # connections open at once; one more is closed at once, unanswered
+CLIENT_SECONDS = 2.0  # a connection's whole exchange, from accept to the answer's last byte
+MAX_REQUEST_BYTES = 64 * 1024  # a request is a small map; a longer frame is refused
+RECV_BYTES = 65536
+BACKLOG = 128  # connections waiting to be accepted: a full backlog fails a connect at once
+PEER_CREDENTIALS = struct.Struct("3i")  # struct ucred: pid, uid, gid
+
+
+class _Client:
+    """One connection to the registry: its request read and its answer written piecewise,
+    as the socket allows, never waiting for it."""
+
+    def __init__(self, connection: socket.socket, deadline: float) -> None:
+        self.connection = connection
+        self.deadline = deadline  # monotonic; the connection is closed then, done or not
+        self.received = bytearray()
+        self.unsent: memoryview | None = None  # the answer, once there is one
+
+    def receive(self) -> Any | None:
+        """Read what has arrived; the request once it is whole, else None.
+
+        Raises:
+            ValueError: the request is malformed, too long, or the client closed mid-frame.
+            OSError: the connection failed.
+        """
+        try:
+            chunk = self.connection.recv(RECV_BYTES)
+        except BlockingIOError:
+            return None
+        if not chunk:
+            raise ValueError("connection closed before a whole request")
+        self.received += chunk
+        size = self._frame_size()
+        if size is None or len(self.received) < size:
+            return None
+        return _registry_client.read_frame(_Bytes(bytes(self.received[:size])).as_socket())
+
+    def _frame_size(self) -> int | None:
+        """The request's size with its header, once the header is in."""
+        header = _registry_client.FRAME
+        if len(self.received) < header.size:
+            return None
+        (length,) = header.unpack_from(self.received)
+        if length > MAX_REQUEST_BYTES:
+            raise ValueError(f"request of {length} bytes is too long")
+        return header.size + length
+
+    def start_answer(self, answer: dict[str, Any]) -> None:
+        sink = _Bytes(b"")
+        _registry_client.write_frame(sink.as_socket(), answer)
+        self.unsent = memoryview(sink.data)
+
+    def send(self) -> bool:
+        """Write as much of the answer as the socket takes now; True once all is written.
+
+        Raises:
+            OSError: the connection failed (the client left).
+        """
+        assert self.unsent is not None
+        try:
+            sent = self.connection.send(self.unsent)
+        except BlockingIOError:
+            return False
+        self.unsent = self.unsent[sent:]
+        return not self.unsent
+
+
+class _Bytes:
+    """A socket stand-in over bytes, so that frames are read and written by the client
+    module's own ``read_frame`` and ``write_frame`` (the protocol has one owner)."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def as_socket(self) -> socket.socket:
+        """Typed as the socket the frame functions take: they call only recv and sendall."""
+        return cast(socket.socket, self)
+
+    def recv(self, size: int) -> bytes:
+        chunk, self.data = self.data[:size], self.data[size:]
+        return chunk
+
+    def sendall(self, data: bytes) -> None:
+        self.data += data
 
 
 class Registry:
@@ -48,6 +137,7 @@ class Registry:
         self.selector = selectors.DefaultSelector()
         self.watched: dict[int, int] = {}  # pid -> pidfd
         self.listener: socket.socket | None = None
+        self.clients: set[_Client] = set()
         self.passes = 0
         self.last_repairs: list[str] = []
         self.stopping = False
@@ -96,7 +186,7 @@ class Registry:
             pass
         listener.bind(temporary)
         os.chmod(temporary, 0o600)
-        listener.listen(16)
+        listener.listen(BACKLOG)
         os.replace(temporary, path)  # a stale socket of a dead registry goes away here
         listener.setblocking(False)
         self.listener = listener
@@ -115,6 +205,8 @@ class Registry:
                 pass
         if self.listener is not None:
             self.listener.close()
+        for client in list(self.clients):
+            self._drop(client)
         for pidfd in self.watched.values():
             os.close(pidfd)
 
@@ -122,10 +214,9 @@ class Registry:
         idle_since: float | None = None
         next_scan = next_leftover_check = 0.0
         while not self.stopping:
-            now = time.monotonic()
-            timeout = max(0.0, next_scan - now)
+            wake_at = min([next_scan] + [client.deadline for client in self.clients])
             deaths = False
-            for key, _ in self.selector.select(timeout):
+            for key, _ in self.selector.select(max(0.0, wake_at - time.monotonic())):
                 kind, value = key.data
                 if kind == "pid":
                     self._unwatch(value)
@@ -133,9 +224,10 @@ class Registry:
                 elif kind == "listener":
                     self._accept()
                 else:
-                    self._serve(key.fileobj)
+                    self._serve(value)
             if deaths:
                 self.recover()
+            self._expire_clients()
             if time.monotonic() >= next_scan:
                 next_scan = time.monotonic() + SCAN_SECONDS
                 leftover_check = time.monotonic() >= next_leftover_check
@@ -209,28 +301,60 @@ class Registry:
     # --- queries ---------------------------------------------------------------------------
 
     def _accept(self) -> None:
+        """Take one connection: refused (closed unanswered) unless it comes from our own user
+        and fewer than ``MAX_CLIENTS`` are open."""
         assert self.listener is not None
         try:
             connection, _ = self.listener.accept()
         except OSError:
             return
-        uid = _peer_uid(connection)
-        if uid is not None and uid != os.getuid():
-            connection.close()  # only the namespace's owner may talk to its registry
+        if not _peer_is_owner(connection) or len(self.clients) >= MAX_CLIENTS:
+            connection.close()
             return
-        connection.setblocking(True)
-        connection.settimeout(2.0)
-        self.selector.register(connection, selectors.EVENT_READ, ("client", None))
+        connection.setblocking(False)
+        client = _Client(connection, time.monotonic() + CLIENT_SECONDS)
+        self.clients.add(client)
+        self.selector.register(connection, selectors.EVENT_READ, ("client", client))
 
-    def _serve(self, connection: Any) -> None:
-        self.selector.unregister(connection)
+    def _serve(self, client: _Client) -> None:
+        """Move one client's exchange on by what its socket allows now, without waiting.
+
+        The answer is made here, in the loop's thread, so requests are served one after the
+        other and between recovery passes, as they touch the same shared state.
+        """
         try:
-            message = _registry_client.read_frame(connection)
-            _registry_client.write_frame(connection, self.answer(message))
+            if client.unsent is None:
+                request = client.receive()
+                if request is None:
+                    return
+                client.start_answer(self._safe_answer(request))
+            if not client.send():
+                self.selector.modify(client.connection, selectors.EVENT_WRITE, ("client", client))
+                return
         except (OSError, ValueError):
             pass
-        finally:
-            connection.close()
+        self._drop(client)
+
+    def _safe_answer(self, message: Any) -> dict[str, Any]:
+        """``answer``, with a failure inside it an error answer rather than the registry's end."""
+        try:
+            return self.answer(message)
+        except Exception as error:  # noqa: BLE001 - the watchdog outlives a bad query
+            return {"ok": False, "error": f"{type(error).__name__}: {error}"}
+
+    def _expire_clients(self) -> None:
+        """Close every connection whose deadline has passed, whatever it was doing."""
+        now = time.monotonic()
+        for client in [client for client in self.clients if client.deadline <= now]:
+            self._drop(client)
+
+    def _drop(self, client: _Client) -> None:
+        self.clients.discard(client)
+        try:
+            self.selector.unregister(client.connection)
+        except (KeyError, ValueError):
+            pass
+        client.connection.close()
 
     def answer(self, message: Any) -> dict[str, Any]:
         if not isinstance(message, dict) or not isinstance(message.get("op"), str):
@@ -273,12 +397,15 @@ def _read_slots(path: str) -> set[tuple[int, int]]:
         mapping.close()
 
 
-def _peer_uid(connection: socket.socket) -> int | None:
+def _peer_is_owner(connection: socket.socket) -> bool:
+    """Whether the peer runs as our user; False too if the kernel cannot tell (only the
+    namespace's owner may talk to its registry)."""
     try:
-        credentials = connection.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
-    except OSError:
-        return None
-    return int.from_bytes(credentials[8:12], "little")
+        credentials = connection.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, PEER_CREDENTIALS.size)
+        _, uid, _ = PEER_CREDENTIALS.unpack(credentials)
+    except (OSError, struct.error):
+        return False
+    return bool(uid == os.getuid())
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -38,3 +38,15 @@ def stream(namespace: str, ready: shmfeed.Channel, stop: shmfeed.Channel) -> Non
     while not len(stop):
         feed.send(value)
         value += 1
+
+
+def hold_channel_under_name(namespace: str, comm: bytes, ready, stop) -> None:
+    """Rename this process (its /proc comm, which anyone may set for their own process) to
+    ``comm``, make a channel, then wait: the channel's owner shows under that name."""
+    os.environ["SHMFEED_NAMESPACE"] = namespace
+    with open("/proc/self/comm", "wb") as own_name:
+        own_name.write(comm)
+    channel = shmfeed.Channel(capacity=8)
+    ready.put(os.getpid())
+    stop.get()
+    del channel

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import pty
 import select
@@ -15,6 +16,8 @@ import pytest
 
 import _monitor_workers as W
 import shmfeed
+from shmfeed import _layout as L
+from shmfeed import _monitor as monitor_module
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -75,6 +78,61 @@ def test_json_and_once_describe_the_scene_exactly(mp_context, namespace):
         stop.put("stop")
         holder.join(30)
     del alpha_sub, spare
+
+
+# Names as another process can write them straight into shared memory (the library refuses
+# unprintable names, a hostile writer does not ask): terminal escapes (set the window title,
+# clear the screen, CSI as one C1 byte) and rich markup.
+HOSTILE_FEED = "\x1b]0;owned\x07[red]F[/red]"
+HOSTILE_TYPE = "\x9b2J[bold]T"
+HOSTILE_SCOPE = "\x1b[2J[link=https://e.x]S[/link]"
+HOSTILE_COMM = b"\x1b[5m[blink]P\x7f"  # a process name: up to 15 bytes of anything
+
+
+def _write_name(words, buffer, length_word: int, offset: int, text: str) -> None:
+    words[length_word] = L.write_text(buffer, offset, L.FEED_NAME_MAX, text)
+
+
+def _is_control(character: str) -> bool:
+    return ord(character) < 0x20 or 0x7F <= ord(character) <= 0x9F
+
+
+def test_once_shows_hostile_names_literally_and_without_control_characters(namespace):
+    feed = shmfeed.Feed("placeholder")
+    core = feed._open()
+    _write_name(core.words, core.buffer, L.NAME_LEN, L.FEED_NAME_OFFSET, HOSTILE_FEED)
+    _write_name(core.words, core.buffer, L.FEED_TYPE_LEN, L.TYPE_NAME_OFFSET, HOSTILE_TYPE)
+    scope = shmfeed.SubscriptionScope("placeholder")
+    shared = scope._shared
+    _write_name(shared.words, shared.buffer, L.SCOPE_NAME_LEN, L.FEED_NAME_OFFSET, HOSTILE_SCOPE)
+    context = multiprocessing.get_context("fork")  # any start method: the name is what is tested
+    ready, stop = context.SimpleQueue(), context.SimpleQueue()
+    holder = context.Process(target=W.hold_channel_under_name, args=(namespace, HOSTILE_COMM, ready, stop))
+    holder.start()
+    try:
+        assert ready.get() == holder.pid
+        result = _monitor(namespace, "--once")
+        assert result.returncode == 0, result.stderr
+        shown = result.stdout
+        assert not [c for c in shown if _is_control(c) and c != "\n"], "a control character reached the terminal"
+        for literal in ("\\x1b]0;owned\\x07[red]F[/red]", "\\x9b2J[bold]T", "\\x1b[2J[link=https://e.x]S[/link]",
+                        "\\x1b[5m[blink]"):  # the owner column cuts the process name there
+            assert literal in shown, f"{literal!r} not shown as written:\n{shown}"
+        as_json = json.loads(_monitor(namespace, "--json").stdout)  # raw: JSON escapes them itself
+        assert [f["name"] for f in as_json["feeds"]] == [HOSTILE_FEED]
+        assert [s["name"] for s in as_json["scopes"]] == [HOSTILE_SCOPE]
+    finally:
+        stop.put("stop")
+        holder.join(30)
+    del feed, scope
+
+
+def test_untrusted_text_escapes_every_control_character_and_no_markup():
+    controls = "".join(map(chr, [*range(0x20), 0x7F, *range(0x80, 0xA0)]))
+    text = monitor_module.untrusted_text(f"a{controls}é█[red]z[/red]")
+    assert text.plain == "a" + "".join(f"\\x{ord(c):02x}" for c in controls) + "é█[red]z[/red]"
+    assert not text.spans and not text.style  # rich applied nothing
+    assert monitor_module.untrusted_text("evil\u202egnp.exe\u200b").plain == "evil\\u202egnp.exe\\u200b"
 
 
 def test_no_namespace_is_a_clear_error(namespace):
