@@ -300,11 +300,9 @@ class FeedCore(AttachedSegment):
         self.acquire()
         try:
             words[L.FEED_CLOSED] = 1
-            table = self.table
-            for entry in range(L.table_high(words)):
-                word = _entry_word(entry)
-                if self._cancel_locked(entry, int(table[word])):
-                    ended.append((int(table[word + 1]), int(table[word + 2])))
+            for sub in L.active_subscriptions(words, self.table):
+                if self._cancel_locked(sub.entry, sub.sub_id):
+                    ended.append((sub.channel_id, sub.err_channel_id))
         finally:
             self.release_lock()
         for channel_id, err_channel_id in ended:
@@ -320,19 +318,14 @@ class FeedCore(AttachedSegment):
         if version == self._targets_version:
             return self._targets
         words = self.words
-        entries = []
         self.acquire(deadline)
         try:
             version = words[L.SUB_VERSION]
-            table = self.table
-            for entry in range(L.table_high(words)):
-                word = _entry_word(entry)
-                if table[word + 3] & 0xFFFF_FFFF == L.SUB_ACTIVE_STATE:
-                    entries.append((entry, int(table[word]), int(table[word + 1]), int(table[word + 2])))
+            entries = L.active_subscriptions(words, self.table)
         finally:
             self.release_lock()
         targets, channels, gone = [], {}, []
-        for entry, sub_id, channel_id, err_channel_id in entries:
+        for entry, sub_id, channel_id, err_channel_id, _owner in entries:
             core = self._channels.get(channel_id)
             if core is None or core.released:
                 core = _ring.ChannelCore.open(self.namespace, channel_id, deadline)
@@ -429,11 +422,8 @@ class FeedCore(AttachedSegment):
 
     def nobody_reached(self, timeout: float | None, error: TimeoutError) -> FeedSendTimeout:
         """The error of a send whose ``error`` (a lock wait) came before any delivery."""
-        table = self.table  # read without the lock: a torn read only misnames a channel
-        pending = [
-            (_channel_label(int(table[_entry_word(entry) + 1])), "not reached")
-            for entry in range(L.table_high(self.words))
-            if table[_entry_word(entry) + 3] & 0xFFFF_FFFF == L.SUB_ACTIVE_STATE
+        pending = [  # read without the lock: a torn read only misnames a channel
+            (_channel_label(sub.channel_id), "not reached") for sub in L.active_subscriptions(self.words, self.table)
         ]
         return FeedSendTimeout.of_send(self._label(), timeout, 0, pending, str(error).removeprefix("shmfeed: "))
 
@@ -1021,12 +1011,9 @@ def _subscribed_here(namespace: str, channel_id: int) -> bool:
     for core in list(_feeds.values()):
         if core.namespace != namespace or core.released:
             continue
-        table = core.table
-        for entry in range(L.table_high(core.words)):
-            word = _entry_word(entry)
-            state = int(table[word + 3])
-            if table[word + 1] == channel_id and state & 0xFFFF_FFFF == L.SUB_ACTIVE_STATE and state >> 32 == me:
-                return True
+        if any(sub.channel_id == channel_id and sub.owner_pid == me
+               for sub in L.active_subscriptions(core.words, core.table)):
+            return True
     return False
 
 

@@ -162,12 +162,8 @@ def _last_read(words: memoryview) -> dict[str, Any]:
 def _feed(key: str, words: memoryview, buffer: memoryview, processes: list[dict[str, Any]]) -> dict[str, Any]:
     table = buffer[L.HEADER_BYTES : L.FEED_SEGMENT_BYTES].cast("Q")
     try:
-        subscriptions = []
-        for entry in range(L.table_high(words)):
-            word = entry * L.FEED_ENTRY_WORDS
-            state = int(table[word + 3])
-            if state & 0xFFFF_FFFF == L.SUB_ACTIVE_STATE:
-                subscriptions.append({"channel": f"{int(table[word + 1]):016x}", "owner_pid": state >> 32})
+        subscriptions = [{"channel": f"{sub.channel_id:016x}", "owner_pid": sub.owner_pid}
+                         for sub in L.active_subscriptions(words, table)]
     finally:
         table.release()
     name_len = int(words[L.NAME_LEN])

@@ -251,6 +251,31 @@ def table_high(words: memoryview) -> int:
     return min(int(words[TABLE_HIGH]), FEED_TABLE_SLOTS)
 
 
+class TableEntry(NamedTuple):
+    """One active subscription in a feed's table (``active_subscriptions``)."""
+
+    entry: int
+    sub_id: int
+    channel_id: int
+    err_channel_id: int
+    owner_pid: int
+
+
+def active_subscriptions(words: memoryview, table: memoryview) -> list[TableEntry]:
+    """The active entries of a feed's subscription table: the one walk of it.
+
+    Read under the feed lock for a consistent view; without it a torn read may only
+    misname a channel (the monitor, a timeout's message).
+    """
+    found = []
+    for index in range(table_high(words)):
+        word = index * FEED_ENTRY_WORDS
+        state = int(table[word + 3])
+        if state & 0xFFFF_FFFF == SUB_ACTIVE_STATE:
+            found.append(TableEntry(index, int(table[word]), int(table[word + 1]), int(table[word + 2]), state >> 32))
+    return found
+
+
 def write_text(buffer: memoryview, offset: int, limit: int, text: str) -> int:
     """Store ``text`` (UTF-8, truncated to ``limit`` bytes) and return its length."""
     data = text.encode("utf-8", "replace")[:limit]

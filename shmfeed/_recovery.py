@@ -275,19 +275,8 @@ def _repair_feed(core: FeedCore, released: list[int], liveness: Liveness, repair
     _fail_if_every_sender_died(core, liveness, repairs)
 
 
-def _active_entries(core: FeedCore) -> list[tuple[int, int, int, int, int]]:
-    """(entry, sub_id, channel_id, err_channel_id, owner pid) of active subscriptions."""
-    table, entries = core.table, []
-    for entry in range(L.table_high(core.words)):
-        word = entry * L.FEED_ENTRY_WORDS
-        state = int(table[word + 3])
-        if state & 0xFFFF_FFFF == L.SUB_ACTIVE_STATE:
-            entries.append((entry, int(table[word]), int(table[word + 1]), int(table[word + 2]), state >> 32))
-    return entries
-
-
 def _end_dead_subscriptions(core: FeedCore, liveness: Liveness, repairs: Repairs) -> None:
-    for entry, sub_id, channel_id, err_id, owner in _active_entries(core):
+    for entry, sub_id, channel_id, err_id, owner in L.active_subscriptions(core.words, core.table):
         if liveness.ticks(owner) is None and core.end_subscription(entry, sub_id, channel_id, err_id):
             repairs.ended_subscriptions += 1
 
@@ -311,7 +300,7 @@ def _fail_if_every_sender_died(core: FeedCore, liveness: Liveness, repairs: Repa
         return
     someone_sends = len(dead) < len(senders)
     if not someone_sends and not words[L.FEED_CLOSED]:
-        for entry, sub_id, channel_id, err_id, _owner in _active_entries(core):
+        for entry, sub_id, channel_id, err_id, _owner in L.active_subscriptions(core.words, core.table):
             error = SenderDiedError(
                 f"shmfeed: every process sending on feed {core._label()} is gone and at least one "
                 f"died without detaching; resubscribe once a sender is back"
