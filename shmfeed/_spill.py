@@ -28,7 +28,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 
-from . import _names, _native, _process
+from . import _names, _native, _process, _shm
 from ._codec import Segments
 from ._largecopy import CopyChooser
 
@@ -189,15 +189,20 @@ def read(path: str, size: int) -> bytes | memoryview:
     at this thread's next large read or when the process lets go of the namespace (and
     with the channel in any case).
 
-    Raises OSError if the file is missing, ValueError if it does not hold ``size`` bytes
-    (a size read from shared memory is never trusted with an allocation).
+    The file is opened through ``_shm.open_own``: a FIFO, a symlink or a file that is not
+    ours at the link's name is refused (and left where it is).
+
+    Raises OSError if the file is missing or not ours (``_shm.ForeignObjectError``),
+    ValueError if it does not hold ``size`` bytes (a size read from shared memory is never
+    trusted with an allocation).
     """
     unlink_deferred()  # what this thread read before is decoded by now
     keep_link = False
+    opened = False
     try:
-        descriptor = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        descriptor, info = _shm.open_own(path)
+        opened = True
         try:
-            info = os.fstat(descriptor)
             if info.st_size < size:  # pool files only grow: the value is at their start
                 raise ValueError(f"the record says {size} bytes, the file holds {info.st_size}")
             tune_malloc()
@@ -214,7 +219,7 @@ def read(path: str, size: int) -> bytes | memoryview:
         if keep_link:
             with _deferred_lock:
                 _deferred.setdefault(threading.get_ident(), []).append(path)
-        else:
+        elif opened:  # ours: read, or refused for its size
             _unlink(path)
 
 
