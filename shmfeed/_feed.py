@@ -23,7 +23,8 @@ from ._segment import AttachedSegment, open_named
 from ._codec import Segments
 from ._channel import Channel, TypeArgument, _check_timeout, display_type
 from ._errors import (
-    ChannelClosed, FeedClosed, FeedSendTimeout, FeedTypeError, ShmfeedError, SlowSubscriberError, TableFullError,
+    ChannelClosed, ChannelCorruptError, FeedClosed, FeedSendTimeout, FeedTypeError, ShmfeedError,
+    SlowSubscriberError, TableFullError,
 )
 from ._stats import FeedStatistics, SubscriptionStatistics
 from ._subscription import ErrorChannel, SharedErrorChannel, Subscription, encode_error, select
@@ -334,10 +335,14 @@ class FeedCore(AttachedSegment):
         targets, channels, gone = [], {}, []
         for entry, sub_id, channel_id, err_channel_id in entries:
             core = self._channels.get(channel_id)
+            error: ChannelCorruptError | None = None
             if core is None or core.released:
-                core = _ring.ChannelCore.open(self.namespace, channel_id, deadline)
+                try:
+                    core = _ring.ChannelCore.open(self.namespace, channel_id, deadline)
+                except ChannelCorruptError as corrupt:  # its header is not valid: ends this subscription only
+                    core, error = None, corrupt
             if core is None:
-                gone.append((entry, sub_id, channel_id, err_channel_id))
+                gone.append((entry, sub_id, channel_id, err_channel_id, error))
                 continue
             channels[channel_id] = core
             targets.append(_Target(entry, sub_id, core, err_channel_id))
@@ -347,8 +352,8 @@ class FeedCore(AttachedSegment):
         inline_limit = min((target.core.inline_limit for target in targets), default=-1)
         self._fast_plan = (version, self._targets, rings, inline_limit) if rings and None not in rings else None
         self._targets_version = version
-        for entry, sub_id, channel_id, err_channel_id in gone:
-            self.end_subscription(entry, sub_id, channel_id, err_channel_id)
+        for entry, sub_id, channel_id, err_channel_id, error in gone:
+            self.end_subscription(entry, sub_id, channel_id, err_channel_id, error)
         return self._targets
 
     # --- sending --------------------------------------------------------------------------
@@ -644,7 +649,10 @@ def _finish(
     ``attach=False`` (the registry) maps the channels without joining them, with bounded locks.
     """
     open_channel = _ring.ChannelCore.open if attach else _ring.ChannelCore.map_unattached
-    channel = open_channel(namespace, channel_id)
+    try:
+        channel = open_channel(namespace, channel_id)
+    except ChannelCorruptError:
+        channel = None  # nobody can send on it either: no one to wake
     if channel is not None:
         try:
             channel.wake_senders()

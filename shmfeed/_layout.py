@@ -241,6 +241,26 @@ def segment_kind(words: memoryview, size: int) -> SegmentKind | None:
     return kind if kind is not None and size >= kind.min_bytes else None
 
 
+def header_problem(words: memoryview, size: int, kind: SegmentKind) -> str | None:
+    """What makes a mapped segment of ``size`` bytes unusable as a ``kind`` (None: nothing):
+    checked where any segment is opened, before any offset is computed from its words.
+
+    For a channel that is the ring's geometry too: a ring of 0 bytes, or one that does not
+    fit the mapping, would make every send and receive fail (or read out of bounds).
+    """
+    if size < kind.min_bytes:
+        return f"{size} bytes, less than a {kind.name} takes"
+    if words[MAGIC] != kind.magic or words[HEADER_BYTES_WORD] != HEADER_BYTES:
+        return f"not a {kind.name} header"
+    if kind is CHANNEL_KIND:
+        ring = int(words[RING_BYTES])
+        if ring < MIN_RING_BYTES or ring % 8 or HEADER_BYTES + ring > size:
+            return f"a ring of {ring} bytes in a segment of {size}"
+        if not words[CAPACITY]:
+            return "a capacity of 0"
+    return None
+
+
 def lock_ids(words: memoryview, kind: SegmentKind) -> list[int]:
     """The ids of the lock semaphores a segment names, in its kind's lock order."""
     return [int(words[lock.id_word]) for lock in kind.locks]

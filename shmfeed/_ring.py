@@ -36,7 +36,7 @@ from . import _layout as L
 from . import _names, _native, _process, _shm, _spill, _waker
 from ._codec import Segments
 from ._spill import Spill
-from ._segment import AttachedSegment
+from ._segment import AttachedSegment, open_named
 from ._errors import ChannelClosed, ChannelCorruptError, TableFullError
 
 RECORD_HEADER = struct.Struct("<II")
@@ -263,36 +263,10 @@ class ChannelCore(AttachedSegment):
         With ``lock_timeout`` (the default, for recovery) its locks give up after that many
         seconds with ``_shm.LockBusy``; ``open`` passes None for ordinary blocking locks.
         """
-        name = _names.channel_segment(namespace, channel_id)
-        mapping = _shm.open_segment(name)
-        if mapping is None:
+        opened = open_named(namespace, _names.channel_segment(namespace, channel_id), cls.kind, ChannelCorruptError)
+        if opened is None:
             return None
-        if len(mapping) < cls.kind.min_bytes:
-            mapping.close()
-            return None
-        words = memoryview(mapping)[: L.HEADER_BYTES].cast("Q")
-        locks: list[Any] = []
-        try:
-            valid = (
-                words[L.MAGIC] == L.CHANNEL_MAGIC
-                and words[L.HEADER_BYTES_WORD] == L.HEADER_BYTES
-                and words[L.RING_BYTES] % 8 == 0
-                and L.HEADER_BYTES + words[L.RING_BYTES] <= len(mapping)
-                and words[L.CAPACITY] > 0
-            )
-            if valid:
-                for lock_id in L.lock_ids(words, cls.kind):
-                    lock = _shm.open_semaphore(_names.lock_semaphore(namespace, lock_id))
-                    if lock is None:
-                        break
-                    locks.append(lock)
-        finally:
-            words.release()
-        if len(locks) != 3:
-            for lock in locks:
-                lock.close()
-            mapping.close()
-            return None
+        mapping, locks = opened
         if lock_timeout is not None:
             locks = [_shm.BoundedLock(lock, lock_timeout) for lock in locks]
         core = cls(namespace, channel_id, mapping, (locks[0], locks[1], locks[2]))

@@ -1,0 +1,64 @@
+"""Words and files in /dev/shm are not trusted: a channel header whose ring does not fit, a
+spill record that claims more than its file holds, a spill link another user planted, and
+attach slots that name no process each get a clear outcome, never a crash, a leak or a
+receiver that allocates what a record claims."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+import shmfeed
+from shmfeed import _layout as L
+from shmfeed import _ring
+
+pytestmark = pytest.mark.timeout(30)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(shmfeed.__file__)))
+
+
+@pytest.fixture(autouse=True)
+def no_registry(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SHMFEED_NO_REGISTRY", "1")
+
+
+def run_python(script: str, *args: str, **environment: str) -> subprocess.CompletedProcess[str]:
+    """``script`` in a fresh interpreter of this checkout, in the test's namespace."""
+    env = {**os.environ, "PYTHONPATH": REPO, **environment}
+    return subprocess.run([sys.executable, "-c", script, *args], env=env, capture_output=True, text=True, timeout=20)
+
+
+# --- 5. a ring that does not fit its segment -------------------------------------------------
+
+SEND_ON_GEOMETRY_FEED = """
+import shmfeed
+print(shmfeed.Feed("geometry").send(7))
+"""
+
+
+@pytest.mark.parametrize("data_path", ["c", "python"])
+@pytest.mark.parametrize("ring_bytes", [0, 8, 1 << 40])
+def test_a_ring_that_does_not_fit_ends_only_its_subscription_as_corrupt(data_path: str, ring_bytes: int) -> None:
+    feed = shmfeed.Feed("geometry")
+    good, bad = shmfeed.Channel(capacity=4), shmfeed.Channel(capacity=4)
+    good_sub, bad_sub = feed.subscribe(good), feed.subscribe(bad)
+    words = bad._live_core().words
+    kept, words[L.RING_BYTES] = words[L.RING_BYTES], ring_bytes
+    try:
+        # Another process opens the channels afresh (this one keeps the geometry it read).
+        sender = run_python(SEND_ON_GEOMETRY_FEED, SHMFEED_PURE_PYTHON="1" if data_path == "python" else "")
+        assert sender.returncode == 0, sender.stderr
+        assert sender.stdout.split() == ["1"]
+        assert good.recv(timeout=5) == 7
+        error = bad_sub.err().recv(timeout=5)
+        assert isinstance(error, shmfeed.ChannelCorruptError), error
+        assert "damaged" in str(error) and f"a ring of {ring_bytes} bytes" in str(error)
+        with pytest.raises(shmfeed.ChannelCorruptError):  # so says every opener (recovery's too)
+            _ring.ChannelCore.map_unattached(bad._namespace, bad._channel_id)
+    finally:
+        words[L.RING_BYTES] = kept
+    assert feed.send(8) == 1 and good.recv(timeout=5) == 8
+    good_sub.unsubscribe()
