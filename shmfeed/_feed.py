@@ -649,17 +649,21 @@ def _finish(
     ``attach=False`` (the registry) maps the channels without joining them, with bounded locks.
     """
     open_channel = _ring.ChannelCore.open if attach else _ring.ChannelCore.map_unattached
-    try:
-        channel = open_channel(namespace, channel_id)
-    except ChannelCorruptError:
-        channel = None  # nobody can send on it either: no one to wake
+
+    def opened(channel_id: int) -> _ring.ChannelCore | None:
+        try:
+            return open_channel(namespace, channel_id)
+        except ChannelCorruptError:
+            return None  # its header is bad: nobody can use it, so nothing to wake or tell
+
+    channel = opened(channel_id)
     if channel is not None:
         try:
             channel.wake_senders()
         finally:
             if not attach:
                 channel.release()
-    err_channel = open_channel(namespace, err_channel_id)
+    err_channel = opened(err_channel_id)
     if err_channel is not None:
         try:
             if error is not None:
