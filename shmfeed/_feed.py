@@ -491,6 +491,11 @@ class FeedCore(AttachedSegment):
                         answer = offer_all(rings, payload, _ring._pid, reached)
                     delivered += len(targets) - reached
                 else:
+                    if any(size > target.core.inline_limit for target in targets):
+                        # Written before any ring takes the value: a full /dev/shm fails the
+                        # whole send here (ENOSPC), having delivered it to nobody.
+                        spill = _ring.Spill(self.namespace, payload)
+                        spill.write()
                     for reached, target in enumerate(targets):
                         core = target.core
                         if size <= core.inline_limit:
@@ -498,8 +503,7 @@ class FeedCore(AttachedSegment):
                                 payload = payload.join()  # inline here (and wherever else it fits)
                             kind, record = _ring.KIND_DATA, payload
                         else:
-                            if spill is None:
-                                spill = _ring.Spill(self.namespace, payload)
+                            assert spill is not None  # written above
                             kind = _ring.KIND_SPILL
                             record = _ring.SPILL_REFERENCE.pack(*spill.link_into(core.namespace, core.channel_id))
                         try:

@@ -2,7 +2,9 @@
 
 Segments are created under a temporary name, initialised, then published with ``link(2)``
 so that nobody can ever open a half-initialised segment, and exactly one of several
-processes racing to create the same name wins. Everything is created mode 0600.
+processes racing to create the same name wins. Everything is created mode 0600, its
+memory reserved at once (``reserve``): a store into a page that a full /dev/shm cannot
+back is a SIGBUS, so a full /dev/shm must be an error where the space is asked for.
 Low-level ``posix_ipc`` errors never reach users: they are wrapped with the object's name.
 
 One door: every file of a namespace that the library opens (segments, spill files) goes
@@ -134,21 +136,40 @@ def map_own(path: str, writable: bool = False, length: int = 0, min_size: int = 
         os.close(descriptor)
 
 
+def reserve(descriptor: int, size: int, what: str) -> None:
+    """Make the file ``size`` bytes long with all its memory taken now (``posix_fallocate``),
+    so that no store into its mapping can later find /dev/shm full: that is a SIGBUS.
+
+    Raises:
+        SharedObjectError: with errno ENOSPC if /dev/shm is full (the file keeps its size).
+    """
+    try:
+        os.posix_fallocate(descriptor, 0, size)
+    except OSError as error:
+        if error.errno == errno.ENOSPC:
+            message = (f"shmfeed: /dev/shm is full: {what} needs {size} bytes there; free some space "
+                       f"(`shmfeed gc` removes what dead processes left) or make /dev/shm larger")
+        else:
+            message = f"shmfeed: cannot reserve {size} bytes in /dev/shm for {what}: {error.strerror}"
+        raise SharedObjectError(error.errno, message) from error
+
+
 def create_segment(name: str, size: int, initialise: Callable[[mmap.mmap], None]) -> mmap.mmap | None:
     """Create, initialise and publish the segment ``name``; None if another process won.
 
     ``initialise`` fills the new mapping before anyone else can open it.
+
+    Raises:
+        SharedObjectError: it cannot be created (errno ENOSPC: /dev/shm is full).
     """
     temp_name = f"{name}.t{os.getpid():x}{_names.new_id():x}"[:250]
     try:
-        segment = posix_ipc.SharedMemory(temp_name, posix_ipc.O_CREX, MODE, size)
+        segment = posix_ipc.SharedMemory(temp_name, posix_ipc.O_CREX, MODE)  # empty: reserved below
     except posix_ipc.Error as error:
-        raise SharedObjectError(
-            f"shmfeed: cannot create shared memory {name!r} of {size} bytes: {error} "
-            f"(is /dev/shm full or too small?)"
-        ) from error
+        raise SharedObjectError(f"shmfeed: cannot create shared memory {name!r} of {size} bytes: {error}") from error
     try:
         try:
+            reserve(segment.fd, size, f"shared memory {name!r}")
             mapping = mmap.mmap(segment.fd, size)
         finally:
             segment.close_fd()

@@ -124,10 +124,14 @@ def _take(namespace: str, size: int) -> _PoolFile:
         return entry
 
 
-def _give_back(namespace: str, entry: _PoolFile) -> None:
+def _give_back(namespace: str, entry: _PoolFile, keep: bool = True) -> None:
+    """A send is done with a pool file; without ``keep`` (its write failed) the file goes."""
     with _pool_lock:
         entry.busy = False
-        if entry not in _pools.get(namespace, []):
+        pool = _pools.get(namespace, [])
+        if entry in pool and not keep:
+            pool.remove(entry)
+        if entry not in pool:
             entry.close()
             _unlink(entry.path)
 
@@ -149,13 +153,30 @@ class Spill:
         self.parts: Sequence[bytes | memoryview] = payload.parts if isinstance(payload, Segments) else (payload,)
         self.file: _PoolFile | None = None
 
+    def write(self) -> _PoolFile:
+        """Write the value into a pool file, once; the file.
+
+        A send calls this before any ring takes the value: a full /dev/shm then fails the
+        whole send here, having delivered nothing, and the file goes (its space with it).
+
+        Raises:
+            _shm.SharedObjectError: errno ENOSPC, /dev/shm cannot hold the value.
+        """
+        if self.file is None:
+            file = _take(self.namespace, len(self.payload))
+            try:
+                self._write(file)
+            except BaseException:
+                _give_back(self.namespace, file, keep=False)
+                raise
+            self.file = file
+        return self.file
+
     def link_into(self, namespace: str, channel_id: int) -> tuple[int, int]:
         """Link the value for one channel; returns ``(spill_id, size)`` for its record."""
-        if self.file is None:
-            self.file = _take(self.namespace, len(self.payload))
-            self._write(self.file)
+        file = self.write()
         spill_id = _names.new_id()
-        os.link(self.file.path, _names.spill_file(namespace, channel_id, spill_id))
+        os.link(file.path, _names.spill_file(namespace, channel_id, spill_id))
         return spill_id, len(self.payload)
 
     def _write(self, file: _PoolFile) -> None:
@@ -163,10 +184,12 @@ class Spill:
         if file.size < size:
             # Files only grow: a receiver reads in place through a mapping, and a file that
             # shrank under a mapping would kill it with SIGBUS. The record gives the length.
+            # Grown with its memory reserved: a copy into pages a full /dev/shm cannot back
+            # would be a SIGBUS too (and receivers check that the value's blocks are there).
             if file.mapping is not None:
                 file.mapping.close()
                 file.mapping = None
-            os.ftruncate(file.descriptor, size)
+            _shm.reserve(file.descriptor, size, f"a large value of {size} bytes")
             file.size = size
         if file.mapping is None and file.size:
             file.mapping = mmap.mmap(file.descriptor, file.size)

@@ -1,13 +1,19 @@
 """The one door to a namespace's objects (``_shm.open_own``, ``_shm.check_semaphore``): what
 is planted at one of our names (a FIFO, a symlink, another user's file, a file open to
 others) is refused with a clear ``ForeignObjectError`` where the library opens it, skipped
-as not ours by gc, recovery and the monitor, and never waited on."""
+as not ours by gc, recovery and the monitor, and never waited on.
+
+And a full /dev/shm (a small tmpfs in a private mount namespace) is a clear error from the
+call that needed the space, never a SIGBUS."""
 
 from __future__ import annotations
 
 import contextlib
 import errno
 import os
+import shutil
+import subprocess
+import sys
 from typing import Iterator
 
 import posix_ipc
@@ -142,3 +148,53 @@ def test_a_planted_spill_file_is_a_corrupt_record_not_a_hang(namespace: str, kin
         channel.send(b"s" * 100_000, timeout=5)  # a real large value still goes through
         assert channel.recv(timeout=5) == b"s" * 100_000
     _spill.unlink_deferred()
+
+
+# --- a full /dev/shm ---------------------------------------------------------------------------
+
+FULL_DEV_SHM = r"""
+import errno, os
+import shmfeed
+from shmfeed import _shm
+
+def files():
+    return sorted(os.listdir("/dev/shm"))
+
+def expect_full(call):
+    before = files()
+    try:
+        call()
+    except _shm.SharedObjectError as error:
+        assert error.errno == errno.ENOSPC and "/dev/shm is full" in str(error), repr(error)
+        assert files() == before, f"left behind: {sorted(set(files()) - set(before))}"
+        return True
+    return False
+
+print("4 MiB channel:", expect_full(lambda: shmfeed.Channel(buffer_size=4 << 20)))
+feed, channel = shmfeed.Feed(), shmfeed.Channel(capacity=4)
+sub = feed.subscribe(channel)
+print("2 MiB send:", expect_full(lambda: feed.send(b"x" * (2 << 20))))
+try:
+    channel.recv(timeout=0)
+    print("delivered: yes")
+except TimeoutError:
+    print("delivered: no")
+print("subscription intact:", feed.send(b"small") == 1 and channel.recv(timeout=5) == b"small")
+channel.send(b"y" * (2 << 20))  # not caught: the traceback, and exit status 1
+"""
+
+
+def test_a_full_dev_shm_is_a_clear_error_never_a_sigbus() -> None:
+    if shutil.which("unshare") is None:
+        pytest.skip("needs unshare(1) to give a process its own small /dev/shm")
+    mount_and_run = 'mount -t tmpfs -o size=1m tmpfs /dev/shm || exit 77; echo mounted; exec "$0" -c "$1"'
+    env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(shmfeed.__file__)))}
+    child = subprocess.run(["unshare", "-m", "sh", "-c", mount_and_run, sys.executable, FULL_DEV_SHM],
+                           env=env, capture_output=True, text=True, timeout=15, cwd="/")
+    if "mounted" not in child.stdout:
+        pytest.skip(f"no private mount namespace with a small tmpfs here: {child.stderr.strip()}")
+    assert child.returncode == 1, f"status {child.returncode} (negative: a signal)\n{child.stderr}"
+    assert child.stdout.splitlines()[1:] == [
+        "4 MiB channel: True", "2 MiB send: True", "delivered: no", "subscription intact: True"
+    ], child.stdout + child.stderr
+    assert "Traceback" in child.stderr and "[Errno 28]" in child.stderr and "/dev/shm is full" in child.stderr

@@ -26,9 +26,11 @@ def no_registry(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def run_python(script: str, *args: str, **environment: str) -> subprocess.CompletedProcess[str]:
-    """``script`` in a fresh interpreter of this checkout, in the test's namespace."""
+    """``script`` in a fresh interpreter of this checkout (not of the working directory), in the
+    test's namespace."""
     env = {**os.environ, "PYTHONPATH": REPO, **environment}
-    return subprocess.run([sys.executable, "-c", script, *args], env=env, capture_output=True, text=True, timeout=20)
+    return subprocess.run([sys.executable, "-c", script, *args], env=env, capture_output=True, text=True, timeout=20,
+                          cwd="/")
 
 
 # --- 5. a ring that does not fit its segment -------------------------------------------------
