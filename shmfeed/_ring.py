@@ -483,7 +483,7 @@ class ChannelCore(AttachedSegment):
             value = _spill.read(path, size)
         except (OSError, ValueError) as error:
             raise ChannelCorruptError(
-                f"shmfeed: channel {self.channel_id:016x}: a large value's file is missing ({error})"
+                f"shmfeed: channel {self.channel_id:016x}: a large value's file is missing or not valid ({error})"
             ) from error
         if len(value) != size:
             raise ChannelCorruptError(f"shmfeed: channel {self.channel_id:016x}: a large value was truncated")

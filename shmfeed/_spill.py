@@ -226,8 +226,7 @@ def read(path: str, size: int) -> bytes | memoryview:
         descriptor, info = _shm.open_own(path)
         opened = True
         try:
-            if info.st_size < size:  # pool files only grow: the value is at their start
-                raise ValueError(f"the record says {size} bytes, the file holds {info.st_size}")
+            _check_holds(info, size)
             tune_malloc()
             if not READER_MAP_MIN <= info.st_size <= READER_MAPPED_BYTES // 4:
                 with open(descriptor, "rb", buffering=0, closefd=False) as spill:
@@ -244,6 +243,21 @@ def read(path: str, size: int) -> bytes | memoryview:
                 _deferred.setdefault(threading.get_ident(), []).append(path)
         elif opened:  # ours: read, or refused for its size
             _unlink(path)
+
+
+def _check_holds(info: os.stat_result, size: int) -> None:
+    """A spill file must really hold the ``size`` bytes its record claims before anything of
+    that size is allocated or mapped: as long (pool files only grow: the value is at their
+    start), and that much of it in memory, since pool files are reserved, never sparse (a
+    sparse file would let a record of any size make this process allocate it in zeros).
+
+    Raises:
+        ValueError: it does not.
+    """
+    if info.st_size < size:
+        raise ValueError(f"the record says {size} bytes, the file holds {info.st_size}")
+    if info.st_blocks * 512 < size:
+        raise ValueError(f"the record says {size} bytes, the file has {info.st_blocks * 512} in memory (sparse)")
 
 
 _deferred_lock = threading.Lock()

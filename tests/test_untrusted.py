@@ -13,7 +13,7 @@ import pytest
 
 import shmfeed
 from shmfeed import _layout as L
-from shmfeed import _ring
+from shmfeed import _ring, _spill
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -64,3 +64,52 @@ def test_a_ring_that_does_not_fit_ends_only_its_subscription_as_corrupt(data_pat
         words[L.RING_BYTES] = kept
     assert feed.send(8) == 1 and good.recv(timeout=5) == 8
     good_sub.unsubscribe()
+
+
+# --- 3. a spill record's size --------------------------------------------------------------------
+
+SPARSE_SPILL = r"""
+import os, resource
+import shmfeed
+from shmfeed import _names, _ring
+
+channel = shmfeed.Channel(capacity=4)
+spill_id, claimed = _names.new_id(), 512 << 20
+path = _names.spill_file(channel._namespace, channel._channel_id, spill_id)
+descriptor = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+os.ftruncate(descriptor, claimed)  # as long as the record says, but holding nothing
+os.close(descriptor)
+assert channel._live_core().offer(_ring.KIND_SPILL, _ring.SPILL_REFERENCE.pack(spill_id, claimed)) == _ring.DELIVERED
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+try:
+    print("received", len(channel.recv(timeout=5)))
+except shmfeed.ChannelCorruptError as error:
+    print("error:", error)
+print("grew KiB:", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak)
+print("link left:", os.path.exists(path))
+channel.send(b"after", timeout=5)
+print("then:", channel.recv(timeout=5))
+"""
+
+
+def test_a_spill_record_claiming_a_sparse_file_is_corrupt_and_allocates_nothing() -> None:
+    # A fresh process: its peak RSS shows any allocation of the claimed 512 MiB.
+    receiver = run_python(SPARSE_SPILL)
+    assert receiver.returncode == 0, receiver.stderr
+    lines = receiver.stdout.splitlines()
+    assert lines[0].startswith("error: shmfeed: channel") and "(sparse)" in lines[0], lines
+    assert int(lines[1].removeprefix("grew KiB: ")) < 64 << 10, lines
+    assert lines[2:] == ["link left: False", "then: b'after'"]
+
+
+def test_a_pool_file_reused_for_a_larger_value_holds_all_of_it(namespace: str) -> None:
+    channel = shmfeed.Channel(capacity=4)  # a 64 KiB ring: values over 16 KiB spill
+    for size in (100_000, 100_000, 3_000_000):  # the third rewrites the first file, grown
+        value = bytes([size % 251]) * size
+        channel.send(value, timeout=5)
+        assert channel.recv(timeout=5) == value
+    pool = _spill._pools[namespace]
+    small, grown = sorted(file.size for file in pool)  # encoded sizes: a few bytes more
+    assert small < 200_000 and grown > 3_000_000
+    for file in pool:
+        assert os.fstat(file.descriptor).st_blocks * 512 >= file.size
