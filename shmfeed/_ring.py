@@ -323,9 +323,12 @@ class ChannelCore(AttachedSegment):
             L.set_own_flag(self.words, L.SLOT_HOLDER, True)
 
     def _unlink_files(self) -> None:
-        """The spill files still linked to the channel (``unlink_names``)."""
+        """The spill files still linked to the channel (``unlink_names``): ours only. A file
+        another user planted under such a name (channel ids show in /dev/shm) is not ours to
+        remove (nor could we, /dev/shm being sticky), and must not keep the segment."""
         for path in glob.glob(_names.spill_file(self.namespace, self.channel_id, 0)[:-16] + "*"):
-            _unlink_file(path)
+            if _shm.is_own(path):
+                _unlink_file(path)
 
     def lock_semaphores(self) -> list[Any]:
         return [self.send_lock, self._own_recv_lock, self.wait_lock]

@@ -6,23 +6,53 @@ receiver that allocates what a record claims."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import sysconfig
+import tempfile
+from typing import Iterator
 
 import pytest
 
 import shmfeed
+from shmfeed import _gc, _names, _release, _ring, _spill
 from shmfeed import _layout as L
-from shmfeed import _ring, _spill
 
 pytestmark = pytest.mark.timeout(30)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(shmfeed.__file__)))
+NOBODY = 65534
+SYSTEM_PYTHON = "/usr/bin/python3"  # one that another user can run (/root may be 0700)
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as, or plant for, another user")
 
 
 @pytest.fixture(autouse=True)
 def no_registry(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SHMFEED_NO_REGISTRY", "1")
+
+
+@pytest.fixture(scope="module")
+def nobody_python() -> Iterator[list[str]]:
+    """A command that runs Python as uid 65534 with this checkout and its dependencies."""
+    if not shutil.which("setpriv") or not os.access(SYSTEM_PYTHON, os.X_OK):
+        pytest.skip(f"needs setpriv and {SYSTEM_PYTHON} to run as another user")
+    version = subprocess.run([SYSTEM_PYTHON, "-c", "import sys; print(sys.version_info[:2])"],
+                             capture_output=True, text=True).stdout.strip()
+    if version != str(sys.version_info[:2]):
+        pytest.skip(f"{SYSTEM_PYTHON} is Python {version}, not the one the C accelerator was built for")
+    dependencies = tempfile.mkdtemp(prefix="shmfeed-nobody-")
+    try:
+        os.chmod(dependencies, 0o755)
+        site = sysconfig.get_paths()["purelib"]
+        for name in os.listdir(site):  # the installed dependencies, where another user can read them
+            if name in ("psutil", "msgpack") or name.startswith("posix_ipc.") and name.endswith(".so"):
+                copy = shutil.copytree if os.path.isdir(f"{site}/{name}") else shutil.copy
+                copy(f"{site}/{name}", f"{dependencies}/{name}")
+        yield ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", "env",
+               f"PYTHONPATH={dependencies}:{REPO}", "PYTHONDONTWRITEBYTECODE=1", SYSTEM_PYTHON]
+    finally:
+        shutil.rmtree(dependencies)
 
 
 def run_python(script: str, *args: str, **environment: str) -> subprocess.CompletedProcess[str]:
@@ -113,3 +143,64 @@ def test_a_pool_file_reused_for_a_larger_value_holds_all_of_it(namespace: str) -
     assert small < 200_000 and grown > 3_000_000
     for file in pool:
         assert os.fstat(file.descriptor).st_blocks * 512 >= file.size
+
+
+# --- 4. a spill link planted by another user -------------------------------------------------------
+
+
+def _plant_link(namespace: str, channel_id: int, owner: int) -> str:
+    """A file named like one of the channel's spill links, owned by ``owner``."""
+    path = _names.spill_file(namespace, channel_id, _names.new_id())
+    os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+    os.chown(path, owner, owner)
+    return path
+
+
+@needs_root
+def test_a_spill_link_planted_by_another_user_does_not_keep_the_channel(namespace: str) -> None:
+    channel = shmfeed.Channel()
+    segment = _names.shm_path(_names.channel_segment(namespace, channel._channel_id))
+    planted = _plant_link(namespace, channel._channel_id, NOBODY)
+    try:
+        _release.release_namespace(namespace)
+        assert not os.path.exists(segment), "the released channel's segment stayed in /dev/shm"
+        assert os.path.exists(planted), "the release removed a file that is not ours"
+        assert planted not in _gc.sweep(namespace).all()
+    finally:
+        os.unlink(planted)
+
+
+VICTIM = r"""
+import os, sys
+import shmfeed
+from shmfeed import _names, _release
+
+channel = shmfeed.Channel()
+print(channel._channel_id, flush=True)
+sys.stdin.readline()  # the attacker planted a link under the channel's name
+segment = _names.shm_path(_names.channel_segment(channel._namespace, channel._channel_id))
+_release.release_namespace(channel._namespace)
+print("segment left:", os.path.exists(segment))
+"""
+
+
+@needs_root
+def test_a_user_whose_channel_has_a_planted_link_still_lets_it_go(namespace: str, nobody_python: list[str]) -> None:
+    # The victim is nobody here, the planted file root's: /dev/shm is sticky, so the
+    # victim cannot remove it (root could, which is why the roles are this way round).
+    victim = subprocess.Popen(nobody_python + ["-c", VICTIM], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, cwd="/")
+    planted = None
+    try:
+        assert victim.stdout is not None and victim.stdin is not None
+        channel_id = int(victim.stdout.readline())
+        planted = _plant_link(namespace, channel_id, 0)
+        out, err = victim.communicate("planted\n", timeout=20)
+    finally:
+        if victim.poll() is None:
+            victim.kill()
+            victim.wait()
+        if planted is not None:
+            os.unlink(planted)
+    assert victim.returncode == 0, err
+    assert out.strip() == "segment left: False", out + err
