@@ -170,7 +170,6 @@ class FeedCore(AttachedSegment):
             words[L.SEND_LOCK_ID] = send_lock_id
             if name is not None:
                 words[L.NAME_LEN] = L.write_text(buffer, L.FEED_NAME_OFFSET, L.FEED_NAME_MAX, name)
-            L.attach(words)
             words.release()
             buffer.release()
 

@@ -101,7 +101,7 @@ def _segment_state(path: str) -> tuple[bool, list[int]] | None:
             if kind is None:
                 return False, []
             alive = not words[L.DESTROYED] and any(
-                _process.is_alive(pid, ticks) for pid, ticks in L.attached_processes(words)
+                L.slot_alive(pid, ticks) for pid, ticks in L.attached_processes(words)
             )
             return alive, L.lock_ids(words, kind)
         finally:

@@ -208,7 +208,6 @@ class ChannelCore(AttachedSegment):
             words[L.OVERFLOW] = OVERFLOW_CODES[overflow]
             words[L.CHANNEL_FLAGS] = flags
             words[L.ELEM_TYPE_LEN] = L.write_text(buffer, L.TYPE_NAME_OFFSET, L.TYPE_NAME_MAX, elem_type_name)
-            L.attach(words)
             words.release()
             buffer.release()
 
@@ -300,7 +299,7 @@ class ChannelCore(AttachedSegment):
             return False
         L.set_own_flag(self.words, L.SLOT_HOLDER, False)
         holders = L.attached_processes(self.words, L.SLOT_HOLDER)
-        if self.closed or self.words[L.IN_FLIGHT] or any(_process.is_alive(*p) for p in holders):
+        if self.closed or self.words[L.IN_FLIGHT] or any(L.slot_alive(*p) for p in holders):
             return False
         self.close()
         return True

@@ -16,8 +16,9 @@ from typing import Iterator
 import pytest
 
 import shmfeed
-from shmfeed import _gc, _names, _release, _ring, _spill
+from shmfeed import _gc, _names, _process, _recovery, _release, _ring, _spill
 from shmfeed import _layout as L
+from test_limits import _attach_from_child, _fill_attach_slots
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -204,3 +205,34 @@ def test_a_user_whose_channel_has_a_planted_link_still_lets_it_go(namespace: str
             os.unlink(planted)
     assert victim.returncode == 0, err
     assert out.strip() == "segment left: False", out + err
+
+
+# --- 6. attach slots that name no process ------------------------------------------------------------
+
+NO_PROCESS = (1, 0)  # start time 0 would match whatever runs as pid 1
+
+
+def test_slots_naming_no_process_neither_refuse_a_process_nor_keep_the_channel(namespace: str) -> None:
+    channel = shmfeed.Channel(capacity=4)
+    segment = _names.shm_path(_names.channel_segment(namespace, channel._channel_id))
+    words = channel._live_core().words
+    _fill_attach_slots(words, NO_PROCESS)
+    assert _attach_from_child(channel)[0] == "attached"  # took one of them over
+    assert _process.start_ticks(1) and not L.slot_alive(*NO_PROCESS)
+    _release.release_namespace(namespace)  # the last live process lets go: the segment goes
+    assert not os.path.exists(segment), "slots naming no process kept the segment"
+
+
+@pytest.mark.parametrize("sweeper", ["gc", "recovery"])
+def test_a_segment_whose_slots_name_no_process_is_collected(namespace: str, sweeper: str) -> None:
+    channel = shmfeed.Channel(capacity=4)
+    core = channel._live_core()
+    segment = _names.shm_path(core.segment_name)
+    _fill_attach_slots(core.words, NO_PROCESS)
+    L.remove_attached(core.words, *_process.identity())  # as if we had died
+    core.attached = False
+    if sweeper == "gc":
+        assert segment in _gc.sweep(namespace).segments
+    else:
+        assert segment in _recovery.recover_namespace(namespace).destroyed
+    assert not os.path.exists(segment)
