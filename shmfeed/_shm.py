@@ -62,7 +62,7 @@ def _problem(info: os.stat_result) -> str | None:
 def _not_ours(path: str, problem: str) -> ForeignObjectError:
     return ForeignObjectError(
         errno.EPERM,
-        f"shmfeed: {path} is not ours ({problem}): another user planted it, or it was damaged, "
+        f"shmfeed: {path} is not yours ({problem}): another user planted it, or it was damaged, "
         f"so it is not used; remove it (as its owner or root) or use another SHMFEED_NAMESPACE",
     )
 

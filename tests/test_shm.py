@@ -68,7 +68,7 @@ def planted(path: str, kind: str) -> Iterator[str]:
 def test_a_planted_segment_is_refused_where_it_is_opened(namespace: str, kind: str) -> None:
     name = _names.feed_segment(namespace, _names.named_feed_key("prices"))
     with planted(_names.shm_path(name), kind):
-        with pytest.raises(_shm.ForeignObjectError, match="is not ours") as raised:
+        with pytest.raises(_shm.ForeignObjectError, match="is not yours") as raised:
             _shm.open_segment(name)
         assert isinstance(raised.value, shmfeed.ShmfeedError) and raised.value.errno == errno.EPERM
         with pytest.raises(_shm.ForeignObjectError, match="planted"):
@@ -96,7 +96,7 @@ def test_gc_recovery_and_the_monitor_skip_what_is_planted(namespace: str, kind: 
 def test_a_planted_semaphore_is_refused_before_sem_open(namespace: str, kind: str) -> None:
     name = _names.lock_semaphore(namespace, _names.new_id())
     with planted(_names.semaphore_path(name), kind):
-        with pytest.raises(_shm.ForeignObjectError, match="is not ours"):
+        with pytest.raises(_shm.ForeignObjectError, match="is not yours"):
             _shm.open_semaphore(name)
         with pytest.raises(_shm.ForeignObjectError):
             _shm.open_native(name)
@@ -142,7 +142,7 @@ def test_a_planted_spill_file_is_a_corrupt_record_not_a_hang(namespace: str, kin
     path = _names.spill_file(namespace, channel._channel_id, spill_id)
     with planted(path, kind):
         assert core.offer(_ring.KIND_SPILL, _ring.SPILL_REFERENCE.pack(spill_id, 4096)) == _ring.DELIVERED
-        with pytest.raises(shmfeed.ChannelCorruptError, match="not ours"):
+        with pytest.raises(shmfeed.ChannelCorruptError, match="not yours"):
             channel.recv(timeout=5)
         assert os.path.lexists(path), "the receiver removed what is not ours"
         channel.send(b"s" * 100_000, timeout=5)  # a real large value still goes through

@@ -9,12 +9,11 @@ import os
 import shutil
 import subprocess
 import sys
-import sysconfig
-import tempfile
 from typing import Iterator
 
 import pytest
 
+import _attacker as A
 import shmfeed
 from shmfeed import _gc, _names, _process, _recovery, _release, _ring, _spill
 from shmfeed import _layout as L
@@ -23,37 +22,12 @@ from test_limits import _attach_from_child, _fill_attach_slots
 pytestmark = pytest.mark.timeout(30)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(shmfeed.__file__)))
-NOBODY = 65534
-SYSTEM_PYTHON = "/usr/bin/python3"  # one that another user can run (/root may be 0700)
-needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as, or plant for, another user")
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to plant another user's file")
 
 
 @pytest.fixture(autouse=True)
 def no_registry(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SHMFEED_NO_REGISTRY", "1")
-
-
-@pytest.fixture(scope="module")
-def nobody_python() -> Iterator[list[str]]:
-    """A command that runs Python as uid 65534 with this checkout and its dependencies."""
-    if not shutil.which("setpriv") or not os.access(SYSTEM_PYTHON, os.X_OK):
-        pytest.skip(f"needs setpriv and {SYSTEM_PYTHON} to run as another user")
-    version = subprocess.run([SYSTEM_PYTHON, "-c", "import sys; print(sys.version_info[:2])"],
-                             capture_output=True, text=True).stdout.strip()
-    if version != str(sys.version_info[:2]):
-        pytest.skip(f"{SYSTEM_PYTHON} is Python {version}, not the one the C accelerator was built for")
-    dependencies = tempfile.mkdtemp(prefix="shmfeed-nobody-")
-    try:
-        os.chmod(dependencies, 0o755)
-        site = sysconfig.get_paths()["purelib"]
-        for name in os.listdir(site):  # the installed dependencies, where another user can read them
-            if name in ("psutil", "msgpack") or name.startswith("posix_ipc.") and name.endswith(".so"):
-                copy = shutil.copytree if os.path.isdir(f"{site}/{name}") else shutil.copy
-                copy(f"{site}/{name}", f"{dependencies}/{name}")
-        yield ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", "env",
-               f"PYTHONPATH={dependencies}:{REPO}", "PYTHONDONTWRITEBYTECODE=1", SYSTEM_PYTHON]
-    finally:
-        shutil.rmtree(dependencies)
 
 
 def run_python(script: str, *args: str, **environment: str) -> subprocess.CompletedProcess[str]:
@@ -161,7 +135,7 @@ def _plant_link(namespace: str, channel_id: int, owner: int) -> str:
 def test_a_spill_link_planted_by_another_user_does_not_keep_the_channel(namespace: str) -> None:
     channel = shmfeed.Channel()
     segment = _names.shm_path(_names.channel_segment(namespace, channel._channel_id))
-    planted = _plant_link(namespace, channel._channel_id, NOBODY)
+    planted = _plant_link(namespace, channel._channel_id, A.NOBODY)
     try:
         _release.release_namespace(namespace)
         assert not os.path.exists(segment), "the released channel's segment stayed in /dev/shm"
@@ -177,62 +151,40 @@ import shmfeed
 from shmfeed import _names, _release
 
 channel = shmfeed.Channel()
-print(channel._channel_id, flush=True)
-sys.stdin.readline()  # the attacker planted a link under the channel's name
+print(_names.spill_file(channel._namespace, channel._channel_id, 0)[:-16], flush=True)
+sys.stdin.readline()  # a link was planted under that name
 segment = _names.shm_path(_names.channel_segment(channel._namespace, channel._channel_id))
 _release.release_namespace(channel._namespace)
-print("segment left:", os.path.exists(segment))
+print("segment left:", os.path.exists(segment), flush=True)
 """
 
 
-@needs_root
-def test_a_user_whose_channel_has_a_planted_link_still_lets_it_go(namespace: str, nobody_python: list[str]) -> None:
-    # The victim is nobody here, the planted file root's: /dev/shm is sticky, so the
-    # victim cannot remove it (root could, which is why the roles are this way round).
-    victim = subprocess.Popen(nobody_python + ["-c", VICTIM], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True, cwd="/")
-    planted = None
+@pytest.fixture
+def unprivileged() -> Iterator[A.OtherUser]:
+    """Another user (``nobody``) to run a victim as: one who cannot remove what root planted."""
+    reason = A.skip_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    library = A.make_library_copy()
+    user = A.OtherUser(library)
     try:
-        assert victim.stdout is not None and victim.stdin is not None
-        channel_id = int(victim.stdout.readline())
-        planted = _plant_link(namespace, channel_id, 0)
-        out, err = victim.communicate("planted\n", timeout=20)
+        yield user
     finally:
-        if victim.poll() is None:
-            victim.kill()
-            victim.wait()
-        if planted is not None:
-            os.unlink(planted)
-    assert victim.returncode == 0, err
-    assert out.strip() == "segment left: False", out + err
+        user.stop()
+        A.remove_files_of(A.NOBODY, start="sf.")
+        A.remove_files_of(A.NOBODY, start="sem.sf.")
+        shutil.rmtree(f"/tmp/shmfeed-{A.NOBODY}", ignore_errors=True)
+        shutil.rmtree(library, ignore_errors=True)
 
 
-# --- 6. attach slots that name no process ------------------------------------------------------------
-
-NO_PROCESS = (1, 0)  # start time 0 would match whatever runs as pid 1
-
-
-def test_slots_naming_no_process_neither_refuse_a_process_nor_keep_the_channel(namespace: str) -> None:
-    channel = shmfeed.Channel(capacity=4)
-    segment = _names.shm_path(_names.channel_segment(namespace, channel._channel_id))
-    words = channel._live_core().words
-    _fill_attach_slots(words, NO_PROCESS)
-    assert _attach_from_child(channel)[0] == "attached"  # took one of them over
-    assert _process.start_ticks(1) and not L.slot_alive(*NO_PROCESS)
-    _release.release_namespace(namespace)  # the last live process lets go: the segment goes
-    assert not os.path.exists(segment), "slots naming no process kept the segment"
-
-
-@pytest.mark.parametrize("sweeper", ["gc", "recovery"])
-def test_a_segment_whose_slots_name_no_process_is_collected(namespace: str, sweeper: str) -> None:
-    channel = shmfeed.Channel(capacity=4)
-    core = channel._live_core()
-    segment = _names.shm_path(core.segment_name)
-    _fill_attach_slots(core.words, NO_PROCESS)
-    L.remove_attached(core.words, *_process.identity())  # as if we had died
-    core.attached = False
-    if sweeper == "gc":
-        assert segment in _gc.sweep(namespace).segments
-    else:
-        assert segment in _recovery.recover_namespace(namespace).destroyed
-    assert not os.path.exists(segment)
+def test_an_unprivileged_user_lets_go_of_a_channel_with_a_planted_link(namespace: str, unprivileged: A.OtherUser) -> None:
+    # The victim is nobody here and the planted file root's: /dev/shm is sticky, so the
+    # victim cannot remove it (root could, which is why the roles are this way round).
+    victim = unprivileged.start(VICTIM, namespace=namespace, env={"SHMFEED_NO_REGISTRY": "1"})
+    planted = A.hear(victim) + "0123456789abcdef"
+    os.close(os.open(planted, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+    try:
+        A.say(victim, "planted")
+        assert A.hear(victim) == "segment left: False"
+    finally:
+        os.unlink(planted)
