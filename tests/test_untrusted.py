@@ -177,7 +177,9 @@ def unprivileged() -> Iterator[A.OtherUser]:
         shutil.rmtree(library, ignore_errors=True)
 
 
-def test_an_unprivileged_user_lets_go_of_a_channel_with_a_planted_link(namespace: str, unprivileged: A.OtherUser) -> None:
+def test_an_unprivileged_user_lets_go_of_a_channel_with_a_planted_link(
+    namespace: str, unprivileged: A.OtherUser
+) -> None:
     # The victim is nobody here and the planted file root's: /dev/shm is sticky, so the
     # victim cannot remove it (root could, which is why the roles are this way round).
     victim = unprivileged.start(VICTIM, namespace=namespace, env={"SHMFEED_NO_REGISTRY": "1"})
