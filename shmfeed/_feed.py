@@ -23,7 +23,8 @@ from ._segment import AttachedSegment, open_named
 from ._codec import Segments
 from ._channel import Channel, TypeArgument, _check_timeout, display_type
 from ._errors import (
-    ChannelClosed, FeedClosed, FeedSendTimeout, FeedTypeError, ShmfeedError, SlowSubscriberError, TableFullError,
+    ChannelClosed, ChannelCorruptError, FeedClosed, FeedSendTimeout, FeedTypeError, ShmfeedError,
+    SlowSubscriberError, TableFullError,
 )
 from ._stats import FeedStatistics, SubscriptionStatistics
 from ._subscription import ErrorChannel, SharedErrorChannel, Subscription, encode_error, select
@@ -169,7 +170,6 @@ class FeedCore(AttachedSegment):
             words[L.SEND_LOCK_ID] = send_lock_id
             if name is not None:
                 words[L.NAME_LEN] = L.write_text(buffer, L.FEED_NAME_OFFSET, L.FEED_NAME_MAX, name)
-            L.attach(words)
             words.release()
             buffer.release()
 
@@ -327,10 +327,14 @@ class FeedCore(AttachedSegment):
         targets, channels, gone = [], {}, []
         for entry, sub_id, channel_id, err_channel_id, _owner in entries:
             core = self._channels.get(channel_id)
+            error: ChannelCorruptError | None = None
             if core is None or core.released:
-                core = _ring.ChannelCore.open(self.namespace, channel_id, deadline)
+                try:
+                    core = _ring.ChannelCore.open(self.namespace, channel_id, deadline)
+                except ChannelCorruptError as corrupt:  # its header is not valid: ends this subscription only
+                    core, error = None, corrupt
             if core is None:
-                gone.append((entry, sub_id, channel_id, err_channel_id))
+                gone.append((entry, sub_id, channel_id, err_channel_id, error))
                 continue
             channels[channel_id] = core
             targets.append(_Target(entry, sub_id, core, err_channel_id))
@@ -340,8 +344,8 @@ class FeedCore(AttachedSegment):
         inline_limit = min((target.core.inline_limit for target in targets), default=-1)
         self._fast_plan = (version, self._targets, rings, inline_limit) if rings and None not in rings else None
         self._targets_version = version
-        for entry, sub_id, channel_id, err_channel_id in gone:
-            self.end_subscription(entry, sub_id, channel_id, err_channel_id)
+        for entry, sub_id, channel_id, err_channel_id, error in gone:
+            self.end_subscription(entry, sub_id, channel_id, err_channel_id, error)
         return self._targets
 
     # --- sending --------------------------------------------------------------------------
@@ -476,6 +480,11 @@ class FeedCore(AttachedSegment):
                         answer = offer_all(rings, payload, _ring._pid, reached)
                     delivered += len(targets) - reached
                 else:
+                    if any(size > target.core.inline_limit for target in targets):
+                        # Written before any ring takes the value: a full /dev/shm fails the
+                        # whole send here (ENOSPC), having delivered it to nobody.
+                        spill = _ring.Spill(self.namespace, payload)
+                        spill.write()
                     for reached, target in enumerate(targets):
                         core = target.core
                         if size <= core.inline_limit:
@@ -483,8 +492,7 @@ class FeedCore(AttachedSegment):
                                 payload = payload.join()  # inline here (and wherever else it fits)
                             kind, record = _ring.KIND_DATA, payload
                         else:
-                            if spill is None:
-                                spill = _ring.Spill(self.namespace, payload)
+                            assert spill is not None  # written above
                             kind = _ring.KIND_SPILL
                             record = _ring.SPILL_REFERENCE.pack(*spill.link_into(core.namespace, core.channel_id))
                         try:
@@ -634,14 +642,21 @@ def _finish(
     ``attach=False`` (the registry) maps the channels without joining them, with bounded locks.
     """
     open_channel = _ring.ChannelCore.open if attach else _ring.ChannelCore.map_unattached
-    channel = open_channel(namespace, channel_id)
+
+    def opened(channel_id: int) -> _ring.ChannelCore | None:
+        try:
+            return open_channel(namespace, channel_id)
+        except ChannelCorruptError:
+            return None  # its header is bad: nobody can use it, so nothing to wake or tell
+
+    channel = opened(channel_id)
     if channel is not None:
         try:
             channel.wake_senders()
         finally:
             if not attach:
                 channel.release()
-    err_channel = open_channel(namespace, err_channel_id)
+    err_channel = opened(err_channel_id)
     if err_channel is not None:
         try:
             if error is not None:

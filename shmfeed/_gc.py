@@ -13,16 +13,16 @@ that died (a process killed between the two steps), or by a segment that no long
 it (destroyed half-way, overwritten). A creation slower than that is taken for a dead one:
 its temporary segment name goes after the same grace period.
 
-Only names that ``_names.parse_entry`` recognises, on regular files of ours, are looked at
-(``own_entries``); anything else is left alone and never raises.
+Only names that ``_names.parse_entry`` recognises, on files that pass ``_shm.check_own``
+(regular, ours, no group/other bits), are looked at (``own_entries``), and segments are
+mapped only through ``_shm.map_own``; anything else is left alone as not ours and never
+raises.
 """
 
 from __future__ import annotations
 
-import errno
 import mmap
 import os
-import stat
 import time
 from dataclasses import dataclass, field
 
@@ -56,46 +56,29 @@ def namespace_entries(namespace: str) -> list[str]:
 
 
 def own_entries(namespace: str) -> list[Entry]:
-    """The namespace's names that the library makes, on regular files of this user's.
+    """The namespace's names that the library makes, on files of ours (``_shm.is_own``).
 
-    Anything else (a name planted or damaged, another user's file) is nothing gc, recovery,
-    the registry or the monitor may act on: they skip it, and it keeps no registry alive.
+    Anything else (a name planted or damaged, another user's file, one open to others) is
+    nothing gc, recovery, the registry or the monitor may act on: they skip it, and it keeps
+    no registry alive.
     """
-    uid = os.getuid()
     found = []
     for file in namespace_entries(namespace):
         entry = _names.parse_entry(namespace, file)
-        if entry is not None and _is_own_file(entry.path, uid):
+        if entry is not None and _shm.is_own(entry.path):
             found.append(entry)
     return found
 
 
-def _is_own_file(path: str, uid: int) -> bool:
-    try:
-        info = os.lstat(path)
-    except OSError:
-        return False
-    return stat.S_ISREG(info.st_mode) and info.st_uid == uid
-
-
 def map_segment(path: str, whole: bool = False) -> tuple[mmap.mmap, int] | None:
-    """Map a segment read-only, its header or the ``whole`` of it: (mapping, file size);
-    None if the file is smaller than a header. No symlink is followed and no FIFO waited on.
+    """Map a segment read-only through ``_shm.map_own``, its header or the ``whole`` of it:
+    (mapping, file size); None if the file is smaller than a header.
 
     Raises:
-        OSError: it cannot be opened now (gone, not a regular file, no descriptors left).
+        OSError: it cannot be opened now (gone, not ours: ``_shm.ForeignObjectError``, no
+            descriptors left).
     """
-    descriptor = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    try:
-        info = os.fstat(descriptor)
-        if not stat.S_ISREG(info.st_mode):
-            raise OSError(errno.EINVAL, "not a regular file", path)
-        if info.st_size < L.HEADER_BYTES:
-            return None
-        length = info.st_size if whole else L.HEADER_BYTES
-        return mmap.mmap(descriptor, length, prot=mmap.PROT_READ), info.st_size
-    finally:
-        os.close(descriptor)
+    return _shm.map_own(path, length=0 if whole else L.HEADER_BYTES, min_size=L.HEADER_BYTES)
 
 
 def _segment_state(path: str) -> tuple[bool, list[int]] | None:
@@ -118,7 +101,7 @@ def _segment_state(path: str) -> tuple[bool, list[int]] | None:
             if kind is None:
                 return False, []
             alive = not words[L.DESTROYED] and any(
-                _process.is_alive(pid, ticks) for pid, ticks in L.attached_processes(words)
+                L.slot_alive(pid, ticks) for pid, ticks in L.attached_processes(words)
             )
             return alive, L.lock_ids(words, kind)
         finally:
@@ -159,7 +142,7 @@ def _remove_dead_segment(namespace: str, entry: Entry, lock_ids: list[int], foun
     for lock_id in lock_ids:
         lock_name = _names.lock_semaphore(namespace, lock_id)
         lock_path = _names.semaphore_path(lock_name)
-        if os.path.exists(lock_path):
+        if _shm.is_own(lock_path):  # another user's file at the name is not ours to remove
             found.semaphores.append(lock_path)
             if remove:
                 _shm.unlink_semaphore(lock_name)

@@ -15,7 +15,7 @@ import psutil
 
 from . import _gc
 from . import _layout as L
-from . import _names, _process
+from . import _names
 
 _process_names: dict[tuple[int, int], str] = {}
 
@@ -43,7 +43,7 @@ def process_name(pid: int, ticks: int = 0) -> str:
 
 def _process_list(pairs: list[tuple[int, int]]) -> list[dict[str, Any]]:
     return [
-        {"pid": pid, "name": process_name(pid, ticks), "alive": _process.is_alive(pid, ticks)}
+        {"pid": pid, "name": process_name(pid, ticks), "alive": L.slot_alive(pid, ticks)}
         for pid, ticks in pairs
     ]
 
@@ -148,7 +148,7 @@ def _last_read(words: memoryview) -> dict[str, Any]:
     stamp = int(words[L.LAST_RECV_TIME])
     ago = max(0.0, (time.monotonic_ns() - stamp) / 1e9) if stamp else None
     ticks = next((t for p, t in L.attached_processes(words) if p == pid), None) if pid else None
-    alive = ticks is not None and _process.is_alive(pid, ticks)
+    alive = ticks is not None and L.slot_alive(pid, ticks)
     last = {"pid": pid, "name": process_name(pid, ticks or 0), "alive": alive, "seconds_ago": ago} if pid else None
     if alive:
         no_reader = None

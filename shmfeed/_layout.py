@@ -114,6 +114,7 @@ import os
 from typing import Callable, NamedTuple
 
 from . import _process, _waker
+from ._errors import TableFullError
 
 PAGE = 4096
 U64_MAX = 0xFFFF_FFFF_FFFF_FFFF
@@ -241,6 +242,26 @@ def segment_kind(words: memoryview, size: int) -> SegmentKind | None:
     return kind if kind is not None and size >= kind.min_bytes else None
 
 
+def header_problem(words: memoryview, size: int, kind: SegmentKind) -> str | None:
+    """What makes a mapped segment of ``size`` bytes unusable as a ``kind`` (None: nothing):
+    checked where any segment is opened, before any offset is computed from its words.
+
+    For a channel that is the ring's geometry too: a ring of 0 bytes, or one that does not
+    fit the mapping, would make every send and receive fail (or read out of bounds).
+    """
+    if size < kind.min_bytes:
+        return f"{size} bytes, less than a {kind.name} takes"
+    if words[MAGIC] != kind.magic or words[HEADER_BYTES_WORD] != HEADER_BYTES:
+        return f"not a {kind.name} header"
+    if kind is CHANNEL_KIND:
+        ring = int(words[RING_BYTES])
+        if ring < MIN_RING_BYTES or ring % 8 or HEADER_BYTES + ring > size:
+            return f"a ring of {ring} bytes in a segment of {size}"
+        if not words[CAPACITY]:
+            return "a capacity of 0"
+    return None
+
+
 def lock_ids(words: memoryview, kind: SegmentKind) -> list[int]:
     """The ids of the lock semaphores a segment names, in its kind's lock order."""
     return [int(words[lock.id_word]) for lock in kind.locks]
@@ -289,13 +310,16 @@ def read_text(buffer: memoryview, offset: int, length: int, limit: int) -> str:
 
 
 def init_common(words: memoryview, magic: int, lock_id: int) -> None:
-    """Fill the common words of a new segment (before it is published)."""
+    """Fill the common words of a new segment (before it is published), the creator in its
+    attach slots."""
     pid, ticks = _process.identity()
     words[MAGIC] = magic
     words[HEADER_BYTES_WORD] = HEADER_BYTES
     words[LOCK_ID] = lock_id
     words[CREATOR_PID] = pid
     words[CREATOR_TICKS] = ticks
+    if not attach(words):  # a new segment's slots are all free: never, but never ignored either
+        raise TableFullError(table_full_message("a new segment"))
 
 
 
@@ -375,6 +399,17 @@ def table_full_message(what: str) -> str:
     )
 
 
+def slot_alive(pid: int, ticks: int, is_alive: Callable[[int, int], bool] = _process.is_alive) -> bool:
+    """Whether the process recorded as ``(pid, start_ticks)`` (an attach slot, a scope entry)
+    is alive, by ``is_alive``.
+
+    A start time of 0 names no process: ``_process.matches`` reads 0 as "unknown, any", so
+    a slot of ``(1, 0)`` (written by a bug or a hostile process) would live as long as pid 1
+    and never be collected. Every process records its real start time.
+    """
+    return ticks != 0 and is_alive(pid, ticks)
+
+
 def _reclaim_dead_slot(words: memoryview) -> int:
     """A dead process's slot, cleared for reuse; -1 if none (lock held).
 
@@ -382,7 +417,7 @@ def _reclaim_dead_slot(words: memoryview) -> int:
     """
     for word in _slot_words():
         value = words[word]
-        if not value & SLOT_SENDER and not _process.is_alive(slot_pid(value), words[word + 1]):
+        if not value & SLOT_SENDER and not slot_alive(slot_pid(value), int(words[word + 1])):
             words[word] = words[word + 1] = 0
             words[ATTACHED] -= 1
             return word
@@ -407,7 +442,7 @@ def detach(words: memoryview, is_alive: Callable[[int, int], bool] = _process.is
         elif value & SLOT_PID_MASK == pid and _process.is_fork_reservation(words[word + 1]):
             own_reservations.append(_process.reserved_at(words[word + 1]))  # see below
         elif not others_alive:
-            others_alive = is_alive(slot_pid(value), words[word + 1])
+            others_alive = slot_alive(slot_pid(value), int(words[word + 1]), is_alive)
     if own_reservations and not others_alive:
         # Ours, for a child forked since: alive while such a child may still claim it.
         known = {p for p, _ in attached_processes(words)}

@@ -55,6 +55,10 @@ class Liveness:
         return self._ticks[pid]
 
     def alive(self, pid: int, ticks: int) -> bool:
+        """Whether the process recorded as ``(pid, ticks)`` lives (``_layout.slot_alive``)."""
+        return L.slot_alive(pid, ticks, self._matches)
+
+    def _matches(self, pid: int, ticks: int) -> bool:
         return _process.matches(self.ticks(pid), ticks)
 
     def owner_alive(self, pid: int, attached: list[tuple[int, int]]) -> bool:

@@ -36,7 +36,7 @@ from . import _layout as L
 from . import _names, _native, _process, _shm, _spill, _waker
 from ._codec import Segments
 from ._spill import Spill
-from ._segment import AttachedSegment
+from ._segment import AttachedSegment, open_named
 from ._errors import ChannelClosed, ChannelCorruptError, TableFullError
 
 RECORD_HEADER = struct.Struct("<II")
@@ -208,7 +208,6 @@ class ChannelCore(AttachedSegment):
             words[L.OVERFLOW] = OVERFLOW_CODES[overflow]
             words[L.CHANNEL_FLAGS] = flags
             words[L.ELEM_TYPE_LEN] = L.write_text(buffer, L.TYPE_NAME_OFFSET, L.TYPE_NAME_MAX, elem_type_name)
-            L.attach(words)
             words.release()
             buffer.release()
 
@@ -263,36 +262,10 @@ class ChannelCore(AttachedSegment):
         With ``lock_timeout`` (the default, for recovery) its locks give up after that many
         seconds with ``_shm.LockBusy``; ``open`` passes None for ordinary blocking locks.
         """
-        name = _names.channel_segment(namespace, channel_id)
-        mapping = _shm.open_segment(name)
-        if mapping is None:
+        opened = open_named(namespace, _names.channel_segment(namespace, channel_id), cls.kind, ChannelCorruptError)
+        if opened is None:
             return None
-        if len(mapping) < cls.kind.min_bytes:
-            mapping.close()
-            return None
-        words = memoryview(mapping)[: L.HEADER_BYTES].cast("Q")
-        locks: list[Any] = []
-        try:
-            valid = (
-                words[L.MAGIC] == L.CHANNEL_MAGIC
-                and words[L.HEADER_BYTES_WORD] == L.HEADER_BYTES
-                and words[L.RING_BYTES] % 8 == 0
-                and L.HEADER_BYTES + words[L.RING_BYTES] <= len(mapping)
-                and words[L.CAPACITY] > 0
-            )
-            if valid:
-                for lock_id in L.lock_ids(words, cls.kind):
-                    lock = _shm.open_semaphore(_names.lock_semaphore(namespace, lock_id))
-                    if lock is None:
-                        break
-                    locks.append(lock)
-        finally:
-            words.release()
-        if len(locks) != 3:
-            for lock in locks:
-                lock.close()
-            mapping.close()
-            return None
+        mapping, locks = opened
         if lock_timeout is not None:
             locks = [_shm.BoundedLock(lock, lock_timeout) for lock in locks]
         core = cls(namespace, channel_id, mapping, (locks[0], locks[1], locks[2]))
@@ -326,7 +299,7 @@ class ChannelCore(AttachedSegment):
             return False
         L.set_own_flag(self.words, L.SLOT_HOLDER, False)
         holders = L.attached_processes(self.words, L.SLOT_HOLDER)
-        if self.closed or self.words[L.IN_FLIGHT] or any(_process.is_alive(*p) for p in holders):
+        if self.closed or self.words[L.IN_FLIGHT] or any(L.slot_alive(*p) for p in holders):
             return False
         self.close()
         return True
@@ -349,9 +322,12 @@ class ChannelCore(AttachedSegment):
             L.set_own_flag(self.words, L.SLOT_HOLDER, True)
 
     def _unlink_files(self) -> None:
-        """The spill files still linked to the channel (``unlink_names``)."""
+        """The spill files still linked to the channel (``unlink_names``): ours only. A file
+        another user planted under such a name (channel ids show in /dev/shm) is not ours to
+        remove (nor could we, /dev/shm being sticky), and must not keep the segment."""
         for path in glob.glob(_names.spill_file(self.namespace, self.channel_id, 0)[:-16] + "*"):
-            _unlink_file(path)
+            if _shm.is_own(path):
+                _unlink_file(path)
 
     def lock_semaphores(self) -> list[Any]:
         return [self.send_lock, self._own_recv_lock, self.wait_lock]
@@ -509,7 +485,7 @@ class ChannelCore(AttachedSegment):
             value = _spill.read(path, size)
         except (OSError, ValueError) as error:
             raise ChannelCorruptError(
-                f"shmfeed: channel {self.channel_id:016x}: a large value's file is missing ({error})"
+                f"shmfeed: channel {self.channel_id:016x}: a large value's file is missing or not valid ({error})"
             ) from error
         if len(value) != size:
             raise ChannelCorruptError(f"shmfeed: channel {self.channel_id:016x}: a large value was truncated")

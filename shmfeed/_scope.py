@@ -245,7 +245,6 @@ class _SharedScope(AttachedSegment):
             words = buffer[: L.HEADER_BYTES].cast("Q")
             L.init_common(words, L.SCOPE_MAGIC, lock_id)
             words[L.SCOPE_NAME_LEN] = L.write_text(buffer, L.FEED_NAME_OFFSET, L.FEED_NAME_MAX, name)
-            L.attach(words)
             words.release()
             buffer.release()
 

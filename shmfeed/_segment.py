@@ -17,34 +17,61 @@ from . import _names, _process, _shm
 from ._errors import ShmfeedError, TableFullError
 
 
-def open_named(namespace: str, segment_name: str, kind: L.SegmentKind) -> tuple[mmap.mmap, list[Any]] | None:
-    """Map an existing segment and open the semaphores its header names (in ``kind``'s order).
+def open_named(
+    namespace: str, segment_name: str, kind: L.SegmentKind, damaged: type[ShmfeedError] = ShmfeedError
+) -> tuple[mmap.mmap, list[Any]] | None:
+    """Map an existing segment and open the semaphores its header names (in ``kind``'s order):
+    the one way every process opens a segment (``_shm.open_segment``, then the header
+    checked by ``_layout.header_problem`` before any word of it is used).
 
     Returns None if it does not exist or is being destroyed (a lock is gone).
 
     Raises:
-        ShmfeedError: the segment is too small or of another kind (run ``shmfeed gc``).
+        ShmfeedError: (``damaged``) its header is not a valid ``kind`` header (run ``shmfeed gc``).
+        _shm.ForeignObjectError: the segment or one of its locks is not ours.
     """
     mapping = _shm.open_segment(segment_name)
     if mapping is None:
         return None
-    if len(mapping) < kind.min_bytes:
-        mapping.close()
-        raise ShmfeedError(f"shmfeed: {kind.name} segment {segment_name!r} is damaged; run `shmfeed gc`")
-    words = memoryview(mapping)[: L.HEADER_BYTES].cast("Q")
     try:
-        if words[L.MAGIC] != kind.magic:
-            raise ShmfeedError(f"shmfeed: {segment_name!r} is not a {kind.name}; run `shmfeed gc`")
-        locks = [_shm.open_semaphore(_names.lock_semaphore(namespace, lock_id)) for lock_id in L.lock_ids(words, kind)]
-    finally:
-        words.release()
-    if any(lock is None for lock in locks):
-        for lock in locks:
-            if lock is not None:
-                lock.close()
+        words = memoryview(mapping)[: L.HEADER_BYTES].cast("Q")
+        try:
+            problem = L.header_problem(words, len(mapping), kind)
+            if problem is not None:
+                raise damaged(f"shmfeed: {kind.name} segment {segment_name!r} is damaged ({problem}); run `shmfeed gc`")
+            locks = _open_locks(namespace, L.lock_ids(words, kind))
+        finally:
+            words.release()
+    except BaseException:
+        mapping.close()
+        raise
+    if locks is None:
         mapping.close()
         return None
     return mapping, locks
+
+
+def _open_locks(namespace: str, lock_ids: list[int]) -> list[Any] | None:
+    """Open lock semaphores by id; None if one is gone. Nothing stays open if it fails."""
+    locks: list[Any] = []
+    try:
+        for lock_id in lock_ids:
+            lock = _shm.open_semaphore(_names.lock_semaphore(namespace, lock_id))
+            if lock is None:
+                break
+            locks.append(lock)
+        else:
+            return locks
+    except BaseException:
+        _close_all(locks)
+        raise
+    _close_all(locks)
+    return None
+
+
+def _close_all(semaphores: list[Any]) -> None:
+    for semaphore in semaphores:
+        semaphore.close()
 
 
 class AttachedSegment:

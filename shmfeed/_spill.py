@@ -28,7 +28,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 
-from . import _names, _native, _process
+from . import _names, _native, _process, _shm
 from ._codec import Segments
 from ._largecopy import CopyChooser
 
@@ -124,10 +124,14 @@ def _take(namespace: str, size: int) -> _PoolFile:
         return entry
 
 
-def _give_back(namespace: str, entry: _PoolFile) -> None:
+def _give_back(namespace: str, entry: _PoolFile, keep: bool = True) -> None:
+    """A send is done with a pool file; without ``keep`` (its write failed) the file goes."""
     with _pool_lock:
         entry.busy = False
-        if entry not in _pools.get(namespace, []):
+        pool = _pools.get(namespace, [])
+        if entry in pool and not keep:
+            pool.remove(entry)
+        if entry not in pool:
             entry.close()
             _unlink(entry.path)
 
@@ -149,13 +153,30 @@ class Spill:
         self.parts: Sequence[bytes | memoryview] = payload.parts if isinstance(payload, Segments) else (payload,)
         self.file: _PoolFile | None = None
 
+    def write(self) -> _PoolFile:
+        """Write the value into a pool file, once; the file.
+
+        A send calls this before any ring takes the value: a full /dev/shm then fails the
+        whole send here, having delivered nothing, and the file goes (its space with it).
+
+        Raises:
+            _shm.SharedObjectError: errno ENOSPC, /dev/shm cannot hold the value.
+        """
+        if self.file is None:
+            file = _take(self.namespace, len(self.payload))
+            try:
+                self._write(file)
+            except BaseException:
+                _give_back(self.namespace, file, keep=False)
+                raise
+            self.file = file
+        return self.file
+
     def link_into(self, namespace: str, channel_id: int) -> tuple[int, int]:
         """Link the value for one channel; returns ``(spill_id, size)`` for its record."""
-        if self.file is None:
-            self.file = _take(self.namespace, len(self.payload))
-            self._write(self.file)
+        file = self.write()
         spill_id = _names.new_id()
-        os.link(self.file.path, _names.spill_file(namespace, channel_id, spill_id))
+        os.link(file.path, _names.spill_file(namespace, channel_id, spill_id))
         return spill_id, len(self.payload)
 
     def _write(self, file: _PoolFile) -> None:
@@ -163,10 +184,12 @@ class Spill:
         if file.size < size:
             # Files only grow: a receiver reads in place through a mapping, and a file that
             # shrank under a mapping would kill it with SIGBUS. The record gives the length.
+            # Grown with its memory reserved: a copy into pages a full /dev/shm cannot back
+            # would be a SIGBUS too (and receivers check that the value's blocks are there).
             if file.mapping is not None:
                 file.mapping.close()
                 file.mapping = None
-            os.ftruncate(file.descriptor, size)
+            _shm.reserve(file.descriptor, size, f"a large value of {size} bytes")
             file.size = size
         if file.mapping is None and file.size:
             file.mapping = mmap.mmap(file.descriptor, file.size)
@@ -189,17 +212,21 @@ def read(path: str, size: int) -> bytes | memoryview:
     at this thread's next large read or when the process lets go of the namespace (and
     with the channel in any case).
 
-    Raises OSError if the file is missing, ValueError if it does not hold ``size`` bytes
-    (a size read from shared memory is never trusted with an allocation).
+    The file is opened through ``_shm.open_own``: a FIFO, a symlink or a file that is not
+    ours at the link's name is refused (and left where it is).
+
+    Raises OSError if the file is missing or not ours (``_shm.ForeignObjectError``),
+    ValueError if it does not hold ``size`` bytes (a size read from shared memory is never
+    trusted with an allocation).
     """
     unlink_deferred()  # what this thread read before is decoded by now
     keep_link = False
+    opened = False
     try:
-        descriptor = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        descriptor, info = _shm.open_own(path)
+        opened = True
         try:
-            info = os.fstat(descriptor)
-            if info.st_size < size:  # pool files only grow: the value is at their start
-                raise ValueError(f"the record says {size} bytes, the file holds {info.st_size}")
+            _check_holds(info, size)
             tune_malloc()
             if not READER_MAP_MIN <= info.st_size <= READER_MAPPED_BYTES // 4:
                 with open(descriptor, "rb", buffering=0, closefd=False) as spill:
@@ -214,8 +241,23 @@ def read(path: str, size: int) -> bytes | memoryview:
         if keep_link:
             with _deferred_lock:
                 _deferred.setdefault(threading.get_ident(), []).append(path)
-        else:
+        elif opened:  # ours: read, or refused for its size
             _unlink(path)
+
+
+def _check_holds(info: os.stat_result, size: int) -> None:
+    """A spill file must really hold the ``size`` bytes its record claims before anything of
+    that size is allocated or mapped: as long (pool files only grow: the value is at their
+    start), and that much of it in memory, since pool files are reserved, never sparse (a
+    sparse file would let a record of any size make this process allocate it in zeros).
+
+    Raises:
+        ValueError: it does not.
+    """
+    if info.st_size < size:
+        raise ValueError(f"the record says {size} bytes, the file holds {info.st_size}")
+    if info.st_blocks * 512 < size:
+        raise ValueError(f"the record says {size} bytes, the file has {info.st_blocks * 512} in memory (sparse)")
 
 
 _deferred_lock = threading.Lock()

@@ -19,6 +19,7 @@ import threading
 import time
 import weakref
 from collections import OrderedDict
+from typing import Any
 
 import posix_ipc
 
@@ -43,10 +44,11 @@ class Waker:
         self.name = _names.waker_semaphore(namespace, self.waker_id)
         self.pid = os.getpid()
         self.semaphore = _shm.create_semaphore(self.name, 0)
-        self.handle = _libc.sem_open(self.name.encode(), 0)
-        if not self.handle:
+        try:
+            self.handle: Any = _shm.open_native(self.name)  # None once destroyed
+        except BaseException:
             self.semaphore.unlink()
-            raise _shm.SharedObjectError(f"shmfeed: cannot open waker semaphore {self.name!r}")
+            raise
         _live_wakers.add(self)
 
     def wait(self, timeout: float | None) -> bool:
@@ -124,7 +126,10 @@ def post(namespace: str, waker_id: int) -> None:
         if semaphore is not None:
             _post_cache.move_to_end(key)
     if semaphore is None:
-        semaphore = _shm.open_semaphore(_names.waker_semaphore(namespace, waker_id))
+        try:
+            semaphore = _shm.open_semaphore(_names.waker_semaphore(namespace, waker_id))
+        except _shm.ForeignObjectError:
+            return  # planted at the name of a waker that is gone: nobody of ours to wake
         if semaphore is None:
             return
         with _post_cache_lock:

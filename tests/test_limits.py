@@ -26,9 +26,10 @@ from _kill_workers import wait_until
 WAIT = 30.0
 
 
-def _fill_attach_slots(words: memoryview) -> list[int]:
-    """Take every free attach slot with pid 1's identity (alive, not us); the slots taken."""
-    init = (1, _process.start_ticks(1) or 0)
+def _fill_attach_slots(words: memoryview, init: tuple[int, int] | None = None) -> list[int]:
+    """Take every free attach slot with ``init`` (default: pid 1's identity, alive, not us);
+    the slots taken."""
+    init = init or (1, _process.start_ticks(1) or 0)
     taken = []
     for slot in range(L.ATTACH_SLOTS):
         word = L.ATTACH_FIRST_WORD + 2 * slot
