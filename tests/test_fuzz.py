@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 import shmfeed
 from shmfeed import _layout as L
 from shmfeed import _registry, _registry_client
+from shmfeed.testing import ping_registry, registry_pid
 
 RING = 4096
 SETTINGS = dict(deadline=None, database=None, derandomize=True,
@@ -213,16 +214,7 @@ def test_corrupt_spill_size_is_reported_as_corrupt() -> None:
 def _start_registry(namespace: str, monkeypatch: pytest.MonkeyPatch) -> tuple[shmfeed.Channel, int]:
     monkeypatch.delenv("SHMFEED_NO_REGISTRY", raising=False)
     channel = shmfeed.Channel()
-    deadline = time.monotonic() + 30
-    while True:
-        if _registry_client.is_running(namespace):
-            try:
-                answer = _registry_client.request(namespace, {"op": "ping"}, timeout=2)
-                return channel, int(answer["pid"])
-            except shmfeed.RegistryUnavailableError:
-                pass
-        assert time.monotonic() < deadline, "no registry started"
-        time.sleep(0.02)
+    return channel, registry_pid(namespace, 30)
 
 
 def _send_raw(path: str, data: bytes) -> None:
@@ -283,8 +275,7 @@ def test_fuzz_registry_socket(namespace: str, monkeypatch: pytest.MonkeyPatch) -
             length, body = payload
             data = struct.pack("<I", length) + body
         _send_raw(path, data)
-        answer = _registry_client.request(namespace, {"op": "ping"}, timeout=5)
-        assert answer["ok"] and answer["pid"] == pid, answer
+        assert ping_registry(namespace, 5) == pid, "the registry stopped answering"
 
     fuzz()
     channel.close()

@@ -15,16 +15,9 @@ import pytest
 
 import _mux_workers as W
 import shmfeed
+from shmfeed.testing import wait_until
 
 WAIT = 10.0
-
-
-def _wait_until(predicate: Any, timeout: float = WAIT) -> None:
-    """Poll (in the test only) until ``predicate()`` holds."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.001)
 
 
 def _waiting_posts(sub: shmfeed.TypeMuxSubscription) -> int:
@@ -91,7 +84,7 @@ def test_unsubscribe_unblock_post():
         unblocked = threading.Event()
         poster = threading.Thread(target=lambda: (mux.post(W.Ping(5)), unblocked.set()))
         poster.start()
-        _wait_until(lambda: _waiting_posts(sub) == 1)
+        wait_until(lambda: _waiting_posts(sub) == 1)
         assert not unblocked.is_set(), "Post returned before Unsubscribe"
         sub.unsubscribe()
         assert unblocked.wait(WAIT)
@@ -197,7 +190,7 @@ def test_stop_releases_posts_and_waits_for_them():
     outcomes: list[Any] = []
     poster = threading.Thread(target=lambda: outcomes.append(mux.post(W.Ping(2))))
     poster.start()
-    _wait_until(lambda: _waiting_posts(sub) == 1)
+    wait_until(lambda: _waiting_posts(sub) == 1)
     mux.stop()
     assert not poster.is_alive() and outcomes == [None]  # stop() returned after the post did
     poster.join()
@@ -259,7 +252,7 @@ def test_named_mux_is_shared_and_stops_everywhere():
     # The other mux object learns it through its watcher: its subscription closes.
     with pytest.raises(shmfeed.ChannelClosed):
         sub.chan().recv(timeout=WAIT)
-    _wait_until(sub.closed)
+    wait_until(sub.closed)
     assert second.subscribe(W.Ping).closed()
     for mux in (second, copy):
         mux.stop()
