@@ -106,6 +106,18 @@ def new_subscription(producer: Callable[[QuitEvent], object]) -> Subscription:
     return _ProducerSubscription(producer)
 
 
+# The backoff's clock and its sleep, looked up at each use so that tests can put a fake
+# clock in their place (as _largecopy's tests do with its timer): measured on a loaded
+# machine, a wait of 0.02 s cannot be told from one of 0.1 s, so only a fake clock can
+# check the exact sequence of waits.
+_monotonic: Callable[[], float] = time.monotonic
+
+
+def _sleep(quit: threading.Event, seconds: float) -> bool:
+    """Wait ``seconds``, or less if ``quit`` is set meanwhile; True if it was set."""
+    return quit.wait(seconds)
+
+
 ResubscribeErrFunc = Callable[[threading.Event, Optional[BaseException]], Subscription]
 ResubscribeFunc = Callable[[threading.Event], Subscription]
 
@@ -163,7 +175,7 @@ class _ResubscribeSubscription(Subscription):
                     if self._last_try:
                         return None
                     ctx.set()  # as geth, the first attempt is made even if cancelled already
-            self._last_try = time.monotonic()
+            self._last_try = _monotonic()
             sub: Subscription | None = None
             failed = False
             try:
@@ -195,11 +207,11 @@ class _ResubscribeSubscription(Subscription):
 
     def _backoff_wait(self) -> bool:
         """Sleep before the next try (geth's ``backoffWait``); True if unsubscribed meanwhile."""
-        if time.monotonic() - self._last_try > self._backoff_max:
+        if _monotonic() - self._last_try > self._backoff_max:
             self._wait_time = self._backoff_max / 10
         else:
             self._wait_time = min(self._wait_time * 2, self._backoff_max)
-        return self._quit.wait(self._wait_time)
+        return _sleep(self._quit, self._wait_time)
 
     def __repr__(self) -> str:
         state = "ended" if self._err.closed else "running"
