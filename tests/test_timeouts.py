@@ -249,8 +249,9 @@ def test_a_channel_opened_in_another_process_waits_for_a_busy_lock(namespace, da
     words[L.RECV_LOCK_OWNER] = os.getpid()
     try:
         with running(ctx, (T.recv_once, (namespace, channel, writer))) as (child,):
-            # Hand-shake: the child is asleep on the lock (not merely started) before the hold
-            # is timed; a child that gave up or failed says so on the pipe instead.
+            # Hand-shake: the child is about to call, then asleep on the lock (not merely
+            # started) before the hold is timed; a child that gave up says so on the pipe.
+            assert reader.poll(30) and reader.recv() == ("calling", child.pid)
             wait_until(lambda: _sleepers(lock) == 1 or reader.poll(0), 30, "the child asleep on the receive lock")
             assert not reader.poll(hold), f"the child stopped waiting for the lock: {reader.recv()}"
             assert _sleepers(lock) == 1
