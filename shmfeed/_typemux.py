@@ -71,8 +71,12 @@ class TypeMuxSubscription:
         """The channel of ``TypeMuxEvent``s (always the same one)."""
         return self._channel
 
+    @property
     def closed(self) -> bool:
-        """Whether the subscription ended (unsubscribed, or its mux stopped)."""
+        """Whether the subscription ended (unsubscribed, or its mux stopped).
+
+        A property, as ``closed`` is everywhere in shmfeed (``Channel``, ``Feed``).
+        """
         return self._closed
 
     def unsubscribe(self) -> None:
