@@ -25,6 +25,7 @@ from ._errors import (
     SlowSubscriberError,
     SubscriptionFailed,
     TableFullError,
+    UnknownTypeError,
 )
 
 if _typing.TYPE_CHECKING:
@@ -63,6 +64,7 @@ __all__ = [
     "TypeMux",
     "TypeMuxEvent",
     "TypeMuxSubscription",
+    "UnknownTypeError",
     "join_subscriptions",
     "new_subscription",
     "register_type",

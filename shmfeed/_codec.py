@@ -6,7 +6,8 @@ built by ``_default``, whose payload is msgpack again (or raw bytes). Only exact
 accepted (``strict_types=True``): a subclass of a built-in is refused instead of silently
 arriving as its base type. Decoding rebuilds only the kinds below; a class named in a
 payload is looked up by ``module.qualname`` and used only if it is a class of the expected
-kind, and every failure is a ``ChannelCorruptError``.
+kind. A class (or registered name) this process does not know is an ``UnknownTypeError``
+(the value is dropped, the channel is fine); every other failure is a ``ChannelCorruptError``.
 
 ====  ============================  ====  ===================================
 code  kind (payload)                code  kind (payload)
@@ -41,7 +42,7 @@ from uuid import UUID
 import msgpack
 
 from shmfeed import _native
-from shmfeed._errors import ChannelCorruptError, EncodingError
+from shmfeed._errors import ChannelCorruptError, EncodingError, ShmfeedError, UnknownTypeError
 
 __all__ = ["CHANNEL_EXT_CODE", "encode", "decode", "register_type", "register_reference_type",
            "type_name", "resolve_type"]
@@ -357,11 +358,12 @@ def _unpack(data: bytes | memoryview) -> Any:
 
 
 def decode(data: bytes | memoryview) -> object:
-    """Decode bytes made by ``encode``; raise ``ChannelCorruptError`` for anything invalid."""
+    """Decode bytes made by ``encode``; raise ``ChannelCorruptError`` for anything invalid,
+    ``UnknownTypeError`` for a value of a type this process does not know."""
     try:
         return msgpack.unpackb(data, raw=False, strict_map_key=False, use_list=True,
                                ext_hook=_ext_hook)
-    except ChannelCorruptError:
+    except (ChannelCorruptError, UnknownTypeError):
         raise
     except Exception as exc:  # msgpack, hashing, recursion, memory: all mean bad bytes
         raise ChannelCorruptError(f"undecodable message: {type(exc).__name__}: {exc}") from exc
@@ -377,7 +379,7 @@ def _ext_hook(code: int, data: bytes) -> Any:
         if st.ddepth > _MAX_DEPTH:
             raise ChannelCorruptError(f"undecodable message: ext nesting deeper than {_MAX_DEPTH}")
         return fn(data)
-    except ChannelCorruptError:
+    except (ChannelCorruptError, UnknownTypeError):
         raise
     except Exception as exc:
         raise ChannelCorruptError(
@@ -443,14 +445,16 @@ def resolve_type(name: str) -> type | None:
     return None
 
 
-def unknown_type_message(name: object, what: str = "class") -> str:
-    """Why a value naming the type ``name`` cannot be decoded here, and what to do."""
-    text = f"{name!r:.120}"
-    if isinstance(name, str) and resolve_type(name) is not None:
-        return f"undecodable message: {text} is not a {what} in this process"
-    return (f"undecodable message: no {what} {text} in this process: import its module (or "
-            f"register the type with shmfeed.register_type) before receiving; decoding never "
-            f"imports a module")
+def unknown_type(name: object, what: str = "class") -> ShmfeedError:
+    """The error for a value naming the type ``name``, which cannot be decoded here."""
+    if not isinstance(name, str):  # no sender writes that: the bytes are bad
+        return ChannelCorruptError(f"shmfeed: undecodable message: a {what} named by a "
+                                   f"{type(name).__name__}, not a str; the record was dropped")
+    text = f"{name:.120}"
+    if resolve_type(name) is not None:
+        return UnknownTypeError(text, what, f"{text!r} is not a {what} in this process",
+                                "give both processes the same definition of it (the same version of its module)")
+    return UnknownTypeError(text, what)
 
 
 def _is_namedtuple(tp: type) -> bool:
@@ -472,7 +476,7 @@ def _lookup(kind: int, name: Any) -> type:
         what, ok = _KINDS[kind]
         cls = resolve_type(name)  # None unless name is a str
         if cls is None or not ok(cls):  # never call or use anything that isn't one
-            raise ChannelCorruptError(unknown_type_message(name, what))
+            raise unknown_type(name, what)
         _kind_cache[(kind, name)] = cls
     return cls
 
@@ -651,8 +655,7 @@ def _dec_registered(data: bytes) -> Any:
     name, value = _items(data, 2)
     entry = _registered.get(name) if type(name) is str else None
     if entry is None:
-        raise ChannelCorruptError(f"undecodable message: no type registered as {name!r:.120} in this "
-                                  f"process: call shmfeed.register_type for it before receiving")
+        raise unknown_type(name, "registered type")
     return entry[1](value)
 
 

@@ -32,19 +32,57 @@ class _Selectable(Protocol):
     def _select_forget(self, waker: _waker.Waker) -> None: ...
 
 
+def _plain(value: object) -> bool:
+    """Whether ``value`` is data that rebuilds no object of its own (safe to carry)."""
+    if value is None or type(value) in (str, int, float, bool):
+        return True
+    return isinstance(value, (tuple, list)) and type(value) in (tuple, list) and all(map(_plain, value))
+
+
+# Every exported error class by name: what an error channel may name. A name not in it
+# (or not a library error) arrives as a plain ShmfeedError; nothing is ever imported.
+_ERRORS_BY_NAME: dict[str, type[ShmfeedError]] = {
+    name: cls
+    for name in _errors.__all__
+    if isinstance(cls := getattr(_errors, name), type) and issubclass(cls, ShmfeedError)
+}
+
+
 def encode_error(error: BaseException) -> bytes:
-    """An exception as bytes for an error channel in another process."""
-    return _codec.encode({"error": type(error).__name__, "message": str(error)})
+    """An exception as bytes for an error channel in another process.
+
+    Its class travels by name, with its ``args`` and plain public attributes (such as
+    ``FeedTypeError.got``), so the receiver rebuilds the same class: ``isinstance(e,
+    TypeError)`` holds there for a ``FeedTypeError``. No pickle.
+    """
+    args = list(error.args) if _plain(error.args) else [str(error)]
+    attrs = {key: value for key, value in vars(error).items() if not key.startswith("_") and _plain(value)}
+    return _codec.encode({"error": type(error).__name__, "message": str(error), "args": args, "attrs": attrs})
 
 
 def decode_error(data: object) -> BaseException:
-    if isinstance(data, dict):
-        cls = getattr(_errors, str(data.get("error")), None)
-        message = str(data.get("message", ""))
-        if isinstance(cls, type) and issubclass(cls, ShmfeedError):
-            return cls(message) if cls is not _errors.FeedTypeError else ShmfeedError(message)
+    """The exception ``encode_error`` described, of the same class if it is an exported error."""
+    if not isinstance(data, dict):
+        return ShmfeedError(f"shmfeed: unreadable subscription error {data!r:.200}; the sending process "
+                            f"runs another version of shmfeed, or the error channel was damaged")
+    message = str(data.get("message", ""))
+    cls = _ERRORS_BY_NAME.get(str(data.get("error")), ShmfeedError)
+    args = data.get("args")
+    attrs = data.get("attrs")
+    if not isinstance(args, list) or not _plain(args):
+        args = [message]
+    try:
+        # Built without calling __init__ (whose signature varies): args and attributes
+        # are what the raising process had.
+        error = cls.__new__(cls, *args)
+        error.args = tuple(args)
+        if isinstance(attrs, dict):
+            for key, value in attrs.items():
+                if isinstance(key, str) and not key.startswith("_") and _plain(value):
+                    setattr(error, key, value)
+    except Exception:  # noqa: BLE001 - whatever the bytes say, the receiver gets an error
         return ShmfeedError(message)
-    return ShmfeedError(f"shmfeed: unreadable subscription error {data!r}")
+    return error
 
 
 class ErrorChannel:

@@ -189,7 +189,8 @@ def test_every_public_name_is_covered() -> None:
     covered = " ".join(c[0] for c in CASES) + " " + " ".join(
         ["ChannelClosed ChannelCorruptError ChannelStatistics EncodingError ErrMuxClosed ErrorChannel FeedClosed",
          "FeedStatistics FeedTypeError MuxClosedError RegistryUnavailableError SenderDiedError ShmfeedError",
-         "SlowSubscriberError SubscriptionFailed SubscriptionStatistics TableFullError TypeMuxSubscription"])
+         "SlowSubscriberError SubscriptionFailed SubscriptionStatistics TableFullError TypeMuxSubscription",
+         "UnknownTypeError"])
     names = {"Channel": "Channel(", "Feed": "Feed(", "select": "select(", "register_type": "register_type(",
              "SubscriptionScope": "SubscriptionScope(", "TypeMux": "TypeMux(", "TypeMuxEvent": "TypeMuxEvent(",
              "new_subscription": "new_subscription(", "resubscribe": "resubscribe(", "resubscribe_err": "resubscribe_err(",

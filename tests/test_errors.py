@@ -1,0 +1,106 @@
+"""Errors: their classes across processes, unknown types on receipt, where an unencodable
+part is, one message shape, and where error classes say they live (issue 14)."""
+
+from __future__ import annotations
+
+import dataclasses
+import multiprocessing
+from typing import Any
+
+import pytest
+
+import _error_workers as W
+import shmfeed
+
+pytestmark = pytest.mark.timeout(60)
+
+WAIT = 30.0
+
+
+def _result(results: shmfeed.Channel) -> Any:
+    message = results.recv(timeout=WAIT)
+    assert message[0] != "error", message[1]
+    return message
+
+
+def _spawned(target: Any, *args: Any) -> multiprocessing.process.BaseProcess:
+    process = multiprocessing.get_context("spawn").Process(target=target, args=args)
+    process.start()
+    return process
+
+
+# --- an error on err() from another process keeps its class ------------------------------
+
+
+def test_errors_from_another_process_keep_their_class_and_attributes(namespace: str) -> None:
+    feed = shmfeed.Feed("failing")
+    channels = [shmfeed.Channel(capacity=4) for _ in range(4)]
+    subs = [feed.subscribe(channel) for channel in channels]  # table entries 0..3, in order
+    results: shmfeed.Channel = shmfeed.Channel(capacity=4)
+    process = _spawned(W.fail_every_subscription, namespace, results, "failing")
+    try:
+        assert _result(results) == ("done", 4)
+    finally:
+        process.join(WAIT)
+    assert process.exitcode == 0
+    type_error, timeout, unknown, died = (sub.err().recv(timeout=WAIT) for sub in subs)
+
+    assert type(type_error) is shmfeed.FeedTypeError and isinstance(type_error, TypeError)
+    assert str(type_error) == "event: wrong type in Send got str, want int"
+    assert (type_error.op, type_error.got, type_error.want) == ("Send", "str", "int")
+
+    assert type(timeout) is shmfeed.FeedSendTimeout and isinstance(timeout, TimeoutError)
+    assert (timeout.delivered, timeout.pending) == (2, ("ab", "cd"))
+
+    assert type(unknown) is shmfeed.UnknownTypeError and unknown.type_name == "app.Point"
+    assert type(died) is shmfeed.SenderDiedError and str(died).startswith("shmfeed: the feed's last")
+    feed.close()
+    for channel in channels + [results]:
+        channel.close()
+
+
+def test_an_error_channel_names_only_exported_errors(namespace: str) -> None:
+    from shmfeed import _codec, _subscription
+
+    forged = _codec.encode({"error": "SystemExit", "message": "bye", "args": ["bye"], "attrs": {"code": 3}})
+    error = _subscription.decode_error(_codec.decode(forged))
+    assert type(error) is shmfeed.ShmfeedError and str(error) == "bye"
+    private = _codec.encode({"error": "LockBusy", "message": "m"})  # a library class, not exported
+    assert type(_subscription.decode_error(_codec.decode(private))) is shmfeed.ShmfeedError
+    assert type(_subscription.decode_error(7)) is shmfeed.ShmfeedError
+
+
+# --- a value of a type the receiver does not know -----------------------------------------
+
+
+@dataclasses.dataclass
+class Secret:  # defined here only: the spawned receiver never imports this module
+    code: int
+
+
+class Money:
+    def __init__(self, cents: int) -> None:
+        self.cents = cents
+
+
+def test_a_value_of_an_unknown_type_is_dropped_and_the_channel_goes_on(namespace: str) -> None:
+    shmfeed.register_type(Money, lambda m: m.cents, lambda c: Money(c))  # here only
+    feed = shmfeed.Feed("orders")
+    results: shmfeed.Channel = shmfeed.Channel(capacity=4)
+    process = _spawned(W.receive_unknown_then_known, namespace, results, "orders", 4)
+    try:
+        assert _result(results) == ("ready",)
+        for value in (1, Secret(7), Money(250), 2):  # one feed carries one type: dicts
+            assert feed.send({"v": value}, timeout=WAIT) == 1  # the sender sees success each time
+        _, got, running = _result(results)
+    finally:
+        process.join(WAIT)
+    assert process.exitcode == 0
+    assert got[0] == ("value", {"v": 1}) and got[3] == ("value", {"v": 2})  # before and after: nothing else lost
+    (kind, name, message, corrupt), money = got[1], got[2]
+    assert (kind, name, corrupt) == ("unknown", "test_errors.Secret", False)
+    assert "'test_errors.Secret'" in message and "dropped" in message and "import its module" in message
+    assert money[:2] == ("unknown", "test_errors.Money") and "register_type" in money[2]
+    assert running == "running"  # the subscription did not fail
+    feed.close()
+    results.close()
