@@ -75,8 +75,8 @@ def _default(obj: Any) -> msgpack.ExtType:
     st.depth += 1
     try:
         if st.depth > _MAX_DEPTH:
-            raise EncodingError(f"cannot encode value: ext nesting deeper than {_MAX_DEPTH} "
-                                "(or a reference cycle)")
+            raise _cannot(f"it nests tuples, sets or classes more than {_MAX_DEPTH} deep (or holds "
+                          f"a reference cycle)", "flatten the value, or break the cycle", nesting=True)
         fn = _encoders.get(type(obj)) or _discover(type(obj))
         return fn(obj)
     finally:
@@ -99,6 +99,7 @@ class _ThreadState(threading.local):
         self.ddepth = 0  # decode ext nesting
         self.view_packer: msgpack.Packer | None = None  # for encode_for_send's large values
         self.view: memoryview | None = None  # its last result, valid until the next call
+        self.locating = False  # encode is trying parts of a failed value (_bad_part_path)
 
 
 _state = _ThreadState()
@@ -331,7 +332,11 @@ def _fresh_view_packer(st: _ThreadState) -> msgpack.Packer:
 
 
 def encode(value: object) -> bytes:
-    """Encode ``value`` to msgpack bytes; raise ``EncodingError`` (a TypeError) if it can't."""
+    """Encode ``value`` to msgpack bytes; raise ``EncodingError`` (a TypeError) if it can't.
+
+    The error names where in the value the bad part is (``value["orders"][3].price``),
+    found by a second walk after the failure, so a value that encodes pays nothing for it.
+    """
     st = _state
     try:
         if st.depth:  # called again from inside a register_type encode hook
@@ -342,14 +347,109 @@ def encode(value: object) -> bytes:
                 st.depth -= 1
         packer = st.packer
         return _checked(packer, packer.pack(value), value)
-    except EncodingError:
-        raise
-    except Exception as exc:  # msgpack limits, recursion, a failing encode hook
-        if isinstance(exc, RecursionError) or "recursion limit exceeded" in str(exc):
-            msg = "value is nested too deeply (or contains a reference cycle)"
-        else:
-            msg = f"{type(exc).__name__}: {exc}"
-        raise EncodingError(f"cannot encode value: {msg}") from exc
+    except Exception as exc:  # an unsupported part, msgpack limits, recursion, a failing hook
+        error = exc if isinstance(exc, EncodingError) else _cannot_because(exc)
+        if st.depth or st.locating:  # the outermost encode says where
+            raise error from (exc if error is not exc else exc.__cause__)
+        where = "value" if getattr(error, "_nesting", False) else _bad_part_path(value)
+        problem, fix = getattr(error, "_problem", str(error)), getattr(error, "_fix", "")
+        located = _cannot(problem, fix, where=where, nesting=getattr(error, "_nesting", False))
+        raise located from (exc if error is not exc else exc.__cause__)
+
+
+def _cannot(problem: str, fix: str, *, where: str = "value", nesting: bool = False) -> EncodingError:
+    """The EncodingError for ``problem`` at ``where``: ``shmfeed: cannot encode ...; <fix>``."""
+    error = EncodingError(f"shmfeed: cannot encode {where}: {problem}; {fix}")
+    error.path = where  # type: ignore[attr-defined]
+    error._problem, error._fix, error._nesting = problem, fix, nesting  # type: ignore[attr-defined]
+    return error
+
+
+def _cannot_because(exc: Exception) -> EncodingError:
+    if isinstance(exc, RecursionError) or "recursion limit exceeded" in str(exc):
+        error = _cannot("it is nested too deeply (or holds a reference cycle)",
+                        "flatten the value, or break the cycle", nesting=True)
+    else:
+        error = _cannot(f"{type(exc).__name__}: {exc}",
+                        "send only what the README's Encoding section lists, or fix the register_type hook")
+    error.__cause__ = exc
+    return error
+
+
+_PATH_STEPS = 32  # a longer path says no more than "deep in there"
+
+
+def _bad_part_path(value: Any) -> str:
+    """Where in ``value`` its first unencodable part is: ``value["orders"][3].price``.
+
+    Walks down through dicts, lists, tuples, sets, dataclasses and NamedTuples, into the
+    first member that does not encode alone; the part whose members all encode (or that
+    has none) is the bad one. Only ever run after an encode failed.
+    """
+    path = "value"
+    node = value
+    for _ in range(_PATH_STEPS):
+        step = _bad_member(node)
+        if step is None:
+            return path
+        suffix, node, last = step
+        path += suffix
+        if last:
+            return path
+    return path + "..."
+
+
+def _fails(part: Any) -> bool:
+    st = _state
+    st.locating = True
+    try:
+        encode(part)
+    except Exception:  # noqa: BLE001 - any failure marks the part
+        return True
+    finally:
+        st.locating = False
+    return False
+
+
+def _show_key(key: Any) -> str:
+    text = f"{key!r:.60}"
+    if type(key) is str:
+        text = '"' + text[1:-1].replace('"', '\\"') + '"' if text[0] == "'" else text
+    return text
+
+
+def _bad_member(node: Any) -> tuple[str, Any, bool] | None:
+    """(path suffix, member, stop here) of the first member of ``node`` that fails alone."""
+    kind = type(node)
+    if kind is dict:
+        for key, member in node.items():
+            if _fails(key):
+                return f".keys() holding {_show_key(key)}", key, True
+            if _fails(member):
+                return f"[{_show_key(key)}]", member, False
+    elif kind is list or kind is tuple:
+        for index, member in enumerate(node):
+            if _fails(member):
+                return f"[{index}]", member, False
+    elif kind is set or kind is frozenset:
+        for member in node:
+            if _fails(member):
+                return "{...}", member, False  # a member of the set
+    elif kind not in _registered_classes() and dataclasses.is_dataclass(node):
+        for field in dataclasses.fields(node):
+            member = getattr(node, field.name, None)
+            if _fails(member):
+                return f".{field.name}", member, False
+    elif kind not in _registered_classes() and _is_namedtuple(kind):
+        for name, member in zip(kind._fields, node):  # type: ignore[attr-defined]
+            if _fails(member):
+                return f".{name}", member, False
+    return None
+
+
+def _registered_classes() -> set[type]:
+    # A registered class travels as its hook makes it: its fields are not the question.
+    return {cls for cls, _ in _registered.values()}
 
 
 def _unpack(data: bytes | memoryview) -> Any:
@@ -494,11 +594,11 @@ def _discover(tp: type) -> Callable[[Any], msgpack.ExtType]:
     if kind is None:
         hint = (" (subclasses of built-in types are not encoded as their base type)"
                 if any(issubclass(tp, b) for b in _NATIVE | {tuple, set, frozenset}) else "")
-        raise EncodingError(f"cannot encode a value of type {type_name(tp)}{hint}: {_HINT}")
+        raise _cannot(f"type {type_name(tp)} is not one shmfeed encodes{hint}", _HINT)
     name = type_name(tp)
     if resolve_type(name) is not tp:  # fail at send time, not in the receiving process
-        raise EncodingError(f"cannot encode {name}: the class is not importable by that name "
-                            f"(define it at module level, or {_HINT})")
+        raise _cannot(f"a {name}: the class is not importable by that name",
+                      f"define it at module level, or {_HINT}")
     if kind == _ENUM:
         fn = lambda o: _Ext(_ENUM, _pack([name, o.value]))
     elif kind == _DATACLASS:
@@ -536,7 +636,7 @@ def _dec_namedtuple(data: bytes) -> Any:
 
 def _dtype_str(dt: Any) -> str:
     if dt.kind not in _DTYPE_OK or dt.hasobject or dt.fields is not None or dt.subdtype:
-        raise EncodingError(f"cannot encode numpy dtype {dt!r} (object/structured): {_HINT}")
+        raise _cannot(f"a numpy value of dtype {dt!r} (object or structured)", _HINT)
     return dt.str
 
 

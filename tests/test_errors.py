@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import multiprocessing
-from typing import Any
+from typing import Any, NamedTuple
 
 import pytest
 
@@ -104,3 +104,55 @@ def test_a_value_of_an_unknown_type_is_dropped_and_the_channel_goes_on(namespace
     assert running == "running"  # the subscription did not fail
     feed.close()
     results.close()
+
+
+# --- where in a value the unencodable part is ---------------------------------------------
+
+
+class Unknown:
+    """No encoding for it: the bad part the tests hide in values."""
+
+
+@dataclasses.dataclass
+class Order:
+    qty: int
+    price: Any
+
+
+class Quote(NamedTuple):
+    symbol: str
+    bid: Any
+
+
+@pytest.mark.parametrize("value, path", [
+    ({"orders": [Order(1, 2.0), Order(2, 3.0), Order(3, 4.0), Order(4, Unknown())]}, 'value["orders"][3].price'),
+    ([1, (2, Quote("X", {"bid": Unknown()}))], 'value[1][1].bid["bid"]'),
+    ({"tags": {1, Unknown()}}, 'value["tags"]{...}'),
+    ({7: {(1, Unknown()): "k"}}, "value[7].keys() holding (1, "),
+    (Unknown(), "value"),
+])
+def test_an_encoding_error_says_where_the_bad_part_is(value: Any, path: str) -> None:
+    channel: shmfeed.Channel = shmfeed.Channel(capacity=4)
+    with pytest.raises(shmfeed.EncodingError) as raised:
+        channel.send(value)
+    message = str(raised.value)
+    assert message.startswith(f"shmfeed: cannot encode {path}"), message
+    assert "test_errors.Unknown is not one shmfeed encodes" in message and "register_type" in message
+    assert raised.value.path.startswith(path)  # type: ignore[attr-defined]
+    assert len(channel) == 0
+    channel.send({"fine": 1})  # nothing of the failed value is left in the encoder
+    assert channel.recv(timeout=0) == {"fine": 1}
+    channel.close()
+
+
+def test_a_feed_send_names_the_bad_part_of_a_large_value_too() -> None:
+    feed = shmfeed.Feed()
+    channel: shmfeed.Channel = shmfeed.Channel(capacity=4)
+    feed.subscribe(channel)
+    blob = b"x" * (1 << 20)
+    assert feed.send({"blob": blob, "meta": [1]}) == 1  # the sender now encodes for large values
+    with pytest.raises(shmfeed.EncodingError, match=r'cannot encode value\["meta"\]\[1\]: type '):
+        feed.send({"blob": blob, "meta": [1, Unknown()]})
+    assert channel.recv(timeout=0)["meta"] == [1] and len(channel) == 0
+    feed.close()
+    channel.close()
