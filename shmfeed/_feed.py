@@ -967,7 +967,6 @@ class Feed(TypeArgument, Generic[T]):
 
 
 Feed.__module__ = "shmfeed"
-FeedSubscription.__module__ = "shmfeed"
 
 
 def _rebuild_feed(namespace: str, key: str, name: str | None) -> Feed[Any]:

@@ -62,7 +62,7 @@ class ScopeSubscription(Subscription):
         self._inner.unsubscribe()
 
     def __repr__(self) -> str:
-        return f"<shmfeed.ScopeSubscription of {self._inner!r}>"
+        return f"<shmfeed.Subscription tracked by a scope: {self._inner!r}>"
 
 
 class SubscriptionScope:
@@ -171,7 +171,7 @@ class SubscriptionScope:
         return f"<shmfeed.SubscriptionScope {label} count={self.count()}>"
 
 
-SubscriptionScope.__module__ = ScopeSubscription.__module__ = "shmfeed"
+SubscriptionScope.__module__ = "shmfeed"
 
 
 class _SharedScope(AttachedSegment):

@@ -195,10 +195,10 @@ class LocalErrorChannel(ErrorChannel):
                 self._wakers.remove(waker)
 
     def __repr__(self) -> str:
-        return f"<shmfeed.LocalErrorChannel {'closed' if self._closed else 'open'}>"
+        return f"<shmfeed.ErrorChannel in-process {'closed' if self._closed else 'open'}>"
 
 
-ErrorChannel.__module__ = SharedErrorChannel.__module__ = LocalErrorChannel.__module__ = "shmfeed"
+ErrorChannel.__module__ = "shmfeed"  # exported; its implementations are not
 
 
 class Subscription(abc.ABC):
