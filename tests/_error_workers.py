@@ -68,3 +68,49 @@ def receive_unknown_then_known(namespace: str, results: shmfeed.Channel, feed_na
             results.send(("done", got, running), timeout=WAIT)
 
     _report(results, run)
+
+
+# --- set_namespace -----------------------------------------------------------------------
+
+
+def app_main(app_namespace: str, pipe: Any) -> None:
+    """A program's main: choose its namespace first, then use a feed and start a child."""
+    import multiprocessing
+
+    try:
+        shmfeed.set_namespace(app_namespace)
+        shmfeed.set_namespace(app_namespace)  # again, same name: harmless
+        outcome: dict[str, Any] = {"env": os.environ.get("SHMFEED_NAMESPACE")}
+        feed = shmfeed.Feed("events")
+        channel: shmfeed.Channel = shmfeed.Channel(capacity=4)
+        with feed.subscribe(channel):
+            try:
+                shmfeed.set_namespace(app_namespace + "-other")
+                outcome["late"] = "accepted"
+            except RuntimeError as error:
+                outcome["late"] = str(error)
+            child_end, here = multiprocessing.get_context("spawn").Pipe()
+            child = multiprocessing.get_context("spawn").Process(target=app_child, args=(child_end,))
+            child.start()
+            outcome["child"] = here.recv()  # the namespace the child found, after its send
+            outcome["received"] = channel.recv(timeout=WAIT)
+            child.join(WAIT)
+            outcome["child_exit"] = child.exitcode
+        feed.close()
+        channel.close()
+        pipe.send(("done", outcome))
+    except BaseException:
+        pipe.send(("error", traceback.format_exc()))
+        raise
+
+
+def app_child(pipe: Any) -> None:
+    """A spawn child of that program: it chose nothing, and is in the program's namespace."""
+    from shmfeed import _names
+
+    try:
+        sent = shmfeed.Feed("events").send("hello from the child", timeout=WAIT)
+        pipe.send((_names.current_namespace(), sent))
+    except BaseException:
+        pipe.send(("error", traceback.format_exc()))
+        raise

@@ -148,6 +148,8 @@ CASES: list[tuple[str, Callable[[], Any], type[BaseException], str]] = [
     ("resubscribe_err(1, None)", lambda: shmfeed.resubscribe_err(1, None), TypeError, "needs a callable"),
     ("join_subscriptions(3)", lambda: shmfeed.join_subscriptions(3), TypeError, "join_subscriptions takes subscriptions, got int"),
     ("Subscription()", lambda: shmfeed.Subscription(), TypeError, "abstract"),
+    ("set_namespace('')", lambda: shmfeed.set_namespace(""), ValueError, "namespace must have 1 to 200 characters"),
+    ("set_namespace(None)", lambda: shmfeed.set_namespace(None), TypeError, "namespace must be a str"),  # type: ignore[arg-type]
 ]
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import multiprocessing
+import os
 from typing import Any, NamedTuple
 
 import pytest
@@ -156,3 +157,57 @@ def test_a_feed_send_names_the_bad_part_of_a_large_value_too() -> None:
     assert channel.recv(timeout=0)["meta"] == [1] and len(channel) == 0
     feed.close()
     channel.close()
+
+
+# --- set_namespace: one namespace per application -----------------------------------------
+
+
+def test_set_namespace_moves_a_program_and_its_spawn_children(namespace: str) -> None:
+    from conftest import _wait_out_destruction
+
+    from shmfeed import _gc, _release
+
+    app = f"{namespace}-app"
+    here = shmfeed.Feed("events")  # the same feed name, in the test's namespace
+    mine: shmfeed.Channel = shmfeed.Channel(capacity=4)
+    here.subscribe(mine)
+    context = multiprocessing.get_context("spawn")
+    parent_end, child_end = context.Pipe()
+    program = context.Process(target=W.app_main, args=(app, child_end))
+    program.start()
+    try:
+        assert parent_end.poll(WAIT), "the program did not answer"
+        kind, outcome = parent_end.recv()
+        assert kind == "done", outcome
+    finally:
+        program.join(WAIT)
+    assert program.exitcode == 0
+    assert outcome["env"] == app
+    assert outcome["child"] == (app, 1) and outcome["child_exit"] == 0  # the child agreed
+    assert outcome["received"] == "hello from the child"
+    assert outcome["late"].startswith(f"shmfeed: set_namespace({app + '-other'!r}) comes after")
+    assert len(mine) == 0  # nothing crossed into the other namespace's "events"
+    here.close()
+    mine.close()
+    _release.release_namespace(app)
+    left = _wait_out_destruction(app)
+    if left:
+        _gc.sweep(app)
+    assert not left, f"left in /dev/shm: {left}"
+
+
+def test_set_namespace_validates_and_refuses_once_objects_exist(namespace: str) -> None:
+    from shmfeed import _names
+
+    with pytest.raises(ValueError, match="namespace"):
+        shmfeed.set_namespace("")
+    with pytest.raises(TypeError, match="namespace"):
+        shmfeed.set_namespace(42)  # type: ignore[arg-type]
+    shmfeed.Channel(capacity=1).close()  # this process has used a namespace by now
+    used = _names._first_used
+    assert used is not None
+    with pytest.raises(RuntimeError, match="before any shmfeed object is made"):
+        shmfeed.set_namespace(used + "-elsewhere")
+    assert os.environ["SHMFEED_NAMESPACE"] == namespace  # nothing was changed
+    if used == namespace:  # the first test of this process: the same name again is fine
+        shmfeed.set_namespace(used)
