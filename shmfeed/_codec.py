@@ -466,24 +466,30 @@ def decode(data: bytes | memoryview) -> object:
     except (ChannelCorruptError, UnknownTypeError):
         raise
     except Exception as exc:  # msgpack, hashing, recursion, memory: all mean bad bytes
-        raise ChannelCorruptError(f"undecodable message: {type(exc).__name__}: {exc}") from exc
+        raise _corrupt(f"{type(exc).__name__}: {exc}") from exc
+
+
+def _corrupt(problem: str) -> ChannelCorruptError:
+    """The error for bytes that are no value encode() makes."""
+    return ChannelCorruptError(f"shmfeed: undecodable message: {problem}; that value is lost, the channel goes "
+                               f"on (a sender of another shmfeed version, or damage)")
 
 
 def _ext_hook(code: int, data: bytes) -> Any:
     fn = _ext_decoders.get(code)
     if fn is None:
-        raise ChannelCorruptError(f"undecodable message: unknown ext code {code}")
+        raise _corrupt(f"unknown ext code {code}")
     st = _state
     st.ddepth += 1
     try:
         if st.ddepth > _MAX_DEPTH:
-            raise ChannelCorruptError(f"undecodable message: ext nesting deeper than {_MAX_DEPTH}")
+            raise _corrupt(f"ext nesting deeper than {_MAX_DEPTH}")
         return fn(data)
     except (ChannelCorruptError, UnknownTypeError):
         raise
     except Exception as exc:
-        raise ChannelCorruptError(
-            f"undecodable message: bad payload for ext code {code}: "
+        raise _corrupt(
+            f"bad payload for ext code {code}: "
             f"{type(exc).__name__}: {exc}") from exc
     finally:
         st.ddepth -= 1
@@ -493,7 +499,7 @@ def _items(data: bytes, n: int | None = None) -> list[Any]:
     # Unpack a payload that must be a list (of n items when given).
     v = _unpack(data)
     if type(v) is not list or (n is not None and len(v) != n):
-        raise ChannelCorruptError(f"undecodable message: malformed ext payload {v!r:.80}")
+        raise _corrupt(f"malformed ext payload {v!r:.80}")
     return v
 
 
@@ -548,8 +554,7 @@ def resolve_type(name: str) -> type | None:
 def unknown_type(name: object, what: str = "class") -> ShmfeedError:
     """The error for a value naming the type ``name``, which cannot be decoded here."""
     if not isinstance(name, str):  # no sender writes that: the bytes are bad
-        return ChannelCorruptError(f"shmfeed: undecodable message: a {what} named by a "
-                                   f"{type(name).__name__}, not a str; the record was dropped")
+        return _corrupt(f"a {what} named by a {type(name).__name__}, not a str")
     text = f"{name:.120}"
     if resolve_type(name) is not None:
         return UnknownTypeError(text, what, f"{text!r} is not a {what} in this process",
@@ -617,7 +622,7 @@ def _dec_dataclass(data: bytes) -> Any:
     if names is None:
         names = _dc_names[cls] = tuple(f.name for f in dataclasses.fields(cls))
     if type(values) is not list or len(values) != len(names):
-        raise ChannelCorruptError(f"undecodable message: wrong field count for {name}")
+        raise _corrupt(f"wrong field count for {name}")
     obj: Any = object.__new__(cls)  # no __init__/__post_init__; object.__setattr__ passes frozen
     for n, v in zip(names, values):
         object.__setattr__(obj, n, v)
@@ -628,7 +633,7 @@ def _dec_namedtuple(data: bytes) -> Any:
     name, values = _items(data, 2)
     cls = _lookup(_NAMEDTUPLE, name)
     if type(values) is not list or len(values) != len(cls._fields):  # type: ignore[attr-defined]
-        raise ChannelCorruptError(f"undecodable message: wrong item count for {name}")
+        raise _corrupt(f"wrong item count for {name}")
     return cls._make(values)  # type: ignore[attr-defined]
 
 
@@ -657,7 +662,7 @@ def _np_dtype(s: Any) -> Any:
           and s[2:].split("[")[0].isdigit())
     dt = np.dtype(s) if ok else None
     if dt is None or dt.hasobject or dt.str != s:
-        raise ChannelCorruptError(f"undecodable message: bad numpy dtype {s!r:.40}")
+        raise _corrupt(f"bad numpy dtype {s!r:.40}")
     return dt
 
 
@@ -669,12 +674,12 @@ def _dec_ndarray(data: bytes) -> Any:
     dt = _np_dtype(dtype)
     if (type(shape) is not list or len(shape) > 64
             or not all(type(d) is int and d >= 0 for d in shape)):
-        raise ChannelCorruptError("undecodable message: bad numpy shape")
+        raise _corrupt("bad numpy shape")
     size = dt.itemsize
     for d in shape:
         size *= d
     if size != len(data) - 4 - n:
-        raise ChannelCorruptError("undecodable message: numpy data size does not match shape")
+        raise _corrupt("numpy data size does not match shape")
     return np.frombuffer(data, dtype=dt, offset=4 + n).reshape(shape).copy()
 
 
@@ -684,7 +689,7 @@ def _dec_npscalar(data: bytes) -> Any:
     dtype, raw = _items(data, 2)
     dt = _np_dtype(dtype)
     if type(raw) is not bytes or len(raw) != dt.itemsize:
-        raise ChannelCorruptError("undecodable message: numpy scalar size mismatch")
+        raise _corrupt("numpy scalar size mismatch")
     return np.frombuffer(raw, dtype=dt)[0]
 
 
@@ -746,7 +751,7 @@ def _set_members(data: bytes) -> list[Any]:
     if len(members) >= _SET_CHECK_MIN:
         counts = collections.Counter(map(hash, members))
         if sum(c * c for c in counts.values()) > _SET_PROBES_MAX:
-            raise ChannelCorruptError(f"undecodable message: a set of {len(members)} members whose "
+            raise _corrupt(f"a set of {len(members)} members whose "
                                       f"hashes collide (forged?)")
     return members
 
@@ -803,9 +808,10 @@ _ext_decoders.update({
 
 def _check_class(cls: Any) -> None:
     if not isinstance(cls, type):
-        raise TypeError(f"cls must be a class, not {type(cls).__name__}")
+        raise TypeError(f"shmfeed: cls must be a class, not {type(cls).__name__}; pass the class itself")
     if cls in _NATIVE:
-        raise TypeError(f"{cls.__name__} is encoded natively by msgpack and cannot be registered")
+        raise TypeError(f"shmfeed: {cls.__name__} is encoded natively by msgpack and cannot be registered; "
+                        f"send it as it is")
 
 
 def register_type(cls: type, encode: Callable[[Any], Any], decode: Callable[[Any], Any],
@@ -817,11 +823,11 @@ def register_type(cls: type, encode: Callable[[Any], Any], decode: Callable[[Any
     """
     _check_class(cls)
     if not callable(encode) or not callable(decode):
-        raise TypeError("encode and decode must be callable")
+        raise TypeError("shmfeed: encode and decode must be callable; pass two functions")
     if name is None:
         name = type_name(cls)
     elif not isinstance(name, str) or not name:
-        raise TypeError("name must be a non-empty str")
+        raise TypeError("shmfeed: name must be a non-empty str; pass one, or leave it out (module.qualname)")
     for old_name, (old_cls, _) in list(_registered.items()):
         if old_cls is cls or old_name == name:
             del _registered[old_name]
@@ -837,12 +843,12 @@ def register_reference_type(cls: type, ext_code: int, to_bytes: Callable[[Any], 
     """Encode exactly ``cls`` as ext ``ext_code`` (30..127) holding ``to_bytes(obj)``."""
     _check_class(cls)
     if type(ext_code) is not int or not CHANNEL_EXT_CODE <= ext_code <= 127:
-        raise TypeError(f"ext_code must be an int in {CHANNEL_EXT_CODE}..127")
+        raise TypeError(f"shmfeed: ext_code must be an int in {CHANNEL_EXT_CODE}..127; pick one there")
     if not callable(to_bytes) or not callable(from_bytes):
-        raise TypeError("to_bytes and from_bytes must be callable")
+        raise TypeError("shmfeed: to_bytes and from_bytes must be callable; pass two functions")
     owner = _reference_owners.setdefault(ext_code, cls)
     if type_name(owner) != type_name(cls):  # by name: a reloaded module may re-register
-        raise ValueError(f"ext code {ext_code} is already used by {type_name(owner)}")
+        raise ValueError(f"shmfeed: ext code {ext_code} is already used by {type_name(owner)}; pick another")
     _reference_owners[ext_code] = cls
     _encoders[cls] = lambda o: _Ext(ext_code, to_bytes(o))  # ExtType insists on bytes
     _ext_decoders[ext_code] = from_bytes

@@ -135,6 +135,8 @@ class FeedSendTimeout(ShmfeedError, TimeoutError):
             message += ", not to " + ", ".join(f"{label} ({why})" for label, why in pending)
         if cause:
             message += f"; {cause}"
+        if pending:
+            message += "; send it again to reach those (the others get it twice), or give a longer timeout"
         return cls(message, delivered=delivered, pending=tuple(label for label, _ in pending))
 
     def __reduce__(self) -> tuple[object, ...]:

@@ -85,11 +85,11 @@ def set_namespace(name: str) -> None:
 def validate_name(name: object, *, what: str, limit: int = MAX_OBJECT_NAME_LENGTH) -> str:
     """Check a user-given name; raise TypeError/ValueError that say what is allowed."""
     if not isinstance(name, str):
-        raise TypeError(f"shmfeed: {what} must be a str, got {type(name).__name__}")
+        raise TypeError(f"shmfeed: {what} must be a str, got {type(name).__name__}; pass a str")
     if not name or len(name) > limit:
-        raise ValueError(f"shmfeed: {what} must have 1 to {limit} characters, got {len(name)}")
+        raise ValueError(f"shmfeed: {what} must have 1 to {limit} characters, got {len(name)}; pass such a name")
     if not name.isprintable():
-        raise ValueError(f"shmfeed: {what} {name!r} has unprintable characters")
+        raise ValueError(f"shmfeed: {what} {name!r} has unprintable characters; use printable ones only")
     return name
 
 

@@ -179,7 +179,7 @@ class LocalErrorChannel(ErrorChannel):
         _check_timeout(timeout)
         with self._condition:
             if not self._condition.wait_for(lambda: self._closed, timeout):
-                raise TimeoutError("shmfeed: the subscription is still running")
+                raise TimeoutError("shmfeed: the subscription is still running; wait longer (timeout=None waits for ever)")
             return self._take_locked()[1]
 
     def _select_poll(self, waker: _waker.Waker | None, deadline: float | None = None) -> tuple[bool, Any]:
@@ -249,15 +249,16 @@ def select(*channels: Any, timeout: float | None = None) -> tuple[Any, Any]:
         TypeError: an argument is not a channel.
     """
     if not channels:
-        raise TypeError("shmfeed: select needs at least one channel")
+        raise TypeError("shmfeed: select needs at least one channel; pass channels or error channels")
     for channel in channels:
         poll = getattr(type(channel), "_select_poll", None)
         if poll is None or poll is ErrorChannel._select_poll:
-            raise TypeError(f"shmfeed: select takes shmfeed channels and error channels, got {type(channel).__name__}")
+            raise TypeError(f"shmfeed: select takes shmfeed channels and error channels, got {type(channel).__name__}; "
+                            f"pass Channels or sub.err()")
     _check_timeout(timeout)
     namespaces = {ns for ns in (getattr(c, "_select_namespace", None) for c in channels) if ns}
     if len(namespaces) > 1:
-        raise ValueError("shmfeed: select over channels of different namespaces")
+        raise ValueError("shmfeed: select over channels of different namespaces; select within one namespace")
     namespace = namespaces.pop() if namespaces else _names.current_namespace()
     start = random.randrange(len(channels))
     order = channels[start:] + channels[:start]
@@ -267,7 +268,7 @@ def select(*channels: Any, timeout: float | None = None) -> tuple[Any, Any]:
         if ready:
             return channel, value
     if timeout is not None and timeout <= 0:
-        raise TimeoutError("shmfeed: no channel was ready")
+        raise TimeoutError("shmfeed: no channel was ready; poll again later, or give a timeout to wait")
     waker = _waker.current_waker(namespace)
     try:
         while True:
@@ -277,7 +278,7 @@ def select(*channels: Any, timeout: float | None = None) -> tuple[Any, Any]:
                     return channel, value
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
-                raise TimeoutError(f"shmfeed: no channel was ready within {timeout} s")
+                raise TimeoutError(f"shmfeed: no channel was ready within {timeout} s; wait longer (timeout=None waits for ever)")
             waker.wait(remaining)
     finally:
         for channel in order:

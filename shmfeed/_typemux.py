@@ -172,7 +172,7 @@ class TypeMux:
         seen: set[type] = set()
         for tp in types:
             if not isinstance(tp, type):
-                raise TypeError(f"shmfeed: TypeMux.subscribe takes types, got {tp!r}")
+                raise TypeError(f"shmfeed: TypeMux.subscribe takes types, got {tp!r}; pass classes such as Ping")
             if tp in seen:
                 raise ValueError(f"event: duplicate type {tp.__qualname__} in Subscribe")
             seen.add(tp)
