@@ -7,6 +7,7 @@ import ast
 import dataclasses
 import multiprocessing
 import os
+import pickle
 import re
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -57,6 +58,8 @@ def test_errors_from_another_process_keep_their_class_and_attributes(namespace: 
     assert (timeout.delivered, timeout.pending) == (2, ("ab", "cd"))
 
     assert type(unknown) is shmfeed.UnknownTypeError and unknown.type_name == "app.Point"
+    again = pickle.loads(pickle.dumps(unknown))  # a Pool task raising it, say
+    assert (type(again), str(again), again.type_name) == (type(unknown), str(unknown), "app.Point")
     assert type(died) is shmfeed.SenderDiedError and str(died).startswith("shmfeed: the feed's last")
     feed.close()
     for channel in channels + [results]:
