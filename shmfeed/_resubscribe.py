@@ -102,7 +102,10 @@ def new_subscription(producer: Callable[[QuitEvent], object]) -> Subscription:
         TypeError: ``producer`` is not callable.
     """
     if not callable(producer):
-        raise TypeError(f"shmfeed: new_subscription needs a callable, got {type(producer).__name__}")
+        raise TypeError(
+            f"shmfeed: new_subscription needs a callable, got {type(producer).__name__}; pass a function of one "
+            f"argument, quit"
+        )
     return _ProducerSubscription(producer)
 
 
@@ -220,9 +223,11 @@ class _ResubscribeSubscription(Subscription):
 
 def _check_backoff(backoff_max: float) -> float:
     if not isinstance(backoff_max, (int, float)) or isinstance(backoff_max, bool):
-        raise TypeError(f"shmfeed: backoff_max must be a number of seconds, got {type(backoff_max).__name__}")
+        raise TypeError(f"shmfeed: backoff_max must be a number of seconds, got {type(backoff_max).__name__}; "
+                        f"pass an int or a float")
     if not backoff_max >= 0 or backoff_max == float("inf"):
-        raise ValueError(f"shmfeed: backoff_max must be a finite number of seconds >= 0, got {backoff_max!r}")
+        raise ValueError(f"shmfeed: backoff_max must be a finite number of seconds >= 0, got {backoff_max!r}; "
+                         f"pass one such as 1.0")
     return float(backoff_max)
 
 
@@ -246,7 +251,8 @@ def resubscribe_err(backoff_max: float, fn: ResubscribeErrFunc) -> Subscription:
     """
     backoff_max = _check_backoff(backoff_max)
     if not callable(fn):
-        raise TypeError(f"shmfeed: resubscribe needs a callable, got {type(fn).__name__}")
+        raise TypeError(f"shmfeed: resubscribe needs a callable, got {type(fn).__name__}; pass fn(ctx, last_err) "
+                        f"returning a Subscription")
     return _ResubscribeSubscription(backoff_max, fn)
 
 
@@ -283,7 +289,8 @@ def resubscribe(backoff_max: float, fn: ResubscribeFunc) -> Subscription:
         ValueError: ``backoff_max`` is negative, NaN or infinite.
     """
     if not callable(fn):
-        raise TypeError(f"shmfeed: resubscribe needs a callable, got {type(fn).__name__}")
+        raise TypeError(f"shmfeed: resubscribe needs a callable, got {type(fn).__name__}; pass fn(ctx) returning "
+                        f"a Subscription")
     return resubscribe_err(backoff_max, lambda ctx, _last_err: fn(ctx))
 
 
@@ -309,7 +316,8 @@ def join_subscriptions(*subs: Subscription) -> Subscription:
     members = list(subs)
     for sub in members:
         if not (callable(getattr(sub, "err", None)) and callable(getattr(sub, "unsubscribe", None))):
-            raise TypeError(f"shmfeed: join_subscriptions takes subscriptions, got {type(sub).__name__}")
+            raise TypeError(f"shmfeed: join_subscriptions takes subscriptions, got {type(sub).__name__}; pass "
+                            f"what subscribe() returned")
 
     def wait_for_members(quit: QuitEvent) -> None:
         try:

@@ -71,8 +71,12 @@ class TypeMuxSubscription:
         """The channel of ``TypeMuxEvent``s (always the same one)."""
         return self._channel
 
+    @property
     def closed(self) -> bool:
-        """Whether the subscription ended (unsubscribed, or its mux stopped)."""
+        """Whether the subscription ended (unsubscribed, or its mux stopped).
+
+        A property, as ``closed`` is everywhere in shmfeed (``Channel``, ``Feed``).
+        """
         return self._closed
 
     def unsubscribe(self) -> None:
@@ -168,7 +172,7 @@ class TypeMux:
         seen: set[type] = set()
         for tp in types:
             if not isinstance(tp, type):
-                raise TypeError(f"shmfeed: TypeMux.subscribe takes types, got {tp!r}")
+                raise TypeError(f"shmfeed: TypeMux.subscribe takes types, got {tp!r}; pass classes such as Ping")
             if tp in seen:
                 raise ValueError(f"event: duplicate type {tp.__qualname__} in Subscribe")
             seen.add(tp)

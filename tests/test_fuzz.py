@@ -2,7 +2,7 @@
 socket and its request handler (issue 7).
 
 A corrupt ring may only ever give a value, ``TimeoutError``, ``ChannelClosed`` or
-``ChannelCorruptError`` — never another exception, a hang or a crash — and once its
+``ChannelCorruptError`` (or ``UnknownTypeError`` for bytes that name a type) — never another exception, a hang or a crash — and once its
 header words are consistent again the channel works. The registry answers ``ping`` after
 any garbage. Each test prints how many inputs it tried (``pytest -s`` shows them).
 """
@@ -30,7 +30,7 @@ RING = 4096
 SETTINGS = dict(deadline=None, database=None, derandomize=True,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
                                        HealthCheck.data_too_large])
-ALLOWED = (TimeoutError, shmfeed.ChannelClosed, shmfeed.ChannelCorruptError)
+ALLOWED = (TimeoutError, shmfeed.ChannelClosed, shmfeed.ChannelCorruptError, shmfeed.UnknownTypeError)
 U64 = (1 << 64) - 1
 
 counts: dict[str, int] = {}
@@ -52,7 +52,7 @@ def drain(channel: shmfeed.Channel, limit: int = 64) -> list[Any]:
             got.append(channel.recv(timeout=0))
         except TimeoutError:
             return got
-        except (shmfeed.ChannelClosed, shmfeed.ChannelCorruptError) as error:
+        except (shmfeed.ChannelClosed, shmfeed.ChannelCorruptError, shmfeed.UnknownTypeError) as error:
             got.append(error)
     return got
 

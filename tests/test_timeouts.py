@@ -206,7 +206,8 @@ def test_feed_send_timing_out_on_a_full_channel_says_who_got_the_value(namespace
     assert TIMEOUT <= elapsed < BOUND, elapsed
     assert error.delivered == 1 and error.pending == (_label(full),)
     assert str(error) == (
-        f"shmfeed: feed 'prices' send timed out after 1.0 s: delivered to 1 channel, not to {_label(full)} (full)"
+        f"shmfeed: feed 'prices' send timed out after 1.0 s: delivered to 1 channel, not to {_label(full)} (full); "
+        f"send it again to reach those (the others get it twice), or give a longer timeout"
     )
     again = pickle.loads(pickle.dumps(error))  # e.g. a Pool task's error, back in the parent
     assert (type(again), str(again), again.delivered, again.pending) == (type(error), str(error), 1, error.pending)
