@@ -51,6 +51,34 @@ class TypeMuxEvent:
 TypeMuxEvent.__module__ = "shmfeed"  # the codec names it shmfeed.TypeMuxEvent in every process
 
 
+class ClosedFlag:
+    """A truth value that is read as a property and may also be called (see
+    ``TypeMuxSubscription.closed``); compares equal to the bool it stands for."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: bool) -> None:
+        self._value = value
+
+    def __bool__(self) -> bool:
+        return self._value
+
+    def __call__(self) -> bool:
+        return self._value
+
+    def __eq__(self, other: object) -> bool:
+        return self._value == (bool(other) if isinstance(other, ClosedFlag) else other)
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+    def __repr__(self) -> str:
+        return repr(self._value)
+
+
+_CLOSED, _OPEN = ClosedFlag(True), ClosedFlag(False)
+
+
 class TypeMuxSubscription:
     """A subscription to some event types of a ``TypeMux``.
 
@@ -72,12 +100,14 @@ class TypeMuxSubscription:
         return self._channel
 
     @property
-    def closed(self) -> bool:
+    def closed(self) -> "ClosedFlag":
         """Whether the subscription ended (unsubscribed, or its mux stopped).
 
-        A property, as ``closed`` is everywhere in shmfeed (``Channel``, ``Feed``).
+        A property, as ``closed`` is everywhere in shmfeed (``Channel``, ``Feed``): ``if
+        sub.closed``. Calling it, ``sub.closed()``, gives the same bool, as geth's
+        ``Closed()`` and SPEC §2 spell it.
         """
-        return self._closed
+        return _CLOSED if self._closed else _OPEN
 
     def unsubscribe(self) -> None:
         """Stop delivery and close the channel; releases a ``post`` waiting on it.

@@ -241,7 +241,8 @@ def test_named_mux_is_shared_and_stops_everywhere():
     first, second = shmfeed.TypeMux("bus"), shmfeed.TypeMux("bus")
     sub = second.subscribe(W.Ping, capacity=4)
     first.post(W.Ping(7))
-    assert second.subscribe(W.Pong).closed is False
+    pong = second.subscribe(W.Pong)
+    assert not pong.closed and pong.closed() is False and pong.closed == False  # noqa: E712 (geth spells it Closed())
     assert sub.chan().recv(timeout=WAIT).data == W.Ping(7)
     copy = pickle.loads(pickle.dumps(first))
     copy.post(W.Ping(8))
