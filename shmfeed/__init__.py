@@ -13,6 +13,8 @@ import typing as _typing
 from ._errors import (
     ChannelClosed,
     ChannelCorruptError,
+    ChannelEmpty,
+    ChannelFull,
     EncodingError,
     ErrMuxClosed,
     FeedClosed,
@@ -34,13 +36,15 @@ if _typing.TYPE_CHECKING:
     from ._resubscribe import join_subscriptions, new_subscription, resubscribe, resubscribe_err
     from ._scope import SubscriptionScope
     from ._stats import ChannelStatistics, FeedStatistics, SubscriptionStatistics
-    from ._subscription import ErrorChannel, Subscription, select
+    from ._subscription import ErrorChannel, Subscription, select, select_async
     from ._typemux import TypeMux, TypeMuxEvent, TypeMuxSubscription
 
 __all__ = [
     "Channel",
     "ChannelClosed",
     "ChannelCorruptError",
+    "ChannelEmpty",
+    "ChannelFull",
     "ChannelStatistics",
     "EncodingError",
     "ErrMuxClosed",
@@ -69,6 +73,7 @@ __all__ = [
     "resubscribe",
     "resubscribe_err",
     "select",
+    "select_async",
 ]
 
 # The rest loads on first use, so that `import shmfeed` (and the registry process, which
@@ -89,6 +94,7 @@ _LAZY = {
     "ErrorChannel": "_subscription",
     "Subscription": "_subscription",
     "select": "_subscription",
+    "select_async": "_subscription",
     "TypeMux": "_typemux",
     "TypeMuxEvent": "_typemux",
     "TypeMuxSubscription": "_typemux",

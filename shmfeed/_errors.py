@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import queue
+
 __all__ = [
     "ShmfeedError",
     "FeedTypeError",
     "EncodingError",
     "ChannelClosed",
+    "ChannelFull",
+    "ChannelEmpty",
     "FeedClosed",
     "MuxClosedError",
     "ErrMuxClosed",
@@ -47,6 +51,25 @@ class EncodingError(ShmfeedError, TypeError):
 
 class ChannelClosed(ShmfeedError):
     """The channel was closed (by any process) and, for receivers, has been drained."""
+
+
+# --- would block: Channel.send_nowait / recv_nowait (also the stdlib queue's exceptions) ---
+
+
+class ChannelFull(ShmfeedError, queue.Full):
+    """``Channel.send_nowait`` found the channel full: nothing was sent.
+
+    Also a ``queue.Full``, so code written for ``queue.Queue`` or ``multiprocessing.Queue``
+    (``except queue.Full``) handles it unchanged.
+    """
+
+
+class ChannelEmpty(ShmfeedError, queue.Empty):
+    """``Channel.recv_nowait`` found nothing waiting: nothing was taken.
+
+    Also a ``queue.Empty``, so code written for ``queue.Queue`` or ``multiprocessing.Queue``
+    (``except queue.Empty``) handles it unchanged.
+    """
 
 
 class FeedClosed(ShmfeedError):
@@ -130,3 +153,4 @@ class TableFullError(ShmfeedError):
 
     Nothing was changed: the call that would have overflowed the table refuses instead.
     """
+
