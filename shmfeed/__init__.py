@@ -13,6 +13,8 @@ import typing as _typing
 from ._errors import (
     ChannelClosed,
     ChannelCorruptError,
+    ChannelEmpty,
+    ChannelFull,
     EncodingError,
     ErrMuxClosed,
     FeedClosed,
@@ -35,7 +37,7 @@ if _typing.TYPE_CHECKING:
     from ._resubscribe import join_subscriptions, new_subscription, resubscribe, resubscribe_err
     from ._scope import SubscriptionScope
     from ._stats import ChannelStatistics, FeedStatistics, SubscriptionStatistics
-    from ._subscription import ErrorChannel, Subscription, select
+    from ._subscription import ErrorChannel, Subscription, select, select_async
     from ._names import set_namespace
     from ._typemux import TypeMux, TypeMuxEvent, TypeMuxSubscription
 
@@ -43,6 +45,8 @@ __all__ = [
     "Channel",
     "ChannelClosed",
     "ChannelCorruptError",
+    "ChannelEmpty",
+    "ChannelFull",
     "ChannelStatistics",
     "EncodingError",
     "ErrMuxClosed",
@@ -73,6 +77,7 @@ __all__ = [
     "resubscribe_err",
     "select",
     "set_namespace",
+    "select_async",
 ]
 
 # The rest loads on first use, so that `import shmfeed` (and the registry process, which
@@ -94,6 +99,7 @@ _LAZY = {
     "Subscription": "_subscription",
     "select": "_subscription",
     "set_namespace": "_names",
+    "select_async": "_subscription",
     "TypeMux": "_typemux",
     "TypeMuxEvent": "_typemux",
     "TypeMuxSubscription": "_typemux",

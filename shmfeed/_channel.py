@@ -9,7 +9,7 @@ from typing import Any, AsyncIterator, Generic, Iterator, TypeVar
 
 from . import _codec, _names, _registry_client, _ring, _waker
 from . import _layout as L
-from ._errors import ChannelClosed, FeedTypeError
+from ._errors import ChannelClosed, ChannelEmpty, ChannelFull, FeedTypeError
 from ._stats import ChannelStatistics
 
 T = TypeVar("T")
@@ -199,6 +199,11 @@ class Channel(TypeArgument, Generic[T]):
             ChannelClosed: the channel is closed.
         """
         _check_timeout(timeout)
+        core, payload = self._encode(value)
+        core.put(payload, timeout)
+
+    def _encode(self, value: Any) -> tuple[_ring.ChannelCore, _ring.Encoded]:
+        """Check ``value``'s type and encode it for this channel's ring."""
         if self._elem_type_name and _codec.type_name(type(value)) != self._elem_type_name:
             raise FeedTypeError(
                 "Send", display_type(_codec.type_name(type(value))), display_type(self._elem_type_name)
@@ -206,7 +211,61 @@ class Channel(TypeArgument, Generic[T]):
         core = self._live_core()
         payload = _codec.encode_for_send(value, core.large_values)
         core.large_values = len(payload) > _codec.LARGE_OUTPUT
-        core.put(payload, timeout)
+        return core, payload
+
+    def send_nowait(self, value: T) -> None:
+        """Put one value in the channel if it has room now; never waits for room.
+
+        As ``queue.Queue.put_nowait``. The channel's overflow policy applies as in
+        :meth:`send` (``"drop_newest"`` drops the value silently, ``"drop_oldest"`` makes
+        room). A wait for the send lock while another process copies a value in is not a
+        wait for room: that lock is held only for the copy.
+
+        Raises:
+            ChannelFull: (a ``queue.Full``) the channel is full; nothing was sent.
+            FeedTypeError: the channel is typed and ``type(value)`` is not its type.
+            EncodingError: the value cannot be encoded (a TypeError; nothing was sent).
+            ChannelClosed: the channel is closed.
+        """
+        core, payload = self._encode(value)
+        if core.put_nowait(payload) == _ring.FULL:
+            raise ChannelFull(
+                f"shmfeed: channel {self._channel_id:016x} is full ({core.capacity} values or its "
+                f"ring's bytes); receive from it first, or use send()/send_async() to wait for room"
+            )
+
+    async def send_async(self, value: T, timeout: float | None = None) -> None:
+        """Like :meth:`send`, for asyncio code: waits for room without blocking the event loop.
+
+        The value is written by this coroutine in the event loop's thread, between two
+        awaits: a cancelled ``send_async`` either sent the value (completely, when it was
+        written before the cancellation arrived) or did not send it at all; it never
+        sends it twice. As with :meth:`recv_async`, a wait for the channel's send lock
+        while another process holds it (only for a copy) blocks the loop, up to ``timeout``.
+
+        Raises:
+            FeedTypeError: the channel is typed and ``type(value)`` is not its type.
+            EncodingError: the value cannot be encoded (a TypeError; nothing was sent).
+            TimeoutError: still full after ``timeout`` seconds; the value was not sent.
+            ChannelClosed: the channel is closed.
+        """
+        _check_timeout(timeout)
+        core, payload = self._encode(value)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        kind, record = core.record_for(payload)
+        outcome = _ring.FULL
+        try:
+            if kind == _ring.KIND_DATA:
+                outcome = core.offer_fast(record, deadline)
+            else:
+                outcome = core.offer(kind, record, None, deadline)
+            if outcome == _ring.FULL:
+                outcome = await _offer_async(core, kind, record, deadline, timeout)
+        finally:
+            if kind == _ring.KIND_SPILL and outcome != _ring.DELIVERED:
+                core._unlink_spill_record(record)  # not in the ring: its link goes
+        if outcome == _ring.CLOSED:
+            raise ChannelClosed(f"shmfeed: send on closed channel {core.channel_id:016x}; a closed channel stays closed")
 
     def recv(self, timeout: float | None = None) -> T:
         """Take one value, waiting until one arrives.
@@ -224,12 +283,36 @@ class Channel(TypeArgument, Generic[T]):
             _check_timeout(timeout)
         return _codec.decode(self._live_core().take(timeout))  # type: ignore[return-value]
 
+    def recv_nowait(self) -> T:
+        """Take one value if one is waiting now; never waits for one.
+
+        As ``queue.Queue.get_nowait``. A wait for the receive lock while another receiver
+        takes a value is not a wait for a value: that lock is held only while one is taken.
+
+        Raises:
+            ChannelEmpty: (a ``queue.Empty``) nothing is waiting; nothing was taken.
+            ChannelClosed: the channel is closed and drained.
+            ChannelCorruptError: the ring held bytes that are not a valid message.
+        """
+        data = self._live_core().poll_fast(None)
+        if data is None:
+            raise ChannelEmpty(
+                f"shmfeed: channel {self._channel_id:016x} is empty; use recv()/recv_async() to wait for a value"
+            )
+        return _codec.decode(data)  # type: ignore[return-value]
+
     async def recv_async(self, timeout: float | None = None) -> T:
         """Like :meth:`recv`, for asyncio code: waits without blocking the event loop.
 
-        Cancelling the awaiting task loses no value. A wait for the receive lock while
-        another process holds it blocks the event loop, up to ``timeout``: that lock is held
-        only while a value is taken.
+        Cancelling the awaiting task loses no value: a value is taken only by this
+        coroutine in the event loop's thread, after its last await, and then returned.
+        A wait for the receive lock while another process holds it blocks the event loop,
+        up to ``timeout``: that lock is held only while a value is taken.
+
+        Raises:
+            TimeoutError: nothing arrived within ``timeout`` seconds; nothing was taken.
+            ChannelClosed: the channel is closed and drained.
+            ChannelCorruptError: the ring held bytes that are not a valid message.
         """
         _check_timeout(timeout)
         core = self._live_core()
@@ -353,37 +436,63 @@ class Channel(TypeArgument, Generic[T]):
     def _select_namespace(self) -> str:
         return self._namespace
 
+    @property
+    def _select_wait_list(self) -> tuple[str, str, int]:
+        return ("recv", self._namespace, self._channel_id)
+
 
 Channel.__module__ = "shmfeed"
 
 
 async def _poll_async(core: _ring.ChannelCore, deadline: float | None, timeout: float | None) -> bytes | memoryview:
     """Wait in the event loop until ``core`` has a value; return its encoded bytes."""
-    import asyncio  # here, not at the top: most users (and the registry) never need it
+    from . import _aio  # here, not at the top: most users (and the registry) never need asyncio
 
+    def attempt(waker: _waker.Waker) -> tuple[bool, bytes | memoryview | None]:
+        data = core.poll(waker, deadline)
+        return data is not None, data
+
+    def forget(waker: _waker.Waker) -> None:
+        if not core.released:
+            core.forget_receiver(waker)
+
+    def expired() -> TimeoutError:
+        return TimeoutError(f"shmfeed: nothing received on channel {core.channel_id:016x} in {timeout} s; "
+                            f"wait longer (timeout=None waits for ever), or check that something sends to it")
+
+    data = await _aio.wait_ready(core.namespace, attempt, [(receive_wait_list(core), forget)], deadline, expired)
+    assert data is not None
+    return data
+
+
+async def _offer_async(
+    core: _ring.ChannelCore, kind: int, record: _ring.Payload, deadline: float | None, timeout: float | None
+) -> int:
+    """Wait in the event loop until ``core`` takes ``record``; DELIVERED, DROPPED or CLOSED."""
     from . import _aio
 
-    dispatcher = _aio.dispatcher(core.namespace)
-    try:
-        while True:
-            future = dispatcher.future()
-            try:
-                data = core.poll(dispatcher.waker, deadline)
-                if data is not None:
-                    return data
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    raise TimeoutError(f"shmfeed: nothing received on channel {core.channel_id:016x} in {timeout} s; "
-                                       f"wait longer (timeout=None waits for ever), or check that something sends to it")
-                try:
-                    await asyncio.wait_for(future, remaining)
-                except asyncio.TimeoutError:
-                    pass  # the loop decides: one more poll, then TimeoutError
-            finally:
-                dispatcher.discard(future)
-    finally:
+    def attempt(waker: _waker.Waker) -> tuple[bool, int]:
+        outcome = core.offer(kind, record, waker, deadline)
+        return outcome != _ring.FULL, outcome
+
+    def forget(waker: _waker.Waker) -> None:
         if not core.released:
-            core.forget_receiver(dispatcher.waker)
+            core.forget_sender(waker)
+
+    def expired() -> TimeoutError:
+        return TimeoutError(f"shmfeed: channel {core.channel_id:016x} stayed full for {timeout} s; nothing was sent")
+
+    return await _aio.wait_ready(core.namespace, attempt, [(send_wait_list(core), forget)], deadline, expired)
+
+
+def receive_wait_list(core: _ring.ChannelCore) -> tuple[str, str, int]:
+    """The key by which ``_aio`` counts coroutines waiting to receive from ``core``."""
+    return ("recv", core.namespace, core.channel_id)
+
+
+def send_wait_list(core: _ring.ChannelCore) -> tuple[str, str, int]:
+    """The key by which ``_aio`` counts coroutines waiting for room in ``core``."""
+    return ("send", core.namespace, core.channel_id)
 
 
 def _rebuild_channel(namespace: str, channel_id: int) -> Channel[Any]:

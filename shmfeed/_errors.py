@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import queue
+
 __all__ = [
     "ShmfeedError",
     "FeedTypeError",
     "EncodingError",
     "UnknownTypeError",
     "ChannelClosed",
+    "ChannelFull",
+    "ChannelEmpty",
     "FeedClosed",
     "MuxClosedError",
     "ErrMuxClosed",
@@ -84,6 +88,25 @@ def _rebuild_unknown_type_error(message: str, type_name: str) -> UnknownTypeErro
 
 class ChannelClosed(ShmfeedError):
     """The channel was closed (by any process) and, for receivers, has been drained."""
+
+
+# --- would block: Channel.send_nowait / recv_nowait (also the stdlib queue's exceptions) ---
+
+
+class ChannelFull(ShmfeedError, queue.Full):
+    """``Channel.send_nowait`` found the channel full: nothing was sent.
+
+    Also a ``queue.Full``, so code written for ``queue.Queue`` or ``multiprocessing.Queue``
+    (``except queue.Full``) handles it unchanged.
+    """
+
+
+class ChannelEmpty(ShmfeedError, queue.Empty):
+    """``Channel.recv_nowait`` found nothing waiting: nothing was taken.
+
+    Also a ``queue.Empty``, so code written for ``queue.Queue`` or ``multiprocessing.Queue``
+    (``except queue.Empty``) handles it unchanged.
+    """
 
 
 class FeedClosed(ShmfeedError):
@@ -169,3 +192,4 @@ class TableFullError(ShmfeedError):
 
     Nothing was changed: the call that would have overflowed the table refuses instead.
     """
+

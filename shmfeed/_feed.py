@@ -435,13 +435,35 @@ class FeedCore(AttachedSegment):
 
     def _send_locked(self, payload: _ring.Encoded, plan: Any, answer: int, deadline: float | None,
                      timeout: float | None) -> int:
+        """The send, with the feed's send lock held (see ``first_pass``); the wait on full
+        channels blocks this thread."""
+        delivered, waiting, spill = self.first_pass(payload, plan, answer, deadline, timeout)
+        try:
+            if waiting:
+                got, locked = self._send_waiting(waiting, deadline)
+                delivered += got
+                if waiting:  # the deadline passed first
+                    pending = [(entry.target, "locked" if entry.target is locked else "full") for entry in waiting]
+                    raise self._expire(timeout, delivered, waiting, pending)
+            self._count(delivered)
+            return delivered
+        finally:
+            if spill is not None:
+                spill.close()
+
+    def first_pass(
+        self, payload: _ring.Encoded, plan: Any, answer: int, deadline: float | None, timeout: float | None
+    ) -> tuple[int, list[_Waiting], _ring.Spill | None]:
         """The send, with the feed's send lock held: from the start (``answer`` -1), or
         from where the C send stopped (``answer`` as ``_accel.offer_all``, on ``plan``).
 
-        A ring lock still held by someone else at ``deadline`` ends the first pass at that
-        ring; the wait on full rings ends at ``deadline`` too. Either way the rings that
-        took the value keep it, every other copy is withdrawn, and ``FeedSendTimeout`` says
-        which is which.
+        A ring lock still held by someone else at ``deadline`` ends the pass at that ring:
+        the rings that took the value keep it, every other copy is withdrawn, and
+        ``FeedSendTimeout`` says which is which.
+
+        Writes every channel that has room and never waits for room: returns how many
+        took the value, the full channels still to wait on (with their records), and the
+        spill file to close once the send is over (None if the value went inline).
         """
         words = self.words
         size = len(payload)
@@ -512,17 +534,11 @@ class FeedCore(AttachedSegment):
                 pending = [(entry.target, "full") for entry in waiting] + [(targets[reached], "locked")]
                 pending += [(target, "not reached") for target in targets[reached + 1 :]]
                 raise self._expire(timeout, delivered, waiting, pending) from error
-            if waiting:
-                got, locked = self._send_waiting(waiting, deadline)
-                delivered += got
-                if waiting:  # the deadline passed first
-                    pending = [(entry.target, "locked" if entry.target is locked else "full") for entry in waiting]
-                    raise self._expire(timeout, delivered, waiting, pending)
-            self._count(delivered)
-            return delivered
-        finally:
+        except BaseException:
             if spill is not None:
                 spill.close()
+            raise
+        return delivered, waiting, spill
 
     def _count(self, delivered: int) -> None:
         """Count one send that reached ``delivered`` channels (feed send lock held)."""
@@ -573,31 +589,10 @@ class FeedCore(AttachedSegment):
         registered = [entry.target.core for entry in waiting]
         try:
             while waiting:
-                still: list[_Waiting] = []
-                for index, entry in enumerate(waiting):
-                    target, kind, record = entry
-                    core = target.core
-                    if not self.is_active(target.entry, target.sub_id) or self.closed:
-                        _discard_record(core, kind, record)
-                        continue
-                    try:
-                        outcome = core.offer(kind, record, waker, deadline)
-                    except TimeoutError:
-                        waiting[:] = still + waiting[index:]  # this one and the rest stay out
-                        return delivered, target
-                    if outcome == _ring.DELIVERED:
-                        delivered += 1
-                    elif outcome == _ring.FULL:
-                        # Re-checked after registering: an unsubscribe in between wakes us.
-                        if self.is_active(target.entry, target.sub_id) and not self.closed:
-                            still.append(entry)
-                        else:
-                            _discard_record(core, kind, record)
-                    else:
-                        if outcome == _ring.CLOSED:
-                            self._end(target)
-                        _discard_record(core, kind, record)
-                waiting[:] = still
+                got, locked = self.offer_waiting(waiting, waker, deadline)
+                delivered += got
+                if locked is not None:
+                    return delivered, locked
                 if waiting:
                     remaining = None if deadline is None else deadline - time.monotonic()
                     if remaining is not None and remaining <= 0:
@@ -608,6 +603,42 @@ class FeedCore(AttachedSegment):
                 if not core.released:
                     core.forget_sender(waker)
             waker.drain()
+        return delivered, None
+
+    def offer_waiting(
+        self, waiting: list[_Waiting], waker: _waker.Waker, deadline: float | None
+    ) -> tuple[int, _Target | None]:
+        """One offer to each full channel a send waits on (feed send lock held), ``waker``
+        registered in those still full. Returns how many took the value, and the target
+        whose lock was still held at ``deadline`` (the pass stops there), if any;
+        ``waiting`` is left holding the channels that did not get it. Never waits for room.
+        """
+        delivered = 0
+        still: list[_Waiting] = []
+        for index, entry in enumerate(waiting):
+            target, kind, record = entry
+            core = target.core
+            if not self.is_active(target.entry, target.sub_id) or self.closed:
+                _discard_record(core, kind, record)
+                continue
+            try:
+                outcome = core.offer(kind, record, waker, deadline)
+            except TimeoutError:
+                waiting[:] = still + waiting[index:]  # this one and the rest stay out
+                return delivered, target
+            if outcome == _ring.DELIVERED:
+                delivered += 1
+            elif outcome == _ring.FULL:
+                # Re-checked after registering: an unsubscribe in between wakes us.
+                if self.is_active(target.entry, target.sub_id) and not self.closed:
+                    still.append(entry)
+                else:
+                    _discard_record(core, kind, record)
+            else:
+                if outcome == _ring.CLOSED:
+                    self._end(target)
+                _discard_record(core, kind, record)
+        waiting[:] = still
         return delivered, None
 
     def _end(self, target: _Target) -> None:
@@ -891,6 +922,46 @@ class Feed(TypeArgument, Generic[T]):
         if timeout is not None:
             _check_timeout(timeout)
             deadline = time.monotonic() + timeout
+        core, payload = self._prepare(value, deadline, timeout)
+        return core.send(payload, deadline, timeout)
+
+    async def send_async(self, value: T, timeout: float | None = None) -> int:
+        """Like :meth:`send`, for asyncio code: never blocks the event loop waiting.
+
+        The same rules as :meth:`send`: sends are serialized feed-wide (every channel sees
+        one order), no value is dropped for a slow subscriber (the send waits while its
+        channel is full), and ``timeout`` bounds the whole send with ``FeedSendTimeout``.
+        Waits (for the feed's send lock another send holds, for room in full channels)
+        happen without blocking the loop; every write into a ring happens in the loop's
+        thread between two awaits. The feed's send lock stays held across those awaits,
+        so in the same event loop use ``send_async``, not ``send``, on this feed.
+
+        Cancellation: cancelled before any channel took the value, nobody gets it.
+        Cancelled once a channel took it, the send first completes (the remaining channels
+        still get it, within ``timeout``), then ``CancelledError`` is raised: a value is
+        never delivered to only some subscribers because its sender was cancelled.
+
+        Returns:
+            How many channels the value was delivered to, as :meth:`send`.
+
+        Raises:
+            FeedTypeError: ``type(value)`` is not the feed's type.
+            EncodingError: the value cannot be encoded (a TypeError); nobody got it.
+            FeedClosed: the feed was closed.
+            FeedSendTimeout: (a ``TimeoutError``) the send could not finish within
+                ``timeout`` seconds; ``delivered`` and ``pending`` say who got it.
+        """
+        from . import _feed_async  # here, not at the top: most users never need asyncio
+
+        deadline = None
+        if timeout is not None:
+            _check_timeout(timeout)
+            deadline = time.monotonic() + timeout
+        core, payload = self._prepare(value, deadline, timeout)
+        return await _feed_async.send(core, payload, deadline, timeout)
+
+    def _prepare(self, value: Any, deadline: float | None, timeout: float | None) -> tuple["FeedCore", _ring.Encoded]:
+        """The feed's core, and ``value`` encoded, its type checked (fixing the feed's)."""
         core = self._core
         if core is None or core.released:
             core = self._open()
@@ -903,7 +974,7 @@ class Feed(TypeArgument, Generic[T]):
                 core.check_send_type(type_name, deadline)
             except TimeoutError as error:
                 raise core.nobody_reached(timeout, error) from error
-        return core.send(payload, deadline, timeout)
+        return core, payload
 
     def close(self) -> None:
         """End every subscription successfully (their ``err()`` closes); later sends raise.

@@ -657,6 +657,23 @@ class ChannelCore(AttachedSegment):
             raise ChannelClosed(f"shmfeed: send on closed channel {self.channel_id:016x}; a closed channel stays closed")
         return outcome
 
+    def put_nowait(self, payload: Encoded) -> int:
+        """Append a value if there is room now (locks waited for, room not); DELIVERED,
+        DROPPED or FULL. Raises ``ChannelClosed``."""
+        kind, record = self.record_for(payload)
+        outcome = FULL
+        try:
+            if kind == KIND_DATA:
+                outcome = self.offer_fast(record)
+            else:
+                outcome = self.offer(kind, record)
+        finally:
+            if kind == KIND_SPILL and outcome != DELIVERED:
+                self._unlink_spill_record(record)
+        if outcome == CLOSED:
+            raise ChannelClosed(f"shmfeed: send on closed channel {self.channel_id:016x}; a closed channel stays closed")
+        return outcome
+
     def put_if_room(self, payload: Encoded) -> bool:
         """Append a value if there is room now, waiting for the lock however long it takes
         (an error reported on a subscription's error channel); False if full or closed."""

@@ -9,7 +9,12 @@ ones use ``LocalErrorChannel``. Both, and ``Channel``, speak the select protocol
 - ``_select_poll(waker, deadline)``: ``(True, value)`` if ready (consumed), else
   ``(False, None)`` after registering ``waker`` (when given) in the same critical section;
   ``TimeoutError``, having consumed nothing, if a lock stayed held past ``deadline``;
-- ``_select_forget(waker)``: stop notifying ``waker``.
+- ``_select_forget(waker)``: stop notifying ``waker``;
+- ``_select_wait_list`` (optional): a hashable naming the wait list ``waker`` goes in, so
+  that ``select_async`` counts coroutines waiting on the same one (see ``_aio``).
+
+``select_async`` polls the same way in the event loop's thread, between two awaits: what
+it takes, it returns, so a cancelled ``select_async`` took nothing.
 """
 
 from __future__ import annotations
@@ -102,6 +107,18 @@ class ErrorChannel:
     def _select_forget(self, waker: _waker.Waker) -> None:
         raise NotImplementedError
 
+    async def recv_async(self, timeout: float | None = None) -> BaseException | None:
+        """Like :meth:`recv`, for asyncio code: waits without blocking the event loop.
+
+        Cancelling the awaiting task loses nothing: the error is taken only by this
+        coroutine, after its last await, and then returned.
+
+        Raises:
+            TimeoutError: the subscription is still running after ``timeout`` seconds.
+        """
+        _, value = await select_async(self, timeout=timeout)
+        return value  # type: ignore[no-any-return]
+
 
 class SharedErrorChannel(ErrorChannel):
     """An error channel in shared memory: failed or closed from any process."""
@@ -129,6 +146,10 @@ class SharedErrorChannel(ErrorChannel):
     @property
     def _select_namespace(self) -> str:
         return self.channel._select_namespace
+
+    @property
+    def _select_wait_list(self) -> Any:
+        return self.channel._select_wait_list
 
     def __repr__(self) -> str:
         return f"<shmfeed.ErrorChannel {'closed' if self.channel.closed else 'open'}>"
@@ -248,20 +269,7 @@ def select(*channels: Any, timeout: float | None = None) -> tuple[Any, Any]:
         ChannelClosed: a data channel is closed and drained.
         TypeError: an argument is not a channel.
     """
-    if not channels:
-        raise TypeError("shmfeed: select needs at least one channel; pass channels or error channels")
-    for channel in channels:
-        poll = getattr(type(channel), "_select_poll", None)
-        if poll is None or poll is ErrorChannel._select_poll:
-            raise TypeError(f"shmfeed: select takes shmfeed channels and error channels, got {type(channel).__name__}; "
-                            f"pass Channels or sub.err()")
-    _check_timeout(timeout)
-    namespaces = {ns for ns in (getattr(c, "_select_namespace", None) for c in channels) if ns}
-    if len(namespaces) > 1:
-        raise ValueError("shmfeed: select over channels of different namespaces; select within one namespace")
-    namespace = namespaces.pop() if namespaces else _names.current_namespace()
-    start = random.randrange(len(channels))
-    order = channels[start:] + channels[:start]
+    namespace, order = _select_order(channels, timeout)
     deadline = None if timeout is None else time.monotonic() + timeout
     for channel in order:
         ready, value = channel._select_poll(None, deadline)
@@ -284,3 +292,62 @@ def select(*channels: Any, timeout: float | None = None) -> tuple[Any, Any]:
         for channel in order:
             channel._select_forget(waker)
         waker.drain()
+
+
+def _select_order(channels: tuple[Any, ...], timeout: float | None) -> tuple[str, tuple[Any, ...]]:
+    """Check ``select``'s arguments; their namespace, and the order to poll them in (from
+    a random start, so that no channel is always served first)."""
+    if not channels:
+        raise TypeError("shmfeed: select needs at least one channel; pass channels or error channels")
+    for channel in channels:
+        poll = getattr(type(channel), "_select_poll", None)
+        if poll is None or poll is ErrorChannel._select_poll:
+            raise TypeError(f"shmfeed: select takes shmfeed channels and error channels, got {type(channel).__name__}; "
+                            f"pass Channels or sub.err()")
+    _check_timeout(timeout)
+    namespaces = {ns for ns in (getattr(c, "_select_namespace", None) for c in channels) if ns}
+    if len(namespaces) > 1:
+        raise ValueError("shmfeed: select over channels of different namespaces; select within one namespace")
+    namespace = namespaces.pop() if namespaces else _names.current_namespace()
+    start = random.randrange(len(channels))
+    return namespace, channels[start:] + channels[:start]
+
+
+async def select_async(*channels: Any, timeout: float | None = None) -> tuple[Any, Any]:
+    """Like :func:`select`, for asyncio code: waits without blocking the event loop.
+
+    Returns ``(channel, value)`` as ``select`` does (a closed error channel yields
+    ``(err_channel, None)``). Cancelling the awaiting task loses nothing: the value is
+    taken only by this coroutine in the event loop's thread, after its last await, and
+    then returned. A wait for a channel's receive lock while another process holds it
+    (only while a value is taken) blocks the loop, up to ``timeout``.
+
+    Raises:
+        TimeoutError: nothing was ready within ``timeout`` seconds (``0`` polls); nothing
+            was taken.
+        ChannelClosed: a data channel is closed and drained.
+        TypeError: an argument is not a channel.
+    """
+    from . import _aio  # here, not at the top: most users never need asyncio
+
+    namespace, order = _select_order(channels, timeout)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    for channel in order:  # ready already: no waker, no wait list
+        ready, value = channel._select_poll(None, deadline)
+        if ready:
+            return channel, value
+    if timeout is not None and timeout <= 0:
+        raise TimeoutError("shmfeed: no channel was ready; poll again later, or give a timeout to wait")
+
+    def attempt(waker: _waker.Waker) -> tuple[bool, tuple[Any, Any]]:
+        for channel in order:
+            ready, value = channel._select_poll(waker, deadline)
+            if ready:
+                return True, (channel, value)
+        return False, (None, None)
+
+    def expired() -> TimeoutError:
+        return TimeoutError(f"shmfeed: no channel was ready within {timeout} s; wait longer (timeout=None waits for ever)")
+
+    wait_lists = [(getattr(channel, "_select_wait_list", channel), channel._select_forget) for channel in order]
+    return await _aio.wait_ready(namespace, attempt, wait_lists, deadline, expired)

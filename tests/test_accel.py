@@ -45,7 +45,7 @@ def test_core_suites_pass_on_the_pure_python_path() -> None:
     environment = {**os.environ, "SHMFEED_PURE_PYTHON": "1"}
     environment.pop("SHMFEED_NAMESPACE", None)  # each test there makes its own
     suites = ["test_channel.py", "test_feed.py", "test_overflow.py", "test_bad_input.py", "test_codec.py",
-              "test_accel.py"]
+              "test_accel.py", "test_aio.py"]
     run = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
          "-k", "not pure_python_path", *suites],

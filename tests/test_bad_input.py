@@ -5,6 +5,7 @@ valid round trip through a feed and a channel still works."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import os
 import shutil
@@ -115,6 +116,13 @@ CASES: list[tuple[str, Callable[[], Any], type[BaseException], str]] = [
     ("select(timeout='x')", lambda: shmfeed.select(shmfeed.Channel(), timeout="x"), TypeError, "timeout must be a number"),
     ("select(timeout=0) empty", lambda: shmfeed.select(shmfeed.Channel(), timeout=0), TimeoutError, "."),
     ("select(closed channel)", lambda: shmfeed.select(_closed_channel(), timeout=1), shmfeed.ChannelClosed, "closed"),
+    ("select_async(3)", lambda: asyncio.run(shmfeed.select_async(3)), TypeError, "got int"),
+    ("select_async(timeout=0) empty", lambda: asyncio.run(shmfeed.select_async(shmfeed.Channel(), timeout=0)),
+     TimeoutError, "."),
+    ("send_nowait(full): ChannelFull", lambda: _full_channel().send_nowait(2), shmfeed.ChannelFull, "is full"),
+    ("recv_nowait(empty): ChannelEmpty", lambda: shmfeed.Channel().recv_nowait(), shmfeed.ChannelEmpty, "is empty"),
+    ("send_async(timeout='x')", lambda: asyncio.run(shmfeed.Channel().send_async(1, timeout="x")), TypeError,
+     "timeout must be a number"),
     # register_type
     ("register_type(3, ...)", lambda: shmfeed.register_type(3, str, str), TypeError, "cls must be a class, not int"),
     ("register_type(int, ...)", lambda: shmfeed.register_type(int, str, str), TypeError,

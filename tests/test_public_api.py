@@ -31,11 +31,16 @@ def test_every_library_error_derives_from_the_root():
     assert issubclass(shmfeed.FeedTypeError, TypeError)
     assert issubclass(shmfeed.EncodingError, TypeError)
     assert shmfeed.ErrMuxClosed is shmfeed.MuxClosedError
+    # Code written for queue.Queue / multiprocessing.Queue catches the nowait errors.
+    import queue
+
+    assert issubclass(shmfeed.ChannelFull, queue.Full)
+    assert issubclass(shmfeed.ChannelEmpty, queue.Empty)
     assert str(shmfeed.MuxClosedError()) == "event: mux closed"
 
 
 def test_public_api_has_docstrings():
-    for name in ("Channel", "Feed", "Subscription", "select", "register_type"):
+    for name in ("Channel", "Feed", "Subscription", "select", "select_async", "register_type"):
         assert getattr(shmfeed, name).__doc__, name
 
 
