@@ -25,7 +25,10 @@ from . import _inspect, _registry_client
 if TYPE_CHECKING:
     from rich.text import Text
 
-SCHEMA_VERSION = 2  # 2: channels have holders, last_receiver, no_reader_s, never_read
+# 2: channels have holders, last_receiver, no_reader_s, never_read.
+# 3: channels have name (their label) and readers[] ({pid, name, alive, seconds_ago}).
+SCHEMA_VERSION = 3
+LEFTOVERS_SHOWN = 10  # leftovers listed by name; the rest are counted
 # C0, DEL, C1, and the invisible marks that reorder or hide text (bidi overrides, isolates,
 # zero-width characters): a name must not be shown as something it is not.
 CONTROL_CHARACTERS = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200b-\u200f\u202a-\u202e\u2060-\u2069\ufeff]")
@@ -113,16 +116,29 @@ def _fmt_bytes(count: float | None) -> str:
     return "-"
 
 
-def _last_read(channel: dict[str, Any]) -> str:
-    """Who read the channel last: "4711 waiting", "4711 2s ago", "no reader 35s", "never"."""
+def _readers(channel: dict[str, Any], limit: int = 3) -> str:
+    """The processes that read the channel and when each last did, latest first:
+    "4711 waiting, 4712 3s", "no reader 35s (last 4711)" once every reader is gone, "never"."""
+    waiting = set(channel["waiting_receivers"])
+    live = [reader for reader in channel["readers"] if reader["alive"]]
+    shown = [f"{reader['pid']} " + ("waiting" if reader["pid"] in waiting else f"{reader['seconds_ago']:.0f}s")
+             for reader in live[:limit]]
+    shown += [f"{pid} waiting" for pid in sorted(waiting - {reader["pid"] for reader in live})][: limit - len(shown)]
+    if shown:
+        more = len(live) + len(waiting - {reader["pid"] for reader in live}) - len(shown)
+        return ", ".join(shown) + (f" +{more}" if more > 0 else "")
     last = channel["last_receiver"]
-    if channel["waiting_receivers"]:
-        return ",".join(map(str, channel["waiting_receivers"])) + " waiting"
     if channel["no_reader_s"] is not None:
         return f"no reader {channel['no_reader_s']:.0f}s (last {last['pid']})" if last else "no reader"
     if last is None:
         return "never"
-    return f"{last['pid']} {last['seconds_ago']:.0f}s ago"
+    return f"{last['pid']} {last['seconds_ago']:.0f}s"
+
+
+def _channel_label(channel: dict[str, Any]) -> str:
+    """A channel as the screen names it: its label (cut to fit) and its id's first digits."""
+    name = channel.get("name")
+    return f"{name[:20]}{'…' if len(name) > 20 else ''} {channel['id'][:8]}" if name else channel["id"][:8]
 
 
 def _processes(processes: list[dict[str, Any]], limit: int = 3) -> str:
@@ -155,15 +171,20 @@ def render(view: dict[str, Any]) -> Any:
         )))
 
     channels = Table(title="Channels (fullest first; red: a sender waits on it)", expand=True, title_justify="left")
-    for column in ("id", "owner", "capacity", "fill", "", "bytes", "rate/s", "senders waiting", "held by", "last read"):
-        channels.add_column(column, justify="right" if column in ("capacity", "fill", "bytes", "rate/s") else "left")
+    # One line per channel, the label, id and pids whole: the owner's process name is what
+    # gets cut when the terminal is narrow.
+    for column, minimum in (("channel", 8), ("owner", 5), ("fill", 4), ("", 8), ("bytes", 5), ("rate/s", 6),
+                            ("blocked senders", 7), ("readers (last read)", 19)):
+        channels.add_column(column, justify="right" if column in ("fill", "bytes", "rate/s") else "left",
+                            no_wrap=True, overflow="ellipsis", min_width=minimum,
+                            ratio=1 if column == "owner" else None)
     for channel in view["channels"]:
         style = "bold red" if channel["waiting_senders"] else ("dim" if channel["closed"] else None)
         channels.add_row(*map(untrusted_text, (
-            channel["id"][:8], f"{channel['owner_pid']} {channel['owner_name']}"[:28], f"{channel['capacity']:,}",
-            f"{channel['fill']:,}", _bar(channel["fill"], channel["capacity"]), _fmt_bytes(channel["bytes_in_ring"]),
-            _fmt_rate(channel["rate_per_s"]), ",".join(map(str, channel["waiting_senders"])) or "-",
-            _processes(channel["holders"]) or "-", _last_read(channel),
+            _channel_label(channel), f"{channel['owner_pid']} {channel['owner_name']}",
+            f"{channel['fill']:,}/{channel['capacity']:,}", _bar(channel["fill"], channel["capacity"], 8),
+            _fmt_bytes(channel["bytes_in_ring"]), _fmt_rate(channel["rate_per_s"]),
+            ",".join(map(str, channel["waiting_senders"])) or "-", _readers(channel),
         )), style=style)
 
     scopes = Table(title="Scopes", expand=True, title_justify="left")
@@ -177,10 +198,17 @@ def render(view: dict[str, Any]) -> Any:
     if view["dead_processes"] or view["leftovers"]:
         if view["dead_processes"]:
             dead = untrusted_text(", ".join(map(str, view["dead_processes"])))
-            problems.append_text(Text.assemble("dead: ", dead, " (the registry cleans up)\n", style="red"))
-        for path in view["leftovers"][:10]:
+            # Only a running registry cleans up by itself; with none, say what will.
+            who = ("the registry cleans up" if registry else
+                   "no registry runs: `shmfeed gc` removes what they left")
+            problems.append_text(Text.assemble("dead: ", dead, f" ({who})\n", style="red"))
+        for path in view["leftovers"][:LEFTOVERS_SHOWN]:
             problems.append_text(Text.assemble("leftover: ", untrusted_text(path), " (shmfeed gc removes it)\n",
                                                style="yellow"))
+        rest = len(view["leftovers"]) - LEFTOVERS_SHOWN
+        if rest > 0:
+            problems.append(f"… and {rest} more leftover(s) ({len(view['leftovers'])} in all; shmfeed gc removes "
+                            f"them, shmfeed gc --dry-run lists them)\n", style="yellow")
     else:
         problems.append("none\n", style="green")
     footer = Text("q: quit", style="dim")

@@ -75,7 +75,7 @@ Encoded = bytes | memoryview | Segments
 _accel = _native.accel  # the C hot path, or None: the Python path below
 ACCEL_WORDS = (L.WRITE_POS, L.READ_POS, L.SENT, L.RECEIVED, L.CLOSED, L.CAPACITY,
                L.LOCK_OWNER, L.RECV_LOCK_OWNER, L.RECV_WAITING, L.SEND_WAITING, L.WAIT_LOCK_OWNER,
-               L.LAST_RECV_PID, L.LAST_RECV_TIME)
+               L.LAST_RECV_PID, L.LAST_RECV_TIME, L.READERS_FIRST_WORD, L.READERS_LAST_WORD)
 
 
 def _refresh_pid() -> None:
@@ -146,6 +146,10 @@ class ChannelCore(AttachedSegment):
         self._empties_to_probe = YIELD_PROBE_EVERY
         self.large_values = False  # the last value sent from here was large (see _codec)
         self.holders = 0  # Channel objects of this process (see hold)
+        self._reader_hint = -1  # our entry in the readers table (see _layout.note_reader)
+        self.label = L.read_text(
+            self.buffer, L.CHANNEL_NAME_OFFSET, int(self.words[L.CHANNEL_NAME_LEN]), L.CHANNEL_NAME_MAX
+        ) or None
         self._fast: Any = None
         if _accel is not None and not isinstance(self.send_lock, _shm.BoundedLock):
             # The registry's bounded locks (map_unattached) stay on the Python path.
@@ -191,7 +195,8 @@ class ChannelCore(AttachedSegment):
 
     @classmethod
     def create(
-        cls, namespace: str, capacity: int, ring_bytes: int, overflow: str, elem_type_name: str, flags: int = 0
+        cls, namespace: str, capacity: int, ring_bytes: int, overflow: str, elem_type_name: str, flags: int = 0,
+        label: str | None = None,
     ) -> "ChannelCore":
         lock_ids = (_names.new_id(), _names.new_id(), _names.new_id())
         lock_names = [_names.lock_semaphore(namespace, lock_id) for lock_id in lock_ids]
@@ -208,6 +213,8 @@ class ChannelCore(AttachedSegment):
             words[L.OVERFLOW] = OVERFLOW_CODES[overflow]
             words[L.CHANNEL_FLAGS] = flags
             words[L.ELEM_TYPE_LEN] = L.write_text(buffer, L.TYPE_NAME_OFFSET, L.TYPE_NAME_MAX, elem_type_name)
+            if label:
+                words[L.CHANNEL_NAME_LEN] = L.write_text(buffer, L.CHANNEL_NAME_OFFSET, L.CHANNEL_NAME_MAX, label)
             words.release()
             buffer.release()
 
@@ -751,23 +758,25 @@ class ChannelCore(AttachedSegment):
                     if closed:
                         raise ChannelClosed(f"shmfeed: channel {self.channel_id:016x} is closed")
                     return None
+            self._note_receiver()
         except ValueError as error:  # a counter or position at 2**64: a corrupt header
             raise self._corrupt_header(error) from error
         finally:
             words[L.RECV_LOCK_OWNER] = 0
             recv_lock.release()
-        self._note_receiver()
         if words[L.SEND_WAITING]:
             self._wake(L.SEND_WAITLIST_WORD, L.SEND_WAITING)
         kind, data = taken
         return data if kind == KIND_DATA else self._materialise(kind, data)
 
     def _note_receiver(self) -> None:
-        """Who received last, and when: the monitor's "last read" (a hint: no lock needed;
-        the C poll does the same)."""
+        """Who received last, and when, and this process's entry in the readers table: the
+        monitor's "readers" (receive lock held; the C poll does the same)."""
         words = self.words
+        now = time.monotonic_ns()
         words[L.LAST_RECV_PID] = _pid
-        words[L.LAST_RECV_TIME] = time.monotonic_ns()
+        words[L.LAST_RECV_TIME] = now
+        self._reader_hint = L.note_reader(words, _pid, now, self._reader_hint)
 
     def forget_receiver(self, waker: _waker.Waker) -> None:
         self._waitlist_remove(L.RECV_WAITLIST_WORD, L.RECV_WAITING, waker)

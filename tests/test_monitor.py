@@ -16,6 +16,7 @@ import pytest
 
 import _monitor_workers as W
 import shmfeed
+from shmfeed import _gc
 from shmfeed import _layout as L
 from shmfeed import _monitor as monitor_module
 
@@ -70,7 +71,7 @@ def test_json_and_once_describe_the_scene_exactly(mp_context, namespace):
         text = _monitor(namespace, "--once")
         assert text.returncode == 0, text.stderr
         for expected in ("alpha", "beta", f"registry pid {view['registry']['pid']}", "2 feeds  5 channels",
-                         "1 blocked senders", str(sender.pid), "████████████"):
+                         "1 blocked senders", str(sender.pid), "4/4 │ ████████"):
             assert expected in text.stdout, expected
     finally:
         os.kill(sender.pid, signal.SIGKILL)
@@ -184,3 +185,89 @@ def test_the_live_view_refreshes_with_rates_and_quits_on_q(mp_context, namespace
         os.close(master)
         stop.send("stop")
         streamer.join(30)
+
+
+def test_the_slow_labelled_reader_and_the_blocked_sender_are_on_screen(mp_context, namespace):
+    # A labelled channel whose one reader took 3 values and stopped (the slow reader), a
+    # process that holds it without reading, and a sender blocked on it once it is full.
+    feed = shmfeed.Feed("ticks")
+    slow = shmfeed.Channel(8, name="ticks-worker-3")
+    sub = feed.subscribe(slow)
+    ready, stop = mp_context.SimpleQueue(), mp_context.SimpleQueue()
+    idle = mp_context.Process(target=W.hold_without_reading, args=(namespace, slow, ready, stop))
+    sender = mp_context.Process(target=W.send_ticks_until_blocked, args=(namespace, ready))
+    reader = mp_context.Process(target=W.read_slowly, args=(namespace, slow, 3, ready, stop))
+    try:
+        idle.start()
+        assert ready.get() == (idle.pid, "ticks-worker-3")  # the label travels with the channel
+        sender.start()
+        assert ready.get() == sender.pid
+        reader.start()
+        assert ready.get() == reader.pid
+        deadline = time.monotonic() + 30
+        while slow.statistics().waiting_senders != 1:
+            assert time.monotonic() < deadline, "the sender never blocked"
+            time.sleep(0.01)
+        view = json.loads(_monitor(namespace, "--json").stdout)
+        assert view["schema"] == 3
+        (channel,) = view["channels"]
+        assert channel["name"] == "ticks-worker-3" and channel["id"] == f"{slow._channel_id:016x}"
+        assert channel["waiting_senders"] == [sender.pid]
+        assert [r["pid"] for r in channel["readers"]] == [reader.pid] and channel["readers"][0]["alive"]
+        assert {p["pid"] for p in channel["holders"]} >= {os.getpid(), idle.pid, reader.pid}  # holders, not readers
+
+        text = _monitor(namespace, "--once")
+        assert text.returncode == 0, text.stderr
+        row = next((line for line in text.stdout.splitlines() if "ticks-worker-3" in line), "")
+        assert f"{slow._channel_id:016x}"[:8] in row, text.stdout
+        assert str(sender.pid) in row, text.stdout  # senders waiting
+        assert f"{reader.pid} " in row.split("│")[-2], text.stdout  # readers (last read)
+        assert str(idle.pid) not in row, text.stdout
+        assert "1 blocked senders" in text.stdout
+    finally:
+        if sender.pid is not None:
+            os.kill(sender.pid, signal.SIGKILL)
+            sender.join(10)
+        for process in (idle, reader):
+            if process.pid is not None:
+                stop.put("stop")
+        for process in (idle, reader):
+            if process.pid is not None:
+                process.join(30)
+    del sub
+
+
+LEAVE_CHANNELS = """
+import sys, shmfeed
+channels = [shmfeed.Channel(4, name=f"left-{i}") for i in range(5)]
+print("ready", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_after_a_kill_with_no_registry_it_says_so_and_counts_every_leftover(namespace, monkeypatch):
+    monkeypatch.setenv("SHMFEED_NO_REGISTRY", "1")  # as after every process was killed, the registry too
+    child = subprocess.Popen([sys.executable, "-c", LEAVE_CHANNELS], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             text=True)
+    try:
+        assert child.stdout.readline() == "ready\n"
+    finally:
+        child.kill()
+        child.wait(10)
+        child.stdin.close()
+        child.stdout.close()
+    try:
+        shown = _monitor(namespace, "--once")
+        assert shown.returncode == 0, shown.stderr
+        leftovers = json.loads(_monitor(namespace, "--json").stdout)["leftovers"]
+        assert len(leftovers) == 20  # 5 segments, 3 locks each
+        assert "registry: not running" in shown.stdout
+        assert f"dead: {child.pid} (no registry runs: `shmfeed gc` removes what they left)" in shown.stdout
+        assert "the registry cleans up" not in shown.stdout
+        assert shown.stdout.count("leftover: ") == monitor_module.LEFTOVERS_SHOWN
+        assert f"… and {20 - monitor_module.LEFTOVERS_SHOWN} more leftover(s) (20 in all" in shown.stdout
+        removed = subprocess.run([sys.executable, "-m", "shmfeed._cli", "gc", "--namespace", namespace],
+                                 capture_output=True, text=True, timeout=60)
+        assert "removed 20 leftover(s)" in removed.stdout, removed.stdout
+    finally:
+        _gc.sweep(namespace)  # a failed assertion above must not leave the child's objects
