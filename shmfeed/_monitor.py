@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 # 3: channels have name (their label) and readers[] ({pid, name, alive, seconds_ago}).
 SCHEMA_VERSION = 3
 LEFTOVERS_SHOWN = 10  # leftovers listed by name; the rest are counted
+OWNER_WIDTH = 20  # the channel table's owner column: pid and process name, cut to fit
 # C0, DEL, C1, and the invisible marks that reorder or hide text (bidi overrides, isolates,
 # zero-width characters): a name must not be shown as something it is not.
 CONTROL_CHARACTERS = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200b-\u200f\u202a-\u202e\u2060-\u2069\ufeff]")
@@ -138,7 +139,10 @@ def _readers(channel: dict[str, Any], limit: int = 3) -> str:
 def _channel_label(channel: dict[str, Any]) -> str:
     """A channel as the screen names it: its label (cut to fit) and its id's first digits."""
     name = channel.get("name")
-    return f"{name[:20]}{'…' if len(name) > 20 else ''} {channel['id'][:8]}" if name else channel["id"][:8]
+    if not name:
+        return str(channel["id"][:8])
+    shown = CONTROL_CHARACTERS.sub(_escape, name)  # cut as it is shown: an escape is 4 characters wide
+    return f"{shown[:20]}{'…' if len(shown) > 20 else ''} {channel['id'][:8]}"
 
 
 def _processes(processes: list[dict[str, Any]], limit: int = 3) -> str:
@@ -171,20 +175,19 @@ def render(view: dict[str, Any]) -> Any:
         )))
 
     channels = Table(title="Channels (fullest first; red: a sender waits on it)", expand=True, title_justify="left")
-    # One line per channel, the label, id and pids whole: the owner's process name is what
-    # gets cut when the terminal is narrow.
-    for column, minimum in (("channel", 8), ("owner", 5), ("fill", 4), ("", 8), ("bytes", 5), ("rate/s", 6),
-                            ("blocked senders", 7), ("readers (last read)", 19)):
+    # The label, id and pids are never cut: the owner has a fixed width (its process name is
+    # cut), and the pid lists wrap, at ", ", when the terminal is narrow.
+    for column in ("channel", "owner", "fill", "", "bytes", "rate/s", "blocked", "readers (last read)"):
         channels.add_column(column, justify="right" if column in ("fill", "bytes", "rate/s") else "left",
-                            no_wrap=True, overflow="ellipsis", min_width=minimum,
-                            ratio=1 if column == "owner" else None)
+                            no_wrap=column not in ("blocked", "readers (last read)"), overflow="ellipsis",
+                            width=OWNER_WIDTH if column == "owner" else None)
     for channel in view["channels"]:
         style = "bold red" if channel["waiting_senders"] else ("dim" if channel["closed"] else None)
         channels.add_row(*map(untrusted_text, (
             _channel_label(channel), f"{channel['owner_pid']} {channel['owner_name']}",
             f"{channel['fill']:,}/{channel['capacity']:,}", _bar(channel["fill"], channel["capacity"], 8),
             _fmt_bytes(channel["bytes_in_ring"]), _fmt_rate(channel["rate_per_s"]),
-            ",".join(map(str, channel["waiting_senders"])) or "-", _readers(channel),
+            ", ".join(map(str, channel["waiting_senders"])) or "-", _readers(channel),
         )), style=style)
 
     scopes = Table(title="Scopes", expand=True, title_justify="left")

@@ -87,6 +87,7 @@ def test_json_and_once_describe_the_scene_exactly(mp_context, namespace):
 HOSTILE_FEED = "\x1b]0;owned\x07[red]F[/red]"
 HOSTILE_TYPE = "\x9b2J[bold]T"
 HOSTILE_SCOPE = "\x1b[2J[link=https://e.x]S[/link]"
+HOSTILE_LABEL = "\x1b[2K[red]L[/red]\x07"
 HOSTILE_COMM = b"\x1b[5m[blink]P\x7f"  # a process name: up to 15 bytes of anything
 
 
@@ -106,6 +107,10 @@ def test_once_shows_hostile_names_literally_and_without_control_characters(names
     scope = shmfeed.SubscriptionScope("placeholder")
     shared = scope._shared
     _write_name(shared.words, shared.buffer, L.SCOPE_NAME_LEN, L.FEED_NAME_OFFSET, HOSTILE_SCOPE)
+    labelled = shmfeed.Channel(8, name="placeholder")
+    channel_core = labelled._live_core()
+    channel_core.words[L.CHANNEL_NAME_LEN] = L.write_text(channel_core.buffer, L.CHANNEL_NAME_OFFSET,
+                                                          L.CHANNEL_NAME_MAX, HOSTILE_LABEL)
     context = multiprocessing.get_context("fork")  # any start method: the name is what is tested
     ready, stop = context.SimpleQueue(), context.SimpleQueue()
     holder = context.Process(target=W.hold_channel_under_name, args=(namespace, HOSTILE_COMM, ready, stop))
@@ -117,15 +122,17 @@ def test_once_shows_hostile_names_literally_and_without_control_characters(names
         shown = result.stdout
         assert not [c for c in shown if _is_control(c) and c != "\n"], "a control character reached the terminal"
         for literal in ("\\x1b]0;owned\\x07[red]F[/red]", "\\x9b2J[bold]T", "\\x1b[2J[link=https://e.x]S[/link]",
-                        "\\x1b[5m[blink]"):  # the owner column cuts the process name there
+                        "\\x1b[5m[blink]",  # the owner column cuts the process name there
+                        "\\x1b[2K[red]L"):  # the channel column cuts the label at 20 characters
             assert literal in shown, f"{literal!r} not shown as written:\n{shown}"
         as_json = json.loads(_monitor(namespace, "--json").stdout)  # raw: JSON escapes them itself
         assert [f["name"] for f in as_json["feeds"]] == [HOSTILE_FEED]
         assert [s["name"] for s in as_json["scopes"]] == [HOSTILE_SCOPE]
+        assert HOSTILE_LABEL in [c["name"] for c in as_json["channels"]]
     finally:
         stop.put("stop")
         holder.join(30)
-    del feed, scope
+    del feed, scope, labelled
 
 
 def test_untrusted_text_escapes_every_control_character_and_no_markup():
