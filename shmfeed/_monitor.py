@@ -16,6 +16,7 @@ import json
 import os
 import re
 import select
+import shutil
 import sys
 import time
 from typing import TYPE_CHECKING, Any
@@ -29,7 +30,8 @@ if TYPE_CHECKING:
 # 3: channels have name (their label) and readers[] ({pid, name, alive, seconds_ago}).
 SCHEMA_VERSION = 3
 LEFTOVERS_SHOWN = 10  # leftovers listed by name; the rest are counted
-OWNER_WIDTH = 20  # the channel table's owner column: pid and process name, cut to fit
+OWNER_WIDTH = 24  # the channel table's owner column: pid and process name, cut to fit
+LABEL_WIDTH = 20  # a channel's label on screen (then its id)
 # C0, DEL, C1, and the invisible marks that reorder or hide text (bidi overrides, isolates,
 # zero-width characters): a name must not be shown as something it is not.
 CONTROL_CHARACTERS = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200b-\u200f\u202a-\u202e\u2060-\u2069\ufeff]")
@@ -117,7 +119,7 @@ def _fmt_bytes(count: float | None) -> str:
     return "-"
 
 
-def _readers(channel: dict[str, Any], limit: int = 3) -> str:
+def _readers(channel: dict[str, Any], limit: int = 2) -> str:
     """The processes that read the channel and when each last did, latest first:
     "4711 waiting, 4712 3s", "no reader 35s (last 4711)" once every reader is gone, "never"."""
     waiting = set(channel["waiting_receivers"])
@@ -136,13 +138,18 @@ def _readers(channel: dict[str, Any], limit: int = 3) -> str:
     return f"{last['pid']} {last['seconds_ago']:.0f}s"
 
 
+def _cut(text: str, width: int) -> str:
+    """``text`` cut to ``width`` characters as shown (control characters escaped), "…" last."""
+    shown = CONTROL_CHARACTERS.sub(_escape, text)
+    return shown if len(shown) <= width else shown[: width - 1] + "…"
+
+
 def _channel_label(channel: dict[str, Any]) -> str:
     """A channel as the screen names it: its label (cut to fit) and its id's first digits."""
     name = channel.get("name")
     if not name:
         return str(channel["id"][:8])
-    shown = CONTROL_CHARACTERS.sub(_escape, name)  # cut as it is shown: an escape is 4 characters wide
-    return f"{shown[:20]}{'…' if len(shown) > 20 else ''} {channel['id'][:8]}"
+    return f"{_cut(name, LABEL_WIDTH)} {channel['id'][:8]}"  # cut as shown: an escape is 4 characters wide
 
 
 def _processes(processes: list[dict[str, Any]], limit: int = 3) -> str:
@@ -150,8 +157,9 @@ def _processes(processes: list[dict[str, Any]], limit: int = 3) -> str:
     return ",".join(shown) + ("…" if len(processes) > limit else "")
 
 
-def render(view: dict[str, Any]) -> Any:
-    """A rich renderable of the view."""
+def render(view: dict[str, Any], width: int = 120) -> Any:
+    """A rich renderable of the view, for a terminal ``width`` columns wide."""
+    from rich.cells import cell_len
     from rich.console import Group
     from rich.table import Table
     from rich.text import Text
@@ -175,20 +183,26 @@ def render(view: dict[str, Any]) -> Any:
         )))
 
     channels = Table(title="Channels (fullest first; red: a sender waits on it)", expand=True, title_justify="left")
-    # The label, id and pids are never cut: the owner has a fixed width (its process name is
-    # cut), and the pid lists wrap, at ", ", when the terminal is narrow.
-    for column in ("channel", "owner", "fill", "", "bytes", "rate/s", "blocked", "readers (last read)"):
+    # The label, id and pids stay whole, on one line: the owner column gets what the others
+    # leave (rich, left to it, would squeeze every column, pids included).
+    headers = ("channel", "owner", "fill", "", "bytes", "rate/s", "blocked", "readers (last read)")
+    rows = [[
+        _channel_label(channel), f"{channel['owner_pid']} {channel['owner_name']}",
+        f"{channel['fill']:,}/{channel['capacity']:,}", _bar(channel["fill"], channel["capacity"], 8),
+        _fmt_bytes(channel["bytes_in_ring"]), _fmt_rate(channel["rate_per_s"]),
+        ", ".join(map(str, channel["waiting_senders"])) or "-", _readers(channel),
+    ] for channel in view["channels"]]
+    natural = [max([cell_len(header)] + [cell_len(CONTROL_CHARACTERS.sub(_escape, row[i])) for row in rows])
+               for i, header in enumerate(headers)]
+    others = sum(natural) - natural[1] + 3 * len(headers) + 1  # each column's padding and border
+    owner_width = max(min(OWNER_WIDTH, width - others), len("owner"))
+    for column in headers:
         channels.add_column(column, justify="right" if column in ("fill", "bytes", "rate/s") else "left",
-                            no_wrap=column not in ("blocked", "readers (last read)"), overflow="ellipsis",
-                            width=OWNER_WIDTH if column == "owner" else None)
-    for channel in view["channels"]:
+                            no_wrap=True, overflow="ellipsis")
+    for channel, row in zip(view["channels"], rows):
         style = "bold red" if channel["waiting_senders"] else ("dim" if channel["closed"] else None)
-        channels.add_row(*map(untrusted_text, (
-            _channel_label(channel), f"{channel['owner_pid']} {channel['owner_name']}",
-            f"{channel['fill']:,}/{channel['capacity']:,}", _bar(channel["fill"], channel["capacity"], 8),
-            _fmt_bytes(channel["bytes_in_ring"]), _fmt_rate(channel["rate_per_s"]),
-            ", ".join(map(str, channel["waiting_senders"])) or "-", _readers(channel),
-        )), style=style)
+        row[1] = _cut(row[1], owner_width)
+        channels.add_row(*map(untrusted_text, row), style=style)
 
     scopes = Table(title="Scopes", expand=True, title_justify="left")
     scopes.add_column("name")
@@ -222,7 +236,7 @@ def render_text(view: dict[str, Any], width: int = 120) -> str:
     from rich.console import Console
 
     console = Console(width=width, record=True, file=open(os.devnull, "w"), color_system=None)
-    console.print(render(view))
+    console.print(render(view, width))
     return console.export_text()
 
 
@@ -258,7 +272,8 @@ def _live(namespace: str, previous: dict[str, Any], interval: float) -> int:
     try:
         if saved is not None:
             tty.setcbreak(stdin)
-        with Live(render(collect(namespace, previous)), auto_refresh=False, screen=True) as live:
+        width = shutil.get_terminal_size().columns
+        with Live(render(collect(namespace, previous), width), auto_refresh=False, screen=True) as live:
             while True:
                 # Waiting for a key is also the refresh timer.
                 ready, _, _ = select.select([stdin], [], [], interval)
@@ -266,7 +281,7 @@ def _live(namespace: str, previous: dict[str, Any], interval: float) -> int:
                     return 0
                 view = collect(namespace, previous)
                 previous = view
-                live.update(render(view), refresh=True)
+                live.update(render(view, live.console.width), refresh=True)
     except KeyboardInterrupt:
         return 0
     finally:

@@ -122,7 +122,7 @@ def test_once_shows_hostile_names_literally_and_without_control_characters(names
         shown = result.stdout
         assert not [c for c in shown if _is_control(c) and c != "\n"], "a control character reached the terminal"
         for literal in ("\\x1b]0;owned\\x07[red]F[/red]", "\\x9b2J[bold]T", "\\x1b[2J[link=https://e.x]S[/link]",
-                        "\\x1b[5m[blink]",  # the owner column cuts the process name there
+                        "\\x1b[5m[bl",  # the owner column gets what the others leave: it cuts the name
                         "\\x1b[2K[red]L"):  # the channel column cuts the label at 20 characters
             assert literal in shown, f"{literal!r} not shown as written:\n{shown}"
         as_json = json.loads(_monitor(namespace, "--json").stdout)  # raw: JSON escapes them itself
