@@ -194,7 +194,7 @@ class Channel(TypeArgument, Generic[T]):
             channel._core.count_in_flight(-1)
         channel._elem_type = None
         channel._elem_type_name = channel._core.elem_type_name if channel._core is not None else ""
-        channel._label = channel._core.label if channel._core is not None else None  # from the segment
+        channel._label = _label_of(channel._core) if channel._core is not None else None
         return channel
 
     def _apply_type_argument(self, elem_type: type) -> None:
@@ -451,6 +451,12 @@ async def _poll_async(core: _ring.ChannelCore, deadline: float | None, timeout: 
     finally:
         if not core.released:
             core.forget_receiver(dispatcher.waker)
+
+
+def _label_of(core: _ring.ChannelCore) -> str | None:
+    """A channel's label as its creator stored it in the segment header (None: unnamed)."""
+    length = int(core.words[L.CHANNEL_NAME_LEN])
+    return L.read_text(core.buffer, L.CHANNEL_NAME_OFFSET, length, L.CHANNEL_NAME_MAX) if length else None
 
 
 def _rebuild_channel(namespace: str, channel_id: int) -> Channel[Any]:

@@ -72,6 +72,10 @@ Payload = bytes | memoryview
 Encoded = bytes | memoryview | Segments
 
 
+# This process's entry in each channel's readers table, by channel id (the Python path's
+# hint for _layout.note_reader; the C path keeps its own in its Ring).
+_reader_hints: dict[int, int] = {}
+
 _accel = _native.accel  # the C hot path, or None: the Python path below
 ACCEL_WORDS = (L.WRITE_POS, L.READ_POS, L.SENT, L.RECEIVED, L.CLOSED, L.CAPACITY,
                L.LOCK_OWNER, L.RECV_LOCK_OWNER, L.RECV_WAITING, L.SEND_WAITING, L.WAIT_LOCK_OWNER,
@@ -146,10 +150,6 @@ class ChannelCore(AttachedSegment):
         self._empties_to_probe = YIELD_PROBE_EVERY
         self.large_values = False  # the last value sent from here was large (see _codec)
         self.holders = 0  # Channel objects of this process (see hold)
-        self._reader_hint = -1  # our entry in the readers table (see _layout.note_reader)
-        self.label = L.read_text(
-            self.buffer, L.CHANNEL_NAME_OFFSET, int(self.words[L.CHANNEL_NAME_LEN]), L.CHANNEL_NAME_MAX
-        ) or None
         self._fast: Any = None
         if _accel is not None and not isinstance(self.send_lock, _shm.BoundedLock):
             # The registry's bounded locks (map_unattached) stay on the Python path.
@@ -288,6 +288,7 @@ class ChannelCore(AttachedSegment):
     def _before_detach(self) -> None:
         if _cores.get((self.namespace, self.channel_id)) is self:
             _cores.pop((self.namespace, self.channel_id), None)
+        _reader_hints.pop(self.channel_id, None)
 
     # --- holders: processes that hold a Channel object of this channel -----------------
 
@@ -776,7 +777,11 @@ class ChannelCore(AttachedSegment):
         now = time.monotonic_ns()
         words[L.LAST_RECV_PID] = _pid
         words[L.LAST_RECV_TIME] = now
-        self._reader_hint = L.note_reader(words, _pid, now, self._reader_hint)
+        # The hint lives outside the instance: CPython keeps an object's attributes in its
+        # fast inline form only up to 30 of them, and ChannelCore has 28 (two more made
+        # every send and receive about 100 ns slower).
+        channel_id = self.channel_id
+        _reader_hints[channel_id] = L.note_reader(words, _pid, now, _reader_hints.get(channel_id, -1))
 
     def forget_receiver(self, waker: _waker.Waker) -> None:
         self._waitlist_remove(L.RECV_WAITLIST_WORD, L.RECV_WAITING, waker)
