@@ -378,10 +378,11 @@ def test_the_readers_table_keeps_each_reader_and_makes_room_by_the_oldest(path, 
 
 
 def test_a_channel_core_keeps_few_enough_attributes_for_fast_access():
-    # CPython keeps an instance's attributes inline (fast) only while its class's shared keys
-    # hold at most 30 names; one more made every send and receive about 100 ns slower (that
-    # is why the readers-table hint and the label live outside ChannelCore).
+    # CPython 3.11 keeps an instance's attributes in their fast inline form only while its
+    # class's shared keys stay small: measured, a ChannelCore with 29 attributes sends and
+    # receives at full speed, one with 30 about 100 ns slower per send+recv (that is why the
+    # readers-table hint and the label live outside it). Break: add two attributes.
     with shmfeed.Channel(8) as channel:
         channel.send(1)
         channel.recv(timeout=5)
-        assert len(vars(channel._live_core())) <= 30, sorted(vars(channel._live_core()))
+        assert len(vars(channel._live_core())) <= 29, sorted(vars(channel._live_core()))
