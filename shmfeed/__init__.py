@@ -25,6 +25,7 @@ from ._errors import (
     SlowSubscriberError,
     SubscriptionFailed,
     TableFullError,
+    UnknownTypeError,
 )
 
 if _typing.TYPE_CHECKING:
@@ -35,6 +36,7 @@ if _typing.TYPE_CHECKING:
     from ._scope import SubscriptionScope
     from ._stats import ChannelStatistics, FeedStatistics, SubscriptionStatistics
     from ._subscription import ErrorChannel, Subscription, select
+    from ._names import set_namespace
     from ._typemux import TypeMux, TypeMuxEvent, TypeMuxSubscription
 
 __all__ = [
@@ -63,12 +65,14 @@ __all__ = [
     "TypeMux",
     "TypeMuxEvent",
     "TypeMuxSubscription",
+    "UnknownTypeError",
     "join_subscriptions",
     "new_subscription",
     "register_type",
     "resubscribe",
     "resubscribe_err",
     "select",
+    "set_namespace",
 ]
 
 # The rest loads on first use, so that `import shmfeed` (and the registry process, which
@@ -89,6 +93,7 @@ _LAZY = {
     "ErrorChannel": "_subscription",
     "Subscription": "_subscription",
     "select": "_subscription",
+    "set_namespace": "_names",
     "TypeMux": "_typemux",
     "TypeMuxEvent": "_typemux",
     "TypeMuxSubscription": "_typemux",

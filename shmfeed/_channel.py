@@ -26,9 +26,9 @@ def display_type(type_name: str) -> str:
 def _check_timeout(timeout: float | None) -> None:
     if timeout is not None:
         if not isinstance(timeout, (int, float)) or isinstance(timeout, bool):
-            raise TypeError(f"shmfeed: timeout must be a number or None, got {type(timeout).__name__}")
+            raise TypeError(f"shmfeed: timeout must be a number or None, got {type(timeout).__name__}; pass seconds")
         if timeout != timeout:
-            raise ValueError("shmfeed: timeout must not be NaN")
+            raise ValueError("shmfeed: timeout must not be NaN; pass seconds, or None to wait for ever")
 
 
 class TypeArgument:
@@ -135,7 +135,7 @@ class Channel(TypeArgument, Generic[T]):
         if elem_type is not None and not isinstance(elem_type, type):
             raise TypeError(
                 f"shmfeed: Channel()'s first argument must be a type (typed channel), an int (capacity) "
-                f"or None, got {elem_type!r}"
+                f"or None, got {elem_type!r}; write Channel(int) for ints, Channel(64) for a capacity of 64"
             )
         if capacity is None:
             capacity = DEFAULT_CAPACITY
@@ -245,7 +245,7 @@ class Channel(TypeArgument, Generic[T]):
     def _live_core(self) -> _ring.ChannelCore:
         core = self._core
         if core is None or core.released:
-            raise ChannelClosed(f"shmfeed: channel {self._channel_id:016x} no longer exists")
+            raise ChannelClosed(f"shmfeed: channel {self._channel_id:016x} no longer exists; use another channel")
         if core.refused is not None:
             core.check_usable()
         return core
@@ -441,7 +441,8 @@ async def _poll_async(core: _ring.ChannelCore, deadline: float | None, timeout: 
                     return data
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
-                    raise TimeoutError(f"shmfeed: nothing received on channel {core.channel_id:016x} in {timeout} s")
+                    raise TimeoutError(f"shmfeed: nothing received on channel {core.channel_id:016x} in {timeout} s; "
+                                       f"wait longer (timeout=None waits for ever), or check that something sends to it")
                 try:
                     await asyncio.wait_for(future, remaining)
                 except asyncio.TimeoutError:

@@ -46,7 +46,7 @@ def _monitor_command(args: argparse.Namespace) -> int:
     from . import _monitor
 
     if args.interval <= 0:
-        raise SystemExit("shmfeed monitor: --interval must be positive")
+        raise SystemExit("shmfeed: monitor --interval must be positive; give seconds above 0, such as 1")
     return _monitor.run(args.namespace or _names.current_namespace(), args.once, args.json, args.interval)
 
 

@@ -6,7 +6,8 @@ built by ``_default``, whose payload is msgpack again (or raw bytes). Only exact
 accepted (``strict_types=True``): a subclass of a built-in is refused instead of silently
 arriving as its base type. Decoding rebuilds only the kinds below; a class named in a
 payload is looked up by ``module.qualname`` and used only if it is a class of the expected
-kind, and every failure is a ``ChannelCorruptError``.
+kind. A class (or registered name) this process does not know is an ``UnknownTypeError``
+(the value is dropped, the channel is fine); every other failure is a ``ChannelCorruptError``.
 
 ====  ============================  ====  ===================================
 code  kind (payload)                code  kind (payload)
@@ -41,7 +42,7 @@ from uuid import UUID
 import msgpack
 
 from shmfeed import _native
-from shmfeed._errors import ChannelCorruptError, EncodingError
+from shmfeed._errors import ChannelCorruptError, EncodingError, ShmfeedError, UnknownTypeError
 
 __all__ = ["CHANNEL_EXT_CODE", "encode", "decode", "register_type", "register_reference_type",
            "type_name", "resolve_type"]
@@ -74,8 +75,8 @@ def _default(obj: Any) -> msgpack.ExtType:
     st.depth += 1
     try:
         if st.depth > _MAX_DEPTH:
-            raise EncodingError(f"cannot encode value: ext nesting deeper than {_MAX_DEPTH} "
-                                "(or a reference cycle)")
+            raise _cannot(f"it nests tuples, sets or classes more than {_MAX_DEPTH} deep (or holds "
+                          f"a reference cycle)", "flatten the value, or break the cycle", nesting=True)
         fn = _encoders.get(type(obj)) or _discover(type(obj))
         return fn(obj)
     finally:
@@ -98,6 +99,7 @@ class _ThreadState(threading.local):
         self.ddepth = 0  # decode ext nesting
         self.view_packer: msgpack.Packer | None = None  # for encode_for_send's large values
         self.view: memoryview | None = None  # its last result, valid until the next call
+        self.locating = False  # encode is trying parts of a failed value (_bad_part_path)
 
 
 _state = _ThreadState()
@@ -330,7 +332,11 @@ def _fresh_view_packer(st: _ThreadState) -> msgpack.Packer:
 
 
 def encode(value: object) -> bytes:
-    """Encode ``value`` to msgpack bytes; raise ``EncodingError`` (a TypeError) if it can't."""
+    """Encode ``value`` to msgpack bytes; raise ``EncodingError`` (a TypeError) if it can't.
+
+    The error names where in the value the bad part is (``value["orders"][3].price``),
+    found by a second walk after the failure, so a value that encodes pays nothing for it.
+    """
     st = _state
     try:
         if st.depth:  # called again from inside a register_type encode hook
@@ -341,14 +347,109 @@ def encode(value: object) -> bytes:
                 st.depth -= 1
         packer = st.packer
         return _checked(packer, packer.pack(value), value)
-    except EncodingError:
-        raise
-    except Exception as exc:  # msgpack limits, recursion, a failing encode hook
-        if isinstance(exc, RecursionError) or "recursion limit exceeded" in str(exc):
-            msg = "value is nested too deeply (or contains a reference cycle)"
-        else:
-            msg = f"{type(exc).__name__}: {exc}"
-        raise EncodingError(f"cannot encode value: {msg}") from exc
+    except Exception as exc:  # an unsupported part, msgpack limits, recursion, a failing hook
+        error = exc if isinstance(exc, EncodingError) else _cannot_because(exc)
+        if st.depth or st.locating:  # the outermost encode says where
+            raise error from (exc if error is not exc else exc.__cause__)
+        where = "value" if getattr(error, "_nesting", False) else _bad_part_path(value)
+        problem, fix = getattr(error, "_problem", str(error)), getattr(error, "_fix", "")
+        located = _cannot(problem, fix, where=where, nesting=getattr(error, "_nesting", False))
+        raise located from (exc if error is not exc else exc.__cause__)
+
+
+def _cannot(problem: str, fix: str, *, where: str = "value", nesting: bool = False) -> EncodingError:
+    """The EncodingError for ``problem`` at ``where``: ``shmfeed: cannot encode ...; <fix>``."""
+    error = EncodingError(f"shmfeed: cannot encode {where}: {problem}; {fix}")
+    error.path = where  # type: ignore[attr-defined]
+    error._problem, error._fix, error._nesting = problem, fix, nesting  # type: ignore[attr-defined]
+    return error
+
+
+def _cannot_because(exc: Exception) -> EncodingError:
+    if isinstance(exc, RecursionError) or "recursion limit exceeded" in str(exc):
+        error = _cannot("it is nested too deeply (or holds a reference cycle)",
+                        "flatten the value, or break the cycle", nesting=True)
+    else:
+        error = _cannot(f"{type(exc).__name__}: {exc}",
+                        "send only what the README's Encoding section lists, or fix the register_type hook")
+    error.__cause__ = exc
+    return error
+
+
+_PATH_STEPS = 32  # a longer path says no more than "deep in there"
+
+
+def _bad_part_path(value: Any) -> str:
+    """Where in ``value`` its first unencodable part is: ``value["orders"][3].price``.
+
+    Walks down through dicts, lists, tuples, sets, dataclasses and NamedTuples, into the
+    first member that does not encode alone; the part whose members all encode (or that
+    has none) is the bad one. Only ever run after an encode failed.
+    """
+    path = "value"
+    node = value
+    for _ in range(_PATH_STEPS):
+        step = _bad_member(node)
+        if step is None:
+            return path
+        suffix, node, last = step
+        path += suffix
+        if last:
+            return path
+    return path + "..."
+
+
+def _fails(part: Any) -> bool:
+    st = _state
+    st.locating = True
+    try:
+        encode(part)
+    except Exception:  # noqa: BLE001 - any failure marks the part
+        return True
+    finally:
+        st.locating = False
+    return False
+
+
+def _show_key(key: Any) -> str:
+    text = f"{key!r:.60}"
+    if type(key) is str:
+        text = '"' + text[1:-1].replace('"', '\\"') + '"' if text[0] == "'" else text
+    return text
+
+
+def _bad_member(node: Any) -> tuple[str, Any, bool] | None:
+    """(path suffix, member, stop here) of the first member of ``node`` that fails alone."""
+    kind = type(node)
+    if kind is dict:
+        for key, member in node.items():
+            if _fails(key):
+                return f".keys() holding {_show_key(key)}", key, True
+            if _fails(member):
+                return f"[{_show_key(key)}]", member, False
+    elif kind is list or kind is tuple:
+        for index, member in enumerate(node):
+            if _fails(member):
+                return f"[{index}]", member, False
+    elif kind is set or kind is frozenset:
+        for member in node:
+            if _fails(member):
+                return "{...}", member, False  # a member of the set
+    elif kind not in _registered_classes() and dataclasses.is_dataclass(node):
+        for field in dataclasses.fields(node):
+            member = getattr(node, field.name, None)
+            if _fails(member):
+                return f".{field.name}", member, False
+    elif kind not in _registered_classes() and _is_namedtuple(kind):
+        for name, member in zip(kind._fields, node):  # type: ignore[attr-defined]
+            if _fails(member):
+                return f".{name}", member, False
+    return None
+
+
+def _registered_classes() -> set[type]:
+    # A registered class travels as its hook makes it: its fields are not the question.
+    return {cls for cls, _ in _registered.values()}
 
 
 def _unpack(data: bytes | memoryview) -> Any:
@@ -357,31 +458,38 @@ def _unpack(data: bytes | memoryview) -> Any:
 
 
 def decode(data: bytes | memoryview) -> object:
-    """Decode bytes made by ``encode``; raise ``ChannelCorruptError`` for anything invalid."""
+    """Decode bytes made by ``encode``; raise ``ChannelCorruptError`` for anything invalid,
+    ``UnknownTypeError`` for a value of a type this process does not know."""
     try:
         return msgpack.unpackb(data, raw=False, strict_map_key=False, use_list=True,
                                ext_hook=_ext_hook)
-    except ChannelCorruptError:
+    except (ChannelCorruptError, UnknownTypeError):
         raise
     except Exception as exc:  # msgpack, hashing, recursion, memory: all mean bad bytes
-        raise ChannelCorruptError(f"undecodable message: {type(exc).__name__}: {exc}") from exc
+        raise _corrupt(f"{type(exc).__name__}: {exc}") from exc
+
+
+def _corrupt(problem: str) -> ChannelCorruptError:
+    """The error for bytes that are no value encode() makes."""
+    return ChannelCorruptError(f"shmfeed: undecodable message: {problem}; that value is lost, the channel goes "
+                               f"on (a sender of another shmfeed version, or damage)")
 
 
 def _ext_hook(code: int, data: bytes) -> Any:
     fn = _ext_decoders.get(code)
     if fn is None:
-        raise ChannelCorruptError(f"undecodable message: unknown ext code {code}")
+        raise _corrupt(f"unknown ext code {code}")
     st = _state
     st.ddepth += 1
     try:
         if st.ddepth > _MAX_DEPTH:
-            raise ChannelCorruptError(f"undecodable message: ext nesting deeper than {_MAX_DEPTH}")
+            raise _corrupt(f"ext nesting deeper than {_MAX_DEPTH}")
         return fn(data)
-    except ChannelCorruptError:
+    except (ChannelCorruptError, UnknownTypeError):
         raise
     except Exception as exc:
-        raise ChannelCorruptError(
-            f"undecodable message: bad payload for ext code {code}: "
+        raise _corrupt(
+            f"bad payload for ext code {code}: "
             f"{type(exc).__name__}: {exc}") from exc
     finally:
         st.ddepth -= 1
@@ -391,7 +499,7 @@ def _items(data: bytes, n: int | None = None) -> list[Any]:
     # Unpack a payload that must be a list (of n items when given).
     v = _unpack(data)
     if type(v) is not list or (n is not None and len(v) != n):
-        raise ChannelCorruptError(f"undecodable message: malformed ext payload {v!r:.80}")
+        raise _corrupt(f"malformed ext payload {v!r:.80}")
     return v
 
 
@@ -443,14 +551,15 @@ def resolve_type(name: str) -> type | None:
     return None
 
 
-def unknown_type_message(name: object, what: str = "class") -> str:
-    """Why a value naming the type ``name`` cannot be decoded here, and what to do."""
-    text = f"{name!r:.120}"
-    if isinstance(name, str) and resolve_type(name) is not None:
-        return f"undecodable message: {text} is not a {what} in this process"
-    return (f"undecodable message: no {what} {text} in this process: import its module (or "
-            f"register the type with shmfeed.register_type) before receiving; decoding never "
-            f"imports a module")
+def unknown_type(name: object, what: str = "class") -> ShmfeedError:
+    """The error for a value naming the type ``name``, which cannot be decoded here."""
+    if not isinstance(name, str):  # no sender writes that: the bytes are bad
+        return _corrupt(f"a {what} named by a {type(name).__name__}, not a str")
+    text = f"{name:.120}"
+    if resolve_type(name) is not None:
+        return UnknownTypeError(text, what, f"{text!r} is not a {what} in this process",
+                                "give both processes the same definition of it (the same version of its module)")
+    return UnknownTypeError(text, what)
 
 
 def _is_namedtuple(tp: type) -> bool:
@@ -472,7 +581,7 @@ def _lookup(kind: int, name: Any) -> type:
         what, ok = _KINDS[kind]
         cls = resolve_type(name)  # None unless name is a str
         if cls is None or not ok(cls):  # never call or use anything that isn't one
-            raise ChannelCorruptError(unknown_type_message(name, what))
+            raise unknown_type(name, what)
         _kind_cache[(kind, name)] = cls
     return cls
 
@@ -490,11 +599,11 @@ def _discover(tp: type) -> Callable[[Any], msgpack.ExtType]:
     if kind is None:
         hint = (" (subclasses of built-in types are not encoded as their base type)"
                 if any(issubclass(tp, b) for b in _NATIVE | {tuple, set, frozenset}) else "")
-        raise EncodingError(f"cannot encode a value of type {type_name(tp)}{hint}: {_HINT}")
+        raise _cannot(f"type {type_name(tp)} is not one shmfeed encodes{hint}", _HINT)
     name = type_name(tp)
     if resolve_type(name) is not tp:  # fail at send time, not in the receiving process
-        raise EncodingError(f"cannot encode {name}: the class is not importable by that name "
-                            f"(define it at module level, or {_HINT})")
+        raise _cannot(f"a {name}: the class is not importable by that name",
+                      f"define it at module level, or {_HINT}")
     if kind == _ENUM:
         fn = lambda o: _Ext(_ENUM, _pack([name, o.value]))
     elif kind == _DATACLASS:
@@ -513,7 +622,7 @@ def _dec_dataclass(data: bytes) -> Any:
     if names is None:
         names = _dc_names[cls] = tuple(f.name for f in dataclasses.fields(cls))
     if type(values) is not list or len(values) != len(names):
-        raise ChannelCorruptError(f"undecodable message: wrong field count for {name}")
+        raise _corrupt(f"wrong field count for {name}")
     obj: Any = object.__new__(cls)  # no __init__/__post_init__; object.__setattr__ passes frozen
     for n, v in zip(names, values):
         object.__setattr__(obj, n, v)
@@ -524,7 +633,7 @@ def _dec_namedtuple(data: bytes) -> Any:
     name, values = _items(data, 2)
     cls = _lookup(_NAMEDTUPLE, name)
     if type(values) is not list or len(values) != len(cls._fields):  # type: ignore[attr-defined]
-        raise ChannelCorruptError(f"undecodable message: wrong item count for {name}")
+        raise _corrupt(f"wrong item count for {name}")
     return cls._make(values)  # type: ignore[attr-defined]
 
 
@@ -532,7 +641,7 @@ def _dec_namedtuple(data: bytes) -> Any:
 
 def _dtype_str(dt: Any) -> str:
     if dt.kind not in _DTYPE_OK or dt.hasobject or dt.fields is not None or dt.subdtype:
-        raise EncodingError(f"cannot encode numpy dtype {dt!r} (object/structured): {_HINT}")
+        raise _cannot(f"a numpy value of dtype {dt!r} (object or structured)", _HINT)
     return dt.str
 
 
@@ -553,7 +662,7 @@ def _np_dtype(s: Any) -> Any:
           and s[2:].split("[")[0].isdigit())
     dt = np.dtype(s) if ok else None
     if dt is None or dt.hasobject or dt.str != s:
-        raise ChannelCorruptError(f"undecodable message: bad numpy dtype {s!r:.40}")
+        raise _corrupt(f"bad numpy dtype {s!r:.40}")
     return dt
 
 
@@ -565,12 +674,12 @@ def _dec_ndarray(data: bytes) -> Any:
     dt = _np_dtype(dtype)
     if (type(shape) is not list or len(shape) > 64
             or not all(type(d) is int and d >= 0 for d in shape)):
-        raise ChannelCorruptError("undecodable message: bad numpy shape")
+        raise _corrupt("bad numpy shape")
     size = dt.itemsize
     for d in shape:
         size *= d
     if size != len(data) - 4 - n:
-        raise ChannelCorruptError("undecodable message: numpy data size does not match shape")
+        raise _corrupt("numpy data size does not match shape")
     return np.frombuffer(data, dtype=dt, offset=4 + n).reshape(shape).copy()
 
 
@@ -580,7 +689,7 @@ def _dec_npscalar(data: bytes) -> Any:
     dtype, raw = _items(data, 2)
     dt = _np_dtype(dtype)
     if type(raw) is not bytes or len(raw) != dt.itemsize:
-        raise ChannelCorruptError("undecodable message: numpy scalar size mismatch")
+        raise _corrupt("numpy scalar size mismatch")
     return np.frombuffer(raw, dtype=dt)[0]
 
 
@@ -642,7 +751,7 @@ def _set_members(data: bytes) -> list[Any]:
     if len(members) >= _SET_CHECK_MIN:
         counts = collections.Counter(map(hash, members))
         if sum(c * c for c in counts.values()) > _SET_PROBES_MAX:
-            raise ChannelCorruptError(f"undecodable message: a set of {len(members)} members whose "
+            raise _corrupt(f"a set of {len(members)} members whose "
                                       f"hashes collide (forged?)")
     return members
 
@@ -651,8 +760,7 @@ def _dec_registered(data: bytes) -> Any:
     name, value = _items(data, 2)
     entry = _registered.get(name) if type(name) is str else None
     if entry is None:
-        raise ChannelCorruptError(f"undecodable message: no type registered as {name!r:.120} in this "
-                                  f"process: call shmfeed.register_type for it before receiving")
+        raise unknown_type(name, "registered type")
     return entry[1](value)
 
 
@@ -700,9 +808,10 @@ _ext_decoders.update({
 
 def _check_class(cls: Any) -> None:
     if not isinstance(cls, type):
-        raise TypeError(f"cls must be a class, not {type(cls).__name__}")
+        raise TypeError(f"shmfeed: cls must be a class, not {type(cls).__name__}; pass the class itself")
     if cls in _NATIVE:
-        raise TypeError(f"{cls.__name__} is encoded natively by msgpack and cannot be registered")
+        raise TypeError(f"shmfeed: {cls.__name__} is encoded natively by msgpack and cannot be registered; "
+                        f"send it as it is")
 
 
 def register_type(cls: type, encode: Callable[[Any], Any], decode: Callable[[Any], Any],
@@ -714,11 +823,11 @@ def register_type(cls: type, encode: Callable[[Any], Any], decode: Callable[[Any
     """
     _check_class(cls)
     if not callable(encode) or not callable(decode):
-        raise TypeError("encode and decode must be callable")
+        raise TypeError("shmfeed: encode and decode must be callable; pass two functions")
     if name is None:
         name = type_name(cls)
     elif not isinstance(name, str) or not name:
-        raise TypeError("name must be a non-empty str")
+        raise TypeError("shmfeed: name must be a non-empty str; pass one, or leave it out (module.qualname)")
     for old_name, (old_cls, _) in list(_registered.items()):
         if old_cls is cls or old_name == name:
             del _registered[old_name]
@@ -734,12 +843,12 @@ def register_reference_type(cls: type, ext_code: int, to_bytes: Callable[[Any], 
     """Encode exactly ``cls`` as ext ``ext_code`` (30..127) holding ``to_bytes(obj)``."""
     _check_class(cls)
     if type(ext_code) is not int or not CHANNEL_EXT_CODE <= ext_code <= 127:
-        raise TypeError(f"ext_code must be an int in {CHANNEL_EXT_CODE}..127")
+        raise TypeError(f"shmfeed: ext_code must be an int in {CHANNEL_EXT_CODE}..127; pick one there")
     if not callable(to_bytes) or not callable(from_bytes):
-        raise TypeError("to_bytes and from_bytes must be callable")
+        raise TypeError("shmfeed: to_bytes and from_bytes must be callable; pass two functions")
     owner = _reference_owners.setdefault(ext_code, cls)
     if type_name(owner) != type_name(cls):  # by name: a reloaded module may re-register
-        raise ValueError(f"ext code {ext_code} is already used by {type_name(owner)}")
+        raise ValueError(f"shmfeed: ext code {ext_code} is already used by {type_name(owner)}; pick another")
     _reference_owners[ext_code] = cls
     _encoders[cls] = lambda o: _Ext(ext_code, to_bytes(o))  # ExtType insists on bytes
     _ext_decoders[ext_code] = from_bytes

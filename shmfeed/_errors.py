@@ -6,6 +6,7 @@ __all__ = [
     "ShmfeedError",
     "FeedTypeError",
     "EncodingError",
+    "UnknownTypeError",
     "ChannelClosed",
     "FeedClosed",
     "MuxClosedError",
@@ -43,6 +44,42 @@ class FeedTypeError(ShmfeedError, TypeError):
 
 class EncodingError(ShmfeedError, TypeError):
     """A value cannot be encoded for another process (nothing was delivered)."""
+
+
+class UnknownTypeError(ShmfeedError):
+    """A received value is of a type this process has neither imported nor registered.
+
+    Decoding never imports a module, so the receiver must know its event types itself.
+    The channel is not corrupt and stays usable: this one value was taken from it and is
+    dropped (the sender's send succeeded); the next ``recv`` gets the next value. Not a
+    ``ChannelCorruptError`` (nor a ``SubscriptionFailed``): the subscription goes on.
+
+    Attributes:
+        type_name: the type's name as the sender gave it (``module.qualname``, or the name
+            given to ``register_type``).
+    """
+
+    def __init__(self, type_name: str, what: str = "class", problem: str = "", fix: str = "") -> None:
+        problem = problem or f"no {what} {type_name!r} in this process"
+        if not fix and what == "registered type":
+            fix = "call shmfeed.register_type for it (same name) before receiving"
+        fix = fix or "import its module (or call shmfeed.register_type for it) before receiving"
+        super().__init__(
+            f"shmfeed: a received value could not be decoded: {problem}, so it was dropped (the "
+            f"channel goes on); {fix}: decoding never imports a module"
+        )
+        self.type_name = type_name
+
+    def __reduce__(self) -> tuple[object, ...]:
+        # Pickled (a Pool task raising it): keep the message, whatever built it.
+        return (_rebuild_unknown_type_error, (str(self), self.type_name))
+
+
+def _rebuild_unknown_type_error(message: str, type_name: str) -> UnknownTypeError:
+    error = UnknownTypeError.__new__(UnknownTypeError, message)
+    ShmfeedError.__init__(error, message)
+    error.type_name = type_name
+    return error
 
 
 class ChannelClosed(ShmfeedError):
@@ -98,6 +135,8 @@ class FeedSendTimeout(ShmfeedError, TimeoutError):
             message += ", not to " + ", ".join(f"{label} ({why})" for label, why in pending)
         if cause:
             message += f"; {cause}"
+        if pending:
+            message += "; send it again to reach those (the others get it twice), or give a longer timeout"
         return cls(message, delivered=delivered, pending=tuple(label for label, _ in pending))
 
     def __reduce__(self) -> tuple[object, ...]:

@@ -243,7 +243,9 @@ class FeedCore(AttachedSegment):
         self.acquire()
         try:
             if words[L.FEED_CLOSED]:
-                raise FeedClosed(f"shmfeed: subscribe to closed feed {self._label()}")
+                raise FeedClosed(
+                    f"shmfeed: subscribe to closed feed {self._label()}; a closed feed stays closed: use another"
+                )
             if channel.elem_type_name:
                 self._fix_type_locked(channel.elem_type_name, "Subscribe")
             table = self.table
@@ -361,7 +363,7 @@ class FeedCore(AttachedSegment):
         """
         self.check_usable()
         if not L.set_own_flag(self.words, L.SLOT_SENDER, True):
-            raise ShmfeedError(f"shmfeed: this process is not attached to feed {self._label()}")
+            raise ShmfeedError(f"shmfeed: this process is not attached to feed {self._label()}; open the feed again")
         self._is_sender = True
         accel = _ring._accel
         if accel is not None and self._sigterm_mark is None and _process.in_multiprocessing_child():
@@ -447,7 +449,9 @@ class FeedCore(AttachedSegment):
         try:
             if answer == -1:
                 if words[L.FEED_CLOSED]:
-                    raise FeedClosed(f"shmfeed: send on closed feed {self._label()}")
+                    raise FeedClosed(
+                        f"shmfeed: send on closed feed {self._label()}; a closed feed stays closed: use another"
+                    )
                 targets = self.targets(deadline)  # a TimeoutError here: nobody got the value yet
                 plan = self._fast_plan
                 if plan is not None and plan[1] is not targets:
@@ -758,7 +762,7 @@ class Feed(TypeArgument, Generic[T]):
         if name is not None:
             _names.validate_name(name, what="feed name", limit=L.FEED_NAME_MAX)
         if elem_type is not None and not isinstance(elem_type, type):
-            raise TypeError(f"shmfeed: elem_type must be a type or None, got {elem_type!r}")
+            raise TypeError(f"shmfeed: elem_type must be a type or None, got {elem_type!r}; pass a class such as int")
         self._name = name
         self._namespace = _names.current_namespace()
         # The key is chosen now, the segment made at first use: forked children that use
@@ -790,7 +794,9 @@ class Feed(TypeArgument, Generic[T]):
                 return core
             # Released by release_namespace or at exit: do not create it again behind the
             # user's back (the process is going away, or the namespace was let go).
-            raise FeedClosed(f"shmfeed: feed {core._label()} was released by this process")
+            raise FeedClosed(
+                f"shmfeed: feed {core._label()} was released by this process; open it again with Feed(name)"
+            )
         if self._detached:
             raise FeedClosed(f"shmfeed: this Feed object was detached; open the feed again to use it")
         with self._open_lock:
@@ -835,7 +841,10 @@ class Feed(TypeArgument, Generic[T]):
         core = self._open()
         channel_core = channel._live_core()
         if channel_core.namespace != core.namespace:
-            raise ValueError("shmfeed: the channel and the feed live in different namespaces")
+            raise ValueError(
+                "shmfeed: the channel and the feed live in different namespaces; make both in one namespace "
+                "(SHMFEED_NAMESPACE, set_namespace)"
+            )
         err = Channel._error_channel()
         try:
             entry, sub_id = core.add_subscription(channel_core, err._channel_id)
@@ -967,7 +976,6 @@ class Feed(TypeArgument, Generic[T]):
 
 
 Feed.__module__ = "shmfeed"
-FeedSubscription.__module__ = "shmfeed"
 
 
 def _rebuild_feed(namespace: str, key: str, name: str | None) -> Feed[Any]:

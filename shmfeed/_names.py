@@ -30,22 +30,66 @@ MAX_NAMESPACE_LENGTH = 200
 MAX_OBJECT_NAME_LENGTH = 200
 
 _token_cache: dict[str, str] = {}
+# The namespace this process first used (made or opened an object in): set_namespace may
+# no longer move the process elsewhere. Inherited by a forked child, as its objects are.
+_first_used: str | None = None
 
 
 def current_namespace() -> str:
-    """The namespace of this process: ``$SHMFEED_NAMESPACE``, or one per user."""
-    namespace = os.environ.get(NAMESPACE_ENV) or f"user-{os.getuid()}"
-    return validate_name(namespace, what="namespace", limit=MAX_NAMESPACE_LENGTH)
+    """The namespace of this process: ``$SHMFEED_NAMESPACE``, or one per user.
+
+    Read from the environment at each call (never cached): every object made takes it.
+    """
+    global _first_used
+    namespace = os.environ.get(NAMESPACE_ENV) or default_namespace()
+    namespace = validate_name(namespace, what="namespace", limit=MAX_NAMESPACE_LENGTH)
+    if _first_used is None:
+        _first_used = namespace
+    return namespace
+
+
+def default_namespace() -> str:
+    """The namespace of a process that chose none: one per user, shared by all their programs."""
+    return f"user-{os.getuid()}"
+
+
+def set_namespace(name: str) -> None:
+    """Choose the namespace of this process and of the processes it starts.
+
+    Unrelated programs of one user share the default namespace (``user-<uid>``): two
+    programs that both use ``Feed("events")`` see each other's events. Give each
+    application its own, at the start of its main program, before any shmfeed object is
+    made (and before a ``forkserver`` is started: it keeps the environment it started
+    with). It sets ``SHMFEED_NAMESPACE`` in ``os.environ``, so that children started by
+    fork, spawn or forkserver (and ``shmfeed monitor`` run from the program) agree.
+    Calling it again with the same name is harmless (a spawn child re-running the main
+    module's top does).
+
+    Args:
+        name: 1 to 200 printable characters.
+
+    Raises:
+        TypeError, ValueError: ``name`` is not a valid namespace.
+        RuntimeError: this process already used another namespace (an object was made);
+            nothing was changed.
+    """
+    name = validate_name(name, what="namespace", limit=MAX_NAMESPACE_LENGTH)
+    if _first_used is not None and _first_used != name:
+        raise RuntimeError(
+            f"shmfeed: set_namespace({name!r}) comes after this process already used namespace "
+            f"{_first_used!r}; call it at the start of the program, before any shmfeed object is made"
+        )
+    os.environ[NAMESPACE_ENV] = name
 
 
 def validate_name(name: object, *, what: str, limit: int = MAX_OBJECT_NAME_LENGTH) -> str:
     """Check a user-given name; raise TypeError/ValueError that say what is allowed."""
     if not isinstance(name, str):
-        raise TypeError(f"shmfeed: {what} must be a str, got {type(name).__name__}")
+        raise TypeError(f"shmfeed: {what} must be a str, got {type(name).__name__}; pass a str")
     if not name or len(name) > limit:
-        raise ValueError(f"shmfeed: {what} must have 1 to {limit} characters, got {len(name)}")
+        raise ValueError(f"shmfeed: {what} must have 1 to {limit} characters, got {len(name)}; pass such a name")
     if not name.isprintable():
-        raise ValueError(f"shmfeed: {what} {name!r} has unprintable characters")
+        raise ValueError(f"shmfeed: {what} {name!r} has unprintable characters; use printable ones only")
     return name
 
 

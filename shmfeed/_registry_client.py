@@ -182,6 +182,16 @@ def request(namespace: str, message: dict[str, Any], timeout: float = 5.0) -> An
         ) from error
 
 
+def ping(namespace: str, timeout: float = 2.0) -> dict[str, Any] | None:
+    """The registry's answer to a ping (``pid``, ``started``, ``namespace``); None when no
+    registry answers for the namespace within ``timeout`` seconds."""
+    try:
+        answer = request(namespace, {"op": "ping"}, timeout=timeout)
+    except RegistryUnavailableError:
+        return None
+    return answer if isinstance(answer, dict) and answer.get("ok") else None
+
+
 def write_frame(connection: socket.socket, message: Any) -> None:
     data = msgpack.packb(message, use_bin_type=True)
     connection.sendall(FRAME.pack(len(data)) + data)

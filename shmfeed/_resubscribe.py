@@ -102,8 +102,23 @@ def new_subscription(producer: Callable[[QuitEvent], object]) -> Subscription:
         TypeError: ``producer`` is not callable.
     """
     if not callable(producer):
-        raise TypeError(f"shmfeed: new_subscription needs a callable, got {type(producer).__name__}")
+        raise TypeError(
+            f"shmfeed: new_subscription needs a callable, got {type(producer).__name__}; pass a function of one "
+            f"argument, quit"
+        )
     return _ProducerSubscription(producer)
+
+
+# The backoff's clock and its sleep, looked up at each use so that tests can put a fake
+# clock in their place (as _largecopy's tests do with its timer): measured on a loaded
+# machine, a wait of 0.02 s cannot be told from one of 0.1 s, so only a fake clock can
+# check the exact sequence of waits.
+_monotonic: Callable[[], float] = time.monotonic
+
+
+def _sleep(quit: threading.Event, seconds: float) -> bool:
+    """Wait ``seconds``, or less if ``quit`` is set meanwhile; True if it was set."""
+    return quit.wait(seconds)
 
 
 ResubscribeErrFunc = Callable[[threading.Event, Optional[BaseException]], Subscription]
@@ -163,7 +178,7 @@ class _ResubscribeSubscription(Subscription):
                     if self._last_try:
                         return None
                     ctx.set()  # as geth, the first attempt is made even if cancelled already
-            self._last_try = time.monotonic()
+            self._last_try = _monotonic()
             sub: Subscription | None = None
             failed = False
             try:
@@ -195,11 +210,11 @@ class _ResubscribeSubscription(Subscription):
 
     def _backoff_wait(self) -> bool:
         """Sleep before the next try (geth's ``backoffWait``); True if unsubscribed meanwhile."""
-        if time.monotonic() - self._last_try > self._backoff_max:
+        if _monotonic() - self._last_try > self._backoff_max:
             self._wait_time = self._backoff_max / 10
         else:
             self._wait_time = min(self._wait_time * 2, self._backoff_max)
-        return self._quit.wait(self._wait_time)
+        return _sleep(self._quit, self._wait_time)
 
     def __repr__(self) -> str:
         state = "ended" if self._err.closed else "running"
@@ -208,9 +223,11 @@ class _ResubscribeSubscription(Subscription):
 
 def _check_backoff(backoff_max: float) -> float:
     if not isinstance(backoff_max, (int, float)) or isinstance(backoff_max, bool):
-        raise TypeError(f"shmfeed: backoff_max must be a number of seconds, got {type(backoff_max).__name__}")
+        raise TypeError(f"shmfeed: backoff_max must be a number of seconds, got {type(backoff_max).__name__}; "
+                        f"pass an int or a float")
     if not backoff_max >= 0 or backoff_max == float("inf"):
-        raise ValueError(f"shmfeed: backoff_max must be a finite number of seconds >= 0, got {backoff_max!r}")
+        raise ValueError(f"shmfeed: backoff_max must be a finite number of seconds >= 0, got {backoff_max!r}; "
+                         f"pass one such as 1.0")
     return float(backoff_max)
 
 
@@ -234,7 +251,8 @@ def resubscribe_err(backoff_max: float, fn: ResubscribeErrFunc) -> Subscription:
     """
     backoff_max = _check_backoff(backoff_max)
     if not callable(fn):
-        raise TypeError(f"shmfeed: resubscribe needs a callable, got {type(fn).__name__}")
+        raise TypeError(f"shmfeed: resubscribe needs a callable, got {type(fn).__name__}; pass fn(ctx, last_err) "
+                        f"returning a Subscription")
     return _ResubscribeSubscription(backoff_max, fn)
 
 
@@ -271,7 +289,8 @@ def resubscribe(backoff_max: float, fn: ResubscribeFunc) -> Subscription:
         ValueError: ``backoff_max`` is negative, NaN or infinite.
     """
     if not callable(fn):
-        raise TypeError(f"shmfeed: resubscribe needs a callable, got {type(fn).__name__}")
+        raise TypeError(f"shmfeed: resubscribe needs a callable, got {type(fn).__name__}; pass fn(ctx) returning "
+                        f"a Subscription")
     return resubscribe_err(backoff_max, lambda ctx, _last_err: fn(ctx))
 
 
@@ -297,7 +316,8 @@ def join_subscriptions(*subs: Subscription) -> Subscription:
     members = list(subs)
     for sub in members:
         if not (callable(getattr(sub, "err", None)) and callable(getattr(sub, "unsubscribe", None))):
-            raise TypeError(f"shmfeed: join_subscriptions takes subscriptions, got {type(sub).__name__}")
+            raise TypeError(f"shmfeed: join_subscriptions takes subscriptions, got {type(sub).__name__}; pass "
+                            f"what subscribe() returned")
 
     def wait_for_members(quit: QuitEvent) -> None:
         try:

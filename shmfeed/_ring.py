@@ -39,6 +39,10 @@ from ._spill import Spill
 from ._segment import AttachedSegment, open_named
 from ._errors import ChannelClosed, ChannelCorruptError, TableFullError
 
+# The "what to do" halves of messages raised in several places.
+CLOSED_FIX = "a closed channel stays closed (any process may close it): receive from or send to another"
+CORRUPT_RECORD_FIX = "that value is lost; the channel goes on (a sender of another shmfeed version, or damage)"
+
 RECORD_HEADER = struct.Struct("<II")
 _pack_record_header = RECORD_HEADER.pack_into
 _unpack_record_header = RECORD_HEADER.unpack_from
@@ -486,17 +490,20 @@ class ChannelCore(AttachedSegment):
         if kind == KIND_DATA:
             return data
         if len(data) != SPILL_REFERENCE.size:
-            raise ChannelCorruptError(f"shmfeed: channel {self.channel_id:016x}: bad spill record")
+            raise ChannelCorruptError(f"shmfeed: channel {self.channel_id:016x}: bad spill record; {CORRUPT_RECORD_FIX}")
         spill_id, size = SPILL_REFERENCE.unpack(data)
         path = _names.spill_file(self.namespace, self.channel_id, spill_id)
         try:
             value = _spill.read(path, size)
         except (OSError, ValueError) as error:
             raise ChannelCorruptError(
-                f"shmfeed: channel {self.channel_id:016x}: a large value's file is missing or not valid ({error})"
+                f"shmfeed: channel {self.channel_id:016x}: a large value's file is missing or not valid ({error}); "
+                f"{CORRUPT_RECORD_FIX}"
             ) from error
         if len(value) != size:
-            raise ChannelCorruptError(f"shmfeed: channel {self.channel_id:016x}: a large value was truncated")
+            raise ChannelCorruptError(
+                f"shmfeed: channel {self.channel_id:016x}: a large value was truncated; {CORRUPT_RECORD_FIX}"
+            )
         return value
 
     def _drop_oldest(self, deadline: float | None = None) -> bool:
@@ -655,7 +662,7 @@ class ChannelCore(AttachedSegment):
         if outcome == CLOSED:
             if kind == KIND_SPILL:
                 self._unlink_spill_record(record)
-            raise ChannelClosed(f"shmfeed: send on closed channel {self.channel_id:016x}")
+            raise ChannelClosed(f"shmfeed: send on closed channel {self.channel_id:016x}; a closed channel stays closed")
         return outcome
 
     def put_if_room(self, payload: Encoded) -> bool:
@@ -679,7 +686,8 @@ class ChannelCore(AttachedSegment):
                     return outcome
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
-                    raise TimeoutError(f"shmfeed: channel {self.channel_id:016x} stayed full")
+                    raise TimeoutError(f"shmfeed: channel {self.channel_id:016x} stayed full; its receiver is slow or gone: "
+                                       f"wait longer (timeout=None waits for ever), or give the channel more capacity")
                 waker.wait(remaining)
         finally:
             self.forget_sender(waker)
@@ -749,7 +757,7 @@ class ChannelCore(AttachedSegment):
             taken = self._read_locked()
             if taken is None:
                 if closed:
-                    raise ChannelClosed(f"shmfeed: channel {self.channel_id:016x} is closed")
+                    raise ChannelClosed(f"shmfeed: channel {self.channel_id:016x} is closed; {CLOSED_FIX}")
                 if waker is None:
                     return None
                 self._waitlist_add(L.RECV_WAITLIST_WORD, L.RECV_WAITING, waker, deadline)
@@ -757,7 +765,7 @@ class ChannelCore(AttachedSegment):
                 taken = self._read_locked()
                 if taken is None:
                     if closed:
-                        raise ChannelClosed(f"shmfeed: channel {self.channel_id:016x} is closed")
+                        raise ChannelClosed(f"shmfeed: channel {self.channel_id:016x} is closed; {CLOSED_FIX}")
                     return None
             self._note_receiver()
         except ValueError as error:  # a counter or position at 2**64: a corrupt header
@@ -794,7 +802,8 @@ class ChannelCore(AttachedSegment):
             self._taken_since_empty += 1
             return data
         if timeout is not None and timeout <= 0:
-            raise TimeoutError(f"shmfeed: nothing to receive on channel {self.channel_id:016x}")
+            raise TimeoutError(f"shmfeed: nothing to receive on channel {self.channel_id:016x}; poll again later, or "
+                               f"give a timeout to wait")
         if self._should_yield():
             # Let a sender that shares our CPU produce before we sleep: a sleep/wake pair
             # per message costs both sides far more than a yield (see _should_yield).
@@ -815,7 +824,8 @@ class ChannelCore(AttachedSegment):
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     raise TimeoutError(
-                        f"shmfeed: nothing received on channel {self.channel_id:016x} in {timeout} s"
+                        f"shmfeed: nothing received on channel {self.channel_id:016x} in {timeout} s; "
+                        f"wait longer (timeout=None waits for ever), or check that something sends to it"
                     )
                 if waker.wait(remaining) and fast is not None:
                     # Woken by a send (which emptied the wait list): the C path first.

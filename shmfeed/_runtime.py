@@ -118,7 +118,7 @@ def _read_secret(path: str) -> bytes | None:
     except FileNotFoundError:
         return None
     except OSError as error:
-        raise RegistryUnavailableError(f"shmfeed: cannot read {path}: {error}") from error
+        raise RegistryUnavailableError(f"shmfeed: cannot read {path}: {error}; make it readable by you, or remove it") from error
     try:
         info = os.fstat(descriptor)
         if not stat.S_ISREG(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o077:

@@ -62,7 +62,7 @@ class ScopeSubscription(Subscription):
         self._inner.unsubscribe()
 
     def __repr__(self) -> str:
-        return f"<shmfeed.ScopeSubscription of {self._inner!r}>"
+        return f"<shmfeed.Subscription tracked by a scope: {self._inner!r}>"
 
 
 class SubscriptionScope:
@@ -113,7 +113,7 @@ class SubscriptionScope:
             TypeError: ``sub`` is not a Subscription.
         """
         if not isinstance(sub, Subscription):
-            raise TypeError(f"shmfeed: track takes a Subscription, got {type(sub).__name__}")
+            raise TypeError(f"shmfeed: track takes a Subscription, got {type(sub).__name__}; pass what subscribe() returned")
         local_id = next(_local_ids)
         wrapper = ScopeSubscription(self, sub, local_id)
         with self._lock:
@@ -171,7 +171,7 @@ class SubscriptionScope:
         return f"<shmfeed.SubscriptionScope {label} count={self.count()}>"
 
 
-SubscriptionScope.__module__ = ScopeSubscription.__module__ = "shmfeed"
+SubscriptionScope.__module__ = "shmfeed"
 
 
 class _SharedScope(AttachedSegment):
@@ -285,7 +285,8 @@ class _SharedScope(AttachedSegment):
                     break
             else:
                 raise TableFullError(
-                    f"shmfeed: scope {self.name!r} already tracks {L.SCOPE_SLOTS} subscriptions, the most it can"
+                    f"shmfeed: scope {self.name!r} already tracks {L.SCOPE_SLOTS} subscriptions, the most it can; "
+                    f"end some first, or use more scopes"
                 )
         finally:
             self.release_lock()

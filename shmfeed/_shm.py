@@ -166,7 +166,10 @@ def create_segment(name: str, size: int, initialise: Callable[[mmap.mmap], None]
     try:
         segment = posix_ipc.SharedMemory(temp_name, posix_ipc.O_CREX, MODE)  # empty: reserved below
     except posix_ipc.Error as error:
-        raise SharedObjectError(f"shmfeed: cannot create shared memory {name!r} of {size} bytes: {error}") from error
+        raise SharedObjectError(
+            f"shmfeed: cannot create shared memory {name!r} of {size} bytes: {error}; free space in /dev/shm "
+            f"(shmfeed gc removes leftovers)"
+        ) from error
     try:
         try:
             reserve(segment.fd, size, f"shared memory {name!r}")
@@ -237,7 +240,7 @@ def native_wait(handle: int, timeout: float | None) -> bool:
     if timeout is None:
         while libc.sem_wait(handle) != 0:
             if ctypes.get_errno() != errno.EINTR:
-                raise OSError(ctypes.get_errno(), "sem_wait failed")
+                raise OSError(ctypes.get_errno(), "shmfeed: sem_wait failed; was the semaphore removed? (shmfeed gc)")
         return True
     deadline = time.time() + max(0.0, timeout)  # sem_timedwait measures CLOCK_REALTIME
     whole = int(deadline)
@@ -247,7 +250,7 @@ def native_wait(handle: int, timeout: float | None) -> bool:
         if error == errno.ETIMEDOUT:
             return False
         if error != errno.EINTR:
-            raise OSError(error, "sem_timedwait failed")
+            raise OSError(error, "shmfeed: sem_timedwait failed; was the semaphore removed? (shmfeed gc)")
     return True
 
 
@@ -308,7 +311,9 @@ def create_semaphore(name: str, initial_value: int) -> posix_ipc.Semaphore:
     try:
         return Semaphore(name, posix_ipc.O_CREX, MODE, initial_value)
     except posix_ipc.Error as error:
-        raise SharedObjectError(f"shmfeed: cannot create semaphore {name!r}: {error}") from error
+        raise SharedObjectError(
+            f"shmfeed: cannot create semaphore {name!r}: {error}; free space in /dev/shm (shmfeed gc removes leftovers)"
+        ) from error
 
 
 def check_semaphore(name: str) -> bool:
@@ -324,7 +329,8 @@ def check_semaphore(name: str) -> bool:
     except FileNotFoundError:
         return False
     except OSError as error:
-        raise SharedObjectError(error.errno, f"shmfeed: cannot look at semaphore {name!r}: {error.strerror}") from error
+        raise SharedObjectError(error.errno, f"shmfeed: cannot look at semaphore {name!r}: {error.strerror}; "
+                                f"check /dev/shm") from error
     check_own(info, path)
     return True
 
@@ -341,7 +347,9 @@ def open_semaphore(name: str) -> posix_ipc.Semaphore | None:
     except posix_ipc.ExistentialError:
         return None
     except posix_ipc.Error as error:
-        raise SharedObjectError(f"shmfeed: cannot open semaphore {name!r}: {error}") from error
+        raise SharedObjectError(
+            f"shmfeed: cannot open semaphore {name!r}: {error}; check /dev/shm (shmfeed gc removes leftovers)"
+        ) from error
 
 
 def open_native(name: str) -> int:
@@ -353,7 +361,7 @@ def open_native(name: str) -> int:
     """
     handle = libc.sem_open(name.encode(), 0) if check_semaphore(name) else None
     if not handle:
-        raise SharedObjectError(f"shmfeed: cannot open semaphore {name!r}")
+        raise SharedObjectError(f"shmfeed: cannot open semaphore {name!r}; check /dev/shm (shmfeed gc removes leftovers)")
     return int(handle)
 
 
@@ -412,4 +420,4 @@ def lock_timeout(lock: str, owner: int) -> TimeoutError:
         holder = f"another process (pid {owner})"
     else:
         holder = "another process"
-    return TimeoutError(f"shmfeed: timed out waiting for {lock}, held by {holder}")
+    return TimeoutError(f"shmfeed: timed out waiting for {lock}, held by {holder}; try again, or give a longer timeout")

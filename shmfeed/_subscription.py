@@ -32,19 +32,57 @@ class _Selectable(Protocol):
     def _select_forget(self, waker: _waker.Waker) -> None: ...
 
 
+def _plain(value: object) -> bool:
+    """Whether ``value`` is data that rebuilds no object of its own (safe to carry)."""
+    if value is None or type(value) in (str, int, float, bool):
+        return True
+    return isinstance(value, (tuple, list)) and type(value) in (tuple, list) and all(map(_plain, value))
+
+
+# Every exported error class by name: what an error channel may name. A name not in it
+# (or not a library error) arrives as a plain ShmfeedError; nothing is ever imported.
+_ERRORS_BY_NAME: dict[str, type[ShmfeedError]] = {
+    name: cls
+    for name in _errors.__all__
+    if isinstance(cls := getattr(_errors, name), type) and issubclass(cls, ShmfeedError)
+}
+
+
 def encode_error(error: BaseException) -> bytes:
-    """An exception as bytes for an error channel in another process."""
-    return _codec.encode({"error": type(error).__name__, "message": str(error)})
+    """An exception as bytes for an error channel in another process.
+
+    Its class travels by name, with its ``args`` and plain public attributes (such as
+    ``FeedTypeError.got``), so the receiver rebuilds the same class: ``isinstance(e,
+    TypeError)`` holds there for a ``FeedTypeError``. No pickle.
+    """
+    args = list(error.args) if _plain(error.args) else [str(error)]
+    attrs = {key: value for key, value in vars(error).items() if not key.startswith("_") and _plain(value)}
+    return _codec.encode({"error": type(error).__name__, "message": str(error), "args": args, "attrs": attrs})
 
 
 def decode_error(data: object) -> BaseException:
-    if isinstance(data, dict):
-        cls = getattr(_errors, str(data.get("error")), None)
-        message = str(data.get("message", ""))
-        if isinstance(cls, type) and issubclass(cls, ShmfeedError):
-            return cls(message) if cls is not _errors.FeedTypeError else ShmfeedError(message)
+    """The exception ``encode_error`` described, of the same class if it is an exported error."""
+    if not isinstance(data, dict):
+        return ShmfeedError(f"shmfeed: unreadable subscription error {data!r:.200}; the sending process "
+                            f"runs another version of shmfeed, or the error channel was damaged")
+    message = str(data.get("message", ""))
+    cls = _ERRORS_BY_NAME.get(str(data.get("error")), ShmfeedError)
+    args = data.get("args")
+    attrs = data.get("attrs")
+    if not isinstance(args, list) or not _plain(args):
+        args = [message]
+    try:
+        # Built without calling __init__ (whose signature varies): args and attributes
+        # are what the raising process had.
+        error = cls.__new__(cls, *args)
+        error.args = tuple(args)
+        if isinstance(attrs, dict):
+            for key, value in attrs.items():
+                if isinstance(key, str) and not key.startswith("_") and _plain(value):
+                    setattr(error, key, value)
+    except Exception:  # noqa: BLE001 - whatever the bytes say, the receiver gets an error
         return ShmfeedError(message)
-    return ShmfeedError(f"shmfeed: unreadable subscription error {data!r}")
+    return error
 
 
 class ErrorChannel:
@@ -141,7 +179,7 @@ class LocalErrorChannel(ErrorChannel):
         _check_timeout(timeout)
         with self._condition:
             if not self._condition.wait_for(lambda: self._closed, timeout):
-                raise TimeoutError("shmfeed: the subscription is still running")
+                raise TimeoutError("shmfeed: the subscription is still running; wait longer (timeout=None waits for ever)")
             return self._take_locked()[1]
 
     def _select_poll(self, waker: _waker.Waker | None, deadline: float | None = None) -> tuple[bool, Any]:
@@ -157,10 +195,10 @@ class LocalErrorChannel(ErrorChannel):
                 self._wakers.remove(waker)
 
     def __repr__(self) -> str:
-        return f"<shmfeed.LocalErrorChannel {'closed' if self._closed else 'open'}>"
+        return f"<shmfeed.ErrorChannel in-process {'closed' if self._closed else 'open'}>"
 
 
-ErrorChannel.__module__ = SharedErrorChannel.__module__ = LocalErrorChannel.__module__ = "shmfeed"
+ErrorChannel.__module__ = "shmfeed"  # exported; its implementations are not
 
 
 class Subscription(abc.ABC):
@@ -211,15 +249,16 @@ def select(*channels: Any, timeout: float | None = None) -> tuple[Any, Any]:
         TypeError: an argument is not a channel.
     """
     if not channels:
-        raise TypeError("shmfeed: select needs at least one channel")
+        raise TypeError("shmfeed: select needs at least one channel; pass channels or error channels")
     for channel in channels:
         poll = getattr(type(channel), "_select_poll", None)
         if poll is None or poll is ErrorChannel._select_poll:
-            raise TypeError(f"shmfeed: select takes shmfeed channels and error channels, got {type(channel).__name__}")
+            raise TypeError(f"shmfeed: select takes shmfeed channels and error channels, got {type(channel).__name__}; "
+                            f"pass Channels or sub.err()")
     _check_timeout(timeout)
     namespaces = {ns for ns in (getattr(c, "_select_namespace", None) for c in channels) if ns}
     if len(namespaces) > 1:
-        raise ValueError("shmfeed: select over channels of different namespaces")
+        raise ValueError("shmfeed: select over channels of different namespaces; select within one namespace")
     namespace = namespaces.pop() if namespaces else _names.current_namespace()
     start = random.randrange(len(channels))
     order = channels[start:] + channels[:start]
@@ -229,7 +268,7 @@ def select(*channels: Any, timeout: float | None = None) -> tuple[Any, Any]:
         if ready:
             return channel, value
     if timeout is not None and timeout <= 0:
-        raise TimeoutError("shmfeed: no channel was ready")
+        raise TimeoutError("shmfeed: no channel was ready; poll again later, or give a timeout to wait")
     waker = _waker.current_waker(namespace)
     try:
         while True:
@@ -239,7 +278,7 @@ def select(*channels: Any, timeout: float | None = None) -> tuple[Any, Any]:
                     return channel, value
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
-                raise TimeoutError(f"shmfeed: no channel was ready within {timeout} s")
+                raise TimeoutError(f"shmfeed: no channel was ready within {timeout} s; wait longer (timeout=None waits for ever)")
             waker.wait(remaining)
     finally:
         for channel in order:

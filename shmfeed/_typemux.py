@@ -51,6 +51,34 @@ class TypeMuxEvent:
 TypeMuxEvent.__module__ = "shmfeed"  # the codec names it shmfeed.TypeMuxEvent in every process
 
 
+class ClosedFlag:
+    """A truth value that is read as a property and may also be called (see
+    ``TypeMuxSubscription.closed``); compares equal to the bool it stands for."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: bool) -> None:
+        self._value = value
+
+    def __bool__(self) -> bool:
+        return self._value
+
+    def __call__(self) -> bool:
+        return self._value
+
+    def __eq__(self, other: object) -> bool:
+        return self._value == (bool(other) if isinstance(other, ClosedFlag) else other)
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+    def __repr__(self) -> str:
+        return repr(self._value)
+
+
+_CLOSED, _OPEN = ClosedFlag(True), ClosedFlag(False)
+
+
 class TypeMuxSubscription:
     """A subscription to some event types of a ``TypeMux``.
 
@@ -71,9 +99,15 @@ class TypeMuxSubscription:
         """The channel of ``TypeMuxEvent``s (always the same one)."""
         return self._channel
 
-    def closed(self) -> bool:
-        """Whether the subscription ended (unsubscribed, or its mux stopped)."""
-        return self._closed
+    @property
+    def closed(self) -> "ClosedFlag":
+        """Whether the subscription ended (unsubscribed, or its mux stopped).
+
+        A property, as ``closed`` is everywhere in shmfeed (``Channel``, ``Feed``): ``if
+        sub.closed``. Calling it, ``sub.closed()``, gives the same bool, as geth's
+        ``Closed()`` and SPEC §2 spell it.
+        """
+        return _CLOSED if self._closed else _OPEN
 
     def unsubscribe(self) -> None:
         """Stop delivery and close the channel; releases a ``post`` waiting on it.
@@ -168,7 +202,7 @@ class TypeMux:
         seen: set[type] = set()
         for tp in types:
             if not isinstance(tp, type):
-                raise TypeError(f"shmfeed: TypeMux.subscribe takes types, got {tp!r}")
+                raise TypeError(f"shmfeed: TypeMux.subscribe takes types, got {tp!r}; pass classes such as Ping")
             if tp in seen:
                 raise ValueError(f"event: duplicate type {tp.__qualname__} in Subscribe")
             seen.add(tp)

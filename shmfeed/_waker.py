@@ -59,7 +59,9 @@ class Waker:
         full channel's reader killed), and a registry killed too must come back.
         """
         if not self.handle:
-            raise _shm.SharedObjectError("shmfeed: this waker was destroyed (the namespace was released)")
+            raise _shm.SharedObjectError(
+                "shmfeed: this waker was destroyed (the namespace was released); do not use a released namespace"
+            )
         deadline = None if timeout is None else time.monotonic() + max(0.0, timeout)
         while True:
             remaining = None if deadline is None else deadline - time.monotonic()

@@ -21,7 +21,6 @@ namespace first: a forkserver child inherits the forkserver's environment, not t
 from __future__ import annotations
 
 import collections
-import contextlib
 import dataclasses
 import functools
 import os
@@ -30,10 +29,11 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import shmfeed
 from shmfeed import _gc, _registry_client, _release
+from shmfeed.testing import registry_pid, running, wait_until  # noqa: F401 - drivers use K.running etc.
 
 RECV_TIMEOUT = 60.0  # children never wait forever, whatever goes wrong in the parent
 RESULT_TIMEOUT = 60.0
@@ -98,57 +98,10 @@ def get(results: shmfeed.Channel, timeout: float = RESULT_TIMEOUT) -> Any:
     return message
 
 
-@contextlib.contextmanager
-def running(ctx: Any, *specs: tuple[Any, tuple[Any, ...]]) -> Iterator[list[Any]]:
-    """Start one process per ``(target, args)``; at the end join them all (killing only
-    what is still alive after a failure)."""
-    processes = [ctx.Process(target=target, args=args) for target, args in specs]
-    try:
-        for process in processes:
-            process.start()
-        yield processes
-        for process in processes:
-            process.join(JOIN_TIMEOUT)
-    finally:
-        for process in processes:
-            if process.pid is not None and process.is_alive():
-                process.kill()
-            if process.pid is not None:
-                process.join(JOIN_TIMEOUT)
-
-
-def wait_until(predicate: Callable[[], Any], timeout: float = RESULT_TIMEOUT, what: str = "condition") -> Any:
-    """Poll (in the parent only) until ``predicate()`` is truthy; return its value."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not reached in {timeout} s")
-        time.sleep(0.002)
-
-
 def premise(ok: object, what: str) -> None:
     """A broken premise of a test is a plain failure, not the one the test looks for."""
     if not ok:
         raise RuntimeError(f"premise of the test broken: {what}")
-
-
-def _ping(namespace: str) -> int | None:
-    try:
-        answer = _registry_client.request(namespace, {"op": "ping"}, timeout=2.0)
-    except shmfeed.RegistryUnavailableError:
-        return None
-    return int(answer["pid"]) if answer.get("ok") else None
-
-
-def registry_pid(namespace: str, timeout: float = 30.0, not_pid: int | None = None) -> int:
-    """The pid of the namespace's registry, once one answers (other than ``not_pid``)."""
-    return wait_until(
-        lambda: (pid := _ping(namespace)) is not None and pid != not_pid and pid,
-        timeout, f"a registry of {namespace} answering ping",
-    )
 
 
 def wait_watched(namespace: str, *pids: int, timeout: float = 30.0) -> None:

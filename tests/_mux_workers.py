@@ -106,7 +106,7 @@ def mux_subscriber(results: shmfeed.Channel, mux_name: str) -> None:
             break
         assert event.time.tzinfo is not None
         received.append(event.data.n)
-    results.send(("done", received, sub.closed()), timeout=RECV_TIMEOUT)
+    results.send(("done", received, bool(sub.closed)), timeout=RECV_TIMEOUT)
     try:
         mux.post(Ping(-1))
     except shmfeed.MuxClosedError:

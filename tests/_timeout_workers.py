@@ -59,3 +59,14 @@ def hold_lock_until_killed(namespace: str, obj: Any, which: str, held: Any) -> N
     """Take ``which`` lock of ``obj`` as the library does, say so, and never let go."""
     _take(namespace, obj, which, held)
     signal.pause()  # until killed
+
+
+def recv_once(namespace: str, channel: shmfeed.Channel, out: Any) -> None:
+    """Receive one value from ``channel`` (opened here: unpickled). On the pipe end ``out``:
+    ``("calling", pid)`` just before the call, then ``("ok", value)`` or ``("error", text)``."""
+    enter_namespace(namespace)
+    try:
+        out.send(("calling", os.getpid()))
+        out.send(("ok", channel.recv(timeout=30)))
+    except BaseException as error:  # noqa: BLE001 - reported to the parent
+        out.send(("error", f"{type(error).__module__}.{type(error).__name__}: {error}"))

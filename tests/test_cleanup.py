@@ -10,8 +10,8 @@ import sys
 import pytest
 
 import shmfeed
-from _kill_workers import wait_until
 from shmfeed import _gc, _names, _registry_client, _release
+from shmfeed.testing import wait_until
 
 pytestmark = pytest.mark.timeout(60)
 

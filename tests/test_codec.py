@@ -31,7 +31,7 @@ from shmfeed._codec import (
     resolve_type,
     type_name,
 )
-from shmfeed._errors import ChannelCorruptError, EncodingError, ShmfeedError
+from shmfeed._errors import ChannelCorruptError, EncodingError, ShmfeedError, UnknownTypeError
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -329,7 +329,7 @@ def test_property_round_trip(value: Any) -> None:
 def decode_or_corrupt(data: bytes) -> None:
     try:
         decode(data)
-    except ChannelCorruptError:
+    except (ChannelCorruptError, UnknownTypeError):  # bad bytes, or bytes naming a type not here
         pass  # anything else (or a crash) fails the test
 
 
@@ -401,23 +401,25 @@ def _ext(code: int, payload: Any) -> bytes:
 def test_class_lookup_accepts_only_the_right_kind(monkeypatch: pytest.MonkeyPatch) -> None:
     called: list[Any] = []
     monkeypatch.setattr(os, "system", lambda *a: called.append(a))
+    unknown, corrupt = UnknownTypeError, ChannelCorruptError  # a type not here / bad bytes
     forged = [
-        _ext(13, ["os.system", "echo pwned"]),  # Enum
-        _ext(14, ["os.system", ["echo pwned"]]),  # dataclass
-        _ext(15, ["os.system", ["echo pwned"]]),  # NamedTuple
-        _ext(13, ["subprocess.Popen", "true"]),  # a class, but not an Enum
-        _ext(13, [type_name(Point), 1]),  # a dataclass is not an Enum
-        _ext(14, [type_name(Color), [1]]),
-        _ext(15, ["builtins.tuple", [1]]),  # tuple without _fields
-        _ext(14, [type_name(Point), [1, 2, 3]]),  # wrong arity
-        _ext(15, [type_name(Pair), [1]]),
-        _ext(13, [type_name(Color), 99]),  # no such member
-        _ext(14, ["no_such_module_xyz.Thing", []]),
-        _ext(14, [["not", "a", "str"], []]),
+        (_ext(13, ["os.system", "echo pwned"]), unknown),  # Enum
+        (_ext(14, ["os.system", ["echo pwned"]]), unknown),  # dataclass
+        (_ext(15, ["os.system", ["echo pwned"]]), unknown),  # NamedTuple
+        (_ext(13, ["subprocess.Popen", "true"]), unknown),  # a class, but not an Enum
+        (_ext(13, [type_name(Point), 1]), unknown),  # a dataclass is not an Enum
+        (_ext(14, [type_name(Color), [1]]), unknown),
+        (_ext(15, ["builtins.tuple", [1]]), unknown),  # tuple without _fields
+        (_ext(14, [type_name(Point), [1, 2, 3]]), corrupt),  # wrong arity
+        (_ext(15, [type_name(Pair), [1]]), corrupt),
+        (_ext(13, [type_name(Color), 99]), corrupt),  # no such member
+        (_ext(14, ["no_such_module_xyz.Thing", []]), unknown),
+        (_ext(14, [["not", "a", "str"], []]), corrupt),
     ]
-    for data in forged:
-        with pytest.raises(ChannelCorruptError):
+    for data, error in forged:
+        with pytest.raises(error) as raised:
             decode(data)
+        assert type(raised.value) is error
     assert called == []
 
 
@@ -524,7 +526,7 @@ def test_register_type_with_name_and_precedence() -> None:
     assert b"wire.Renamed" in data and decode(data).v == -3
     register_type(RegisteredDC, lambda d: ["custom", d.v], lambda v: RegisteredDC(v[1] + 1))
     assert decode(encode(RegisteredDC(1))) == RegisteredDC(2)  # registered beats dataclass
-    with pytest.raises(ChannelCorruptError, match="no type registered"):
+    with pytest.raises(UnknownTypeError, match="no registered type 'never.registered'.*register_type"):
         decode(_ext(18, ["never.registered", 1]))
 
 
@@ -700,7 +702,7 @@ def test_decoding_never_imports_the_module_a_value_names(code: int, tmp_path, mo
         "import enum\nclass X(enum.Enum):\n    A = 1\n"
     )
     monkeypatch.syspath_prepend(str(tmp_path))
-    with pytest.raises(ChannelCorruptError, match="'plantedmod.X'.*import its module"):
+    with pytest.raises(UnknownTypeError, match="'plantedmod.X'.*import its module"):
         decode(_ext(code, ["plantedmod.X", 1] if code == _codec._ENUM else ["plantedmod.X", [1]]))
     assert "plantedmod" not in sys.modules and not (tmp_path / "ran").exists()
 

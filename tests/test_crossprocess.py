@@ -7,14 +7,13 @@ forkserver children); each takes the test's namespace first (see ``_workers``).
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 import time
 import uuid
 from datetime import date, datetime, timedelta, timezone
 from decimal import Decimal
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import psutil
@@ -22,9 +21,9 @@ import pytest
 
 import _workers as W
 import shmfeed
+from shmfeed.testing import running, wait_until
 
 RESULT_TIMEOUT = 60.0
-JOIN_TIMEOUT = 30.0
 
 
 # --- helpers ------------------------------------------------------------------------------------
@@ -36,34 +35,6 @@ def _get(results: shmfeed.Channel, timeout: float = RESULT_TIMEOUT) -> Any:
     if isinstance(message, tuple) and message and message[0] == "error":
         pytest.fail(f"child {message[1]} failed:\n{message[2]}")
     return message
-
-
-@contextlib.contextmanager
-def _running(ctx: Any, *specs: tuple[Any, tuple[Any, ...]]) -> Iterator[list[Any]]:
-    """Start one process per ``(target, args)``; on a normal exit join them all and check
-    they exited with 0. Killing is the last resort, in ``finally`` only."""
-    processes = [ctx.Process(target=target, args=args) for target, args in specs]
-    try:
-        for process in processes:
-            process.start()
-        yield processes
-        for process in processes:
-            process.join(JOIN_TIMEOUT)
-        assert [p.exitcode for p in processes] == [0] * len(processes)
-    finally:
-        for process in processes:
-            if process.is_alive():
-                process.kill()
-                process.join()
-
-
-def _wait_until(predicate: Any, timeout: float = RESULT_TIMEOUT) -> None:
-    """Poll (in the test only) until ``predicate()`` holds."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        time.sleep(0.005)
 
 
 # --- 1. one feed, four subscriber processes -------------------------------------------------------
@@ -79,7 +50,7 @@ def test_fanout_to_four_processes(mp_context, namespace):
     subs = [feed.subscribe(channel) for channel in given]
     specs = [(W.fanout_given_channel, (namespace, results, channel, n)) for channel in given]
     specs += [(W.fanout_self_subscribed, (namespace, results, "ticks", n)) for _ in range(2)]
-    with _running(mp_context, *specs):
+    with running(mp_context, *specs):
         ready = [_get(results) for _ in range(2)]
         assert [m[0] for m in ready] == ["ready", "ready"]
         counts = {feed.send(i) for i in range(n)}
@@ -107,7 +78,7 @@ def test_two_senders_one_total_order(mp_context, namespace):
     specs = [(W.ordered_sender, (namespace, results, "orders", sid, n, go)) for sid in (1, 2)]
     # channels[0] is read here in the parent, the other two by reader processes.
     specs += [(W.ordered_reader, (namespace, results, i, channels[i], 2 * n)) for i in (1, 2)]
-    with _running(mp_context, *specs):
+    with running(mp_context, *specs):
         assert sorted(_get(results) for _ in range(2)) == [("ready", 1), ("ready", 2)]
         go.set()
         mine = [channels[0].recv(timeout=RESULT_TIMEOUT) for _ in range(2 * n)]
@@ -136,7 +107,7 @@ def test_work_queue_each_value_once(mp_context, namespace):
     queue = shmfeed.Channel(capacity=64)
     results = shmfeed.Channel()
     specs = [(W.queue_worker, (namespace, results, i, queue)) for i in range(3)]
-    with _running(mp_context, *specs):
+    with running(mp_context, *specs):
         assert sorted(_get(results) for _ in range(3)) == [("ready", i) for i in range(3)]
         for i in range(n):
             queue.send(i)
@@ -190,7 +161,7 @@ def test_large_value_through_feed(mp_context, namespace):
     channel = shmfeed.Channel(capacity=4)
     results = shmfeed.Channel()
     sub = feed.subscribe(channel)
-    with _running(mp_context, (W.digest_one, (namespace, results, channel))):
+    with running(mp_context, (W.digest_one, (namespace, results, channel))):
         assert _get(results)[0] == "ready"
         assert feed.send(value) == 1
         report = _get(results)
@@ -250,7 +221,7 @@ def _assert_same(out: Any, sent: Any) -> None:
 def test_every_encoding_type_round_trips_through_a_process(mp_context, namespace):
     inbox, results, reply = shmfeed.Channel(), shmfeed.Channel(), shmfeed.Channel()
     values = _encodable_values(reply)
-    with _running(mp_context, (W.echo, (namespace, results, inbox))):
+    with running(mp_context, (W.echo, (namespace, results, inbox))):
         for value in values:
             inbox.send(value)
             out = _get(results)
@@ -274,7 +245,7 @@ def test_unencodable_value_reaches_no_subscriber(mp_context, namespace):
     channel, results = shmfeed.Channel(), shmfeed.Channel()
     local = shmfeed.Channel()
     subs = [feed.subscribe(channel), feed.subscribe(local)]
-    with _running(mp_context, (W.first_values, (namespace, results, channel, 2))):
+    with running(mp_context, (W.first_values, (namespace, results, channel, 2))):
         assert _get(results)[0] == "ready"
         assert feed.send({1}) == 2
         for bad in ({lambda: 0}, {1, object()}, {frozenset({1, object()})}):
@@ -314,10 +285,10 @@ def test_blocked_recv_and_select_use_no_cpu(mp_context, namespace):
     lone, a, b = shmfeed.Channel(), shmfeed.Channel(), shmfeed.Channel()
     results = shmfeed.Channel()
     specs = [(W.block_in_recv, (namespace, results, lone)), (W.block_in_select, (namespace, results, a, b))]
-    with _running(mp_context, *specs):
+    with running(mp_context, *specs):
         blocking = {m[1]: m[2] for m in (_get(results) for _ in range(2))}
         assert sorted(blocking) == ["recv", "select"]
-        _wait_until(lambda: all(c.statistics().waiting_receivers == 1 for c in (lone, a, b)))
+        wait_until(lambda: all(c.statistics().waiting_receivers == 1 for c in (lone, a, b)))
         procs = [psutil.Process(blocking[k]) for k in ("recv", "select")]
         before = [p.cpu_times() for p in procs]
         time.sleep(1.0)  # the measured interval

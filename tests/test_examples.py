@@ -1,8 +1,10 @@
-"""Every example runs as a user would run it and prints exactly what its docstring says."""
+"""Every example runs as a user would run it and prints exactly what its docstring says;
+the README's excerpts of examples are in them, as shown."""
 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -41,6 +43,20 @@ EXPECTED = {
         "got tick 2 from producer 2",
         "producer 2 closed the feed: subscription ended",
     ],
+    "worker_subscribes.py": [
+        "worker 0: 100 updates, total 5050",
+        "worker 1: 100 updates, total 5050",
+    ],
+    "ending_consumers.py": [
+        "closed channel: the consumer took 10 values, then its loop ended",
+        "sentinel: 3 consumers took 30 jobs, then one None each",
+        "ended subscription: the consumer took 10 values, then its loop ended",
+    ],
+    "module_level_subscribe.py": [
+        "3 subscriptions: the parent's and one per worker",
+        "64 sends delivered",
+        "send 65 timed out: delivered to 1 channel, 2 not read by anyone",
+    ],
     "demo.py": [
         "subscriber 0: got 1000 prices, total 500500 cents",
         "subscriber 1: got 1000 prices, total 500500 cents",
@@ -67,3 +83,29 @@ def test_example_prints_what_it_promises(name, namespace):
 
 def test_every_example_is_tested():
     assert {path.name for path in EXAMPLES.glob("*.py")} == set(EXPECTED)
+
+
+README = EXAMPLES.parent / "README.md"
+
+
+def _excerpts() -> list[tuple[str, list[str]]]:
+    """The README's code blocks that start with ``# examples/<name>.py``: (name, lines)."""
+    blocks = re.findall(r"```python\n# examples/(\S+\.py)\n(.*?)```", README.read_text(), re.S)
+    return [(name, body.splitlines()) for name, body in blocks]
+
+
+def test_the_readme_has_excerpts_of_examples():
+    assert {name for name, _ in _excerpts()} >= {"worker_subscribes.py", "pool_workers.py",
+                                                 "module_level_subscribe.py", "ending_consumers.py"}
+
+
+@pytest.mark.parametrize("name, lines", _excerpts(), ids=[name for name, _ in _excerpts()])
+def test_a_readme_excerpt_is_in_its_example(name, lines):
+    """Each line of the excerpt is a line of the example, in the same order; ``...`` skips."""
+    source = (EXAMPLES / name).read_text().splitlines()
+    position = 0
+    for line in lines:
+        if line.strip() == "...":
+            continue
+        assert line in source[position:], f"not in examples/{name} (after line {position}): {line!r}"
+        position = source.index(line, position) + 1

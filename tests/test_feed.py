@@ -4,20 +4,13 @@ from __future__ import annotations
 
 import pickle
 import threading
-import time
 
 import pytest
 
 import shmfeed
+from shmfeed.testing import wait_until
 
 pytestmark = pytest.mark.timeout(60)
-
-
-def _wait_until(predicate, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached"
-        time.sleep(0.001)
 
 
 # --- TestFeedPanics ------------------------------------------------------------------------
@@ -127,7 +120,7 @@ def test_subscribing_while_a_send_blocks_takes_effect_at_the_next_send():
 
     sender = threading.Thread(target=send_one)
     sender.start()
-    _wait_until(lambda: blocking.statistics().waiting_senders == 1)
+    wait_until(lambda: blocking.statistics().waiting_senders == 1)
     late = shmfeed.Channel()
     feed.subscribe(late)
     assert blocking.recv(timeout=5) == 0
@@ -152,7 +145,7 @@ def test_unsubscribe_releases_a_send_blocked_on_that_channel():
     counts: list[int] = []
     sender = threading.Thread(target=lambda: counts.append(feed.send(1)))
     sender.start()
-    _wait_until(lambda: stuck.statistics().waiting_senders == 1)
+    wait_until(lambda: stuck.statistics().waiting_senders == 1)
     stuck_sub.unsubscribe()
     sender.join(10)
     assert not sender.is_alive()
@@ -322,7 +315,7 @@ def test_select_wakes_when_a_value_arrives_from_another_thread():
     results: list[tuple[object, object]] = []
     waiter = threading.Thread(target=lambda: results.append(shmfeed.select(a, b, timeout=20)))
     waiter.start()
-    _wait_until(lambda: b.statistics().waiting_receivers == 1)
+    wait_until(lambda: b.statistics().waiting_receivers == 1)
     b.send("hello")
     waiter.join(10)
     assert results == [(b, "hello")]

@@ -2,7 +2,7 @@
 socket and its request handler (issue 7).
 
 A corrupt ring may only ever give a value, ``TimeoutError``, ``ChannelClosed`` or
-``ChannelCorruptError`` — never another exception, a hang or a crash — and once its
+``ChannelCorruptError`` (or ``UnknownTypeError`` for bytes that name a type) — never another exception, a hang or a crash — and once its
 header words are consistent again the channel works. The registry answers ``ping`` after
 any garbage. Each test prints how many inputs it tried (``pytest -s`` shows them).
 """
@@ -24,12 +24,13 @@ from hypothesis import strategies as st
 import shmfeed
 from shmfeed import _layout as L
 from shmfeed import _registry, _registry_client
+from shmfeed.testing import ping_registry, registry_pid
 
 RING = 4096
 SETTINGS = dict(deadline=None, database=None, derandomize=True,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
                                        HealthCheck.data_too_large])
-ALLOWED = (TimeoutError, shmfeed.ChannelClosed, shmfeed.ChannelCorruptError)
+ALLOWED = (TimeoutError, shmfeed.ChannelClosed, shmfeed.ChannelCorruptError, shmfeed.UnknownTypeError)
 U64 = (1 << 64) - 1
 
 counts: dict[str, int] = {}
@@ -51,7 +52,7 @@ def drain(channel: shmfeed.Channel, limit: int = 64) -> list[Any]:
             got.append(channel.recv(timeout=0))
         except TimeoutError:
             return got
-        except (shmfeed.ChannelClosed, shmfeed.ChannelCorruptError) as error:
+        except (shmfeed.ChannelClosed, shmfeed.ChannelCorruptError, shmfeed.UnknownTypeError) as error:
             got.append(error)
     return got
 
@@ -213,16 +214,7 @@ def test_corrupt_spill_size_is_reported_as_corrupt() -> None:
 def _start_registry(namespace: str, monkeypatch: pytest.MonkeyPatch) -> tuple[shmfeed.Channel, int]:
     monkeypatch.delenv("SHMFEED_NO_REGISTRY", raising=False)
     channel = shmfeed.Channel()
-    deadline = time.monotonic() + 30
-    while True:
-        if _registry_client.is_running(namespace):
-            try:
-                answer = _registry_client.request(namespace, {"op": "ping"}, timeout=2)
-                return channel, int(answer["pid"])
-            except shmfeed.RegistryUnavailableError:
-                pass
-        assert time.monotonic() < deadline, "no registry started"
-        time.sleep(0.02)
+    return channel, registry_pid(namespace, 30)
 
 
 def _send_raw(path: str, data: bytes) -> None:
@@ -283,8 +275,7 @@ def test_fuzz_registry_socket(namespace: str, monkeypatch: pytest.MonkeyPatch) -
             length, body = payload
             data = struct.pack("<I", length) + body
         _send_raw(path, data)
-        answer = _registry_client.request(namespace, {"op": "ping"}, timeout=5)
-        assert answer["ok"] and answer["pid"] == pid, answer
+        assert ping_registry(namespace, 5) == pid, "the registry stopped answering"
 
     fuzz()
     channel.close()

@@ -21,7 +21,8 @@ import pytest
 import shmfeed
 from shmfeed import _gc, _inspect, _registry_client
 import _lifecycle_workers as W
-from _kill_workers import registry_pid, wait_until, wait_watched
+from _kill_workers import wait_watched
+from shmfeed.testing import registry_pid, wait_until
 
 TOOLS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools")
 sys.path.insert(0, TOOLS)

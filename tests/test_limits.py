@@ -21,7 +21,7 @@ import shmfeed
 from shmfeed import _layout as L
 from shmfeed import _process
 from shmfeed._subscription import LocalErrorChannel
-from _kill_workers import wait_until
+from shmfeed.testing import wait_until
 
 WAIT = 30.0
 

@@ -12,7 +12,7 @@ pytestmark = pytest.mark.timeout(30)
 def test_all_names_are_exported_and_nothing_public_is_missing():
     public = {name for name in dir(shmfeed) if not name.startswith("_")}
     assert set(shmfeed.__all__) <= public
-    modules = {"annotations"}
+    modules = {"annotations", "testing"}  # shmfeed.testing, once imported
     assert public - set(shmfeed.__all__) - modules == set()
 
 
@@ -44,3 +44,22 @@ def test_the_readme_documents_every_public_name():
 
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     assert [name for name in shmfeed.__all__ if f"`{name}" not in readme and f"{name}(" not in readme] == []
+
+
+def test_only_exported_objects_claim_to_live_in_shmfeed():
+    # A traceback or repr naming shmfeed.X must name something `from shmfeed import X` gives.
+    import importlib
+    import inspect
+    import pkgutil
+
+    claiming = []
+    for info in pkgutil.iter_modules(shmfeed.__path__):
+        if info.name in ("_registry", "_cli", "_monitor"):  # entry points, import rich etc.
+            continue
+        module = importlib.import_module(f"shmfeed.{info.name}")
+        for name, obj in vars(module).items():
+            if (inspect.isclass(obj) or inspect.isfunction(obj)) and obj.__module__ == "shmfeed":
+                claiming.append((info.name, name, obj))
+    assert claiming, "the walk found nothing: it tests nothing"
+    wrong = [f"{module}.{name}" for module, name, obj in claiming if getattr(shmfeed, obj.__name__, None) is not obj]
+    assert wrong == []

@@ -1,8 +1,9 @@
 """new_subscription, resubscribe, resubscribe_err and join_subscriptions.
 
 Ports of go-ethereum's ``event/subscription_test.go`` and ``event/multisub_test.go``, then
-backoff timing (lower bounds exact, upper bounds generous: these run on loaded machines),
-then resubscribing across a sender process that is killed and restarted.
+the backoff's exact sequence of waits (on a fake clock: on a loaded machine a measured wait
+cannot tell a backoff of 0.02 s from one of 0.1 s), then resubscribing across a sender
+process that is killed and restarted.
 """
 
 from __future__ import annotations
@@ -18,9 +19,34 @@ import pytest
 
 import _mux_workers as W
 import shmfeed
+from shmfeed import _resubscribe
 
 WAIT = 10.0  # generous bound for anything that should happen "at once"
-EARLY = 0.002  # timer slack tolerated below a lower bound
+
+
+class FakeClock:
+    """The backoff's clock and sleep (``_resubscribe._monotonic``, ``_sleep``): time moves
+    only when the backoff sleeps (each wait is recorded) or a test's fn says it took time."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.now = 1000.0
+        self.waits: list[float] = []
+        monkeypatch.setattr(_resubscribe, "_monotonic", lambda: self.now)
+        monkeypatch.setattr(_resubscribe, "_sleep", self.sleep)
+
+    def sleep(self, quit: threading.Event, seconds: float) -> bool:
+        self.waits.append(seconds)
+        self.now += seconds
+        return quit.is_set()
+
+    def take(self, seconds: float) -> None:
+        """The call being made lasts ``seconds``."""
+        self.now += seconds
+
+
+def _gaps(calls: list[tuple[float, float]]) -> list[float]:
+    """Time from the end of each call of fn to the start of the next."""
+    return [next_start - end for (_, end), (next_start, _) in zip(calls, calls[1:])]
 
 
 class IntsError(Exception):
@@ -150,16 +176,17 @@ def test_new_subscription_needs_a_callable():
 
 
 @pytest.mark.timeout(30)
-def test_resubscribe():
+def test_resubscribe(monkeypatch):
+    clock = FakeClock(monkeypatch)
     calls: list[tuple[float, float]] = []  # (start, end) of each call of fn
     nfails = 6
 
     def fn(ctx: threading.Event) -> shmfeed.Subscription:
-        start = time.monotonic()
+        start = clock.now
         i = len(calls) + 1
         if i == 2:
-            time.sleep(0.2)  # delay the second failure a bit to reset the backoff
-        calls.append((start, time.monotonic()))
+            clock.take(0.2)  # delay the second failure a bit to reset the backoff
+        calls.append((start, clock.now))
         if i < nfails:
             raise RuntimeError("oops")
         return shmfeed.new_subscription(lambda unsubscribed: None)
@@ -168,10 +195,9 @@ def test_resubscribe():
     assert _ended_ok(sub)
     assert len(calls) == nfails
     # geth's schedule: 0.02 (doubled from 0.01), then reset to 0.01 after the slow call,
-    # then 0.02, 0.04, 0.08.
-    waits = [next_start - end for (_, end), (next_start, _) in zip(calls, calls[1:])]
-    for wait, expected in zip(waits, [0.02, 0.01, 0.02, 0.04, 0.08]):
-        assert expected - EARLY <= wait < expected + 2.0, (waits, expected)
+    # then 0.02, 0.04, 0.08; and nothing but these waits between the calls.
+    assert clock.waits == pytest.approx([0.02, 0.01, 0.02, 0.04, 0.08])
+    assert _gaps(calls) == pytest.approx(clock.waits)
     sub.unsubscribe()
 
 
@@ -234,49 +260,42 @@ def test_resubscribe_with_completed_subscription():
 
 
 @pytest.mark.timeout(30)
-def test_backoff_doubles_up_to_the_maximum():
-    starts: list[float] = []
-    ends: list[float] = []
+def test_backoff_doubles_up_to_the_maximum(monkeypatch):
+    clock = FakeClock(monkeypatch)
+    calls: list[tuple[float, float]] = []
 
     def fn(ctx: threading.Event) -> shmfeed.Subscription:
-        starts.append(time.monotonic())
-        if len(starts) < 8:
-            ends.append(time.monotonic())
+        calls.append((clock.now, clock.now))
+        if len(calls) < 8:
             raise ConnectionError("down")
         return shmfeed.new_subscription(lambda quit: None)
 
     sub = shmfeed.resubscribe(0.2, fn)
     assert _ended_ok(sub)
-    waits = [start - end for end, start in zip(ends, starts[1:])]
-    expected = [0.04, 0.08, 0.16, 0.2, 0.2, 0.2, 0.2]
-    assert len(waits) == len(expected)
-    for wait, low in zip(waits, expected):
-        assert low - EARLY <= wait < low + 2.0, (waits, expected)
-    # Capped: the four waits at the maximum are not growing (allowing for a loaded machine).
-    assert max(waits[3:]) < min(waits[3:]) + 1.0
+    assert clock.waits == pytest.approx([0.04, 0.08, 0.16, 0.2, 0.2, 0.2, 0.2])
+    assert _gaps(calls) == pytest.approx(clock.waits)
     sub.unsubscribe()
 
 
 @pytest.mark.timeout(30)
-def test_backoff_resets_after_a_quiet_period():
-    starts: list[float] = []
-    ends: list[float] = []
+def test_backoff_resets_after_a_quiet_period(monkeypatch):
+    clock = FakeClock(monkeypatch)
+    calls: list[tuple[float, float]] = []
 
     def fn(ctx: threading.Event) -> shmfeed.Subscription:
-        starts.append(time.monotonic())
-        if len(starts) == 3:
-            time.sleep(1.05)  # this try began more than backoff_max before its failure
-        ends.append(time.monotonic())
-        if len(starts) < 4:
+        start = clock.now
+        if len(calls) == 2:
+            clock.take(1.05)  # this try began more than backoff_max before its failure
+        calls.append((start, clock.now))
+        if len(calls) < 4:
             raise ConnectionError("down")
         return shmfeed.new_subscription(lambda quit: None)
 
     sub = shmfeed.resubscribe(1.0, fn)
     assert _ended_ok(sub)
-    waits = [start - end for end, start in zip(ends, starts[1:])]
-    assert 0.2 - EARLY <= waits[0] and 0.4 - EARLY <= waits[1]
-    # Reset to 0.1 s; without the reset it would have been 0.8 s.
-    assert 0.1 - EARLY <= waits[2] < 0.6, waits
+    # 0.2, 0.4, then back to 0.1 (without the reset it would have been 0.8).
+    assert clock.waits == pytest.approx([0.2, 0.4, 0.1])
+    assert _gaps(calls) == pytest.approx(clock.waits)
     sub.unsubscribe()
 
 

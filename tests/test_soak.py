@@ -36,35 +36,3 @@ def test_short_soak_with_chaos(namespace: str) -> None:
     subs = report["subscribers"]
     assert subs["sub1"]["large"] > 0 and subs["sub1"]["spilled"] == 0, subs
     assert any(s["spilled"] > 0 for s in subs.values()), subs
-
-
-def _recv_in_child(channel, out) -> None:  # type: ignore[no-untyped-def]
-    try:
-        out.send(("ok", channel.recv(timeout=10)))
-    except BaseException as error:  # noqa: BLE001 - reported to the parent
-        out.send(("error", f"{type(error).__module__}.{type(error).__name__}: {error}"))
-
-
-@pytest.mark.timeout(60)
-def test_a_channel_opened_in_another_process_waits_for_a_busy_lock() -> None:
-    import multiprocessing
-    import shmfeed
-
-    channel = shmfeed.Channel(capacity=4)
-    channel.send("v")
-    core = channel._core  # type: ignore[attr-defined]
-    ctx = multiprocessing.get_context("spawn")
-    reader, writer = ctx.Pipe(duplex=False)
-    core.recv_lock.acquire()  # another receiver is busy for a second
-    try:
-        child = ctx.Process(target=_recv_in_child, args=(channel, writer))
-        child.start()
-        import time
-
-        time.sleep(1.5)
-    finally:
-        core.recv_lock.release()
-    assert reader.poll(20)
-    outcome = reader.recv()
-    child.join(20)
-    assert outcome == ("ok", "v"), outcome

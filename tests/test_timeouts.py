@@ -4,7 +4,9 @@ needs (SPEC §3, last bullet), and ``Feed.send(value, timeout)`` says who got th
 A child process takes one lock the way the library does (its pid in the lock's owner word),
 says so on an Event and keeps it far longer than the parent's timeout; the parent's call
 must give up within ``TIMEOUT``..``BOUND`` seconds having changed nothing, and work again
-once the child let go. Each test runs on the C hot path and on the pure-Python path (the
+once the child let go. The converse too: a call waits for such a lock as long as its
+timeout allows (the child, asleep on the lock, is seen in the semaphore's count of sleepers
+before the hold is timed). Each test runs on the C hot path and on the pure-Python path (the
 ``data_path`` fixture), and under every start method where a child is involved.
 """
 
@@ -14,8 +16,10 @@ import asyncio
 import contextlib
 import glob
 import multiprocessing
+import os
 import pickle
 import re
+import struct
 import time
 from typing import Any, Callable, Iterator
 
@@ -24,7 +28,9 @@ import pytest
 import _kill_workers as K
 import _timeout_workers as T
 import shmfeed
+from shmfeed import _layout as L
 from shmfeed import _names, _ring
+from shmfeed.testing import running, wait_until
 
 TIMEOUT = 1.0
 BOUND = 1.6  # the timeout, plus slack for a loaded 2-core box; the bug took 3.5 s
@@ -200,7 +206,8 @@ def test_feed_send_timing_out_on_a_full_channel_says_who_got_the_value(namespace
     assert TIMEOUT <= elapsed < BOUND, elapsed
     assert error.delivered == 1 and error.pending == (_label(full),)
     assert str(error) == (
-        f"shmfeed: feed 'prices' send timed out after 1.0 s: delivered to 1 channel, not to {_label(full)} (full)"
+        f"shmfeed: feed 'prices' send timed out after 1.0 s: delivered to 1 channel, not to {_label(full)} (full); "
+        f"send it again to reach those (the others get it twice), or give a longer timeout"
     )
     again = pickle.loads(pickle.dumps(error))  # e.g. a Pool task's error, back in the parent
     assert (type(again), str(again), again.delivered, again.pending) == (type(error), str(error), 1, error.pending)
@@ -213,3 +220,50 @@ def test_feed_send_timing_out_on_a_full_channel_says_who_got_the_value(namespace
     assert _drain(roomy) == [new] and _drain(full) == [new]
     for sub in subs:
         sub.unsubscribe()
+
+
+# --- and waits as long as it may ----------------------------------------------------------------
+
+
+def _sleepers(lock: Any) -> int:
+    """How many threads, in any process, sleep in ``sem_wait`` on this named semaphore:
+    glibc keeps the count in the upper half of the semaphore's first 64-bit word."""
+    with open("/dev/shm/sem." + lock.name.lstrip("/"), "rb") as semaphore:
+        return int(struct.unpack("<Q", semaphore.read(8))[0] >> 32)
+
+
+@pytest.mark.timeout(60)
+def test_a_channel_opened_in_another_process_waits_for_a_busy_lock(namespace, data_path, monkeypatch):
+    """A channel unpickled in a spawn child takes its locks the ordinary way: its ``recv``
+    waits for a receive lock another process holds for as long as its timeout allows. (It
+    once opened them bounded, as recovery does, and gave up after 0.2 s with LockBusy.)"""
+    if data_path == "python":
+        monkeypatch.setenv("SHMFEED_PURE_PYTHON", "1")  # for the child, as the fixture did here
+    channel = shmfeed.Channel(capacity=4)
+    channel.send("v")
+    core = channel._live_core()
+    lock, words = core.recv_lock, core.words
+    hold = 5 * _ring.RECOVERY_LOCK_TIMEOUT  # far past where a bounded lock gives up
+    ctx = multiprocessing.get_context("spawn")
+    reader, writer = ctx.Pipe(duplex=False)
+    lock.acquire()  # taken as the library takes it: with its owner's pid
+    words[L.RECV_LOCK_OWNER] = os.getpid()
+    try:
+        with running(ctx, (T.recv_once, (namespace, channel, writer))) as (child,):
+            # Hand-shake: the child is about to call, then asleep on the lock (not merely
+            # started) before the hold is timed; a child that gave up says so on the pipe.
+            assert reader.poll(30) and reader.recv() == ("calling", child.pid)
+            wait_until(lambda: _sleepers(lock) == 1 or reader.poll(0), 30, "the child asleep on the receive lock")
+            assert not reader.poll(hold), f"the child stopped waiting for the lock: {reader.recv()}"
+            assert _sleepers(lock) == 1
+            words[L.RECV_LOCK_OWNER] = 0
+            lock.release()
+            lock = None
+            assert reader.poll(20), "the child did not take the lock once free"
+            assert reader.recv() == ("ok", "v")
+            child.join(20)
+    finally:
+        if lock is not None:
+            words[L.RECV_LOCK_OWNER] = 0
+            lock.release()
+    channel.close()

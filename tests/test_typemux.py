@@ -15,16 +15,9 @@ import pytest
 
 import _mux_workers as W
 import shmfeed
+from shmfeed.testing import wait_until
 
 WAIT = 10.0
-
-
-def _wait_until(predicate: Any, timeout: float = WAIT) -> None:
-    """Poll (in the test only) until ``predicate()`` holds."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.001)
 
 
 def _waiting_posts(sub: shmfeed.TypeMuxSubscription) -> int:
@@ -72,7 +65,7 @@ def test_mux_error_after_stop():
     mux = shmfeed.TypeMux()
     mux.stop()
     sub = mux.subscribe(W.Ping)
-    assert sub.closed()
+    assert sub.closed
     with pytest.raises(shmfeed.ChannelClosed):  # "subscription channel was not closed"
         sub.chan().recv(timeout=0)
     with pytest.raises(shmfeed.ErrMuxClosed) as raised:
@@ -91,12 +84,12 @@ def test_unsubscribe_unblock_post():
         unblocked = threading.Event()
         poster = threading.Thread(target=lambda: (mux.post(W.Ping(5)), unblocked.set()))
         poster.start()
-        _wait_until(lambda: _waiting_posts(sub) == 1)
+        wait_until(lambda: _waiting_posts(sub) == 1)
         assert not unblocked.is_set(), "Post returned before Unsubscribe"
         sub.unsubscribe()
         assert unblocked.wait(WAIT)
         poster.join(WAIT)
-        assert sub.closed()
+        assert sub.closed
     finally:
         mux.stop()
 
@@ -197,11 +190,11 @@ def test_stop_releases_posts_and_waits_for_them():
     outcomes: list[Any] = []
     poster = threading.Thread(target=lambda: outcomes.append(mux.post(W.Ping(2))))
     poster.start()
-    _wait_until(lambda: _waiting_posts(sub) == 1)
+    wait_until(lambda: _waiting_posts(sub) == 1)
     mux.stop()
     assert not poster.is_alive() and outcomes == [None]  # stop() returned after the post did
     poster.join()
-    assert sub.closed()
+    assert sub.closed
     assert sub.chan().recv(timeout=0).data == W.Ping(1)  # what was delivered stays readable
     with pytest.raises(shmfeed.ChannelClosed):
         sub.chan().recv(timeout=0)
@@ -214,8 +207,8 @@ def test_subscription_is_a_context_manager_and_unsubscribe_is_idempotent():
     mux = shmfeed.TypeMux()
     with mux.subscribe(W.Ping, capacity=2) as sub:
         mux.post(W.Ping(1))
-        assert not sub.closed()
-    assert sub.closed()
+        assert not sub.closed
+    assert sub.closed
     sub.unsubscribe()
     mux.post(W.Ping(2))  # no subscriber left: nothing waits
     assert [event.data for event in sub.chan()] == [W.Ping(1)]
@@ -248,7 +241,8 @@ def test_named_mux_is_shared_and_stops_everywhere():
     first, second = shmfeed.TypeMux("bus"), shmfeed.TypeMux("bus")
     sub = second.subscribe(W.Ping, capacity=4)
     first.post(W.Ping(7))
-    assert second.subscribe(W.Pong).closed() is False
+    pong = second.subscribe(W.Pong)
+    assert not pong.closed and pong.closed() is False and pong.closed == False  # noqa: E712 (geth spells it Closed())
     assert sub.chan().recv(timeout=WAIT).data == W.Ping(7)
     copy = pickle.loads(pickle.dumps(first))
     copy.post(W.Ping(8))
@@ -259,8 +253,8 @@ def test_named_mux_is_shared_and_stops_everywhere():
     # The other mux object learns it through its watcher: its subscription closes.
     with pytest.raises(shmfeed.ChannelClosed):
         sub.chan().recv(timeout=WAIT)
-    _wait_until(sub.closed)
-    assert second.subscribe(W.Ping).closed()
+    wait_until(lambda: sub.closed)
+    assert second.subscribe(W.Ping).closed
     for mux in (second, copy):
         mux.stop()
     anonymous = shmfeed.TypeMux()  # a pickled anonymous mux is the same mux, as a Feed is
@@ -289,7 +283,7 @@ def test_named_mux_poster_in_another_process(mp_context, namespace):
         assert pongs.chan().recv(timeout=WAIT).data == W.Pong("done")
         assert _report(results) == "posted"
         mux.stop()
-        assert pings.closed() and pongs.closed()
+        assert pings.closed and pongs.closed
         go.send("stopped")
         assert _report(results) == ("closed", "event: mux closed")
         process.join(30)

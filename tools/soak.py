@@ -773,13 +773,10 @@ def worker_entry(*args: Any) -> None:
 
 
 def registry_pid(namespace: str, timeout: float = 2.0) -> int | None:
-    from shmfeed import RegistryUnavailableError, _registry_client
+    """The pid of the namespace's registry, or None if none answers (shmfeed imported late)."""
+    from shmfeed.testing import ping_registry
 
-    try:
-        answer = _registry_client.request(namespace, {"op": "ping"}, timeout=timeout)
-    except RegistryUnavailableError:
-        return None
-    return int(answer["pid"]) if isinstance(answer, dict) and answer.get("ok") else None
+    return ping_registry(namespace, timeout)
 
 
 def subscription_owners(feed: Any) -> set[int]:
