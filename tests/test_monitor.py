@@ -19,6 +19,7 @@ import shmfeed
 from shmfeed import _gc
 from shmfeed import _layout as L
 from shmfeed import _monitor as monitor_module
+from shmfeed.testing import wait_until
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -211,10 +212,7 @@ def test_the_slow_labelled_reader_and_the_blocked_sender_are_on_screen(mp_contex
         assert ready.get() == sender.pid
         reader.start()
         assert ready.get() == reader.pid
-        deadline = time.monotonic() + 30
-        while slow.statistics().waiting_senders != 1:
-            assert time.monotonic() < deadline, "the sender never blocked"
-            time.sleep(0.01)
+        wait_until(lambda: slow.statistics().waiting_senders == 1, 30, "the sender blocked on the full channel")
         view = json.loads(_monitor(namespace, "--json").stdout)
         assert view["schema"] == 3
         (channel,) = view["channels"]
