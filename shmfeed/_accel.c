@@ -32,7 +32,7 @@
 enum {
     W_WRITE_POS, W_READ_POS, W_SENT, W_RECEIVED, W_CLOSED, W_CAPACITY,
     W_LOCK_OWNER, W_RECV_LOCK_OWNER, W_RECV_WAITING, W_SEND_WAITING, W_WAIT_LOCK_OWNER,
-    W_LAST_RECV_PID, W_LAST_RECV_TIME, W_COUNT
+    W_LAST_RECV_PID, W_LAST_RECV_TIME, W_READERS_FIRST, W_READERS_LAST, W_COUNT
 };
 
 #define WAKER_CACHE 8
@@ -55,6 +55,7 @@ typedef struct {
     uint64_t waker_ids[WAKER_CACHE];      /* wakers posted lately, and their handles */
     sem_t *wakers[WAKER_CACHE];
     int next_victim;
+    Py_ssize_t reader_hint;               /* our entry in the readers table, -1: none */
 } Ring;
 
 static inline uint64_t load(const Ring *self, int which) {
@@ -206,13 +207,48 @@ static PyObject *offer_all(PyObject *module, PyObject *const *args, Py_ssize_t n
     return answer == -2 ? NULL : PyLong_FromLong(answer);
 }
 
-/* Who received last, and when (CLOCK_MONOTONIC ns, coarse: a few ns to read), for the
- * monitor's "last read" and "no reader"; as ChannelCore._note_receiver. */
+/* Who received last, and when (CLOCK_MONOTONIC ns, coarse: a few ns to read), and this
+ * process's entry in the readers table, for the monitor's "readers" and "no reader"; as
+ * ChannelCore._note_receiver and _layout.note_reader (receive lock held). */
 static inline void note_receiver(Ring *self, uint64_t pid) {
     struct timespec now;
     clock_gettime(CLOCK_MONOTONIC_COARSE, &now);
+    uint64_t stamp = (uint64_t)now.tv_sec * 1000000000u + (uint64_t)now.tv_nsec;
     store(self, W_LAST_RECV_PID, pid);
-    store(self, W_LAST_RECV_TIME, (uint64_t)now.tv_sec * 1000000000u + (uint64_t)now.tv_nsec);
+    store(self, W_LAST_RECV_TIME, stamp);
+    uint64_t *table = &self->words[self->index[W_READERS_FIRST]];
+    Py_ssize_t entries = (self->index[W_READERS_LAST] - self->index[W_READERS_FIRST] + 1) / 2;
+    Py_ssize_t hint = self->reader_hint;
+    if (hint >= 0 && hint < entries && __atomic_load_n(&table[2 * hint], __ATOMIC_RELAXED) == pid) {
+        __atomic_store_n(&table[2 * hint + 1], stamp, __ATOMIC_RELEASE);
+        return;
+    }
+    /* Our own entry, else the first free one, else the one read longest ago. */
+    Py_ssize_t choice = 0;
+    int free_found = 0;
+    uint64_t oldest = UINT64_MAX;
+    for (Py_ssize_t i = 0; i < entries; i++) {
+        uint64_t owner = __atomic_load_n(&table[2 * i], __ATOMIC_RELAXED);
+        if (owner == pid) {
+            choice = i;
+            break;
+        }
+        if (free_found)
+            continue;
+        if (owner == 0) {
+            choice = i;
+            free_found = 1;
+            continue;
+        }
+        uint64_t read_at = __atomic_load_n(&table[2 * i + 1], __ATOMIC_RELAXED);
+        if (read_at < oldest) {
+            choice = i;
+            oldest = read_at;
+        }
+    }
+    __atomic_store_n(&table[2 * choice + 1], stamp, __ATOMIC_RELEASE);  /* time before pid */
+    __atomic_store_n(&table[2 * choice], pid, __ATOMIC_RELEASE);
+    self->reader_hint = choice;
 }
 
 /* Ring.poll(pid) -> the payload of the oldest inline record, or None (take the Python
@@ -402,6 +438,10 @@ static int Ring_init(Ring *self, PyObject *args, PyObject *kwargs) {
     }
     if (parse_indices(indices, W_COUNT, header_bytes, self->index) < 0)
         return -1;
+    if (self->index[W_READERS_LAST] < self->index[W_READERS_FIRST] + 1) {
+        PyErr_SetString(PyExc_ValueError, "Ring: bad readers table");
+        return -1;
+    }
     if (header_bytes < 8 || header_bytes % 8 || ring_bytes < 8 || ring_bytes % 8) {
         PyErr_SetString(PyExc_ValueError, "Ring: header and ring sizes must be positive multiples of 8");
         return -1;
@@ -434,6 +474,7 @@ static int Ring_init(Ring *self, PyObject *args, PyObject *kwargs) {
     self->words = (uint64_t *)self->view.buf;
     self->ring = (unsigned char *)self->view.buf + header_bytes;
     self->ring_bytes = ring_bytes;
+    self->reader_hint = -1;
     return 0;
 }
 

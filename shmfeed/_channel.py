@@ -5,7 +5,7 @@ from __future__ import annotations
 import struct
 import time
 import warnings
-from typing import Any, AsyncIterator, Generic, Iterator, TypeVar
+from typing import Any, AsyncIterator, Generic, Iterator, TypeVar, overload
 
 from . import _codec, _names, _registry_client, _ring, _waker
 from . import _layout as L
@@ -15,6 +15,7 @@ from ._stats import ChannelStatistics
 T = TypeVar("T")
 
 _REFERENCE = struct.Struct("<Q")
+DEFAULT_CAPACITY = 1024
 
 
 def display_type(type_name: str) -> str:
@@ -61,32 +62,83 @@ class Channel(TypeArgument, Generic[T]):
     make a work queue: each value goes to exactly one of them. Values from one sender are
     received in the order sent.
 
+    ``Channel(64)`` (an int first) is a channel of capacity 64, as ``queue.Queue(64)`` is;
+    ``Channel(int)`` (a type first) is a channel of ints. ``Channel(64, capacity=8)`` gives
+    the capacity twice and is a ``TypeError``.
+
     Args:
         elem_type: if given, only values whose type is exactly this are accepted, and a
             Feed it is subscribed to is fixed to this type. ``Channel[int]()`` does the same.
-        capacity: how many values it holds before a sender blocks.
+            An ``int`` here (not a ``bool``) is the capacity instead.
+        capacity: how many values it holds before a sender blocks (default 1024).
         buffer_size: bytes of ring; default 512 per value of capacity (64 KiB at least).
             Values larger than a quarter of it travel as files in /dev/shm.
         overflow: what a sender does when the channel is full: ``"block"`` (wait),
             ``"drop_newest"`` (skip this value), ``"drop_oldest"`` (discard the oldest
             waiting value) or ``"evict"`` (a Feed ends this channel's subscriptions with
             ``SlowSubscriberError``; a direct ``send`` waits).
+        name: a label for people, nothing more: shown by ``shmfeed monitor``, in ``repr``
+            and as ``channel.name`` in every process that holds the channel. At most
+            ``CHANNEL_NAME_MAX`` (128) bytes of UTF-8, printable characters only. It
+            names no shared object: two channels may carry one label.
+
+    Raises:
+        TypeError: ``elem_type`` is neither a type, None nor an int; the capacity was
+            given twice; ``name`` is not a str.
+        ValueError: a capacity below 1, a bad ``buffer_size`` or ``overflow``, or a
+            ``name`` that is empty, too long or unprintable.
+        SharedObjectError: /dev/shm has no room for the ring (errno ENOSPC).
 
     A Channel is a context manager that closes it on exit.
     """
 
-    __slots__ = ("_core", "_namespace", "_channel_id", "_elem_type", "_elem_type_name", "__weakref__")
+    __slots__ = ("_core", "_namespace", "_channel_id", "_elem_type", "_elem_type_name", "_label", "__weakref__")
 
+    @overload
     def __init__(
-        self,
-        elem_type: type[T] | None = None,
-        capacity: int = 1024,
+        self: "Channel[Any]",
+        elem_type: int,
         *,
         buffer_size: int | None = None,
         overflow: str = "block",
+        name: str | None = None,
+    ) -> None: ...
+
+    @overload
+    def __init__(
+        self,
+        elem_type: type[T] | None = None,
+        capacity: int | None = None,
+        *,
+        buffer_size: int | None = None,
+        overflow: str = "block",
+        name: str | None = None,
+    ) -> None: ...
+
+    def __init__(
+        self,
+        elem_type: type[T] | int | None = None,
+        capacity: int | None = None,
+        *,
+        buffer_size: int | None = None,
+        overflow: str = "block",
+        name: str | None = None,
     ) -> None:
+        if isinstance(elem_type, int) and not isinstance(elem_type, bool):
+            # Channel(64): a capacity first, as queue.Queue(64).
+            if capacity is not None:
+                raise TypeError(
+                    f"shmfeed: Channel() got the capacity twice ({elem_type!r} first, and capacity={capacity!r}); "
+                    f"give it once: Channel({elem_type!r}) or Channel(capacity={capacity!r})"
+                )
+            elem_type, capacity = None, elem_type
         if elem_type is not None and not isinstance(elem_type, type):
-            raise TypeError(f"shmfeed: elem_type must be a type or None, got {elem_type!r}")
+            raise TypeError(
+                f"shmfeed: Channel()'s first argument must be a type (typed channel), an int (capacity) "
+                f"or None, got {elem_type!r}; write Channel(int) for ints, Channel(64) for a capacity of 64"
+            )
+        if capacity is None:
+            capacity = DEFAULT_CAPACITY
         if not isinstance(capacity, int) or isinstance(capacity, bool) or capacity < 1:
             raise ValueError(f"shmfeed: capacity must be an int >= 1, got {capacity!r}")
         if buffer_size is None:
@@ -97,11 +149,19 @@ class Channel(TypeArgument, Generic[T]):
             ring_bytes = (buffer_size + 7) // 8 * 8
         if overflow not in _ring.OVERFLOW_CODES:
             raise ValueError(f"shmfeed: overflow must be one of {', '.join(_ring.OVERFLOW_POLICIES)}; got {overflow!r}")
+        if name is not None:
+            _names.validate_name(name, what="channel name", limit=L.CHANNEL_NAME_MAX)
+            if len(name.encode()) > L.CHANNEL_NAME_MAX:
+                raise ValueError(
+                    f"shmfeed: channel name must be at most {L.CHANNEL_NAME_MAX} bytes of UTF-8, "
+                    f"got {len(name.encode())}; use a shorter label"
+                )
         self._namespace = _names.current_namespace()
         self._elem_type = elem_type
         self._elem_type_name = _codec.type_name(elem_type) if elem_type is not None else ""
+        self._label = name
         self._core: _ring.ChannelCore | None = _ring.ChannelCore.create(
-            self._namespace, capacity, ring_bytes, overflow, self._elem_type_name
+            self._namespace, capacity, ring_bytes, overflow, self._elem_type_name, label=name
         )
         self._core.hold()
         self._channel_id = self._core.channel_id
@@ -114,6 +174,7 @@ class Channel(TypeArgument, Generic[T]):
         channel._namespace = _names.current_namespace()
         channel._elem_type = None
         channel._elem_type_name = ""
+        channel._label = None
         channel._core = _ring.ChannelCore.create(
             channel._namespace, 1, _ring.MIN_RING_BYTES, "block", "", flags=L.FLAG_ERROR_CHANNEL
         )
@@ -133,6 +194,7 @@ class Channel(TypeArgument, Generic[T]):
             channel._core.count_in_flight(-1)
         channel._elem_type = None
         channel._elem_type_name = channel._core.elem_type_name if channel._core is not None else ""
+        channel._label = _label_of(channel._core) if channel._core is not None else None
         return channel
 
     def _apply_type_argument(self, elem_type: type) -> None:
@@ -160,6 +222,11 @@ class Channel(TypeArgument, Generic[T]):
         if self._elem_type is None and self._elem_type_name:
             self._elem_type = _codec.resolve_type(self._elem_type_name)
         return self._elem_type
+
+    @property
+    def name(self) -> str | None:
+        """The channel's label (``Channel(name=...)``), or None: the same in every process."""
+        return self._label
 
     @property
     def capacity(self) -> int:
@@ -417,7 +484,8 @@ class Channel(TypeArgument, Generic[T]):
     def __repr__(self) -> str:
         kind = f"[{display_type(self._elem_type_name)}]" if self._elem_type_name else ""
         state = "closed" if self.closed else f"{len(self)} waiting"
-        return f"<shmfeed.Channel{kind} {self._channel_id:016x} {state}>"
+        label = f" {self._label!r}" if self._label is not None else ""
+        return f"<shmfeed.Channel{kind}{label} {self._channel_id:016x} {state}>"
 
     # --- select support ---------------------------------------------------------------------
 
@@ -493,6 +561,12 @@ def receive_wait_list(core: _ring.ChannelCore) -> tuple[str, str, int]:
 def send_wait_list(core: _ring.ChannelCore) -> tuple[str, str, int]:
     """The key by which ``_aio`` counts coroutines waiting for room in ``core``."""
     return ("send", core.namespace, core.channel_id)
+
+
+def _label_of(core: _ring.ChannelCore) -> str | None:
+    """A channel's label as its creator stored it in the segment header (None: unnamed)."""
+    length = int(core.words[L.CHANNEL_NAME_LEN])
+    return L.read_text(core.buffer, L.CHANNEL_NAME_OFFSET, length, L.CHANNEL_NAME_MAX) if length else None
 
 
 def _rebuild_channel(namespace: str, channel_id: int) -> Channel[Any]:

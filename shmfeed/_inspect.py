@@ -117,8 +117,10 @@ def _channel(channel_id: str, words: memoryview, buffer: memoryview, processes: 
 
     sent, received = int(words[L.SENT]), int(words[L.RECEIVED])
     creator = int(words[L.CREATOR_PID])
+    name_len = int(words[L.CHANNEL_NAME_LEN])
     return {
         "id": channel_id,
+        "name": L.read_text(buffer, L.CHANNEL_NAME_OFFSET, name_len, L.CHANNEL_NAME_MAX) if name_len else None,
         "owner_pid": creator,
         "owner_name": process_name(creator, int(words[L.CREATOR_TICKS])),
         "elem_type": L.read_text(buffer, L.TYPE_NAME_OFFSET, int(words[L.ELEM_TYPE_LEN]), L.TYPE_NAME_MAX) or None,
@@ -136,9 +138,28 @@ def _channel(channel_id: str, words: memoryview, buffer: memoryview, processes: 
         "waiting_senders": _waiter_pids(words, L.SEND_WAITLIST_WORD),
         "waiting_receivers": _waiter_pids(words, L.RECV_WAITLIST_WORD),
         "holders": _process_list(L.attached_processes(words, L.SLOT_HOLDER)),
+        "readers": _readers(words),
         **_last_read(words),
         "processes": processes,
     }
+
+
+def _readers(words: memoryview) -> list[dict[str, Any]]:
+    """The processes that received from the channel (its readers table), latest first, with
+    how long ago each last did; ``alive``: still attached and running."""
+    now = time.monotonic_ns()
+    attached = dict(L.attached_processes(words))
+    found = []
+    for pid, stamp in L.readers(words):
+        ticks = attached.get(pid)
+        alive = ticks is not None and L.slot_alive(pid, ticks)
+        found.append({
+            "pid": pid,
+            "name": process_name(pid, ticks) if alive and ticks is not None else "?",  # else: maybe reused
+            "alive": alive,
+            "seconds_ago": round(max(0.0, (now - stamp) / 1e9), 1),
+        })
+    return found
 
 
 def _last_read(words: memoryview) -> dict[str, Any]:

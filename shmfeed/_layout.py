@@ -53,6 +53,7 @@ Channel segment (``MAGIC = CHANNEL_MAGIC``), words 8-28:
 | 28   | CHANNEL_FLAGS | bit 0: a subscription's error channel (hidden by the monitor) |
 | 29   | LAST_RECV_TIME | CLOCK_MONOTONIC ns of the last receive (for the monitor) |
 | 30   | IN_FLIGHT     | pickled or encoded references not yet unpickled (see below) |
+| 31   | CHANNEL_NAME_LEN | length of the channel's label at bytes 3584-3711 (0: none) |
 
 A channel that no live process holds (no ``SLOT_HOLDER`` flag) and that no reference in
 flight (IN_FLIGHT) may still reach is closed by the process that dropped the last
@@ -67,7 +68,14 @@ atomic and stay in program order; the semaphore operations are full barriers); e
 receivers take the send lock too (``_ring.SINGLE_LOCK``).
 
 Bytes 2560-3071: receive wait list, 64 waker ids (0 = free). Bytes 3072-3583: send wait
-list, 64 waker ids. The ring starts at byte 4096; its record format is in ``_ring``.
+list, 64 waker ids. Bytes 3584-3711: the channel's label (``Channel(name=...)``, UTF-8,
+written by the creator before publishing, never changed). Bytes 3712-4095: the readers
+table, ``READER_SLOTS`` (24) entries of (pid, CLOCK_MONOTONIC ns of its last receive):
+the processes that received from the channel, for the monitor. A receiver writes its own
+entry under the receive lock at every receive (``note_reader``; the C poll does the same),
+taking a free entry, else the one read longest ago; nothing else writes it, so a reader
+that exits or dies keeps its entry until another one needs the room. The ring starts at
+byte 4096; its record format is in ``_ring``.
 
 Feed segment (``MAGIC = FEED_MAGIC``), words 8-31:
 
@@ -152,7 +160,8 @@ MAGIC, HEADER_BYTES_WORD, LOCK_ID, LOCK_OWNER, DESTROYED, CREATOR_PID, CREATOR_T
     CHANNEL_FLAGS,
     LAST_RECV_TIME,
     IN_FLIGHT,
-) = range(8, 31)
+    CHANNEL_NAME_LEN,
+) = range(8, 32)
 
 FLAG_ERROR_CHANNEL = 1
 
@@ -184,6 +193,11 @@ TYPE_NAME_OFFSET = 256
 TYPE_NAME_MAX = 256
 FEED_NAME_OFFSET = 2560
 FEED_NAME_MAX = 256
+CHANNEL_NAME_OFFSET = 3584
+CHANNEL_NAME_MAX = 128
+READERS_FIRST_WORD = 3712 // 8
+READER_SLOTS = 24
+READERS_LAST_WORD = READERS_FIRST_WORD + 2 * READER_SLOTS - 1  # the header's last word
 
 ATTACH_FIRST_WORD = 512 // 8
 ATTACH_SLOTS = 128
@@ -295,6 +309,43 @@ def active_subscriptions(words: memoryview, table: memoryview) -> list[TableEntr
         if state & 0xFFFF_FFFF == SUB_ACTIVE_STATE:
             found.append(TableEntry(index, int(table[word]), int(table[word + 1]), int(table[word + 2]), state >> 32))
     return found
+
+
+def note_reader(words: memoryview, pid: int, now_ns: int, hint: int) -> int:
+    """Record a receive by ``pid`` at ``now_ns`` in the readers table (receive lock held).
+
+    ``hint`` is the entry this process used last (-1: none); returns the entry used, the
+    next call's hint. Its own entry, else a free one, else the one read longest ago. The
+    time is stored before the pid, so an unlocked reader (the monitor) never pairs a new
+    pid with an old entry's time.
+    """
+    if 0 <= hint < READER_SLOTS and words[READERS_FIRST_WORD + 2 * hint] == pid:
+        words[READERS_FIRST_WORD + 2 * hint + 1] = now_ns
+        return hint
+    choice, oldest = 0, U64_MAX + 1
+    for entry in range(READER_SLOTS):
+        word = READERS_FIRST_WORD + 2 * entry
+        owner = words[word]
+        if owner == pid:
+            choice = entry
+            break
+        stamp = 0 if owner == 0 else int(words[word + 1]) + 1  # a free entry before any used one
+        if stamp < oldest:
+            choice, oldest = entry, stamp
+    word = READERS_FIRST_WORD + 2 * choice
+    words[word + 1] = now_ns
+    words[word] = pid
+    return choice
+
+
+def readers(words: memoryview) -> list[tuple[int, int]]:
+    """The readers table: ``(pid, last receive in CLOCK_MONOTONIC ns)``, latest first."""
+    found = []
+    for word in range(READERS_FIRST_WORD, READERS_LAST_WORD, 2):
+        pid = int(words[word]) & SLOT_PID_MASK
+        if pid:
+            found.append((pid, int(words[word + 1])))
+    return sorted(found, key=lambda reader: -reader[1])
 
 
 def write_text(buffer: memoryview, offset: int, limit: int, text: str) -> int:

@@ -16,6 +16,7 @@ import json
 import os
 import re
 import select
+import shutil
 import sys
 import time
 from typing import TYPE_CHECKING, Any
@@ -25,7 +26,12 @@ from . import _inspect, _registry_client
 if TYPE_CHECKING:
     from rich.text import Text
 
-SCHEMA_VERSION = 2  # 2: channels have holders, last_receiver, no_reader_s, never_read
+# 2: channels have holders, last_receiver, no_reader_s, never_read.
+# 3: channels have name (their label) and readers[] ({pid, name, alive, seconds_ago}).
+SCHEMA_VERSION = 3
+LEFTOVERS_SHOWN = 10  # leftovers listed by name; the rest are counted
+OWNER_WIDTH = 24  # the channel table's owner column: pid and process name, cut to fit
+LABEL_WIDTH = 20  # a channel's label on screen (then its id)
 # C0, DEL, C1, and the invisible marks that reorder or hide text (bidi overrides, isolates,
 # zero-width characters): a name must not be shown as something it is not.
 CONTROL_CHARACTERS = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200b-\u200f\u202a-\u202e\u2060-\u2069\ufeff]")
@@ -113,16 +119,37 @@ def _fmt_bytes(count: float | None) -> str:
     return "-"
 
 
-def _last_read(channel: dict[str, Any]) -> str:
-    """Who read the channel last: "4711 waiting", "4711 2s ago", "no reader 35s", "never"."""
+def _readers(channel: dict[str, Any], limit: int = 2) -> str:
+    """The processes that read the channel and when each last did, latest first:
+    "4711 waiting, 4712 3s", "no reader 35s (last 4711)" once every reader is gone, "never"."""
+    waiting = set(channel["waiting_receivers"])
+    live = [reader for reader in channel["readers"] if reader["alive"]]
+    shown = [f"{reader['pid']} " + ("waiting" if reader["pid"] in waiting else f"{reader['seconds_ago']:.0f}s")
+             for reader in live[:limit]]
+    shown += [f"{pid} waiting" for pid in sorted(waiting - {reader["pid"] for reader in live})][: limit - len(shown)]
+    if shown:
+        more = len(live) + len(waiting - {reader["pid"] for reader in live}) - len(shown)
+        return ", ".join(shown) + (f" +{more}" if more > 0 else "")
     last = channel["last_receiver"]
-    if channel["waiting_receivers"]:
-        return ",".join(map(str, channel["waiting_receivers"])) + " waiting"
     if channel["no_reader_s"] is not None:
         return f"no reader {channel['no_reader_s']:.0f}s (last {last['pid']})" if last else "no reader"
     if last is None:
         return "never"
-    return f"{last['pid']} {last['seconds_ago']:.0f}s ago"
+    return f"{last['pid']} {last['seconds_ago']:.0f}s"
+
+
+def _cut(text: str, width: int) -> str:
+    """``text`` cut to ``width`` characters as shown (control characters escaped), "…" last."""
+    shown = CONTROL_CHARACTERS.sub(_escape, text)
+    return shown if len(shown) <= width else shown[: width - 1] + "…"
+
+
+def _channel_label(channel: dict[str, Any]) -> str:
+    """A channel as the screen names it: its label (cut to fit) and its id's first digits."""
+    name = channel.get("name")
+    if not name:
+        return str(channel["id"][:8])
+    return f"{_cut(name, LABEL_WIDTH)} {channel['id'][:8]}"  # cut as shown: an escape is 4 characters wide
 
 
 def _processes(processes: list[dict[str, Any]], limit: int = 3) -> str:
@@ -130,8 +157,9 @@ def _processes(processes: list[dict[str, Any]], limit: int = 3) -> str:
     return ",".join(shown) + ("…" if len(processes) > limit else "")
 
 
-def render(view: dict[str, Any]) -> Any:
-    """A rich renderable of the view."""
+def render(view: dict[str, Any], width: int = 120) -> Any:
+    """A rich renderable of the view, for a terminal ``width`` columns wide."""
+    from rich.cells import cell_len
     from rich.console import Group
     from rich.table import Table
     from rich.text import Text
@@ -155,16 +183,26 @@ def render(view: dict[str, Any]) -> Any:
         )))
 
     channels = Table(title="Channels (fullest first; red: a sender waits on it)", expand=True, title_justify="left")
-    for column in ("id", "owner", "capacity", "fill", "", "bytes", "rate/s", "senders waiting", "held by", "last read"):
-        channels.add_column(column, justify="right" if column in ("capacity", "fill", "bytes", "rate/s") else "left")
-    for channel in view["channels"]:
+    # The label, id and pids stay whole, on one line: the owner column gets what the others
+    # leave (rich, left to it, would squeeze every column, pids included).
+    headers = ("channel", "owner", "fill", "", "bytes", "rate/s", "blocked", "readers (last read)")
+    rows = [[
+        _channel_label(channel), f"{channel['owner_pid']} {channel['owner_name']}",
+        f"{channel['fill']:,}/{channel['capacity']:,}", _bar(channel["fill"], channel["capacity"], 8),
+        _fmt_bytes(channel["bytes_in_ring"]), _fmt_rate(channel["rate_per_s"]),
+        ", ".join(map(str, channel["waiting_senders"])) or "-", _readers(channel),
+    ] for channel in view["channels"]]
+    natural = [max([cell_len(header)] + [cell_len(CONTROL_CHARACTERS.sub(_escape, row[i])) for row in rows])
+               for i, header in enumerate(headers)]
+    others = sum(natural) - natural[1] + 3 * len(headers) + 1  # each column's padding and border
+    owner_width = max(min(OWNER_WIDTH, width - others), len("owner"))
+    for column in headers:
+        channels.add_column(column, justify="right" if column in ("fill", "bytes", "rate/s") else "left",
+                            no_wrap=True, overflow="ellipsis")
+    for channel, row in zip(view["channels"], rows):
         style = "bold red" if channel["waiting_senders"] else ("dim" if channel["closed"] else None)
-        channels.add_row(*map(untrusted_text, (
-            channel["id"][:8], f"{channel['owner_pid']} {channel['owner_name']}"[:28], f"{channel['capacity']:,}",
-            f"{channel['fill']:,}", _bar(channel["fill"], channel["capacity"]), _fmt_bytes(channel["bytes_in_ring"]),
-            _fmt_rate(channel["rate_per_s"]), ",".join(map(str, channel["waiting_senders"])) or "-",
-            _processes(channel["holders"]) or "-", _last_read(channel),
-        )), style=style)
+        row[1] = _cut(row[1], owner_width)
+        channels.add_row(*map(untrusted_text, row), style=style)
 
     scopes = Table(title="Scopes", expand=True, title_justify="left")
     scopes.add_column("name")
@@ -177,10 +215,17 @@ def render(view: dict[str, Any]) -> Any:
     if view["dead_processes"] or view["leftovers"]:
         if view["dead_processes"]:
             dead = untrusted_text(", ".join(map(str, view["dead_processes"])))
-            problems.append_text(Text.assemble("dead: ", dead, " (the registry cleans up)\n", style="red"))
-        for path in view["leftovers"][:10]:
+            # Only a running registry cleans up by itself; with none, say what will.
+            who = ("the registry cleans up" if registry else
+                   "no registry runs: `shmfeed gc` removes what they left")
+            problems.append_text(Text.assemble("dead: ", dead, f" ({who})\n", style="red"))
+        for path in view["leftovers"][:LEFTOVERS_SHOWN]:
             problems.append_text(Text.assemble("leftover: ", untrusted_text(path), " (shmfeed gc removes it)\n",
                                                style="yellow"))
+        rest = len(view["leftovers"]) - LEFTOVERS_SHOWN
+        if rest > 0:
+            problems.append(f"… and {rest} more leftover(s) ({len(view['leftovers'])} in all; shmfeed gc removes "
+                            f"them, shmfeed gc --dry-run lists them)\n", style="yellow")
     else:
         problems.append("none\n", style="green")
     footer = Text("q: quit", style="dim")
@@ -191,7 +236,7 @@ def render_text(view: dict[str, Any], width: int = 120) -> str:
     from rich.console import Console
 
     console = Console(width=width, record=True, file=open(os.devnull, "w"), color_system=None)
-    console.print(render(view))
+    console.print(render(view, width))
     return console.export_text()
 
 
@@ -227,7 +272,8 @@ def _live(namespace: str, previous: dict[str, Any], interval: float) -> int:
     try:
         if saved is not None:
             tty.setcbreak(stdin)
-        with Live(render(collect(namespace, previous)), auto_refresh=False, screen=True) as live:
+        width = shutil.get_terminal_size().columns
+        with Live(render(collect(namespace, previous), width), auto_refresh=False, screen=True) as live:
             while True:
                 # Waiting for a key is also the refresh timer.
                 ready, _, _ = select.select([stdin], [], [], interval)
@@ -235,7 +281,7 @@ def _live(namespace: str, previous: dict[str, Any], interval: float) -> int:
                     return 0
                 view = collect(namespace, previous)
                 previous = view
-                live.update(render(view), refresh=True)
+                live.update(render(view, live.console.width), refresh=True)
     except KeyboardInterrupt:
         return 0
     finally:

@@ -50,3 +50,31 @@ def hold_channel_under_name(namespace: str, comm: bytes, ready, stop) -> None:
     ready.put(os.getpid())
     stop.get()
     del channel
+
+
+def read_slowly(namespace: str, channel: shmfeed.Channel, count: int, ready, stop) -> None:
+    """The slow reader: take ``count`` values, report, then read nothing until told to stop."""
+    os.environ["SHMFEED_NAMESPACE"] = namespace
+    for _ in range(count):
+        channel.recv(timeout=30)
+    ready.put(os.getpid())
+    stop.get()
+
+
+def hold_without_reading(namespace: str, channel: shmfeed.Channel, ready, stop) -> None:
+    """Hold a channel (a mapping and a Channel object) and never read it."""
+    os.environ["SHMFEED_NAMESPACE"] = namespace
+    ready.put((os.getpid(), channel.name))
+    stop.get()
+    del channel
+
+
+def send_ticks_until_blocked(namespace: str, ready) -> None:
+    """Send on Feed("ticks") forever: blocks once a subscriber's channel is full."""
+    os.environ["SHMFEED_NAMESPACE"] = namespace
+    feed = shmfeed.Feed("ticks")
+    ready.put(os.getpid())
+    value = 0
+    while True:
+        feed.send(value)
+        value += 1

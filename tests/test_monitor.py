@@ -16,8 +16,10 @@ import pytest
 
 import _monitor_workers as W
 import shmfeed
+from shmfeed import _gc
 from shmfeed import _layout as L
 from shmfeed import _monitor as monitor_module
+from shmfeed.testing import wait_until
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -70,7 +72,7 @@ def test_json_and_once_describe_the_scene_exactly(mp_context, namespace):
         text = _monitor(namespace, "--once")
         assert text.returncode == 0, text.stderr
         for expected in ("alpha", "beta", f"registry pid {view['registry']['pid']}", "2 feeds  5 channels",
-                         "1 blocked senders", str(sender.pid), "████████████"):
+                         "1 blocked senders", str(sender.pid), "4/4 │ ████████"):
             assert expected in text.stdout, expected
     finally:
         os.kill(sender.pid, signal.SIGKILL)
@@ -86,6 +88,7 @@ def test_json_and_once_describe_the_scene_exactly(mp_context, namespace):
 HOSTILE_FEED = "\x1b]0;owned\x07[red]F[/red]"
 HOSTILE_TYPE = "\x9b2J[bold]T"
 HOSTILE_SCOPE = "\x1b[2J[link=https://e.x]S[/link]"
+HOSTILE_LABEL = "\x1b[2K[red]L[/red]\x07"
 HOSTILE_COMM = b"\x1b[5m[blink]P\x7f"  # a process name: up to 15 bytes of anything
 
 
@@ -105,6 +108,10 @@ def test_once_shows_hostile_names_literally_and_without_control_characters(names
     scope = shmfeed.SubscriptionScope("placeholder")
     shared = scope._shared
     _write_name(shared.words, shared.buffer, L.SCOPE_NAME_LEN, L.FEED_NAME_OFFSET, HOSTILE_SCOPE)
+    labelled = shmfeed.Channel(8, name="placeholder")
+    channel_core = labelled._live_core()
+    channel_core.words[L.CHANNEL_NAME_LEN] = L.write_text(channel_core.buffer, L.CHANNEL_NAME_OFFSET,
+                                                          L.CHANNEL_NAME_MAX, HOSTILE_LABEL)
     context = multiprocessing.get_context("fork")  # any start method: the name is what is tested
     ready, stop = context.SimpleQueue(), context.SimpleQueue()
     holder = context.Process(target=W.hold_channel_under_name, args=(namespace, HOSTILE_COMM, ready, stop))
@@ -116,15 +123,17 @@ def test_once_shows_hostile_names_literally_and_without_control_characters(names
         shown = result.stdout
         assert not [c for c in shown if _is_control(c) and c != "\n"], "a control character reached the terminal"
         for literal in ("\\x1b]0;owned\\x07[red]F[/red]", "\\x9b2J[bold]T", "\\x1b[2J[link=https://e.x]S[/link]",
-                        "\\x1b[5m[blink]"):  # the owner column cuts the process name there
+                        "\\x1b[5m[bl",  # the owner column gets what the others leave: it cuts the name
+                        "\\x1b[2K[red]L"):  # the channel column cuts the label at 20 characters
             assert literal in shown, f"{literal!r} not shown as written:\n{shown}"
         as_json = json.loads(_monitor(namespace, "--json").stdout)  # raw: JSON escapes them itself
         assert [f["name"] for f in as_json["feeds"]] == [HOSTILE_FEED]
         assert [s["name"] for s in as_json["scopes"]] == [HOSTILE_SCOPE]
+        assert HOSTILE_LABEL in [c["name"] for c in as_json["channels"]]
     finally:
         stop.put("stop")
         holder.join(30)
-    del feed, scope
+    del feed, scope, labelled
 
 
 def test_untrusted_text_escapes_every_control_character_and_no_markup():
@@ -184,3 +193,86 @@ def test_the_live_view_refreshes_with_rates_and_quits_on_q(mp_context, namespace
         os.close(master)
         stop.send("stop")
         streamer.join(30)
+
+
+def test_the_slow_labelled_reader_and_the_blocked_sender_are_on_screen(mp_context, namespace):
+    # A labelled channel whose one reader took 3 values and stopped (the slow reader), a
+    # process that holds it without reading, and a sender blocked on it once it is full.
+    feed = shmfeed.Feed("ticks")
+    slow = shmfeed.Channel(8, name="ticks-worker-3")
+    sub = feed.subscribe(slow)
+    ready, stop = mp_context.SimpleQueue(), mp_context.SimpleQueue()
+    idle = mp_context.Process(target=W.hold_without_reading, args=(namespace, slow, ready, stop))
+    sender = mp_context.Process(target=W.send_ticks_until_blocked, args=(namespace, ready))
+    reader = mp_context.Process(target=W.read_slowly, args=(namespace, slow, 3, ready, stop))
+    try:
+        idle.start()
+        assert ready.get() == (idle.pid, "ticks-worker-3")  # the label travels with the channel
+        sender.start()
+        assert ready.get() == sender.pid
+        reader.start()
+        assert ready.get() == reader.pid
+        wait_until(lambda: slow.statistics().waiting_senders == 1, 30, "the sender blocked on the full channel")
+        view = json.loads(_monitor(namespace, "--json").stdout)
+        assert view["schema"] == 3
+        (channel,) = view["channels"]
+        assert channel["name"] == "ticks-worker-3" and channel["id"] == f"{slow._channel_id:016x}"
+        assert channel["waiting_senders"] == [sender.pid]
+        assert [r["pid"] for r in channel["readers"]] == [reader.pid] and channel["readers"][0]["alive"]
+        assert {p["pid"] for p in channel["holders"]} >= {os.getpid(), idle.pid, reader.pid}  # holders, not readers
+
+        text = _monitor(namespace, "--once")
+        assert text.returncode == 0, text.stderr
+        row = next((line for line in text.stdout.splitlines() if "ticks-worker-3" in line), "")
+        assert f"{slow._channel_id:016x}"[:8] in row, text.stdout
+        assert str(sender.pid) in row, text.stdout  # senders waiting
+        assert f"{reader.pid} " in row.split("│")[-2], text.stdout  # readers (last read)
+        assert str(idle.pid) not in row, text.stdout
+        assert "1 blocked senders" in text.stdout
+    finally:
+        if sender.pid is not None:
+            os.kill(sender.pid, signal.SIGKILL)
+            sender.join(10)
+        for process in (idle, reader):
+            if process.pid is not None:
+                stop.put("stop")
+        for process in (idle, reader):
+            if process.pid is not None:
+                process.join(30)
+    del sub
+
+
+LEAVE_CHANNELS = """
+import sys, shmfeed
+channels = [shmfeed.Channel(4, name=f"left-{i}") for i in range(5)]
+print("ready", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_after_a_kill_with_no_registry_it_says_so_and_counts_every_leftover(namespace, monkeypatch):
+    monkeypatch.setenv("SHMFEED_NO_REGISTRY", "1")  # as after every process was killed, the registry too
+    child = subprocess.Popen([sys.executable, "-c", LEAVE_CHANNELS], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             text=True)
+    try:
+        assert child.stdout.readline() == "ready\n"
+    finally:
+        child.kill()
+        child.wait(10)
+        child.stdin.close()
+        child.stdout.close()
+    try:
+        shown = _monitor(namespace, "--once")
+        assert shown.returncode == 0, shown.stderr
+        leftovers = json.loads(_monitor(namespace, "--json").stdout)["leftovers"]
+        assert len(leftovers) == 20  # 5 segments, 3 locks each
+        assert "registry: not running" in shown.stdout
+        assert f"dead: {child.pid} (no registry runs: `shmfeed gc` removes what they left)" in shown.stdout
+        assert "the registry cleans up" not in shown.stdout
+        assert shown.stdout.count("leftover: ") == monitor_module.LEFTOVERS_SHOWN
+        assert f"… and {20 - monitor_module.LEFTOVERS_SHOWN} more leftover(s) (20 in all" in shown.stdout
+        removed = subprocess.run([sys.executable, "-m", "shmfeed._cli", "gc", "--namespace", namespace],
+                                 capture_output=True, text=True, timeout=60)
+        assert "removed 20 leftover(s)" in removed.stdout, removed.stdout
+    finally:
+        _gc.sweep(namespace)  # a failed assertion above must not leave the child's objects
