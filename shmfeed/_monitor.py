@@ -41,10 +41,11 @@ def collect(namespace: str, previous: dict[str, Any] | None = None) -> dict[str,
     """One machine-readable view: the snapshot, the registry, and rates against ``previous``."""
     view = _inspect.snapshot(namespace)
     view["schema"] = SCHEMA_VERSION
+    answer = _registry_client.ping(namespace, timeout=1.0)
     try:
-        answer = _registry_client.request(namespace, {"op": "ping"}, timeout=1.0)
-        view["registry"] = {"pid": answer["pid"], "uptime_s": round(time.time() - answer["started"], 1)}
-    except Exception:  # noqa: BLE001 - no registry is a state to show, not an error
+        view["registry"] = None if answer is None else {
+            "pid": int(answer["pid"]), "uptime_s": round(time.time() - float(answer["started"]), 1)}
+    except (KeyError, TypeError, ValueError):  # an answer of another shape: shown as none
         view["registry"] = None
     elapsed = (view["time"] - previous["time"]) if previous else 0.0
     before_feeds = {f["key"]: f for f in previous["feeds"]} if previous else {}
