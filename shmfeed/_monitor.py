@@ -186,7 +186,7 @@ def render(view: dict[str, Any], width: int = 120) -> Any:
     channels = Table(title="Channels (fullest first; red: a sender waits on it)", expand=True, title_justify="left")
     # The label, id and pids stay whole, on one line: the owner column gets what the others
     # leave (rich, left to it, would squeeze every column, pids included).
-    headers = ("channel", "owner", "fill", "", "bytes", "rate/s", "blocked", "readers (last read)")
+    headers = ("channel", "owner", "fill", "", "bytes", "rate/s", "blocked", "receivers")
     rows = [[
         _channel_label(channel), f"{channel['owner_pid']} {channel['owner_name']}",
         f"{channel['fill']:,}/{channel['capacity']:,}", _bar(channel["fill"], channel["capacity"], 8),
