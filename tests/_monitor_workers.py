@@ -18,10 +18,10 @@ def hold_two_channels(namespace: str, ready, stop) -> None:
     del subs
 
 
-def send_until_blocked(namespace: str, ready) -> None:
-    """Send on Feed("alpha") forever: blocks once a subscriber's channel is full."""
+def send_until_blocked(namespace: str, ready, feed_name: str = "alpha") -> None:
+    """Send on Feed(feed_name) forever: blocks once a subscriber's channel is full."""
     os.environ["SHMFEED_NAMESPACE"] = namespace
-    feed = shmfeed.Feed("alpha")
+    feed = shmfeed.Feed(feed_name)
     ready.put(os.getpid())
     value = 0
     while True:
@@ -67,14 +67,3 @@ def hold_without_reading(namespace: str, channel: shmfeed.Channel, ready, stop) 
     ready.put((os.getpid(), channel.name))
     stop.get()
     del channel
-
-
-def send_ticks_until_blocked(namespace: str, ready) -> None:
-    """Send on Feed("ticks") forever: blocks once a subscriber's channel is full."""
-    os.environ["SHMFEED_NAMESPACE"] = namespace
-    feed = shmfeed.Feed("ticks")
-    ready.put(os.getpid())
-    value = 0
-    while True:
-        feed.send(value)
-        value += 1

@@ -203,7 +203,7 @@ def test_the_slow_labelled_reader_and_the_blocked_sender_are_on_screen(mp_contex
     sub = feed.subscribe(slow)
     ready, stop = mp_context.SimpleQueue(), mp_context.SimpleQueue()
     idle = mp_context.Process(target=W.hold_without_reading, args=(namespace, slow, ready, stop))
-    sender = mp_context.Process(target=W.send_ticks_until_blocked, args=(namespace, ready))
+    sender = mp_context.Process(target=W.send_until_blocked, args=(namespace, ready, "ticks"))
     reader = mp_context.Process(target=W.read_slowly, args=(namespace, slow, 3, ready, stop))
     try:
         idle.start()
