@@ -648,6 +648,7 @@ class ChannelCore(AttachedSegment):
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         kind, record = self.record_for(payload)
+        outcome = FULL
         try:
             if kind == KIND_DATA:
                 outcome = self.offer_fast(record, deadline)
@@ -655,13 +656,10 @@ class ChannelCore(AttachedSegment):
                 outcome = self.offer(kind, record, None, deadline)
             if outcome == FULL:
                 outcome = self._put_waiting(kind, record, deadline)
-        except BaseException:
-            if kind == KIND_SPILL:
+        finally:
+            if kind == KIND_SPILL and outcome != DELIVERED:  # dropped, closed or failed: not in the ring
                 self._unlink_spill_record(record)
-            raise
         if outcome == CLOSED:
-            if kind == KIND_SPILL:
-                self._unlink_spill_record(record)
             raise ChannelClosed(f"shmfeed: send on closed channel {self.channel_id:016x}; a closed channel stays closed")
         return outcome
 

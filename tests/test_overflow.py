@@ -105,3 +105,16 @@ def test_resubscribe_repairs_an_eviction(mp_context):
     got = _finish(channel, receiver, results)
     assert errors and all(isinstance(e, shmfeed.SlowSubscriberError) for e in errors)
     assert got == sorted(got) and len(set(got)) == len(got) and got[-1] == N
+
+
+@pytest.mark.parametrize("overflow", ["drop_newest", "drop_oldest"])
+def test_a_dropped_large_value_leaves_no_file(namespace, overflow):
+    from shmfeed import _gc, _names
+
+    channel = shmfeed.Channel(capacity=1, overflow=overflow)
+    for seq in range(4):
+        channel.send(bytes([seq]) * (1 << 20))  # large: each travels as a file of its own
+    links = [e for e in _gc.own_entries(namespace) if e.kind is _names.EntryKind.SPILL_LINK]
+    assert len(links) == 1, links  # only the value still in the ring keeps its file
+    assert channel.recv(timeout=5)[0] == (0 if overflow == "drop_newest" else 3)
+    channel.close()
