@@ -33,7 +33,7 @@ import enum
 import struct
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import date, datetime, time, timedelta, timezone
 from decimal import Decimal
 from typing import Any
@@ -517,6 +517,9 @@ def type_name(tp: type) -> str:
     return name
 
 
+_package = sys.modules[__package__ or "shmfeed"]
+
+
 def resolve_type(name: str) -> type | None:
     """The class named ``module.qualname`` in a module this process has imported; else None.
 
@@ -539,11 +542,17 @@ def resolve_type(name: str) -> type | None:
         if mod is None:
             continue
         obj: Any = mod
-        try:
-            for attr in parts[i:]:
-                obj = getattr(obj, attr)
-        except Exception:
-            return None
+        for attr in parts[i:]:
+            # The namespace itself, never getattr: a module's __getattr__ may import
+            # submodules (lazy loading), a class's may run any code. Our own package's
+            # lazy exports (TypeMuxEvent, ...) import only shmfeed's own modules.
+            if obj is _package:
+                obj = getattr(obj, attr, None)
+            else:
+                namespace = getattr(obj, "__dict__", None)
+                obj = namespace.get(attr) if isinstance(namespace, Mapping) else None
+            if obj is None:
+                return None
         if not isinstance(obj, type):
             return None
         _resolved[name] = obj

@@ -798,7 +798,8 @@ class Feed(TypeArgument, Generic[T]):
         self._namespace = _names.current_namespace()
         # The key is chosen now, the segment made at first use: forked children that use
         # a Feed() made before the fork all find the same segment.
-        self._key = _names.named_feed_key(name) if name is not None else _names.anonymous_feed_key(_names.new_id())
+        self._key = (_names.named_feed_key(self._namespace, name, _shm.is_foreign) if name is not None else
+                      _names.anonymous_feed_key(_names.new_id()))
         self._core: FeedCore | None = None
         self._elem_type_name = _codec.type_name(elem_type) if elem_type is not None else ""
         self._open_lock = threading.Lock()

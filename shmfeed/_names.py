@@ -20,7 +20,7 @@ import hmac
 import os
 import re
 import secrets
-from typing import NamedTuple
+from typing import Callable, Iterator, NamedTuple
 
 from . import _runtime
 
@@ -129,13 +129,44 @@ def feed_segment(namespace: str, feed_key: str) -> str:
     return f"/{prefix(namespace)}f{feed_key}"
 
 
-def scope_segment(namespace: str, name: str) -> str:
-    return f"/{prefix(namespace)}s{_keyed_hash('scope', name, 20)}"
+ALTERNATIVE_NAMES = 8  # names a named feed or scope may take when another user planted files
 
 
-def named_feed_key(name: str) -> str:
-    """The segment key of a named feed: a keyed hash, since names may be long or odd."""
-    return "n" + _keyed_hash("feed", name, 20)
+def _never(path: str) -> bool:
+    return False
+
+
+def _first_unplanted(candidates: Iterator[str], planted: Callable[[str], bool]) -> str:
+    """The first candidate name whose file was not planted by someone else (else the last:
+    opening it then says what is wrong).
+
+    Every process of the user walks the same candidates and skips the same planted
+    files, so all agree; another user sees a name only once it is in use, so only names
+    already used can be planted, never the next one.
+    """
+    name = ""
+    for name in candidates:
+        if not planted(shm_path(name)):
+            break
+    return name
+
+
+def _alternatives(purpose: str, namespace: str, name: str) -> Iterator[str]:
+    for attempt in range(ALTERNATIVE_NAMES):
+        yield _keyed_hash(purpose, f"{namespace}\0{name}\0{attempt}", 20)
+
+
+def scope_segment(namespace: str, name: str, planted: Callable[[str], bool] = _never) -> str:
+    """The segment name of a named scope (see ``_first_unplanted``)."""
+    start = prefix(namespace)
+    return _first_unplanted((f"/{start}s{h}" for h in _alternatives("scope", namespace, name)), planted)
+
+
+def named_feed_key(namespace: str, name: str, planted: Callable[[str], bool] = _never) -> str:
+    """The segment key of a named feed: a keyed hash, since names may be long or odd (see
+    ``_first_unplanted`` for ``planted``)."""
+    segment = _first_unplanted((feed_segment(namespace, "n" + h) for h in _alternatives("feed", namespace, name)), planted)
+    return segment[len(prefix(namespace)) + 2:]
 
 
 def anonymous_feed_key(feed_id: int) -> str:

@@ -110,7 +110,7 @@ def _spawn(namespace: str) -> None:
             # lock, so nobody else spawns a duplicate in between. It forks the registry
             # proper and exits at once; a thread reaps it, so no zombie or child is left.
             child = subprocess.Popen(
-                [sys.executable, "-I", "-S", "-c", _REGISTRY_BOOT, _registry_path(),
+                [sys.executable, "-I", "-S", "-c", _REGISTRY_BOOT, *_registry_path(), "--",
                  "--namespace", namespace, "--startup-fd", str(startup), "--detach"],
                 cwd="/", pass_fds=(startup,), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL, start_new_session=True,
@@ -125,13 +125,14 @@ _REGISTRY_IMPORTS = ("msgpack", "posix_ipc", "psutil")  # what the registry impo
 # sys.path) and without site processing (-S: a third of Python's start-up, so the namespace
 # is without its watchdog for less time), in "/". Its import path is exactly the one given.
 _REGISTRY_BOOT = (
-    "import sys; sys.path[:0] = sys.argv.pop(1).split(':'); "
+    "import sys; end = sys.argv.index('--'); sys.path.extend(sys.argv[1:end]); del sys.argv[1:end + 1]; "
     "from shmfeed._registry import main; sys.exit(main(sys.argv[1:]))"
 )
 
 
-def _registry_path() -> str:
-    """Where this package and the registry's dependencies were found, joined by ':'.
+def _registry_path() -> list[str]:
+    """Where this package and the registry's dependencies were found (appended after the
+    standard library, so that a stray ``enum.py`` there cannot shadow it).
 
     Never this process's working directory or its script's directory unless a module was
     really imported from there: a ``psutil.py`` planted in a shared directory that the
@@ -139,7 +140,7 @@ def _registry_path() -> str:
     """
     package_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     path = [package_parent] + [_import_root(name) for name in _REGISTRY_IMPORTS]
-    return os.pathsep.join(dict.fromkeys(p for p in path if p))
+    return list(dict.fromkeys(p for p in path if p))
 
 
 def _import_root(module_name: str) -> str:

@@ -6,11 +6,13 @@ comes first. Object names in the world-writable /dev/shm are derived from that s
 (``_names``), so another user cannot predict them: not to read a feed (the owner check
 stops that too), nor to plant a file at a name the victim is about to create.
 
-Where: ``$XDG_RUNTIME_DIR/shmfeed`` when that is set, else ``/tmp/shmfeed-<uid>``. /tmp is
-shared, so another user may have made that directory first: then ``~/.cache/shmfeed/<host>``
-is used instead (a squatted directory is not a denial of service). Every process of the
-user picks the same one, because once a directory is the user's, nobody else can remove it
-(/tmp is sticky).
+Where: ``/tmp/shmfeed-<uid>``. /tmp is shared, so another user may have made that
+directory first: then ``~/.cache/shmfeed/<host>`` is used instead (a squatted directory is
+not a denial of service). Every process of the user picks the same one, because once a
+directory is the user's, nobody else can remove it (/tmp is sticky). ``$XDG_RUNTIME_DIR``
+is not used: a cron job, ``su`` or a cleaned environment lacks it or has another, and
+processes that see different directories would have different secrets, so different
+names: they would silently stop sharing feeds.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ def runtime_dir() -> str:
         refused.append(f"{candidate}: {problem}")
     raise RegistryUnavailableError(
         "shmfeed: no private runtime directory is usable (" + "; ".join(refused)
-        + "); set XDG_RUNTIME_DIR to a directory of yours with mode 0700"
+        + "); remove the directory another user made, or give this user a home directory"
     )
 
 
@@ -62,14 +64,17 @@ def user_secret() -> bytes:
         temp = os.path.join(directory, f"secret.{os.getpid()}.{secrets.token_hex(8)}")
         descriptor = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         try:
-            os.write(descriptor, secrets.token_bytes(SECRET_BYTES))
-            os.fsync(descriptor)
-        finally:
-            os.close(descriptor)
-        try:
-            os.link(temp, path)  # whole or not at all; the first of racing processes wins
-        except FileExistsError:
-            pass
+            try:
+                data = secrets.token_bytes(SECRET_BYTES)
+                if os.write(descriptor, data) != len(data):
+                    raise RegistryUnavailableError(f"shmfeed: cannot write {temp} (disk full?); free some space")
+                os.fsync(descriptor)
+            finally:
+                os.close(descriptor)
+            try:
+                os.link(temp, path)  # whole or not at all; the first of racing processes wins
+            except FileExistsError:
+                pass
         finally:
             os.unlink(temp)
         value = _read_secret(path)
@@ -80,9 +85,6 @@ def user_secret() -> bytes:
 
 
 def _candidates() -> list[str]:
-    base = os.environ.get("XDG_RUNTIME_DIR")
-    if base:
-        return [os.path.join(base, "shmfeed")]
     found = [f"/tmp/shmfeed-{os.getuid()}"]
     home = os.path.expanduser("~")
     if home.startswith("/"):

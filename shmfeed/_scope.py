@@ -194,7 +194,7 @@ class _SharedScope(AttachedSegment):
         known = _shared.get((namespace, name))
         if known is not None and not known.released:
             return known
-        segment_name = _names.scope_segment(namespace, name)
+        segment_name = _names.scope_segment(namespace, name, _shm.is_foreign)
         for _ in range(_OPEN_ATTEMPTS):
             scope = cls._attach(namespace, name, segment_name) or cls._create(namespace, name, segment_name)
             if scope is not None:

@@ -79,6 +79,15 @@ def check_own(info: os.stat_result, path: str) -> None:
         raise _not_ours(path, problem)
 
 
+def is_foreign(path: str) -> bool:
+    """Whether something that fails ``check_own`` (planted by another user, say) is at
+    ``path``; False if there is nothing."""
+    try:
+        return _problem(os.lstat(path)) is not None
+    except OSError:
+        return False
+
+
 def is_own(path: str) -> bool:
     """Whether the file at ``path`` (a link not followed) passes ``check_own``; False if
     there is none."""
@@ -102,7 +111,7 @@ def open_own(path: str, writable: bool = False) -> tuple[int, os.stat_result]:
     try:
         descriptor = os.open(path, flags)
     except OSError as error:
-        if error.errno not in (errno.ELOOP, errno.EACCES, errno.EPERM):
+        if error.errno not in (errno.ELOOP, errno.EACCES, errno.EPERM, errno.ENXIO):  # ENXIO: a socket
             raise
         try:  # a symlink (O_NOFOLLOW), or another user's file we may not open: say which
             problem = _problem(os.lstat(path))

@@ -20,7 +20,7 @@ import psutil
 import pytest
 
 import shmfeed
-from shmfeed import _names, _registry_client
+from shmfeed import _names, _registry_client, _shm
 
 import _attacker as A
 import _kill_workers as K
@@ -142,14 +142,19 @@ def test_files_planted_at_guessable_names_stop_nothing(namespace, attacker):
     scope.close()
 
 
-def test_a_file_planted_at_our_exact_name_is_refused_not_used(namespace, attacker):
-    # Names are keyed with the user's secret; suppose one leaked all the same.
-    path = _names.shm_path(_names.feed_segment(namespace, _names.named_feed_key("leaked")))
+def test_a_file_planted_at_our_exact_name_is_passed_over(namespace, attacker):
+    # Names are keyed with the user's secret, but a name in use is visible: once that feed
+    # is gone, another user may plant a file there before it is made again.
+    path = _names.shm_path(_names.feed_segment(namespace, _names.named_feed_key(namespace, "leaked")))
     attacker.run("import os, sys; fd = os.open(sys.argv[1], os.O_CREAT | os.O_WRONLY, 0o666); "
                  "os.ftruncate(fd, 1 << 16); os.fchmod(fd, 0o666)", path)
     with pytest.raises(shmfeed.ShmfeedError, match="not yours"):
-        shmfeed.Feed("leaked").send(1)
-    assert shmfeed.Feed("other").send(1) == 0  # everything else works
+        _shm.open_segment(path.removeprefix(_names.SHM_DIR))  # what is there is never used
+    feed, channel = shmfeed.Feed("leaked"), shmfeed.Channel()
+    feed.subscribe(channel)
+    assert feed.send({"card": 1}) == 1 and channel.recv(timeout=5) == {"card": 1}
+    assert _names.shm_path(feed._core.segment_name) != path  # it took its next name
+    feed.close()
 
 
 # --- 2. the registry imports nothing from the working directory --------------------------

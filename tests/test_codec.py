@@ -713,3 +713,13 @@ def test_a_forged_set_of_colliding_hashes_is_refused_quickly() -> None:
     with pytest.raises(ChannelCorruptError, match="hashes collide"):
         decode(forged)  # building it would take minutes; the test's timeout would catch it
     assert decode(encode({i * modulus for i in range(1000)})) == {i * modulus for i in range(1000)}
+
+
+def test_resolving_a_name_runs_no_module_getattr(monkeypatch) -> None:
+    import types
+
+    lazy = types.ModuleType("lazymod")
+    calls: list[str] = []
+    lazy.__getattr__ = lambda name: calls.append(name) or int  # type: ignore[method-assign]
+    monkeypatch.setitem(sys.modules, "lazymod", lazy)
+    assert resolve_type("lazymod.Anything") is None and calls == []
