@@ -31,6 +31,7 @@ from ._errors import (
 )
 
 if _typing.TYPE_CHECKING:
+    from ._bridge import Bridge, BridgeFeedStatistics, BridgeStatistics
     from ._channel import Channel
     from ._codec import register_type
     from ._feed import Feed
@@ -42,6 +43,9 @@ if _typing.TYPE_CHECKING:
     from ._typemux import TypeMux, TypeMuxEvent, TypeMuxSubscription
 
 __all__ = [
+    "Bridge",
+    "BridgeFeedStatistics",
+    "BridgeStatistics",
     "Channel",
     "ChannelClosed",
     "ChannelCorruptError",
@@ -84,6 +88,9 @@ __all__ = [
 # needs only the control plane) starts fast; the errors load now because the library
 # raises them from anywhere.
 _LAZY = {
+    "Bridge": "_bridge",  # imports nats-py only when a bridge starts
+    "BridgeFeedStatistics": "_bridge",
+    "BridgeStatistics": "_bridge",
     "Channel": "_channel",
     "register_type": "_codec",
     "Feed": "_feed",

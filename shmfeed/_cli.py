@@ -1,4 +1,4 @@
-"""The ``shmfeed`` command: ``monitor``, ``registry`` and ``gc``."""
+"""The ``shmfeed`` command: ``monitor``, ``registry``, ``gc`` and ``bridge``."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from . import _names, _recovery
+from ._errors import ShmfeedError
 
 
 def _gc_command(args: argparse.Namespace) -> int:
@@ -50,6 +51,44 @@ def _monitor_command(args: argparse.Namespace) -> int:
     return _monitor.run(args.namespace or _names.current_namespace(), args.once, args.json, args.interval)
 
 
+def _bridge_command(args: argparse.Namespace) -> int:
+    import json
+    import signal
+    import threading
+
+    from . import _bridge
+
+    feeds = args.feed or []
+    if not feeds or any("*" in name for name in feeds):
+        print("shmfeed bridge: give each feed to bridge with --feed NAME (patterns and every feed of the namespace "
+              "are not there yet)", file=sys.stderr)
+        return 2
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: object) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        bridge = _bridge.Bridge(args.url, feeds, realm=args.realm, namespace=args.namespace)
+        bridge.start()
+    except (ImportError, ValueError, RuntimeError, ShmfeedError) as error:
+        print(f"shmfeed bridge: {error}", file=sys.stderr)
+        return 1
+    try:
+        print(f"ready: namespace {_names.current_namespace()!r} bridged to {_bridge._redacted(args.url)} "
+              f"realm {args.realm!r}: feeds {', '.join(feeds)}", flush=True)
+        while not stop.wait(3600):
+            pass
+    finally:
+        bridge.close()
+    statistics = bridge.statistics()
+    summary = {feed.name: {"out": feed.out, "in": feed.in_, "dropped": dict(feed.dropped)} for feed in statistics.feeds}
+    print(f"stopped: {json.dumps(summary, sort_keys=True)}", flush=True)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="shmfeed", description="Event feeds across processes.")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -68,6 +107,12 @@ def main(argv: list[str] | None = None) -> int:
     gc.add_argument("--namespace", help="namespace (default: $SHMFEED_NAMESPACE or one per user)")
     gc.add_argument("--dry-run", action="store_true", help="only list what would be removed")
     gc.set_defaults(run=_gc_command)
+    bridge = commands.add_parser("bridge", help="join this namespace's feeds with other namespaces' through NATS")
+    bridge.add_argument("url", help="the NATS server, e.g. nats://127.0.0.1:4222")
+    bridge.add_argument("--namespace", help="namespace (default: $SHMFEED_NAMESPACE or one per user)")
+    bridge.add_argument("--feed", action="append", metavar="NAME", help="a feed to bridge (repeat for more)")
+    bridge.add_argument("--realm", default="default", help="separates applications sharing one NATS (default: default)")
+    bridge.set_defaults(run=_bridge_command)
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()

@@ -87,6 +87,10 @@ class FeedCore(AttachedSegment):
         # them take inline), one tuple so that threads read it whole; None if a target has
         # no C ring.
         self._fast_plan: tuple[int, tuple[_Target, ...], tuple[Any, ...], int] | None = None
+        # For a send that skips one channel (a bridge's injection, see ``send``): (the
+        # targets it was derived from, the skipped channel id, the other targets, their
+        # plan as ``_fast_plan``), one tuple so that threads read it whole.
+        self._skip_cache: tuple[tuple[_Target, ...], int, tuple[_Target, ...], Any] | None = None
         self._fast: Any = None  # the C send of the feed (see FeedCore.send)
         if _ring._accel is not None and not isinstance(send_lock, _shm.BoundedLock):
             send_lock_name = _names.lock_semaphore(namespace, int(self.words[L.SEND_LOCK_ID]))
@@ -197,6 +201,7 @@ class FeedCore(AttachedSegment):
         self._channels.clear()
         self._targets = ()
         self._fast_plan = None
+        self._skip_cache = None
 
     def _views(self) -> list[memoryview]:
         return [self.words, self.table, self.buffer]
@@ -350,6 +355,23 @@ class FeedCore(AttachedSegment):
             self.end_subscription(entry, sub_id, channel_id, err_channel_id, error)
         return self._targets
 
+    def targets_skipping(self, skip_channel: int, deadline: float | None = None) -> tuple[tuple[_Target, ...], Any]:
+        """The active subscriptions but those of channel ``skip_channel``, and their C
+        send plan (or None), derived from ``targets()`` and kept until it changes."""
+        targets = self.targets(deadline)
+        cached = self._skip_cache
+        if cached is not None and cached[0] is targets and cached[1] == skip_channel:
+            return cached[2], cached[3]
+        kept = tuple(target for target in targets if target.core.channel_id != skip_channel)
+        plan = self._fast_plan
+        if plan is not None and plan[1] is targets and kept:
+            rings = tuple(target.core._fast for target in kept)
+            plan = (plan[0], kept, rings, min(target.core.inline_limit for target in kept))
+        else:
+            plan = None
+        self._skip_cache = (targets, skip_channel, kept, plan)
+        return kept, plan
+
     # --- sending --------------------------------------------------------------------------
 
     def _register_sender(self) -> None:
@@ -380,11 +402,18 @@ class FeedCore(AttachedSegment):
         if mark is not None and _ring._accel is not None:
             _ring._accel.unmark_sender(mark)
 
-    def send(self, payload: _ring.Encoded, deadline: float | None = None, timeout: float | None = None) -> int:
+    def send(
+        self, payload: _ring.Encoded, deadline: float | None = None, timeout: float | None = None,
+        skip_channel: int = 0,
+    ) -> int:
         """Deliver one encoded value to every subscribed channel; returns how many took it.
 
         ``deadline`` (a ``time.monotonic()`` value, ``timeout`` seconds from the call)
         bounds every wait: the feed's locks, each ring's locks, the wait on full channels.
+        ``skip_channel`` (a channel id; 0, no channel has it, skips nothing) leaves that
+        channel's subscriptions out of this one send: a bridge injects what it got from
+        NATS without getting it back on its own subscription (no echo, see ``_bridge``).
+        The send is otherwise the same (one send lock, one order for every channel).
 
         Raises:
             FeedSendTimeout: the send could not finish by ``deadline``.
@@ -393,6 +422,9 @@ class FeedCore(AttachedSegment):
             if not self._is_sender:
                 self._register_sender()
             plan = self._fast_plan
+            if skip_channel:
+                cached = self._skip_cache  # valid while it was derived from the current targets
+                plan = cached[3] if cached is not None and cached[0] is self._targets and cached[1] == skip_channel else None
             fast = self._fast
             if plan is not None and fast is not None and len(payload) <= plan[3]:
                 if isinstance(payload, Segments):
@@ -406,7 +438,7 @@ class FeedCore(AttachedSegment):
                     if answer == -2:
                         return len(plan[2])
                     if answer >= 0:
-                        return self._send_locked(payload, plan, answer, deadline, timeout)
+                        return self._send_locked(payload, plan, answer, deadline, timeout, skip_channel)
                 finally:
                     fast.unlock_if_held()
             words = self.words
@@ -415,7 +447,7 @@ class FeedCore(AttachedSegment):
                 raise _shm.lock_timeout(f"the send lock of feed {self._label()}", int(words[L.SEND_LOCK_OWNER]))
             words[L.SEND_LOCK_OWNER] = _ring._pid
             try:
-                return self._send_locked(payload, None, -1, deadline, timeout)
+                return self._send_locked(payload, None, -1, deadline, timeout, skip_channel)
             finally:
                 words[L.SEND_LOCK_OWNER] = 0
                 send_lock.release()
@@ -434,10 +466,10 @@ class FeedCore(AttachedSegment):
         return FeedSendTimeout.of_send(self._label(), timeout, 0, pending, str(error).removeprefix("shmfeed: "))
 
     def _send_locked(self, payload: _ring.Encoded, plan: Any, answer: int, deadline: float | None,
-                     timeout: float | None) -> int:
+                     timeout: float | None, skip_channel: int = 0) -> int:
         """The send, with the feed's send lock held (see ``first_pass``); the wait on full
         channels blocks this thread."""
-        delivered, waiting, spill = self.first_pass(payload, plan, answer, deadline, timeout)
+        delivered, waiting, spill = self.first_pass(payload, plan, answer, deadline, timeout, skip_channel)
         try:
             if waiting:
                 got, locked = self._send_waiting(waiting, deadline)
@@ -452,7 +484,8 @@ class FeedCore(AttachedSegment):
                 spill.close()
 
     def first_pass(
-        self, payload: _ring.Encoded, plan: Any, answer: int, deadline: float | None, timeout: float | None
+        self, payload: _ring.Encoded, plan: Any, answer: int, deadline: float | None, timeout: float | None,
+        skip_channel: int = 0,
     ) -> tuple[int, list[_Waiting], _ring.Spill | None]:
         """The send, with the feed's send lock held: from the start (``answer`` -1), or
         from where the C send stopped (``answer`` as ``_accel.offer_all``, on ``plan``).
@@ -474,10 +507,13 @@ class FeedCore(AttachedSegment):
                     raise FeedClosed(
                         f"shmfeed: send on closed feed {self._label()}; a closed feed stays closed: use another"
                     )
-                targets = self.targets(deadline)  # a TimeoutError here: nobody got the value yet
-                plan = self._fast_plan
-                if plan is not None and plan[1] is not targets:
-                    plan = None  # rebuilt meanwhile by another thread: the Python loop
+                if skip_channel:
+                    targets, plan = self.targets_skipping(skip_channel, deadline)
+                else:
+                    targets = self.targets(deadline)  # a TimeoutError here: nobody got the value yet
+                    plan = self._fast_plan
+                    if plan is not None and plan[1] is not targets:
+                        plan = None  # rebuilt meanwhile by another thread: the Python loop
             else:
                 targets = plan[1]  # the C send went through it (it checked the version)
             delivered = 0
@@ -976,6 +1012,21 @@ class Feed(TypeArgument, Generic[T]):
             except TimeoutError as error:
                 raise core.nobody_reached(timeout, error) from error
         return core, payload
+
+    def _send_encoded(self, payload: bytes, type_name: str, skip_channel: int, timeout: float | None = None) -> int:
+        """Send a value already encoded (by ``_codec``, elsewhere) whose type is named
+        ``type_name``, to every subscription but those of channel ``skip_channel``: how a
+        bridge injects what it got from NATS (see ``_bridge``). Raises as :meth:`send`."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        core = self._core
+        if core is None or core.released:
+            core = self._open()
+        if type_name != core.type_name:
+            try:
+                core.check_send_type(type_name, deadline)
+            except TimeoutError as error:
+                raise core.nobody_reached(timeout, error) from error
+        return core.send(payload, deadline, timeout, skip_channel)
 
     def close(self) -> None:
         """End every subscription successfully (their ``err()`` closes); later sends raise.

@@ -163,6 +163,14 @@ CASES: list[tuple[str, Callable[[], Any], type[BaseException], str]] = [
     ("Subscription()", lambda: shmfeed.Subscription(), TypeError, "abstract"),
     ("set_namespace('')", lambda: shmfeed.set_namespace(""), ValueError, "namespace must have 1 to 200 characters"),
     ("set_namespace(None)", lambda: shmfeed.set_namespace(None), TypeError, "namespace must be a str"),  # type: ignore[arg-type]
+    # Bridge (refused before anything is opened or imported: no NATS needed)
+    ("Bridge(url, feeds=[])", lambda: shmfeed.Bridge("nats://127.0.0.1:1", feeds=[]), ValueError,
+     "a bridge needs at least one feed name"),
+    ("Bridge(url, feeds, realm='a.b')", lambda: shmfeed.Bridge("nats://127.0.0.1:1", feeds=["a"], realm="a.b"),
+     ValueError, "realm 'a.b' is not a valid realm"),
+    ("Bridge(url, feeds=['a', 'a'])", lambda: shmfeed.Bridge("nats://127.0.0.1:1", feeds=["a", "a"]), ValueError,
+     "a feed name is given twice"),
+    ("Bridge(url, feeds=[''])", lambda: shmfeed.Bridge("nats://127.0.0.1:1", feeds=[""]), ValueError, "feed name"),
 ]
 
 
@@ -206,11 +214,12 @@ def test_every_public_name_is_covered() -> None:
         ["ChannelClosed ChannelCorruptError ChannelStatistics EncodingError ErrMuxClosed ErrorChannel FeedClosed",
          "FeedStatistics FeedTypeError MuxClosedError RegistryUnavailableError SenderDiedError ShmfeedError",
          "SlowSubscriberError SubscriptionFailed SubscriptionStatistics TableFullError TypeMuxSubscription",
-         "UnknownTypeError"])
+         "UnknownTypeError BridgeStatistics BridgeFeedStatistics"])
     names = {"Channel": "Channel(", "Feed": "Feed(", "select": "select(", "register_type": "register_type(",
              "SubscriptionScope": "SubscriptionScope(", "TypeMux": "TypeMux(", "TypeMuxEvent": "TypeMuxEvent(",
              "new_subscription": "new_subscription(", "resubscribe": "resubscribe(", "resubscribe_err": "resubscribe_err(",
-             "join_subscriptions": "join_subscriptions(", "Subscription": "Subscription("}
+             "join_subscriptions": "join_subscriptions(", "Subscription": "Subscription(",
+             "Bridge": "Bridge("}
     missing = [n for n in shmfeed.__all__ if names.get(n, n) not in covered]
     assert not missing, missing
 

@@ -1,0 +1,474 @@
+"""``Bridge``: the named feeds of this namespace joined, through NATS, with the same feeds
+of other namespaces on this host or others (SPEC §7; core NATS only, at most once).
+
+One bridge per namespace and NATS realm. For each bridged feed it is a subscriber like any
+other: its own channel (``drop_newest``: a local send never waits for the bridge; what the
+ring drops is counted) is read by one thread that publishes each value's encoded bytes, as
+the ring holds them, on ``shmfeed.<realm>.<token of the feed name>``. What it gets on that
+subject from *other* bridges it sends into the local feed with a send that skips its own
+channel (``FeedCore.send(skip_channel=...)``), so an injected value is never read back and
+published again: no echo, no loop, with any number of namespaces. Every message carries
+the origin bridge's random id, the feed's name and the value's type name in its headers.
+
+nats-py is asyncio: the bridge runs its own event loop in one thread; the user's code stays
+synchronous. nats-py is imported here only, at ``start()``: ``import shmfeed`` never needs it.
+
+Threads: per feed one reader (blocking receive from the bridge's channel, never a poll) and
+one injector (the local send, which may wait while a local subscriber is full); the loop
+thread only publishes and queues what arrives. A value that cannot be carried is dropped
+and counted, per feed and reason (``DROP_REASONS``), never silently.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import queue
+import re
+import threading
+import uuid
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any, Mapping
+
+import msgpack
+
+from . import _codec, _names
+from ._channel import Channel
+from ._errors import ChannelClosed, ChannelCorruptError, FeedClosed, FeedTypeError, ShmfeedError
+from ._feed import Feed
+
+__all__ = ["Bridge", "BridgeFeedStatistics", "BridgeStatistics", "subject_of", "DROP_REASONS"]
+
+ORIGIN_HEADER = "Shmfeed-Origin"  # the publishing bridge's random id
+FEED_HEADER = "Shmfeed-Feed"  # the feed's name: a hash collision or a forged subject is caught
+TYPE_HEADER = "Shmfeed-Type"  # the value's type name (``_codec.type_name``): fixes/checks the feed's type
+
+CHANNEL_CAPACITY = 4096  # values the bridge's channel holds before the local side drops for it
+PUBLISH_BACKLOG = 1024  # values handed to the loop and not yet published, per bridge
+INJECT_BACKLOG = 65536  # values from NATS waiting for the local send, per feed
+
+# Why a value was not carried (out: local -> NATS; in: NATS -> local).
+DROP_REASONS = {
+    "overflow": "out: the bridge's channel was full (NATS or the bridge too slow): dropped by the ring",
+    "local_reference": "out: the value holds a Channel (a reference to this host's shared memory)",
+    "too_large": "out: the value is over NATS's max_payload (split and join is not there yet)",
+    "disconnected": "out: NATS was not connected",
+    "publish_error": "out: NATS refused the publish",
+    "corrupt": "out: the bridge's channel held bytes that are not a value",
+    "slow_local": "in: the local feed took values slower than NATS brought them",
+    "slow_consumer": "in: NATS dropped messages for this bridge (it read too slowly)",
+    "bad_message": "in: a message without the bridge's headers, or for another feed",
+    "type": "in: the value's type is not the local feed's",
+    "closed": "in: the local feed is closed",
+    "inject_error": "in: the local send failed",
+}
+
+_REALM = re.compile(r"[A-Za-z0-9_-]{1,64}\Z")
+# msgpack ext codes whose payload is msgpack again (see the table in _codec): a Channel may
+# hide inside them. Codes from CHANNEL_EXT_CODE up are references to local objects.
+_NESTED_EXT_CODES = frozenset({2, 3, 4, 6, 7, 8, 9, 10, 13, 14, 15, 17, 18})
+_CHANNEL_EXT_BYTE = bytes([_codec.CHANNEL_EXT_CODE])
+
+
+def subject_of(realm: str, feed_name: str) -> str:
+    """The NATS subject of a feed: its name hashed (subjects allow no spaces, dots are
+    separators, ``*``/``>`` wildcards), so every host derives the same one from the name."""
+    token = hashlib.sha256(feed_name.encode("utf-8")).hexdigest()[:32]
+    return f"shmfeed.{realm}.{token}"
+
+
+class _LocalReference(Exception):
+    pass
+
+
+def _scan_ext(code: int, data: bytes) -> Any:
+    if code >= _codec.CHANNEL_EXT_CODE:
+        raise _LocalReference
+    if code in _NESTED_EXT_CODES and _CHANNEL_EXT_BYTE in data:
+        msgpack.unpackb(data, raw=True, strict_map_key=False, ext_hook=_scan_ext)
+    return None
+
+
+def holds_local_reference(payload: bytes) -> bool:
+    """Whether an encoded value holds a Channel (or another registered reference type):
+    it means something only on this host. Nested ext payloads are stored verbatim, so a
+    value with no byte equal to the ext code cannot hold one (the common case: one memchr).
+    """
+    if _CHANNEL_EXT_BYTE not in payload:
+        return False
+    try:
+        msgpack.unpackb(payload, raw=True, strict_map_key=False, ext_hook=_scan_ext)
+    except _LocalReference:
+        return True
+    except Exception:
+        return False  # not ours to judge: the receiving side says it is corrupt
+    return False
+
+
+@dataclass(frozen=True)
+class BridgeFeedStatistics:
+    """What a bridge carried for one feed.
+
+    Attributes:
+        name: the feed's name.
+        subject: its NATS subject.
+        out: values published to NATS.
+        in_: values from other bridges sent into the local feed.
+        dropped: values not carried, by reason (see ``DROP_REASONS``); reasons with none
+            are left out.
+    """
+
+    name: str
+    subject: str
+    out: int
+    in_: int
+    dropped: Mapping[str, int]
+
+
+@dataclass(frozen=True)
+class BridgeStatistics:
+    """A bridge's state: its id, its server, whether it is connected now, its feeds."""
+
+    origin: str
+    server: str
+    connected: bool
+    reconnects: int
+    feeds: tuple[BridgeFeedStatistics, ...]
+
+
+class _BridgedFeed:
+    """One bridged feed: the local feed, the bridge's channel on it, counters, threads."""
+
+    def __init__(self, bridge: "Bridge", name: str) -> None:
+        self.bridge = bridge
+        self.name = name
+        self.subject = subject_of(bridge.realm, name)
+        self.feed: Feed[Any] = Feed(name)
+        self.channel: Channel[Any] = Channel(CHANNEL_CAPACITY, overflow="drop_newest", name=f"bridge {name}"[:60])
+        self.subscription = self.feed.subscribe(self.channel)
+        self.channel_id = self.channel._channel_id
+        self.counts_lock = threading.Lock()
+        self.out = 0
+        self.in_ = 0
+        self.dropped: dict[str, int] = {}
+        self.inbound: queue.Queue[tuple[bytes, str] | None] = queue.Queue(INJECT_BACKLOG)
+        self.reader = threading.Thread(target=self._read, name=f"shmfeed-bridge-out {name}", daemon=True)
+        self.injector = threading.Thread(target=self._inject, name=f"shmfeed-bridge-in {name}", daemon=True)
+
+    def drop(self, reason: str, count: int = 1) -> None:
+        with self.counts_lock:
+            self.dropped[reason] = self.dropped.get(reason, 0) + count
+
+    def count_out(self) -> None:
+        with self.counts_lock:
+            self.out += 1
+
+    def statistics(self) -> BridgeFeedStatistics:
+        with self.counts_lock:
+            dropped = dict(self.dropped)
+            out, in_ = self.out, self.in_
+        overflow = self.channel.statistics().dropped
+        if overflow:
+            dropped["overflow"] = overflow
+        return BridgeFeedStatistics(self.name, self.subject, out, in_, MappingProxyType(dropped))
+
+    def type_name(self) -> str:
+        core = self.feed._core
+        if core is None:
+            return ""
+        if not core.type_name:
+            core._refresh_type()
+        return core.type_name
+
+    def _read(self) -> None:
+        """Local -> NATS: every value of the bridge's channel, raw, until it is closed."""
+        core = self.channel._live_core()
+        bridge = self.bridge
+        while True:
+            try:
+                data = bytes(core.take(None))  # a spilled value's view is valid only until the next take
+            except ChannelClosed:
+                return
+            except ChannelCorruptError:
+                self.drop("corrupt")
+                continue
+            if holds_local_reference(data):
+                self.drop("local_reference")
+                continue
+            bridge._hand_to_loop(self, data)
+
+    def _inject(self) -> None:
+        """NATS -> local: send what other bridges published, skipping our own channel."""
+        while True:
+            item = self.inbound.get()
+            if item is None:
+                return
+            payload, type_name = item
+            try:
+                self.feed._send_encoded(payload, type_name, self.channel_id)
+            except FeedTypeError:
+                self.drop("type")
+                continue
+            except FeedClosed:
+                self.drop("closed")
+                continue
+            except (ShmfeedError, OSError):
+                self.drop("inject_error")
+                continue
+            with self.counts_lock:
+                self.in_ += 1
+
+    def close_local(self) -> None:
+        self.subscription.unsubscribe()
+        self.channel.close()  # the reader takes what is left, then ChannelClosed ends it
+
+
+class Bridge:
+    """Join this namespace's named feeds with the same feeds of other namespaces, on this
+    host or others, through a NATS server (core NATS: live fan-out, at most once).
+
+    A value sent on a bridged ``Feed(name)`` here reaches, once, every subscription of
+    ``Feed(name)`` in every namespace bridged to the same server and realm, with its exact
+    type; nothing echoes back. Values of one sender arrive in the order sent. Local sends
+    never wait for NATS: what cannot be carried (NATS down, too slow, a value holding a
+    Channel, a value over NATS's ``max_payload``) is dropped and counted in
+    :meth:`statistics`, per feed and reason.
+
+    Needs ``nats-py`` (``pip install 'shmfeed[nats]'``). Use as a context manager, or call
+    :meth:`start` and :meth:`close`.
+
+    Args:
+        url: the NATS server, e.g. ``nats://127.0.0.1:4222`` (user and password may be in it).
+        feeds: the names of the feeds to bridge.
+        realm: separates applications sharing one NATS (letters, digits, ``_``, ``-``).
+        namespace: this process's namespace, set with ``set_namespace`` (default: the
+            process's own).
+    """
+
+    def __init__(self, url: str, feeds: list[str] | tuple[str, ...], realm: str = "default",
+                 namespace: str | None = None) -> None:
+        if not isinstance(realm, str) or not _REALM.match(realm):
+            raise ValueError(f"shmfeed: realm {realm!r} is not a valid realm; use 1 to 64 letters, digits, '_' or '-'")
+        names = list(feeds)
+        if not names:
+            raise ValueError("shmfeed: a bridge needs at least one feed name; pass feeds=['prices', ...]")
+        for name in names:
+            _names.validate_name(name, what="feed name")
+        if len(set(names)) != len(names):
+            raise ValueError("shmfeed: a feed name is given twice; give each feed once")
+        if namespace is not None:
+            _names.set_namespace(namespace)
+        self.url = url
+        self.realm = realm
+        self.feed_names = tuple(names)
+        self.origin = uuid.uuid4().hex
+        self._feeds: dict[str, _BridgedFeed] = {}
+        self._by_subject: dict[str, _BridgedFeed] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread: threading.Thread | None = None
+        self._nc: Any = None
+        self._outbound: asyncio.Queue[tuple[_BridgedFeed, bytes] | None] | None = None
+        self._pump: asyncio.Task[None] | None = None
+        self._backlog = threading.BoundedSemaphore(PUBLISH_BACKLOG)
+        self._reconnects = 0
+        self._state_lock = threading.Lock()
+        self._started = False
+        self._closed = False
+
+    # --- lifetime --------------------------------------------------------------------------
+
+    def start(self, timeout: float = 10.0) -> "Bridge":
+        """Connect to NATS and start bridging; returns once values cross (subscriptions
+        made here and on the server).
+
+        Raises:
+            ImportError: nats-py is not installed (``pip install 'shmfeed[nats]'``).
+            ShmfeedError: NATS could not be reached within ``timeout`` seconds.
+        """
+        with self._state_lock:
+            if self._started:
+                raise ShmfeedError("shmfeed: this bridge was started already; make a new Bridge to start again")
+            self._started = True
+        try:
+            import nats  # noqa: F401  (only here: the core package never needs it)
+        except ImportError as error:
+            raise ImportError("shmfeed: the bridge needs nats-py; install it with pip install 'shmfeed[nats]'") from error
+        for name in self.feed_names:  # subscribed before we connect: nothing sent after start() is missed
+            bridged = _BridgedFeed(self, name)
+            self._feeds[name] = bridged
+            self._by_subject[bridged.subject] = bridged
+        loop = self._loop = asyncio.new_event_loop()
+        self._loop_thread = threading.Thread(target=loop.run_forever, name="shmfeed-bridge-loop", daemon=True)
+        self._loop_thread.start()
+        try:
+            asyncio.run_coroutine_threadsafe(self._connect(timeout), loop).result(timeout + 5)
+        except BaseException as error:
+            self._stop_everything()
+            if isinstance(error, (OSError, asyncio.TimeoutError)) or type(error).__module__.startswith("nats"):
+                raise ShmfeedError(
+                    f"shmfeed: the bridge could not reach NATS at {_redacted(self.url)} ({type(error).__name__}); "
+                    f"check that nats-server runs there and the URL"
+                ) from None
+            raise
+        for bridged in self._feeds.values():
+            bridged.reader.start()
+            bridged.injector.start()
+        return self
+
+    async def _connect(self, timeout: float) -> None:
+        import nats
+
+        self._outbound = asyncio.Queue()
+        self._nc = await nats.connect(
+            self.url, name=f"shmfeed-bridge {self.origin}", no_echo=True, connect_timeout=timeout,
+            allow_reconnect=True, max_reconnect_attempts=-1, reconnect_time_wait=0.5,
+            error_cb=self._on_error, reconnected_cb=self._on_reconnected, disconnected_cb=self._on_disconnected,
+        )
+        for bridged in self._feeds.values():
+            await self._nc.subscribe(bridged.subject, cb=self._on_message)
+        await self._nc.flush(timeout)  # the server has our subscriptions: ready
+        self._pump = asyncio.get_running_loop().create_task(self._publish_all())
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop bridging: what the bridge's channels hold is published, what NATS already
+        delivered to it is sent locally, then it disconnects. Idempotent."""
+        with self._state_lock:
+            if self._closed or not self._started:
+                self._closed = True
+                return
+            self._closed = True
+        for bridged in self._feeds.values():
+            bridged.close_local()
+        for bridged in self._feeds.values():
+            if bridged.reader.is_alive():
+                bridged.reader.join(timeout)
+        loop = self._loop
+        if loop is not None and self._nc is not None:
+            try:
+                asyncio.run_coroutine_threadsafe(self._drain(timeout), loop).result(timeout + 5)
+            except Exception:
+                pass  # NATS gone: what was not published is lost, as in any core-mode outage
+        for bridged in self._feeds.values():
+            if bridged.injector.is_alive():
+                bridged.inbound.put(None)
+                bridged.injector.join(timeout)
+        self._stop_everything()
+
+    async def _drain(self, timeout: float) -> None:
+        assert self._outbound is not None
+        self._outbound.put_nowait(None)
+        if self._pump is not None:
+            await asyncio.wait_for(self._pump, timeout)
+        await asyncio.wait_for(self._nc.drain(), timeout)
+
+    def _stop_everything(self) -> None:
+        loop = self._loop
+        if loop is not None:
+            if self._nc is not None and not self._nc.is_closed:
+                try:
+                    asyncio.run_coroutine_threadsafe(self._nc.close(), loop).result(5)
+                except Exception:
+                    pass
+            loop.call_soon_threadsafe(loop.stop)
+            if self._loop_thread is not None:
+                self._loop_thread.join(5)
+            if not loop.is_running():
+                loop.close()
+        for bridged in self._feeds.values():
+            if not bridged.channel.closed:
+                bridged.close_local()
+            bridged.feed.detach()
+
+    def __enter__(self) -> "Bridge":
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # --- statistics ---------------------------------------------------------------------------
+
+    def statistics(self) -> BridgeStatistics:
+        """Counters of every bridged feed, and whether NATS is connected now."""
+        nc = self._nc
+        connected = bool(nc is not None and nc.is_connected)
+        feeds = tuple(self._feeds[name].statistics() for name in self.feed_names if name in self._feeds)
+        return BridgeStatistics(self.origin, _redacted(self.url), connected, self._reconnects, feeds)
+
+    # --- the data path ---------------------------------------------------------------------
+
+    def _hand_to_loop(self, bridged: _BridgedFeed, data: bytes) -> None:
+        """From a reader thread: queue one value for publishing. Waits while the loop holds
+        PUBLISH_BACKLOG unpublished values: the bridge's channel then fills and the ring
+        drops (counted) instead: the local send never waits."""
+        loop, outbound = self._loop, self._outbound
+        if loop is None or outbound is None or loop.is_closed():
+            bridged.drop("disconnected")
+            return
+        self._backlog.acquire()
+        try:
+            loop.call_soon_threadsafe(outbound.put_nowait, (bridged, data))
+        except RuntimeError:  # the loop was closed meanwhile
+            self._backlog.release()
+            bridged.drop("disconnected")
+
+    async def _publish_all(self) -> None:
+        import nats.errors
+
+        assert self._outbound is not None
+        nc = self._nc
+        while True:
+            item = await self._outbound.get()
+            if item is None:
+                return
+            bridged, data = item
+            self._backlog.release()
+            headers = {ORIGIN_HEADER: self.origin, FEED_HEADER: bridged.name, TYPE_HEADER: bridged.type_name()}
+            if len(data) + sum(len(k) + len(v) + 4 for k, v in headers.items()) + 16 > nc.max_payload:
+                bridged.drop("too_large")
+                continue
+            if not nc.is_connected:
+                bridged.drop("disconnected")
+                continue
+            try:
+                await nc.publish(bridged.subject, data, headers=headers)
+            except (nats.errors.Error, OSError):
+                bridged.drop("publish_error")
+                continue
+            bridged.count_out()
+
+    async def _on_message(self, msg: Any) -> None:
+        bridged = self._by_subject.get(msg.subject)
+        if bridged is None:
+            return
+        headers = msg.headers or {}
+        origin = headers.get(ORIGIN_HEADER)
+        if origin == self.origin:
+            return  # our own (no_echo should spare us this)
+        type_name = headers.get(TYPE_HEADER)
+        if not origin or not type_name or headers.get(FEED_HEADER) != bridged.name:
+            bridged.drop("bad_message")
+            return
+        try:
+            bridged.inbound.put_nowait((msg.data, type_name))
+        except queue.Full:
+            bridged.drop("slow_local")
+
+    async def _on_error(self, error: Exception) -> None:
+        import nats.errors
+
+        if isinstance(error, nats.errors.SlowConsumerError):
+            bridged = self._by_subject.get(getattr(error, "subject", ""))
+            if bridged is not None:
+                bridged.drop("slow_consumer")
+
+    async def _on_disconnected(self) -> None:
+        pass
+
+    async def _on_reconnected(self) -> None:
+        self._reconnects += 1
+
+
+def _redacted(url: str) -> str:
+    """``url`` without a password or token: secrets are never printed."""
+    return re.sub(r"//[^/@]*@", "//***@", url)

@@ -1,0 +1,206 @@
+"""``shmfeed bridge`` and ``Bridge`` (core NATS) end to end: a real nats-server per test,
+namespaces on this host standing for hosts, each with its own bridge process."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import json
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import shmfeed
+from shmfeed import _gc, _release
+from shmfeed import _bridge
+from shmfeed.testing import wait_until
+
+from _nats import BridgeProcess, nats_server
+from conftest import _force_remove, _wait_out_destruction
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture
+def nats_url(tmp_path: Path) -> Iterator[str]:
+    with nats_server(tmp_path / "jetstream") as url:
+        yield url
+
+
+@pytest.fixture
+def hosts(namespace: str) -> Iterator[list[str]]:
+    """Three namespaces standing for three hosts: the test's own first; the other two
+    are let go and checked clean at the end, as the autouse fixture does for the first."""
+    others = [f"{namespace}-{uuid.uuid4().hex[:4]}", f"{namespace}-{uuid.uuid4().hex[:4]}"]
+    yield [namespace, *others]
+    for other in others:
+        _release.release_namespace(other)
+        left = _wait_out_destruction(other)
+        if left:
+            _gc.sweep(other)
+            _force_remove(other)
+        assert not left, f"left in /dev/shm by {other}: {left}"
+
+
+@contextlib.contextmanager
+def in_namespace(name: str) -> Iterator[None]:
+    """Objects made in the block belong to namespace ``name`` (each reads it when made)."""
+    before = os.environ["SHMFEED_NAMESPACE"]
+    os.environ["SHMFEED_NAMESPACE"] = name
+    try:
+        yield
+    finally:
+        os.environ["SHMFEED_NAMESPACE"] = before
+
+
+@contextlib.contextmanager
+def bridges(url: str, namespaces: list[str], feeds: list[str]) -> Iterator[list[BridgeProcess]]:
+    started: list[BridgeProcess] = []
+    try:
+        for name in namespaces:
+            started.append(BridgeProcess(url, name, feeds))
+        yield started
+    finally:
+        for bridge in started:
+            bridge.end()  # those the test stopped are gone already
+
+
+class Subscriber:
+    """A channel subscribed to ``Feed(feed)`` in the current namespace."""
+
+    def __init__(self, feed: str) -> None:
+        self.feed: shmfeed.Feed[Any] = shmfeed.Feed(feed)
+        self.channel: shmfeed.Channel[Any] = shmfeed.Channel(256)
+        self.subscription = self.feed.subscribe(self.channel)
+
+    def until(self, markers: set[str], timeout: float = 10.0) -> list[Any]:
+        """Everything received until every marker (``{"marker": m}``) came."""
+        got: list[Any] = []
+        seen: set[str] = set()
+        while seen != markers:
+            value = self.channel.recv(timeout)
+            got.append(value)
+            if "marker" in value:
+                seen.add(value["marker"])
+        return got
+
+    def close(self) -> None:
+        self.subscription.unsubscribe()
+        self.channel.close()
+        self.feed.detach()
+
+
+def _values(origin: str) -> list[dict[str, Any]]:
+    """Values with exact types to check (one feed type: dict)."""
+    moment = datetime.datetime(2026, 11, 29, 16, 0, tzinfo=datetime.timezone.utc)
+    return [
+        {"from": origin, "n": n, "pair": (n, str(n)), "raw": bytes([n]) * (n + 1), "at": moment + datetime.timedelta(seconds=n)}
+        for n in range(20)
+    ]
+
+
+def _stopped(bridge: BridgeProcess) -> dict[str, Any]:
+    code, last = bridge.stop()
+    assert code == 0, f"the bridge in {bridge.namespace} exited {code}"
+    assert last.startswith("stopped: "), last
+    return dict(json.loads(last.removeprefix("stopped: ")))
+
+
+def test_three_namespaces_share_a_feed_exactly_once_in_order(nats_url: str, hosts: list[str]) -> None:
+    a, b, c = hosts
+    subscribers: dict[str, Subscriber] = {}
+    for name in hosts:
+        with in_namespace(name):
+            subscribers[name] = Subscriber("prices")
+    try:
+        with bridges(nats_url, hosts, ["prices"]) as (bridge_a, bridge_b, bridge_c):
+            with in_namespace(a):
+                feed_a = shmfeed.Feed("prices")
+            with in_namespace(b):
+                feed_b = shmfeed.Feed("prices")
+            from_a, from_b = _values("a"), _values("b")
+            for value_a, value_b in zip(from_a, from_b):  # two hosts sending at once
+                assert feed_a.send(value_a) == 2  # the local subscriber and the bridge
+                feed_b.send(value_b)
+            feed_a.send({"marker": "a"})
+            feed_b.send({"marker": "b"})
+            for name, subscriber in subscribers.items():
+                got = subscriber.until({"a", "b"})
+                assert [v for v in got if v.get("from") == "a"] == from_a, f"values of a in {name}"
+                assert [v for v in got if v.get("from") == "b"] == from_b, f"values of b in {name}"
+                assert len(got) == 42, f"{name} got {len(got) - 42} extra values (an echo?)"
+                for value in got:
+                    if "at" in value:
+                        assert type(value["pair"]) is tuple and type(value["raw"]) is bytes
+                        assert type(value["at"]) is datetime.datetime and value["at"].tzinfo is not None
+            for subscriber in subscribers.values():  # a late echo would come now
+                with pytest.raises(TimeoutError):
+                    subscriber.channel.recv(0.3)
+            feed_a.detach()
+            feed_b.detach()
+            # What each bridge published is what was sent in its namespace, nothing it injected.
+            counts = {name: _stopped(bridge)["prices"] for name, bridge in zip(hosts, (bridge_a, bridge_b, bridge_c))}
+            assert counts[a] == {"out": 21, "in": 21, "dropped": {}}
+            assert counts[b] == {"out": 21, "in": 21, "dropped": {}}
+            assert counts[c] == {"out": 0, "in": 42, "dropped": {}}
+    finally:
+        for subscriber in subscribers.values():
+            subscriber.close()
+
+
+def test_sigint_and_sigterm_end_a_bridge_with_0(nats_url: str, hosts: list[str]) -> None:
+    import signal
+
+    with bridges(nats_url, hosts[:2], ["prices", "orders"]) as (first, second):
+        assert _stopped(first) == {name: {"out": 0, "in": 0, "dropped": {}} for name in ("prices", "orders")}
+        second.process.send_signal(signal.SIGINT)
+        assert second.process.wait(10) == 0
+
+
+def test_a_value_holding_a_channel_stays_home_counted(nats_url: str, hosts: list[str]) -> None:
+    a, b = hosts[:2]
+    local = Subscriber("jobs")
+    with in_namespace(b):
+        remote = Subscriber("jobs")
+    reply = shmfeed.Channel(4)
+    try:
+        with bridges(nats_url, [b], ["jobs"]), shmfeed.Bridge(nats_url, feeds=["jobs"]) as bridge:
+            feed = shmfeed.Feed("jobs")
+            assert feed.send({"reply": reply}) == 2  # the bridge's channel takes it, then refuses it
+            assert feed.send({"big": b"x" * (2 << 20)}) == 2  # over NATS's 1 MiB max_payload
+            feed.send({"marker": "a"})
+            assert local.until({"a"})[0]["reply"] == reply  # the local subscriber got both
+            assert remote.until({"a"}) == [{"marker": "a"}]  # only what could leave crossed
+            wait_until(lambda: bridge.statistics().feeds[0].out == 1, 10, "the marker published")
+            (stats,) = bridge.statistics().feeds
+            assert (stats.name, stats.out, stats.in_) == ("jobs", 1, 0)
+            assert dict(stats.dropped) == {"local_reference": 1, "too_large": 1}
+            assert bridge.statistics().connected
+            feed.detach()
+    finally:
+        reply.close()
+        local.close()
+        remote.close()
+
+
+def test_the_core_package_does_not_import_nats() -> None:
+    import subprocess
+    import sys
+
+    code = "import sys, shmfeed; shmfeed.Feed; shmfeed.Channel; shmfeed.Bridge; print('nats' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30,
+                         env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
+    assert out.stdout.strip() == "False", out.stderr
+
+
+def test_subjects_are_valid_and_agree_across_hosts() -> None:
+    subject = _bridge.subject_of("default", "prices. *>")
+    assert subject == _bridge.subject_of("default", "prices. *>")
+    assert subject.startswith("shmfeed.default.") and all(ch.isalnum() or ch == "." for ch in subject)
+    assert _bridge.subject_of("default", "a") != _bridge.subject_of("other", "a")
+    with pytest.raises(ValueError):
+        shmfeed.Bridge("nats://127.0.0.1:1", feeds=["a"], realm="a.b")
