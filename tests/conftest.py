@@ -89,3 +89,17 @@ def mp_context(request: pytest.FixtureRequest, namespace: str) -> multiprocessin
 
         forkserver._forkserver._stop()
     return multiprocessing.get_context(request.param)
+
+
+@pytest.fixture(params=["c", "python"])
+def data_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The C hot path, or the Python one (what SHMFEED_PURE_PYTHON=1 gives) for the
+    channels and feeds a test makes."""
+    from shmfeed import _ring
+
+    if request.param == "c":
+        if _ring._accel is None:
+            pytest.skip("the C path is not built")
+    else:
+        monkeypatch.setattr(_ring, "_accel", None)
+    return str(request.param)

@@ -5,20 +5,9 @@ from __future__ import annotations
 import pytest
 
 import shmfeed
-from shmfeed import _codec, _ring
+from shmfeed import _codec
 
 pytestmark = pytest.mark.timeout(30)
-
-
-@pytest.fixture(params=["c", "python"])
-def data_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """The C hot path, or the Python one (what SHMFEED_PURE_PYTHON=1 gives)."""
-    if request.param == "c":
-        if _ring._accel is None:
-            pytest.skip("the C path is not built")
-    else:
-        monkeypatch.setattr(_ring, "_accel", None)
-    return str(request.param)
 
 
 def _drain(channel: shmfeed.Channel) -> list:

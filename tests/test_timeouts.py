@@ -37,18 +37,6 @@ BOUND = 1.6  # the timeout, plus slack for a loaded 2-core box; the bug took 3.5
 LARGE = 100_000  # travels as a spill file in these channels (a quarter of a 64 KiB ring is the limit)
 
 
-@pytest.fixture(params=["c", "python"])
-def data_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """The C hot path, or the Python one (what SHMFEED_PURE_PYTHON=1 gives) for the
-    channels and feeds this test makes."""
-    if request.param == "c":
-        if _ring._accel is None:
-            pytest.skip("the C path is not built")
-    else:
-        monkeypatch.setattr(_ring, "_accel", None)
-    return str(request.param)
-
-
 def _on_path(data_path: str, channel: shmfeed.Channel) -> None:
     assert (channel._live_core()._fast is not None) == (data_path == "c")
 
