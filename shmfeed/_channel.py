@@ -329,7 +329,7 @@ class Channel(TypeArgument, Generic[T]):
             if outcome == _ring.FULL:
                 outcome = await _offer_async(core, kind, record, deadline, timeout)
         finally:
-            if kind == _ring.KIND_SPILL and outcome != _ring.DELIVERED:
+            if kind == _ring.KIND_SPILL and outcome != _ring.DELIVERED and not _ring.delivered_despite():
                 core._unlink_spill_record(record)  # not in the ring: its link goes
         if outcome == _ring.CLOSED:
             raise ChannelClosed(f"shmfeed: send on closed channel {core.channel_id:016x}; a closed channel stays closed")

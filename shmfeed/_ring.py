@@ -28,6 +28,7 @@ import os
 import platform
 import struct
 import threading
+import sys
 import time
 import weakref
 from typing import Any, Callable
@@ -105,6 +106,24 @@ def default_ring_bytes(capacity: int) -> int:
 
 def _align(value: int, to: int) -> int:
     return (value + to - 1) // to * to
+
+
+_DELIVERED_MARK = "_shmfeed_delivered"
+
+
+def _mark_delivered(error: BaseException) -> None:
+    """Note on ``error`` that it came after its value was committed to a ring."""
+    try:
+        setattr(error, _DELIVERED_MARK, True)
+    except (AttributeError, TypeError):
+        pass
+
+
+def delivered_despite() -> bool:
+    """In a ``finally`` block: whether the exception leaving it came after the value was
+    committed (see ``ChannelCore.offer``), so the value's spill file must stay."""
+    error = sys.exc_info()[1]
+    return error is not None and bool(getattr(error, _DELIVERED_MARK, False))
 
 
 class ChannelCore(AttachedSegment):
@@ -586,7 +605,11 @@ class ChannelCore(AttachedSegment):
             return self.offer(KIND_DATA, payload, None, deadline)
         # Read only after the release above (a full barrier) made the commit visible.
         if words[L.RECV_WAITING]:
-            self._wake(L.RECV_WAITLIST_WORD, L.RECV_WAITING)
+            try:
+                self._wake(L.RECV_WAITLIST_WORD, L.RECV_WAITING)
+            except BaseException as error:  # a signal handler's (Ctrl-C) while waking
+                _mark_delivered(error)
+                raise
         return DELIVERED
 
     def offer(
@@ -633,7 +656,11 @@ class ChannelCore(AttachedSegment):
             send_lock.release()
         # Read only after the release above (a full barrier) made the commit visible.
         if words[L.RECV_WAITING]:
-            self._wake(L.RECV_WAITLIST_WORD, L.RECV_WAITING)
+            try:
+                self._wake(L.RECV_WAITLIST_WORD, L.RECV_WAITING)
+            except BaseException as error:  # a signal handler's (Ctrl-C) while waking
+                _mark_delivered(error)
+                raise
         return DELIVERED
 
     def forget_sender(self, waker: _waker.Waker) -> None:
@@ -657,7 +684,7 @@ class ChannelCore(AttachedSegment):
             if outcome == FULL:
                 outcome = self._put_waiting(kind, record, deadline)
         finally:
-            if kind == KIND_SPILL and outcome != DELIVERED:  # dropped, closed or failed: not in the ring
+            if kind == KIND_SPILL and outcome != DELIVERED and not delivered_despite():  # not in the ring
                 self._unlink_spill_record(record)
         if outcome == CLOSED:
             raise ChannelClosed(f"shmfeed: send on closed channel {self.channel_id:016x}; a closed channel stays closed")
@@ -674,7 +701,7 @@ class ChannelCore(AttachedSegment):
             else:
                 outcome = self.offer(kind, record)
         finally:
-            if kind == KIND_SPILL and outcome != DELIVERED:
+            if kind == KIND_SPILL and outcome != DELIVERED and not delivered_despite():
                 self._unlink_spill_record(record)
         if outcome == CLOSED:
             raise ChannelClosed(f"shmfeed: send on closed channel {self.channel_id:016x}; a closed channel stays closed")
@@ -688,7 +715,7 @@ class ChannelCore(AttachedSegment):
         try:
             outcome = self.offer(kind, record)
         finally:
-            if kind == KIND_SPILL and outcome != DELIVERED:
+            if kind == KIND_SPILL and outcome != DELIVERED and not delivered_despite():
                 self._unlink_spill_record(record)
         return outcome == DELIVERED
 

@@ -386,3 +386,26 @@ def test_a_channel_core_keeps_few_enough_attributes_for_fast_access():
         channel.send(1)
         channel.recv(timeout=5)
         assert len(vars(channel._live_core())) <= 29, sorted(vars(channel._live_core()))
+
+
+def test_an_exception_while_waking_keeps_a_committed_large_value(monkeypatch) -> None:
+    # A signal handler's exception (Ctrl-C) can arrive while the sender wakes a receiver,
+    # after the value is in the ring: its file must stay, or the receiver gets nothing.
+    from shmfeed import _layout, _ring
+
+    channel = shmfeed.Channel()
+    words = channel._core.words
+
+    def interrupted(*args: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(_ring.ChannelCore, "_wake", interrupted)
+    words[_layout.RECV_WAITING] = 1  # as if a receiver slept on it
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            channel.send(b"v" * (1 << 20))
+    finally:
+        words[_layout.RECV_WAITING] = 0
+        monkeypatch.undo()
+    assert channel.recv(timeout=5) == b"v" * (1 << 20)
+    channel.close()
