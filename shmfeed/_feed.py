@@ -404,7 +404,7 @@ class FeedCore(AttachedSegment):
 
     def send(
         self, payload: _ring.Encoded, deadline: float | None = None, timeout: float | None = None,
-        skip_channel: int = 0,
+        skip_channel: int = 0, as_sender: bool = True,
     ) -> int:
         """Deliver one encoded value to every subscribed channel; returns how many took it.
 
@@ -413,13 +413,16 @@ class FeedCore(AttachedSegment):
         ``skip_channel`` (a channel id; 0, no channel has it, skips nothing) leaves that
         channel's subscriptions out of this one send: a bridge injects what it got from
         NATS without getting it back on its own subscription (no echo, see ``_bridge``).
-        The send is otherwise the same (one send lock, one order for every channel).
+        ``as_sender=False`` sends without flagging this process as one of the feed's
+        senders: a bridge relays other hosts' values, so its death must fail nobody's
+        subscription (SPEC §7). The send is otherwise the same (one send lock, one order
+        for every channel).
 
         Raises:
             FeedSendTimeout: the send could not finish by ``deadline``.
         """
         try:
-            if not self._is_sender:
+            if as_sender and not self._is_sender:
                 self._register_sender()
             plan = self._fast_plan
             if skip_channel:
@@ -1013,10 +1016,15 @@ class Feed(TypeArgument, Generic[T]):
                 raise core.nobody_reached(timeout, error) from error
         return core, payload
 
-    def _send_encoded(self, payload: bytes, type_name: str, skip_channel: int, timeout: float | None = None) -> int:
+    def _send_encoded(self, payload: bytes, type_name: str, skip_channel: int, timeout: float | None = None,
+                      *, as_sender: bool = False) -> int:
         """Send a value already encoded (by ``_codec``, elsewhere) whose type is named
         ``type_name``, to every subscription but those of channel ``skip_channel``: how a
-        bridge injects what it got from NATS (see ``_bridge``). Raises as :meth:`send`."""
+        bridge injects what it got from NATS (see ``_bridge``). Raises as :meth:`send`.
+
+        Unless ``as_sender``, this process does not become one of the feed's senders: the
+        value's sender is the remote process, so a bridge killed with SIGKILL fails no
+        subscription (SPEC §7); its own ordinary sends, if any, still register."""
         deadline = None if timeout is None else time.monotonic() + timeout
         core = self._core
         if core is None or core.released:
@@ -1026,7 +1034,7 @@ class Feed(TypeArgument, Generic[T]):
                 core.check_send_type(type_name, deadline)
             except TimeoutError as error:
                 raise core.nobody_reached(timeout, error) from error
-        return core.send(payload, deadline, timeout, skip_channel)
+        return core.send(payload, deadline, timeout, skip_channel, as_sender)
 
     def close(self) -> None:
         """End every subscription successfully (their ``err()`` closes); later sends raise.

@@ -96,7 +96,8 @@ Feed segment (``MAGIC = FEED_MAGIC``), words 8-31:
 | 20   | SENDER_DEATHS   | senders that died without detaching, not yet reported    |
 
 The senders of a feed are the attach slots flagged ``SLOT_SENDER`` (set by a process at its
-first send, cleared when it detaches normally). The registry fails the subscriptions with
+first send, cleared when it detaches normally; a bridge's injections do not set it, see
+``FeedCore.send``). The registry fails the subscriptions with
 ``SenderDiedError`` once no live sender is left and one of them died (a flagged slot of a
 dead process, or SENDER_DEATHS, counted when recovery cleared such a slot while other
 senders lived on).

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from shmfeed import _gc
+from shmfeed.testing import wait_until
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
@@ -57,6 +58,12 @@ EXPECTED = {
         "64 sends delivered",
         "send 65 timed out: delivered to 1 channel, 2 not read by anyone",
     ],
+    "two_hosts.py": [
+        "host B got ('ACME', 101.25)",
+        "host B got ('ACME', 101.5)",
+        "host B got ('INITECH', 7.0)",
+        "bridges and nats-server stopped",
+    ],
     "demo.py": [
         "subscriber 0: got 1000 prices, total 500500 cents",
         "subscriber 1: got 1000 prices, total 500500 cents",
@@ -66,8 +73,11 @@ EXPECTED = {
 }
 
 
+NATS_EXAMPLE = "two_hosts.py"  # needs nats-py and nats-server; its own test below
+
+
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("name", sorted(EXPECTED))
+@pytest.mark.parametrize("name", sorted(set(EXPECTED) - {NATS_EXAMPLE}))
 def test_example_prints_what_it_promises(name, namespace):
     result = subprocess.run(
         [sys.executable, str(EXAMPLES / name)],
@@ -79,6 +89,23 @@ def test_example_prints_what_it_promises(name, namespace):
     deadline = time.monotonic() + 5
     while _gc.namespace_entries(namespace) and time.monotonic() < deadline:
         time.sleep(0.05)
+
+
+@pytest.mark.timeout(60)
+def test_two_hosts_joins_two_namespaces_through_nats(namespace):
+    """The example runs its own nats-server and two bridges, in two namespaces named after
+    the test's, and leaves nothing of either behind."""
+    result = subprocess.run(
+        [sys.executable, str(EXAMPLES / NATS_EXAMPLE)],
+        capture_output=True, text=True, timeout=30, env={**os.environ, "SHMFEED_NAMESPACE": namespace},
+    )
+    assert result.returncode == 0, result.stderr
+    if result.stdout.startswith("skipped:"):
+        pytest.skip(result.stdout.strip())
+    assert result.stdout.splitlines() == EXPECTED[NATS_EXAMPLE], result.stdout + result.stderr
+    hosts = [f"{namespace}-host-a", f"{namespace}-host-b"]
+    wait_until(lambda: not any(_gc.namespace_entries(host) for host in hosts), timeout=5,
+               what="nothing of the two hosts' namespaces left in /dev/shm")
 
 
 def test_every_example_is_tested():
