@@ -13,6 +13,19 @@ the origin bridge's random id, the feed's name and the value's type name in its 
 nats-py is asyncio: the bridge runs its own event loop in one thread; the user's code stays
 synchronous. nats-py is imported here only, at ``start()``: ``import shmfeed`` never needs it.
 
+Split values: a value over the server's ``max_payload`` (from the connection's INFO) is
+published as parts, each a message with the usual headers plus ``Shmfeed-Value`` (the
+origin's sequence number: with the origin it names the value), ``Shmfeed-Part``
+(``index/count``) and ``Shmfeed-Size`` (the whole size). One connection's messages keep
+their order, so the parts of one origin arrive in order and one after the other: the
+receiver holds at most one partial value per origin and feed, joins it when its last part
+comes, and drops it whole (counted ``incomplete``) when a part is missing, when it takes
+over ``JOIN_TIMEOUT``, or when the bytes held in partial values would pass
+``PARTIAL_BYTES_CAP``: never a truncated value. Nothing from the wire is trusted: the count
+must be what the size and the first part's length give, every part but the last as long as
+the first, the size at most ``MAX_VALUE_BYTES``; and every value, split or not, must decode
+(and hold no reference to a host's memory) before it is sent locally.
+
 Threads: per feed one reader (blocking receive from the bridge's channel, never a poll) and
 one injector (the local send, which may wait while a local subscriber is full); the loop
 thread only publishes and queues what arrives. A value that cannot be carried is dropped
@@ -26,8 +39,9 @@ import hashlib
 import queue
 import re
 import threading
+import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Mapping
 
@@ -35,7 +49,7 @@ import msgpack
 
 from . import _codec, _names
 from ._channel import Channel
-from ._errors import ChannelClosed, ChannelCorruptError, FeedClosed, FeedTypeError, ShmfeedError
+from ._errors import ChannelClosed, ChannelCorruptError, FeedClosed, FeedTypeError, ShmfeedError, UnknownTypeError
 from ._feed import Feed
 
 __all__ = ["Bridge", "BridgeFeedStatistics", "BridgeStatistics", "subject_of", "DROP_REASONS"]
@@ -43,22 +57,34 @@ __all__ = ["Bridge", "BridgeFeedStatistics", "BridgeStatistics", "subject_of", "
 ORIGIN_HEADER = "Shmfeed-Origin"  # the publishing bridge's random id
 FEED_HEADER = "Shmfeed-Feed"  # the feed's name: a hash collision or a forged subject is caught
 TYPE_HEADER = "Shmfeed-Type"  # the value's type name (``_codec.type_name``): fixes/checks the feed's type
+# Only on the parts of a value split because it is over NATS's max_payload (see "Split values").
+VALUE_HEADER = "Shmfeed-Value"  # the origin bridge's sequence number of the split value
+PART_HEADER = "Shmfeed-Part"  # "index/count", index from 0
+SIZE_HEADER = "Shmfeed-Size"  # the whole value's size in bytes
 
 CHANNEL_CAPACITY = 4096  # values the bridge's channel holds before the local side drops for it
 PUBLISH_BACKLOG = 1024  # values handed to the loop and not yet published, per bridge
 INJECT_BACKLOG = 65536  # values from NATS waiting for the local send, per feed
+MAX_VALUE_BYTES = 256 << 20  # the largest value a bridge splits, or joins
+PARTIAL_BYTES_CAP = 256 << 20  # bytes a bridge holds in values not yet joined, all origins together
+JOIN_TIMEOUT = 10.0  # seconds a split value may take to arrive whole before it is dropped
+MAX_PARTIALS = 1024  # values being joined at once, all origins and feeds together
+PART_HEADERS_ROOM = 96  # bytes the part headers add, at most (with their separators)
 
 # Why a value was not carried (out: local -> NATS; in: NATS -> local).
 DROP_REASONS = {
     "overflow": "out: the bridge's channel was full (NATS or the bridge too slow): dropped by the ring",
     "local_reference": "out: the value holds a Channel (a reference to this host's shared memory)",
-    "too_large": "out: the value is over NATS's max_payload (split and join is not there yet)",
+    "too_large": "out: the value is over MAX_VALUE_BYTES (256 MiB), more than a bridge joins",
     "disconnected": "out: NATS was not connected",
     "publish_error": "out: NATS refused the publish",
     "corrupt": "out: the bridge's channel held bytes that are not a value",
     "slow_local": "in: the local feed took values slower than NATS brought them",
     "slow_consumer": "in: NATS dropped messages for this bridge (it read too slowly)",
     "bad_message": "in: a message without the bridge's headers, or for another feed",
+    "bad_part": "in: a part of a split value with a size, count or index that does not add up",
+    "incomplete": "in: a split value that did not arrive whole (a part lost, too slow, or over the cap)",
+    "undecodable": "in: bytes that are not a value (or hold a reference to a host's memory)",
     "type": "in: the value's type is not the local feed's",
     "closed": "in: the local feed is closed",
     "inject_error": "in: the local send failed",
@@ -104,6 +130,33 @@ def holds_local_reference(payload: bytes) -> bool:
     except Exception:
         return False  # not ours to judge: the receiving side says it is corrupt
     return False
+
+
+def _header_bytes(headers: Mapping[str, str]) -> int:
+    """Bytes of ``headers`` as nats-py sends them (``NATS/1.0\\r\\n``, ``key: value\\r\\n``
+    each, ``\\r\\n``): the server counts them into ``max_payload``."""
+    return 12 + sum(len(key) + len(value.encode("utf-8")) + 4 for key, value in headers.items())
+
+
+def _wire_int(text: str | None, highest: int) -> int | None:
+    """A number from a header, if it is plain decimal digits and at most ``highest``."""
+    if text is None or not (0 < len(text) <= 12) or not text.isascii() or not text.isdigit():
+        return None
+    number = int(text)
+    return number if number <= highest else None
+
+
+@dataclass
+class _Partial:
+    """A split value being joined: the parts so far (in order), and what the first said."""
+
+    sequence: str
+    count: int
+    size: int
+    part_length: int
+    type_name: str
+    started: float
+    parts: list[bytes] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -153,6 +206,10 @@ class _BridgedFeed:
         self.in_ = 0
         self.dropped: dict[str, int] = {}
         self.inbound: queue.Queue[tuple[bytes, str] | None] = queue.Queue(INJECT_BACKLOG)
+        # Split values being joined, by origin; the value an origin's later parts belong to
+        # when it was dropped (they are passed over, not counted again). Loop thread only.
+        self.partials: dict[str, _Partial] = {}
+        self.passing_over: dict[str, str] = {}
         self.reader = threading.Thread(target=self._read, name=f"shmfeed-bridge-out {name}", daemon=True)
         self.injector = threading.Thread(target=self._inject, name=f"shmfeed-bridge-in {name}", daemon=True)
 
@@ -205,6 +262,9 @@ class _BridgedFeed:
             if item is None:
                 return
             payload, type_name = item
+            if not _is_value_of(payload, type_name):
+                self.drop("undecodable")
+                continue
             try:
                 self.feed._send_encoded(payload, type_name, self.channel_id)
             except FeedTypeError:
@@ -232,8 +292,10 @@ class Bridge:
     ``Feed(name)`` in every namespace bridged to the same server and realm, with its exact
     type; nothing echoes back. Values of one sender arrive in the order sent. Local sends
     never wait for NATS: what cannot be carried (NATS down, too slow, a value holding a
-    Channel, a value over NATS's ``max_payload``) is dropped and counted in
-    :meth:`statistics`, per feed and reason.
+    Channel, a value over 256 MiB) is dropped and counted in :meth:`statistics`, per feed
+    and reason. A value over NATS's ``max_payload`` crosses split into parts and joined
+    again, or not at all (a lost part drops it whole). Messages on the bridge's subjects
+    that are not a bridge's values are counted and skipped.
 
     Needs ``nats-py`` (``pip install 'shmfeed[nats]'``). Use as a context manager, or call
     :meth:`start` and :meth:`close`.
@@ -244,10 +306,12 @@ class Bridge:
         realm: separates applications sharing one NATS (letters, digits, ``_``, ``-``).
         namespace: this process's namespace, set with ``set_namespace`` (default: the
             process's own).
+        join_timeout: seconds a value split over NATS's ``max_payload`` may take to arrive
+            whole; later it is dropped (counted ``incomplete``).
     """
 
     def __init__(self, url: str, feeds: list[str] | tuple[str, ...], realm: str = "default",
-                 namespace: str | None = None) -> None:
+                 namespace: str | None = None, join_timeout: float = JOIN_TIMEOUT) -> None:
         if not isinstance(realm, str) or not _REALM.match(realm):
             raise ValueError(f"shmfeed: realm {realm!r} is not a valid realm; use 1 to 64 letters, digits, '_' or '-'")
         names = list(feeds)
@@ -272,6 +336,13 @@ class Bridge:
         self._pump: asyncio.Task[None] | None = None
         self._backlog = threading.BoundedSemaphore(PUBLISH_BACKLOG)
         self._reconnects = 0
+        self._sequence = 0  # of split values this bridge published
+        self._partial_bytes = 0  # reserved by values being joined (loop thread only)
+        self._partial_count = 0
+        self._expiry: asyncio.Task[None] | None = None
+        if not join_timeout > 0:
+            raise ValueError(f"shmfeed: join_timeout must be positive seconds, not {join_timeout!r}")
+        self.join_timeout = float(join_timeout)
         self._state_lock = threading.Lock()
         self._started = False
         self._closed = False
@@ -329,6 +400,7 @@ class Bridge:
             await self._nc.subscribe(bridged.subject, cb=self._on_message)
         await self._nc.flush(timeout)  # the server has our subscriptions: ready
         self._pump = asyncio.get_running_loop().create_task(self._publish_all())
+        self._expiry = asyncio.get_running_loop().create_task(self._expire_partials())
 
     def close(self, timeout: float = 10.0) -> None:
         """Stop bridging: what the bridge's channels hold is published, what NATS already
@@ -360,6 +432,8 @@ class Bridge:
         self._outbound.put_nowait(None)
         if self._pump is not None:
             await asyncio.wait_for(self._pump, timeout)
+        if self._expiry is not None:
+            self._expiry.cancel()
         await asyncio.wait_for(self._nc.drain(), timeout)
 
     def _stop_everything(self) -> None:
@@ -370,6 +444,8 @@ class Bridge:
                     asyncio.run_coroutine_threadsafe(self._nc.close(), loop).result(5)
                 except Exception:
                     pass
+            if self._expiry is not None:
+                loop.call_soon_threadsafe(self._expiry.cancel)
             loop.call_soon_threadsafe(loop.stop)
             if self._loop_thread is not None:
                 self._loop_thread.join(5)
@@ -424,18 +500,37 @@ class Bridge:
             bridged, data = item
             self._backlog.release()
             headers = {ORIGIN_HEADER: self.origin, FEED_HEADER: bridged.name, TYPE_HEADER: bridged.type_name()}
-            if len(data) + sum(len(k) + len(v) + 4 for k, v in headers.items()) + 16 > nc.max_payload:
+            if len(data) > MAX_VALUE_BYTES:
                 bridged.drop("too_large")
                 continue
             if not nc.is_connected:
                 bridged.drop("disconnected")
                 continue
+            room = nc.max_payload - _header_bytes(headers)
             try:
-                await nc.publish(bridged.subject, data, headers=headers)
+                if len(data) <= room:
+                    await nc.publish(bridged.subject, data, headers=headers)
+                else:
+                    await self._publish_parts(bridged, data, headers, room - PART_HEADERS_ROOM)
             except (nats.errors.Error, OSError):
-                bridged.drop("publish_error")
+                bridged.drop("publish_error")  # parts already out are dropped whole by the receivers
                 continue
             bridged.count_out()
+
+    async def _publish_parts(self, bridged: _BridgedFeed, data: bytes, headers: dict[str, str],
+                             part_length: int) -> None:
+        """``data`` as parts of ``part_length`` bytes (the last shorter), one after another:
+        no other message of this bridge comes between them."""
+        if part_length <= 0:
+            raise OSError("the server's max_payload leaves no room for a part")
+        self._sequence += 1
+        count = -(-len(data) // part_length)
+        view = memoryview(data)
+        for index in range(count):
+            part_headers = {**headers, VALUE_HEADER: str(self._sequence), PART_HEADER: f"{index}/{count}",
+                            SIZE_HEADER: str(len(data))}
+            await self._nc.publish(bridged.subject, bytes(view[index * part_length:(index + 1) * part_length]),
+                                   headers=part_headers)
 
     async def _on_message(self, msg: Any) -> None:
         bridged = self._by_subject.get(msg.subject)
@@ -446,13 +541,100 @@ class Bridge:
         if origin == self.origin:
             return  # our own (no_echo should spare us this)
         type_name = headers.get(TYPE_HEADER)
-        if not origin or not type_name or headers.get(FEED_HEADER) != bridged.name:
+        if not origin or len(origin) > 64 or not type_name or headers.get(FEED_HEADER) != bridged.name:
             bridged.drop("bad_message")
             return
+        data: bytes = msg.data
+        if PART_HEADER in headers or VALUE_HEADER in headers or SIZE_HEADER in headers:
+            joined = self._join(bridged, origin, type_name, headers, data)
+            if joined is None:
+                return
+            data = joined
+        elif origin in bridged.partials:
+            self._abandon(bridged, origin, "incomplete")  # a whole value came: a part was lost
         try:
-            bridged.inbound.put_nowait((msg.data, type_name))
+            bridged.inbound.put_nowait((data, type_name))
         except queue.Full:
             bridged.drop("slow_local")
+
+    def _join(self, bridged: _BridgedFeed, origin: str, type_name: str, headers: Mapping[str, str],
+              data: bytes) -> bytes | None:
+        """One part of a split value (loop thread): the whole value once its last part is
+        here, else None. A part that does not follow the one before drops the value."""
+        sequence = headers.get(VALUE_HEADER) or ""
+        index_text, _, count_text = (headers.get(PART_HEADER) or "").partition("/")
+        index = _wire_int(index_text, MAX_VALUE_BYTES)
+        count = _wire_int(count_text, MAX_VALUE_BYTES)
+        size = _wire_int(headers.get(SIZE_HEADER), MAX_VALUE_BYTES)
+        partial = bridged.partials.get(origin)
+        if partial is not None and (partial.sequence != sequence or index != len(partial.parts)):
+            # Parts of one origin come in order, one value after the other: this one is not
+            # the next, so the value being joined lost a part.
+            self._abandon(bridged, origin, "incomplete")
+            partial = None
+        if partial is None and sequence and bridged.passing_over.get(origin) == sequence:
+            return None  # a later part of a value dropped already
+        if not 0 < len(sequence) <= 20 or index is None or count is None or size is None:
+            bridged.drop("bad_part")
+            if sequence:
+                self._pass_over(bridged, origin, sequence[:20])
+            return None
+        if partial is None:
+            if index != 0:  # its first part was lost
+                bridged.drop("incomplete")
+                self._pass_over(bridged, origin, sequence)
+                return None
+            part_length = len(data)
+            if not (2 <= count and 0 < part_length < size and count == -(-size // part_length)):
+                bridged.drop("bad_part")
+                self._pass_over(bridged, origin, sequence)
+                return None
+            if self._partial_bytes + size > PARTIAL_BYTES_CAP or self._partial_count >= MAX_PARTIALS:
+                bridged.drop("incomplete")
+                self._pass_over(bridged, origin, sequence)
+                return None
+            # The whole size is reserved now: what is held never passes the cap.
+            self._partial_bytes += size
+            self._partial_count += 1
+            bridged.partials[origin] = _Partial(sequence, count, size, part_length, type_name, time.monotonic(), [data])
+            return None
+        last = index == partial.count - 1
+        expected = partial.size - partial.part_length * (partial.count - 1) if last else partial.part_length
+        if (count, size, type_name, len(data)) != (partial.count, partial.size, partial.type_name, expected):
+            self._abandon(bridged, origin, "bad_part")
+            return None
+        partial.parts.append(data)
+        if not last:
+            return None
+        del bridged.partials[origin]
+        self._partial_bytes -= partial.size
+        self._partial_count -= 1
+        return b"".join(partial.parts)
+
+    def _abandon(self, bridged: _BridgedFeed, origin: str, reason: str) -> None:
+        """Drop the value being joined from ``origin`` (counted once, as ``reason``); its
+        later parts are passed over."""
+        partial = bridged.partials.pop(origin)
+        self._partial_bytes -= partial.size
+        self._partial_count -= 1
+        bridged.drop(reason)
+        self._pass_over(bridged, origin, partial.sequence)
+
+    @staticmethod
+    def _pass_over(bridged: _BridgedFeed, origin: str, sequence: str) -> None:
+        if len(bridged.passing_over) >= MAX_PARTIALS:
+            bridged.passing_over.clear()  # forged origins must not grow it: forgetting costs a count
+        bridged.passing_over[origin] = sequence
+
+    async def _expire_partials(self) -> None:
+        """Drop split values that take over ``join_timeout`` to arrive whole."""
+        while True:
+            await asyncio.sleep(max(0.05, self.join_timeout / 4))
+            oldest = time.monotonic() - self.join_timeout
+            for bridged in self._feeds.values():
+                for origin, partial in list(bridged.partials.items()):
+                    if partial.started < oldest:
+                        self._abandon(bridged, origin, "incomplete")
 
     async def _on_error(self, error: Exception) -> None:
         import nats.errors
@@ -467,6 +649,22 @@ class Bridge:
 
     async def _on_reconnected(self) -> None:
         self._reconnects += 1
+
+
+def _is_value_of(payload: bytes, type_name: str) -> bool:
+    """Whether bytes from the wire are a value of type ``type_name`` that may be sent here:
+    they decode, and hold no reference to a host's memory (a forged one would name ours).
+    A value of a type this process does not know passes: the local receivers know it or
+    say so, as they would for a local send."""
+    if holds_local_reference(payload):
+        return False
+    try:
+        value = _codec.decode(payload)
+    except UnknownTypeError:
+        return True
+    except Exception:
+        return False
+    return _codec.type_name(type(value)) == type_name
 
 
 def _redacted(url: str) -> str:

