@@ -38,6 +38,7 @@ import asyncio
 import hashlib
 import queue
 import re
+import sys
 import threading
 import time
 import uuid
@@ -47,7 +48,8 @@ from typing import Any, Mapping
 
 import msgpack
 
-from . import _codec, _names
+from . import _codec, _gc, _names
+from . import _layout as L
 from ._channel import Channel
 from ._errors import ChannelClosed, ChannelCorruptError, FeedClosed, FeedTypeError, ShmfeedError, UnknownTypeError
 from ._feed import Feed
@@ -67,6 +69,8 @@ PUBLISH_BACKLOG = 1024  # values handed to the loop and not yet published, per b
 INJECT_BACKLOG = 65536  # values from NATS waiting for the local send, per feed
 MAX_VALUE_BYTES = 256 << 20  # the largest value a bridge splits, or joins
 PARTIAL_BYTES_CAP = 256 << 20  # bytes a bridge holds in values not yet joined, all origins together
+RESCAN_SECONDS = 0.5  # how often a bridge with patterns looks for feeds opened since
+HIDDEN_PREFIXES = ("typemux-state:",)  # feeds of the library's own; bridged only when a pattern names them
 JOIN_TIMEOUT = 10.0  # seconds a split value may take to arrive whole before it is dropped
 MAX_PARTIALS = 1024  # values being joined at once, all origins and feeds together
 PART_HEADERS_ROOM = 96  # bytes the part headers add, at most (with their separators)
@@ -130,6 +134,46 @@ def holds_local_reference(payload: bytes) -> bool:
     except Exception:
         return False  # not ours to judge: the receiving side says it is corrupt
     return False
+
+
+def named_feeds(namespace: str) -> list[str]:
+    """The names of the named feeds of ``namespace`` now: read from their segments'
+    headers in /dev/shm (ours only; destroyed or damaged ones passed over)."""
+    names = []
+    for entry in _gc.own_entries(namespace):
+        if entry.kind is not _names.EntryKind.FEED:
+            continue
+        try:
+            mapped = _gc.map_segment(entry.path)
+        except (OSError, ValueError):
+            continue  # gone meanwhile, or not ours
+        if mapped is None:
+            continue
+        mapping = mapped[0]
+        try:
+            buffer = memoryview(mapping)
+            words = buffer[: L.HEADER_BYTES].cast("Q")
+            try:
+                if words[L.MAGIC] == L.FEED_MAGIC and not words[L.DESTROYED] and words[L.NAME_LEN]:
+                    names.append(L.read_text(buffer, L.FEED_NAME_OFFSET, int(words[L.NAME_LEN]), L.FEED_NAME_MAX))
+            finally:
+                words.release()
+                buffer.release()
+        finally:
+            mapping.close()
+    return names
+
+
+def matches(pattern: str, name: str) -> bool:
+    """Whether feed ``name`` is one ``pattern`` asks for: the name itself, or, for a
+    pattern ending in ``*``, any name with that prefix (the library's hidden feeds, such
+    as a TypeMux's state, only when the prefix names them)."""
+    if not pattern.endswith("*"):
+        return name == pattern
+    prefix = pattern[:-1]
+    if not name.startswith(prefix):
+        return False
+    return not any(name.startswith(hidden) and not prefix.startswith(hidden) for hidden in HIDDEN_PREFIXES)
 
 
 def _header_bytes(headers: Mapping[str, str]) -> int:
@@ -302,7 +346,10 @@ class Bridge:
 
     Args:
         url: the NATS server, e.g. ``nats://127.0.0.1:4222`` (user and password may be in it).
-        feeds: the names of the feeds to bridge.
+        feeds: the names of the feeds to bridge; a name ending in ``*`` is a prefix: every
+            named feed that starts with it, opened now or later (looked for every
+            ``RESCAN_SECONDS``). None (or empty): every named feed of the namespace (but
+            the library's hidden ones, such as a TypeMux's state).
         realm: separates applications sharing one NATS (letters, digits, ``_``, ``-``).
         namespace: this process's namespace, set with ``set_namespace`` (default: the
             process's own).
@@ -310,22 +357,27 @@ class Bridge:
             whole; later it is dropped (counted ``incomplete``).
     """
 
-    def __init__(self, url: str, feeds: list[str] | tuple[str, ...], realm: str = "default",
+    def __init__(self, url: str, feeds: list[str] | tuple[str, ...] | None = None, realm: str = "default",
                  namespace: str | None = None, join_timeout: float = JOIN_TIMEOUT) -> None:
         if not isinstance(realm, str) or not _REALM.match(realm):
             raise ValueError(f"shmfeed: realm {realm!r} is not a valid realm; use 1 to 64 letters, digits, '_' or '-'")
-        names = list(feeds)
-        if not names:
-            raise ValueError("shmfeed: a bridge needs at least one feed name; pass feeds=['prices', ...]")
+        names = list(feeds or ["*"])
         for name in names:
-            _names.validate_name(name, what="feed name")
+            if "*" in name[:-1]:
+                raise ValueError(f"shmfeed: feed pattern {name!r} has a '*' before its end; only a trailing '*' "
+                                 f"(a prefix) is a pattern")
+            if not name.endswith("*"):
+                _names.validate_name(name, what="feed name")
         if len(set(names)) != len(names):
             raise ValueError("shmfeed: a feed name is given twice; give each feed once")
         if namespace is not None:
             _names.set_namespace(namespace)
         self.url = url
         self.realm = realm
-        self.feed_names = tuple(names)
+        self.feed_names = tuple(name for name in names if not name.endswith("*"))
+        self.patterns = tuple(name for name in names if name.endswith("*"))
+        self._scanner: threading.Thread | None = None
+        self._stop_scanning = threading.Event()
         self.origin = uuid.uuid4().hex
         self._feeds: dict[str, _BridgedFeed] = {}
         self._by_subject: dict[str, _BridgedFeed] = {}
@@ -365,7 +417,8 @@ class Bridge:
             import nats  # noqa: F401  (only here: the core package never needs it)
         except ImportError as error:
             raise ImportError("shmfeed: the bridge needs nats-py; install it with pip install 'shmfeed[nats]'") from error
-        for name in self.feed_names:  # subscribed before we connect: nothing sent after start() is missed
+        for name in (*self.feed_names, *self._unbridged_matches()):
+            # Subscribed before we connect: nothing sent after start() is missed.
             bridged = _BridgedFeed(self, name)
             self._feeds[name] = bridged
             self._by_subject[bridged.subject] = bridged
@@ -385,7 +438,52 @@ class Bridge:
         for bridged in self._feeds.values():
             bridged.reader.start()
             bridged.injector.start()
+        if self.patterns:
+            self._scanner = threading.Thread(target=self._scan, name="shmfeed-bridge-scan", daemon=True)
+            self._scanner.start()
         return self
+
+    def _unbridged_matches(self) -> list[str]:
+        """Feeds of the namespace that a pattern asks for and that are not bridged yet."""
+        if not self.patterns:
+            return []
+        found = []
+        for name in named_feeds(_names.current_namespace()):
+            if name not in self._feeds and name not in found and any(matches(p, name) for p in self.patterns):
+                try:
+                    _names.validate_name(name, what="feed name")
+                except ValueError:
+                    continue
+                found.append(name)
+        return found
+
+    def _scan(self) -> None:
+        """The control plane (its own thread): bridge feeds opened since, every RESCAN_SECONDS."""
+        while not self._stop_scanning.wait(RESCAN_SECONDS):
+            for name in self._unbridged_matches():
+                if self._stop_scanning.is_set():
+                    return
+                try:
+                    self._add_feed(name)
+                except Exception as error:  # tried again at the next scan
+                    print(f"shmfeed bridge: could not bridge feed {name!r} yet: {error}", file=sys.stderr)
+
+    def _add_feed(self, name: str) -> None:
+        """Bridge one more feed while running: local subscription first, then NATS's."""
+        loop = self._loop
+        assert loop is not None
+        bridged = _BridgedFeed(self, name)
+        try:
+            asyncio.run_coroutine_threadsafe(self._nc.subscribe(bridged.subject, cb=self._on_message),
+                                             loop).result(10)
+        except BaseException:
+            bridged.close_local()
+            bridged.feed.detach()
+            raise
+        self._by_subject[bridged.subject] = bridged
+        self._feeds[name] = bridged
+        bridged.reader.start()
+        bridged.injector.start()
 
     async def _connect(self, timeout: float) -> None:
         import nats
@@ -410,6 +508,9 @@ class Bridge:
                 self._closed = True
                 return
             self._closed = True
+        self._stop_scanning.set()
+        if self._scanner is not None:
+            self._scanner.join(timeout)
         for bridged in self._feeds.values():
             bridged.close_local()
         for bridged in self._feeds.values():
@@ -468,7 +569,7 @@ class Bridge:
         """Counters of every bridged feed, and whether NATS is connected now."""
         nc = self._nc
         connected = bool(nc is not None and nc.is_connected)
-        feeds = tuple(self._feeds[name].statistics() for name in self.feed_names if name in self._feeds)
+        feeds = tuple(bridged.statistics() for bridged in list(self._feeds.values()))
         return BridgeStatistics(self.origin, _redacted(self.url), connected, self._reconnects, feeds)
 
     # --- the data path ---------------------------------------------------------------------
@@ -631,7 +732,7 @@ class Bridge:
         while True:
             await asyncio.sleep(max(0.05, self.join_timeout / 4))
             oldest = time.monotonic() - self.join_timeout
-            for bridged in self._feeds.values():
+            for bridged in list(self._feeds.values()):  # the scan thread may add one meanwhile
                 for origin, partial in list(bridged.partials.items()):
                     if partial.started < oldest:
                         self._abandon(bridged, origin, "incomplete")

@@ -59,10 +59,6 @@ def _bridge_command(args: argparse.Namespace) -> int:
     from . import _bridge
 
     feeds = args.feed or []
-    if not feeds or any("*" in name for name in feeds):
-        print("shmfeed bridge: give each feed to bridge with --feed NAME (patterns and every feed of the namespace "
-              "are not there yet)", file=sys.stderr)
-        return 2
     stop = threading.Event()
 
     def on_signal(signum: int, frame: object) -> None:
@@ -78,7 +74,7 @@ def _bridge_command(args: argparse.Namespace) -> int:
         return 1
     try:
         print(f"ready: namespace {_names.current_namespace()!r} bridged to {_bridge._redacted(args.url)} "
-              f"realm {args.realm!r}: feeds {', '.join(feeds)}", flush=True)
+              f"realm {args.realm!r}: feeds {', '.join(feeds) or 'every named feed'}", flush=True)
         while not stop.wait(3600):
             pass
     finally:
@@ -110,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     bridge = commands.add_parser("bridge", help="join this namespace's feeds with other namespaces' through NATS")
     bridge.add_argument("url", help="the NATS server, e.g. nats://127.0.0.1:4222")
     bridge.add_argument("--namespace", help="namespace (default: $SHMFEED_NAMESPACE or one per user)")
-    bridge.add_argument("--feed", action="append", metavar="NAME", help="a feed to bridge (repeat for more)")
+    bridge.add_argument("--feed", action="append", metavar="NAME", help="a feed to bridge (repeat for more); ending in * (quote it): every feed with that prefix, opened "
+                             "now or later; none: every named feed of the namespace")
     bridge.add_argument("--realm", default="default", help="separates applications sharing one NATS (default: default)")
     bridge.set_defaults(run=_bridge_command)
     args = parser.parse_args(argv)

@@ -287,6 +287,54 @@ def test_bad_input_on_the_subject_is_counted_and_passed_over(nats_url: str) -> N
         subscriber.close()
 
 
+def test_patterns_bridge_feeds_opened_after_the_bridge_started(nats_url: str, hosts: list[str]) -> None:
+    """``--feed 'tick*'`` in one namespace, every feed in the other: feeds opened after both
+    bridges started are found and bridged; a feed outside the pattern is not."""
+    a, b = hosts[:2]
+    local: Subscriber | None = None
+    opened_in_b: list[Subscriber] = []
+    try:
+        with bridges(nats_url, [b], ["tick*"]) as (bridge_b,), shmfeed.Bridge(nats_url) as bridge_a:
+            assert bridge_a.statistics().feeds == ()
+            local = Subscriber("ticks")
+            wait_until(lambda: [f.name for f in bridge_a.statistics().feeds] == ["ticks"], 10, "a's bridge found it")
+            with in_namespace(b):
+                opened_in_b += [Subscriber("ticks"), Subscriber("other")]
+                ticks = shmfeed.Feed("ticks")
+            probes = 0
+            while True:  # the handshake: b's bridge carries once it has found the feed
+                ticks.send({"probe": probes})
+                probes += 1
+                try:
+                    first = local.channel.recv(0.05)
+                    break
+                except TimeoutError:
+                    assert probes < 400, "b's bridge never bridged the feed opened after it started"
+            values = [{"n": n} for n in range(20)]
+            for value in values:
+                ticks.send(value)
+            ticks.send({"marker": "end"})
+            got = [first, *local.until({"end"})]
+            assert [v for v in got if "n" in v] == values
+            assert [v["probe"] for v in got if "probe" in v] == list(range(first["probe"], probes))
+            ticks.detach()
+            summary = _stopped(bridge_b)
+            assert set(summary) == {"ticks"}  # not "other"
+            assert summary["ticks"]["out"] == len(got)
+    finally:
+        for subscriber in [*([local] if local else []), *opened_in_b]:
+            subscriber.close()
+
+
+def test_patterns_match_prefixes_and_leave_hidden_feeds_out() -> None:
+    assert _bridge.matches("prices", "prices") and not _bridge.matches("prices", "prices2")
+    assert _bridge.matches("tick*", "ticks") and _bridge.matches("tick*", "tick") and not _bridge.matches("tick*", "tac")
+    assert _bridge.matches("*", "anything") and not _bridge.matches("*", "typemux-state:jobs")
+    assert _bridge.matches("typemux-state:*", "typemux-state:jobs")
+    with pytest.raises(ValueError):
+        shmfeed.Bridge("nats://127.0.0.1:1", feeds=["a*b"])
+
+
 def test_the_core_package_does_not_import_nats() -> None:
     import subprocess
     import sys
