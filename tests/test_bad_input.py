@@ -164,8 +164,10 @@ CASES: list[tuple[str, Callable[[], Any], type[BaseException], str]] = [
     ("set_namespace('')", lambda: shmfeed.set_namespace(""), ValueError, "namespace must have 1 to 200 characters"),
     ("set_namespace(None)", lambda: shmfeed.set_namespace(None), TypeError, "namespace must be a str"),  # type: ignore[arg-type]
     # Bridge (refused before anything is opened or imported: no NATS needed)
-    ("Bridge(url, feeds=[])", lambda: shmfeed.Bridge("nats://127.0.0.1:1", feeds=[]), ValueError,
-     "a bridge needs at least one feed name"),
+    ("Bridge(url, feeds=['a*b'])", lambda: shmfeed.Bridge("nats://127.0.0.1:1", feeds=["a*b"]), ValueError,
+     "has a '\\*' before its end"),
+    ("Bridge(url, join_timeout=0)", lambda: shmfeed.Bridge("nats://127.0.0.1:1", join_timeout=0), ValueError,
+     "join_timeout must be positive"),
     ("Bridge(url, feeds, realm='a.b')", lambda: shmfeed.Bridge("nats://127.0.0.1:1", feeds=["a"], realm="a.b"),
      ValueError, "realm 'a.b' is not a valid realm"),
     ("Bridge(url, feeds=['a', 'a'])", lambda: shmfeed.Bridge("nats://127.0.0.1:1", feeds=["a", "a"]), ValueError,
