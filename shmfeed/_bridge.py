@@ -388,6 +388,7 @@ class Bridge:
         self._pump: asyncio.Task[None] | None = None
         self._backlog = threading.BoundedSemaphore(PUBLISH_BACKLOG)
         self._reconnects = 0
+        self._down = False  # a disconnect was announced and no reconnect yet
         self._sequence = 0  # of split values this bridge published
         self._partial_bytes = 0  # reserved by values being joined (loop thread only)
         self._partial_count = 0
@@ -746,10 +747,24 @@ class Bridge:
                 bridged.drop("slow_consumer")
 
     async def _on_disconnected(self) -> None:
-        pass
+        # nats-py calls this once per lost connection (and on close: not news then).
+        if not self._closed and not self._down:
+            self._down = True
+            print(f"shmfeed bridge: disconnected from {self._server_now()}; reconnecting (values meanwhile are "
+                  f"dropped and counted)", file=sys.stderr, flush=True)
 
     async def _on_reconnected(self) -> None:
         self._reconnects += 1
+        self._down = False
+        if not self._closed:
+            print(f"shmfeed bridge: reconnected to {self._server_now()}", file=sys.stderr, flush=True)
+
+    def _server_now(self) -> str:
+        """The server the connection is (or was last) on, with no credentials."""
+        url = getattr(self._nc, "connected_url", None)
+        if url is None or not getattr(url, "hostname", None):
+            return _redacted(self.url)
+        return f"{url.scheme or 'nats'}://{url.hostname}:{url.port or 4222}"
 
 
 def _is_value_of(payload: bytes, type_name: str) -> bool:

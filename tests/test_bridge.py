@@ -19,7 +19,7 @@ from shmfeed import _gc, _release
 from shmfeed import _bridge
 from shmfeed.testing import wait_until
 
-from _nats import BridgeProcess, nats_server, publish_raw
+from _nats import BridgeProcess, NatsServer, nats_server, publish_raw
 from conftest import _force_remove, _wait_out_destruction
 
 pytestmark = pytest.mark.timeout(60)
@@ -333,6 +333,38 @@ def test_patterns_match_prefixes_and_leave_hidden_feeds_out() -> None:
     assert _bridge.matches("typemux-state:*", "typemux-state:jobs")
     with pytest.raises(ValueError):
         shmfeed.Bridge("nats://127.0.0.1:1", feeds=["a*b"])
+
+
+def test_a_bridge_says_when_nats_goes_and_comes_back(tmp_path: Path, hosts: list[str],
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """NATS killed and started again on its port: one line on stderr each way, ``connected``
+    and ``reconnects`` in the statistics, what was sent meanwhile counted, then carried again."""
+    b = hosts[1]
+    server = NatsServer(tmp_path / "jetstream")
+    url = server.start()
+    with in_namespace(b):
+        remote = Subscriber("prices")
+    try:
+        with shmfeed.Bridge(url, feeds=["prices"]) as bridge:
+            feed = shmfeed.Feed("prices")
+            server.stop(kill=True)
+            wait_until(lambda: not bridge.statistics().connected, 10, "the bridge saw NATS go")
+            feed.send({"n": 0})
+            wait_until(lambda: bridge.statistics().feeds[0].dropped.get("disconnected") == 1, 10, "the drop counted")
+            server.start()
+            wait_until(lambda: bridge.statistics().connected, 10, "the bridge reconnected")
+            assert bridge.statistics().reconnects == 1
+            with bridges(url, [b], ["prices"]):
+                feed.send({"marker": "after"})
+                assert remote.until({"after"}) == [{"marker": "after"}]
+            feed.detach()
+        lines = capsys.readouterr().err.splitlines()
+        assert [line.split(" from ")[0].split(" to ")[0] for line in lines] == \
+            ["shmfeed bridge: disconnected", "shmfeed bridge: reconnected"], lines
+        assert lines[0].startswith(f"shmfeed bridge: disconnected from {url};") and lines[1] == f"shmfeed bridge: reconnected to {url}"
+    finally:
+        remote.close()
+        server.stop()
 
 
 def test_the_core_package_does_not_import_nats() -> None:
