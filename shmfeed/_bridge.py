@@ -474,14 +474,15 @@ class Bridge:
         loop = self._loop
         assert loop is not None
         bridged = _BridgedFeed(self, name)
+        self._by_subject[bridged.subject] = bridged  # first: what NATS brings at once is queued
         try:
             asyncio.run_coroutine_threadsafe(self._nc.subscribe(bridged.subject, cb=self._on_message),
                                              loop).result(10)
         except BaseException:
+            del self._by_subject[bridged.subject]
             bridged.close_local()
             bridged.feed.detach()
             raise
-        self._by_subject[bridged.subject] = bridged
         self._feeds[name] = bridged
         bridged.reader.start()
         bridged.injector.start()
