@@ -394,7 +394,8 @@ class Bridge:
         self._partial_count = 0
         self._expiry: asyncio.Task[None] | None = None
         if not join_timeout > 0:
-            raise ValueError(f"shmfeed: join_timeout must be positive seconds, not {join_timeout!r}")
+            raise ValueError(f"shmfeed: join_timeout must be positive seconds, not {join_timeout!r}; "
+                             f"give how long a split value may take to arrive whole")
         self.join_timeout = float(join_timeout)
         self._state_lock = threading.Lock()
         self._started = False
@@ -625,7 +626,8 @@ class Bridge:
         """``data`` as parts of ``part_length`` bytes (the last shorter), one after another:
         no other message of this bridge comes between them."""
         if part_length <= 0:
-            raise OSError("the server's max_payload leaves no room for a part")
+            raise OSError("shmfeed: the server's max_payload leaves no room for a part; "
+                          "raise max_payload in the nats-server configuration")
         self._sequence += 1
         count = -(-len(data) // part_length)
         view = memoryview(data)
