@@ -16,7 +16,8 @@ its temporary segment name goes after the same grace period.
 Only names that ``_names.parse_entry`` recognises, on files that pass ``_shm.check_own``
 (regular, ours, no group/other bits), are looked at (``own_entries``), and segments are
 mapped only through ``_shm.map_own``; anything else is left alone as not ours and never
-raises.
+raises. One exception names no namespace: glibc's temporary file of a ``sem_open`` that
+was killed half-way (``_semaphore_temps``), ours and older than the grace period.
 """
 
 from __future__ import annotations
@@ -134,7 +135,23 @@ def sweep(namespace: str, remove: bool = True) -> Leftovers:
             continue
         if not remove or _unlink(entry.path):
             (found.semaphores if entry.kind in (EntryKind.LOCK, EntryKind.WAKER) else found.files).append(entry.path)
+    for path in _semaphore_temps(now):
+        if not remove or _unlink(path):
+            found.semaphores.append(path)
     return found
+
+
+def _semaphore_temps(now: float) -> list[str]:
+    """glibc's temporary files of ``sem_open`` (``sem.XXXXXX``) of this user that a process
+    killed inside the call left: it makes the file, then links it under the semaphore's
+    name and removes it, microseconds apart. They name no namespace, so every sweep
+    looks; one older than the grace period can be no live call's."""
+    try:
+        files = os.listdir(_names.SHM_DIR)
+    except OSError:
+        return []
+    paths = [f"{_names.SHM_DIR}/{file}" for file in files if _names.is_semaphore_temp(file)]
+    return [path for path in paths if _shm.is_own(path) and _older_than(path, now, LOCK_GRACE_SECONDS)]
 
 
 def _remove_dead_segment(namespace: str, entry: Entry, lock_ids: list[int], found: Leftovers, remove: bool) -> None:

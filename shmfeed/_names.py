@@ -258,6 +258,14 @@ _SPILL_LINK = re.compile(f"c(?P<key>{_HEX16})\\.x{_HEX16}")
 _SPILL_TEMP = re.compile(f"t(?P<pid>[0-9a-f]{{1,8}})\\.{_HEX16}")
 
 
+_SEMAPHORE_TEMP = re.compile(r"sem\.[A-Za-z0-9]{6}")  # glibc sem_open's mkstemp pattern
+
+
+def is_semaphore_temp(file: str) -> bool:
+    """Whether a name in /dev/shm is one of glibc's temporary files of ``sem_open``."""
+    return _SEMAPHORE_TEMP.fullmatch(file) is not None
+
+
 def parse_entry(namespace: str, file: str) -> Entry | None:
     """Classify a name in /dev/shm; None if it is not one this module builds for ``namespace``.
 

@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -105,3 +106,21 @@ def test_gc_dry_run_lists_without_removing(namespace):
     )
     assert result.returncode == 0
     assert "would remove 0 leftover(s)" in result.stdout
+
+
+def test_gc_removes_a_semaphore_temp_file_a_killed_sem_open_left(namespace):
+    # glibc's sem_open makes /dev/shm/sem.XXXXXX, links it under the name, then removes
+    # it: a process killed in between (the soak's chaos did) leaves the temporary file.
+    old, fresh = "/dev/shm/sem.Zz0Qa1", "/dev/shm/sem.Zz0Qa2"
+    for path in (old, fresh):
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+    past = time.time() - _gc.LOCK_GRACE_SECONDS - 5
+    os.utime(old, (past, past))
+    try:
+        assert old in _gc.sweep(namespace, remove=False).all()
+        assert fresh not in _gc.sweep(namespace).all()  # a sem_open may be in progress
+        assert not os.path.exists(old) and os.path.exists(fresh)
+    finally:
+        for path in (old, fresh):
+            if os.path.exists(path):
+                os.unlink(path)
