@@ -17,7 +17,7 @@ import time
 import weakref
 from typing import Any, Generic, Iterator, NamedTuple, TypeVar
 
-from . import _codec, _names, _process, _registry_client, _ring, _shm, _waker
+from . import _codec, _marks, _names, _process, _registry_client, _ring, _shm, _waker
 from . import _layout as L
 from ._segment import AttachedSegment, open_named
 from ._codec import Segments
@@ -92,6 +92,9 @@ class FeedCore(AttachedSegment):
         # plan as ``_fast_plan``), one tuple so that threads read it whole.
         self._skip_cache: tuple[tuple[_Target, ...], int, tuple[_Target, ...], Any] | None = None
         self._fast: Any = None  # the C send of the feed (see FeedCore.send)
+        # While a marked send holds the send lock: (its mark entry's first word, the
+        # subscription id limit, whether it resumes a dead bridge's send). See _marks.
+        self._marking: tuple[int, int, bool] | None = None
         if _ring._accel is not None and not isinstance(send_lock, _shm.BoundedLock):
             send_lock_name = _names.lock_semaphore(namespace, int(self.words[L.SEND_LOCK_ID]))
             try:
@@ -404,7 +407,7 @@ class FeedCore(AttachedSegment):
 
     def send(
         self, payload: _ring.Encoded, deadline: float | None = None, timeout: float | None = None,
-        skip_channel: int = 0, as_sender: bool = True,
+        skip_channel: int = 0, as_sender: bool = True, mark: _marks.Mark | None = None,
     ) -> int:
         """Deliver one encoded value to every subscribed channel; returns how many took it.
 
@@ -417,6 +420,9 @@ class FeedCore(AttachedSegment):
         senders: a bridge relays other hosts' values, so its death must fail nobody's
         subscription (SPEC §7). The send is otherwise the same (one send lock, one order
         for every channel).
+        ``mark`` makes it a durable bridge's marked send (see ``_marks``): it answers
+        ``_marks.ALREADY_APPLIED`` for a value this mark's owner delivered before, and
+        resumes one a killed bridge delivered to only some channels.
 
         Raises:
             FeedSendTimeout: the send could not finish by ``deadline``.
@@ -424,6 +430,8 @@ class FeedCore(AttachedSegment):
         try:
             if as_sender and not self._is_sender:
                 self._register_sender()
+            if mark is not None:
+                return self._send_marked(payload, mark, deadline, timeout, skip_channel)
             plan = self._fast_plan
             if skip_channel:
                 cached = self._skip_cache  # valid while it was derived from the current targets
@@ -460,6 +468,38 @@ class FeedCore(AttachedSegment):
             # A lock wait before any ring was written (_send_locked turns every later one
             # into a FeedSendTimeout): no channel got the value.
             raise self.nobody_reached(timeout, error) from error
+
+    def _send_marked(self, payload: _ring.Encoded, mark: _marks.Mark, deadline: float | None,
+                     timeout: float | None, skip_channel: int) -> int:
+        """A marked send (see ``_marks``): the Python path (each channel's mark is set as it
+        settles), the mark read and written under the send lock."""
+        words = self.words
+        send_lock = self.send_lock
+        if not send_lock.acquire_by(deadline):
+            raise _shm.lock_timeout(f"the send lock of feed {self._label()}", int(words[L.SEND_LOCK_OWNER]))
+        words[L.SEND_LOCK_OWNER] = _ring._pid
+        try:
+            first = _marks.entry_word(words, mark.key)
+            begun = _marks.begin(words, first, mark.sequence)
+            if begun is None:
+                return _marks.ALREADY_APPLIED
+            sub_limit, resuming = begun
+            self._marking = (first, sub_limit, resuming)
+            try:
+                delivered = self._send_locked(payload, None, -1, deadline, timeout, skip_channel)
+            finally:
+                self._marking = None
+            _marks.finish(words, first, mark.sequence)
+            return delivered
+        finally:
+            words[L.SEND_LOCK_OWNER] = 0
+            send_lock.release()
+
+    def _settled(self, target: _Target) -> None:
+        """A marked send's ``target`` settled the value (send lock held)."""
+        marking = self._marking
+        if marking is not None:
+            _marks.settled(self.words, marking[0], target.entry)
 
     def nobody_reached(self, timeout: float | None, error: TimeoutError) -> FeedSendTimeout:
         """The error of a send whose ``error`` (a lock wait) came before any delivery."""
@@ -519,6 +559,13 @@ class FeedCore(AttachedSegment):
                         plan = None  # rebuilt meanwhile by another thread: the Python loop
             else:
                 targets = plan[1]  # the C send went through it (it checked the version)
+            marking = self._marking
+            if marking is not None:
+                plan = None  # the Python loop: it marks each channel as it settles
+                first, sub_limit, resuming = marking
+                if resuming:  # only those a killed bridge had not reached, and not newer ones
+                    targets = tuple(t for t in targets if t.sub_id <= sub_limit
+                                    and not _marks.is_settled(words, first, t.entry))
             delivered = 0
             waiting: list[_Waiting] = []
             reached = 0  # the target in hand; those before it are settled
@@ -566,6 +613,8 @@ class FeedCore(AttachedSegment):
                             else:
                                 outcome = core.offer(kind, record, None, deadline)
                             delivered += self._settle(target, outcome, kind, record, waiting, deadline)
+                            if marking is not None and not (waiting and waiting[-1].target is target):
+                                self._settled(target)
                         except TimeoutError:
                             _discard_record(core, kind, record)  # its own spill link, if any
                             raise
@@ -659,6 +708,7 @@ class FeedCore(AttachedSegment):
             core = target.core
             if not self.is_active(target.entry, target.sub_id) or self.closed:
                 _discard_record(core, kind, record)
+                self._settled(target)
                 continue
             try:
                 outcome = core.offer(kind, record, waker, deadline)
@@ -671,12 +721,13 @@ class FeedCore(AttachedSegment):
                 # Re-checked after registering: an unsubscribe in between wakes us.
                 if self.is_active(target.entry, target.sub_id) and not self.closed:
                     still.append(entry)
-                else:
-                    _discard_record(core, kind, record)
+                    continue
+                _discard_record(core, kind, record)
             else:
                 if outcome == _ring.CLOSED:
                     self._end(target)
                 _discard_record(core, kind, record)
+            self._settled(target)
         waiting[:] = still
         return delivered, None
 
@@ -1017,14 +1068,16 @@ class Feed(TypeArgument, Generic[T]):
         return core, payload
 
     def _send_encoded(self, payload: bytes, type_name: str, skip_channel: int, timeout: float | None = None,
-                      *, as_sender: bool = False) -> int:
+                      *, as_sender: bool = False, mark: _marks.Mark | None = None) -> int:
         """Send a value already encoded (by ``_codec``, elsewhere) whose type is named
         ``type_name``, to every subscription but those of channel ``skip_channel``: how a
         bridge injects what it got from NATS (see ``_bridge``). Raises as :meth:`send`.
 
         Unless ``as_sender``, this process does not become one of the feed's senders: the
         value's sender is the remote process, so a bridge killed with SIGKILL fails no
-        subscription (SPEC §7); its own ordinary sends, if any, still register."""
+        subscription (SPEC §7); its own ordinary sends, if any, still register. With a
+        ``mark`` it is a durable bridge's marked send (``_marks``): it answers
+        ``_marks.ALREADY_APPLIED`` for a value delivered before."""
         deadline = None if timeout is None else time.monotonic() + timeout
         core = self._core
         if core is None or core.released:
@@ -1034,7 +1087,7 @@ class Feed(TypeArgument, Generic[T]):
                 core.check_send_type(type_name, deadline)
             except TimeoutError as error:
                 raise core.nobody_reached(timeout, error) from error
-        return core.send(payload, deadline, timeout, skip_channel, as_sender)
+        return core.send(payload, deadline, timeout, skip_channel, as_sender, mark)
 
     def close(self) -> None:
         """End every subscription successfully (their ``err()`` closes); later sends raise.

@@ -102,6 +102,9 @@ first send, cleared when it detaches normally; a bridge's injections do not set 
 dead process, or SENDER_DEATHS, counted when recovery cleared such a slot while other
 senders lived on).
 
+Bytes 2816-3903 of a feed's header hold the delivery marks of durable bridges (layout and
+rules in ``_marks``, their one owner), written under the send lock.
+
 The subscription table starts at byte 4096: ``FEED_TABLE_SLOTS`` entries of 4 words
 (``SUB_ID``, ``CHANNEL_ID``, ``ERR_CHANNEL_ID``, ``STATE | OWNER_PID << 32``).
 The table is changed under the segment lock; the send lock is held for a whole send.
