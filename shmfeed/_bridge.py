@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
 import queue
 import re
 import sys
@@ -48,7 +49,7 @@ from typing import Any, Mapping
 
 import msgpack
 
-from . import _codec, _gc, _names
+from . import _bridge_durable, _codec, _gc, _marks, _names, _runtime
 from . import _layout as L
 from ._channel import Channel
 from ._errors import ChannelClosed, ChannelCorruptError, FeedClosed, FeedTypeError, ShmfeedError, UnknownTypeError
@@ -76,11 +77,13 @@ MAX_PARTIALS = 1024  # values being joined at once, all origins and feeds togeth
 PART_HEADERS_ROOM = 96  # bytes the part headers add, at most (with their separators)
 
 # Why a value was not carried (out: local -> NATS; in: NATS -> local).
+DEFAULT_MAX_PENDING = 65536  # messages a durable bridge holds unacknowledged (NATS away) before its channel drops
+
 DROP_REASONS = {
     "overflow": "out: the bridge's channel was full (NATS or the bridge too slow): dropped by the ring",
     "local_reference": "out: the value holds a Channel (a reference to this host's shared memory)",
     "too_large": "out: the value is over MAX_VALUE_BYTES (256 MiB), more than a bridge joins",
-    "disconnected": "out: NATS was not connected",
+    "disconnected": "out: NATS was not connected (core mode; a durable bridge holds them, see --max-pending)",
     "publish_error": "out: NATS refused the publish",
     "corrupt": "out: the bridge's channel held bytes that are not a value",
     "slow_local": "in: the local feed took values slower than NATS brought them",
@@ -201,6 +204,7 @@ class _Partial:
     type_name: str
     started: float
     parts: list[bytes] = field(default_factory=list)
+    messages: list[Any] = field(default_factory=list)  # a durable bridge's, acknowledged once it is delivered
 
 
 @dataclass(frozen=True)
@@ -214,6 +218,8 @@ class BridgeFeedStatistics:
         in_: values from other bridges sent into the local feed.
         dropped: values not carried, by reason (see ``DROP_REASONS``); reasons with none
             are left out.
+        redelivered: values a durable bridge got again from its stream and did not send
+            again, having delivered them before (after a restart or a reconnect).
     """
 
     name: str
@@ -221,17 +227,26 @@ class BridgeFeedStatistics:
     out: int
     in_: int
     dropped: Mapping[str, int]
+    redelivered: int = 0
 
 
 @dataclass(frozen=True)
 class BridgeStatistics:
-    """A bridge's state: its id, its server, whether it is connected now, its feeds."""
+    """A bridge's state: its id, its server, whether it is connected now, its feeds.
+
+    ``mode`` is ``"core"`` or ``"durable"``. For a durable bridge, ``lag`` is how many
+    messages of the stream it has still to fetch (as of its last fetch) plus the values
+    fetched and not yet delivered here, and ``held`` how many messages it published that
+    JetStream has not acknowledged yet; both None in core mode."""
 
     origin: str
     server: str
     connected: bool
     reconnects: int
     feeds: tuple[BridgeFeedStatistics, ...]
+    mode: str = "core"
+    lag: int | None = None
+    held: int | None = None
 
 
 class _BridgedFeed:
@@ -249,7 +264,10 @@ class _BridgedFeed:
         self.out = 0
         self.in_ = 0
         self.dropped: dict[str, int] = {}
-        self.inbound: queue.Queue[tuple[bytes, str] | None] = queue.Queue(INJECT_BACKLOG)
+        self.redelivered = 0
+        # (value, type name, for a durable bridge the stream's part of it), or None: stop.
+        self.inbound: queue.Queue[tuple[bytes, str, _bridge_durable.Applying | None] | None] = \
+            queue.Queue(INJECT_BACKLOG)
         # Split values being joined, by origin; the value an origin's later parts belong to
         # when it was dropped (they are passed over, not counted again). Loop thread only.
         self.partials: dict[str, _Partial] = {}
@@ -268,11 +286,11 @@ class _BridgedFeed:
     def statistics(self) -> BridgeFeedStatistics:
         with self.counts_lock:
             dropped = dict(self.dropped)
-            out, in_ = self.out, self.in_
+            out, in_, redelivered = self.out, self.in_, self.redelivered
         overflow = self.channel.statistics().dropped
         if overflow:
             dropped["overflow"] = overflow
-        return BridgeFeedStatistics(self.name, self.subject, out, in_, MappingProxyType(dropped))
+        return BridgeFeedStatistics(self.name, self.subject, out, in_, MappingProxyType(dropped), redelivered)
 
     def type_name(self) -> str:
         core = self.feed._core
@@ -300,27 +318,39 @@ class _BridgedFeed:
             bridge._hand_to_loop(self, data)
 
     def _inject(self) -> None:
-        """NATS -> local: send what other bridges published, skipping our own channel."""
+        """NATS -> local: send what other bridges published, skipping our own channel. A
+        durable bridge's value goes with a marked send (``_marks``), then is acknowledged."""
         while True:
             item = self.inbound.get()
             if item is None:
                 return
-            payload, type_name = item
-            if not _is_value_of(payload, type_name):
-                self.drop("undecodable")
-                continue
+            payload, type_name, applying = item
             try:
-                self.feed._send_encoded(payload, type_name, self.channel_id)
-            except FeedTypeError:
-                self.drop("type")
-                continue
-            except FeedClosed:
-                self.drop("closed")
-                continue
-            except (ShmfeedError, OSError):
-                self.drop("inject_error")
-                continue
-            with self.counts_lock:
+                self._inject_one(payload, type_name, applying)
+            finally:
+                if applying is not None:
+                    self.bridge._applied(applying)
+
+    def _inject_one(self, payload: bytes, type_name: str, applying: _bridge_durable.Applying | None) -> None:
+        if not _is_value_of(payload, type_name):
+            self.drop("undecodable")
+            return
+        mark = None if applying is None else _marks.Mark(self.bridge.mark_key, applying.sequence)
+        try:
+            answer = self.feed._send_encoded(payload, type_name, self.channel_id, mark=mark)
+        except FeedTypeError:
+            self.drop("type")
+            return
+        except FeedClosed:
+            self.drop("closed")
+            return
+        except (ShmfeedError, OSError):
+            self.drop("inject_error")
+            return
+        with self.counts_lock:
+            if answer == _marks.ALREADY_APPLIED:
+                self.redelivered += 1
+            else:
                 self.in_ += 1
 
     def close_local(self) -> None:
@@ -355,10 +385,21 @@ class Bridge:
             process's own).
         join_timeout: seconds a value split over NATS's ``max_payload`` may take to arrive
             whole; later it is dropped (counted ``incomplete``).
+        durable: through JetStream (see ``_bridge_durable``): nothing lost or delivered
+            twice across a restart of the NATS server (its store kept), of this bridge
+            (even after SIGKILL), or an absence of this namespace shorter than the stream
+            keeps values. One durable bridge per namespace and realm.
+        max_age, max_bytes: a durable realm's stream keeps values this many seconds, or
+            up to this many bytes (the oldest go first); None leaves the stream as it is
+            (unlimited when the bridge makes it).
+        max_pending: messages a durable bridge holds while NATS has not acknowledged
+            them (NATS away); past it, its channel drops (counted ``overflow``).
     """
 
     def __init__(self, url: str, feeds: list[str] | tuple[str, ...] | None = None, realm: str = "default",
-                 namespace: str | None = None, join_timeout: float = JOIN_TIMEOUT) -> None:
+                 namespace: str | None = None, join_timeout: float = JOIN_TIMEOUT, *, durable: bool = False,
+                 max_age: float | None = None, max_bytes: int | None = None,
+                 max_pending: int = DEFAULT_MAX_PENDING) -> None:
         if not isinstance(realm, str) or not _REALM.match(realm):
             raise ValueError(f"shmfeed: realm {realm!r} is not a valid realm; use 1 to 64 letters, digits, '_' or '-'")
         names = list(feeds or ["*"])
@@ -397,6 +438,22 @@ class Bridge:
             raise ValueError(f"shmfeed: join_timeout must be positive seconds, not {join_timeout!r}; "
                              f"give how long a split value may take to arrive whole")
         self.join_timeout = float(join_timeout)
+        for what, number, kind in (("max_age", max_age, (int, float)), ("max_bytes", max_bytes, int),
+                                   ("max_pending", max_pending, int)):
+            if number is not None and (isinstance(number, bool) or not isinstance(number, kind) or not number > 0):
+                raise ValueError(f"shmfeed: {what} must be a positive number, not {number!r}; give one above 0")
+        if (max_age is not None or max_bytes is not None) and not durable:
+            raise ValueError("shmfeed: max_age and max_bytes limit a durable bridge's stream; pass durable=True "
+                             "(or leave them out)")
+        self.durable = bool(durable)
+        self.max_age = None if max_age is None else float(max_age)
+        self.max_bytes = max_bytes
+        self.max_pending = max_pending
+        self.home = _names.bridge_home(_names.current_namespace())
+        self.mark_key = _marks.key_of(realm)
+        self._publisher: _bridge_durable.DurablePublisher | None = None
+        self._consumer: _bridge_durable.DurableConsumer | None = None
+        self._lock_file: int | None = None
         self._state_lock = threading.Lock()
         self._started = False
         self._closed = False
@@ -419,18 +476,27 @@ class Bridge:
             import nats  # noqa: F401  (only here: the core package never needs it)
         except ImportError as error:
             raise ImportError("shmfeed: the bridge needs nats-py; install it with pip install 'shmfeed[nats]'") from error
+        if self.durable:
+            self._lock_file = _one_durable_bridge(self.realm)
         for name in (*self.feed_names, *self._unbridged_matches()):
             # Subscribed before we connect: nothing sent after start() is missed.
             bridged = _BridgedFeed(self, name)
             self._feeds[name] = bridged
             self._by_subject[bridged.subject] = bridged
         loop = self._loop = asyncio.new_event_loop()
+        loop.set_exception_handler(_quiet_exception)
         self._loop_thread = threading.Thread(target=loop.run_forever, name="shmfeed-bridge-loop", daemon=True)
         self._loop_thread.start()
         try:
             asyncio.run_coroutine_threadsafe(self._connect(timeout), loop).result(timeout + 5)
         except BaseException as error:
             self._stop_everything()
+            description = getattr(error, "description", None)
+            if type(error).__module__.startswith("nats.js") and description:
+                raise ShmfeedError(
+                    f"shmfeed: NATS at {_redacted(self.url)} refused the bridge's JetStream request: "
+                    f"{str(description)[:200]}; check that JetStream is on (nats-server -js) and the stream's limits"
+                ) from None
             if isinstance(error, (OSError, asyncio.TimeoutError)) or type(error).__module__.startswith("nats"):
                 raise ShmfeedError(
                     f"shmfeed: the bridge could not reach NATS at {_redacted(self.url)} ({type(error).__name__}); "
@@ -477,8 +543,9 @@ class Bridge:
         bridged = _BridgedFeed(self, name)
         self._by_subject[bridged.subject] = bridged  # first: what NATS brings at once is queued
         try:
-            asyncio.run_coroutine_threadsafe(self._nc.subscribe(bridged.subject, cb=self._on_message),
-                                             loop).result(10)
+            if not self.durable:  # a durable bridge's consumer takes every subject of the realm
+                asyncio.run_coroutine_threadsafe(self._nc.subscribe(bridged.subject, cb=self._on_message),
+                                                 loop).result(10)
         except BaseException:
             del self._by_subject[bridged.subject]
             bridged.close_local()
@@ -497,8 +564,16 @@ class Bridge:
             allow_reconnect=True, max_reconnect_attempts=-1, reconnect_time_wait=0.5,
             error_cb=self._on_error, reconnected_cb=self._on_reconnected, disconnected_cb=self._on_disconnected,
         )
-        for bridged in self._feeds.values():
-            await self._nc.subscribe(bridged.subject, cb=self._on_message)
+        if self.durable:
+            js = self._nc.jetstream()
+            await _bridge_durable.ensure_stream(js, self.realm, self.max_age, self.max_bytes)
+            self._publisher = _bridge_durable.DurablePublisher(self, self.max_pending)
+            await self._publisher.start()
+            self._consumer = _bridge_durable.DurableConsumer(self, self.home, self._on_stream_message)
+            await self._consumer.start()
+        else:
+            for bridged in self._feeds.values():
+                await self._nc.subscribe(bridged.subject, cb=self._on_message)
         await self._nc.flush(timeout)  # the server has our subscriptions: ready
         self._pump = asyncio.get_running_loop().create_task(self._publish_all())
         self._expiry = asyncio.get_running_loop().create_task(self._expire_partials())
@@ -529,7 +604,15 @@ class Bridge:
             if bridged.injector.is_alive():
                 bridged.inbound.put(None)
                 bridged.injector.join(timeout)
+        if loop is not None and self._nc is not None and self.durable:
+            try:  # the acknowledgements of what the injectors delivered, then disconnect
+                asyncio.run_coroutine_threadsafe(self._finish(timeout), loop).result(timeout + 5)
+            except Exception:
+                pass  # NATS gone: what was not acknowledged comes again; the marks skip it
         self._stop_everything()
+        if self._lock_file is not None:
+            os.close(self._lock_file)
+            self._lock_file = None
 
     async def _drain(self, timeout: float) -> None:
         assert self._outbound is not None
@@ -538,7 +621,17 @@ class Bridge:
             await asyncio.wait_for(self._pump, timeout)
         if self._expiry is not None:
             self._expiry.cancel()
-        await asyncio.wait_for(self._nc.drain(), timeout)
+        if self._publisher is not None:  # what JetStream has not acknowledged yet
+            await asyncio.wait_for(self._publisher.all_acknowledged(), timeout)
+        if self._consumer is not None:
+            await self._consumer.stop()  # no more fetches: what was fetched is delivered
+        else:
+            await asyncio.wait_for(self._nc.drain(), timeout)
+
+    async def _finish(self, timeout: float) -> None:
+        assert self._consumer is not None
+        await asyncio.wait_for(self._consumer.acknowledged(), timeout)  # and flushed
+        await self._nc.close()  # not drain(): what it would still fetch stays in the stream
 
     def _stop_everything(self) -> None:
         loop = self._loop
@@ -573,7 +666,13 @@ class Bridge:
         nc = self._nc
         connected = bool(nc is not None and nc.is_connected)
         feeds = tuple(bridged.statistics() for bridged in list(self._feeds.values()))
-        return BridgeStatistics(self.origin, _redacted(self.url), connected, self._reconnects, feeds)
+        if not self.durable:
+            return BridgeStatistics(self.origin, _redacted(self.url), connected, self._reconnects, feeds)
+        consumer, publisher = self._consumer, self._publisher
+        lag = None if consumer is None else consumer.lag + consumer.unapplied
+        held = None if publisher is None else publisher.pending()
+        return BridgeStatistics(self.origin, _redacted(self.url), connected, self._reconnects, feeds,
+                                "durable", lag, held)
 
     # --- the data path ---------------------------------------------------------------------
 
@@ -603,9 +702,21 @@ class Bridge:
                 return
             bridged, data = item
             self._backlog.release()
-            headers = {ORIGIN_HEADER: self.origin, FEED_HEADER: bridged.name, TYPE_HEADER: bridged.type_name()}
+            headers = {ORIGIN_HEADER: self.origin, FEED_HEADER: bridged.name, TYPE_HEADER: bridged.type_name(),
+                       _bridge_durable.HOME_HEADER: self.home}
             if len(data) > MAX_VALUE_BYTES:
                 bridged.drop("too_large")
+                continue
+            if self._publisher is not None:
+                # Message ids (in) and acknowledgements: the room is what is left after them.
+                room = nc.max_payload - _header_bytes(headers) - 64
+                try:
+                    messages = [(data, headers)] if len(data) <= room else \
+                        self._parts(data, headers, room - PART_HEADERS_ROOM)
+                except OSError:
+                    bridged.drop("publish_error")
+                    continue
+                await self._publisher.publish(bridged, messages)  # counted out once acknowledged
                 continue
             if not nc.is_connected:
                 bridged.drop("disconnected")
@@ -615,57 +726,94 @@ class Bridge:
                 if len(data) <= room:
                     await nc.publish(bridged.subject, data, headers=headers)
                 else:
-                    await self._publish_parts(bridged, data, headers, room - PART_HEADERS_ROOM)
+                    for part, part_headers in self._parts(data, headers, room - PART_HEADERS_ROOM):
+                        await nc.publish(bridged.subject, part, headers=part_headers)
             except (nats.errors.Error, OSError):
                 bridged.drop("publish_error")  # parts already out are dropped whole by the receivers
                 continue
             bridged.count_out()
 
-    async def _publish_parts(self, bridged: _BridgedFeed, data: bytes, headers: dict[str, str],
-                             part_length: int) -> None:
-        """``data`` as parts of ``part_length`` bytes (the last shorter), one after another:
-        no other message of this bridge comes between them."""
+    def _parts(self, data: bytes, headers: dict[str, str], part_length: int) -> list[tuple[bytes, dict[str, str]]]:
+        """``data`` as parts of ``part_length`` bytes (the last shorter), each with its
+        headers, to publish one after another: no other message of this bridge comes
+        between them."""
         if part_length <= 0:
             raise OSError("shmfeed: the server's max_payload leaves no room for a part; "
                           "raise max_payload in the nats-server configuration")
         self._sequence += 1
         count = -(-len(data) // part_length)
         view = memoryview(data)
-        for index in range(count):
-            part_headers = {**headers, VALUE_HEADER: str(self._sequence), PART_HEADER: f"{index}/{count}",
-                            SIZE_HEADER: str(len(data))}
-            await self._nc.publish(bridged.subject, bytes(view[index * part_length:(index + 1) * part_length]),
-                                   headers=part_headers)
+        return [(bytes(view[index * part_length:(index + 1) * part_length]),
+                 {**headers, VALUE_HEADER: str(self._sequence), PART_HEADER: f"{index}/{count}",
+                  SIZE_HEADER: str(len(data))})
+                for index in range(count)]
 
     async def _on_message(self, msg: Any) -> None:
+        """A core bridge's message (loop thread)."""
+        self._route(msg, None)
+
+    def _on_stream_message(self, msg: Any, sequence: int) -> None:
+        """A durable bridge's message from its consumer, at stream ``sequence`` (loop thread)."""
+        self._route(msg, sequence)
+
+    def _route(self, msg: Any, sequence: int | None) -> None:
+        """Check one message and queue its value (whole, or joined from its parts) for the
+        feed's injector; a durable bridge's messages are acknowledged once the value is
+        delivered, or at once if there is nothing to deliver."""
         bridged = self._by_subject.get(msg.subject)
         if bridged is None:
+            self._release([msg])  # a feed not bridged here: nobody here subscribes to it
             return
         headers = msg.headers or {}
         origin = headers.get(ORIGIN_HEADER)
-        if origin == self.origin:
-            return  # our own (no_echo should spare us this)
+        if origin == self.origin or (sequence is not None and headers.get(_bridge_durable.HOME_HEADER) == self.home):
+            self._release([msg])  # our own (core: no_echo spares us this; durable: the stream has it)
+            return
         type_name = headers.get(TYPE_HEADER)
         if not origin or len(origin) > 64 or not type_name or headers.get(FEED_HEADER) != bridged.name:
             bridged.drop("bad_message")
+            self._release([msg])
             return
         data: bytes = msg.data
+        messages = [msg]
         if PART_HEADER in headers or VALUE_HEADER in headers or SIZE_HEADER in headers:
-            joined = self._join(bridged, origin, type_name, headers, data)
+            joined = self._join(bridged, origin, type_name, headers, msg)
             if joined is None:
                 return
-            data = joined
+            data, messages = joined
         elif origin in bridged.partials:
             self._abandon(bridged, origin, "incomplete")  # a whole value came: a part was lost
+        applying = None if sequence is None else _bridge_durable.Applying(sequence, messages)
         try:
-            bridged.inbound.put_nowait((data, type_name))
+            bridged.inbound.put_nowait((data, type_name, applying))
         except queue.Full:
             bridged.drop("slow_local")
+            self._release(messages)
+            return
+        if self._consumer is not None:
+            self._consumer.taken()
+
+    def _release(self, messages: list[Any]) -> None:
+        """Messages with nothing (more) to deliver: a durable bridge acknowledges them."""
+        if self._consumer is not None:
+            self._consumer.ack(messages)
+
+    def _applied(self, applying: _bridge_durable.Applying) -> None:
+        """From an injector: a durable value was delivered (or dropped): acknowledge it."""
+        loop, consumer = self._loop, self._consumer
+        if loop is None or consumer is None:
+            return
+        try:
+            loop.call_soon_threadsafe(consumer.applied, applying.messages)
+        except RuntimeError:
+            pass  # the loop is closed: the stream delivers it again and the marks skip it
 
     def _join(self, bridged: _BridgedFeed, origin: str, type_name: str, headers: Mapping[str, str],
-              data: bytes) -> bytes | None:
-        """One part of a split value (loop thread): the whole value once its last part is
-        here, else None. A part that does not follow the one before drops the value."""
+              msg: Any) -> tuple[bytes, list[Any]] | None:
+        """One part of a split value (loop thread): the whole value and the messages it
+        came in once its last part is here, else None. A part that does not follow the one
+        before drops the value."""
+        data: bytes = msg.data
         sequence = headers.get(VALUE_HEADER) or ""
         index_text, _, count_text = (headers.get(PART_HEADER) or "").partition("/")
         index = _wire_int(index_text, MAX_VALUE_BYTES)
@@ -678,43 +826,49 @@ class Bridge:
             self._abandon(bridged, origin, "incomplete")
             partial = None
         if partial is None and sequence and bridged.passing_over.get(origin) == sequence:
+            self._release([msg])
             return None  # a later part of a value dropped already
         if not 0 < len(sequence) <= 20 or index is None or count is None or size is None:
             bridged.drop("bad_part")
+            self._release([msg])
             if sequence:
                 self._pass_over(bridged, origin, sequence[:20])
             return None
         if partial is None:
-            if index != 0:  # its first part was lost
-                bridged.drop("incomplete")
-                self._pass_over(bridged, origin, sequence)
-                return None
+            reason = None
             part_length = len(data)
-            if not (2 <= count and 0 < part_length < size and count == -(-size // part_length)):
-                bridged.drop("bad_part")
-                self._pass_over(bridged, origin, sequence)
-                return None
-            if self._partial_bytes + size > PARTIAL_BYTES_CAP or self._partial_count >= MAX_PARTIALS:
-                bridged.drop("incomplete")
+            if index != 0:  # its first part was lost
+                reason = "incomplete"
+            elif not (2 <= count and 0 < part_length < size and count == -(-size // part_length)):
+                reason = "bad_part"
+            elif self._partial_bytes + size > PARTIAL_BYTES_CAP or self._partial_count >= MAX_PARTIALS:
+                reason = "incomplete"
+            if reason is not None:
+                bridged.drop(reason)
+                self._release([msg])
                 self._pass_over(bridged, origin, sequence)
                 return None
             # The whole size is reserved now: what is held never passes the cap.
             self._partial_bytes += size
             self._partial_count += 1
-            bridged.partials[origin] = _Partial(sequence, count, size, part_length, type_name, time.monotonic(), [data])
+            bridged.partials[origin] = _Partial(sequence, count, size, part_length, type_name, time.monotonic(),
+                                                [data], [msg] if self._consumer is not None else [])
             return None
         last = index == partial.count - 1
         expected = partial.size - partial.part_length * (partial.count - 1) if last else partial.part_length
         if (count, size, type_name, len(data)) != (partial.count, partial.size, partial.type_name, expected):
             self._abandon(bridged, origin, "bad_part")
+            self._release([msg])
             return None
         partial.parts.append(data)
+        if self._consumer is not None:
+            partial.messages.append(msg)
         if not last:
             return None
         del bridged.partials[origin]
         self._partial_bytes -= partial.size
         self._partial_count -= 1
-        return b"".join(partial.parts)
+        return b"".join(partial.parts), partial.messages or [msg]
 
     def _abandon(self, bridged: _BridgedFeed, origin: str, reason: str) -> None:
         """Drop the value being joined from ``origin`` (counted once, as ``reason``); its
@@ -723,6 +877,7 @@ class Bridge:
         self._partial_bytes -= partial.size
         self._partial_count -= 1
         bridged.drop(reason)
+        self._release(partial.messages)
         self._pass_over(bridged, origin, partial.sequence)
 
     @staticmethod
@@ -735,6 +890,8 @@ class Bridge:
         """Drop split values that take over ``join_timeout`` to arrive whole."""
         while True:
             await asyncio.sleep(max(0.05, self.join_timeout / 4))
+            if self._publisher is not None:
+                self._publisher.check_acks()
             oldest = time.monotonic() - self.join_timeout
             for bridged in list(self._feeds.values()):  # the scan thread may add one meanwhile
                 for origin, partial in list(bridged.partials.items()):
@@ -751,13 +908,21 @@ class Bridge:
 
     async def _on_disconnected(self) -> None:
         # nats-py calls this once per lost connection (and on close: not news then).
+        if self._publisher is not None:
+            self._publisher.on_disconnected()
         if not self._closed and not self._down:
             self._down = True
-            print(f"shmfeed bridge: disconnected from {self._server_now()}; reconnecting (values meanwhile are "
-                  f"dropped and counted)", file=sys.stderr, flush=True)
+            meanwhile = (f"values meanwhile are held, up to {self.max_pending} messages" if self.durable
+                         else "values meanwhile are dropped and counted")
+            print(f"shmfeed bridge: disconnected from {self._server_now()}; reconnecting ({meanwhile})",
+                  file=sys.stderr, flush=True)
 
     async def _on_reconnected(self) -> None:
         self._reconnects += 1
+        if self._publisher is not None:
+            self._publisher.on_reconnected()
+        if self._consumer is not None:
+            self._consumer.remake.set()  # from its acknowledgement floor: what was lost comes again
         self._down = False
         if not self._closed:
             print(f"shmfeed bridge: reconnected to {self._server_now()}", file=sys.stderr, flush=True)
@@ -789,3 +954,30 @@ def _is_value_of(payload: bytes, type_name: str) -> bool:
 def _redacted(url: str) -> str:
     """``url`` without a password or token: secrets are never printed."""
     return re.sub(r"//[^/@]*@", "//***@", url)
+
+
+def _one_durable_bridge(realm: str) -> int:
+    """Hold the lock that makes this the one durable bridge of this namespace and realm
+    (they would share one consumer); the descriptor, closed (let go) at close or death."""
+    import fcntl
+
+    path = os.path.join(_runtime.runtime_dir(), f"bridge-{_names.namespace_token(_names.current_namespace())}-{realm}.lock")
+    descriptor = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(descriptor)
+        raise ShmfeedError(f"shmfeed: another durable bridge of namespace {_names.current_namespace()!r} and realm "
+                           f"{realm!r} runs; stop it first (one durable bridge per namespace and realm)") from None
+    return descriptor
+
+
+def _quiet_exception(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    """The loop's handler of errors nobody awaited (inside nats-py, mostly at a lost
+    connection or at close): one line on stderr, never a traceback; a cancellation is
+    not news."""
+    error = context.get("exception")
+    if isinstance(error, asyncio.CancelledError):
+        return
+    what = f"{type(error).__name__}: {error}" if error is not None else context.get("message", "")
+    print(f"shmfeed bridge: {_redacted(str(what))[:300]}", file=sys.stderr, flush=True)

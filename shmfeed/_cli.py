@@ -67,20 +67,26 @@ def _bridge_command(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     try:
-        bridge = _bridge.Bridge(args.url, feeds, realm=args.realm, namespace=args.namespace)
+        bridge = _bridge.Bridge(args.url, feeds, realm=args.realm, namespace=args.namespace, durable=args.durable,
+                                max_age=args.max_age, max_bytes=args.max_bytes, max_pending=args.max_pending)
         bridge.start()
     except (ImportError, ValueError, RuntimeError, ShmfeedError) as error:
         print(f"shmfeed bridge: {error}", file=sys.stderr)
         return 1
     try:
         print(f"ready: namespace {_names.current_namespace()!r} bridged to {_bridge._redacted(args.url)} "
-              f"realm {args.realm!r}: feeds {', '.join(feeds) or 'every named feed'}", flush=True)
+              f"realm {args.realm!r} ({'durable' if args.durable else 'core'}): "
+              f"feeds {', '.join(feeds) or 'every named feed'}", flush=True)
         while not stop.wait(3600):
             pass
     finally:
         bridge.close()
     statistics = bridge.statistics()
-    summary = {feed.name: {"out": feed.out, "in": feed.in_, "dropped": dict(feed.dropped)} for feed in statistics.feeds}
+    summary: dict[str, dict[str, object]] = {
+        feed.name: {"out": feed.out, "in": feed.in_, "dropped": dict(feed.dropped)} for feed in statistics.feeds}
+    if args.durable:
+        for feed in statistics.feeds:
+            summary[feed.name]["redelivered"] = feed.redelivered
     print(f"stopped: {json.dumps(summary, sort_keys=True)}", flush=True)
     return 0
 
@@ -109,6 +115,12 @@ def main(argv: list[str] | None = None) -> int:
     bridge.add_argument("--feed", action="append", metavar="NAME", help="a feed to bridge (repeat for more); ending in * (quote it): every feed with that prefix, opened "
                              "now or later; none: every named feed of the namespace")
     bridge.add_argument("--realm", default="default", help="separates applications sharing one NATS (default: default)")
+    bridge.add_argument("--durable", action="store_true",
+                        help="through JetStream: nothing lost or twice across restarts of NATS or the bridge")
+    bridge.add_argument("--max-age", type=float, metavar="SECONDS", help="durable: the stream keeps values this long")
+    bridge.add_argument("--max-bytes", type=int, metavar="BYTES", help="durable: the stream keeps this many bytes")
+    bridge.add_argument("--max-pending", type=int, default=65536, metavar="N",
+                        help="durable: messages held while NATS is away before the bridge's channel drops (65536)")
     bridge.set_defaults(run=_bridge_command)
     args = parser.parse_args(argv)
     if args.command is None:

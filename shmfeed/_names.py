@@ -108,6 +108,13 @@ def namespace_token(namespace: str) -> str:
     return token
 
 
+def bridge_home(namespace: str) -> str:
+    """Twenty hex digits standing for the namespace on NATS (a durable bridge's consumer
+    and the origin of what it publishes): stable while the user's secret is, and another
+    for every other namespace, user or host."""
+    return _keyed_hash("bridge-home", namespace, 20)
+
+
 def prefix(namespace: str) -> str:
     """The common start of every object name of the namespace (without the leading '/')."""
     return f"sf.{os.getuid()}.{namespace_token(namespace)}."

@@ -142,9 +142,10 @@ def publish_raw(url: str, subject: str, messages: list[tuple[bytes, dict[str, st
 class BridgeProcess:
     """``shmfeed bridge`` in a child process, in ``namespace``; started ready."""
 
-    def __init__(self, url: str, namespace: str, feeds: list[str], realm: str = "default") -> None:
+    def __init__(self, url: str, namespace: str, feeds: list[str], realm: str = "default",
+                 options: tuple[str, ...] = ()) -> None:
         environment = {**os.environ, "SHMFEED_NAMESPACE": namespace, "PYTHONPATH": str(REPO)}
-        command = [sys.executable, "-m", "shmfeed._cli", "bridge", url, "--realm", realm]
+        command = [sys.executable, "-m", "shmfeed._cli", "bridge", url, "--realm", realm, *options]
         for feed in feeds:
             command += ["--feed", feed]
         self.namespace = namespace
@@ -166,11 +167,13 @@ class BridgeProcess:
                 return ""
         return self.process.stdout.readline()
 
-    def stop(self, timeout: float = 10.0) -> tuple[int, str]:
-        """SIGTERM; its exit code and last line (``stopped: {...}``)."""
+    def stop(self, timeout: float = 10.0, stderr_ok: bool = False) -> tuple[int, str]:
+        """SIGTERM; its exit code and last line (``stopped: {...}``). Unless ``stderr_ok``,
+        it must have said nothing on stderr."""
         self.process.send_signal(signal.SIGTERM)
         out, errors = self.process.communicate(timeout=timeout)
-        assert not errors, errors
+        assert stderr_ok or not errors, errors
+        self.errors = errors
         return self.process.returncode, out.strip().splitlines()[-1] if out.strip() else ""
 
     def end(self) -> None:

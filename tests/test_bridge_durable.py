@@ -1,0 +1,208 @@
+"""``shmfeed bridge --durable`` (JetStream) end to end: a real nats-server with a store per
+test, namespaces on this host standing for hosts, each with its own bridge process; the
+receiving bridge SIGKILLed and the server restarted while values flow."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import shmfeed
+from shmfeed import _bridge_durable
+from shmfeed.testing import wait_until
+
+from _nats import BridgeProcess, NatsServer
+from test_bridge import Subscriber, hosts, in_namespace  # noqa: F401 (hosts: a fixture)
+
+pytestmark = pytest.mark.timeout(120)
+
+DURABLE = ("--durable",)
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[NatsServer]:
+    nats = NatsServer(tmp_path / "jetstream")
+    nats.start()
+    try:
+        yield nats
+    finally:
+        nats.stop()
+
+
+def _stopped(bridge: BridgeProcess) -> dict[str, Any]:
+    code, last = bridge.stop(30, stderr_ok=True)
+    assert "Traceback" not in bridge.errors, bridge.errors
+    assert code == 0, f"the bridge in {bridge.namespace} exited {code}"
+    assert last.startswith("stopped: "), last
+    return dict(json.loads(last.removeprefix("stopped: ")))
+
+
+def _stream_info(url: str, realm: str = "default") -> Any:
+    import nats
+
+    async def ask() -> Any:
+        client = await nats.connect(url, allow_reconnect=False)
+        try:
+            return await client.jetstream().stream_info(_bridge_durable.stream_name(realm))
+        finally:
+            await client.close()
+
+    return asyncio.run(ask())
+
+
+class Collector:
+    """A subscriber in the current namespace whose thread keeps every value it gets."""
+
+    def __init__(self, feed: str) -> None:
+        self.subscriber = Subscriber(feed)
+        self.values: list[Any] = []
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        channel = self.subscriber.channel
+        while True:
+            try:
+                self.values.append(channel.recv())
+            except shmfeed.ChannelClosed:
+                return
+
+    def close(self) -> None:
+        self.subscriber.close()
+        self.thread.join(10)
+
+
+def test_values_cross_durably_exactly_once_in_order_with_exact_types(server: NatsServer, hosts: list[str]) -> None:
+    a, b = hosts[:2]
+    with in_namespace(b):
+        remote = Subscriber("prices")
+    bridge_a = BridgeProcess(server.url, a, ["prices"], options=DURABLE)
+    bridge_b = BridgeProcess(server.url, b, ["prices"], options=DURABLE)
+    try:
+        assert "(durable)" in bridge_a.ready_line
+        feed = shmfeed.Feed("prices")
+        big = bytes(range(256)) * (3 * 4096)  # 3 MiB: split over the default 1 MiB max_payload
+        values = [{"n": n, "pair": (n, str(n))} for n in range(50)] + [{"n": 50, "big": big}, {"n": 51}]
+        for value in values:
+            assert feed.send(value) == 1  # the bridge's channel
+        got = [remote.channel.recv(20) for _ in values]
+        assert got == values
+        assert type(got[0]["pair"]) is tuple and type(got[50]["big"]) is bytes
+        with pytest.raises(TimeoutError):
+            remote.channel.recv(0.3)  # nothing twice
+        feed.detach()
+        assert _stopped(bridge_a)["prices"] == {"out": 52, "in": 0, "dropped": {}, "redelivered": 0}
+        assert _stopped(bridge_b)["prices"] == {"out": 0, "in": 52, "dropped": {}, "redelivered": 0}
+        info = _stream_info(server.url)
+        assert info.config.duplicate_window == _bridge_durable.DUPLICATE_WINDOW
+        assert str(getattr(info.config.storage, "value", info.config.storage)) == "file"
+    finally:
+        bridge_a.end()
+        bridge_b.end()
+        remote.close()
+
+
+def test_a_sigkilled_receiving_bridge_and_a_restarted_server_lose_and_repeat_nothing(
+        server: NatsServer, hosts: list[str]) -> None:
+    """The receiving side's bridge SIGKILLed mid-stream and started again, then the NATS
+    server stopped and started again with its store, while a sender keeps sending: every
+    value arrives once, in order."""
+    a, b = hosts[:2]
+    with in_namespace(b):
+        collector = Collector("ticks")
+    bridge_a = BridgeProcess(server.url, a, ["ticks"], options=DURABLE)
+    bridge_b = BridgeProcess(server.url, b, ["ticks"], options=DURABLE)
+    feed = shmfeed.Feed("ticks")
+    sent = 0
+    stop = threading.Event()
+
+    def send() -> None:
+        nonlocal sent
+        while not stop.is_set() and sent < 30000:
+            feed.send({"n": sent})
+            sent += 1
+            if sent % 50 == 0:
+                stop.wait(0.01)  # a steady stream (~5,000/s), not a burst the bridge's channel drops
+
+    sender = threading.Thread(target=send)
+    sender.start()
+    try:
+        wait_until(lambda: len(collector.values) > 2000, 30, "values crossing before the kill")
+        bridge_b.kill()  # SIGKILL, mid-stream
+        before = len(collector.values)
+        bridge_b = BridgeProcess(server.url, b, ["ticks"], options=DURABLE)
+        wait_until(lambda: len(collector.values) > before + 1000, 30, "values crossing after the restart")
+        server.stop()  # SIGTERM: the store is kept
+        server.start()
+        wait_until(lambda: len(collector.values) > before + 3000, 60, "values crossing after the server's restart")
+    finally:
+        stop.set()
+        sender.join(30)
+    try:
+        feed.send({"n": "end"})
+        wait_until(lambda: collector.values and collector.values[-1] == {"n": "end"}, 60, "the last value")
+        numbers = [value["n"] for value in collector.values[:-1]]
+        statistics_a = _stopped(bridge_a)["ticks"]
+        assert numbers == list(range(sent)), (
+            f"{sent} sent, {len(numbers)} received; "
+            f"missing {sorted(set(range(sent)) - set(numbers))[:10]}, "
+            f"first out of order at {next((i for i, n in enumerate(numbers) if n != i), None)}; "
+            f"sending bridge: {statistics_a}")
+        assert statistics_a["dropped"] == {}, statistics_a
+        assert statistics_a["out"] == sent + 1
+    finally:
+        feed.detach()
+        bridge_a.end()
+        bridge_b.end()
+        collector.close()
+
+
+def test_a_namespace_away_catches_up_in_order(server: NatsServer, hosts: list[str]) -> None:
+    a, b = hosts[:2]
+    with in_namespace(b):
+        remote = Subscriber("orders")
+    bridge_a = BridgeProcess(server.url, a, ["orders"], options=DURABLE)
+    bridge_b = BridgeProcess(server.url, b, ["orders"], options=DURABLE)
+    try:
+        _stopped(bridge_b)  # b goes away; its subscriber stays
+        feed = shmfeed.Feed("orders")
+        for n in range(100):
+            feed.send(n)
+        wait_until(lambda: _stream_info(server.url).state.messages >= 100, 20, "the stream holding b's values")
+        bridge_b = BridgeProcess(server.url, b, ["orders"], options=DURABLE)  # back: catches up
+        assert [remote.channel.recv(20) for _ in range(100)] == list(range(100))
+        with pytest.raises(TimeoutError):
+            remote.channel.recv(0.3)
+        feed.detach()
+    finally:
+        bridge_a.end()
+        bridge_b.end()
+        remote.close()
+
+
+def test_one_durable_bridge_per_namespace_and_realm(server: NatsServer, hosts: list[str]) -> None:
+    first = BridgeProcess(server.url, hosts[0], ["x"], options=DURABLE)
+    try:
+        with pytest.raises(shmfeed.ShmfeedError, match="another durable bridge"):
+            shmfeed.Bridge(server.url, ["x"], durable=True).start()
+        other_realm = shmfeed.Bridge(server.url, ["x"], realm="other", durable=True, max_age=60.0,
+                                     max_bytes=1 << 20).start()
+        other_realm.close()
+        config = _stream_info(server.url, "other").config
+        assert (config.max_age, config.max_bytes) == (60.0, 1 << 20)
+    finally:
+        first.end()
+
+
+def test_limits_need_durable_and_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="durable=True"):
+        shmfeed.Bridge("nats://127.0.0.1:1", ["x"], max_age=10.0)
+    for bad in (0, -1, "10", True):
+        with pytest.raises(ValueError, match="max_pending must be a positive number"):
+            shmfeed.Bridge("nats://127.0.0.1:1", ["x"], durable=True, max_pending=bad)  # type: ignore[arg-type]
