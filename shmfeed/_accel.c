@@ -104,8 +104,12 @@ static int check_open(Ring *self) {
 
 /* Append one inline record if it fits now: 0 written, 1 written and receivers wait (the
  * caller wakes them), 2 not written (full, odd, or the lock busy: the Python path
- * decides), -1 error (exception set). */
-static int ring_offer(Ring *self, const void *payload, uint64_t size, uint64_t pid) {
+ * decides), -1 error (exception set). With a ``mark`` word (a durable bridge's delivery
+ * mark in the feed's segment, see _marks.py), ``bit`` is set in it by the store right
+ * after the commit, still under the lock: a SIGKILL lands between the two only within
+ * one instruction, where a Python statement would leave a window of a microsecond. */
+static int ring_offer_marked(Ring *self, const void *payload, uint64_t size, uint64_t pid, uint64_t *mark,
+                             uint64_t bit) {
     if (check_open(self) < 0)
         return -1;
     if (try_lock(self->send_lock))
@@ -134,12 +138,18 @@ static int ring_offer(Ring *self, const void *payload, uint64_t size, uint64_t p
         memcpy(at + 8, payload, (size_t)size);
         store(self, W_SENT, sent + 1);
         store(self, W_WRITE_POS, write_pos + record);  /* the commit: after the bytes */
+        if (mark != NULL)
+            __atomic_fetch_or(mark, bit, __ATOMIC_RELEASE);
     }
     store(self, W_LOCK_OWNER, 0);
     sem_post(self->send_lock);  /* a full barrier: the commit is visible before we look */
     if (!fits)
         return 2;
     return load(self, W_RECV_WAITING) ? 1 : 0;
+}
+
+static inline int ring_offer(Ring *self, const void *payload, uint64_t size, uint64_t pid) {
+    return ring_offer_marked(self, payload, size, pid, NULL, 0);
 }
 
 static int parse_payload_and_pid(PyObject *payload_object, PyObject *pid_object, Py_buffer *payload,
@@ -150,18 +160,38 @@ static int parse_payload_and_pid(PyObject *payload_object, PyObject *pid_object,
     return PyObject_GetBuffer(payload_object, payload, PyBUF_SIMPLE);
 }
 
-/* Ring.offer(payload, pid) -> 0 written, 1 written and receivers wait, 2 not written. */
+/* Ring.offer(payload, pid[, mark, bit]) -> 0 written, 1 written and receivers wait, 2 not
+ * written. ``mark``: a writable 8-byte aligned buffer (one word of a feed's segment) in which
+ * ``bit`` is set when the record is committed (see ring_offer_marked). */
 static PyObject *Ring_offer(Ring *self, PyObject *const *args, Py_ssize_t nargs) {
-    Py_buffer payload;
-    uint64_t pid;
-    if (nargs != 2) {
-        PyErr_SetString(PyExc_TypeError, "offer(payload, pid)");
+    Py_buffer payload, mark;
+    uint64_t pid, bit = 0;
+    if (nargs != 2 && nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "offer(payload, pid[, mark, bit])");
         return NULL;
     }
-    if (parse_payload_and_pid(args[0], args[1], &payload, &pid) < 0)
+    if (nargs == 4) {
+        bit = PyLong_AsUnsignedLongLong(args[3]);
+        if (bit == (uint64_t)-1 && PyErr_Occurred())
+            return NULL;
+        if (PyObject_GetBuffer(args[2], &mark, PyBUF_WRITABLE) < 0)
+            return NULL;
+        if (mark.len < 8 || ((uintptr_t)mark.buf & 7) != 0) {
+            PyBuffer_Release(&mark);
+            PyErr_SetString(PyExc_ValueError, "shmfeed: a mark is one aligned 8-byte word; pass one word of a feed's segment");
+            return NULL;
+        }
+    }
+    if (parse_payload_and_pid(args[0], args[1], &payload, &pid) < 0) {
+        if (nargs == 4)
+            PyBuffer_Release(&mark);
         return NULL;
-    int outcome = ring_offer(self, payload.buf, (uint64_t)payload.len, pid);
+    }
+    int outcome = ring_offer_marked(self, payload.buf, (uint64_t)payload.len, pid,
+                                    nargs == 4 ? (uint64_t *)mark.buf : NULL, bit);
     PyBuffer_Release(&payload);
+    if (nargs == 4)
+        PyBuffer_Release(&mark);
     return outcome < 0 ? NULL : PyLong_FromLong(outcome);
 }
 
@@ -496,7 +526,7 @@ static void Ring_dealloc(Ring *self) {
 
 static PyMethodDef Ring_methods[] = {
     {"offer", (PyCFunction)(void (*)(void))Ring_offer, METH_FASTCALL,
-     "offer(payload, pid) -> 0 written, 1 written and receivers wait, 2 not written"},
+     "offer(payload, pid[, mark, bit]) -> 0 written, 1 written and receivers wait, 2 not written"},
     {"poll", (PyCFunction)Ring_poll, METH_O,
      "poll(pid) -> the oldest inline record's payload, or None for the Python path"},
     {"wake", (PyCFunction)(void (*)(void))Ring_wake, METH_FASTCALL,

@@ -609,7 +609,8 @@ class FeedCore(AttachedSegment):
                             record = _ring.SPILL_REFERENCE.pack(*spill.link_into(core.namespace, core.channel_id))
                         try:
                             if kind == _ring.KIND_DATA:
-                                outcome = core.offer_fast(record, deadline)
+                                outcome = core.offer_fast(record, deadline, None if marking is None
+                                                          else _marks.word_and_bit(words, marking[0], target.entry))
                             else:
                                 outcome = core.offer(kind, record, None, deadline)
                             delivered += self._settle(target, outcome, kind, record, waiting, deadline)

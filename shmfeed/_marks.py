@@ -14,9 +14,11 @@ A durable bridge sends each value from its JetStream stream into the local feed 
 
 A bridge killed in the middle of 3 leaves PENDING above APPLIED: its successor, getting the
 same sequence again from the stream, sends it only to the subscriptions whose bit is clear
-and whose id is at most SUB_LIMIT. The one window left is between a ring's commit and its
-bit (consecutive statements): a kill exactly there delivers that value twice to that one
-channel.
+and whose id is at most SUB_LIMIT. A ring's commit and its bit are two stores: the C offer
+makes them one instruction apart, under the ring's lock (``Ring.offer(..., mark, bit)``);
+a kill exactly between them delivers that value twice to that one channel. On the other
+paths (a spilled value, a full channel, no C accelerator) the bit follows the commit by a
+few Python statements: a wider window, on rarer paths.
 
 Layout (this module owns it): ``ENTRIES`` entries of ``ENTRY_BYTES`` from byte
 ``FIRST_BYTE`` of the feed header (free in feeds; see ``_layout``), each 4 words (KEY: the
@@ -98,6 +100,13 @@ def settled(words: memoryview, first: int, table_entry: int) -> None:
     """One subscription (by table entry) settled the pending value."""
     word = first + 4 + table_entry // 64
     words[word] |= 1 << (table_entry % 64)
+
+
+def word_and_bit(words: memoryview, first: int, table_entry: int) -> tuple[memoryview, int]:
+    """Where ``settled`` puts a subscription's bit: the word (a one-word view, for the C
+    offer to set it right after its commit) and the bit."""
+    word = first + 4 + table_entry // 64
+    return words[word:word + 1], 1 << (table_entry % 64)
 
 
 def is_settled(words: memoryview, first: int, table_entry: int) -> bool:

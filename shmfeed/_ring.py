@@ -559,14 +559,17 @@ class ChannelCore(AttachedSegment):
         finally:
             spill.close()
 
-    def offer_fast(self, payload: Payload, deadline: float | None = None) -> int:
+    def offer_fast(self, payload: Payload, deadline: float | None = None,
+                   mark: tuple[memoryview, int] | None = None) -> int:
         """The common case of ``offer``: an inline record, no waker (the hot path, inlined).
 
-        Returns DELIVERED if written, else whatever ``offer`` decides.
+        Returns DELIVERED if written, else whatever ``offer`` decides. ``mark`` (a word of
+        a feed's segment and a bit, see ``_marks``): the C offer sets the bit right after
+        its commit; the caller sets it on every other path.
         """
         fast = self._fast
         if fast is not None:
-            outcome = fast.offer(payload, _pid)
+            outcome = fast.offer(payload, _pid) if mark is None else fast.offer(payload, _pid, *mark)
             if outcome == 0:
                 return DELIVERED
             if outcome == 1:

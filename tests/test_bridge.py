@@ -384,3 +384,61 @@ def test_subjects_are_valid_and_agree_across_hosts() -> None:
     assert _bridge.subject_of("default", "a") != _bridge.subject_of("other", "a")
     with pytest.raises(ValueError):
         shmfeed.Bridge("nats://127.0.0.1:1", feeds=["a"], realm="a.b")
+
+
+def test_nats_killed_mid_stream_local_sends_go_on_and_every_value_is_carried_or_counted(
+        tmp_path: Path, hosts: list[str]) -> None:
+    """Core mode: NATS killed while a sender keeps sending. The local subscriber gets every
+    value and no send waits; each value is published or counted dropped (none silently);
+    the remote side gets a part of them, in order, none twice; after NATS is back, new
+    values cross again."""
+    import threading
+    import time as clock
+
+    b = hosts[1]
+    server = NatsServer(tmp_path / "jetstream")
+    url = server.start()
+    with in_namespace(b):
+        remote = Subscriber("prices")
+    local = shmfeed.Channel(1 << 16)
+    feed = shmfeed.Feed("prices")
+    subscription = feed.subscribe(local)
+    slowest = 0.0
+    sent = 0
+    try:
+        with shmfeed.Bridge(url, feeds=["prices"]) as bridge, bridges(url, [b], ["prices"]):
+            def send(count: int) -> None:
+                nonlocal sent, slowest
+                for _ in range(count):
+                    started = clock.monotonic()
+                    feed.send({"n": sent})
+                    slowest = max(slowest, clock.monotonic() - started)
+                    sent += 1
+
+            sender = threading.Thread(target=send, args=(30000,))
+            sender.start()
+            wait_until(lambda: sent > 5000, 20, "values flowing")
+            server.stop(kill=True)
+            sender.join(60)
+            assert not bridge.statistics().connected or bridge.statistics().reconnects == 0
+            server.start()
+            wait_until(lambda: bridge.statistics().connected, 20, "the bridge reconnected")
+            feed.send({"n": "after"})
+            sent += 1
+            got = []
+            while not got or got[-1] != {"n": "after"}:
+                got.append(remote.channel.recv(20))
+            statistics = bridge.statistics().feeds[0]
+        assert [local.recv(0) for _ in range(sent)] == [{"n": n} for n in range(sent - 1)] + [{"n": "after"}]
+        assert slowest < 1.0, f"a local send waited {slowest:.3f} s for NATS"
+        dropped = sum(statistics.dropped.values())
+        assert statistics.out + dropped == sent, (statistics.out, dict(statistics.dropped), sent)
+        assert dropped > 0 and set(statistics.dropped) <= {"disconnected", "overflow", "publish_error"}
+        numbers = [value["n"] for value in got[:-1]]
+        assert numbers == sorted(set(numbers)) and len(numbers) <= statistics.out, "in order, none twice"
+    finally:
+        subscription.unsubscribe()
+        local.close()
+        feed.detach()
+        remote.close()
+        server.stop()
