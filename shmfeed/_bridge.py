@@ -48,11 +48,12 @@ from typing import Any, Mapping
 
 import msgpack
 
-from . import _bridge_status, _codec, _gc, _names
+from . import _codec, _gc, _names
 from . import _layout as L
 from ._channel import Channel
 from ._errors import ChannelClosed, ChannelCorruptError, FeedClosed, FeedTypeError, ShmfeedError, UnknownTypeError
 from ._feed import Feed
+from . import _bridge_status  # the status file shmfeed monitor reads
 
 __all__ = ["Bridge", "BridgeFeedStatistics", "BridgeStatistics", "subject_of", "DROP_REASONS"]
 
