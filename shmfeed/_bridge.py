@@ -54,6 +54,7 @@ from . import _layout as L
 from ._channel import Channel
 from ._errors import ChannelClosed, ChannelCorruptError, FeedClosed, FeedTypeError, ShmfeedError, UnknownTypeError
 from ._feed import Feed
+from . import _bridge_status  # the status file shmfeed monitor reads
 
 __all__ = ["Bridge", "BridgeFeedStatistics", "BridgeStatistics", "subject_of", "DROP_REASONS"]
 
@@ -457,6 +458,7 @@ class Bridge:
         self._state_lock = threading.Lock()
         self._started = False
         self._closed = False
+        self._status: _bridge_status.StatusPublisher | None = None  # the status file shmfeed monitor reads
 
     # --- lifetime --------------------------------------------------------------------------
 
@@ -509,6 +511,8 @@ class Bridge:
         if self.patterns:
             self._scanner = threading.Thread(target=self._scan, name="shmfeed-bridge-scan", daemon=True)
             self._scanner.start()
+        self._status = _bridge_status.StatusPublisher(self)
+        self._status.start()
         return self
 
     def _unbridged_matches(self) -> list[str]:
@@ -581,6 +585,8 @@ class Bridge:
     def close(self, timeout: float = 10.0) -> None:
         """Stop bridging: what the bridge's channels hold is published, what NATS already
         delivered to it is sent locally, then it disconnects. Idempotent."""
+        if self._status is not None:
+            self._status.stop()  # first: the monitor no longer shows a bridge that is closing
         with self._state_lock:
             if self._closed or not self._started:
                 self._closed = True
@@ -634,6 +640,8 @@ class Bridge:
         await self._nc.close()  # not drain(): what it would still fetch stays in the stream
 
     def _stop_everything(self) -> None:
+        if self._status is not None:
+            self._status.stop()
         loop = self._loop
         if loop is not None:
             if self._nc is not None and not self._nc.is_closed:

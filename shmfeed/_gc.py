@@ -17,7 +17,9 @@ Only names that ``_names.parse_entry`` recognises, on files that pass ``_shm.che
 (regular, ours, no group/other bits), are looked at (``own_entries``), and segments are
 mapped only through ``_shm.map_own``; anything else is left alone as not ours and never
 raises. One exception names no namespace: glibc's temporary file of a ``sem_open`` that
-was killed half-way (``_semaphore_temps``), ours and older than the grace period.
+was killed half-way (``_semaphore_temps``), ours and older than the grace period. One
+kind of leftover is not in /dev/shm: the status file of a bridge killed before it could
+remove it, in the runtime directory (``_bridge_status.stale``).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import time
 from dataclasses import dataclass, field
 
 from . import _layout as L
-from . import _names, _process, _shm
+from . import _bridge_status, _names, _process, _shm
 from ._names import Entry, EntryKind
 
 LOCK_GRACE_SECONDS = 5.0
@@ -36,7 +38,8 @@ LOCK_GRACE_SECONDS = 5.0
 
 @dataclass
 class Leftovers:
-    """What a sweep found (or removed): paths in /dev/shm by kind."""
+    """What a sweep found (or removed): paths in /dev/shm by kind (``files`` also holds
+    dead bridges' status files)."""
 
     segments: list[str] = field(default_factory=list)
     semaphores: list[str] = field(default_factory=list)
@@ -138,6 +141,7 @@ def sweep(namespace: str, remove: bool = True) -> Leftovers:
     for path in _semaphore_temps(now):
         if not remove or _unlink(path):
             found.semaphores.append(path)
+    found.files += _bridge_status.stale(namespace, remove=remove)
     return found
 
 

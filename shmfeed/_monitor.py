@@ -2,7 +2,8 @@
 
 The figures come from ``_inspect.snapshot`` (read-only mappings, no locks), so watching
 costs the bus nothing; rates are the differences between two snapshots. The registry is
-asked only for its pid and start time.
+asked only for its pid and start time. Bridges (their counters live in their own processes)
+are read from the status files each one writes (``_bridge_status``).
 
 Every string the view shows came from shared memory or another process (feed, scope and
 type names, process names from /proc, file names): any of them may hold terminal escapes or
@@ -21,15 +22,18 @@ import sys
 import time
 from typing import TYPE_CHECKING, Any
 
-from . import _inspect, _registry_client
+from . import _bridge_status, _inspect, _registry_client
 
 if TYPE_CHECKING:
     from rich.text import Text
 
 # 2: channels have holders, last_receiver, no_reader_s, never_read.
 # 3: channels have name (their label) and readers[] ({pid, name, alive, seconds_ago}).
-SCHEMA_VERSION = 3
+# 4: bridges[]: each bridge's status file (_bridge_status.read_all), with alive and age_s.
+SCHEMA_VERSION = 4
 LEFTOVERS_SHOWN = 10  # leftovers listed by name; the rest are counted
+BRIDGE_STALL_SECONDS = 5.0  # a live bridge whose status is older than this is shown as not updating
+DROP_REASONS_SHOWN = 2  # a bridge's drop reasons named on screen, most first
 OWNER_WIDTH = 24  # the channel table's owner column: pid and process name, cut to fit
 LABEL_WIDTH = 20  # a channel's label on screen (then its id)
 # C0, DEL, C1, and the invisible marks that reorder or hide text (bidi overrides, isolates,
@@ -41,6 +45,7 @@ def collect(namespace: str, previous: dict[str, Any] | None = None) -> dict[str,
     """One machine-readable view: the snapshot, the registry, and rates against ``previous``."""
     view = _inspect.snapshot(namespace)
     view["schema"] = SCHEMA_VERSION
+    view["bridges"] = _bridge_status.read_all(namespace)
     answer = _registry_client.ping(namespace, timeout=1.0)
     try:
         view["registry"] = None if answer is None else {
@@ -77,7 +82,8 @@ def _rate(now: int, before: int | None, elapsed: float) -> float | None:
 
 
 def exists(view: dict[str, Any]) -> bool:
-    return bool(view["registry"] or view["feeds"] or view["channels"] or view["scopes"] or view["leftovers"])
+    return bool(view["registry"] or view["feeds"] or view["channels"] or view["scopes"] or view["leftovers"]
+                or view.get("bridges"))
 
 
 # --- rendering ---------------------------------------------------------------------------------
@@ -230,7 +236,60 @@ def render(view: dict[str, Any], width: int = 120) -> Any:
     else:
         problems.append("none\n", style="green")
     footer = Text("q: quit", style="dim")
-    return Group(header, feeds, channels, scopes, problems, footer)
+    parts: list[Any] = [header, feeds, channels, scopes]
+    if view.get("bridges"):
+        parts.append(_bridges_table(view["bridges"]))
+    return Group(*parts, problems, footer)
+
+
+def _bridge_state(bridge: dict[str, Any]) -> tuple[str, str]:
+    """What a bridge is doing, as words and a style: dead, not updating, (dis)connected."""
+    if not bridge["alive"]:
+        return "dead", "red"
+    if bridge["age_s"] > BRIDGE_STALL_SECONDS:
+        return f"no update {bridge['age_s']:.0f}s", "yellow"
+    reconnects = f" ({bridge['reconnects']} reconnects)" if bridge["reconnects"] else ""
+    if bridge["connected"]:
+        return "connected" + reconnects, "green"
+    return "disconnected" + reconnects, "yellow"
+
+
+def _dropped(feeds: list[dict[str, Any]]) -> str:
+    """A bridge's dropped values: the total, and the reasons with most ("7: overflow 5, type 2")."""
+    reasons: dict[str, int] = {}
+    for feed in feeds:
+        for reason, count in feed["dropped"].items():
+            reasons[reason] = reasons.get(reason, 0) + count
+    total = sum(reasons.values())
+    if not total:
+        return "0"
+    top = sorted(reasons.items(), key=lambda item: (-item[1], item[0]))[:DROP_REASONS_SHOWN]
+    more = " …" if len(reasons) > DROP_REASONS_SHOWN else ""
+    return f"{total:,}: " + ", ".join(f"{reason} {count:,}" for reason, count in top) + more
+
+
+def _bridges_table(bridges: list[dict[str, Any]]) -> Any:
+    from rich.table import Table
+
+    table = Table(title="Bridges", expand=True, title_justify="left")
+    for column in ("pid", "realm", "server", "state", "mode", "feeds", "in", "out", "dropped", "lag"):
+        # A long server or drop list folds onto more lines rather than losing its end (the port).
+        table.add_column(column, justify="right" if column in ("pid", "feeds", "in", "out", "lag") else "left",
+                         overflow="fold")
+    for bridge in bridges:
+        state, style = _bridge_state(bridge)
+        feeds = bridge["feeds"]
+        table.add_row(
+            *map(untrusted_text, (bridge["pid"], bridge["realm"], bridge["server"])),
+            untrusted_text(state, style),
+            *map(untrusted_text, (
+                bridge["mode"], bridge["feeds_total"], f"{sum(feed['in'] for feed in feeds):,}",
+                f"{sum(feed['out'] for feed in feeds):,}", _dropped(feeds),
+                "-" if bridge["lag"] is None else f"{bridge['lag']:,}",
+            )),
+            style="dim" if not bridge["alive"] else None,
+        )
+    return table
 
 
 def render_text(view: dict[str, Any], width: int = 120) -> str:

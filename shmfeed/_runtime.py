@@ -52,6 +52,20 @@ def runtime_dir() -> str:
     )
 
 
+def private_subdirectory(name: str) -> str:
+    """``<runtime dir>/<name>``, owner-only (0700) like the runtime directory (made if missing).
+
+    Raises:
+        RegistryUnavailableError: there is no usable runtime directory, or something else
+            than a private directory of ours is at that name.
+    """
+    path = os.path.join(runtime_dir(), name)
+    problem = _make_private_dir(path)
+    if problem is not None:
+        raise RegistryUnavailableError(f"shmfeed: {path}: {problem}; remove it")
+    return path
+
+
 def user_secret() -> bytes:
     """The user's secret (see the module's docstring), read or made once per process."""
     value = _cache.get("secret")

@@ -214,7 +214,7 @@ def test_the_slow_labelled_reader_and_the_blocked_sender_are_on_screen(mp_contex
         assert ready.get() == reader.pid
         wait_until(lambda: slow.statistics().waiting_senders == 1, 30, "the sender blocked on the full channel")
         view = json.loads(_monitor(namespace, "--json").stdout)
-        assert view["schema"] == 3
+        assert view["schema"] == 4
         (channel,) = view["channels"]
         assert channel["name"] == "ticks-worker-3" and channel["id"] == f"{slow._channel_id:016x}"
         assert channel["waiting_senders"] == [sender.pid]
