@@ -1,5 +1,6 @@
 """``Bridge``: the named feeds of this namespace joined, through NATS, with the same feeds
-of other namespaces on this host or others (SPEC §7; core NATS only, at most once).
+of other namespaces on this host or others (SPEC §7): core NATS (at most once), or, with
+``durable=True``, a JetStream stream (exactly once; that half is in ``_bridge_durable``).
 
 One bridge per namespace and NATS realm. For each bridged feed it is a subscriber like any
 other: its own channel (``drop_newest``: a local send never waits for the bridge; what the
@@ -392,7 +393,7 @@ class Bridge:
             keeps values. One durable bridge per namespace and realm.
         max_age, max_bytes: a durable realm's stream keeps values this many seconds, or
             up to this many bytes (the oldest go first); None leaves the stream as it is
-            (unlimited when the bridge makes it).
+            (when the bridge makes it: one day, no byte limit).
         max_pending: messages a durable bridge holds while NATS has not acknowledged
             them (NATS away); past it, its channel drops (counted ``overflow``).
     """

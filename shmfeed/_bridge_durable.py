@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any, Callable
 if TYPE_CHECKING:
     from ._bridge import Bridge, _BridgedFeed
 
+DEFAULT_MAX_AGE = 86400.0  # seconds a stream the bridge makes keeps values, unless told
 DUPLICATE_WINDOW = 600.0  # seconds the server remembers message ids: an outage longer may duplicate
 ACK_TIMEOUT = 5.0  # seconds without JetStream's acknowledgement before everything held is resent
 ACK_WAIT = 60.0  # seconds the server waits for our acknowledgement before delivering again
@@ -62,6 +63,7 @@ async def ensure_stream(js: Any, realm: str, max_age: float | None, max_bytes: i
     try:
         info = await js.stream_info(name)
     except NotFoundError:
+        max_age = max_age or DEFAULT_MAX_AGE
         config = api.StreamConfig(
             name=name, subjects=[f"shmfeed.{realm}.>"], storage=api.StorageType.FILE,
             discard=api.DiscardPolicy.OLD, duplicate_window=min(DUPLICATE_WINDOW, max_age or DUPLICATE_WINDOW),
