@@ -607,6 +607,10 @@ class Bridge:
                 asyncio.run_coroutine_threadsafe(self._drain(timeout), loop).result(timeout + 5)
             except Exception:
                 pass  # NATS gone: what was not published is lost, as in any core-mode outage
+            publisher = self._publisher
+            if publisher is not None and publisher.pending():
+                print(f"shmfeed bridge: closed with {publisher.pending()} messages JetStream had not acknowledged "
+                      f"(NATS away for {timeout:g} s); they are lost", file=sys.stderr, flush=True)
         for bridged in self._feeds.values():
             if bridged.injector.is_alive():
                 bridged.inbound.put(None)

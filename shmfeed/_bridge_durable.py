@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 DEFAULT_MAX_AGE = 86400.0  # seconds a stream the bridge makes keeps values, unless told
 DUPLICATE_WINDOW = 600.0  # seconds the server remembers message ids: an outage longer may duplicate
 ACK_TIMEOUT = 5.0  # seconds without JetStream's acknowledgement before everything held is resent
+REFUSALS = 5  # error answers (not "no responders") after which a message is dropped, counted
 ACK_WAIT = 60.0  # seconds the server waits for our acknowledgement before delivering again
 FETCH_BATCH = 256
 FETCH_SECONDS = 1.0
@@ -92,6 +93,7 @@ class _Held:
     last: bool  # the value's last (or only) message: acknowledged, the value is out
     sent: float = 0.0
     round: int = -1  # the publisher's round (connection, resend) it was last sent in
+    refusals: int = 0  # JetStream's error answers to it
 
 
 class DurablePublisher:
@@ -149,7 +151,15 @@ class DurablePublisher:
             answer = json.loads(msg.data) if msg.data else {}
         except ValueError:
             answer = {}
-        if not isinstance(answer, dict) or "error" in answer or "seq" not in answer:
+        if isinstance(answer, dict) and "error" in answer:
+            held.refusals += 1
+            if held.refusals >= REFUSALS:  # JetStream refuses it for good (a stream limit, ...)
+                del self.held[msg_id]
+                held.bridged.drop("publish_error")  # a part: the receivers drop the value whole
+                async with self.room:
+                    self.room.notify_all()
+                return
+        if not isinstance(answer, dict) or "seq" not in answer:
             self.resend_soon()  # no responders (JetStream not up yet), or an error: later, in order
             return
         del self.held[msg_id]

@@ -108,11 +108,12 @@ def test_values_cross_durably_exactly_once_in_order_with_exact_types(server: Nat
         remote.close()
 
 
+@pytest.mark.parametrize("server_kill", [False, True], ids=["server-sigterm", "server-sigkill"])
 def test_a_sigkilled_receiving_bridge_and_a_restarted_server_lose_and_repeat_nothing(
-        server: NatsServer, hosts: list[str]) -> None:
+        server: NatsServer, hosts: list[str], server_kill: bool) -> None:
     """The receiving side's bridge SIGKILLed mid-stream and started again, then the NATS
-    server stopped and started again with its store, while a sender keeps sending: every
-    value arrives once, in order."""
+    server stopped (SIGTERM or SIGKILL) and started again with its store, while a sender
+    keeps sending: every value arrives once, in order."""
     a, b = hosts[:2]
     with in_namespace(b):
         collector = Collector("ticks")
@@ -138,7 +139,7 @@ def test_a_sigkilled_receiving_bridge_and_a_restarted_server_lose_and_repeat_not
         before = len(collector.values)
         bridge_b = BridgeProcess(server.url, b, ["ticks"], options=DURABLE)
         wait_until(lambda: len(collector.values) > before + 1000, 30, "values crossing after the restart")
-        server.stop()  # SIGTERM: the store is kept
+        server.stop(kill=server_kill)  # the store is kept
         server.start()
         wait_until(lambda: len(collector.values) > before + 3000, 60, "values crossing after the server's restart")
     finally:
