@@ -38,7 +38,7 @@ from typing import Any, cast
 
 from . import _gc
 from . import _layout as L
-from . import _names, _process, _recovery, _registry_client
+from . import _kept_bridge, _names, _process, _recovery, _registry_client
 
 SCAN_SECONDS = 0.25
 LEFTOVER_SECONDS = 1.0  # a sweep without removing costs about as much as a scan
@@ -142,6 +142,9 @@ class Registry:
         self.last_repairs: list[str] = []
         self.stopping = False
         self.suspects: dict[tuple[str, int], int] = {}
+        self.processes: set[tuple[int, int]] = set()  # found in the segments at the last scan
+        self.bridge = _kept_bridge.KeptBridge.from_environment(namespace)  # SHMFEED_BRIDGE_URL
+        self.bridge_retired = False  # stopped because it was the namespace's only user
 
     # --- life ---------------------------------------------------------------------------
 
@@ -209,16 +212,21 @@ class Registry:
             self._drop(client)
         for pidfd in self.watched.values():
             os.close(pidfd)
+        self._stop_bridge()
 
     def _loop(self) -> None:
         idle_since: float | None = None
         next_scan = next_leftover_check = 0.0
         while not self.stopping:
+            self._keep_bridge()
             wake_at = min([next_scan] + [client.deadline for client in self.clients])
             deaths = False
             for key, _ in self.selector.select(max(0.0, wake_at - time.monotonic())):
                 kind, value = key.data
-                if kind == "pid":
+                if kind == "bridge":
+                    self.selector.unregister(key.fd)
+                    value.exited()
+                elif kind == "pid":
                     self._unwatch(value)
                     deaths = True
                 elif kind == "listener":
@@ -235,18 +243,56 @@ class Registry:
                     next_leftover_check = time.monotonic() + LEFTOVER_SECONDS
                 if self._scan() or self.suspects or (leftover_check and self._leftovers()):
                     self.recover()
-                if _gc.own_entries(self.namespace):
+                if self._busy():
                     idle_since = None
+                    if self.bridge_retired:  # used again: its bridge comes back
+                        self.bridge_retired = False
                 elif idle_since is None:
                     idle_since = time.monotonic()
                 elif time.monotonic() - idle_since >= self.idle_seconds:
+                    if self.bridge is not None and self.bridge.pid is not None:
+                        self._stop_bridge()  # it was the only user: now its objects go too
+                        self.bridge_retired = True
+                        idle_since = None
+                        continue
                     return
+
+    def _busy(self) -> bool:
+        """Whether the namespace is in use: objects in /dev/shm, and some process using
+        them other than the bridge the registry keeps."""
+        if not _gc.own_entries(self.namespace):
+            return False
+        bridge_pid = None if self.bridge is None else self.bridge.pid
+        return bridge_pid is None or any(pid != bridge_pid for pid, _ in self.processes)
+
+    def _keep_bridge(self) -> None:
+        """Start the kept bridge when it is due (not running, not retired, backoff over)."""
+        bridge = self.bridge
+        if bridge is None or bridge.pid is not None or self.bridge_retired or self.stopping:
+            return
+        if time.monotonic() < bridge.restart_at:
+            return
+        try:
+            pidfd = bridge.start()
+        except OSError:
+            bridge.exited()  # tried again after the backoff
+            return
+        self.selector.register(pidfd, selectors.EVENT_READ, ("bridge", bridge))
+
+    def _stop_bridge(self) -> None:
+        bridge = self.bridge
+        if bridge is None:
+            return
+        if bridge.pidfd is not None:
+            self.selector.unregister(bridge.pidfd)
+        bridge.stop()
 
     # --- watching processes -----------------------------------------------------------------
 
     def _scan(self) -> bool:
         """Watch every process found in the segments; True if one of them is already dead."""
         processes, orphans = self._processes_in_segments()
+        self.processes = processes
         found_dead = orphans  # a segment nobody is attached to: its last user died leaving it
         for pid, ticks in processes:
             if pid in self.watched or pid == os.getpid():
@@ -361,7 +407,8 @@ class Registry:
             return {"ok": False, "error": "a request is a map with an 'op' string"}
         op = message["op"]
         if op == "ping":
-            return {"ok": True, "pid": os.getpid(), "started": self.started, "namespace": self.namespace}
+            return {"ok": True, "pid": os.getpid(), "started": self.started, "namespace": self.namespace,
+                    "bridge_pid": None if self.bridge is None else self.bridge.pid}
         if op == "recover":
             repairs = self.recover()
             return {"ok": True, "released_locks": repairs.released_locks, "destroyed": repairs.destroyed,

@@ -121,6 +121,7 @@ def _spawn(namespace: str) -> None:
 
 
 _REGISTRY_IMPORTS = ("msgpack", "posix_ipc", "psutil")  # what the registry imports besides us
+_BRIDGE_IMPORTS = ("nats", "nkeys")  # and what the bridge it keeps does (nkeys: --creds only)
 # The registry runs isolated (-I: no PYTHON* variables, no user site, nothing prepended to
 # sys.path) and without site processing (-S: a third of Python's start-up, so the namespace
 # is without its watchdog for less time), in "/". Its import path is exactly the one given.
@@ -139,7 +140,10 @@ def _registry_path() -> list[str]:
     user runs a program from must not run as the user in the registry.
     """
     package_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    path = [package_parent] + [_import_root(name) for name in _REGISTRY_IMPORTS]
+    imports: tuple[str, ...] = _REGISTRY_IMPORTS
+    if os.environ.get("SHMFEED_BRIDGE_URL", "").strip():  # the registry keeps a bridge (_kept_bridge)
+        imports = (*imports, *_BRIDGE_IMPORTS)
+    path = [package_parent] + [_import_root(name) for name in imports]
     return list(dict.fromkeys(p for p in path if p))
 
 
