@@ -44,11 +44,13 @@ def test_the_accelerator_is_built_and_used() -> None:
 def test_core_suites_pass_on_the_pure_python_path() -> None:
     environment = {**os.environ, "SHMFEED_PURE_PYTHON": "1"}
     environment.pop("SHMFEED_NAMESPACE", None)  # each test there makes its own
-    suites = ["test_channel.py", "test_feed.py", "test_overflow.py", "test_bad_input.py", "test_codec.py",
-              "test_accel.py", "test_aio.py"]
+    # The suites of the rings and feeds, where the two paths differ (the codec's one C
+    # walk is compared with its Python twin below; async waits use the same takes). The
+    # 300 MiB value travels as a spill file on both paths.
+    suites = ["test_channel.py", "test_feed.py", "test_overflow.py", "test_bad_input.py", "test_accel.py"]
     run = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
-         "-k", "not pure_python_path", *suites],
+         "-k", "not pure_python_path and not 300_mib", *suites],
         cwd=TESTS, env=environment, capture_output=True, text=True, timeout=220,
     )
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
