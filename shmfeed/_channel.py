@@ -350,6 +350,29 @@ class Channel(TypeArgument, Generic[T]):
             _check_timeout(timeout)
         return _codec.decode(self._live_core().take(timeout))  # type: ignore[return-value]
 
+    def recv_view(self, timeout: float | None = None) -> Any:
+        """Take one value like :meth:`recv`, but a large ``bytes``, ``bytearray`` or NumPy
+        array comes without a copy: as a read-only ``memoryview`` (or a read-only array) of
+        the mapped file it travelled in. Use it as any buffer; ``bytes(view)`` copies it.
+
+        Lifetime: the file stays the value's for as long as the view, or anything made
+        from it (slices, ``numpy.frombuffer``, arrays), is referenced; when the last of
+        them is gone the file is given back to the sender. Nothing kept can see other
+        bytes. ``with channel.recv_view() as view:`` releases a memoryview at the end of
+        the block; an array is let go of when it is no longer referenced.
+
+        Values that travelled inline in the ring (those up to a quarter of its size: make
+        the channel's ``buffer_size`` smaller to have large ones spill), other types, and
+        a process without the C accelerator, get the value decoded as by :meth:`recv`
+        (bytes-like values as a read-only memoryview of a copy). Raises as :meth:`recv`.
+        """
+        if timeout is not None:
+            _check_timeout(timeout)
+        core = self._live_core()
+        with _ring.pinning():
+            data = core.take(timeout)
+        return _codec.decode_as_view(data)
+
     def recv_nowait(self) -> T:
         """Take one value if one is waiting now; never waits for one.
 

@@ -469,6 +469,62 @@ def decode(data: bytes | memoryview) -> object:
         raise _corrupt(f"{type(exc).__name__}: {exc}") from exc
 
 
+_BIN_HEADERS = {0xC4: 1, 0xC5: 2, 0xC6: 4}  # msgpack bin 8/16/32: bytes of the length after the marker
+_EXT_HEADERS = {0xC7: 1, 0xC8: 2, 0xC9: 4}  # ext 8/16/32: length bytes, then the type byte
+_FIXEXT_LENGTHS = {0xD4: 1, 0xD5: 2, 0xD6: 4, 0xD7: 8, 0xD8: 16}
+
+
+def decode_as_view(data: bytes | memoryview) -> object:
+    """Decode like ``decode``, but a value that is bytes, a bytearray or a NumPy array, at
+    the top, comes as a read-only view of ``data`` (a memoryview, or an array over it):
+    no copy (``Channel.recv_view``). Anything else decodes as usual."""
+    view = memoryview(data)
+    if len(view) >= 2:
+        marker = view[0]
+        width = _BIN_HEADERS.get(marker)
+        if width is not None:  # bytes
+            start = 1 + width
+            if len(view) >= start and int.from_bytes(view[1:start], "big") == len(view) - start:
+                return view[start:].toreadonly()
+        width = _EXT_HEADERS.get(marker)
+        fixed = _FIXEXT_LENGTHS.get(marker)
+        if fixed is not None and len(view) == 2 + fixed:  # fixext 1..16: the type byte, then the data
+            width, start, code = 0, 2, view[1]
+        elif width is not None and len(view) >= 2 + width:
+            start, code = 2 + width, view[1 + width]
+        else:
+            width = None
+        if width is not None:
+            if width == 0 or int.from_bytes(view[1:1 + width], "big") == len(view) - start:
+                if code == _BYTEARRAY:
+                    return view[start:].toreadonly()
+                if code == _NDARRAY:
+                    return _ndarray_view(view[start:])
+    return decode(data)
+
+
+def _ndarray_view(data: memoryview) -> Any:
+    """An ndarray ext's payload as a read-only array over it (checked as ``_dec_ndarray``)."""
+    import numpy as np
+
+    try:
+        (n,) = struct.unpack_from("<I", data)
+        dtype, shape = _items(bytes(data[4:4 + n]), 2)
+    except (struct.error, ChannelCorruptError):
+        raise _corrupt("bad numpy header") from None
+    dt = _np_dtype(dtype)
+    if (type(shape) is not list or len(shape) > 64
+            or not all(type(d) is int and d >= 0 for d in shape)):
+        raise _corrupt("bad numpy shape")
+    size = dt.itemsize
+    for d in shape:
+        size *= d
+    if size != len(data) - 4 - n:
+        raise _corrupt("numpy data size does not match shape")
+    array = np.frombuffer(data.toreadonly(), dtype=dt, offset=4 + n).reshape(shape)
+    return array
+
+
 def _corrupt(problem: str) -> ChannelCorruptError:
     """The error for bytes that are no value encode() makes."""
     return ChannelCorruptError(f"shmfeed: undecodable message: {problem}; that value is lost, the channel goes "

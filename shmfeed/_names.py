@@ -197,6 +197,14 @@ def spill_temp_file(namespace: str, spill_id: int) -> str:
     return f"{SHM_DIR}/{prefix(namespace)}t{os.getpid():x}.{spill_id:016x}"
 
 
+def spill_pin_file(namespace: str, pin_id: int) -> str:
+    """Where a receiver moves its link to a large value it hands out as a view (see
+    ``_spill.read_pinned``): its own name, with its pid, so that neither the channel's end
+    nor a release of the namespace removes it while the view lives (gc does once the
+    process is dead)."""
+    return f"{SHM_DIR}/{prefix(namespace)}p{os.getpid():x}.{pin_id:016x}"
+
+
 def shm_path(segment_name: str) -> str:
     """The file behind a POSIX shared memory name (Linux)."""
     return SHM_DIR + segment_name
@@ -229,6 +237,7 @@ class EntryKind(enum.Enum):
     WAKER = "waker"  # semaphore w<id>, its process's pid in the id
     SPILL_LINK = "spill link"  # c<channel id>.x<spill id>: a large value linked to a channel
     SPILL_TEMP = "spill temp"  # t<pid>.<spill id>: a sender's pool file
+    SPILL_PIN = "spill pin"  # p<pid>.<pin id>: a receiver's link to a value it holds as a view
 
 
 SEGMENT_ENTRY_KINDS = (EntryKind.CHANNEL, EntryKind.FEED, EntryKind.SCOPE)
@@ -263,6 +272,7 @@ _SEGMENT = re.compile(r"(?P<letter>[cfs])(?P<key>[0-9a-z]+)(?P<creating>\.t[0-9a
 _SEMAPHORE = re.compile(f"(?P<letter>[lw])(?P<key>{_HEX16})")
 _SPILL_LINK = re.compile(f"c(?P<key>{_HEX16})\\.x{_HEX16}")
 _SPILL_TEMP = re.compile(f"t(?P<pid>[0-9a-f]{{1,8}})\\.{_HEX16}")
+_SPILL_PIN = re.compile(f"p(?P<pid>[0-9a-f]{{1,8}})\\.{_HEX16}")
 
 
 _SEMAPHORE_TEMP = re.compile(r"sem\.[A-Za-z0-9]{6}")  # glibc sem_open's mkstemp pattern
@@ -295,6 +305,8 @@ def parse_entry(namespace: str, file: str) -> Entry | None:
         return Entry(EntryKind.SPILL_LINK, file, match["key"], f"/{start}c{match['key']}", 0)
     if match := _SPILL_TEMP.fullmatch(file, position):
         return Entry(EntryKind.SPILL_TEMP, file, "", "", int(match["pid"], 16))
+    if match := _SPILL_PIN.fullmatch(file, position):
+        return Entry(EntryKind.SPILL_PIN, file, "", "", int(match["pid"], 16))
     match = _SEGMENT.fullmatch(file, position)
     if match is None:
         return None

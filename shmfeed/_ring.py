@@ -71,6 +71,20 @@ SINGLE_LOCK = platform.machine().lower() not in ("x86_64", "amd64", "i386", "i68
 
 _pid = os.getpid()
 
+# Set by ``pinning()`` in a thread taking a value to hand out as a view (Channel.recv_view).
+_pinning = threading.local()
+
+
+class pinning:
+    """Within: a large value this thread takes is read as a pinned view of its spill file
+    (``_spill.read_pinned``), not copied."""
+
+    def __enter__(self) -> None:
+        _pinning.on = True
+
+    def __exit__(self, *exc_info: object) -> None:
+        _pinning.on = False
+
 # An encoded value or record: bytes, or a view of a packer's buffer (see _codec.encode_for_send).
 Payload = bytes | memoryview
 # What a send starts from: a Payload, or a large value in parts (joined if it goes inline).
@@ -505,7 +519,8 @@ class ChannelCore(AttachedSegment):
         words[L.RECEIVED] = sent
 
     def _materialise(self, kind: int, data: bytes) -> bytes | memoryview:
-        """The encoded value of a record (reads a spill file: see ``_spill.read``)."""
+        """The encoded value of a record (reads a spill file: see ``_spill.read``, or
+        ``_spill.read_pinned`` for a receive as a view: ``pinning``)."""
         if kind == KIND_DATA:
             return data
         if len(data) != SPILL_REFERENCE.size:
@@ -513,7 +528,11 @@ class ChannelCore(AttachedSegment):
         spill_id, size = SPILL_REFERENCE.unpack(data)
         path = _names.spill_file(self.namespace, self.channel_id, spill_id)
         try:
-            value = _spill.read(path, size)
+            value: bytes | memoryview
+            if getattr(_pinning, "on", False):
+                value = _spill.read_pinned(self.namespace, path, size)
+            else:
+                value = _spill.read(path, size)
         except (OSError, ValueError) as error:
             raise ChannelCorruptError(
                 f"shmfeed: channel {self.channel_id:016x}: a large value's file is missing or not valid ({error}); "

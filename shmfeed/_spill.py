@@ -21,6 +21,7 @@ Allocating fresh tmpfs pages costs far more than copying into pages that exist (
 from __future__ import annotations
 
 import ctypes
+import functools
 import mmap
 import os
 import platform
@@ -243,6 +244,44 @@ def read(path: str, size: int) -> bytes | memoryview:
                 _deferred.setdefault(threading.get_ident(), []).append(path)
         elif opened:  # ours: read, or refused for its size
             _unlink(path)
+
+
+def read_pinned(namespace: str, path: str, size: int) -> memoryview:
+    """A receiver's read of its link to a large value as a read-only view of the file
+    (``Channel.recv_view``): no copy. The link is first renamed to this process's own pin
+    name (``_names.spill_pin_file``), so that while the view lives no sender rewrites the
+    file and neither the channel's end nor a release of the namespace removes the link;
+    the view is a ``Pin`` (``_accel.c``) that removes the pin link when the last memoryview,
+    slice or NumPy array made from it is gone. Without the C accelerator, or for a small
+    file, the value is read into bytes (a copy) and the link removed at once.
+
+    Raises as ``read``.
+    """
+    if _native.accel is None:  # a copy: read() may give a view that its link outlives only briefly
+        return memoryview(bytes(read(path, size)))
+    descriptor, info = _shm.open_own(path)
+    try:
+        try:
+            _check_holds(info, size)
+        except ValueError:
+            _unlink(path)  # ours, refused for its size, as read() does
+            raise
+        if info.st_size < READER_MAP_MIN:
+            with open(descriptor, "rb", buffering=0, closefd=False) as spill:
+                data = spill.read(size)
+            _unlink(path)
+            return memoryview(data)
+        pin_path = _names.spill_pin_file(namespace, _names.new_id())
+        os.rename(path, pin_path)  # the name is ours (sticky /dev/shm): nobody swapped it since open
+        try:
+            with _reader_lock:
+                mapping = _mapped(descriptor, (info.st_dev, info.st_ino, info.st_size))
+            return memoryview(_native.accel.Pin(mapping, 0, size, functools.partial(_unlink, pin_path)))
+        except BaseException:
+            _unlink(pin_path)
+            raise
+    finally:
+        os.close(descriptor)
 
 
 def _check_holds(info: os.stat_result, size: int) -> None:

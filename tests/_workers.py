@@ -244,3 +244,11 @@ def check_large_values(results: shmfeed.Channel, channel: shmfeed.Channel, n: in
     results.send(("ready", os.getpid()))
     bad = [seq for seq in range(n) if channel.recv(timeout=RECV_TIMEOUT) != large_value(seq, size)]
     results.send(("checked", os.getpid(), bad))
+
+
+def hold_view(namespace: str, channel: shmfeed.Channel[bytes], report: shmfeed.Channel[int]) -> None:
+    """Receive a large value as a view, say how long it is, and hold it until killed."""
+    os.environ["SHMFEED_NAMESPACE"] = namespace
+    view = channel.recv_view(RECV_TIMEOUT)
+    report.send(len(view))
+    threading.Event().wait(RECV_TIMEOUT)
