@@ -22,8 +22,8 @@ Cells (every one ``--repeat`` times, the variants of a cell taking turns, median
 - ping-pong: round trip A -> B -> A (a process in A sends on feed "ping", one in B answers
   on "pong"), vs raw nats-py ping-pong of the same bytes: p50/p99 of the round trip.
 - local: what a bridge costs a local feed while NATS is down: a sender and a subscriber in
-  one namespace, with a bridge on that feed whose server was killed, vs no bridge at all
-  (goal: within 10%).
+  one namespace, with a bridge on that feed whose server was killed (core; and durable,
+  which holds values up to its ``max_pending``), vs no bridge at all (goal: within 10%).
 
 Core NATS (and the bridge in core mode) drops what a slow side cannot take, so every
 throughput cell is flow-controlled the same way (``Credit``): the sender is never more than
@@ -718,7 +718,9 @@ def build_plan(harness: Harness, namespaces: dict[str, str], sizes: Sizes, quick
     core8 = BridgePair(harness, [a, b], big.url, ["big"], REALM)
     durable = BridgePair(harness, [a, b], default.url, ["small-durable"], DURABLE_REALM, durable=True)
     local = BridgePair(harness, [namespaces["local-bridged"]], down.url, ["local"], REALM)
-    pairs += [core, core8, durable, local]
+    local_durable = BridgePair(harness, [namespaces["local-durable"]], down.url, ["local"], DURABLE_REALM,
+                               durable=True)
+    pairs += [core, core8, durable, local, local_durable]
     for pair, what in ((core, "core bridges"), (core8, "core bridges (8 MiB server)"), (local, "local bridge")):
         if pair.error:
             raise RuntimeError(f"{what} did not start: {pair.error}")
@@ -775,6 +777,12 @@ def build_plan(harness: Harness, namespaces: dict[str, str], sizes: Sizes, quick
                                          flow=False),
         "no bridge": feed_transfer("no bridge", local_load, "local", None, None, plain, plain, flow=False),
     }
+    if not local_durable.unavailable:
+        held = namespaces["local-durable"]
+        plan.transfers["local, NATS down"]["durable bridge attached"] = (
+            feed_transfer("durable bridge attached", local_load, "local", local_durable, None, held, held, flow=False)
+            if not local_durable.error else
+            (lambda: {"variant": "durable bridge attached", "error": f"did not start: {local_durable.error}"}))
     plan.pingpongs = {
         "bridge": lambda: run_pingpong(harness, "bridge", (_feed_pinger, (a,)), (_feed_ponger, (b,)), sizes),
         "raw nats-py": lambda: run_pingpong(harness, "raw nats-py", (_raw_pinger, (default.url, f"benchpp.{pid}")),
@@ -790,6 +798,7 @@ RATIOS = [
     ("1MiB", "bridge split (1 MiB server)", "raw nats-py (max_payload 8 MiB)", "raw at 8 MiB: it cannot send 1 MiB + headers at 1 MiB"),
     ("small durable", "bridge durable", "raw JetStream", ""),
     ("local, NATS down", "bridge attached", "no bridge", "goal >= 0.90"),
+    ("local, NATS down", "durable bridge attached", "no bridge", "goal >= 0.90"),
 ]
 
 
@@ -891,7 +900,7 @@ def main(quick: bool = False, as_json: bool = False, repeat: int = 3, scale: flo
     """Run every cell ``repeat`` times, interleaved; print the table (or JSON); 0 if all ran."""
     started = time.monotonic()
     pid = os.getpid()
-    namespaces = {key: f"bench-{pid}-{key}" for key in ("a", "b", "local-bridged", "local-plain")}
+    namespaces = {key: f"bench-{pid}-{key}" for key in ("a", "b", "local-bridged", "local-durable", "local-plain")}
     sizes = Sizes.for_mode(quick, scale)
     try:
         from nats.aio.client import __version__ as nats_version
