@@ -42,13 +42,12 @@ import platform
 import queue as queue_mod
 import shutil
 import signal
-import statistics
 import sys
 import tempfile
 import time
 import traceback
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import msgpack
 
@@ -825,6 +824,8 @@ def print_tables(doc: dict[str, Any]) -> None:
           f"namespaces {meta['namespaces']['a']} / {meta['namespaces']['b']}")
     print(f"Each figure: the median of {meta['repeat']} runs, the variants of a cell taking turns; "
           f"'runs' lists every run.")
+    print("Load average (1, 5, 15 min) at the start: " + ", ".join(f"{x:.2f}" for x in meta["load_average_start"])
+          + ("; at the end: " + ", ".join(f"{x:.2f}" for x in meta["load_average_end"]) if "load_average_end" in meta else ""))
     print("Throughput A -> B: flow-controlled (sender at most a window ahead), every value checked in order;")
     print("  time from the first send to the last value received. CPU: each process's user+system time")
     print("  during the run / values (tx sender, rx receiver, bridge A/B, nats the server).")
@@ -917,7 +918,7 @@ def main(quick: bool = False, as_json: bool = False, repeat: int = 3, scale: flo
     doc: dict[str, Any] = {
         "meta": {"python": platform.python_version(), "nats_py": nats_version, "cpus": os.cpu_count(),
                  "repeat": repeat, "namespaces": namespaces, "sizes": sizes.__dict__,
-                 "big_max_payload": BIG_MAX_PAYLOAD},
+                 "big_max_payload": BIG_MAX_PAYLOAD, "load_average_start": os.getloadavg()},
         "cells": [], "throughput": [], "latency": [], "summary": [], "bridges": {}, "notes": [],
     }
     ok = True
@@ -982,6 +983,7 @@ def main(quick: bool = False, as_json: bool = False, repeat: int = 3, scale: flo
     doc["summary"] = summarize(doc)
     doc["ok"] = bool(ok)
     doc["meta"]["wall_seconds"] = time.monotonic() - started
+    doc["meta"]["load_average_end"] = os.getloadavg()
     if as_json:
         json.dump(doc, sys.stdout, indent=2)
         print()
