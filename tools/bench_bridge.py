@@ -514,11 +514,9 @@ class Harness:
         self.servers.append(server)
         try:
             server.start()
-        except Exception:
+        except (Exception, KeyboardInterrupt):
             raise
-        except BaseException as error:  # pytest.fail/skip inside the test helper
-            if isinstance(error, KeyboardInterrupt):
-                raise
+        except BaseException as error:  # the helper's pytest.fail()/skip(): an OutcomeException
             raise RuntimeError(f"nats-server {name}: {error}") from None
         return server
 
