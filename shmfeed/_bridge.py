@@ -8,29 +8,33 @@ ring drops is counted) is read by one thread that publishes each value's encoded
 the ring holds them, on ``shmfeed.<realm>.<token of the feed name>``. What it gets on that
 subject from *other* bridges it sends into the local feed with a send that skips its own
 channel (``FeedCore.send(skip_channel=...)``), so an injected value is never read back and
-published again: no echo, no loop, with any number of namespaces. Every message carries
-the origin bridge's random id, the feed's name and the value's type name in its headers.
+published again: no echo, no loop, with any number of namespaces. Every message is an
+envelope (the origin bridge's random id, the sending namespace's home, the feed's name and
+the value's type name: ``_bridge_wire``) and the value's bytes.
 
 nats-py is asyncio: the bridge runs its own event loop in one thread; the user's code stays
 synchronous. nats-py is imported here only, at ``start()``: ``import shmfeed`` never needs it.
 
 Split values: a value over the server's ``max_payload`` (from the connection's INFO) is
-published as parts, each a message with the usual headers plus ``Shmfeed-Value`` (the
-origin's sequence number: with the origin it names the value), ``Shmfeed-Part``
-(``index/count``) and ``Shmfeed-Size`` (the whole size). One connection's messages keep
-their order, so the parts of one origin arrive in order and one after the other: the
-receiver holds at most one partial value per origin and feed, joins it when its last part
-comes, and drops it whole (counted ``incomplete``) when a part is missing, when it takes
-over ``JOIN_TIMEOUT``, or when the bytes held in partial values would pass
+published as parts, each a message whose envelope says the origin's sequence number of the
+value, the part's position, the number of parts and the whole size. One connection's
+messages keep their order, so the parts of one origin arrive in order and one after the
+other: the receiver holds at most one partial value per origin and feed, joins it when its
+last part comes, and drops it whole (counted ``incomplete``) when a part is missing, when
+it takes over ``JOIN_TIMEOUT``, or when the bytes held in partial values would pass
 ``PARTIAL_BYTES_CAP``: never a truncated value. Nothing from the wire is trusted: the count
 must be what the size and the first part's length give, every part but the last as long as
 the first, the size at most ``MAX_VALUE_BYTES``; and every value, split or not, must decode
 (and hold no reference to a host's memory) before it is sent locally.
 
-Threads: per feed one reader (blocking receive from the bridge's channel, never a poll) and
-one injector (the local send, which may wait while a local subscriber is full); the loop
-thread only publishes and queues what arrives. A value that cannot be carried is dropped
-and counted, per feed and reason (``DROP_REASONS``), never silently.
+Threads: per feed one reader (blocking receive from the bridge's channel, never a poll;
+it takes what else is there at once and hands the batch to the loop with one wake-up) and
+one injector (the local send, which may wait while a local subscriber is full; the loop
+hands it what arrived once per turn); the loop thread only publishes and parses. A value
+that cannot be carried is dropped and counted, per feed and reason (``DROP_REASONS``),
+never silently. While NATS is away a core bridge stops subscribing (a control thread, under
+each feed's send lock), so local sends write no copy for it; what they send meanwhile is
+counted from the feed's SENDS.
 """
 
 from __future__ import annotations
@@ -50,7 +54,7 @@ from typing import Any, Mapping
 
 import msgpack
 
-from . import _bridge_durable, _codec, _gc, _marks, _names, _runtime
+from . import _bridge_durable, _bridge_wire, _codec, _gc, _marks, _names, _runtime
 from . import _layout as L
 from ._channel import Channel
 from ._errors import ChannelClosed, ChannelCorruptError, FeedClosed, FeedTypeError, ShmfeedError, UnknownTypeError
@@ -59,24 +63,19 @@ from . import _bridge_status  # the status file shmfeed monitor reads
 
 __all__ = ["Bridge", "BridgeFeedStatistics", "BridgeStatistics", "subject_of", "DROP_REASONS"]
 
-ORIGIN_HEADER = "Shmfeed-Origin"  # the publishing bridge's random id
-FEED_HEADER = "Shmfeed-Feed"  # the feed's name: a hash collision or a forged subject is caught
-TYPE_HEADER = "Shmfeed-Type"  # the value's type name (``_codec.type_name``): fixes/checks the feed's type
-# Only on the parts of a value split because it is over NATS's max_payload (see "Split values").
-VALUE_HEADER = "Shmfeed-Value"  # the origin bridge's sequence number of the split value
-PART_HEADER = "Shmfeed-Part"  # "index/count", index from 0
-SIZE_HEADER = "Shmfeed-Size"  # the whole value's size in bytes
 
 CHANNEL_CAPACITY = 4096  # values the bridge's channel holds before the local side drops for it
 PUBLISH_BACKLOG = 1024  # values handed to the loop and not yet published, per bridge
-INJECT_BACKLOG = 65536  # values from NATS waiting for the local send, per feed
+INJECT_BACKLOG = 1024  # batches from NATS waiting for the local send, per feed
 MAX_VALUE_BYTES = 256 << 20  # the largest value a bridge splits, or joins
 PARTIAL_BYTES_CAP = 256 << 20  # bytes a bridge holds in values not yet joined, all origins together
 RESCAN_SECONDS = 0.5  # how often a bridge with patterns looks for feeds opened since
 HIDDEN_PREFIXES = ("typemux-state:",)  # feeds of the library's own; bridged only when a pattern names them
 JOIN_TIMEOUT = 10.0  # seconds a split value may take to arrive whole before it is dropped
 MAX_PARTIALS = 1024  # values being joined at once, all origins and feeds together
-PART_HEADERS_ROOM = 96  # bytes the part headers add, at most (with their separators)
+READ_BATCH = 256  # values a reader takes at once (one hand-over to the loop)
+ENVELOPE_ROOM = 1024  # bytes a message needs besides the value's: envelope (and a durable one's header)
+MSG_ID_ROOM = 160  # bytes of a durable message's Nats-Msg-Id header
 
 # Why a value was not carried (out: local -> NATS; in: NATS -> local).
 DEFAULT_MAX_PENDING = 65536  # messages a durable bridge holds unacknowledged (NATS away) before its channel drops
@@ -181,25 +180,11 @@ def matches(pattern: str, name: str) -> bool:
     return not any(name.startswith(hidden) and not prefix.startswith(hidden) for hidden in HIDDEN_PREFIXES)
 
 
-def _header_bytes(headers: Mapping[str, str]) -> int:
-    """Bytes of ``headers`` as nats-py sends them (``NATS/1.0\\r\\n``, ``key: value\\r\\n``
-    each, ``\\r\\n``): the server counts them into ``max_payload``."""
-    return 12 + sum(len(key) + len(value.encode("utf-8")) + 4 for key, value in headers.items())
-
-
-def _wire_int(text: str | None, highest: int) -> int | None:
-    """A number from a header, if it is plain decimal digits and at most ``highest``."""
-    if text is None or not (0 < len(text) <= 12) or not text.isascii() or not text.isdigit():
-        return None
-    number = int(text)
-    return number if number <= highest else None
-
-
 @dataclass
 class _Partial:
     """A split value being joined: the parts so far (in order), and what the first said."""
 
-    sequence: str
+    sequence: int
     count: int
     size: int
     part_length: int
@@ -267,13 +252,18 @@ class _BridgedFeed:
         self.in_ = 0
         self.dropped: dict[str, int] = {}
         self.redelivered = 0
-        # (value, type name, for a durable bridge the stream's part of it), or None: stop.
-        self.inbound: queue.Queue[tuple[bytes, str, _bridge_durable.Applying | None] | None] = \
+        # Batches of (value, type name, for a durable bridge the stream's part of it), or
+        # None: stop. The loop collects a batch in ``incoming`` and hands it over once per
+        # turn of the loop (one wake-up of the injector for many values).
+        self.inbound: queue.Queue[list[tuple[bytes, str, _bridge_durable.Applying | None]] | None] = \
             queue.Queue(INJECT_BACKLOG)
+        self.incoming: list[tuple[bytes, str, _bridge_durable.Applying | None]] = []
+        self._envelope: tuple[str, bytes] | None = None  # (type name, the envelope of whole values)
+        self.paused_at: int | None = None  # the feed's SENDS when it stopped subscribing (see pause)
         # Split values being joined, by origin; the value an origin's later parts belong to
         # when it was dropped (they are passed over, not counted again). Loop thread only.
         self.partials: dict[str, _Partial] = {}
-        self.passing_over: dict[str, str] = {}
+        self.passing_over: dict[str, int] = {}
         self.reader = threading.Thread(target=self._read, name=f"shmfeed-bridge-out {name}", daemon=True)
         self.injector = threading.Thread(target=self._inject, name=f"shmfeed-bridge-in {name}", daemon=True)
 
@@ -289,6 +279,14 @@ class _BridgedFeed:
         with self.counts_lock:
             dropped = dict(self.dropped)
             out, in_, redelivered = self.out, self.in_, self.redelivered
+            core = self.feed._core
+            if self.paused_at is not None and core is not None and not core.released:  # sent while NATS is away
+                try:
+                    missed = int(core.words[L.SENDS]) - self.paused_at  # no lock: a torn read misreports once
+                except ValueError:  # let go of meanwhile (the bridge closing)
+                    missed = 0
+                if missed > 0:
+                    dropped["disconnected"] = dropped.get("disconnected", 0) + missed
         overflow = self.channel.statistics().dropped
         if overflow:
             dropped["overflow"] = overflow
@@ -306,32 +304,62 @@ class _BridgedFeed:
         """Local -> NATS: every value of the bridge's channel, raw, until it is closed."""
         core = self.channel._live_core()
         bridge = self.bridge
-        while True:
+        closed = False
+        while not closed:
+            batch: list[bytes] = []
             try:
-                data = bytes(core.take(None))  # a spilled value's view is valid only until the next take
+                batch.append(bytes(core.take(None)))  # a spilled value's view is valid only until the next take
+                while len(batch) < READ_BATCH:  # and what else is there now: one hand-over for all
+                    data = core.poll_fast(None)
+                    if data is None:
+                        break
+                    batch.append(bytes(data))
             except ChannelClosed:
-                return
+                closed = True
             except ChannelCorruptError:
                 self.drop("corrupt")
-                continue
-            if holds_local_reference(data):
-                self.drop("local_reference")
-                continue
-            bridge._hand_to_loop(self, data)
+            kept = [data for data in batch if not holds_local_reference(data)]
+            if len(kept) < len(batch):
+                self.drop("local_reference", len(batch) - len(kept))
+            if kept:
+                bridge._hand_to_loop(self, kept)
+
+    def envelope(self, origin: str, home: str) -> bytes:
+        """The envelope of this feed's whole values (``_bridge_wire``), made once per type."""
+        type_name = self.type_name()
+        cached = self._envelope
+        if cached is None or cached[0] != type_name:
+            cached = self._envelope = (type_name, _bridge_wire.whole_prefix(origin, home, self.name, type_name))
+        return cached[1]
+
+    def arrived(self, data: bytes, type_name: str, applying: _bridge_durable.Applying | None) -> None:
+        """A value from NATS for the injector (loop thread): collected, handed over once
+        the loop has handled what it has in hand."""
+        if not self.incoming:
+            asyncio.get_running_loop().call_soon(self._hand_over)
+        self.incoming.append((data, type_name, applying))
+
+    def _hand_over(self) -> None:
+        batch, self.incoming = self.incoming, []
+        try:
+            self.inbound.put_nowait(batch)
+        except queue.Full:
+            self.drop("slow_local", len(batch))
+            self.bridge._release([msg for _, _, applying in batch if applying is not None for msg in applying.messages])
 
     def _inject(self) -> None:
         """NATS -> local: send what other bridges published, skipping our own channel. A
         durable bridge's value goes with a marked send (``_marks``), then is acknowledged."""
         while True:
-            item = self.inbound.get()
-            if item is None:
+            batch = self.inbound.get()
+            if batch is None:
                 return
-            payload, type_name, applying = item
-            try:
-                self._inject_one(payload, type_name, applying)
-            finally:
-                if applying is not None:
-                    self.bridge._applied(applying)
+            for payload, type_name, applying in batch:
+                try:
+                    self._inject_one(payload, type_name, applying)
+                finally:
+                    if applying is not None:
+                        self.bridge._applied(applying)
 
     def _inject_one(self, payload: bytes, type_name: str, applying: _bridge_durable.Applying | None) -> None:
         if not _is_value_of(payload, type_name):
@@ -355,7 +383,42 @@ class _BridgedFeed:
             else:
                 self.in_ += 1
 
+    def pause(self) -> None:
+        """NATS went away (core mode): stop being one of the feed's subscribers, so that
+        local sends do not write a copy for nothing; what they send meanwhile is counted
+        (``disconnected``) from the feed's SENDS when NATS is back (``resume``). Control
+        thread only."""
+        if self.paused_at is not None:
+            return
+        core = self.feed._core
+        if core is None:
+            return
+        with core.sends_held() as words:
+            self.subscription.unsubscribe()
+            with self.counts_lock:
+                self.paused_at = int(words[L.SENDS])
+
+    def resume(self) -> None:
+        """NATS is back: subscribe again, and count the sends missed meanwhile."""
+        paused_at, core = self.paused_at, self.feed._core
+        if paused_at is None or core is None:
+            return
+        with core.sends_held() as words:
+            self.subscription = self.feed.subscribe(self.channel)
+            missed = int(words[L.SENDS]) - paused_at
+        with self.counts_lock:  # one step for statistics(), which counts them meanwhile
+            self.paused_at = None
+            if missed > 0:
+                self.dropped["disconnected"] = self.dropped.get("disconnected", 0) + missed
+
     def close_local(self) -> None:
+        core = self.feed._core
+        with self.counts_lock:  # closed while NATS is away: what was sent meanwhile stays counted
+            if self.paused_at is not None and core is not None and not core.released:
+                missed = int(core.words[L.SENDS]) - self.paused_at
+                if missed > 0:
+                    self.dropped["disconnected"] = self.dropped.get("disconnected", 0) + missed
+            self.paused_at = None
         self.subscription.unsubscribe()
         self.channel.close()  # the reader takes what is left, then ChannelClosed ends it
 
@@ -427,7 +490,7 @@ class Bridge:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: threading.Thread | None = None
         self._nc: Any = None
-        self._outbound: asyncio.Queue[tuple[_BridgedFeed, bytes] | None] | None = None
+        self._outbound: asyncio.Queue[tuple[_BridgedFeed, list[bytes]] | None] | None = None
         self._pump: asyncio.Task[None] | None = None
         self._backlog = threading.BoundedSemaphore(PUBLISH_BACKLOG)
         self._reconnects = 0
@@ -456,6 +519,10 @@ class Bridge:
         self._publisher: _bridge_durable.DurablePublisher | None = None
         self._consumer: _bridge_durable.DurableConsumer | None = None
         self._lock_file: int | None = None
+        # "pause"/"resume" for the feeds while NATS is away (core mode), done in order by
+        # one thread: they wait for feeds' send locks, which the loop must never do.
+        self._control: queue.Queue[str | None] = queue.Queue()
+        self._controller: threading.Thread | None = None
         self._state_lock = threading.Lock()
         self._started = False
         self._closed = False
@@ -512,9 +579,27 @@ class Bridge:
         if self.patterns:
             self._scanner = threading.Thread(target=self._scan, name="shmfeed-bridge-scan", daemon=True)
             self._scanner.start()
+        if not self.durable:
+            self._controller = threading.Thread(target=self._run_control, name="shmfeed-bridge-control", daemon=True)
+            self._controller.start()
         self._status = _bridge_status.StatusPublisher(self)
         self._status.start()
         return self
+
+    def _run_control(self) -> None:
+        """Pause every feed while NATS is away, resume them when it is back (core mode)."""
+        while True:
+            command = self._control.get()
+            if command is None:
+                return
+            for bridged in list(self._feeds.values()):
+                try:
+                    if command == "pause":
+                        bridged.pause()
+                    else:
+                        bridged.resume()
+                except (ShmfeedError, OSError) as error:  # its values keep being read and counted
+                    print(f"shmfeed bridge: could not {command} feed {bridged.name!r}: {error}", file=sys.stderr)
 
     def _unbridged_matches(self) -> list[str]:
         """Feeds of the namespace that a pattern asks for and that are not bridged yet."""
@@ -596,6 +681,9 @@ class Bridge:
         self._stop_scanning.set()
         if self._scanner is not None:
             self._scanner.join(timeout)
+        if self._controller is not None:
+            self._control.put(None)
+            self._controller.join(timeout)
         for bridged in self._feeds.values():
             bridged.close_local()
         for bridged in self._feeds.values():
@@ -689,22 +777,25 @@ class Bridge:
 
     # --- the data path ---------------------------------------------------------------------
 
-    def _hand_to_loop(self, bridged: _BridgedFeed, data: bytes) -> None:
-        """From a reader thread: queue one value for publishing. Waits while the loop holds
-        PUBLISH_BACKLOG unpublished values: the bridge's channel then fills and the ring
-        drops (counted) instead: the local send never waits."""
+    def _hand_to_loop(self, bridged: _BridgedFeed, batch: list[bytes]) -> None:
+        """From a reader thread: queue values for publishing (one wake-up of the loop for
+        the batch). Waits while the loop holds PUBLISH_BACKLOG unpublished batches: the
+        bridge's channel then fills and the ring drops (counted) instead: the local send
+        never waits."""
         loop, outbound = self._loop, self._outbound
         if loop is None or outbound is None or loop.is_closed():
-            bridged.drop("disconnected")
+            bridged.drop("disconnected", len(batch))
             return
         self._backlog.acquire()
         try:
-            loop.call_soon_threadsafe(outbound.put_nowait, (bridged, data))
+            loop.call_soon_threadsafe(outbound.put_nowait, (bridged, batch))
         except RuntimeError:  # the loop was closed meanwhile
             self._backlog.release()
-            bridged.drop("disconnected")
+            bridged.drop("disconnected", len(batch))
 
     async def _publish_all(self) -> None:
+        """The loop's publisher: each batch a reader handed over, value by value, as one
+        message (envelope and value, see ``_bridge_wire``) or as parts."""
         import nats.errors
 
         assert self._outbound is not None
@@ -713,52 +804,48 @@ class Bridge:
             item = await self._outbound.get()
             if item is None:
                 return
-            bridged, data = item
+            bridged, batch = item
             self._backlog.release()
-            headers = {ORIGIN_HEADER: self.origin, FEED_HEADER: bridged.name, TYPE_HEADER: bridged.type_name(),
-                       _bridge_durable.HOME_HEADER: self.home}
-            if len(data) > MAX_VALUE_BYTES:
-                bridged.drop("too_large")
-                continue
-            if self._publisher is not None:
-                # Message ids (in) and acknowledgements: the room is what is left after them.
-                room = nc.max_payload - _header_bytes(headers) - 64
+            prefix = bridged.envelope(self.origin, self.home)
+            room = nc.max_payload - len(prefix) - (MSG_ID_ROOM if self._publisher is not None else 0)
+            for data in batch:
+                if len(data) > MAX_VALUE_BYTES:
+                    bridged.drop("too_large")
+                    continue
                 try:
-                    messages = [(data, headers)] if len(data) <= room else \
-                        self._parts(data, headers, room - PART_HEADERS_ROOM)
+                    messages = [prefix + data] if len(data) <= room else self._parts(bridged, data, nc.max_payload)
                 except OSError:
                     bridged.drop("publish_error")
                     continue
-                await self._publisher.publish(bridged, messages)  # counted out once acknowledged
-                continue
-            if not nc.is_connected:
-                bridged.drop("disconnected")
-                continue
-            room = nc.max_payload - _header_bytes(headers)
-            try:
-                if len(data) <= room:
-                    await nc.publish(bridged.subject, data, headers=headers)
-                else:
-                    for part, part_headers in self._parts(data, headers, room - PART_HEADERS_ROOM):
-                        await nc.publish(bridged.subject, part, headers=part_headers)
-            except (nats.errors.Error, OSError):
-                bridged.drop("publish_error")  # parts already out are dropped whole by the receivers
-                continue
-            bridged.count_out()
+                if self._publisher is not None:
+                    await self._publisher.publish(bridged, messages)  # counted out once acknowledged
+                    continue
+                if not nc.is_connected:
+                    bridged.drop("disconnected")
+                    continue
+                try:
+                    for message in messages:
+                        await nc.publish(bridged.subject, message)
+                except (nats.errors.Error, OSError):
+                    bridged.drop("publish_error")  # parts already out are dropped whole by the receivers
+                    continue
+                bridged.count_out()
 
-    def _parts(self, data: bytes, headers: dict[str, str], part_length: int) -> list[tuple[bytes, dict[str, str]]]:
-        """``data`` as parts of ``part_length`` bytes (the last shorter), each with its
-        headers, to publish one after another: no other message of this bridge comes
-        between them."""
+    def _parts(self, bridged: _BridgedFeed, data: bytes, max_payload: int) -> list[bytes]:
+        """``data`` as parts, each message (envelope and part) within ``max_payload``, to
+        publish one after another: no other message of this bridge comes between them."""
+        type_name = bridged.type_name()
+        probe = _bridge_wire.part_prefix(self.origin, self.home, bridged.name, type_name, _bridge_wire.Part(0, 0, 0, 0))
+        part_length = max_payload - len(probe) - (MSG_ID_ROOM if self._publisher is not None else 0)
         if part_length <= 0:
             raise OSError("shmfeed: the server's max_payload leaves no room for a part; "
                           "raise max_payload in the nats-server configuration")
         self._sequence += 1
         count = -(-len(data) // part_length)
         view = memoryview(data)
-        return [(bytes(view[index * part_length:(index + 1) * part_length]),
-                 {**headers, VALUE_HEADER: str(self._sequence), PART_HEADER: f"{index}/{count}",
-                  SIZE_HEADER: str(len(data))})
+        return [_bridge_wire.part_prefix(self.origin, self.home, bridged.name, type_name,
+                                         _bridge_wire.Part(self._sequence, index, count, len(data)))
+                + view[index * part_length:(index + 1) * part_length]
                 for index in range(count)]
 
     async def _on_message(self, msg: Any) -> None:
@@ -777,32 +864,27 @@ class Bridge:
         if bridged is None:
             self._release([msg])  # a feed not bridged here: nobody here subscribes to it
             return
-        headers = msg.headers or {}
-        origin = headers.get(ORIGIN_HEADER)
-        if origin == self.origin or (sequence is not None and headers.get(_bridge_durable.HOME_HEADER) == self.home):
-            self._release([msg])  # our own (core: no_echo spares us this; durable: the stream has it)
-            return
-        type_name = headers.get(TYPE_HEADER)
-        if not origin or len(origin) > 64 or not type_name or headers.get(FEED_HEADER) != bridged.name:
-            bridged.drop("bad_message")
+        envelope = _bridge_wire.parse(msg.data)
+        if envelope is None or envelope.feed != bridged.name:
+            bridged.drop("bad_message")  # not a bridge's, or another feed's (a forged subject)
             self._release([msg])
             return
-        data: bytes = msg.data
+        origin = envelope.origin
+        if origin == self.origin or (sequence is not None and envelope.home == self.home):
+            self._release([msg])  # our own (core: no_echo spares us this; durable: the stream has it)
+            return
         messages = [msg]
-        if PART_HEADER in headers or VALUE_HEADER in headers or SIZE_HEADER in headers:
-            joined = self._join(bridged, origin, type_name, headers, msg)
+        if envelope.part is not None:
+            joined = self._join(bridged, envelope, msg)
             if joined is None:
                 return
             data, messages = joined
-        elif origin in bridged.partials:
-            self._abandon(bridged, origin, "incomplete")  # a whole value came: a part was lost
+        else:
+            data = bytes(envelope.data)
+            if origin in bridged.partials:
+                self._abandon(bridged, origin, "incomplete")  # a whole value came: a part was lost
         applying = None if sequence is None else _bridge_durable.Applying(sequence, messages)
-        try:
-            bridged.inbound.put_nowait((data, type_name, applying))
-        except queue.Full:
-            bridged.drop("slow_local")
-            self._release(messages)
-            return
+        bridged.arrived(data, envelope.type_name, applying)
         if self._consumer is not None:
             self._consumer.taken()
 
@@ -821,39 +903,31 @@ class Bridge:
         except RuntimeError:
             pass  # the loop is closed: the stream delivers it again and the marks skip it
 
-    def _join(self, bridged: _BridgedFeed, origin: str, type_name: str, headers: Mapping[str, str],
+    def _join(self, bridged: _BridgedFeed, envelope: _bridge_wire.Envelope,
               msg: Any) -> tuple[bytes, list[Any]] | None:
         """One part of a split value (loop thread): the whole value and the messages it
         came in once its last part is here, else None. A part that does not follow the one
         before drops the value."""
-        data: bytes = msg.data
-        sequence = headers.get(VALUE_HEADER) or ""
-        index_text, _, count_text = (headers.get(PART_HEADER) or "").partition("/")
-        index = _wire_int(index_text, MAX_VALUE_BYTES)
-        count = _wire_int(count_text, MAX_VALUE_BYTES)
-        size = _wire_int(headers.get(SIZE_HEADER), MAX_VALUE_BYTES)
+        assert envelope.part is not None
+        origin, data, type_name = envelope.origin, envelope.data, envelope.type_name
+        sequence, index, count, size = envelope.part
         partial = bridged.partials.get(origin)
         if partial is not None and (partial.sequence != sequence or index != len(partial.parts)):
             # Parts of one origin come in order, one value after the other: this one is not
             # the next, so the value being joined lost a part.
             self._abandon(bridged, origin, "incomplete")
             partial = None
-        if partial is None and sequence and bridged.passing_over.get(origin) == sequence:
+        if partial is None and bridged.passing_over.get(origin) == sequence:
             self._release([msg])
             return None  # a later part of a value dropped already
-        if not 0 < len(sequence) <= 20 or index is None or count is None or size is None:
-            bridged.drop("bad_part")
-            self._release([msg])
-            if sequence:
-                self._pass_over(bridged, origin, sequence[:20])
-            return None
         if partial is None:
             reason = None
             part_length = len(data)
-            if index != 0:  # its first part was lost
-                reason = "incomplete"
-            elif not (2 <= count and 0 < part_length < size and count == -(-size // part_length)):
+            if size > MAX_VALUE_BYTES or not (2 <= count and 0 < part_length < size
+                                              and count == -(-size // part_length)):
                 reason = "bad_part"
+            elif index != 0:  # its first part was lost
+                reason = "incomplete"
             elif self._partial_bytes + size > PARTIAL_BYTES_CAP or self._partial_count >= MAX_PARTIALS:
                 reason = "incomplete"
             if reason is not None:
@@ -865,7 +939,7 @@ class Bridge:
             self._partial_bytes += size
             self._partial_count += 1
             bridged.partials[origin] = _Partial(sequence, count, size, part_length, type_name, time.monotonic(),
-                                                [data], [msg] if self._consumer is not None else [])
+                                                [bytes(data)], [msg] if self._consumer is not None else [])
             return None
         last = index == partial.count - 1
         expected = partial.size - partial.part_length * (partial.count - 1) if last else partial.part_length
@@ -873,7 +947,7 @@ class Bridge:
             self._abandon(bridged, origin, "bad_part")
             self._release([msg])
             return None
-        partial.parts.append(data)
+        partial.parts.append(bytes(data))
         if self._consumer is not None:
             partial.messages.append(msg)
         if not last:
@@ -894,7 +968,7 @@ class Bridge:
         self._pass_over(bridged, origin, partial.sequence)
 
     @staticmethod
-    def _pass_over(bridged: _BridgedFeed, origin: str, sequence: str) -> None:
+    def _pass_over(bridged: _BridgedFeed, origin: str, sequence: int) -> None:
         if len(bridged.passing_over) >= MAX_PARTIALS:
             bridged.passing_over.clear()  # forged origins must not grow it: forgetting costs a count
         bridged.passing_over[origin] = sequence
@@ -923,6 +997,8 @@ class Bridge:
         # nats-py calls this once per lost connection (and on close: not news then).
         if self._publisher is not None:
             self._publisher.on_disconnected()
+        elif not self._closed:
+            self._control.put("pause")
         if not self._closed and not self._down:
             self._down = True
             meanwhile = (f"values meanwhile are held, up to {self.max_pending} messages" if self.durable
@@ -932,6 +1008,8 @@ class Bridge:
 
     async def _on_reconnected(self) -> None:
         self._reconnects += 1
+        if self._publisher is None:
+            self._control.put("resume")
         if self._publisher is not None:
             self._publisher.on_reconnected()
         if self._consumer is not None:

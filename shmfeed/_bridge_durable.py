@@ -43,7 +43,6 @@ FETCH_BATCH = 256
 FETCH_SECONDS = 1.0
 MAX_UNAPPLIED = 4096  # values fetched and not yet delivered locally, all feeds together
 READY_BACKOFF = (0.1, 2.0)  # first and longest wait between probes of JetStream after a reconnect
-HOME_HEADER = "Shmfeed-Home"  # the sending namespace's home: a durable consumer skips its own
 MSG_ID_HEADER = "Nats-Msg-Id"
 
 
@@ -122,17 +121,16 @@ class DurablePublisher:
         async with self.room:
             await self.room.wait_for(lambda: not self.held)
 
-    async def publish(self, bridged: "_BridgedFeed", messages: list[tuple[bytes, dict[str, str]]]) -> None:
+    async def publish(self, bridged: "_BridgedFeed", messages: list[bytes]) -> None:
         """Publish one value's messages (one, or its parts in order), each held until
         acknowledged; while NATS is away they are only held (the resend publishes them).
         Waits while ``max_pending`` are held."""
-        for index, (data, headers) in enumerate(messages):
+        for index, data in enumerate(messages):
             async with self.room:
                 await self.room.wait_for(lambda: len(self.held) < self.max_pending)
             self.counter += 1
             msg_id = f"{self.bridge.origin}-{self.counter}"  # one token: the reply subject ends in it
-            headers[MSG_ID_HEADER] = msg_id
-            held = _Held(bridged, bridged.subject, data, headers, index == len(messages) - 1)
+            held = _Held(bridged, bridged.subject, data, {MSG_ID_HEADER: msg_id}, index == len(messages) - 1)
             self.held[msg_id] = held
             if self.ready.is_set():
                 await self._send(msg_id, held)

@@ -10,6 +10,8 @@ subscription ended. Unsubscribing from any process wakes such a waiting send.
 
 from __future__ import annotations
 
+import contextlib
+
 import mmap
 import os
 import threading
@@ -468,6 +470,26 @@ class FeedCore(AttachedSegment):
             # A lock wait before any ring was written (_send_locked turns every later one
             # into a FeedSendTimeout): no channel got the value.
             raise self.nobody_reached(timeout, error) from error
+
+    @contextlib.contextmanager
+    def sends_held(self, timeout: float = 10.0) -> Iterator[memoryview]:
+        """Hold the feed's send lock: no send of any process is under way or starts
+        meanwhile, so a change of the table made inside and SENDS read inside fall between
+        two sends (a bridge that stops and starts subscribing while NATS is away counts
+        exactly the sends it missed). Yields the header words.
+
+        Raises:
+            TimeoutError: the lock stayed held by another process for ``timeout`` seconds.
+        """
+        words = self.words
+        if not self.send_lock.acquire_by(time.monotonic() + timeout):
+            raise _shm.lock_timeout(f"the send lock of feed {self._label()}", int(words[L.SEND_LOCK_OWNER]))
+        words[L.SEND_LOCK_OWNER] = _ring._pid
+        try:
+            yield words
+        finally:
+            words[L.SEND_LOCK_OWNER] = 0
+            self.send_lock.release()
 
     def _send_marked(self, payload: _ring.Encoded, mark: _marks.Mark, deadline: float | None,
                      timeout: float | None, skip_channel: int) -> int:

@@ -16,7 +16,7 @@ import pytest
 
 import shmfeed
 from shmfeed import _gc, _release
-from shmfeed import _bridge
+from shmfeed import _bridge, _bridge_wire
 from shmfeed.testing import wait_until
 
 from _nats import BridgeProcess, NatsServer, nats_server, publish_raw
@@ -220,22 +220,25 @@ def test_values_over_max_payload_are_split_and_joined(tmp_path: Path, hosts: lis
                 subscriber.close()
 
 
-def _parts(origin: str, sequence: str, data: bytes, count: int, size: int | str,
+def _parts(origin: str, sequence: int, data: bytes, count: int, size: int,
            lengths: list[int] | None = None) -> list[tuple[bytes, dict[str, str] | None]]:
     """Messages carrying ``data`` as ``count`` parts (of ``lengths``, or even), as a bridge
     would (at most the first 8 of an absurd count)."""
     if lengths is None:
-        step = -(-len(data) // count)
-        lengths = [step] * min(count, 8)
+        step = -(-len(data) // max(count, 1))
+        lengths = [step] * max(1, min(count, 8))
     messages: list[tuple[bytes, dict[str, str] | None]] = []
     start = 0
     for index, length in enumerate(lengths):
-        headers = {_bridge.ORIGIN_HEADER: origin, _bridge.FEED_HEADER: "prices", _bridge.TYPE_HEADER: "builtins.dict",
-                   _bridge.VALUE_HEADER: sequence, _bridge.PART_HEADER: f"{index}/{count}",
-                   _bridge.SIZE_HEADER: str(size)}
-        messages.append((data[start:start + length], headers))
+        prefix = _bridge_wire.part_prefix(origin, "", "prices", "builtins.dict",
+                                          _bridge_wire.Part(sequence, index, count, size))
+        messages.append((prefix + data[start:start + length], None))
         start += length
     return messages
+
+
+def _whole(data: bytes, origin: str = "stranger", feed: str = "prices", type_name: str = "builtins.dict") -> bytes:
+    return _bridge_wire.whole_prefix(origin, "", feed, type_name) + data
 
 
 def test_bad_input_on_the_subject_is_counted_and_passed_over(nats_url: str) -> None:
@@ -249,37 +252,38 @@ def test_bad_input_on_the_subject_is_counted_and_passed_over(nats_url: str) -> N
     good = _codec.encode({"marker": "whole"})
     split_value = {"marker": "split", "pad": "x" * 100}
     split = _codec.encode(split_value)
-
-    def headers(origin: str = "stranger", feed: str = "prices", type_name: str = "builtins.dict") -> dict[str, str]:
-        return {_bridge.ORIGIN_HEADER: origin, _bridge.FEED_HEADER: feed, _bridge.TYPE_HEADER: type_name}
+    envelope = _whole(good)
+    truncated = envelope[:len(envelope) - len(good) - 3]  # its lengths say more than it holds
 
     subscriber = Subscriber("prices")
     try:
         with shmfeed.Bridge(nats_url, feeds=["prices"], join_timeout=0.3) as bridge:
             # A split value that never completes (its own origin: nothing after it tells).
-            publish_raw(nats_url, subject, _parts("lonely", "1", split, 3, len(split))[:1])
+            publish_raw(nats_url, subject, _parts("lonely", 1, split, 3, len(split))[:1])
             wait_until(lambda: bridge.statistics().feeds[0].dropped.get("incomplete") == 1, 10, "the part expired")
             publish_raw(nats_url, subject, [
-                (os.urandom(64), None),  # no headers at all
-                (good, headers(feed="orders")),  # another feed's name on this subject
-                (good, {**headers(), _bridge.ORIGIN_HEADER: ""}),  # no origin
-                (b"\xc1\xc1", headers()),  # not msgpack
-                (_codec.encode(5), headers()),  # decodes, but is not of the type it says
-                (msgpack.packb(msgpack.ExtType(_codec.CHANNEL_EXT_CODE, b"\x00" * 16)), headers()),  # a forged Channel
-                *_parts("a", "1", split, 2, 10 ** 12),  # a size over any bound
-                *_parts("b", "1", split, 10 ** 9, len(split))[:1],  # a count the size cannot have
-                *_parts("c", "1", split, 2, "-5"),  # not a number
-                *_parts("d", "1", split + b"0" * 10, 3, len(split), [40, 40, 50]),  # parts that add up to more than the size
-                *_parts("e", "1", split, 3, len(split))[1:],  # its first part lost
-                *_parts("f", "1", split, 3, len(split))[:1], *_parts("f", "2", split, 2, len(split)),  # a part lost
-                (good, headers(origin="g")),
-                *_parts("h", "7", split, 4, len(split)),
+                (os.urandom(64), None),  # no envelope at all
+                (good, {"Shmfeed-Origin": "x"}),  # a value without its envelope
+                (truncated, None),  # an envelope cut short
+                (b"SFB1\x00\x00" + os.urandom(40), None),  # an envelope with no origin
+                (_whole(good, feed="orders"), None),  # another feed's name on this subject
+                (_whole(b"\xc1\xc1"), None),  # not msgpack
+                (_whole(_codec.encode(5)), None),  # decodes, but is not of the type it says
+                (_whole(msgpack.packb(msgpack.ExtType(_codec.CHANNEL_EXT_CODE, b"\x00" * 16))), None),  # a forged Channel
+                *_parts("a", 1, split, 2, 10 ** 12),  # a size over any bound
+                *_parts("b", 1, split, 10 ** 9, len(split))[:1],  # a count the size cannot have
+                *_parts("c", 1, split, 0, len(split))[:1],  # no parts at all
+                *_parts("d", 1, split + b"0" * 10, 3, len(split), [40, 40, 50]),  # parts that add up to more than the size
+                *_parts("e", 1, split, 3, len(split))[1:],  # its first part lost
+                *_parts("f", 1, split, 3, len(split))[:1], *_parts("f", 2, split, 2, len(split)),  # a part lost
+                (_whole(good, origin="g"), None),
+                *_parts("h", 7, split, 4, len(split)),
             ])
             # One connection's messages keep their order: f's second value, g's, h's.
             got = [subscriber.channel.recv(10) for _ in range(3)]
             assert got == [split_value, {"marker": "whole"}, split_value]
             (stats,) = bridge.statistics().feeds
-            assert dict(stats.dropped) == {"bad_message": 3, "undecodable": 3, "bad_part": 4, "incomplete": 3}
+            assert dict(stats.dropped) == {"bad_message": 5, "undecodable": 3, "bad_part": 4, "incomplete": 3}
             assert stats.in_ == 3
             with pytest.raises(TimeoutError):
                 subscriber.channel.recv(0.2)
@@ -352,8 +356,8 @@ def test_a_bridge_says_when_nats_goes_and_comes_back(tmp_path: Path, hosts: list
             feed.send({"n": 0})
             wait_until(lambda: bridge.statistics().feeds[0].dropped.get("disconnected") == 1, 10, "the drop counted")
             server.start()
-            wait_until(lambda: bridge.statistics().connected, 10, "the bridge reconnected")
-            assert bridge.statistics().reconnects == 1
+            wait_until(lambda: bridge.statistics().connected and bridge.statistics().reconnects == 1, 10,
+                       "the bridge reconnected (nats-py calls back just after it says connected)")
             with bridges(url, [b], ["prices"]):
                 feed.send({"marker": "after"})
                 assert remote.until({"after"}) == [{"marker": "after"}]
