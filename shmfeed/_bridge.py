@@ -345,7 +345,10 @@ class _BridgedFeed:
             self.inbound.put_nowait(batch)
         except queue.Full:
             self.drop("slow_local", len(batch))
-            self.bridge._release([msg for _, _, applying in batch if applying is not None for msg in applying.messages])
+            consumer = self.bridge._consumer
+            if consumer is not None:  # durable: never so far behind (MAX_UNAPPLIED), but accounted all the same
+                durable = [applying for _, _, applying in batch if applying is not None]
+                consumer.applied([msg for applying in durable for msg in applying.messages], len(durable))
 
     def _inject(self) -> None:
         """NATS -> local: send what other bridges published, skipping our own channel. A
@@ -354,12 +357,19 @@ class _BridgedFeed:
             batch = self.inbound.get()
             if batch is None:
                 return
-            for payload, type_name, applying in batch:
-                try:
-                    self._inject_one(payload, type_name, applying)
-                finally:
-                    if applying is not None:
-                        self.bridge._applied(applying)
+            done: list[Any] = []  # a durable bridge's messages of the values delivered
+            values = 0
+            try:
+                for payload, type_name, applying in batch:
+                    try:
+                        self._inject_one(payload, type_name, applying)
+                    finally:
+                        if applying is not None:
+                            done.extend(applying.messages)
+                            values += 1
+            finally:
+                if values:
+                    self.bridge._applied(done, values)  # one wake-up of the loop for the batch
 
     def _inject_one(self, payload: bytes, type_name: str, applying: _bridge_durable.Applying | None) -> None:
         if not _is_value_of(payload, type_name):
@@ -893,13 +903,14 @@ class Bridge:
         if self._consumer is not None:
             self._consumer.ack(messages)
 
-    def _applied(self, applying: _bridge_durable.Applying) -> None:
-        """From an injector: a durable value was delivered (or dropped): acknowledge it."""
+    def _applied(self, messages: list[Any], values: int) -> None:
+        """From an injector: ``values`` durable values were delivered (or dropped):
+        acknowledge the messages they came in."""
         loop, consumer = self._loop, self._consumer
         if loop is None or consumer is None:
             return
         try:
-            loop.call_soon_threadsafe(consumer.applied, applying.messages)
+            loop.call_soon_threadsafe(consumer.applied, messages, values)
         except RuntimeError:
             pass  # the loop is closed: the stream delivers it again and the marks skip it
 

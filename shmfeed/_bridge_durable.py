@@ -26,6 +26,7 @@ stream order, and the marks skip what was already delivered: nothing lost, nothi
 from __future__ import annotations
 
 import asyncio
+import heapq
 import json
 import time
 from dataclasses import dataclass, field
@@ -103,7 +104,10 @@ class DurablePublisher:
         self.nc = bridge._nc
         self.max_pending = max_pending
         self.held: dict[str, _Held] = {}  # by message id, in publish order
-        self.room = asyncio.Condition()
+        self.has_room = asyncio.Event()  # fewer than max_pending held
+        self.has_room.set()
+        self.emptied = asyncio.Event()  # nothing held
+        self.emptied.set()
         self.ready = asyncio.Event()  # connected, JetStream answers, nothing held waits for a resend
         self.inbox = f"_INBOX.shmfeed.{bridge.origin}"
         self.counter = 0
@@ -118,20 +122,28 @@ class DurablePublisher:
         return len(self.held)
 
     async def all_acknowledged(self) -> None:
-        async with self.room:
-            await self.room.wait_for(lambda: not self.held)
+        await self.emptied.wait()
+
+    def _forget(self, msg_id: str) -> None:
+        del self.held[msg_id]
+        if not self.has_room.is_set() and len(self.held) < self.max_pending:
+            self.has_room.set()
+        if not self.held:
+            self.emptied.set()
 
     async def publish(self, bridged: "_BridgedFeed", messages: list[bytes]) -> None:
         """Publish one value's messages (one, or its parts in order), each held until
         acknowledged; while NATS is away they are only held (the resend publishes them).
         Waits while ``max_pending`` are held."""
         for index, data in enumerate(messages):
-            async with self.room:
-                await self.room.wait_for(lambda: len(self.held) < self.max_pending)
+            while len(self.held) >= self.max_pending:
+                self.has_room.clear()
+                await self.has_room.wait()
             self.counter += 1
             msg_id = f"{self.bridge.origin}-{self.counter}"  # one token: the reply subject ends in it
             held = _Held(bridged, bridged.subject, data, {MSG_ID_HEADER: msg_id}, index == len(messages) - 1)
             self.held[msg_id] = held
+            self.emptied.clear()
             if self.ready.is_set():
                 await self._send(msg_id, held)
 
@@ -145,26 +157,26 @@ class DurablePublisher:
         held = self.held.get(msg_id)
         if held is None:
             return  # acknowledged before (a resent duplicate)
-        try:
-            answer = json.loads(msg.data) if msg.data else {}
-        except ValueError:
-            answer = {}
-        if isinstance(answer, dict) and "error" in answer:
-            held.refusals += 1
-            if held.refusals >= REFUSALS:  # JetStream refuses it for good (a stream limit, ...)
-                del self.held[msg_id]
-                held.bridged.drop("publish_error")  # a part: the receivers drop the value whole
-                async with self.room:
-                    self.room.notify_all()
+        data: bytes = msg.data
+        # The common answer, {"stream":...,"seq":N} (maybe "duplicate":true), without a parse.
+        stored = data.startswith(b'{"stream":') and b'"seq":' in data and b'"error"' not in data
+        if not stored:
+            try:
+                answer = json.loads(data) if data else {}
+            except ValueError:
+                answer = {}
+            if isinstance(answer, dict) and "error" in answer:
+                held.refusals += 1
+                if held.refusals >= REFUSALS:  # JetStream refuses it for good (a stream limit, ...)
+                    self._forget(msg_id)
+                    held.bridged.drop("publish_error")  # a part: the receivers drop the value whole
+                    return
+            if not isinstance(answer, dict) or "seq" not in answer:
+                self.resend_soon()  # no responders (JetStream not up yet), or an error: later, in order
                 return
-        if not isinstance(answer, dict) or "seq" not in answer:
-            self.resend_soon()  # no responders (JetStream not up yet), or an error: later, in order
-            return
-        del self.held[msg_id]
+        self._forget(msg_id)
         if held.last:
             held.bridged.count_out()
-        async with self.room:
-            self.room.notify_all()
 
     def on_disconnected(self) -> None:
         self.ready.clear()
@@ -243,6 +255,12 @@ class DurableConsumer:
         self.lag = 0
         self.stopping = False
         self.acks: set[asyncio.Task[None]] = set()
+        # Acknowledgements are cumulative (AckPolicy.ALL): once per turn of the loop, the
+        # released message with the highest stream sequence below every outstanding one.
+        self.outstanding: dict[int, int] = {}  # stream sequence -> messages of it not released
+        self.sequence_of: dict[int, int] = {}  # id(msg) -> its stream sequence
+        self.released: list[tuple[int, int, Any]] = []  # heap of (sequence, tiebreak, msg)
+        self.ack_planned = False
 
     async def start(self) -> None:
         await self._make()
@@ -255,7 +273,7 @@ class DurableConsumer:
 
         stream, durable = stream_name(self.bridge.realm), consumer_name(self.home)
         config = api.ConsumerConfig(
-            durable_name=durable, ack_policy=api.AckPolicy.EXPLICIT, ack_wait=ACK_WAIT,
+            durable_name=durable, ack_policy=api.AckPolicy.ALL, ack_wait=ACK_WAIT,
             max_ack_pending=MAX_UNAPPLIED * 4, filter_subject=f"shmfeed.{self.bridge.realm}.>",
         )
         try:
@@ -297,7 +315,10 @@ class DurableConsumer:
             for msg in messages:
                 metadata = msg.metadata
                 self.lag = int(metadata.num_pending)
-                self.on_message(msg, int(metadata.sequence.stream))
+                sequence = int(metadata.sequence.stream)
+                self.outstanding[sequence] = self.outstanding.get(sequence, 0) + 1
+                self.sequence_of[id(msg)] = sequence
+                self.on_message(msg, sequence)
 
     def taken(self) -> None:
         """A value was handed to an injector (loop thread)."""
@@ -305,22 +326,47 @@ class DurableConsumer:
         if self.unapplied >= MAX_UNAPPLIED:
             self.has_room.clear()
 
-    def applied(self, messages: list[Any]) -> None:
-        """A value was delivered (or will never be): acknowledge it (loop thread)."""
-        self.unapplied -= 1
+    def applied(self, messages: list[Any], values: int) -> None:
+        """``values`` values were delivered (or will never be): acknowledge the messages
+        they came in (loop thread)."""
+        self.unapplied -= values
         if self.unapplied < MAX_UNAPPLIED // 2:
             self.has_room.set()
         self.ack(messages)
 
     def ack(self, messages: list[Any]) -> None:
+        """Messages with nothing more to do: acknowledged (cumulatively) once every earlier
+        one is too."""
         for msg in messages:
-            task = asyncio.get_running_loop().create_task(_ack(msg))
+            sequence = self.sequence_of.pop(id(msg), None)
+            if sequence is None:
+                continue
+            left = self.outstanding.get(sequence, 0) - 1
+            if left > 0:
+                self.outstanding[sequence] = left
+            else:
+                self.outstanding.pop(sequence, None)
+            heapq.heappush(self.released, (sequence, id(msg), msg))
+        if not self.ack_planned:
+            self.ack_planned = True
+            asyncio.get_running_loop().call_soon(self._ack_floor)
+
+    def _ack_floor(self) -> None:
+        self.ack_planned = False
+        below = min(self.outstanding) if self.outstanding else None
+        highest = None
+        while self.released and (below is None or self.released[0][0] < below):
+            highest = heapq.heappop(self.released)[2]
+        if highest is not None:
+            task = asyncio.get_running_loop().create_task(_ack(highest))
             self.acks.add(task)
             task.add_done_callback(self.acks.discard)
 
     async def acknowledged(self) -> None:
         """Every acknowledgement asked for so far is on its way."""
         await asyncio.sleep(0)  # the ones asked for from other threads just now
+        if self.ack_planned:
+            self._ack_floor()
         if self.acks:
             await asyncio.gather(*self.acks, return_exceptions=True)
         await self.nc.flush()
