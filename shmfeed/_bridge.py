@@ -73,6 +73,7 @@ RESCAN_SECONDS = 0.5  # how often a bridge with patterns looks for feeds opened 
 HIDDEN_PREFIXES = ("typemux-state:",)  # feeds of the library's own; bridged only when a pattern names them
 JOIN_TIMEOUT = 10.0  # seconds a split value may take to arrive whole before it is dropped
 MAX_PARTIALS = 1024  # values being joined at once, all origins and feeds together
+CONTROL_SECONDS = 10.0  # the longest a pause or resume waits for a feed's send lock
 READ_BATCH = 256  # values a reader takes at once (one hand-over to the loop)
 ENVELOPE_ROOM = 1024  # bytes a message needs besides the value's: envelope (and a durable one's header)
 MSG_ID_ROOM = 160  # bytes of a durable message's Nats-Msg-Id header
@@ -403,7 +404,7 @@ class _BridgedFeed:
         core = self.feed._core
         if core is None:
             return
-        with core.sends_held() as words:
+        with core.sends_held(time.monotonic() + CONTROL_SECONDS) as words:
             self.subscription.unsubscribe()
             with self.counts_lock:
                 self.paused_at = int(words[L.SENDS])
@@ -413,7 +414,7 @@ class _BridgedFeed:
         paused_at, core = self.paused_at, self.feed._core
         if paused_at is None or core is None:
             return
-        with core.sends_held() as words:
+        with core.sends_held(time.monotonic() + CONTROL_SECONDS) as words:
             self.subscription = self.feed.subscribe(self.channel)
             missed = int(words[L.SENDS]) - paused_at
         with self.counts_lock:  # one step for statistics(), which counts them meanwhile

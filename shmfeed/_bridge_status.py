@@ -224,14 +224,7 @@ def _dead_temporaries(namespace: str) -> list[str]:
     return found
 
 
-def _unlink(path: str) -> bool:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-    except OSError:
-        return False
-    return True
+_unlink = _shm.remove_file
 
 
 def _statuses(namespace: str) -> list[tuple[str, dict[str, Any], int]]:

@@ -507,22 +507,8 @@ def _ndarray_view(data: memoryview) -> Any:
     """An ndarray ext's payload as a read-only array over it (checked as ``_dec_ndarray``)."""
     import numpy as np
 
-    try:
-        (n,) = struct.unpack_from("<I", data)
-        dtype, shape = _items(bytes(data[4:4 + n]), 2)
-    except (struct.error, ChannelCorruptError):
-        raise _corrupt("bad numpy header") from None
-    dt = _np_dtype(dtype)
-    if (type(shape) is not list or len(shape) > 64
-            or not all(type(d) is int and d >= 0 for d in shape)):
-        raise _corrupt("bad numpy shape")
-    size = dt.itemsize
-    for d in shape:
-        size *= d
-    if size != len(data) - 4 - n:
-        raise _corrupt("numpy data size does not match shape")
-    array = np.frombuffer(data.toreadonly(), dtype=dt, offset=4 + n).reshape(shape)
-    return array
+    dt, shape, offset = _ndarray_layout(data)
+    return np.frombuffer(data.toreadonly(), dtype=dt, offset=offset).reshape(shape)
 
 
 def _corrupt(problem: str) -> ChannelCorruptError:
@@ -731,11 +717,13 @@ def _np_dtype(s: Any) -> Any:
     return dt
 
 
-def _dec_ndarray(data: bytes) -> Any:
-    import numpy as np
-
-    (n,) = struct.unpack_from("<I", data)
-    dtype, shape = _items(data[4:4 + n], 2)
+def _ndarray_layout(data: bytes | memoryview) -> tuple[Any, list[int], int]:
+    """An ndarray ext payload's dtype, shape and data offset, checked against its size."""
+    try:
+        (n,) = struct.unpack_from("<I", data)
+    except struct.error:
+        raise _corrupt("bad numpy header") from None
+    dtype, shape = _items(bytes(data[4:4 + n]), 2)
     dt = _np_dtype(dtype)
     if (type(shape) is not list or len(shape) > 64
             or not all(type(d) is int and d >= 0 for d in shape)):
@@ -745,7 +733,14 @@ def _dec_ndarray(data: bytes) -> Any:
         size *= d
     if size != len(data) - 4 - n:
         raise _corrupt("numpy data size does not match shape")
-    return np.frombuffer(data, dtype=dt, offset=4 + n).reshape(shape).copy()
+    return dt, shape, 4 + n
+
+
+def _dec_ndarray(data: bytes) -> Any:
+    import numpy as np
+
+    dt, shape, offset = _ndarray_layout(data)
+    return np.frombuffer(data, dtype=dt, offset=offset).reshape(shape).copy()
 
 
 def _dec_npscalar(data: bytes) -> Any:

@@ -472,17 +472,17 @@ class FeedCore(AttachedSegment):
             raise self.nobody_reached(timeout, error) from error
 
     @contextlib.contextmanager
-    def sends_held(self, timeout: float = 10.0) -> Iterator[memoryview]:
+    def sends_held(self, deadline: float | None) -> Iterator[memoryview]:
         """Hold the feed's send lock: no send of any process is under way or starts
         meanwhile, so a change of the table made inside and SENDS read inside fall between
         two sends (a bridge that stops and starts subscribing while NATS is away counts
         exactly the sends it missed). Yields the header words.
 
         Raises:
-            TimeoutError: the lock stayed held by another process for ``timeout`` seconds.
+            TimeoutError: the lock stayed held by another process until ``deadline``.
         """
         words = self.words
-        if not self.send_lock.acquire_by(time.monotonic() + timeout):
+        if not self.send_lock.acquire_by(deadline):
             raise _shm.lock_timeout(f"the send lock of feed {self._label()}", int(words[L.SEND_LOCK_OWNER]))
         words[L.SEND_LOCK_OWNER] = _ring._pid
         try:
@@ -495,12 +495,7 @@ class FeedCore(AttachedSegment):
                      timeout: float | None, skip_channel: int) -> int:
         """A marked send (see ``_marks``): the Python path (each channel's mark is set as it
         settles), the mark read and written under the send lock."""
-        words = self.words
-        send_lock = self.send_lock
-        if not send_lock.acquire_by(deadline):
-            raise _shm.lock_timeout(f"the send lock of feed {self._label()}", int(words[L.SEND_LOCK_OWNER]))
-        words[L.SEND_LOCK_OWNER] = _ring._pid
-        try:
+        with self.sends_held(deadline) as words:
             first = _marks.entry_word(words, mark.key)
             begun = _marks.begin(words, first, mark.sequence)
             if begun is None:
@@ -513,9 +508,6 @@ class FeedCore(AttachedSegment):
                 self._marking = None
             _marks.finish(words, first, mark.sequence)
             return delivered
-        finally:
-            words[L.SEND_LOCK_OWNER] = 0
-            send_lock.release()
 
     def _settled(self, target: _Target) -> None:
         """A marked send's ``target`` settled the value (send lock held)."""

@@ -187,15 +187,7 @@ def _is_leftover(entry: Entry, named_locks: set[int] | None, live_segments: set[
     return False
 
 
-def _unlink(path: str) -> bool:
-    """Remove a file; False if it could not be (and it is still there)."""
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-    except OSError:
-        return False
-    return True
+_unlink = _shm.remove_file
 
 
 def _pid_alive(pid: int) -> bool:

@@ -215,6 +215,17 @@ def open_segment(name: str) -> mmap.mmap | None:
     return None if mapped is None else mapped[0]
 
 
+def remove_file(path: str) -> bool:
+    """Remove a file of ours; True once it is gone (or was), False if it could not be."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError:
+        return False
+    return True
+
+
 def _unlink_quietly(name: str) -> None:
     try:
         posix_ipc.unlink_shared_memory(name)

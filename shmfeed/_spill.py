@@ -137,11 +137,7 @@ def _give_back(namespace: str, entry: _PoolFile, keep: bool = True) -> None:
             _unlink(entry.path)
 
 
-def _unlink(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
+_unlink = _shm.remove_file
 
 
 class Spill:

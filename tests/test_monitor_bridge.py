@@ -5,14 +5,12 @@ skipped. The bridges are real ``shmfeed bridge`` processes on a real nats-server
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
 import types
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,32 +18,13 @@ from typing import Any
 import pytest
 
 import shmfeed
-from shmfeed import _bridge, _bridge_status, _gc, _names, _process, _release
+from shmfeed import _bridge, _bridge_status, _gc, _names, _process
 from shmfeed.testing import wait_until
 
-from _nats import BridgeProcess, nats_server
-from conftest import _force_remove, _wait_out_destruction
+from _nats import BridgeProcess
+from test_bridge import hosts, in_namespace, nats_url  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.timeout(90)
-
-
-@pytest.fixture
-def nats_url(tmp_path: Path) -> Iterator[str]:
-    with nats_server(tmp_path / "jetstream") as url:
-        yield url
-
-
-@pytest.fixture
-def other_namespace(namespace: str) -> Iterator[str]:
-    """A second namespace standing for another host, let go and checked clean at the end."""
-    other = f"{namespace}-{uuid.uuid4().hex[:4]}"
-    yield other
-    _release.release_namespace(other)
-    left = _wait_out_destruction(other)
-    if left:
-        _gc.sweep(other)
-        _force_remove(other)
-    assert not left, f"left in /dev/shm by {other}: {left}"
 
 
 @pytest.fixture
@@ -61,17 +40,6 @@ def status_files(namespace: str) -> Iterator[str]:
                 os.rmdir(path)
             else:
                 os.unlink(path)
-
-
-@contextlib.contextmanager
-def in_namespace(name: str) -> Iterator[None]:
-    """Objects made in the block belong to namespace ``name`` (each reads it when made)."""
-    before = os.environ["SHMFEED_NAMESPACE"]
-    os.environ["SHMFEED_NAMESPACE"] = name
-    try:
-        yield
-    finally:
-        os.environ["SHMFEED_NAMESPACE"] = before
 
 
 def _shmfeed(*args: str) -> subprocess.CompletedProcess[str]:
@@ -111,9 +79,9 @@ def _counts(namespace: str) -> list[tuple[str, int, int]]:
             for feed in status["feeds"]]
 
 
-def test_the_monitor_shows_a_running_bridge_and_its_counts(nats_url: str, namespace: str, other_namespace: str,
+def test_the_monitor_shows_a_running_bridge_and_its_counts(nats_url: str, namespace: str, hosts: list[str],
                                                             status_files: str) -> None:
-    here, there = namespace, other_namespace
+    here, there = hosts[:2]
     local = shmfeed.Channel(16)
     local_feed = shmfeed.Feed("prices")
     local_subscription = local_feed.subscribe(local)
