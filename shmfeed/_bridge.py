@@ -220,7 +220,8 @@ class BridgeFeedStatistics:
 
 @dataclass(frozen=True)
 class BridgeStatistics:
-    """A bridge's state: its id, its server, whether it is connected now, its feeds.
+    """A bridge's state: its id, its server, whether it is connected now (after an outage:
+    and bridging its feeds again), its feeds.
 
     ``mode`` is ``"core"`` or ``"durable"``. For a durable bridge, ``lag`` is how many
     messages of the stream it has still to fetch (as of its last fetch) plus the values
@@ -261,6 +262,8 @@ class _BridgedFeed:
         self.incoming: list[tuple[bytes, str, _bridge_durable.Applying | None]] = []
         self._envelope: tuple[str, bytes] | None = None  # (type name, the envelope of whole values)
         self.paused_at: int | None = None  # the feed's SENDS when it stopped subscribing (see pause)
+        # The envelope bytes of the last whole value from NATS, and what they say (loop thread).
+        self.known_envelope: tuple[bytes, _bridge_wire.Envelope] | None = None
         # Split values being joined, by origin; the value an origin's later parts belong to
         # when it was dropped (they are passed over, not counted again). Loop thread only.
         self.partials: dict[str, _Partial] = {}
@@ -776,8 +779,10 @@ class Bridge:
     def statistics(self) -> BridgeStatistics:
         """Counters of every bridged feed, and whether NATS is connected now."""
         nc = self._nc
-        connected = bool(nc is not None and nc.is_connected)
-        feeds = tuple(bridged.statistics() for bridged in list(self._feeds.values()))
+        bridged_feeds = list(self._feeds.values())
+        # Connected: NATS is, and every feed is subscribed again after an outage (core).
+        connected = bool(nc is not None and nc.is_connected) and all(b.paused_at is None for b in bridged_feeds)
+        feeds = tuple(bridged.statistics() for bridged in bridged_feeds)
         if not self.durable:
             return BridgeStatistics(self.origin, _redacted(self.url), connected, self._reconnects, feeds)
         consumer, publisher = self._consumer, self._publisher
@@ -875,7 +880,15 @@ class Bridge:
         if bridged is None:
             self._release([msg])  # a feed not bridged here: nobody here subscribes to it
             return
-        envelope = _bridge_wire.parse(msg.data)
+        payload: bytes = msg.data
+        known = bridged.known_envelope  # the last whole value's: most messages repeat it
+        envelope: _bridge_wire.Envelope | None
+        if known is not None and payload.startswith(known[0]):
+            envelope = known[1]._replace(data=memoryview(payload)[len(known[0]):])
+        else:
+            envelope = _bridge_wire.parse(payload)
+            if envelope is not None and envelope.part is None and envelope.feed == bridged.name:
+                bridged.known_envelope = (payload[:len(payload) - len(envelope.data)], envelope)
         if envelope is None or envelope.feed != bridged.name:
             bridged.drop("bad_message")  # not a bridge's, or another feed's (a forged subject)
             self._release([msg])
