@@ -162,6 +162,9 @@ def _read_screen(master: int, seconds: float) -> str:
     return "".join(chunks)
 
 
+# The live view is the monitor's own loop: one start method for the traffic it watches (the
+# other tests here cover all three).
+@pytest.mark.parametrize("mp_context", ["spawn"], indirect=True)
 def test_the_live_view_refreshes_with_rates_and_quits_on_q(mp_context, namespace):
     live_feed = shmfeed.Feed("live")
     channel = shmfeed.Channel(capacity=64, overflow="drop_oldest")

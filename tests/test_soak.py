@@ -15,7 +15,7 @@ SOAK = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
 @pytest.mark.timeout(180)
 def test_short_soak_with_chaos(namespace: str) -> None:
     env = dict(os.environ, SHMFEED_NAMESPACE=namespace)
-    result = subprocess.run([sys.executable, SOAK, "--minutes", "0.4", "--seed", "20240607", "--json"],
+    result = subprocess.run([sys.executable, SOAK, "--minutes", "0.25", "--seed", "20240607", "--json"],
                             capture_output=True, text=True, timeout=150, env=env)
     assert result.stdout, f"no report; stderr:\n{result.stderr[-4000:]}"
     report = json.loads(result.stdout)
