@@ -181,6 +181,11 @@ def _scrub(text: str, url: str) -> str:
 # --- failures ------------------------------------------------------------------------------
 
 
+class ClientCertificateRefused(ConnectionError):
+    """The server verifies clients' certificates (its INFO says ``tls_verify``) and closed
+    the connection during TLS setup: it took ours for none, or one its CA did not sign."""
+
+
 class FailureKind(enum.Enum):
     """Why a connection to NATS failed, in the few kinds a user acts on differently."""
 
@@ -208,7 +213,7 @@ def classify(error: BaseException) -> FailureKind:
     except ImportError:  # pragma: no cover (the bridge needs nats-py before it can fail)
         pass
     text = str(error).lower()
-    if isinstance(error, ssl.SSLError):  # first: an alert's text may say "signature" or "authentication"
+    if isinstance(error, (ssl.SSLError, ClientCertificateRefused)):  # first: an alert's text may say "signature"
         return FailureKind.TLS
     if isinstance(error, refused) or any(word in text for word in _CREDENTIAL_WORDS):
         return FailureKind.CREDENTIALS
@@ -233,6 +238,14 @@ def describe_failure(error: BaseException, url: str, options: ConnectOptions | N
         return (f"NATS refused the credentials ({detail.lower()}); check the user/password (or token) in the URL "
                 f"or --creds")
     if kind is FailureKind.TLS:
+        alert = _ssl_reason(error) if isinstance(error, ssl.SSLError) else ""
+        if isinstance(error, ClientCertificateRefused) or ("alert" in alert and "certificate" in alert):
+            detail = alert or detail
+            if options.tls_cert:
+                return (f"TLS: the server refused the client certificate {options.tls_cert} ({detail.lower()}); "
+                        f"give a client certificate (for clientAuth) signed by a CA the server trusts (its ca_file)")
+            return (f"TLS: the server wants a client certificate and closed the connection ({detail.lower()}); "
+                    f"give one with --tls-cert and --tls-key")
         if isinstance(error, ssl.SSLCertVerificationError):
             if "hostname" in detail.lower() or "ip address mismatch" in detail.lower():
                 return (f"TLS: the server's certificate is not for this host ({_ssl_reason(error)}); use in the "
@@ -240,17 +253,24 @@ def describe_failure(error: BaseException, url: str, options: ConnectOptions | N
             where = f"the CA in {options.tls_ca}" if options.tls_ca else "the system's CAs"
             return (f"TLS: the server's certificate is not trusted by {where} ({_ssl_reason(error)}); give the "
                     f"CA that signed it with --tls-ca")
-        return f"TLS failed ({detail}); check that the server has TLS on and the --tls-ca/--tls-cert/--tls-key files"
+        return (f"TLS failed ({alert or detail}); check that the server has TLS on and the --tls-ca/--tls-cert/"
+                f"--tls-key files")
     if kind is FailureKind.TIMEOUT:
         return "no answer in time (timeout); check the host and port, and any firewall between"
     if kind is FailureKind.UNREACHABLE:
-        if isinstance(error, ConnectionResetError) and options.uses_tls and not options.tls_cert:
-            return ("the server closed the connection during TLS setup (connection reset); if it verifies "
-                    "clients, give a certificate and its key with --tls-cert and --tls-key")
-        number = getattr(error, "errno", None)
-        reason = os.strerror(number) if isinstance(number, int) and number > 0 else detail
-        return f"nothing answers there ({reason.lower()}); check that nats-server runs there and the URL"
+        if isinstance(error, ConnectionError) and options.uses_tls:
+            return (f"the server closed the connection during TLS setup ({_errno_text(error, detail)}); if it "
+                    f"verifies clients, give a certificate its CA signed with --tls-cert and --tls-key")
+        return f"nothing answers there ({_errno_text(error, detail)}); check that nats-server runs there and the URL"
     return f"{type(error).__name__}: {detail}; check the URL and the connection options"
+
+
+def _errno_text(error: BaseException, fallback: str) -> str:
+    """An OSError's reason without its number ("connection refused"), else ``fallback``."""
+    number, text = getattr(error, "errno", None), getattr(error, "strerror", None)
+    if isinstance(number, int) and number > 0:
+        return os.strerror(number).lower()
+    return str(text or fallback).lower()  # socket.gaierror: a negative number and its own text
 
 
 class OutageReporter:
@@ -348,7 +368,12 @@ async def _try_connect(url: str, options: ConnectOptions, timeout: float) -> Bas
     try:
         await asyncio.wait_for(client.connect(url, **settings), timeout * 3)
     except Exception as error:  # nats-py raises its own errors, OSErrors and timeouts
-        return _most_telling([*reported, error])
+        failure = _most_telling([*reported, error])
+        server_info = getattr(client, "_server_info", None) or {}
+        if isinstance(failure, ConnectionError) and server_info.get("tls_verify"):
+            # Closed during TLS setup by a server that verifies clients: the certificate is why.
+            failure = ClientCertificateRefused(_errno_text(failure, str(failure)))
+        return failure
     finally:
         try:
             await asyncio.wait_for(client.close(), timeout)  # nats-py's close can hang after a TLS failure

@@ -225,10 +225,19 @@ def test_mutual_tls_needs_the_client_certificate(make_server: Callable[..., Nats
     without = BridgeProcess(url, hosts[1], ["prices"], options=["--tls-ca", str(files.ca)], ready=False)
     try:
         line = _wait_for_failure_line(without)
-        assert "--tls-cert" in line and "--tls-key" in line, line
+        assert "TLS: the server wants a client certificate" in line and "--tls-cert and --tls-key" in line, line
         _stopped_without_connecting(without)
     finally:
         without.end()
+    # The server's own certificate is not one for a client (its extended key usage).
+    not_a_client = ["--tls-ca", str(files.ca), "--tls-cert", str(files.server_cert), "--tls-key", str(files.server_key)]
+    wrong = BridgeProcess(url, hosts[1], ["prices"], options=not_a_client, ready=False)
+    try:
+        line = _wait_for_failure_line(wrong)
+        assert f"TLS: the server refused the client certificate {files.server_cert}" in line, line
+        _stopped_without_connecting(wrong)
+    finally:
+        wrong.end()
 
 
 # --- a creds file (operator mode) -------------------------------------------------------------
