@@ -39,6 +39,7 @@ CREDS_MAX_BYTES = 1 << 20  # a creds file is a few KiB: more is not one
 FIRST_RETRY_SECONDS = 0.5  # the command line's wait after a failed connection, doubled each time...
 LAST_RETRY_SECONDS = 5.0  # ...up to this
 PROBE_SECONDS = 5.0  # how long one attempt of the command line's may take (TCP, TLS, CONNECT)
+CLOSE_SECONDS = 0.5  # how long the command line's attempt waits for its connection to close
 
 # What each option is called, for messages read by command line and Python users alike.
 _LABELS = {"creds": "creds file (--creds)", "tls_ca": "CA file (--tls-ca)", "tls_cert": "certificate (--tls-cert)",
@@ -376,7 +377,9 @@ async def _try_connect(url: str, options: ConnectOptions, timeout: float) -> Bas
         return failure
     finally:
         try:
-            await asyncio.wait_for(client.close(), timeout)  # nats-py's close can hang after a TLS failure
+            # nats-py's close can hang after a failed TLS handshake (waiting for the transport
+            # to close): a probe does not wait for it, else each retry would take that long.
+            await asyncio.wait_for(client.close(), CLOSE_SECONDS)
         except Exception:
             pass
     return None
