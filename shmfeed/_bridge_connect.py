@@ -25,13 +25,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 from urllib.parse import unquote
 
-from ._errors import ShmfeedError
-
 if TYPE_CHECKING:
     from ._bridge import Bridge
 
-__all__ = ["ConnectOptions", "FailureKind", "OutageReporter", "add_connection_arguments", "classify",
-           "describe_failure", "nats_kwargs", "redacted", "start_with_retry"]
+__all__ = ["ClientCertificateRefused", "ConnectOptions", "FailureKind", "OutageReporter", "add_connection_arguments",
+           "classify", "connect_options_of", "describe_failure", "nats_kwargs", "redacted", "start_with_retry"]
 
 CREDS_JWT_MARKER = "-----BEGIN NATS USER JWT-----"
 CREDS_SEED_MARKER = "-----BEGIN USER NKEY SEED-----"
@@ -392,29 +390,30 @@ def start_with_retry(make_bridge: Callable[[], "Bridge"], url: str, options: Con
     connects (the started bridge is returned) or ``stop`` is set (None). A kind of failure
     is said once while it lasts, not at every attempt.
 
-    Each attempt first connects on its own and closes (fails fast, with nats-py's reason),
-    then starts a new bridge (``Bridge.start`` runs once per bridge); a server lost between
-    the two is one more failed attempt."""
+    Each attempt first connects on its own and closes (fails fast, with nats-py's reason,
+    where ``Bridge.start`` would retry until its timeout); once that works, the bridge is
+    started. Its own failures (a server lost between the two, JetStream refusing a durable
+    bridge) are raised as ``ShmfeedError``, not retried: a durable bridge's start holds a
+    lock that only ``close()`` lets go.
+
+    Raises:
+        ImportError: nats-py is not installed.
+        ShmfeedError: the bridge's own start failed (see above).
+        ValueError: the bridge's arguments are wrong (from ``make_bridge``)."""
     try:
         import nats  # noqa: F401
     except ImportError as error:
         raise ImportError("shmfeed: the bridge needs nats-py; install it with pip install 'shmfeed[nats]'") from error
     delay = FIRST_RETRY_SECONDS
-    said: set[str] = set()
+    said: set[FailureKind] = set()
     while not stop.is_set():
         failure = asyncio.run(_try_connect(url, options, PROBE_SECONDS))
         if failure is None:
-            bridge = make_bridge()
-            try:
-                return bridge.start()
-            except ShmfeedError as error:
-                why = str(error).removeprefix("shmfeed: ")
-                key = why
-        else:
+            return make_bridge().start()
+        kind = classify(failure)
+        if kind not in said:
+            said.add(kind)
             why = f"cannot connect to {redacted(url)}: {describe_failure(failure, url, options)}"
-            key = classify(failure).value
-        if key not in said:
-            said.add(key)
             print(f"shmfeed bridge: {why}; retrying every {FIRST_RETRY_SECONDS:g} s (slowing to {LAST_RETRY_SECONDS:g} s) "
                   f"until it connects or is stopped", file=sys.stderr, flush=True)
         if stop.wait(delay):
