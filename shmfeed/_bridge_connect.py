@@ -231,6 +231,9 @@ def describe_failure(error: BaseException, url: str, options: ConnectOptions | N
     """One clear sentence, ``<what went wrong>; <what to do>``, for a failed connection to
     NATS at ``url``: never a secret (not even one the error's own text would show)."""
     options = options or ConnectOptions()
+    if type(error).__module__.startswith("nats.js"):  # connected, but JetStream (a durable bridge's) did not answer
+        return (f"JetStream did not answer ({type(error).__name__}); check that JetStream is on in nats-server (-js, "
+                f"or a jetstream block) and this account may use it")
     kind = classify(error)
     detail = _scrub(str(error).strip() or type(error).__name__, url).removeprefix("nats: ").strip("'")
     if kind is FailureKind.CREDENTIALS:

@@ -83,7 +83,7 @@ def _bridge_command(args: argparse.Namespace) -> int:
         make_bridge()  # bad arguments are said now, not after NATS answers
         started = _bridge_connect.start_with_retry(make_bridge, args.url, options, stop)
     except (ImportError, ValueError, RuntimeError, ShmfeedError) as error:
-        print(f"shmfeed bridge: {error}", file=sys.stderr)
+        print(f"shmfeed bridge: {str(error).removeprefix('shmfeed: ')}", file=sys.stderr)
         return 1
     if started is None:
         return 0  # stopped before NATS took us (said on stderr)
