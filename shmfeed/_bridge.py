@@ -56,6 +56,7 @@ import msgpack
 
 from . import _bridge_durable, _bridge_wire, _codec, _gc, _marks, _names, _runtime
 from . import _layout as L
+from ._bridge_connect import ConnectOptions, OutageReporter, nats_kwargs, redacted as _redacted
 from ._channel import Channel
 from ._errors import ChannelClosed, ChannelCorruptError, FeedClosed, FeedTypeError, ShmfeedError, UnknownTypeError
 from ._feed import Feed
@@ -473,12 +474,23 @@ class Bridge:
             (when the bridge makes it: one day, no byte limit).
         max_pending: messages a durable bridge holds while NATS has not acknowledged
             them (NATS away); past it, its channel drops (counted ``overflow``).
+        creds: a NATS creds file (user JWT and nkey seed) to connect with.
+        tls_ca: PEM file of the CA that signed the server's certificate; turns TLS on
+            (a ``tls://`` URL does too, with the system's CAs unless this is given).
+        tls_cert, tls_key: this client's PEM certificate and its key, for a server that
+            verifies clients; both or neither. Secrets are never printed: URLs are shown
+            without their credentials, creds files are never quoted.
+
+    Raises:
+        ValueError: a bad realm or feed name, or a connection option whose file is
+            missing, unreadable or not what it should be.
     """
 
     def __init__(self, url: str, feeds: list[str] | tuple[str, ...] | None = None, realm: str = "default",
                  namespace: str | None = None, join_timeout: float = JOIN_TIMEOUT, *, durable: bool = False,
                  max_age: float | None = None, max_bytes: int | None = None,
-                 max_pending: int = DEFAULT_MAX_PENDING) -> None:
+                 max_pending: int = DEFAULT_MAX_PENDING, creds: str | None = None, tls_ca: str | None = None,
+                 tls_cert: str | None = None, tls_key: str | None = None) -> None:
         if not isinstance(realm, str) or not _REALM.match(realm):
             raise ValueError(f"shmfeed: realm {realm!r} is not a valid realm; use 1 to 64 letters, digits, '_' or '-'")
         names = list(feeds or ["*"])
@@ -493,6 +505,8 @@ class Bridge:
         if namespace is not None:
             _names.set_namespace(namespace)
         self.url = url
+        self._connect_options = ConnectOptions(creds, tls_ca, tls_cert, tls_key).validate()
+        self._failures = OutageReporter(url, self._connect_options)  # error_cb's lines, start()'s reason
         self.realm = realm
         self.feed_names = tuple(name for name in names if not name.endswith("*"))
         self.patterns = tuple(name for name in names if name.endswith("*"))
@@ -582,10 +596,9 @@ class Bridge:
                     f"{str(description)[:200]}; check that JetStream is on (nats-server -js) and the stream's limits"
                 ) from None
             if isinstance(error, (OSError, asyncio.TimeoutError)) or type(error).__module__.startswith("nats"):
-                raise ShmfeedError(
-                    f"shmfeed: the bridge could not reach NATS at {_redacted(self.url)} ({type(error).__name__}); "
-                    f"check that nats-server runs there and the URL"
-                ) from None
+                what, _, to_do = self._failures.describe(error).partition("; ")
+                raise ShmfeedError(f"shmfeed: the bridge could not connect to NATS at {_redacted(self.url)}: "
+                                   f"{what}; {to_do}") from None
             raise
         for bridged in self._feeds.values():
             bridged.reader.start()
@@ -667,6 +680,7 @@ class Bridge:
             self.url, name=f"shmfeed-bridge {self.origin}", no_echo=True, connect_timeout=timeout,
             allow_reconnect=True, max_reconnect_attempts=-1, reconnect_time_wait=0.5,
             error_cb=self._on_error, reconnected_cb=self._on_reconnected, disconnected_cb=self._on_disconnected,
+            **nats_kwargs(self.url, self._connect_options),
         )
         if self.durable:
             js = self._nc.jetstream()
@@ -1017,6 +1031,8 @@ class Bridge:
             bridged = self._by_subject.get(getattr(error, "subject", ""))
             if bridged is not None:
                 bridged.drop("slow_consumer")
+        else:  # at every reconnection attempt: said once per kind per outage; start() says its own
+            self._failures.failed(error, announce=self._nc is not None and not self._closed)
 
     async def _on_disconnected(self) -> None:
         # nats-py calls this once per lost connection (and on close: not news then).
@@ -1032,6 +1048,7 @@ class Bridge:
                   file=sys.stderr, flush=True)
 
     async def _on_reconnected(self) -> None:
+        self._failures.recovered()
         self._reconnects += 1
         if self._publisher is None:
             self._control.put("resume")
@@ -1065,11 +1082,6 @@ def _is_value_of(payload: bytes, type_name: str) -> bool:
     except Exception:
         return False
     return _codec.type_name(type(value)) == type_name
-
-
-def _redacted(url: str) -> str:
-    """``url`` without a password or token: secrets are never printed."""
-    return re.sub(r"//[^/@]*@", "//***@", url)
 
 
 def _one_durable_bridge(realm: str) -> int:

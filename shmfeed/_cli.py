@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import _names, _recovery
+from . import _bridge_connect, _names, _recovery
 from ._errors import ShmfeedError
 
 
@@ -59,6 +59,12 @@ def _bridge_command(args: argparse.Namespace) -> int:
     from . import _bridge
 
     feeds = args.feed or []
+    options = _bridge_connect.connect_options_of(args)
+    try:
+        options.validate()
+    except ValueError as error:
+        print(f"shmfeed bridge: {str(error).removeprefix('shmfeed: ')}", file=sys.stderr)
+        return 2
     stop = threading.Event()
 
     def on_signal(signum: int, frame: object) -> None:
@@ -66,15 +72,24 @@ def _bridge_command(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+
+    def make_bridge() -> _bridge.Bridge:  # one per attempt: a Bridge starts once
+        return _bridge.Bridge(args.url, feeds, realm=args.realm, namespace=args.namespace, durable=args.durable,
+                              max_age=args.max_age, max_bytes=args.max_bytes, max_pending=args.max_pending,
+                              creds=options.creds, tls_ca=options.tls_ca, tls_cert=options.tls_cert,
+                              tls_key=options.tls_key)
+
     try:
-        bridge = _bridge.Bridge(args.url, feeds, realm=args.realm, namespace=args.namespace, durable=args.durable,
-                                max_age=args.max_age, max_bytes=args.max_bytes, max_pending=args.max_pending)
-        bridge.start()
+        make_bridge()  # bad arguments are said now, not after NATS answers
+        started = _bridge_connect.start_with_retry(make_bridge, args.url, options, stop)
     except (ImportError, ValueError, RuntimeError, ShmfeedError) as error:
-        print(f"shmfeed bridge: {error}", file=sys.stderr)
+        print(f"shmfeed bridge: {str(error).removeprefix('shmfeed: ')}", file=sys.stderr)
         return 1
+    if started is None:
+        return 0  # stopped before NATS took us (said on stderr)
+    bridge = started
     try:
-        print(f"ready: namespace {_names.current_namespace()!r} bridged to {_bridge._redacted(args.url)} "
+        print(f"ready: namespace {_names.current_namespace()!r} bridged to {_bridge_connect.redacted(args.url)} "
               f"realm {args.realm!r} ({'durable' if args.durable else 'core'}): "
               f"feeds {', '.join(feeds) or 'every named feed'}", flush=True)
         while not stop.wait(3600):
@@ -121,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     bridge.add_argument("--max-bytes", type=int, metavar="BYTES", help="durable: the stream keeps this many bytes")
     bridge.add_argument("--max-pending", type=int, default=65536, metavar="N",
                         help="durable: messages held while NATS is away before the bridge's channel drops (65536)")
+    _bridge_connect.add_connection_arguments(bridge)
     bridge.set_defaults(run=_bridge_command)
     args = parser.parse_args(argv)
     if args.command is None:
