@@ -737,9 +737,6 @@ class Bridge:
             except Exception:
                 pass  # NATS gone: what was not acknowledged comes again; the marks skip it
         self._stop_everything()
-        if self._lock_file is not None:
-            os.close(self._lock_file)
-            self._lock_file = None
 
     async def _drain(self, timeout: float) -> None:
         assert self._outbound is not None
@@ -761,6 +758,7 @@ class Bridge:
         await self._nc.close()  # not drain(): what it would still fetch stays in the stream
 
     def _stop_everything(self) -> None:
+        """Everything let go of, at close or when start() fails (the durable lock too)."""
         if self._status is not None:
             self._status.stop()
         loop = self._loop
@@ -781,6 +779,9 @@ class Bridge:
             if not bridged.channel.closed:
                 bridged.close_local()
             bridged.feed.detach()
+        if self._lock_file is not None:
+            os.close(self._lock_file)
+            self._lock_file = None
 
     def __enter__(self) -> "Bridge":
         return self.start()
