@@ -897,13 +897,13 @@ class Bridge:
             return
         payload: bytes = msg.data
         known = bridged.known_envelope  # the last whole value's: most messages repeat it
-        envelope: _bridge_wire.Envelope | None
-        if known is not None and payload.startswith(known[0]):
-            envelope = known[1]._replace(data=memoryview(payload)[len(known[0]):])
-        else:
-            envelope = _bridge_wire.parse(payload)
-            if envelope is not None and envelope.part is None and envelope.feed == bridged.name:
-                bridged.known_envelope = (payload[:len(payload) - len(envelope.data)], envelope)
+        if known is not None and payload.startswith(known[0]):  # the common case, without a parse
+            if sequence is None or known[1].home != self.home:
+                self._arrived(bridged, payload[len(known[0]):], known[1].type_name, known[1].origin, msg, sequence)
+            else:
+                self._release([msg])  # our own (a durable stream holds it too)
+            return
+        envelope = _bridge_wire.parse(payload)
         if envelope is None or envelope.feed != bridged.name:
             bridged.drop("bad_message")  # not a bridge's, or another feed's (a forged subject)
             self._release([msg])
@@ -912,18 +912,29 @@ class Bridge:
         if origin == self.origin or (sequence is not None and envelope.home == self.home):
             self._release([msg])  # our own (core: no_echo spares us this; durable: the stream has it)
             return
-        messages = [msg]
-        if envelope.part is not None:
-            joined = self._join(bridged, envelope, msg)
-            if joined is None:
-                return
+        if envelope.part is None:
+            bridged.known_envelope = (payload[:len(payload) - len(envelope.data)], envelope)
+            self._arrived(bridged, bytes(envelope.data), envelope.type_name, origin, msg, sequence)
+            return
+        joined = self._join(bridged, envelope, msg)
+        if joined is not None:
             data, messages = joined
-        else:
-            data = bytes(envelope.data)
-            if origin in bridged.partials:
-                self._abandon(bridged, origin, "incomplete")  # a whole value came: a part was lost
+            self._queue(bridged, data, envelope.type_name, messages, sequence)
+
+    def _arrived(self, bridged: _BridgedFeed, data: bytes, type_name: str, origin: str, msg: Any,
+                 sequence: int | None) -> None:
+        """A whole value from ``origin``: a value of it being joined lost a part."""
+        if origin == self.origin:
+            self._release([msg])  # our own (no_echo should spare us this)
+            return
+        if origin in bridged.partials:
+            self._abandon(bridged, origin, "incomplete")
+        self._queue(bridged, data, type_name, [msg], sequence)
+
+    def _queue(self, bridged: _BridgedFeed, data: bytes, type_name: str, messages: list[Any],
+               sequence: int | None) -> None:
         applying = None if sequence is None else _bridge_durable.Applying(sequence, messages)
-        bridged.arrived(data, envelope.type_name, applying)
+        bridged.arrived(data, type_name, applying)
         if self._consumer is not None:
             self._consumer.taken()
 
