@@ -261,10 +261,12 @@ class _BridgedFeed:
         self.inbound: queue.Queue[list[tuple[bytes, str, _bridge_durable.Applying | None]] | None] = \
             queue.Queue(INJECT_BACKLOG)
         self.incoming: list[tuple[bytes, str, _bridge_durable.Applying | None]] = []
-        self._envelope: tuple[str, bytes] | None = None  # (type name, the envelope of whole values)
+        self._envelope: tuple[str, bytes, bytes] | None = None  # (type name, whole and packed envelopes)
         self.paused_at: int | None = None  # the feed's SENDS when it stopped subscribing (see pause)
-        # The envelope bytes of the last whole value from NATS, and what they say (loop thread).
+        # The envelope bytes of the last whole value and of the last packed message from
+        # NATS, and what they say (loop thread).
         self.known_envelope: tuple[bytes, _bridge_wire.Envelope] | None = None
+        self.known_packed: tuple[bytes, _bridge_wire.Envelope] | None = None
         # Split values being joined, by origin; the value an origin's later parts belong to
         # when it was dropped (they are passed over, not counted again). Loop thread only.
         self.partials: dict[str, _Partial] = {}
@@ -276,9 +278,9 @@ class _BridgedFeed:
         with self.counts_lock:
             self.dropped[reason] = self.dropped.get(reason, 0) + count
 
-    def count_out(self) -> None:
+    def count_out(self, values: int = 1) -> None:
         with self.counts_lock:
-            self.out += 1
+            self.out += values
 
     def statistics(self) -> BridgeFeedStatistics:
         with self.counts_lock:
@@ -329,13 +331,15 @@ class _BridgedFeed:
             if kept:
                 bridge._hand_to_loop(self, kept)
 
-    def envelope(self, origin: str, home: str) -> bytes:
-        """The envelope of this feed's whole values (``_bridge_wire``), made once per type."""
+    def envelopes(self, origin: str, home: str) -> tuple[bytes, bytes]:
+        """The envelopes of this feed's whole values and of its packed messages
+        (``_bridge_wire``), made once per type."""
         type_name = self.type_name()
         cached = self._envelope
         if cached is None or cached[0] != type_name:
-            cached = self._envelope = (type_name, _bridge_wire.whole_prefix(origin, home, self.name, type_name))
-        return cached[1]
+            cached = self._envelope = (type_name, _bridge_wire.whole_prefix(origin, home, self.name, type_name),
+                                       _bridge_wire.pack_prefix(origin, home, self.name, type_name))
+        return cached[1], cached[2]
 
     def arrived(self, data: bytes, type_name: str, applying: _bridge_durable.Applying | None) -> None:
         """A value from NATS for the injector (loop thread): collected, handed over once
@@ -825,8 +829,9 @@ class Bridge:
             bridged.drop("disconnected", len(batch))
 
     async def _publish_all(self) -> None:
-        """The loop's publisher: each batch a reader handed over, value by value, as one
-        message (envelope and value, see ``_bridge_wire``) or as parts."""
+        """The loop's publisher: each batch a reader handed over, in order: the small values
+        packed into as few messages as ``max_payload`` allows, a large one alone or in parts
+        (``_bridge_wire``)."""
         import nats.errors
 
         assert self._outbound is not None
@@ -837,30 +842,47 @@ class Bridge:
                 return
             bridged, batch = item
             self._backlog.release()
-            prefix = bridged.envelope(self.origin, self.home)
-            room = nc.max_payload - len(prefix) - (MSG_ID_ROOM if self._publisher is not None else 0)
-            for data in batch:
+            whole, pack = bridged.envelopes(self.origin, self.home)
+            extra = MSG_ID_ROOM if self._publisher is not None else 0
+            single_room, pack_room = nc.max_payload - len(whole) - extra, nc.max_payload - len(pack) - extra
+            start = 0
+            while start < len(batch):
+                data = batch[start]
+                end = start + 1
                 if len(data) > MAX_VALUE_BYTES:
                     bridged.drop("too_large")
+                    start = end
                     continue
+                size = _bridge_wire.packed_size(1, len(data))
+                while end < len(batch) and end - start < _bridge_wire.MAX_PACK and \
+                        size + 4 + len(batch[end]) <= pack_room:
+                    size += 4 + len(batch[end])
+                    end += 1
                 try:
-                    messages = [prefix + data] if len(data) <= room else self._parts(bridged, data, nc.max_payload)
+                    if end - start > 1:
+                        messages = [_bridge_wire.packed(pack, batch[start:end])]
+                    elif len(data) <= single_room:
+                        messages = [whole + data]
+                    else:
+                        messages = self._parts(bridged, data, nc.max_payload)
                 except OSError:
                     bridged.drop("publish_error")
+                    start = end
                     continue
+                count, start = end - start, end
                 if self._publisher is not None:
-                    await self._publisher.publish(bridged, messages)  # counted out once acknowledged
+                    await self._publisher.publish(bridged, messages, count)  # counted out once acknowledged
                     continue
                 if not nc.is_connected:
-                    bridged.drop("disconnected")
+                    bridged.drop("disconnected", count)
                     continue
                 try:
                     for message in messages:
                         await nc.publish(bridged.subject, message)
                 except (nats.errors.Error, OSError):
-                    bridged.drop("publish_error")  # parts already out are dropped whole by the receivers
+                    bridged.drop("publish_error", count)  # parts already out are dropped whole by the receivers
                     continue
-                bridged.count_out()
+                bridged.count_out(count)
 
     def _parts(self, bridged: _BridgedFeed, data: bytes, max_payload: int) -> list[bytes]:
         """``data`` as parts, each message (envelope and part) within ``max_payload``, to
@@ -888,55 +910,68 @@ class Bridge:
         self._route(msg, sequence)
 
     def _route(self, msg: Any, sequence: int | None) -> None:
-        """Check one message and queue its value (whole, or joined from its parts) for the
-        feed's injector; a durable bridge's messages are acknowledged once the value is
-        delivered, or at once if there is nothing to deliver."""
+        """Check one message and queue its values (whole, packed, or joined from parts) for
+        the feed's injector; a durable bridge's messages are acknowledged once their values
+        are delivered, or at once if there is nothing to deliver."""
         bridged = self._by_subject.get(msg.subject)
         if bridged is None:
             self._release([msg])  # a feed not bridged here: nobody here subscribes to it
             return
         payload: bytes = msg.data
-        known = bridged.known_envelope  # the last whole value's: most messages repeat it
-        if known is not None and payload.startswith(known[0]):  # the common case, without a parse
-            if sequence is None or known[1].home != self.home:
-                self._arrived(bridged, payload[len(known[0]):], known[1].type_name, known[1].origin, msg, sequence)
-            else:
-                self._release([msg])  # our own (a durable stream holds it too)
-            return
-        envelope = _bridge_wire.parse(payload)
-        if envelope is None or envelope.feed != bridged.name:
-            bridged.drop("bad_message")  # not a bridge's, or another feed's (a forged subject)
-            self._release([msg])
-            return
+        for known in (bridged.known_packed, bridged.known_envelope):  # most messages repeat one
+            if known is not None and payload.startswith(known[0]):  # the common case, without a parse
+                envelope = known[1]._replace(data=memoryview(payload)[len(known[0]):])
+                break
+        else:
+            parsed = _bridge_wire.parse(payload)
+            if parsed is None or parsed.feed != bridged.name:
+                bridged.drop("bad_message")  # not a bridge's, or another feed's (a forged subject)
+                self._release([msg])
+                return
+            envelope = parsed
+            if envelope.part is None:
+                prefix = (payload[:len(payload) - len(envelope.data)], envelope)
+                if envelope.packed:
+                    bridged.known_packed = prefix
+                else:
+                    bridged.known_envelope = prefix
         origin = envelope.origin
         if origin == self.origin or (sequence is not None and envelope.home == self.home):
             self._release([msg])  # our own (core: no_echo spares us this; durable: the stream has it)
             return
-        if envelope.part is None:
-            bridged.known_envelope = (payload[:len(payload) - len(envelope.data)], envelope)
-            self._arrived(bridged, bytes(envelope.data), envelope.type_name, origin, msg, sequence)
-            return
-        joined = self._join(bridged, envelope, msg)
-        if joined is not None:
-            data, messages = joined
-            self._queue(bridged, data, envelope.type_name, messages, sequence)
-
-    def _arrived(self, bridged: _BridgedFeed, data: bytes, type_name: str, origin: str, msg: Any,
-                 sequence: int | None) -> None:
-        """A whole value from ``origin``: a value of it being joined lost a part."""
-        if origin == self.origin:
-            self._release([msg])  # our own (no_echo should spare us this)
+        if envelope.part is not None:
+            joined = self._join(bridged, envelope, msg)
+            if joined is not None:
+                data, messages = joined
+                self._queue(bridged, [data], envelope.type_name, messages, sequence)
             return
         if origin in bridged.partials:
-            self._abandon(bridged, origin, "incomplete")
-        self._queue(bridged, data, type_name, [msg], sequence)
+            self._abandon(bridged, origin, "incomplete")  # a whole value came: a part was lost
+        if not envelope.packed:
+            self._queue(bridged, [bytes(envelope.data)], envelope.type_name, [msg], sequence)
+            return
+        values = _bridge_wire.unpack(envelope.data)
+        if values is None:
+            bridged.drop("bad_message")
+            self._release([msg])
+            return
+        self._queue(bridged, values, envelope.type_name, [msg], sequence)
 
-    def _queue(self, bridged: _BridgedFeed, data: bytes, type_name: str, messages: list[Any],
+    def _queue(self, bridged: _BridgedFeed, values: list[bytes], type_name: str, messages: list[Any],
                sequence: int | None) -> None:
-        applying = None if sequence is None else _bridge_durable.Applying(sequence, messages)
-        bridged.arrived(data, type_name, applying)
-        if self._consumer is not None:
-            self._consumer.taken()
+        """Values of one message (or joined from one value's parts) for the injector. A
+        durable bridge marks each by its message's stream sequence and its place in the
+        message; the message is acknowledged with the last of them (acknowledged with an
+        earlier one, a bridge killed between them would never get the rest again)."""
+        last = len(values) - 1
+        for index, data in enumerate(values):
+            applying = None
+            if sequence is not None:
+                applying = _bridge_durable.Applying(sequence * _bridge_durable.SEQUENCE_SPAN + index,
+                                                    messages if index == last else [])
+            bridged.arrived(data, type_name, applying)
+            if self._consumer is not None:
+                self._consumer.taken()
 
     def _release(self, messages: list[Any]) -> None:
         """Messages with nothing (more) to deliver: a durable bridge acknowledges them."""

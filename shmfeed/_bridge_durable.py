@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any, Callable
 if TYPE_CHECKING:
     from ._bridge import Bridge, _BridgedFeed
 
+SEQUENCE_SPAN = 1 << 16  # a value's mark: its message's stream sequence times this, plus its place in it
 DEFAULT_MAX_AGE = 86400.0  # seconds a stream the bridge makes keeps values, unless told
 DUPLICATE_WINDOW = 600.0  # seconds the server remembers message ids: an outage longer may duplicate
 ACK_TIMEOUT = 5.0  # seconds without JetStream's acknowledgement before everything held is resent
@@ -90,7 +91,7 @@ class _Held:
     subject: str
     data: bytes
     headers: dict[str, str]
-    last: bool  # the value's last (or only) message: acknowledged, the value is out
+    values: int  # values out once it is acknowledged: 0 for a part but the last
     sent: float = 0.0
     round: int = -1  # the publisher's round (connection, resend) it was last sent in
     refusals: int = 0  # JetStream's error answers to it
@@ -131,7 +132,7 @@ class DurablePublisher:
         if not self.held:
             self.emptied.set()
 
-    async def publish(self, bridged: "_BridgedFeed", messages: list[bytes]) -> None:
+    async def publish(self, bridged: "_BridgedFeed", messages: list[bytes], values: int = 1) -> None:
         """Publish one value's messages (one, or its parts in order), each held until
         acknowledged; while NATS is away they are only held (the resend publishes them).
         Waits while ``max_pending`` are held."""
@@ -141,7 +142,8 @@ class DurablePublisher:
                 await self.has_room.wait()
             self.counter += 1
             msg_id = f"{self.bridge.origin}-{self.counter}"  # one token: the reply subject ends in it
-            held = _Held(bridged, bridged.subject, data, {MSG_ID_HEADER: msg_id}, index == len(messages) - 1)
+            held = _Held(bridged, bridged.subject, data, {MSG_ID_HEADER: msg_id},
+                         values if index == len(messages) - 1 else 0)
             self.held[msg_id] = held
             self.emptied.clear()
             if self.ready.is_set():
@@ -175,8 +177,8 @@ class DurablePublisher:
                 self.resend_soon()  # no responders (JetStream not up yet), or an error: later, in order
                 return
         self._forget(msg_id)
-        if held.last:
-            held.bridged.count_out()
+        if held.values:
+            held.bridged.count_out(held.values)
 
     def on_disconnected(self) -> None:
         self.ready.clear()

@@ -13,12 +13,14 @@ holds them), or by one part of them for a value split over NATS's ``max_payload`
 | 2     | length of the value's type name, 1 to ``TYPE_NAME_MAX``                  |
 | 24    | parts only: value sequence u64, index u32, count u32, whole size u64     |
 | ...   | origin, home, feed name, type name (ASCII, ASCII, UTF-8, UTF-8)          |
-| ...   | the value's bytes, or this part of them                                  |
+| ...   | the value's bytes, or this part of them; or, flag ``PACK``: several whole values: their count u32, each one's length u32, their bytes one after another |
 
 NATS headers would carry the same, but building and parsing them cost a bridge more than
 everything else it does for a small value; the envelope of a feed's whole values is the
-same bytes every time (``whole_prefix``, cached by the bridge). Durable messages add one
-header, ``Nats-Msg-Id``, for JetStream's deduplication.
+same bytes every time (``whole_prefix``, cached by the bridge). And NATS's own cost is per
+message: a bridge packs the small values it has in hand at once (``PACK``, up to
+``MAX_PACK``, within ``max_payload``) into one message, in order; it never waits to fill
+one. Durable messages add one header, ``Nats-Msg-Id``, for JetStream's deduplication.
 
 Nothing read is trusted: ``parse`` returns None for anything that is not an envelope of
 these bounds, and the caller checks what the fields say (the feed's name against the
@@ -34,6 +36,9 @@ from . import _layout as L
 
 MAGIC = b"SFB1"
 PART = 1
+PACK = 2
+MAX_PACK = 4096  # values in one packed message
+_COUNT = struct.Struct("<I")
 _HEAD = struct.Struct("<4sBBBHH")
 _PART = struct.Struct("<QIIQ")
 MAX_ORIGIN = 64
@@ -57,7 +62,8 @@ class Envelope(NamedTuple):
     feed: str
     type_name: str
     part: Part | None
-    data: memoryview  # the value's bytes, or this part of them
+    data: memoryview  # the value's bytes, or this part of them, or a packed body (``unpack``)
+    packed: bool = False
 
 
 def whole_prefix(origin: str, home: str, feed: str, type_name: str) -> bytes:
@@ -67,6 +73,40 @@ def whole_prefix(origin: str, home: str, feed: str, type_name: str) -> bytes:
 
 def part_prefix(origin: str, home: str, feed: str, type_name: str, part: Part) -> bytes:
     return _prefix(PART, origin, home, feed, type_name, _PART.pack(*part))
+
+
+def pack_prefix(origin: str, home: str, feed: str, type_name: str) -> bytes:
+    """The envelope of a packed message, before its count, lengths and values."""
+    return _prefix(PACK, origin, home, feed, type_name, b"")
+
+
+def packed(prefix: bytes, values: list[bytes]) -> bytes:
+    """A packed message: ``pack_prefix``'s envelope and ``values`` (2 to MAX_PACK)."""
+    lengths = struct.pack(f"<{len(values) + 1}I", len(values), *map(len, values))
+    return b"".join((prefix, lengths, *values))
+
+
+def packed_size(values: int, value_bytes: int) -> int:
+    """What ``values`` values of ``value_bytes`` in all add to a packed envelope."""
+    return 4 * (values + 1) + value_bytes
+
+
+def unpack(data: bytes | memoryview) -> list[bytes] | None:
+    """The values of a packed message's body, or None if it does not add up."""
+    if len(data) < 4:
+        return None
+    (count,) = _COUNT.unpack_from(data)
+    start = 4 * (count + 1)
+    if not 2 <= count <= MAX_PACK or len(data) < start:
+        return None
+    lengths = struct.unpack_from(f"<{count}I", data, 4)
+    if start + sum(lengths) != len(data):
+        return None
+    values = []
+    for length in lengths:
+        values.append(bytes(data[start:start + length]))
+        start += length
+    return values
 
 
 def _prefix(flags: int, origin: str, home: str, feed: str, type_name: str, part: bytes) -> bytes:
@@ -80,7 +120,7 @@ def parse(payload: bytes) -> Envelope | None:
     if len(payload) < _HEAD.size or payload[:4] != MAGIC:
         return None
     _, flags, origin_length, home_length, feed_length, type_length = _HEAD.unpack_from(payload)
-    if (flags & ~PART or not 0 < origin_length <= MAX_ORIGIN or home_length > MAX_HOME
+    if (flags & ~(PART | PACK) or flags == PART | PACK or not 0 < origin_length <= MAX_ORIGIN or home_length > MAX_HOME
             or not 0 < feed_length <= L.FEED_NAME_MAX or not 0 < type_length <= L.TYPE_NAME_MAX):
         return None
     at = _HEAD.size
@@ -103,4 +143,4 @@ def parse(payload: bytes) -> Envelope | None:
         type_name = payload[at:at + type_length].decode("utf-8")
     except UnicodeDecodeError:
         return None
-    return Envelope(origin, home, feed, type_name, part, memoryview(payload)[end:])
+    return Envelope(origin, home, feed, type_name, part, memoryview(payload)[end:], bool(flags & PACK))

@@ -7,6 +7,7 @@ import contextlib
 import datetime
 import json
 import os
+import struct
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -254,6 +255,7 @@ def test_bad_input_on_the_subject_is_counted_and_passed_over(nats_url: str) -> N
     split = _codec.encode(split_value)
     envelope = _whole(good)
     truncated = envelope[:len(envelope) - len(good) - 3]  # its lengths say more than it holds
+    pack = _bridge_wire.pack_prefix("stranger", "", "prices", "builtins.dict")
 
     subscriber = Subscriber("prices")
     try:
@@ -267,6 +269,8 @@ def test_bad_input_on_the_subject_is_counted_and_passed_over(nats_url: str) -> N
                 (truncated, None),  # an envelope cut short
                 (b"SFB1\x00\x00" + os.urandom(40), None),  # an envelope with no origin
                 (_whole(good, feed="orders"), None),  # another feed's name on this subject
+                (pack + struct.pack("<3I", 2, len(good), len(good) + 1) + good * 2, None),  # lengths over the body
+                (pack + struct.pack("<2I", 1, len(good)) + good, None),  # a pack of one
                 (_whole(b"\xc1\xc1"), None),  # not msgpack
                 (_whole(_codec.encode(5)), None),  # decodes, but is not of the type it says
                 (_whole(msgpack.packb(msgpack.ExtType(_codec.CHANNEL_EXT_CODE, b"\x00" * 16))), None),  # a forged Channel
@@ -283,7 +287,7 @@ def test_bad_input_on_the_subject_is_counted_and_passed_over(nats_url: str) -> N
             got = [subscriber.channel.recv(10) for _ in range(3)]
             assert got == [split_value, {"marker": "whole"}, split_value]
             (stats,) = bridge.statistics().feeds
-            assert dict(stats.dropped) == {"bad_message": 5, "undecodable": 3, "bad_part": 4, "incomplete": 3}
+            assert dict(stats.dropped) == {"bad_message": 7, "undecodable": 3, "bad_part": 4, "incomplete": 3}
             assert stats.in_ == 3
             with pytest.raises(TimeoutError):
                 subscriber.channel.recv(0.2)
