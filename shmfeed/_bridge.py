@@ -28,7 +28,8 @@ the first, the size at most ``MAX_VALUE_BYTES``; and every value, split or not, 
 (and hold no reference to a host's memory) before it is sent locally.
 
 Threads: per feed one reader (blocking receive from the bridge's channel, never a poll;
-it takes what else is there at once and hands the batch to the loop with one wake-up) and
+it takes what else is there at once and hands the batch to the loop with one wake-up,
+where its small values go packed into as few messages as ``max_payload`` allows) and
 one injector (the local send, which may wait while a local subscriber is full; the loop
 hands it what arrived once per turn); the loop thread only publishes and parses. A value
 that cannot be carried is dropped and counted, per feed and reason (``DROP_REASONS``),
