@@ -5,11 +5,11 @@ from __future__ import annotations
 import struct
 import time
 import warnings
-from typing import Any, AsyncIterator, Generic, Iterator, TypeVar, overload
+from typing import Any, AsyncIterator, Generic, Iterable, Iterator, TypeVar, overload
 
 from . import _codec, _names, _registry_client, _ring, _waker
 from . import _layout as L
-from ._errors import ChannelClosed, ChannelEmpty, ChannelFull, FeedTypeError
+from ._errors import ChannelClosed, ChannelCorruptError, ChannelEmpty, ChannelFull, FeedTypeError, UnknownTypeError
 from ._stats import ChannelStatistics
 
 T = TypeVar("T")
@@ -92,7 +92,9 @@ class Channel(TypeArgument, Generic[T]):
     A Channel is a context manager that closes it on exit.
     """
 
-    __slots__ = ("_core", "_namespace", "_channel_id", "_elem_type", "_elem_type_name", "_label", "__weakref__")
+    __slots__ = ("_core", "_namespace", "_channel_id", "_elem_type", "_elem_type_name", "_label", "_held_error",
+                 "__weakref__")
+    _held_error: ChannelCorruptError | UnknownTypeError | None  # see recv_many
 
     @overload
     def __init__(
@@ -280,6 +282,38 @@ class Channel(TypeArgument, Generic[T]):
         core.large_values = len(payload) > _codec.LARGE_OUTPUT
         return core, payload
 
+    def send_many(self, values: Iterable[T], timeout: float | None = None) -> None:
+        """Put every value of ``values`` in the channel, in order, waiting while it is full:
+        as many :meth:`send` calls, paid as one (a batch of small values costs less each).
+
+        Every value is checked and encoded before the first is sent: a value of the wrong
+        type, or one that cannot be encoded, raises and nothing is sent. ``timeout``
+        bounds the whole call.
+
+        Raises:
+            FeedTypeError, EncodingError: as :meth:`send`; nothing was sent.
+            TimeoutError: the channel stayed full (or its send lock held) until ``timeout``;
+                the values before the one it names were sent, in order (``error.sent``
+                says how many), the others were not.
+            ChannelClosed: the channel is closed (``error.sent`` values were sent before).
+        """
+        _check_timeout(timeout)
+        payloads = [self._encode(value)[1] for value in values]
+        core = self._live_core()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for sent, payload in enumerate(payloads):
+            try:
+                core.put(payload, None if deadline is None else max(0.0, deadline - time.monotonic()))
+            except TimeoutError as error:
+                partial = TimeoutError(f"shmfeed: send_many on channel {core.channel_id:016x} sent {sent} of "
+                                       f"{len(payloads)} values in {timeout} s (still full); the rest were not sent: "
+                                       f"send them again, or give a longer timeout")
+                partial.sent = sent  # type: ignore[attr-defined]
+                raise partial from error
+            except ChannelClosed as error:
+                error.sent = sent  # type: ignore[attr-defined]
+                raise
+
     def send_nowait(self, value: T) -> None:
         """Put one value in the channel if it has room now; never waits for room.
 
@@ -348,7 +382,51 @@ class Channel(TypeArgument, Generic[T]):
         """
         if timeout is not None:
             _check_timeout(timeout)
+        self._raise_held_error()
         return _codec.decode(self._live_core().take(timeout))  # type: ignore[return-value]
+
+    def recv_many(self, max_items: int = 256, timeout: float | None = None) -> list[T]:
+        """Take up to ``max_items`` values: waits (up to ``timeout``) for the first as
+        :meth:`recv` does, then takes what else is waiting now, in order, without waiting
+        for more. One call for many values: one wake-up and one Python call per batch.
+
+        A value that cannot be decoded (see :meth:`recv`) after others were taken ends the
+        batch: the values taken so far are returned and its error is raised by the next
+        receive on this object, so nothing is lost and errors come in order.
+
+        Raises:
+            TimeoutError: nothing arrived within ``timeout`` seconds.
+            ChannelClosed: the channel is closed and drained (nothing was taken).
+            ChannelCorruptError, UnknownTypeError: as :meth:`recv`, for the first value.
+        """
+        if isinstance(max_items, bool) or not isinstance(max_items, int) or max_items < 1:
+            raise ValueError(f"shmfeed: max_items must be a positive int, not {max_items!r}; give how many values "
+                             f"one call may return")
+        if timeout is not None:
+            _check_timeout(timeout)
+        self._raise_held_error()
+        core = self._live_core()
+        values: list[T] = [_codec.decode(core.take(timeout))]  # type: ignore[list-item]
+        while len(values) < max_items:
+            try:
+                data = core.poll_fast(None)
+            except ChannelClosed:
+                break  # drained: the next receive says so
+            if data is None:
+                break
+            try:
+                values.append(_codec.decode(data))  # type: ignore[arg-type]
+            except (ChannelCorruptError, UnknownTypeError) as error:
+                self._held_error = error
+                break
+        return values
+
+    def _raise_held_error(self) -> None:
+        """The decoding error ``recv_many`` kept for the next receive, if any."""
+        error = getattr(self, "_held_error", None)
+        if error is not None:
+            self._held_error = None
+            raise error
 
     def recv_view(self, timeout: float | None = None) -> Any:
         """Take one value like :meth:`recv`, but a large ``bytes``, ``bytearray`` or NumPy
@@ -384,6 +462,7 @@ class Channel(TypeArgument, Generic[T]):
             ChannelClosed: the channel is closed and drained.
             ChannelCorruptError: the ring held bytes that are not a valid message.
         """
+        self._raise_held_error()
         data = self._live_core().poll_fast(None)
         if data is None:
             raise ChannelEmpty(
@@ -405,6 +484,7 @@ class Channel(TypeArgument, Generic[T]):
             ChannelCorruptError: the ring held bytes that are not a valid message.
         """
         _check_timeout(timeout)
+        self._raise_held_error()
         core = self._live_core()
         deadline = None if timeout is None else time.monotonic() + timeout
         data = core.poll(None, deadline)

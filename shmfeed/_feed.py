@@ -17,7 +17,7 @@ import os
 import threading
 import time
 import weakref
-from typing import Any, Generic, Iterator, NamedTuple, TypeVar
+from typing import Any, Generic, Iterable, Iterator, NamedTuple, TypeVar
 
 from . import _codec, _marks, _names, _process, _registry_client, _ring, _shm, _waker
 from . import _layout as L
@@ -1030,6 +1030,56 @@ class Feed(TypeArgument, Generic[T]):
             deadline = time.monotonic() + timeout
         core, payload = self._prepare(value, deadline, timeout)
         return core.send(payload, deadline, timeout)
+
+    def send_many(self, values: Iterable[T], timeout: float | None = None) -> list[int]:
+        """:meth:`send` of every value of ``values``, in order, paid as one call (a batch
+        of small values costs less each). Every subscriber gets them in this order.
+
+        Every value is checked and encoded before the first is sent: one of another type
+        than the feed's (or than the others, on a feed whose type is not fixed yet), or
+        one that cannot be encoded, raises and nobody gets any. ``timeout`` bounds the
+        whole call.
+
+        Returns:
+            For each value, how many channels it was delivered to (as :meth:`send`).
+
+        Raises:
+            FeedTypeError, EncodingError: nothing was sent.
+            FeedClosed: the feed was closed (``error.values_sent`` values were sent before).
+            FeedSendTimeout: as :meth:`send`, for the value it was sending; the values
+                before it were sent (``error.values_sent`` says how many), those after
+                it were not.
+        """
+        deadline = None
+        if timeout is not None:
+            _check_timeout(timeout)
+            deadline = time.monotonic() + timeout
+        core = self._core
+        if core is None or core.released:
+            core = self._open()
+        payloads = []
+        type_names = set()
+        for value in values:
+            payload = _codec.encode_for_send(value, core.large_values)
+            core.large_values = len(payload) > _codec.LARGE_OUTPUT
+            payloads.append(payload)
+            type_names.add(_codec.type_name(type(value)))
+        if len(type_names) > 1:
+            names = sorted(type_names)
+            raise FeedTypeError("Send", display_type(names[1]), display_type(names[0]))
+        if type_names and (type_name := type_names.pop()) != core.type_name:
+            try:
+                core.check_send_type(type_name, deadline)
+            except TimeoutError as error:
+                raise core.nobody_reached(timeout, error) from error
+        delivered: list[int] = []
+        for payload in payloads:
+            try:
+                delivered.append(core.send(payload, deadline, timeout))
+            except (FeedSendTimeout, FeedClosed) as error:
+                error.values_sent = len(delivered)  # type: ignore[attr-defined,union-attr]
+                raise
+        return delivered
 
     async def send_async(self, value: T, timeout: float | None = None) -> int:
         """Like :meth:`send`, for asyncio code: never blocks the event loop waiting.

@@ -252,3 +252,10 @@ def hold_view(namespace: str, channel: shmfeed.Channel[bytes], report: shmfeed.C
     view = channel.recv_view(RECV_TIMEOUT)
     report.send(len(view))
     threading.Event().wait(RECV_TIMEOUT)
+
+
+def send_many_values(namespace: str, channel: shmfeed.Channel[int], count: int) -> None:
+    """Send 0..count-1 on ``channel`` in batches of 100 with send_many."""
+    os.environ["SHMFEED_NAMESPACE"] = namespace
+    for start in range(0, count, 100):
+        channel.send_many(range(start, min(count, start + 100)), timeout=RECV_TIMEOUT)
