@@ -753,6 +753,71 @@ class PlainRingTransport(Transport):
         del self.pp
 
 
+class BareSlotTransport(Transport):
+    """The latency floor (ping-pong only): per direction one shared-memory slot and one
+    posix_ipc semaphore; a hop is a msgpack encode, a copy into the slot, one post, one
+    wait, a copy out and a decode. Nothing cheaper can carry the same value between two
+    processes through a kernel wake-up."""
+
+    name = "bare slot"
+    note = ("FLOOR for latency, not a peer: one shm slot and one posix_ipc semaphore per direction, "
+            "msgpack of the same small dict (ping-pong only)")
+    floor = True
+    throughput = False
+    SLOT = 4096
+
+    @classmethod
+    def available(cls) -> tuple[bool, str]:
+        try:
+            import posix_ipc  # noqa: F401
+        except ImportError as exc:
+            return False, f"posix_ipc missing ({exc}): skipped"
+        return True, ""
+
+    def pp_setup(self) -> None:
+        import mmap
+
+        import posix_ipc
+
+        tag = f"/bench-bare-{os.getpid()}-{time.monotonic_ns()}"
+        self.names = [f"{tag}-m", f"{tag}-s0", f"{tag}-s1"]
+        memory = posix_ipc.SharedMemory(self.names[0], posix_ipc.O_CREX, size=2 * self.SLOT)
+        self.mapping = mmap.mmap(memory.fd, 2 * self.SLOT)
+        memory.close_fd()
+        self.semaphores = [posix_ipc.Semaphore(name, posix_ipc.O_CREX, initial_value=0) for name in self.names[1:]]
+
+    def pp_endpoint(self, side: int):
+        mapping, slot = self.mapping, self.SLOT
+        out_at, in_at = (0, slot) if side == 0 else (slot, 0)
+        post, wait = (self.semaphores[0].release, self.semaphores[1].acquire) if side == 0 else \
+            (self.semaphores[1].release, self.semaphores[0].acquire)
+        packb, unpackb, view = msgpack.packb, msgpack.unpackb, memoryview(mapping)
+
+        def send(value: Any) -> None:
+            data = packb(value)
+            view[out_at:out_at + 4] = len(data).to_bytes(4, "little")
+            view[out_at + 4:out_at + 4 + len(data)] = data
+            post()
+
+        def recv() -> Any:
+            wait()
+            size = int.from_bytes(view[in_at:in_at + 4], "little")
+            return unpackb(view[in_at + 4:in_at + 4 + size])
+
+        return send, recv
+
+    def pp_teardown(self) -> None:
+        import posix_ipc
+
+        self.mapping.close()
+        for semaphore in self.semaphores:
+            semaphore.close()
+        for unlink, name in [(posix_ipc.unlink_shared_memory, self.names[0])] + \
+                [(posix_ipc.unlink_semaphore, name) for name in self.names[1:]]:
+            with contextlib.suppress(posix_ipc.ExistentialError):
+                unlink(name)
+
+
 def _plain_ring():
     here = os.path.dirname(os.path.abspath(__file__))
     if here not in sys.path:
@@ -770,6 +835,7 @@ TRANSPORTS: list[type[Transport]] = [
     FasterFifoTransport,
     Iceoryx2Transport,
     PlainRingTransport,
+    BareSlotTransport,
 ]
 BASELINE = "shmfeed"
 
@@ -1277,18 +1343,19 @@ def main(argv: list[str] | None = None) -> int:
             if args.only and wl.name not in args.only.split(","):
                 continue
             for n_subs in sub_counts:
-                runs: dict[str, list[dict]] = {tcls.name: [] for tcls in transports}
+                movers = [tcls for tcls in transports if getattr(tcls, "throughput", True)]
+                runs: dict[str, list[dict]] = {tcls.name: [] for tcls in movers}
                 for round_ in range(args.repeat):
                     # Round robin, starting one further each round: no transport always
                     # runs first (on a fresh machine) or right after the heaviest one.
-                    shift = round_ % len(transports)
-                    for tcls in transports[shift:] + transports[:shift]:
+                    shift = round_ % len(movers)
+                    for tcls in movers[shift:] + movers[:shift]:
                         cell = run_cell(tcls, wl, n_subs)
                         runs[tcls.name].append(cell)
                         if not args.json:
                             status = "ERROR" if "error" in cell else f"{cell['events_per_s']:,.0f} ev/s"
                             print(f"  .. {wl.name} x{n_subs} {tcls.name}: {status}", file=sys.stderr)
-                for tcls in transports:
+                for tcls in movers:
                     cell = median_cell(runs[tcls.name])
                     doc["throughput"].append(cell)
                     ok &= "error" not in cell
