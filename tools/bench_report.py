@@ -1,0 +1,155 @@
+"""``tools/bench.py``'s report: the summary with ratios, the tables, the chart."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from bench_transports import BASELINE, Transport
+
+# --------------------------------------------------------------------------------------
+# Output
+# --------------------------------------------------------------------------------------
+
+
+def _fmt_rate(x: float) -> str:
+    return f"{x:,.0f}"
+
+
+def _cell_keys(cells: list[dict]) -> list[tuple[str, int]]:
+    keys: list[tuple[str, int]] = []
+    for c in cells:
+        k = (c["workload"], c["subs"])
+        if k not in keys:
+            keys.append(k)
+    return keys
+
+
+def summarize(doc: dict) -> list[dict]:
+    """Per cell: shmfeed vs. the fastest lossless peer (the floor is not a peer) and vs. the floor."""
+    kinds = doc["meta"]["kinds"]
+    out = []
+    cells = doc["throughput"]
+    for k in _cell_keys(cells):
+        group = [c for c in cells if (c["workload"], c["subs"]) == k and "error" not in c]
+        base = next((c for c in group if c["transport"] == BASELINE), None)
+        peers = [c for c in group if kinds.get(c["transport"]) == "peer"]
+        best = max(peers, key=lambda c: c["events_per_s"], default=None)
+        floor = next((c for c in group if kinds.get(c["transport"]) == "floor"), None)
+        row: dict[str, Any] = {"workload": k[0], "subs": k[1]}
+        if base is not None and best is not None:
+            row.update(best_peer=best["transport"], shmfeed_vs_best_peer=base["events_per_s"] / best["events_per_s"])
+        if base is not None and floor is not None:
+            row.update(shmfeed_vs_floor=base["events_per_s"] / floor["events_per_s"])
+        out.append(row)
+    return out
+
+
+def print_tables(doc: dict) -> None:
+    m = doc["meta"]
+    print(
+        f"shmfeed bench  python {m['python']}  {m['cpus']} CPUs  start={m['start_method']}  "
+        f"namespace={m['namespace']}  scale={m['events_scale']}"
+    )
+    for name, note in m["transports"].items():
+        print(f"  {name:11s} {note}")
+    print()
+    print("Throughput: lossless fan-out, 1 sender -> N receiver processes, every event checked in order.")
+    print(f"  Each cell: the median of {m.get('repeat', 1)} runs per transport, interleaved (this machine is shared and noisy).")
+    print("  CPU µs/ev: tx = sender process, rx = mean per receiver process.")
+    print("  vs shmfeed = shmfeed ev/s / this ev/s (> 1: shmfeed is faster). (floor) = not a peer, see notes.")
+    hdr = (f"{'workload':8s} {'subs':>4s} {'events':>7s}  {'transport':18s} {'events/s':>12s} {'MB/s':>8s} "
+           f"{'tx µs/ev':>9s} {'rx µs/ev':>9s} {'vs shmfeed':>10s}")
+    print(hdr)
+    print("-" * len(hdr))
+    cells = doc["throughput"]
+    summaries = {(r["workload"], r["subs"]): r for r in doc.get("summary", [])}
+    for k in _cell_keys(cells):
+        group = [c for c in cells if (c["workload"], c["subs"]) == k]
+        base = next((c for c in group if c["transport"] == BASELINE and "error" not in c), None)
+        for c in group:
+            lead = f"{c['workload']:8s} {c['subs']:>4d} {c['events']:>7d}"
+            label = c["transport"] + (" (floor)" if m["kinds"].get(c["transport"]) == "floor" else "")
+            if "error" in c:
+                print(f"{lead}  {label:18s} ERROR: {c['error'].strip().splitlines()[-1][:100]}")
+                continue
+            ratio = "" if base is None or c is base else f"{base['events_per_s'] / c['events_per_s']:.2f}x"
+            print(
+                f"{lead}  {label:18s} {_fmt_rate(c['events_per_s']):>12s} {c['mb_per_s']:>8.1f} "
+                f"{c['tx_cpu_us_per_event']:>9.1f} {c['rx_cpu_us_per_event']:>9.1f} {ratio:>10s}"
+            )
+        r = summaries.get(k, {})
+        parts = []
+        if "shmfeed_vs_best_peer" in r:
+            parts.append(f"shmfeed / best peer ({r['best_peer']}) = {r['shmfeed_vs_best_peer']:.2f}x")
+        if "shmfeed_vs_floor" in r:
+            parts.append(f"shmfeed / plain ring floor = {r['shmfeed_vs_floor']:.2f}x")
+        if parts:
+            print(f"{'':22s}" + ";  ".join(parts))
+        print()
+    print("Latency: ping-pong, small value, one-way = round trip / 2 (µs)")
+    hdr = f"{'transport':11s} {'load':22s} {'p50':>8s} {'p99':>8s} {'p99.9':>8s} {'max':>9s}"
+    print(hdr)
+    print("-" * len(hdr))
+    for r in doc["latency"]:
+        if "error" in r:
+            print(f"{r['transport']:11s} {r['load']:22s} ERROR: {r['error'].strip().splitlines()[-1][:100]}")
+            continue
+        print(
+            f"{r['transport']:11s} {r['load']:22s} {r['p50_us']:>8.1f} {r['p99_us']:>8.1f} {r['p999_us']:>8.1f} {r['max_us']:>9.1f}"
+        )
+    if doc["notes"]:
+        print()
+        for note in doc["notes"]:
+            print(f"note: {note}")
+    print()
+    print(f"total {doc['meta']['wall_seconds']:.1f} s; result: {'OK' if doc['ok'] else 'FAILED'}")
+
+
+def draw_png(doc: dict, path: str) -> str | None:
+    """Grouped bars (log scale) of events/s per transport per cell; returns a note on failure."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return f"--png {path}: matplotlib not installed: no chart"
+    cells = [c for c in doc["throughput"] if "error" not in c]
+    keys = _cell_keys(doc["throughput"])
+    names = list(doc["meta"]["transports"])
+    if not cells or not keys:
+        return f"--png {path}: no results to draw"
+    width = 0.8 / len(names)
+    fig, ax = plt.subplots(figsize=(min(16.0, max(8.0, 0.25 * len(keys) * len(names) + 2)), 6))
+    for j, name in enumerate(names):
+        xs, ys = [], []
+        for x, k in enumerate(keys):
+            c = next((c for c in cells if (c["workload"], c["subs"]) == k and c["transport"] == name), None)
+            if c is not None:
+                xs.append(x - 0.4 + width * (j + 0.5))
+                ys.append(c["events_per_s"])
+        kind = doc["meta"]["kinds"].get(name)
+        label = name + (" (floor)" if kind == "floor" else "")
+        ax.bar(xs, ys, width, label=label, hatch="//" if kind == "floor" else None,
+               edgecolor="black" if name == BASELINE else None, linewidth=1.2 if name == BASELINE else 0)
+    ax.set_yscale("log")
+    ax.set_xticks(range(len(keys)))
+    ax.set_xticklabels([f"{w}\nx{n}" for w, n in keys])
+    ax.set_ylabel("events/s (log)")
+    ax.set_title("Lossless fan-out, 1 sender -> N receivers (msgpack, in-order checked)")
+    ax.grid(axis="y", which="both", alpha=0.3)
+    ax.legend(fontsize="small", ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return None
+
+
+def _kind(tcls: type[Transport]) -> str:
+    if tcls.name == BASELINE:
+        return "baseline"
+    if getattr(tcls, "floor", False):
+        return "floor"
+    return "peer" if getattr(tcls, "lossless", True) else "lossy peer"
+
+
