@@ -621,7 +621,8 @@ class ChannelCore(AttachedSegment):
 
     def offer_fast(self, payload: Payload, deadline: float | None = None,
                    mark: tuple[memoryview, int] | None = None) -> int:
-        """The common case of ``offer``: an inline record, no waker (the hot path, inlined).
+        """The common case of ``offer``: an inline record, no waker: the C offer, and
+        ``offer`` for whatever it leaves (or when there is no C path).
 
         Returns DELIVERED if written, else whatever ``offer`` decides. ``mark`` (a word of
         a feed's segment and a bit, see ``_marks``): the C offer sets the bit right after
@@ -636,44 +637,7 @@ class ChannelCore(AttachedSegment):
                 self._wake(L.RECV_WAITLIST_WORD, L.RECV_WAITING)
                 return DELIVERED
             return self.offer(KIND_DATA, payload, None, deadline)  # full, odd, or locked
-        words = self.words
-        send_lock = self.send_lock
-        if not send_lock.acquire_by(deadline):
-            raise self._held("send", L.LOCK_OWNER)
-        words[L.LOCK_OWNER] = _pid
-        try:
-            size = len(payload)
-            record = 8 + ((size + 7) & ~7)
-            write_pos = words[L.WRITE_POS]
-            ring = self.ring_bytes
-            offset = write_pos % ring
-            fits = not (
-                words[L.CLOSED]
-                or record > ring - offset
-                or write_pos - words[L.READ_POS] + record > ring
-                or words[L.SENT] - words[L.RECEIVED] >= self.capacity
-            )
-            if fits:
-                start = L.HEADER_BYTES + offset
-                _pack_record_header(self.buffer, start, size, KIND_DATA)
-                self.buffer[start + 8 : start + 8 + size] = payload
-                words[L.SENT] += 1
-                words[L.WRITE_POS] = write_pos + record
-        except ValueError as error:  # a counter at 2**64: only a corrupt header gets there
-            raise self._corrupt_header(error) from error
-        finally:
-            words[L.LOCK_OWNER] = 0
-            send_lock.release()
-        if not fits:
-            return self.offer(KIND_DATA, payload, None, deadline)
-        # Read only after the release above (a full barrier) made the commit visible.
-        if words[L.RECV_WAITING]:
-            try:
-                self._wake(L.RECV_WAITLIST_WORD, L.RECV_WAITING)
-            except BaseException as error:  # a signal handler's (Ctrl-C) while waking
-                _mark_delivered(error)
-                raise
-        return DELIVERED
+        return self.offer(KIND_DATA, payload, None, deadline)  # no C path: the one Python offer
 
     def offer(
         self, kind: int, record: Payload, waker: _waker.Waker | None = None, deadline: float | None = None
@@ -803,7 +767,8 @@ class ChannelCore(AttachedSegment):
         _unlink_file(_names.spill_file(self.namespace, self.channel_id, spill_id))
 
     def poll_fast(self, deadline: float | None = None) -> bytes | memoryview | None:
-        """The common case of ``poll``: an inline record is waiting (the hot path, inlined)."""
+        """The common case of ``poll``: the C poll of an inline record, and ``poll`` for
+        whatever it leaves (empty, odd, locked) or when there is no C path."""
         fast = self._fast
         if fast is not None:
             data = fast.poll(_pid)
@@ -812,35 +777,7 @@ class ChannelCore(AttachedSegment):
             if self.words[L.SEND_WAITING]:
                 self._wake(L.SEND_WAITLIST_WORD, L.SEND_WAITING)
             return data
-        words = self.words
-        recv_lock = self.recv_lock
-        if not recv_lock.acquire_by(deadline):
-            raise self._held("receive", L.RECV_LOCK_OWNER)
-        words[L.RECV_LOCK_OWNER] = _pid
-        data = None
-        try:
-            read_pos = words[L.READ_POS]
-            available = words[L.WRITE_POS] - read_pos
-            offset = read_pos % self.ring_bytes
-            start = L.HEADER_BYTES + offset
-            if available and not offset & 7:  # a misaligned position is corrupt: poll() says so
-                size, kind = _unpack_record_header(self.buffer, start)
-                record = 8 + ((size + 7) & ~7)
-                if kind == KIND_DATA and record <= available and offset + record <= self.ring_bytes:
-                    data = self.buffer[start + 8 : start + 8 + size].tobytes()
-                    words[L.RECEIVED] += 1
-                    words[L.READ_POS] = read_pos + record
-                    self._note_receiver()
-        except ValueError as error:  # a counter at 2**64: only a corrupt header gets there
-            raise self._corrupt_header(error) from error
-        finally:
-            words[L.RECV_LOCK_OWNER] = 0
-            recv_lock.release()
-        if data is None:
-            return self.poll(None, deadline)
-        if words[L.SEND_WAITING]:
-            self._wake(L.SEND_WAITLIST_WORD, L.SEND_WAITING)
-        return data
+        return self.poll(None, deadline)
 
     def poll(self, waker: _waker.Waker | None = None, deadline: float | None = None) -> bytes | memoryview | None:
         """Take one encoded value if there is one.
