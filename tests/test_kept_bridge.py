@@ -59,12 +59,12 @@ def test_the_registry_keeps_a_bridge_restarts_it_and_stops_it_when_idle(kept: Na
     with in_namespace(b):
         remote = Subscriber("prices")
     feed: shmfeed.Feed[Any] = shmfeed.Feed("prices")
-    bridges: list[int] = []
+    bridges: list[psutil.Process] = []  # with their start times: a pid reused later is not them
     try:
         wait_until(lambda: _crossing(feed, remote, "first"), 30, "values crossing through the kept bridges")
         first_pid = _bridge_pid(b)
         assert first_pid is not None and _bridge_pid(a) not in (None, first_pid)
-        bridges += [first_pid, _bridge_pid(a) or 0]
+        bridges += [psutil.Process(first_pid), psutil.Process(_bridge_pid(a) or 0)]
         assert psutil.Process(first_pid).ppid() == _registry_client.ping(b)["pid"]  # type: ignore[index]
         for n in range(100):
             feed.send({"n": n})
@@ -72,7 +72,7 @@ def test_the_registry_keeps_a_bridge_restarts_it_and_stops_it_when_idle(kept: Na
 
         os.kill(first_pid, signal.SIGKILL)  # the registry starts it again (and it fails nobody)
         wait_until(lambda: _bridge_pid(b) not in (None, first_pid), 20, "the bridge started again")
-        bridges.append(_bridge_pid(b) or 0)
+        bridges.append(psutil.Process(_bridge_pid(b) or 0))
         wait_until(lambda: _crossing(feed, remote, "again"), 30, "values crossing after the restart")
         feed.send({"after": 1})
         assert remote.channel.recv(10) == {"after": 1}
@@ -85,8 +85,8 @@ def test_the_registry_keeps_a_bridge_restarts_it_and_stops_it_when_idle(kept: Na
         _release.release_namespace(name)
     for name in (a, b):
         wait_until(lambda: _registry_client.ping(name, timeout=0.5) is None, 40, f"the registry of {name} leaving")
-    for pid in bridges:
-        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    for process in bridges:
+        assert not process.is_running() or process.status() == psutil.STATUS_ZOMBIE, process
 
 
 def test_a_bridge_of_a_sigkilled_registry_goes_with_it(kept: NatsServer, hosts: list[str]) -> None:
