@@ -317,12 +317,17 @@ static PyObject *Ring_poll(Ring *self, PyObject *pid_object) {
             }
         }
     }
+    /* Empty and open: nothing for the Python path to decide, which then skips its own poll. */
+    int empty = read_pos == write_pos && !load(self, W_CLOSED);
     store(self, W_RECV_LOCK_OWNER, 0);
     sem_post(self->recv_lock);
     if (failed)
         return NULL;
-    if (data == NULL)
+    if (data == NULL) {
+        if (empty)
+            Py_RETURN_FALSE;
         Py_RETURN_NONE;
+    }
     return data;
 }
 
@@ -528,7 +533,8 @@ static PyMethodDef Ring_methods[] = {
     {"offer", (PyCFunction)(void (*)(void))Ring_offer, METH_FASTCALL,
      "offer(payload, pid[, mark, bit]) -> 0 written, 1 written and receivers wait, 2 not written"},
     {"poll", (PyCFunction)Ring_poll, METH_O,
-     "poll(pid) -> the oldest inline record's payload, or None for the Python path"},
+     "poll(pid) -> the oldest inline record's payload, False if the ring is empty (and open), "
+     "or None for the Python path"},
     {"wake", (PyCFunction)(void (*)(void))Ring_wake, METH_FASTCALL,
      "wake(first_word, count_word, pid) -> True: posted every waker of a wait list and emptied it; False: lock busy"},
     {"release", (PyCFunction)Ring_release, METH_NOARGS, "let go of the mapping (idempotent)"},

@@ -235,7 +235,9 @@ class ChannelCore(AttachedSegment):
         poll, now = fast.poll, time.perf_counter_ns
         while True:
             data = poll(_pid)
-            if data is not None:
+            if data is None:
+                return self.poll(None, deadline)  # odd, closed or locked: the Python poll decides
+            if data is not False:
                 state[0] = SPIN_MAX_NS
                 if self.words[L.SEND_WAITING]:
                     self._wake(L.SEND_WAITLIST_WORD, L.SEND_WAITING)
@@ -772,8 +774,10 @@ class ChannelCore(AttachedSegment):
         fast = self._fast
         if fast is not None:
             data = fast.poll(_pid)
+            if data is False:
+                return None  # empty and open: the Python poll would say no more
             if data is None:
-                return self.poll(None, deadline)  # empty, odd, or locked
+                return self.poll(None, deadline)  # odd, closed, or locked
             if self.words[L.SEND_WAITING]:
                 self._wake(L.SEND_WAITLIST_WORD, L.SEND_WAITING)
             return data
@@ -851,7 +855,7 @@ class ChannelCore(AttachedSegment):
             # per message costs both sides far more than a yield (see _should_yield).
             os.sched_yield()
             self._yielded = True
-            data = self.poll(None, deadline)
+            data = self.poll_fast(deadline)
             if data is not None:
                 self._taken_since_empty = 1
                 return data
@@ -876,7 +880,7 @@ class ChannelCore(AttachedSegment):
                 if waker.wait(remaining) and fast is not None:
                     # Woken by a send (which emptied the wait list): the C path first.
                     data = fast.poll(_pid)
-                    if data is not None:
+                    if data is not None and data is not False:
                         if self.words[L.SEND_WAITING]:
                             self._wake(L.SEND_WAITLIST_WORD, L.SEND_WAITING)
                         self._taken_since_empty = 1
