@@ -199,7 +199,8 @@ static PyTypeObject RingType;
 
 /* offer_all(rings, payload, pid, start) -> -1 when rings[start:] all took the payload and
  * nobody waits on them; else 2*i + 1 if rings[i] took it and its receivers wait, or 2*i
- * if it did not take it. The caller deals with ring i and calls again from i + 1. */
+ * if it did not take it. The caller deals with ring i and calls again from i + 1.
+ * (The Python side names these: _native.OFFER_ALL_DONE, _native.stopped_at.) */
 static PyObject *offer_all(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
     Py_buffer payload;
     uint64_t pid;
@@ -583,6 +584,7 @@ static void feed_unlock(Feed *self) {
 }
 
 /* Feed.send(rings, payload, pid, version) -> the common case of FeedCore.send in one call.
+ * (The Python side names the answers and the plan: _native.FeedSendAnswer, SendPlan.)
  *   -1  nothing done, lock not held: the feed is closed, its subscriptions changed since
  *       ``version`` (the Python path re-reads them), or its send lock is busy (the Python
  *       path waits for it with the caller's deadline);

@@ -21,6 +21,7 @@ from typing import Any, Generic, Iterable, Iterator, NamedTuple, TypeVar
 
 from . import _codec, _marks, _names, _process, _registry_client, _ring, _shm, _waker
 from . import _layout as L
+from ._native import OFFER_ALL_DONE, FeedSendAnswer, SendPlan, stopped_at
 from ._segment import AttachedSegment, open_named
 from ._codec import Segments
 from ._channel import Channel, TypeArgument, _check_timeout, display_type
@@ -58,6 +59,7 @@ def _channel_label(channel_id: int) -> str:
 
 # The C loop over a feed's rings; without the accelerator _fast_plan is always None.
 offer_all: Any = _ring._accel.offer_all if _ring._accel is not None else None
+_ALL_DELIVERED = FeedSendAnswer.ALL_DELIVERED
 ACCEL_WORDS = (L.SEND_LOCK_OWNER, L.FEED_CLOSED, L.SUB_VERSION, L.SENDS, L.DELIVERED, L.LAST_SENDER_PID)
 
 
@@ -88,11 +90,11 @@ class FeedCore(AttachedSegment):
         # For the C send: (table version, targets, their C rings, the longest payload all of
         # them take inline), one tuple so that threads read it whole; None if a target has
         # no C ring.
-        self._fast_plan: tuple[int, tuple[_Target, ...], tuple[Any, ...], int] | None = None
+        self._fast_plan: SendPlan | None = None
         # For a send that skips one channel (a bridge's injection, see ``send``): (the
         # targets it was derived from, the skipped channel id, the other targets, their
         # plan as ``_fast_plan``), one tuple so that threads read it whole.
-        self._skip_cache: tuple[tuple[_Target, ...], int, tuple[_Target, ...], Any] | None = None
+        self._skip_cache: tuple[tuple[_Target, ...], int, tuple[_Target, ...], SendPlan | None] | None = None
         self._fast: Any = None  # the C send of the feed (see FeedCore.send)
         # While a marked send holds the send lock: (its mark entry's first word, the
         # subscription id limit, whether it resumes a dead bridge's send). See _marks.
@@ -354,13 +356,14 @@ class FeedCore(AttachedSegment):
         self._targets = tuple(targets)
         rings = tuple(target.core._fast for target in targets)
         inline_limit = min((target.core.inline_limit for target in targets), default=-1)
-        self._fast_plan = (version, self._targets, rings, inline_limit) if rings and None not in rings else None
+        self._fast_plan = SendPlan(version, self._targets, rings, inline_limit) if rings and None not in rings else None
         self._targets_version = version
         for entry, sub_id, channel_id, err_channel_id, error in gone:
             self.end_subscription(entry, sub_id, channel_id, err_channel_id, error)
         return self._targets
 
-    def targets_skipping(self, skip_channel: int, deadline: float | None = None) -> tuple[tuple[_Target, ...], Any]:
+    def targets_skipping(self, skip_channel: int,
+                         deadline: float | None = None) -> tuple[tuple[_Target, ...], SendPlan | None]:
         """The active subscriptions but those of channel ``skip_channel``, and their C
         send plan (or None), derived from ``targets()`` and kept until it changes."""
         targets = self.targets(deadline)
@@ -369,9 +372,9 @@ class FeedCore(AttachedSegment):
             return cached[2], cached[3]
         kept = tuple(target for target in targets if target.core.channel_id != skip_channel)
         plan = self._fast_plan
-        if plan is not None and plan[1] is targets and kept:
+        if plan is not None and plan.targets is targets and kept:
             rings = tuple(target.core._fast for target in kept)
-            plan = (plan[0], kept, rings, min(target.core.inline_limit for target in kept))
+            plan = SendPlan(plan.version, kept, rings, min(target.core.inline_limit for target in kept))
         else:
             plan = None
         self._skip_cache = (targets, skip_channel, kept, plan)
@@ -439,18 +442,18 @@ class FeedCore(AttachedSegment):
                 cached = self._skip_cache  # valid while it was derived from the current targets
                 plan = cached[3] if cached is not None and cached[0] is self._targets and cached[1] == skip_channel else None
             fast = self._fast
-            if plan is not None and fast is not None and len(payload) <= plan[3]:
+            if plan is not None and fast is not None and len(payload) <= plan[3]:  # plan.inline_limit
                 if isinstance(payload, Segments):
                     payload = payload.join()  # inline in every ring
-                # All of it in C when nothing unusual happens (see _accel.c, Feed.send). When
-                # it answers i >= 0 it still holds the send lock and we go on from ring i;
-                # the finally lets go of it whatever happens from the moment the call returns.
-                # It answers -1 without the lock if the lock is busy: we wait for it below.
+                # All of it in C when nothing unusual happens (see _accel.c, Feed.send, and
+                # FeedSendAnswer for what it answers and which answers leave the send lock
+                # held); the finally lets go of the lock whatever happens from the moment
+                # the call returns.
                 try:
-                    answer = fast.send(plan[2], payload, _ring._pid, plan[0])
-                    if answer == -2:
+                    answer = fast.send(plan[2], payload, _ring._pid, plan[0])  # plan.rings, plan.version
+                    if answer == _ALL_DELIVERED:
                         return len(plan[2])
-                    if answer >= 0:
+                    if answer >= 0:  # stopped at a ring, the lock held: on from there in Python
                         return self._send_locked(payload, plan, answer, deadline, timeout, skip_channel)
                 finally:
                     fast.unlock_if_held()
@@ -522,7 +525,7 @@ class FeedCore(AttachedSegment):
         ]
         return FeedSendTimeout.of_send(self._label(), timeout, 0, pending, str(error).removeprefix("shmfeed: "))
 
-    def _send_locked(self, payload: _ring.Encoded, plan: Any, answer: int, deadline: float | None,
+    def _send_locked(self, payload: _ring.Encoded, plan: SendPlan | None, answer: int, deadline: float | None,
                      timeout: float | None, skip_channel: int = 0) -> int:
         """The send, with the feed's send lock held (see ``first_pass``); the wait on full
         channels blocks this thread."""
@@ -541,11 +544,13 @@ class FeedCore(AttachedSegment):
                 spill.close()
 
     def first_pass(
-        self, payload: _ring.Encoded, plan: Any, answer: int, deadline: float | None, timeout: float | None,
+        self, payload: _ring.Encoded, plan: SendPlan | None, answer: int, deadline: float | None,
+        timeout: float | None,
         skip_channel: int = 0,
     ) -> tuple[int, list[_Waiting], _ring.Spill | None]:
         """The send, with the feed's send lock held: from the start (``answer`` -1), or
-        from where the C send stopped (``answer`` as ``_accel.offer_all``, on ``plan``).
+        from where the C send stopped (``answer`` as ``offer_all``'s, on ``plan``: see
+        ``_native.stopped_at``).
 
         A ring lock still held by someone else at ``deadline`` ends the pass at that ring:
         the rings that took the value keep it, every other copy is withdrawn, and
@@ -569,10 +574,11 @@ class FeedCore(AttachedSegment):
                 else:
                     targets = self.targets(deadline)  # a TimeoutError here: nobody got the value yet
                     plan = self._fast_plan
-                    if plan is not None and plan[1] is not targets:
+                    if plan is not None and plan.targets is not targets:
                         plan = None  # rebuilt meanwhile by another thread: the Python loop
             else:
-                targets = plan[1]  # the C send went through it (it checked the version)
+                assert plan is not None
+                targets = plan.targets  # the C send went through it (it checked the version)
             marking = self._marking
             if marking is not None:
                 plan = None  # the Python loop: it marks each channel as it settles
@@ -584,19 +590,20 @@ class FeedCore(AttachedSegment):
             waiting: list[_Waiting] = []
             reached = 0  # the target in hand; those before it are settled
             try:
-                if plan is not None and size <= plan[3]:
+                if plan is not None and size <= plan.inline_limit:
                     if isinstance(payload, Segments):
                         payload = payload.join()  # inline in every ring
-                    rings = plan[2]
+                    rings = plan.rings
                     # The C loop writes to every ring it can and stops at each one that needs
                     # more: a wake-up, or the Python path (full, closed, locked, ...).
                     if answer == -1:
                         answer = offer_all(rings, payload, _ring._pid, 0)
-                    while answer >= 0:
-                        delivered += (answer >> 1) - reached  # the rings before it took it in C
-                        reached = answer >> 1
+                    while answer != OFFER_ALL_DONE:
+                        ring, took = stopped_at(answer)
+                        delivered += ring - reached  # the rings before it took it in C
+                        reached = ring
                         target = targets[reached]
-                        if answer & 1:
+                        if took:
                             delivered += 1
                             target.core._wake(L.RECV_WAITLIST_WORD, L.RECV_WAITING)
                         else:
