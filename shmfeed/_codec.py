@@ -18,7 +18,7 @@ code  kind (payload)                code  kind (payload)
 4     frozenset [items]              13   Enum [name, value]
 5     bytearray (raw bytes)          14   dataclass [name, [field values]]
 6     datetime [y..us, fold, tz]     15   NamedTuple [name, [items]]
-7     date [y, m, d]                 16   ndarray (u32 n, [dtype.str, shape], data)
+7     date [y, m, d]                 16   ndarray (u32 n, [dtype.str, shape(, pad)], data)
 8     time [h..us, fold, tz]         17   numpy scalar [dtype.str, bytes]
 9     timedelta [d, s, us]           18   register_type [name, value]
 30+   register_reference_type (to_bytes(obj)); 30 is ``CHANNEL_EXT_CODE`` (Channel)
@@ -696,8 +696,21 @@ def _dtype_str(dt: Any) -> str:
     return dt.str
 
 
+ARRAY_ALIGNMENT = 64  # where a large array's data starts in a top-level value (a cache line)
+_ALIGN_FROM = 4096  # arrays of fewer data bytes are not padded
+
+
 def _enc_ndarray(a: Any) -> msgpack.ExtType:
-    head = _pack([_dtype_str(a.dtype), list(a.shape)])
+    meta = [_dtype_str(a.dtype), list(a.shape)]
+    head = _pack(meta)
+    if a.nbytes >= _ALIGN_FROM:
+        # Padding in the header (a third item) puts the data at a multiple of
+        # ARRAY_ALIGNMENT from the start of an array sent as the value itself, as it lies
+        # in a spill file (recv_view hands out an array over it: aligned, numpy takes its
+        # fast paths). The ext header is 6 bytes (ext 32) from 65,536 payload bytes, else 4.
+        ext_header = 6 if 4 + len(head) + 2 + a.nbytes >= 1 << 16 else 4
+        pad = -(ext_header + 4 + len(head) + 2) % ARRAY_ALIGNMENT
+        head = _pack([*meta, bytes(pad)])
     return _Ext(_NDARRAY, b"".join((struct.pack("<I", len(head)), head, a.tobytes())))
 
 
@@ -723,7 +736,10 @@ def _ndarray_layout(data: bytes | memoryview) -> tuple[Any, list[int], int]:
         (n,) = struct.unpack_from("<I", data)
     except struct.error:
         raise _corrupt("bad numpy header") from None
-    dtype, shape = _items(bytes(data[4:4 + n]), 2)
+    meta = _items(bytes(data[4:4 + n]))
+    if len(meta) not in (2, 3) or (len(meta) == 3 and (type(meta[2]) is not bytes or len(meta[2]) >= ARRAY_ALIGNMENT)):
+        raise _corrupt("bad numpy header")
+    dtype, shape = meta[0], meta[1]
     dt = _np_dtype(dtype)
     if (type(shape) is not list or len(shape) > 64
             or not all(type(d) is int and d >= 0 for d in shape)):

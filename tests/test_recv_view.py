@@ -133,3 +133,21 @@ def test_a_view_held_by_a_killed_process_is_cleaned_up(namespace: str, mp_contex
             child.join(10)
         channel.close()
         report.close()
+
+
+@needs_accel
+def test_a_large_array_view_is_aligned_for_numpy(namespace: str) -> None:
+    np = pytest.importorskip("numpy")
+    from shmfeed import _codec
+
+    channel: shmfeed.Channel[object] = shmfeed.Channel(16, buffer_size=MIB)
+    try:
+        for dtype in ("f8", "f4", "i2", "u1", "c16"):
+            array = np.arange(MIB // 2, dtype=dtype)
+            channel.send(array)
+            got = channel.recv_view()
+            assert got.flags.aligned and got.ctypes.data % _codec.ARRAY_ALIGNMENT == 0, dtype
+            assert (got == array).all()
+            del got
+    finally:
+        channel.close()
