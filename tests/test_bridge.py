@@ -112,6 +112,8 @@ def _stopped(bridge: BridgeProcess) -> dict[str, Any]:
 
 
 def test_three_namespaces_share_a_feed_exactly_once_in_order(nats_url: str, hosts: list[str]) -> None:
+    """Two namespaces sending at once, small values and a 3 MiB one (split over the
+    server's 1 MiB max_payload): every subscriber of all three gets each once, in order."""
     a, b, c = hosts
     subscribers: dict[str, Subscriber] = {}
     for name in hosts:
@@ -124,6 +126,7 @@ def test_three_namespaces_share_a_feed_exactly_once_in_order(nats_url: str, host
             with in_namespace(b):
                 feed_b = shmfeed.Feed("prices")
             from_a, from_b = _values("a"), _values("b")
+            from_a[10]["raw"] = os.urandom(3 << 20)  # 3 MiB: split, joined, in its place
             for value_a, value_b in zip(from_a, from_b):  # two hosts sending at once
                 assert feed_a.send(value_a) == 2  # the local subscriber and the bridge
                 feed_b.send(value_b)
