@@ -1,0 +1,414 @@
+/* One channel ring: offer, poll, wake of a wait list, the Ring type.
+ * Part of shmfeed/_accel.c (included there: one translation unit, so every helper stays
+ * static and inlinable). */
+
+/* Append one inline record if it fits now: 0 written, 1 written and receivers wait (the
+ * caller wakes them), 2 not written (full, odd, or the lock busy: the Python path
+ * decides), -1 error (exception set). With a ``mark`` word (a durable bridge's delivery
+ * mark in the feed's segment, see _marks.py), ``bit`` is set in it by the store right
+ * after the commit, still under the lock: a SIGKILL lands between the two only within
+ * one instruction, where a Python statement would leave a window of a microsecond. */
+static int ring_offer_marked(Ring *self, const void *payload, uint64_t size, uint64_t pid, uint64_t *mark,
+                             uint64_t bit) {
+    if (check_open(self) < 0)
+        return -1;
+    if (try_lock(self->send_lock))
+        return 2;
+    store(self, W_LOCK_OWNER, pid);
+    uint64_t record = 8 + ((size + 7) & ~(uint64_t)7);
+    uint64_t ring = self->ring_bytes;
+    uint64_t write_pos = load(self, W_WRITE_POS);
+    uint64_t read_pos = load(self, W_READ_POS);
+    uint64_t sent = load(self, W_SENT);
+    uint64_t received = load(self, W_RECEIVED);
+    uint64_t offset = write_pos % ring;
+    int fits = !load(self, W_CLOSED)
+        && size <= 0xFFFFFFF0u
+        && read_pos <= write_pos                    /* anything else is corrupt: Python says so */
+        && record <= ring - offset
+        && write_pos - read_pos + record <= ring
+        && received <= sent
+        && sent - received < load(self, W_CAPACITY)
+        && sent != UINT64_MAX
+        && write_pos <= UINT64_MAX - record;
+    if (fits) {
+        uint32_t header[2] = {(uint32_t)size, KIND_DATA};  /* little-endian only (see _ring) */
+        unsigned char *at = self->ring + offset;
+        memcpy(at, header, 8);
+        memcpy(at + 8, payload, (size_t)size);
+        store(self, W_SENT, sent + 1);
+        store(self, W_WRITE_POS, write_pos + record);  /* the commit: after the bytes */
+        if (mark != NULL)
+            __atomic_fetch_or(mark, bit, __ATOMIC_RELEASE);
+    }
+    store(self, W_LOCK_OWNER, 0);
+    sem_post(self->send_lock);  /* a full barrier: the commit is visible before we look */
+    if (!fits)
+        return 2;
+    return load(self, W_RECV_WAITING) ? 1 : 0;
+}
+
+static inline int ring_offer(Ring *self, const void *payload, uint64_t size, uint64_t pid) {
+    return ring_offer_marked(self, payload, size, pid, NULL, 0);
+}
+
+static int parse_payload_and_pid(PyObject *payload_object, PyObject *pid_object, Py_buffer *payload,
+                                 uint64_t *pid) {
+    *pid = PyLong_AsUnsignedLongLong(pid_object);
+    if (*pid == (uint64_t)-1 && PyErr_Occurred())
+        return -1;
+    return PyObject_GetBuffer(payload_object, payload, PyBUF_SIMPLE);
+}
+
+/* Ring.offer(payload, pid[, mark, bit]) -> 0 written, 1 written and receivers wait, 2 not
+ * written. ``mark``: a writable 8-byte aligned buffer (one word of a feed's segment) in which
+ * ``bit`` is set when the record is committed (see ring_offer_marked). */
+static PyObject *Ring_offer(Ring *self, PyObject *const *args, Py_ssize_t nargs) {
+    Py_buffer payload, mark;
+    uint64_t pid, bit = 0;
+    if (nargs != 2 && nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "offer(payload, pid[, mark, bit])");
+        return NULL;
+    }
+    if (nargs == 4) {
+        bit = PyLong_AsUnsignedLongLong(args[3]);
+        if (bit == (uint64_t)-1 && PyErr_Occurred())
+            return NULL;
+        if (PyObject_GetBuffer(args[2], &mark, PyBUF_WRITABLE) < 0)
+            return NULL;
+        if (mark.len < 8 || ((uintptr_t)mark.buf & 7) != 0) {
+            PyBuffer_Release(&mark);
+            PyErr_SetString(PyExc_ValueError, "shmfeed: a mark is one aligned 8-byte word; pass one word of a feed's segment");
+            return NULL;
+        }
+    }
+    if (parse_payload_and_pid(args[0], args[1], &payload, &pid) < 0) {
+        if (nargs == 4)
+            PyBuffer_Release(&mark);
+        return NULL;
+    }
+    int outcome = ring_offer_marked(self, payload.buf, (uint64_t)payload.len, pid,
+                                    nargs == 4 ? (uint64_t *)mark.buf : NULL, bit);
+    PyBuffer_Release(&payload);
+    if (nargs == 4)
+        PyBuffer_Release(&mark);
+    return outcome < 0 ? NULL : PyLong_FromLong(outcome);
+}
+
+static PyTypeObject RingType;
+
+/* Who received last, and when (CLOCK_MONOTONIC ns, coarse: a few ns to read), and this
+ * process's entry in the readers table, for the monitor's "readers" and "no reader"; as
+ * ChannelCore._note_receiver and _layout.note_reader (receive lock held). */
+static inline void note_receiver(Ring *self, uint64_t pid) {
+    struct timespec now;
+    clock_gettime(CLOCK_MONOTONIC_COARSE, &now);
+    uint64_t stamp = (uint64_t)now.tv_sec * 1000000000u + (uint64_t)now.tv_nsec;
+    store(self, W_LAST_RECV_PID, pid);
+    store(self, W_LAST_RECV_TIME, stamp);
+    uint64_t *table = &self->words[self->index[W_READERS_FIRST]];
+    Py_ssize_t entries = (self->index[W_READERS_LAST] - self->index[W_READERS_FIRST] + 1) / 2;
+    Py_ssize_t hint = self->reader_hint;
+    if (hint >= 0 && hint < entries && __atomic_load_n(&table[2 * hint], __ATOMIC_RELAXED) == pid) {
+        __atomic_store_n(&table[2 * hint + 1], stamp, __ATOMIC_RELEASE);
+        return;
+    }
+    /* Our own entry, else the first free one, else the one read longest ago. */
+    Py_ssize_t choice = 0;
+    int free_found = 0;
+    uint64_t oldest = UINT64_MAX;
+    for (Py_ssize_t i = 0; i < entries; i++) {
+        uint64_t owner = __atomic_load_n(&table[2 * i], __ATOMIC_RELAXED);
+        if (owner == pid) {
+            choice = i;
+            break;
+        }
+        if (free_found)
+            continue;
+        if (owner == 0) {
+            choice = i;
+            free_found = 1;
+            continue;
+        }
+        uint64_t read_at = __atomic_load_n(&table[2 * i + 1], __ATOMIC_RELAXED);
+        if (read_at < oldest) {
+            choice = i;
+            oldest = read_at;
+        }
+    }
+    __atomic_store_n(&table[2 * choice + 1], stamp, __ATOMIC_RELEASE);  /* time before pid */
+    __atomic_store_n(&table[2 * choice], pid, __ATOMIC_RELEASE);
+    self->reader_hint = choice;
+}
+
+/* Ring.poll(pid) -> the payload of the oldest inline record, or None (take the Python
+ * path: empty, wrapped, a spill record, the lock busy, or anything odd). */
+static PyObject *Ring_poll(Ring *self, PyObject *pid_object) {
+    if (check_open(self) < 0)
+        return NULL;
+    uint64_t pid = PyLong_AsUnsignedLongLong(pid_object);
+    if (pid == (uint64_t)-1 && PyErr_Occurred())
+        return NULL;
+    if (try_lock(self->recv_lock))
+        Py_RETURN_NONE;
+    store(self, W_RECV_LOCK_OWNER, pid);
+    PyObject *data = NULL;
+    int failed = 0;
+    uint64_t ring = self->ring_bytes;
+    uint64_t read_pos = load(self, W_READ_POS);
+    uint64_t write_pos = load(self, W_WRITE_POS);
+    uint64_t available = write_pos - read_pos;
+    uint64_t offset = read_pos % ring;
+    uint64_t received = load(self, W_RECEIVED);
+    if (read_pos < write_pos && available <= ring && !(offset & 7) && offset + 8 <= ring
+            && received != UINT64_MAX) {
+        uint32_t header[2];
+        memcpy(header, self->ring + offset, 8);
+        uint64_t size = header[0];
+        uint64_t record = 8 + ((size + 7) & ~(uint64_t)7);
+        if (header[1] == KIND_DATA && record <= available && offset + record <= ring) {
+            data = PyBytes_FromStringAndSize((const char *)self->ring + offset + 8, (Py_ssize_t)size);
+            if (data == NULL) {
+                failed = 1;
+            } else {
+                store(self, W_RECEIVED, received + 1);
+                store(self, W_READ_POS, read_pos + record);
+                note_receiver(self, pid);
+            }
+        }
+    }
+    /* Empty and open: nothing for the Python path to decide, which then skips its own poll. */
+    int empty = read_pos == write_pos && !load(self, W_CLOSED);
+    store(self, W_RECV_LOCK_OWNER, 0);
+    sem_post(self->recv_lock);
+    if (failed)
+        return NULL;
+    if (data == NULL) {
+        if (empty)
+            Py_RETURN_FALSE;
+        Py_RETURN_NONE;
+    }
+    return data;
+}
+
+/* Post the semaphore of waker ``id`` (opened once, then kept in a small cache); a waker
+ * whose semaphore is gone (its thread ended) is skipped, as in _waker.post. -1 (errno
+ * set) if it cannot be opened for another reason, such as no descriptor left. */
+static int post_waker(Ring *self, uint64_t id) {
+    for (int i = 0; i < WAKER_CACHE; i++) {
+        if (self->wakers[i] && self->waker_ids[i] == id) {
+            sem_post(self->wakers[i]);
+            return 0;
+        }
+    }
+    char name[WAKER_PREFIX_MAX + 17];
+    snprintf(name, sizeof name, "%s%016llx", self->waker_prefix, (unsigned long long)id);
+    sem_t *semaphore = sem_open(name, 0);
+    if (semaphore == SEM_FAILED)
+        return errno == ENOENT ? 0 : -1;
+    sem_post(semaphore);
+    int victim = self->next_victim;
+    self->next_victim = (victim + 1) % WAKER_CACHE;
+    if (self->wakers[victim])
+        sem_close(self->wakers[victim]);
+    self->wakers[victim] = semaphore;
+    self->waker_ids[victim] = id;
+    return 0;
+}
+
+/* Ring.wake(first_word, count_word, pid) -> True: posted every waker of one wait list,
+ * then emptied it, under the wait-list lock; the same steps, in the same order, as
+ * ChannelCore._wake (posts before the clearing: a process killed half-way leaves the rest
+ * for recovery). False: the lock was busy, nothing done (the Python path waits for it). */
+static PyObject *Ring_wake(Ring *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "wake(first_word, count_word, pid)");
+        return NULL;
+    }
+    Py_ssize_t first = PyLong_AsSsize_t(args[0]);
+    Py_ssize_t count_word = PyLong_AsSsize_t(args[1]);
+    uint64_t pid = PyLong_AsUnsignedLongLong(args[2]);
+    if (PyErr_Occurred())
+        return NULL;
+    if (first < 0 || first + self->waitlist_slots > self->header_words || count_word < 0
+            || count_word >= self->header_words) {
+        PyErr_SetString(PyExc_ValueError, "wake: the wait list lies outside the header");
+        return NULL;
+    }
+    if (check_open(self) < 0)
+        return NULL;
+    if (try_lock(self->wait_lock))
+        Py_RETURN_FALSE;
+    store(self, W_WAIT_LOCK_OWNER, pid);
+    uint64_t *words = self->words;
+    uint64_t remaining = __atomic_load_n(&words[count_word], __ATOMIC_ACQUIRE);
+    for (Py_ssize_t i = 0; remaining && i < self->waitlist_slots; i++) {
+        uint64_t id = __atomic_load_n(&words[first + i], __ATOMIC_RELAXED);
+        if (id) {
+            if (post_waker(self, id) < 0) {
+                /* Leave the list as it is (its wakers are posted again later; a spare post
+                 * is only a spurious wake-up) rather than lose this one's wake-up. */
+                int error = errno;
+                store(self, W_WAIT_LOCK_OWNER, 0);
+                sem_post(self->wait_lock);
+                errno = error;
+                return PyErr_SetFromErrno(PyExc_OSError);
+            }
+            remaining--;
+        }
+    }
+    remaining = __atomic_load_n(&words[count_word], __ATOMIC_RELAXED);
+    for (Py_ssize_t i = 0; remaining && i < self->waitlist_slots; i++) {
+        if (__atomic_load_n(&words[first + i], __ATOMIC_RELAXED)) {
+            __atomic_store_n(&words[first + i], 0, __ATOMIC_RELAXED);
+            remaining--;
+        }
+    }
+    __atomic_store_n(&words[count_word], 0, __ATOMIC_RELEASE);
+    store(self, W_WAIT_LOCK_OWNER, 0);
+    sem_post(self->wait_lock);
+    Py_RETURN_TRUE;
+}
+
+static PyObject *Ring_release(Ring *self, PyObject *Py_UNUSED(ignored)) {
+    if (self->has_view) {
+        self->has_view = 0;
+        self->ring = NULL;
+        self->words = NULL;
+        PyBuffer_Release(&self->view);
+    }
+    Py_RETURN_NONE;
+}
+
+static sem_t *open_semaphore(PyObject *name) {
+    const char *text = PyUnicode_AsUTF8(name);
+    if (text == NULL)
+        return NULL;
+    sem_t *semaphore = sem_open(text, 0);
+    if (semaphore == SEM_FAILED) {
+        PyErr_SetFromErrnoWithFilenameObject(PyExc_OSError, name);
+        return NULL;
+    }
+    return semaphore;
+}
+
+/* Word indices from a Python tuple, each checked to lie inside the header. */
+static int parse_indices(PyObject *indices, Py_ssize_t count, Py_ssize_t header_bytes, Py_ssize_t *out) {
+    if (PyTuple_GET_SIZE(indices) != count) {
+        PyErr_Format(PyExc_ValueError, "%zd word indices are needed", count);
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < count; i++) {
+        Py_ssize_t index = PyLong_AsSsize_t(PyTuple_GET_ITEM(indices, i));
+        if (index == -1 && PyErr_Occurred())
+            return -1;
+        if (index < 0 || (index + 1) * 8 > header_bytes) {
+            PyErr_SetString(PyExc_ValueError, "a word index lies outside the header");
+            return -1;
+        }
+        out[i] = index;
+    }
+    return 0;
+}
+
+/* Ring(mapping, send_lock_name, recv_lock_name, wait_lock_name, waker_prefix, header_bytes,
+ *      ring_bytes, waitlist_slots, indices) */
+static int Ring_init(Ring *self, PyObject *args, PyObject *kwargs) {
+    PyObject *mapping, *send_name, *recv_name, *wait_name, *indices;
+    const char *waker_prefix;
+    Py_ssize_t header_bytes, waitlist_slots;
+    unsigned long long ring_bytes;
+    if (self->has_view || self->send_lock || self->recv_lock || self->wait_lock) {
+        PyErr_SetString(PyExc_TypeError, "Ring is initialised once");
+        return -1;
+    }
+    if (!PyArg_ParseTuple(args, "OUUUsnKnO!:Ring", &mapping, &send_name, &recv_name, &wait_name,
+                          &waker_prefix, &header_bytes, &ring_bytes, &waitlist_slots, &PyTuple_Type,
+                          &indices))
+        return -1;
+    if (strlen(waker_prefix) >= WAKER_PREFIX_MAX || waitlist_slots < 0
+            || waitlist_slots > header_bytes / 8) {
+        PyErr_SetString(PyExc_ValueError, "Ring: bad waker prefix or wait-list size");
+        return -1;
+    }
+    if (parse_indices(indices, W_COUNT, header_bytes, self->index) < 0)
+        return -1;
+    if (self->index[W_READERS_LAST] < self->index[W_READERS_FIRST] + 1) {
+        PyErr_SetString(PyExc_ValueError, "Ring: bad readers table");
+        return -1;
+    }
+    if (header_bytes < 8 || header_bytes % 8 || ring_bytes < 8 || ring_bytes % 8) {
+        PyErr_SetString(PyExc_ValueError, "Ring: header and ring sizes must be positive multiples of 8");
+        return -1;
+    }
+    if (PyObject_GetBuffer(mapping, &self->view, PyBUF_WRITABLE) < 0)
+        return -1;
+    if ((uint64_t)self->view.len < (uint64_t)header_bytes + ring_bytes || ((uintptr_t)self->view.buf & 7)) {
+        PyBuffer_Release(&self->view);
+        PyErr_SetString(PyExc_ValueError, "Ring: the mapping is smaller than header plus ring");
+        return -1;
+    }
+    self->send_lock = open_semaphore(send_name);
+    if (self->send_lock != NULL)
+        self->recv_lock = open_semaphore(recv_name);
+    if (self->recv_lock != NULL)
+        self->wait_lock = open_semaphore(wait_name);
+    if (self->wait_lock == NULL) {
+        if (self->send_lock != NULL)
+            sem_close(self->send_lock);
+        if (self->recv_lock != NULL)
+            sem_close(self->recv_lock);
+        self->send_lock = self->recv_lock = NULL;
+        PyBuffer_Release(&self->view);
+        return -1;
+    }
+    strcpy(self->waker_prefix, waker_prefix);
+    self->header_words = header_bytes / 8;
+    self->waitlist_slots = waitlist_slots;
+    self->has_view = 1;
+    self->words = (uint64_t *)self->view.buf;
+    self->ring = (unsigned char *)self->view.buf + header_bytes;
+    self->ring_bytes = ring_bytes;
+    self->reader_hint = -1;
+    return 0;
+}
+
+static void Ring_dealloc(Ring *self) {
+    Ring_release(self, NULL);
+    /* Closed only here: no call can be using them (a call holds a reference). glibc counts
+     * opens per process, so the Python side's own handles stay valid. */
+    if (self->send_lock)
+        sem_close(self->send_lock);
+    if (self->recv_lock)
+        sem_close(self->recv_lock);
+    if (self->wait_lock)
+        sem_close(self->wait_lock);
+    for (int i = 0; i < WAKER_CACHE; i++)
+        if (self->wakers[i])
+            sem_close(self->wakers[i]);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyMethodDef Ring_methods[] = {
+    {"offer", (PyCFunction)(void (*)(void))Ring_offer, METH_FASTCALL,
+     "offer(payload, pid[, mark, bit]) -> 0 written, 1 written and receivers wait, 2 not written"},
+    {"poll", (PyCFunction)Ring_poll, METH_O,
+     "poll(pid) -> the oldest inline record's payload, False if the ring is empty (and open), "
+     "or None for the Python path"},
+    {"wake", (PyCFunction)(void (*)(void))Ring_wake, METH_FASTCALL,
+     "wake(first_word, count_word, pid) -> True: posted every waker of a wait list and emptied it; False: lock busy"},
+    {"release", (PyCFunction)Ring_release, METH_NOARGS, "let go of the mapping (idempotent)"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject RingType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "shmfeed._accel.Ring",
+    .tp_basicsize = sizeof(Ring),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "The C hot path of one channel ring (see shmfeed/_ring.py).",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)Ring_init,
+    .tp_dealloc = (destructor)Ring_dealloc,
+    .tp_methods = Ring_methods,
+};
