@@ -17,7 +17,8 @@ File contents (one JSON object)::
                       another start time), and reads as dead
     namespace, realm, origin (the bridge's random id), server (no password or token:
                       ``BridgeStatistics.server`` is redacted), connected, reconnects,
-    mode ("core" or "durable"), lag (values a durable bridge is behind, or null),
+    mode ("core" or "durable"), lag (values a durable bridge is behind, or null), held
+    (messages a durable bridge published that JetStream has not acknowledged, or null),
     updated (``time.time()`` of the write), feeds_total,
     feeds: [{name, subject, out, in, dropped: {reason: count}}]  (at most MAX_FEEDS)
 
@@ -83,13 +84,13 @@ def _status_of(bridge: Bridge, namespace: str) -> dict[str, Any]:
     pid, start_ticks = _process.identity()
     feeds = [{"name": feed.name, "subject": feed.subject, "out": feed.out, "in": feed.in_,
               "dropped": dict(feed.dropped)} for feed in statistics.feeds]
-    lag = getattr(statistics, "lag", None)
+    lag, held = getattr(statistics, "lag", None), getattr(statistics, "held", None)
     return {
         "pid": pid, "start_ticks": start_ticks, "namespace": namespace, "realm": bridge.realm,
         "origin": statistics.origin, "server": statistics.server[:MAX_SERVER_LENGTH],
         "connected": bool(statistics.connected), "reconnects": statistics.reconnects,
         "mode": str(getattr(statistics, "mode", "core")), "lag": None if lag is None else int(lag),
-        "updated": time.time(), "feeds_total": len(feeds), "feeds": feeds[:MAX_FEEDS],
+        "held": None if held is None else int(held), "updated": time.time(), "feeds_total": len(feeds), "feeds": feeds[:MAX_FEEDS],
     }
 
 
@@ -304,8 +305,8 @@ def _checked(data: bytes, namespace: str, realm: str) -> dict[str, Any] | None:
         return None
     if type(raw.get("connected")) is not bool or not _count(raw.get("reconnects")):
         return None
-    lag, written = raw.get("lag"), raw.get("updated")
-    if not (lag is None or _count(lag)):
+    lag, held, written = raw.get("lag"), raw.get("held"), raw.get("updated")
+    if not (lag is None or _count(lag)) or not (held is None or _count(held)):
         return None
     if not isinstance(written, (int, float)) or isinstance(written, bool) or not math.isfinite(written):
         return None
@@ -325,7 +326,7 @@ def _checked(data: bytes, namespace: str, realm: str) -> dict[str, Any] | None:
     return {
         "pid": raw["pid"], "start_ticks": raw["start_ticks"], "namespace": namespace, "realm": realm,
         "origin": raw["origin"], "server": raw["server"], "connected": raw["connected"],
-        "reconnects": raw["reconnects"], "mode": raw["mode"], "lag": lag, "updated": updated,
+        "reconnects": raw["reconnects"], "mode": raw["mode"], "lag": lag, "held": held, "updated": updated,
         "feeds_total": feeds_total, "feeds": checked_feeds,
         "alive": _process.is_alive(raw["pid"], raw["start_ticks"]),
         "age_s": round(max(0.0, time.time() - updated), 1),
