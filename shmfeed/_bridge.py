@@ -55,7 +55,7 @@ from typing import Any, Mapping
 
 import msgpack
 
-from . import _bridge_durable, _bridge_wire, _codec, _gc, _marks, _names, _runtime
+from . import _bridge_durable, _bridge_wire, _codec, _gc, _marks, _names, _runtime, _shm
 from . import _layout as L
 from ._bridge_connect import ConnectOptions, OutageReporter, nats_kwargs, redacted as _redacted
 from ._channel import Channel
@@ -551,7 +551,7 @@ class Bridge:
         self.mark_key = _marks.key_of(realm)
         self._publisher: _bridge_durable.DurablePublisher | None = None
         self._consumer: _bridge_durable.DurableConsumer | None = None
-        self._lock_file: int | None = None
+        self._lock_file: tuple[int, str] | None = None  # a durable bridge's lock: descriptor, path
         # "pause"/"resume" for the feeds while NATS is away (core mode), done in order by
         # one thread: they wait for feeds' send locks, which the loop must never do.
         self._control: queue.Queue[str | None] = queue.Queue()
@@ -785,7 +785,7 @@ class Bridge:
                 bridged.close_local()
             bridged.feed.detach()
         if self._lock_file is not None:
-            os.close(self._lock_file)
+            _let_go(*self._lock_file)
             self._lock_file = None
 
     def __enter__(self) -> "Bridge":
@@ -1132,20 +1132,36 @@ def _is_value_of(payload: bytes, type_name: str) -> bool:
     return _codec.type_name(type(value)) == type_name
 
 
-def _one_durable_bridge(realm: str) -> int:
+def _one_durable_bridge(realm: str) -> tuple[int, str]:
     """Hold the lock that makes this the one durable bridge of this namespace and realm
-    (they would share one consumer); the descriptor, closed (let go) at close or death."""
+    (they would share one consumer): its descriptor (closed, so let go, at close or death)
+    and path. The file is removed at close (``_let_go``): a lock taken on a file another
+    bridge removed meanwhile is taken again on the file that is there."""
     import fcntl
 
-    path = os.path.join(_runtime.runtime_dir(), f"bridge-{_names.namespace_token(_names.current_namespace())}-{realm}.lock")
-    descriptor = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    try:
-        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(descriptor)
-        raise ShmfeedError(f"shmfeed: another durable bridge of namespace {_names.current_namespace()!r} and realm "
-                           f"{realm!r} runs; stop it first (one durable bridge per namespace and realm)") from None
-    return descriptor
+    path = _bridge_status.durable_lock_path(_names.current_namespace(), realm)
+    while True:
+        descriptor = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(descriptor)
+            raise ShmfeedError(f"shmfeed: another durable bridge of namespace {_names.current_namespace()!r} and "
+                               f"realm {realm!r} runs; stop it first (one durable bridge per namespace and realm)"
+                               ) from None
+        try:
+            if os.stat(path, follow_symlinks=False).st_ino == os.fstat(descriptor).st_ino:
+                return descriptor, path
+        except FileNotFoundError:
+            pass
+        os.close(descriptor)  # removed by a bridge that closed meanwhile: lock the new one
+
+
+def _let_go(descriptor: int, path: str) -> None:
+    """Remove the lock file, then let go of the lock (in this order: a bridge waiting for
+    it then finds the file gone and makes a new one)."""
+    _shm.remove_file(path)
+    os.close(descriptor)
 
 
 def _quiet_exception(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:

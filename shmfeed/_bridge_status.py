@@ -184,11 +184,68 @@ def read_all(namespace: str) -> list[dict[str, Any]]:
     return [status for _, status, _ in _statuses(namespace)]
 
 
+def durable_lock_path(namespace: str, realm: str) -> str:
+    """The file whose lock makes a bridge the one durable bridge of ``namespace`` and
+    ``realm`` (see ``_bridge``); the bridge removes it at close."""
+    return os.path.join(_runtime.runtime_dir(), f"bridge-{_names.namespace_token(namespace)}-{realm}.lock")
+
+
+def _free_locks(namespace: str) -> list[str]:
+    """Durable bridges' lock files of ``namespace`` that no process holds (their bridge was
+    killed before it could remove them). Held or not is read from /proc/locks: taking the
+    lock to see would make a bridge starting at that moment think another one runs."""
+    prefix = f"bridge-{_names.namespace_token(namespace)}-"
+    try:
+        directory = _runtime.runtime_dir()
+        names = [name for name in os.listdir(directory) if name.startswith(prefix) and name.endswith(".lock")]
+    except (OSError, ShmfeedError):
+        return []
+    if not names:
+        return []
+    held = _flocked_inodes()
+    if held is None:
+        return []  # cannot tell: leave them
+    found = []
+    for name in names:
+        path = os.path.join(directory, name)
+        try:
+            info = os.lstat(path)
+        except OSError:
+            continue
+        if _shm.is_own(path) and (os.major(info.st_dev), os.minor(info.st_dev), info.st_ino) not in held:
+            found.append(path)
+    return found
+
+
+def _flocked_inodes() -> set[tuple[int, int, int]] | None:
+    """(device major, minor, inode) of every file a flock() lock is held on, from
+    /proc/locks; None if it cannot be read."""
+    try:
+        with open("/proc/locks", encoding="ascii", errors="replace") as table:
+            lines = table.read().splitlines()
+    except OSError:
+        return None
+    held = set()
+    for line in lines:
+        fields = line.split()
+        if len(fields) >= 6 and fields[1] == "FLOCK":
+            device = fields[5].split(":")
+            if len(device) == 3:
+                try:
+                    held.add((int(device[0], 16), int(device[1], 16), int(device[2])))
+                except ValueError:
+                    continue
+    return held
+
+
 def stale(namespace: str, remove: bool = True) -> list[str]:
     """Status files of ``namespace`` whose bridge is dead (killed before it could remove
-    its file), and temporary files of writers killed before their rename; with ``remove``,
-    unlinked (those removed are returned)."""
+    its file), temporary files of writers killed before their rename, and durable bridges'
+    lock files nobody holds; with ``remove``, unlinked (those removed are returned)."""
     found = []
+    for path in _free_locks(namespace):
+        if not remove or _unlink(path):
+            found.append(path)
     for path in _dead_temporaries(namespace):
         if not remove or _unlink(path):
             found.append(path)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -217,3 +218,18 @@ def test_limits_need_durable_and_must_be_positive() -> None:
     for bad in (0, -1, "10", True):
         with pytest.raises(ValueError, match="max_pending must be a positive number"):
             shmfeed.Bridge("nats://127.0.0.1:1", ["x"], durable=True, max_pending=bad)  # type: ignore[arg-type]
+
+
+def test_a_durable_bridges_lock_file_goes_at_close_and_after_a_kill(server: NatsServer, hosts: list[str]) -> None:
+    a = hosts[0]
+    lock = _bridge_status.durable_lock_path(a, "default")
+    bridge = BridgeProcess(server.url, a, ["x"], options=DURABLE)
+    assert os.path.exists(lock)
+    _stopped(bridge)
+    assert not os.path.exists(lock)  # removed by its bridge at close
+    bridge = BridgeProcess(server.url, a, ["x"], options=DURABLE)
+    bridge.kill()  # SIGKILL: the file stays, its lock with the process
+    _bridge_status.stale(a)  # gc's sweep (the registry's too, which may have been first)
+    assert not os.path.exists(lock)
+    again = BridgeProcess(server.url, a, ["x"], options=DURABLE)  # and a new one starts
+    _stopped(again)
