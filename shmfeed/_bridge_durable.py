@@ -26,6 +26,7 @@ stream order, and the marks skip what was already delivered: nothing lost, nothi
 from __future__ import annotations
 
 import asyncio
+import collections
 import heapq
 import json
 import time
@@ -41,8 +42,8 @@ DUPLICATE_WINDOW = 600.0  # seconds the server remembers message ids: an outage 
 ACK_TIMEOUT = 5.0  # seconds without JetStream's acknowledgement before everything held is resent
 REFUSALS = 5  # error answers (not "no responders") after which a message is dropped, counted
 ACK_WAIT = 60.0  # seconds the server waits for our acknowledgement before delivering again
-FETCH_BATCH = 256
-FETCH_SECONDS = 1.0
+PULL_BATCH = 512  # messages one pull request asks for
+PULL_SECONDS = 1.0  # a pull request's expiry (the server answers 408 then)
 MAX_UNAPPLIED = 4096  # values fetched and not yet delivered locally, all feeds together
 READY_BACKOFF = (0.1, 2.0)  # first and longest wait between probes of JetStream after a reconnect
 MSG_ID_HEADER = "Nats-Msg-Id"
@@ -240,7 +241,14 @@ class Applying:
 
 
 class DurableConsumer:
-    """The namespace's durable pull consumer (loop thread), feeding the bridge's injectors."""
+    """The namespace's durable pull consumer (loop thread), feeding the bridge's injectors.
+
+    It pulls with requests of its own (``PULL_BATCH`` messages, expiring after
+    ``PULL_SECONDS``) answered on an inbox subscription whose callback routes each message:
+    nats-py's ``fetch`` costs a task, a ``wait_for`` and a uuid per message. A new request
+    goes out while the ones outstanding still ask for ``PULL_BATCH // 2`` or more, so the
+    server always has one to fill; never more than leaves ``MAX_UNAPPLIED`` room.
+    """
 
     def __init__(self, bridge: "Bridge", home: str, on_message: Callable[[Any, int], None]) -> None:
         self.bridge = bridge
@@ -248,14 +256,26 @@ class DurableConsumer:
         self.js = bridge._nc.jetstream()
         self.home = home
         self.on_message = on_message  # (msg, stream sequence): the bridge routes it
-        self.subscription: Any = None
+        self.inbox = f"_INBOX.shmfeed.{bridge.origin}.pull"
+        self.subscription: Any = None  # the inbox's, made once (nats-py renews it at a reconnect)
+        self.next_subject = ""  # where pull requests go (the consumer's MSG.NEXT subject)
         self.task: asyncio.Task[None] | None = None
         self.unapplied = 0  # values handed to injectors, not yet delivered (loop thread)
         self.has_room = asyncio.Event()
         self.has_room.set()
         self.remake = asyncio.Event()  # set on reconnect: the consumer is made again
-        self.lag = 0
         self.stopping = False
+        # Pull requests outstanding, oldest first, as [token, messages it may still bring,
+        # when it is forgotten here (its 408 lost with a connection)]. The server fills
+        # them in that order; a message does not say which one it answers (its subject is
+        # the stream's), a status does (408: expired, with what it did not bring).
+        self.requests: collections.deque[list[Any]] = collections.deque()
+        self.requested = 0  # messages the requests may still bring, all together
+        self.generation = 0  # the consumer's making: a status of an older request is passed over
+        self.request_counter = 0
+        self.changed = asyncio.Event()  # a request ended, or room freed
+        self.refused = False  # the server refused a request (not a timeout): remake, after a pause
+        self.last_reply = ""  # the last message's reply subject: how many are still pending
         self.acks: set[asyncio.Task[None]] = set()
         # Acknowledgements are cumulative (AckPolicy.ALL): once per turn of the loop, the
         # released message with the highest stream sequence below every outstanding one.
@@ -264,9 +284,15 @@ class DurableConsumer:
         self.released: list[tuple[int, int, Any]] = []  # heap of (sequence, tiebreak, msg)
         self.ack_planned = False
 
+    @property
+    def lag(self) -> int:
+        """Messages of the stream still to deliver to this consumer, as of its last message."""
+        return _reply_numbers(self.last_reply)[1]
+
     async def start(self) -> None:
+        self.subscription = await self.nc.subscribe(f"{self.inbox}.*", cb=self._on_pulled)
         await self._make()
-        self.task = asyncio.get_running_loop().create_task(self._fetch_all())
+        self.task = asyncio.get_running_loop().create_task(self._pull_all())
 
     async def _make(self) -> None:
         """(Re)make the durable consumer from its acknowledgement floor."""
@@ -278,6 +304,9 @@ class DurableConsumer:
             durable_name=durable, ack_policy=api.AckPolicy.ALL, ack_wait=ACK_WAIT,
             max_ack_pending=MAX_UNAPPLIED * 4, filter_subject=f"shmfeed.{self.bridge.realm}.>",
         )
+        self.generation += 1
+        self.requests.clear()
+        self.requested = 0
         try:
             info = await self.js.consumer_info(stream, durable)
             start = info.ack_floor.stream_seq + 1
@@ -287,40 +316,91 @@ class DurableConsumer:
         config.deliver_policy = api.DeliverPolicy.BY_START_SEQUENCE
         config.opt_start_seq = start
         await self.js.add_consumer(stream, config)
-        if self.subscription is not None:
-            try:
-                await self.subscription.unsubscribe()
-            except Exception:  # noqa: BLE001 (the old one may be gone with the old connection)
-                pass
-        self.subscription = await self.js.pull_subscribe_bind(durable, stream)
+        self.next_subject = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{durable}"
 
-    async def _fetch_all(self) -> None:
-        import nats.errors
-
+    async def _pull_all(self) -> None:
         while not self.stopping:
             await self.has_room.wait()
-            if self.remake.is_set():
+            if self.remake.is_set() or self.refused:
+                if self.refused:
+                    await asyncio.sleep(READY_BACKOFF[0])  # a pause before asking again
                 try:
                     await self._make()
                     self.remake.clear()
+                    self.refused = False
                 except Exception:  # noqa: BLE001 (NATS not back yet: tried again)
                     await asyncio.sleep(READY_BACKOFF[0])
                     continue
+            self._forget_expired()
+            room = MAX_UNAPPLIED - self.unapplied - self.requested
+            if (self.requested < PULL_BATCH // 2 and self.nc.is_connected
+                    and (room >= PULL_BATCH // 4 or (room > 0 and not self.requested))):
+                await self._request(min(PULL_BATCH, room))
+            self.changed.clear()
             try:
-                messages = await self.subscription.fetch(FETCH_BATCH, timeout=FETCH_SECONDS)
-            except (nats.errors.TimeoutError, asyncio.TimeoutError):
-                continue
-            except Exception:  # noqa: BLE001 (disconnected: wait for the reconnect, then remake)
-                self.remake.set()
-                await asyncio.sleep(READY_BACKOFF[0])
-                continue
-            for msg in messages:
-                metadata = msg.metadata
-                self.lag = int(metadata.num_pending)
-                sequence = int(metadata.sequence.stream)
-                self.outstanding[sequence] = self.outstanding.get(sequence, 0) + 1
-                self.sequence_of[id(msg)] = sequence
-                self.on_message(msg, sequence)
+                await asyncio.wait_for(self.changed.wait(), PULL_SECONDS)
+            except asyncio.TimeoutError:
+                pass
+
+    async def _request(self, batch: int) -> None:
+        self.request_counter += 1
+        token = f"{self.generation}-{self.request_counter}"
+        self.requests.append([token, batch, time.monotonic() + PULL_SECONDS * 2 + 1.0])
+        self.requested += batch
+        request = b'{"batch":%d,"expires":%d}' % (batch, int(PULL_SECONDS * 1e9))
+        try:
+            await self.nc.publish(self.next_subject, request, reply=f"{self.inbox}.{token}")
+        except Exception:  # noqa: BLE001 (disconnected meanwhile: the reconnect remakes the consumer)
+            self._end_request(token)
+
+    def _end_request(self, token: str) -> None:
+        for request in self.requests:
+            if request[0] == token:
+                self.requests.remove(request)
+                self.requested -= request[1]
+                self.changed.set()
+                return
+
+    def _forget_expired(self) -> None:
+        now = time.monotonic()
+        while self.requests and self.requests[0][2] < now:
+            self.requested -= self.requests.popleft()[1]
+
+    async def _on_pulled(self, msg: Any) -> None:
+        """A message, or a status, answering our pull requests (loop thread)."""
+        if self.stopping:
+            # Come after stop(): not acknowledged, and no acknowledgement covers it (the
+            # consumer delivers in stream order: none is of a later message).
+            return
+        reply = msg.reply
+        if not reply:
+            status = (msg.headers or {}).get("Status")
+            if status is None:
+                return  # not JetStream's
+            token = msg.subject.rpartition(".")[2]
+            if token.partition("-")[0] != str(self.generation):
+                return  # of a consumer deleted since
+            # The request ended: 408 expired (or 404, nothing now), else refused (409:
+            # the consumer deleted, a limit; 503: JetStream not there): remade after a pause.
+            self._end_request(token)
+            if status not in ("408", "404", "100"):
+                self.refused = True
+            return
+        requests = self.requests
+        if requests:
+            head = requests[0]
+            head[1] -= 1
+            self.requested -= 1
+            if head[1] <= 0:
+                requests.popleft()
+                self.changed.set()
+        sequence = _reply_numbers(reply)[0]
+        if sequence < 0:
+            return  # not a JetStream message: nothing to deliver or acknowledge
+        self.last_reply = reply
+        self.outstanding[sequence] = self.outstanding.get(sequence, 0) + 1
+        self.sequence_of[id(msg)] = sequence
+        self.on_message(msg, sequence)
 
     def taken(self) -> None:
         """A value was handed to an injector (loop thread)."""
@@ -334,6 +414,8 @@ class DurableConsumer:
         self.unapplied -= values
         if self.unapplied < MAX_UNAPPLIED // 2:
             self.has_room.set()
+        if self.requested < PULL_BATCH // 2:
+            self.changed.set()  # room for another request
         self.ack(messages)
 
     def ack(self, messages: list[Any]) -> None:
@@ -374,7 +456,7 @@ class DurableConsumer:
         await self.nc.flush()
 
     async def stop(self) -> None:
-        self.stopping = True
+        self.stopping = True  # what comes from now on is passed over
         self.has_room.set()
         if self.task is not None:
             self.task.cancel()
@@ -382,6 +464,29 @@ class DurableConsumer:
                 await self.task
             except BaseException:  # noqa: BLE001 (cancelled, or ended by a lost connection)
                 pass
+        if self.subscription is not None:
+            try:
+                await self.subscription.unsubscribe()
+            except Exception:  # noqa: BLE001 (the connection may be gone)
+                pass
+
+
+def _reply_numbers(reply: str) -> tuple[int, int]:
+    """A JetStream message's stream sequence and the messages still pending after it, from
+    its reply subject (``$JS.ACK.<stream>.<consumer>.<delivered>.<sequence>.<consumer
+    sequence>.<time>.<pending>``, or the longer form with a domain and an account hash);
+    (-1, 0) for any other subject. Cheaper than nats-py's ``msg.metadata``."""
+    tokens = reply.split(".")
+    if len(tokens) < 9 or tokens[0] != "$JS" or tokens[1] != "ACK":
+        return -1, 0
+    try:
+        if len(tokens) == 9:
+            return int(tokens[5]), int(tokens[8])
+        if len(tokens) >= 11:
+            return int(tokens[7]), int(tokens[10])
+    except ValueError:
+        pass
+    return -1, 0
 
 
 async def _ack(msg: Any) -> None:
