@@ -367,6 +367,9 @@ class _BridgedFeed:
             batch = self.inbound.get()
             if batch is None:
                 return
+            if self.bridge._consumer is not None:  # durable: marked sends, many at once
+                _bridge_durable.inject(self, batch)
+                continue
             done: list[Any] = []  # a durable bridge's messages of the values delivered
             values = 0
             try:

@@ -33,6 +33,8 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
+from . import _marks
+
 if TYPE_CHECKING:
     from ._bridge import Bridge, _BridgedFeed
 
@@ -469,6 +471,49 @@ class DurableConsumer:
                 await self.subscription.unsubscribe()
             except Exception:  # noqa: BLE001 (the connection may be gone)
                 pass
+
+
+def inject(bridged: "_BridgedFeed", batch: list[tuple[bytes, str, Applying | None]]) -> None:
+    """A durable bridge's injector, one batch (injector thread): every value checked, then
+    all sent in order with marked sends (``Feed._send_marked_many``: one hold of the feed's
+    send lock for many, not one per value), then the messages of the values delivered (or
+    dropped) acknowledged, with one wake-up of the loop."""
+    from ._bridge import _is_value_of
+    from ._errors import FeedClosed, FeedTypeError
+
+    key = bridged.bridge.mark_key
+    items: list[tuple[bytes, str, _marks.Mark]] = []
+    done: list[Any] = []
+    values = 0
+    for payload, type_name, applying in batch:
+        if applying is None:
+            continue
+        done.extend(applying.messages)
+        values += 1
+        if _is_value_of(payload, type_name):
+            items.append((payload, type_name, _marks.Mark(key, applying.sequence)))
+        else:
+            bridged.drop("undecodable")
+    # An unexpected error here ends the injector, its messages not acknowledged: they stay
+    # below the acknowledgement floor, and the stream delivers them again after a restart.
+    answers = bridged.feed._send_marked_many(items, bridged.channel_id) if items else []
+    delivered = redelivered = 0
+    for answer in answers:
+        if isinstance(answer, FeedTypeError):
+            bridged.drop("type")
+        elif isinstance(answer, FeedClosed):
+            bridged.drop("closed")
+        elif isinstance(answer, Exception):
+            bridged.drop("inject_error")
+        elif answer == _marks.ALREADY_APPLIED:
+            redelivered += 1
+        else:
+            delivered += 1
+    with bridged.counts_lock:
+        bridged.in_ += delivered
+        bridged.redelivered += redelivered
+    if values:
+        bridged.bridge._applied(done, values)
 
 
 def _reply_numbers(reply: str) -> tuple[int, int]:

@@ -17,7 +17,7 @@ import os
 import threading
 import time
 import weakref
-from typing import Any, Generic, Iterable, Iterator, NamedTuple, TypeVar
+from typing import Any, Generic, Iterable, Iterator, NamedTuple, Sequence, TypeVar
 
 from . import _codec, _marks, _names, _process, _registry_client, _ring, _shm, _waker
 from . import _layout as L
@@ -60,6 +60,7 @@ def _channel_label(channel_id: int) -> str:
 # The C loop over a feed's rings; without the accelerator _fast_plan is always None.
 offer_all: Any = _ring._accel.offer_all if _ring._accel is not None else None
 _ALL_DELIVERED = FeedSendAnswer.ALL_DELIVERED
+MARKED_RUN = 64  # marked sends one hold of the send lock covers (send_marked_many)
 ACCEL_WORDS = (L.SEND_LOCK_OWNER, L.FEED_CLOSED, L.SUB_VERSION, L.SENDS, L.DELIVERED, L.LAST_SENDER_PID)
 
 
@@ -499,18 +500,46 @@ class FeedCore(AttachedSegment):
         """A marked send (see ``_marks``): the Python path (each channel's mark is set as it
         settles), the mark read and written under the send lock."""
         with self.sends_held(deadline) as words:
-            first = _marks.entry_word(words, mark.key)
-            begun = _marks.begin(words, first, mark.sequence)
-            if begun is None:
-                return _marks.ALREADY_APPLIED
-            sub_limit, resuming = begun
-            self._marking = (first, sub_limit, resuming)
-            try:
-                delivered = self._send_locked(payload, None, -1, deadline, timeout, skip_channel)
-            finally:
-                self._marking = None
-            _marks.finish(words, first, mark.sequence)
-            return delivered
+            return self._marked_locked(words, payload, mark, deadline, timeout, skip_channel)
+
+    def send_marked_many(self, items: Sequence[tuple[_ring.Encoded, _marks.Mark]], skip_channel: int,
+                         ) -> list[int | ShmfeedError | OSError]:
+        """Marked sends of several values, in order, holding the send lock once for up to
+        ``MARKED_RUN`` of them (a durable bridge's injector: one lock round trip, not one
+        per value). Each value is marked, delivered and finished exactly as by its own
+        ``send(mark=...)``; holding the lock between them only keeps other senders out a
+        little longer. No deadline (the bridge's sends have none).
+
+        Returns, per value, what its own send returns (``_marks.ALREADY_APPLIED`` for one
+        delivered before), or the ``ShmfeedError``/``OSError`` it would raise: the later
+        values are still sent, as they would be by sends of their own. Any other error
+        ends the call (the lock let go of), as it would end the caller's loop of sends.
+        """
+        answers: list[int | ShmfeedError | OSError] = []
+        for start in range(0, len(items), MARKED_RUN):
+            with self.sends_held(None) as words:
+                for payload, mark in items[start:start + MARKED_RUN]:
+                    try:
+                        answers.append(self._marked_locked(words, payload, mark, None, None, skip_channel))
+                    except (ShmfeedError, OSError) as error:
+                        answers.append(error)
+        return answers
+
+    def _marked_locked(self, words: memoryview, payload: _ring.Encoded, mark: _marks.Mark,
+                       deadline: float | None, timeout: float | None, skip_channel: int) -> int:
+        """One marked send, the send lock held."""
+        first = _marks.entry_word(words, mark.key)
+        begun = _marks.begin(words, first, mark.sequence)
+        if begun is None:
+            return _marks.ALREADY_APPLIED
+        sub_limit, resuming = begun
+        self._marking = (first, sub_limit, resuming)
+        try:
+            delivered = self._send_locked(payload, None, -1, deadline, timeout, skip_channel)
+        finally:
+            self._marking = None
+        _marks.finish(words, first, mark.sequence)
+        return delivered
 
     def _settled(self, target: _Target) -> None:
         """A marked send's ``target`` settled the value (send lock held)."""
@@ -1160,6 +1189,35 @@ class Feed(TypeArgument, Generic[T]):
             except TimeoutError as error:
                 raise core.nobody_reached(timeout, error) from error
         return core.send(payload, deadline, timeout, skip_channel, as_sender, mark)
+
+    def _send_marked_many(self, items: Sequence[tuple[bytes, str, _marks.Mark]], skip_channel: int,
+                          ) -> list[int | ShmfeedError | OSError]:
+        """A durable bridge's marked sends of values already encoded, in order, each with
+        its type's name and mark (``FeedCore.send_marked_many``): per value, what
+        ``_send_encoded(..., mark=...)`` without a timeout returns, or the error it raises
+        (``FeedTypeError`` for a value of another type: the others are still sent)."""
+        try:
+            core = self._core
+            if core is None or core.released:
+                core = self._open()
+        except (ShmfeedError, OSError) as error:
+            return [error] * len(items)
+        answers: list[int | ShmfeedError | OSError] = []
+        sendable: list[tuple[_ring.Encoded, _marks.Mark]] = []
+        places: list[int] = []
+        for payload, type_name, mark in items:
+            if type_name != core.type_name:
+                try:
+                    core.check_send_type(type_name, None)
+                except (ShmfeedError, OSError) as error:
+                    answers.append(error)
+                    continue
+            places.append(len(answers))
+            answers.append(0)
+            sendable.append((payload, mark))
+        for place, answer in zip(places, core.send_marked_many(sendable, skip_channel)):
+            answers[place] = answer
+        return answers
 
     def close(self) -> None:
         """End every subscription successfully (their ``err()`` closes); later sends raise.

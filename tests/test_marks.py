@@ -27,10 +27,15 @@ import sys
 import shmfeed
 from shmfeed import _codec, _marks
 feed = shmfeed.Feed(sys.argv[1])
-key, first, last = _marks.key_of("default"), int(sys.argv[2]), int(sys.argv[3])
+key, first, last, batch = _marks.key_of("default"), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 print("ready", flush=True)
-for sequence in range(first, last + 1):
-    feed._send_encoded(_codec.encode(sequence), _codec.type_name(int), 0, mark=_marks.Mark(key, sequence))
+if batch == 1:
+    for sequence in range(first, last + 1):
+        feed._send_encoded(_codec.encode(sequence), _codec.type_name(int), 0, mark=_marks.Mark(key, sequence))
+else:  # a durable bridge's injector: many marked sends under one hold of the send lock
+    for start in range(first, last + 1, batch):
+        feed._send_marked_many([(_codec.encode(sequence), _codec.type_name(int), _marks.Mark(key, sequence))
+                                for sequence in range(start, min(start + batch, last + 1))], 0)
 """
 
 
@@ -81,6 +86,29 @@ def test_a_resumed_send_reaches_only_the_subscriptions_a_dead_sender_had_not() -
         feed.detach()
 
 
+def test_marked_sends_many_at_once_answer_each_as_its_own_send_would() -> None:
+    feed: shmfeed.Feed[int] = shmfeed.Feed("marks")
+    channels = [shmfeed.Channel(16) for _ in range(2)]
+    subscriptions = [feed.subscribe(channel) for channel in channels]
+    try:
+        assert _marked(feed, 4) == 2
+        items = [(_codec.encode(n), INT, _marks.Mark(KEY, n)) for n in (5, 5, 3, 6)]
+        items.append((_codec.encode("seven"), _codec.type_name(str), _marks.Mark(KEY, 7)))  # the wrong type
+        items.append((_codec.encode(8), INT, _marks.Mark(KEY, 8)))
+        answers = feed._send_marked_many(items, 0)
+        assert answers[:4] == [2, _marks.ALREADY_APPLIED, _marks.ALREADY_APPLIED, 2]
+        assert isinstance(answers[4], shmfeed.FeedTypeError) and answers[5] == 2
+        for channel in channels:
+            assert [channel.recv(0) for _ in range(4)] == [4, 5, 6, 8]
+            assert len(channel) == 0
+        assert _marks.applied(feed._core.words, KEY) == 8
+    finally:
+        for subscription, channel in zip(subscriptions, channels):
+            subscription.unsubscribe()
+            channel.close()
+        feed.detach()
+
+
 def test_marks_of_two_realms_and_a_third_refused() -> None:
     feed: shmfeed.Feed[int] = shmfeed.Feed("marks")
     try:
@@ -92,8 +120,8 @@ def test_marks_of_two_realms_and_a_third_refused() -> None:
         feed.detach()
 
 
-@pytest.mark.parametrize("round_", range(6))
-def test_a_sender_sigkilled_mid_stream_then_redone_delivers_each_sequence_once(round_: int) -> None:
+@pytest.mark.parametrize(("round_", "batch"), [(round_, 1) for round_ in range(6)] + [(1, 100), (3, 100), (5, 64)])
+def test_a_sender_sigkilled_mid_stream_then_redone_delivers_each_sequence_once(round_: int, batch: int) -> None:
     """What a restarted durable bridge does: a process sending marked values is SIGKILLed
     at a random moment; another sends the same sequences from the start again. Every
     subscription has each sequence exactly once, in order."""
@@ -102,7 +130,7 @@ def test_a_sender_sigkilled_mid_stream_then_redone_delivers_each_sequence_once(r
     subscriptions = [feed.subscribe(channel) for channel in channels]
     last = 20000
     try:
-        sender = subprocess.Popen([sys.executable, "-c", SENDER, "marks", "1", str(last)],
+        sender = subprocess.Popen([sys.executable, "-c", SENDER, "marks", "1", str(last), str(batch)],
                                   env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE, text=True)
         assert sender.stdout is not None and sender.stdout.readline() == "ready\n"
         reached = 500 + round_ * 1500
