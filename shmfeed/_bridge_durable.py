@@ -21,6 +21,9 @@ another). Each value is sent into its local feed with a marked send (``_marks``)
 its stream sequence, then acknowledged. At each start and after each reconnect the consumer
 is made again from its acknowledgement floor, so what was not acknowledged comes again, in
 stream order, and the marks skip what was already delivered: nothing lost, nothing twice.
+The consumer pulls with requests of its own, answered on an inbox callback (nats-py's
+``fetch`` costs a task, a ``wait_for`` and a uuid per message); the injector sends a batch
+with marked sends under one hold of the feed's send lock (``inject``).
 """
 
 from __future__ import annotations

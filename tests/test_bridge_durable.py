@@ -233,3 +233,12 @@ def test_a_durable_bridges_lock_file_goes_at_close_and_after_a_kill(server: Nats
     assert not os.path.exists(lock)
     again = BridgeProcess(server.url, a, ["x"], options=DURABLE)  # and a new one starts
     _stopped(again)
+
+
+def test_a_messages_stream_sequence_and_pending_count_come_from_its_reply_subject() -> None:
+    numbers = _bridge_durable._reply_numbers
+    assert numbers("$JS.ACK.SHMFEED_default.shmfeed-abc.1.42.7.1795973705548593291.3") == (42, 3)
+    assert numbers("$JS.ACK.hub.ACCHASH.SHMFEED_default.shmfeed-abc.2.42.7.1795973705548593291.3.r4nd") == (42, 3)
+    assert numbers("$JS.ACK.hub.ACCHASH.SHMFEED_default.shmfeed-abc.2.42.7.1795973705548593291.3") == (42, 3)
+    for other in ("", "_INBOX.abc", "$JS.ACK.a.b.c", "$JS.ACK.S.C.1.x.7.1.3", "$JS.NAK.S.C.1.42.7.1.3"):
+        assert numbers(other) == (-1, 0)
