@@ -329,21 +329,22 @@ class DurableConsumer:
             if self.remake.is_set() or self.refused:
                 if self.refused:
                     await asyncio.sleep(READY_BACKOFF[0])  # a pause before asking again
+                self.remake.clear()  # before: a reconnect while it is made again asks again
+                self.refused = False
                 try:
                     await self._make()
-                    self.remake.clear()
-                    self.refused = False
                 except Exception:  # noqa: BLE001 (NATS not back yet: tried again)
+                    self.remake.set()
                     await asyncio.sleep(READY_BACKOFF[0])
                     continue
+            self.changed.clear()  # before the look: what changes from now on wakes the wait below
             self._forget_expired()
             room = MAX_UNAPPLIED - self.unapplied - self.requested
             if (self.requested < PULL_BATCH // 2 and self.nc.is_connected
                     and (room >= PULL_BATCH // 4 or (room > 0 and not self.requested))):
                 await self._request(min(PULL_BATCH, room))
-            self.changed.clear()
-            try:
-                await asyncio.wait_for(self.changed.wait(), PULL_SECONDS)
+            try:  # disconnected: a short wait, so that the reconnect's remake comes soon
+                await asyncio.wait_for(self.changed.wait(), PULL_SECONDS if self.nc.is_connected else READY_BACKOFF[0])
             except asyncio.TimeoutError:
                 pass
 
