@@ -609,7 +609,9 @@ class FeedCore(AttachedSegment):
                 assert plan is not None
                 targets = plan.targets  # the C send went through it (it checked the version)
             marking = self._marking
+            inline_everywhere = False  # known without a look at each target
             if marking is not None:
+                inline_everywhere = plan is not None and size <= plan.inline_limit
                 plan = None  # the Python loop: it marks each channel as it settles
                 first, sub_limit, resuming = marking
                 if resuming:  # only those a killed bridge had not reached, and not newer ones
@@ -642,7 +644,7 @@ class FeedCore(AttachedSegment):
                         answer = offer_all(rings, payload, _ring._pid, reached)
                     delivered += len(targets) - reached
                 else:
-                    if any(size > target.core.inline_limit for target in targets):
+                    if not inline_everywhere and any(size > target.core.inline_limit for target in targets):
                         # Written before any ring takes the value: a full /dev/shm fails the
                         # whole send here (ENOSPC), having delivered it to nobody.
                         spill = _ring.Spill(self.namespace, payload)
