@@ -26,7 +26,7 @@ from . import _layout as L
 from ._errors import FeedSendTimeout
 
 if TYPE_CHECKING:
-    from ._feed import FeedCore, _Waiting
+    from ._feed_core import FeedCore, _Waiting
 
 
 async def send(core: "FeedCore", payload: _ring.Encoded, deadline: float | None, timeout: float | None) -> int:

@@ -27,7 +27,7 @@ from . import _gc
 from . import _layout as L
 from . import _names, _process, _ring
 from ._errors import SenderDiedError
-from ._feed import FeedCore
+from ._feed_core import FeedCore
 from ._names import Entry, EntryKind
 from ._scope import _SharedScope
 from ._segment import AttachedSegment
