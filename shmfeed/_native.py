@@ -36,7 +36,7 @@ accel: Any = _load()
 
 class SendPlan(NamedTuple):
     """What the C feed send is given: the subscription table's version it was built from
-    (the C send checks it under the feed's send lock), the targets (``_feed._Target``) in
+    (the C send checks it under the feed's send lock), the targets (``_feed_core._Target``) in
     table order, their C rings in the same order, and the largest value that goes inline
     in every one of them."""
 
