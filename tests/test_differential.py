@@ -19,6 +19,9 @@ closed subscribers. After every step both sides must agree on
   spill file by an id that differs between the two channels, so the id's 8 bytes are left
   out (wherever a spill record was ever written); its kind, length and size are compared.
 
+Other processes' entries are put in the readers table (the same in both channels), so
+that the C poll's choice of an entry is compared with ``_layout.note_reader``'s.
+
 The geometry, the overflow policy and the operations are drawn by hypothesis; the ring is
 4096 to 16384 bytes (any multiple of 8), so records wrap and rings fill by bytes as well
 as by capacity.
@@ -28,13 +31,19 @@ The feed half sends the same values into a feed whose channels all have C rings 
 to ``first_pass``) and into a feed made on the Python path (``first_pass``'s loop only),
 each with the same k subscriptions (a channel may be subscribed more than once) of
 channels of identical geometry; with ``timeout=0`` a full "block" channel makes the send
-time out, an "evict" one ends its subscription. After every send: the same count (or
-``FeedSendTimeout.delivered``), the same feed header words and subscription table, and
-each channel pair compared as above.
+time out, an "evict" one ends its subscription. Bridges' sends too: one that skips a
+channel, and durable bridges' marked sends (``_marks``: the C offer sets a channel's bit
+right after its commit), a sequence applied before, the next one, or one resumed after a
+timeout. After every send: the same count (or ``FeedSendTimeout.delivered``, or
+``ALREADY_APPLIED``), the same feed header words, subscription table and delivery marks,
+and each channel pair compared as above.
 
 Each test checks afterwards that it met what it compares (every outcome, every record
 kind, the C offer and poll both writing and handing back, the C send plan), and prints
 what it met (``pytest -s``). A failure is not shrunk (see ``SHRINK``).
+
+At the end, strict xfails reproduce what the comparison found on corrupt headers (an
+exploration that wrote the same bytes into both channels' headers and rings): see there.
 """
 
 from __future__ import annotations
