@@ -25,6 +25,7 @@ static int ring_offer_marked(Ring *self, const void *payload, uint64_t size, uin
     int fits = !load(self, W_CLOSED)
         && size <= 0xFFFFFFF0u
         && read_pos <= write_pos                    /* anything else is corrupt: Python says so */
+        && !(write_pos & 7)
         && record <= ring - offset
         && write_pos - read_pos + record <= ring
         && received <= sent

@@ -494,6 +494,8 @@ class ChannelCore(AttachedSegment):
         ring = self.ring_bytes
         write_pos = words[L.WRITE_POS]
         offset = write_pos % ring
+        if offset & 7:  # records are 8-aligned: only a damaged header says otherwise
+            raise ValueError(f"write position {write_pos} is not a multiple of 8")
         room_to_end = ring - offset
         need = record if record <= room_to_end else room_to_end + record
         if write_pos - words[L.READ_POS] + need > ring:

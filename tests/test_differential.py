@@ -42,8 +42,8 @@ Each test checks afterwards that it met what it compares (every outcome, every r
 kind, the C offer and poll both writing and handing back, the C send plan), and prints
 what it met (``pytest -s``). A failure is not shrunk (see ``SHRINK``).
 
-At the end, strict xfails reproduce what the comparison found on corrupt headers (an
-exploration that wrote the same bytes into both channels' headers and rings): see there.
+At the end, two regression tests of what the comparison found on corrupt headers (an
+exploration that wrote the same bytes into both channels' headers and rings), both fixed.
 """
 
 from __future__ import annotations
@@ -51,7 +51,6 @@ from __future__ import annotations
 import os
 import random
 import re
-import struct
 from collections import Counter
 from typing import Any, Callable
 from unittest import mock
@@ -596,7 +595,7 @@ def test_feed_c_send_plan_and_python_loop_agree() -> None:
     assert wanted <= met, f"never met: {wanted - met}"
 
 
-# --- what the differential found (xfail: this test does not change the library) ---------
+# --- what the differential found (fixed since) -------------------------------------------
 
 
 def channel_pair(capacity: int = 4, ring: int = 4096) -> tuple[shmfeed.Channel[Any], shmfeed.Channel[Any]]:
@@ -608,11 +607,8 @@ def channel_pair(capacity: int = 4, ring: int = 4096) -> tuple[shmfeed.Channel[A
     return c_channel, py_channel
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "divergence: with WRITE_POS - READ_POS > RING_BYTES (an inconsistent header) the C poll hands the "
-    "record back and ChannelCore.poll/_read_locked discard the ring with ChannelCorruptError, but the "
-    "Python poll_fast (no 'available <= ring' check) takes the record at READ_POS as a value: "
-    "already-consumed values come out again"))
+# Found by this comparison: the Python poll_fast (an inlined copy, since removed) took a record
+# of a ring with more than a ring unread as a value. Both paths now discard the ring.
 def test_poll_of_more_than_a_ring_unread_is_corrupt_on_both_paths() -> None:
     outcomes = []
     for channel in channel_pair():
@@ -623,14 +619,11 @@ def test_poll_of_more_than_a_ring_unread_is_corrupt_on_both_paths() -> None:
         core.words[L.WRITE_POS] = 2 * core.ring_bytes  # two rings' worth unread: not a state a sender makes
         outcomes.append((outcome_of(core.poll_fast), int(core.words[L.RECEIVED]), int(core.words[L.DISCARDED])))
         channel.close()
-    # C: ('corrupt', ...), RECEIVED 1, DISCARDED 0; Python: ('data', b'old') again, RECEIVED 2.
-    assert outcomes[0] == outcomes[1]
+    assert outcomes[0] == outcomes[1] and outcomes[0][0][0] == "corrupt", outcomes
 
 
-@pytest.mark.xfail(strict=True, raises=struct.error, reason=(
-    "not a divergence (both paths reach ChannelCore._write_locked): a WRITE_POS that is not 8-aligned, "
-    "7 bytes before the ring's end, makes the WRAP header be packed past the mapping: struct.error, "
-    "not ChannelCorruptError (the send lock is released)"))
+# Found by this comparison: a WRITE_POS 7 bytes before the end, not 8-aligned, made the wrap
+# header be packed past the mapping (struct.error). Both paths now say the header is corrupt.
 def test_an_offer_at_a_misaligned_write_position_says_the_channel_is_corrupt(data_path: str) -> None:
     channel: shmfeed.Channel[Any] = shmfeed.Channel(capacity=4, buffer_size=4096)
     core = channel._live_core()
