@@ -63,8 +63,8 @@ DELIVERED, FULL, CLOSED, DROPPED = 0, 1, 2, 3
 # Spin-before-sleep (see ChannelCore._spin): nanoseconds a receiver that found the ring
 # empty polls it before it sleeps, while such spins pay; halved by each that does not. Off
 # unless SHMFEED_SPIN_NS is set: measured here (2 cores), 40000 takes a ping-pong's one-way
-# p50 from about 12 to 2 us, but halves a fan-out's throughput when receivers and senders
-# outnumber the cores (a spinning receiver holds the CPU its sender needs).
+# p50 from 35 to 2 us on a quiet machine, but halved a fan-out's throughput while other
+# CPU-bound work shared it (a spinning receiver holds a CPU others need). See README.
 SPIN_MAX_NS = int(os.environ.get("SHMFEED_SPIN_NS", "0") or 0)
 SPIN_MIN_NS = 2_000  # below this a spin is not tried, but every SPIN_PROBE_EVERY empties
 SPIN_PROBE_EVERY = 64
