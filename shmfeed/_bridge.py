@@ -55,7 +55,7 @@ from typing import Any, Mapping
 
 import msgpack
 
-from . import _bridge_durable, _bridge_wire, _codec, _gc, _marks, _names, _runtime, _shm
+from . import _bridge_durable, _bridge_wire, _codec, _gc, _marks, _names, _shm
 from . import _layout as L
 from ._bridge_connect import ConnectOptions, OutageReporter, nats_kwargs, redacted as _redacted
 from ._channel import Channel
@@ -77,7 +77,6 @@ JOIN_TIMEOUT = 10.0  # seconds a split value may take to arrive whole before it 
 MAX_PARTIALS = 1024  # values being joined at once, all origins and feeds together
 CONTROL_SECONDS = 10.0  # the longest a pause or resume waits for a feed's send lock
 READ_BATCH = 256  # values a reader takes at once (one hand-over to the loop)
-ENVELOPE_ROOM = 1024  # bytes a message needs besides the value's: envelope (and a durable one's header)
 MSG_ID_ROOM = 160  # bytes of a durable message's Nats-Msg-Id header
 
 # Why a value was not carried (out: local -> NATS; in: NATS -> local).
@@ -287,14 +286,9 @@ class _BridgedFeed:
         with self.counts_lock:
             dropped = dict(self.dropped)
             out, in_, redelivered = self.out, self.in_, self.redelivered
-            core = self.feed._core
-            if self.paused_at is not None and core is not None and not core.released:  # sent while NATS is away
-                try:
-                    missed = int(core.words[L.SENDS]) - self.paused_at  # no lock: a torn read misreports once
-                except ValueError:  # let go of meanwhile (the bridge closing)
-                    missed = 0
-                if missed > 0:
-                    dropped["disconnected"] = dropped.get("disconnected", 0) + missed
+            missed = self._missed_sends()  # no lock: a torn read misreports once
+            if missed:
+                dropped["disconnected"] = dropped.get("disconnected", 0) + missed
         overflow = self.channel.statistics().dropped
         if overflow:
             dropped["overflow"] = overflow
@@ -406,6 +400,16 @@ class _BridgedFeed:
             else:
                 self.in_ += 1
 
+    def _missed_sends(self) -> int:
+        """Sends of the feed since ``pause`` (0 when not paused, or the feed let go of)."""
+        core, paused_at = self.feed._core, self.paused_at
+        if paused_at is None or core is None or core.released:
+            return 0
+        try:
+            return max(0, int(core.words[L.SENDS]) - paused_at)
+        except ValueError:  # let go of meanwhile (the bridge closing)
+            return 0
+
     def pause(self) -> None:
         """NATS went away (core mode): stop being one of the feed's subscribers, so that
         local sends do not write a copy for nothing; what they send meanwhile is counted
@@ -423,25 +427,24 @@ class _BridgedFeed:
 
     def resume(self) -> None:
         """NATS is back: subscribe again, and count the sends missed meanwhile."""
-        paused_at, core = self.paused_at, self.feed._core
-        if paused_at is None or core is None:
+        core = self.feed._core
+        if self.paused_at is None or core is None:
             return
-        with core.sends_held(time.monotonic() + CONTROL_SECONDS) as words:
+        with core.sends_held(time.monotonic() + CONTROL_SECONDS):
             self.subscription = self.feed.subscribe(self.channel)
-            missed = int(words[L.SENDS]) - paused_at
-        with self.counts_lock:  # one step for statistics(), which counts them meanwhile
-            self.paused_at = None
-            if missed > 0:
+            self._stop_counting_missed()
+
+    def _stop_counting_missed(self) -> None:
+        """Count the sends missed while paused for good, and stop counting (one step for
+        ``statistics``, which counts them meanwhile)."""
+        with self.counts_lock:
+            missed = self._missed_sends()
+            if missed:
                 self.dropped["disconnected"] = self.dropped.get("disconnected", 0) + missed
+            self.paused_at = None
 
     def close_local(self) -> None:
-        core = self.feed._core
-        with self.counts_lock:  # closed while NATS is away: what was sent meanwhile stays counted
-            if self.paused_at is not None and core is not None and not core.released:
-                missed = int(core.words[L.SENDS]) - self.paused_at
-                if missed > 0:
-                    self.dropped["disconnected"] = self.dropped.get("disconnected", 0) + missed
-            self.paused_at = None
+        self._stop_counting_missed()  # closed while NATS is away: what was sent meanwhile stays counted
         self.subscription.unsubscribe()
         self.channel.close()  # the reader takes what is left, then ChannelClosed ends it
 

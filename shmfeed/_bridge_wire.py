@@ -43,7 +43,6 @@ _HEAD = struct.Struct("<4sBBBHH")
 _PART = struct.Struct("<QIIQ")
 MAX_ORIGIN = 64
 MAX_HOME = 64
-PART_ROOM = _PART.size  # what a part's envelope adds to a whole value's
 
 
 class Part(NamedTuple):

@@ -270,24 +270,15 @@ class Feed(TypeArgument, Generic[T]):
         if timeout is not None:
             _check_timeout(timeout)
             deadline = time.monotonic() + timeout
-        core = self._core
-        if core is None or core.released:
-            core = self._open()
-        payloads = []
-        type_names = set()
-        for value in values:
-            payload = _codec.encode_for_send(value, core.large_values)
-            core.large_values = len(payload) > _codec.LARGE_OUTPUT
-            payloads.append(payload)
-            type_names.add(_codec.type_name(type(value)))
+        core = self._live()
+        values = list(values)
+        payloads = [core.encode(value) for value in values]
+        type_names = {_codec.type_name(type(value)) for value in values}
         if len(type_names) > 1:
             names = sorted(type_names)
             raise FeedTypeError("Send", display_type(names[1]), display_type(names[0]))
-        if type_names and (type_name := type_names.pop()) != core.type_name:
-            try:
-                core.check_send_type(type_name, deadline)
-            except TimeoutError as error:
-                raise core.nobody_reached(timeout, error) from error
+        if type_names:
+            self._fix_type(core, type_names.pop(), deadline, timeout)
         delivered: list[int] = []
         for payload in payloads:
             try:
@@ -334,19 +325,24 @@ class Feed(TypeArgument, Generic[T]):
 
     def _prepare(self, value: Any, deadline: float | None, timeout: float | None) -> tuple["FeedCore", _ring.Encoded]:
         """The feed's core, and ``value`` encoded, its type checked (fixing the feed's)."""
-        core = self._core
-        if core is None or core.released:
-            core = self._open()
+        core = self._live()
         # Encoded first: a value that cannot travel must not fix the type.
-        payload = _codec.encode_for_send(value, core.large_values)
-        core.large_values = len(payload) > _codec.LARGE_OUTPUT
-        type_name = _codec.type_name(type(value))
+        payload = core.encode(value)
+        self._fix_type(core, _codec.type_name(type(value)), deadline, timeout)
+        return core, payload
+
+    def _live(self) -> "FeedCore":
+        core = self._core
+        return self._open() if core is None or core.released else core
+
+    @staticmethod
+    def _fix_type(core: "FeedCore", type_name: str, deadline: float | None, timeout: float | None) -> None:
+        """Check ``type_name`` against the feed's type, fixing it if unset."""
         if type_name != core.type_name:
             try:
                 core.check_send_type(type_name, deadline)
             except TimeoutError as error:
                 raise core.nobody_reached(timeout, error) from error
-        return core, payload
 
     def _send_encoded(self, payload: bytes, type_name: str, skip_channel: int, timeout: float | None = None,
                       *, as_sender: bool = False, mark: _marks.Mark | None = None) -> int:
@@ -360,14 +356,8 @@ class Feed(TypeArgument, Generic[T]):
         ``mark`` it is a durable bridge's marked send (``_marks``): it answers
         ``_marks.ALREADY_APPLIED`` for a value delivered before."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        core = self._core
-        if core is None or core.released:
-            core = self._open()
-        if type_name != core.type_name:
-            try:
-                core.check_send_type(type_name, deadline)
-            except TimeoutError as error:
-                raise core.nobody_reached(timeout, error) from error
+        core = self._live()
+        self._fix_type(core, type_name, deadline, timeout)
         return core.send(payload, deadline, timeout, skip_channel, as_sender, mark)
 
     def _send_marked_many(self, items: Sequence[tuple[bytes, str, _marks.Mark]], skip_channel: int,
@@ -377,9 +367,7 @@ class Feed(TypeArgument, Generic[T]):
         ``_send_encoded(..., mark=...)`` without a timeout returns, or the error it raises
         (``FeedTypeError`` for a value of another type: the others are still sent)."""
         try:
-            core = self._core
-            if core is None or core.released:
-                core = self._open()
+            core = self._live()
         except (ShmfeedError, OSError) as error:
             return [error] * len(items)
         answers: list[int | ShmfeedError | OSError] = []

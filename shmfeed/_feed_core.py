@@ -17,7 +17,7 @@ import time
 import weakref
 from typing import Any, Iterator, NamedTuple, Sequence
 
-from . import _marks, _names, _process, _ring, _shm, _waker
+from . import _codec, _marks, _names, _process, _ring, _shm, _waker
 from . import _layout as L
 from ._native import OFFER_ALL_DONE, FeedSendAnswer, SendPlan, stopped_at
 from ._segment import AttachedSegment, open_named
@@ -794,6 +794,13 @@ class FeedCore(AttachedSegment):
             f"resubscribe to receive again"
         )
         self.end_subscription(target.entry, target.sub_id, core.channel_id, target.err_channel_id, error)
+
+    def encode(self, value: Any) -> _ring.Encoded:
+        """``value`` encoded for this feed's rings (large-value buffering as the last one
+        needed). Raises ``EncodingError``."""
+        payload = _codec.encode_for_send(value, self.large_values)
+        self.large_values = len(payload) > _codec.LARGE_OUTPUT
+        return payload
 
     def _label(self) -> str:
         return repr(self.name) if self.name is not None else f"<anonymous {self.key}>"

@@ -25,7 +25,7 @@ import subprocess
 import sys
 import time
 
-from . import _names, _runtime
+from . import _names, _registry_client, _runtime
 
 URL_ENV = "SHMFEED_BRIDGE_URL"
 ARGS_ENV = "SHMFEED_BRIDGE_ARGS"
@@ -33,11 +33,6 @@ BACKOFF = (0.5, 30.0)  # seconds before the first restart, and the longest wait 
 STOP_SECONDS = 15.0  # a bridge's SIGTERM drain, then SIGKILL
 _PR_SET_PDEATHSIG = 1
 
-# The same boot as the registry's (``_registry_client``): its import path after the stdlib.
-_BOOT = (
-    "import sys; end = sys.argv.index('--'); sys.path.extend(sys.argv[1:end]); del sys.argv[1:end + 1]; "
-    "from shmfeed._cli import main; sys.exit(main(sys.argv[1:]))"
-)
 
 
 def _die_with_parent() -> None:
@@ -80,8 +75,8 @@ class KeptBridge:
         try:
             path = [entry for entry in sys.path if entry and os.path.isabs(entry)]
             self.process = subprocess.Popen(
-                [sys.executable, "-I", "-S", "-c", _BOOT, *path, "--", "bridge", self.url,
-                 "--namespace", self.namespace, *self.options],
+                _registry_client.isolated_command("shmfeed._cli", path, ["bridge", self.url, "--namespace",
+                                                                         self.namespace, *self.options]),
                 cwd="/", stdin=subprocess.DEVNULL, stdout=log, stderr=log, preexec_fn=_die_with_parent,
             )
         finally:

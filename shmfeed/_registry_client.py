@@ -110,8 +110,8 @@ def _spawn(namespace: str) -> None:
             # lock, so nobody else spawns a duplicate in between. It forks the registry
             # proper and exits at once; a thread reaps it, so no zombie or child is left.
             child = subprocess.Popen(
-                [sys.executable, "-I", "-S", "-c", _REGISTRY_BOOT, *_registry_path(), "--",
-                 "--namespace", namespace, "--startup-fd", str(startup), "--detach"],
+                isolated_command("shmfeed._registry", _registry_path(),
+                                 ["--namespace", namespace, "--startup-fd", str(startup), "--detach"]),
                 cwd="/", pass_fds=(startup,), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL, start_new_session=True,
             )
@@ -125,10 +125,17 @@ _BRIDGE_IMPORTS = ("nats", "nkeys")  # and what the bridge it keeps does (nkeys:
 # The registry runs isolated (-I: no PYTHON* variables, no user site, nothing prepended to
 # sys.path) and without site processing (-S: a third of Python's start-up, so the namespace
 # is without its watchdog for less time), in "/". Its import path is exactly the one given.
-_REGISTRY_BOOT = (
+_ISOLATED_BOOT = (
     "import sys; end = sys.argv.index('--'); sys.path.extend(sys.argv[1:end]); del sys.argv[1:end + 1]; "
-    "from shmfeed._registry import main; sys.exit(main(sys.argv[1:]))"
+    "from {module} import main; sys.exit(main(sys.argv[1:]))"
 )
+
+
+def isolated_command(module: str, path: list[str], args: list[str]) -> list[str]:
+    """The command that runs ``module.main(args)`` as the registry runs (``-I -S``, its
+    import path exactly ``path``, appended after the standard library): the registry
+    itself, and the bridge it keeps (``_kept_bridge``)."""
+    return [sys.executable, "-I", "-S", "-c", _ISOLATED_BOOT.format(module=module), *path, "--", *args]
 
 
 def _registry_path() -> list[str]:
