@@ -41,6 +41,7 @@ counted from the feed's SENDS.
 from __future__ import annotations
 
 import asyncio
+import collections
 import hashlib
 import os
 import queue
@@ -55,12 +56,13 @@ from typing import Any, Mapping
 
 import msgpack
 
-from . import _bridge_durable, _bridge_wire, _codec, _gc, _marks, _names, _shm
+from . import _bridge_durable, _bridge_outbox, _bridge_wire, _codec, _gc, _marks, _names, _peek, _shm
 from . import _layout as L
 from ._bridge_connect import ConnectOptions, OutageReporter, nats_kwargs, redacted as _redacted
 from ._channel import Channel
 from ._errors import ChannelClosed, ChannelCorruptError, FeedClosed, FeedTypeError, ShmfeedError, UnknownTypeError
 from ._feed import Feed
+from ._subscription import Subscription
 from . import _bridge_status  # the status file shmfeed monitor reads
 
 __all__ = ["Bridge", "BridgeFeedStatistics", "BridgeStatistics", "subject_of", "DROP_REASONS"]
@@ -247,9 +249,29 @@ class _BridgedFeed:
         self.name = name
         self.subject = subject_of(bridge.realm, name)
         self.feed: Feed[Any] = Feed(name)
-        self.channel: Channel[Any] = Channel(CHANNEL_CAPACITY, overflow="drop_newest", name=f"bridge {name}"[:60])
-        self.subscription = self.feed.subscribe(self.channel)
+        label = f"bridge {name}"[:60]
+        # A durable bridge's channel is its outbox (read without taking, taken over after a
+        # SIGKILL: _bridge_outbox); its values are published on a subject of the outbox's
+        # origin, and their message ids are the origin and each value's index.
+        self.cursor: _peek.Cursor | None = None
+        self.adopted = False
+        self.subscription: Subscription
+        if bridge.durable:
+            self.channel, self.subscription, self.adopted = _bridge_outbox.open_outbox(
+                self.feed, bridge.mark_key, bridge.max_pending, label)
+            self.origin = _bridge_outbox.origin_of(bridge.home, self.channel._channel_id)
+            self.publish_subject = f"{self.subject}.{self.origin}"
+            self.cursor = _peek.Cursor(self.channel._live_core())
+        else:
+            self.channel = Channel(CHANNEL_CAPACITY, overflow="drop_newest", name=label)
+            self.subscription = self.feed.subscribe(self.channel)
+            self.origin, self.publish_subject = bridge.origin, self.subject
         self.channel_id = self.channel._channel_id
+        # Durable, loop thread: the last value index JetStream holds from this outbox
+        # (None: not asked yet, for an outbox taken over), and the messages published and
+        # not yet acknowledged, in order, with the outbox position each one ends at.
+        self.stored_through: int | None = None if self.adopted else -1
+        self.unacked: collections.deque[tuple[str, int]] = collections.deque()
         self.counts_lock = threading.Lock()
         self.out = 0
         self.in_ = 0
@@ -271,7 +293,8 @@ class _BridgedFeed:
         # when it was dropped (they are passed over, not counted again). Loop thread only.
         self.partials: dict[str, _Partial] = {}
         self.passing_over: dict[str, int] = {}
-        self.reader = threading.Thread(target=self._read, name=f"shmfeed-bridge-out {name}", daemon=True)
+        self.reader = threading.Thread(target=self._read if self.cursor is None else self._read_outbox,
+                                       name=f"shmfeed-bridge-out {name}", daemon=True)
         self.injector = threading.Thread(target=self._inject, name=f"shmfeed-bridge-in {name}", daemon=True)
 
     def drop(self, reason: str, count: int = 1) -> None:
@@ -325,6 +348,45 @@ class _BridgedFeed:
                 self.drop("local_reference", len(batch) - len(kept))
             if kept:
                 bridge._hand_to_loop(self, kept)
+
+    def _read_outbox(self) -> None:
+        """Local -> NATS, durable: the outbox read without taking (``_peek``), until the
+        bridge closes; a value is taken once JetStream acknowledged it (``settle``)."""
+        cursor = self.cursor
+        assert cursor is not None
+        while True:
+            try:
+                peeked = cursor.read(READ_BATCH)
+            except ChannelClosed:
+                return
+            except ChannelCorruptError:
+                self.drop("corrupt")
+                continue
+            if not peeked:
+                return  # stopped, and everything the outbox held is read
+            kept = [value for value in peeked if not holds_local_reference(value.data)]
+            if len(kept) < len(peeked):  # taken with the next value acknowledged
+                self.drop("local_reference", len(peeked) - len(kept))
+            if kept:
+                self.bridge._hand_to_loop(self, [value.data for value in kept],
+                                          [(value.number, value.end) for value in kept])
+
+    def settle(self, unacknowledged: Mapping[str, Any]) -> None:
+        """Durable, loop thread: take from the outbox every value whose message, and every
+        message before it, JetStream acknowledged (or refused for good)."""
+        end = 0
+        unacked = self.unacked
+        while unacked and unacked[0][0] not in unacknowledged:
+            end = unacked.popleft()[1]
+        if end and self.cursor is not None:
+            self.commit(end)
+
+    def commit(self, end: int) -> None:
+        assert self.cursor is not None
+        try:
+            self.cursor.commit(end)
+        except (ShmfeedError, OSError, ValueError):
+            pass  # let go of meanwhile (closing): the next bridge reads it again, and JetStream drops it
 
     def envelopes(self, origin: str, home: str) -> tuple[bytes, bytes]:
         """The envelopes of this feed's whole values and of its packed messages
@@ -444,6 +506,9 @@ class _BridgedFeed:
             self.paused_at = None
 
     def close_local(self) -> None:
+        if self.cursor is not None:  # durable: the outbox stays, unless Bridge.close let it go
+            self.cursor.stop()
+            return
         self._stop_counting_missed()  # closed while NATS is away: what was sent meanwhile stays counted
         self.subscription.unsubscribe()
         self.channel.close()  # the reader takes what is left, then ChannelClosed ends it
@@ -529,7 +594,8 @@ class Bridge:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: threading.Thread | None = None
         self._nc: Any = None
-        self._outbound: asyncio.Queue[tuple[_BridgedFeed, list[bytes]] | None] | None = None
+        # (feed, values, for a durable bridge each value's (index, end) in the outbox)
+        self._outbound: asyncio.Queue[tuple[_BridgedFeed, list[bytes], list[tuple[int, int]] | None] | None] | None = None
         self._pump: asyncio.Task[None] | None = None
         self._backlog = threading.BoundedSemaphore(PUBLISH_BACKLOG)
         self._reconnects = 0
@@ -672,8 +738,7 @@ class Bridge:
         self._by_subject[bridged.subject] = bridged  # first: what NATS brings at once is queued
         try:
             if not self.durable:  # a durable bridge's consumer takes every subject of the realm
-                asyncio.run_coroutine_threadsafe(self._nc.subscribe(bridged.subject, cb=self._on_message),
-                                                 loop).result(10)
+                asyncio.run_coroutine_threadsafe(self._subscribe(bridged), loop).result(10)
         except BaseException:
             del self._by_subject[bridged.subject]
             bridged.close_local()
@@ -702,10 +767,16 @@ class Bridge:
             await self._consumer.start()
         else:
             for bridged in self._feeds.values():
-                await self._nc.subscribe(bridged.subject, cb=self._on_message)
+                await self._subscribe(bridged)
         await self._nc.flush(timeout)  # the server has our subscriptions: ready
         self._pump = asyncio.get_running_loop().create_task(self._publish_all())
         self._expiry = asyncio.get_running_loop().create_task(self._expire_partials())
+
+    async def _subscribe(self, bridged: _BridgedFeed) -> None:
+        """A core bridge's subscriptions to a feed: its subject, and the outboxes' under it
+        (what durable bridges publish reaches core ones too)."""
+        await self._nc.subscribe(bridged.subject, cb=self._on_message)
+        await self._nc.subscribe(f"{bridged.subject}.*", cb=self._on_message)
 
     def close(self, timeout: float = 10.0) -> None:
         """Stop bridging: what the bridge's channels hold is published, what NATS already
@@ -724,6 +795,11 @@ class Bridge:
             self._control.put(None)
             self._controller.join(timeout)
         for bridged in self._feeds.values():
+            if bridged.cursor is not None:  # durable: nothing reaches the outbox from now on
+                try:
+                    _bridge_outbox.stop_receiving(bridged.feed, bridged.subscription)
+                except (ShmfeedError, OSError) as error:
+                    print(f"shmfeed bridge: feed {bridged.name!r}: {error}", file=sys.stderr)
             bridged.close_local()
         for bridged in self._feeds.values():
             if bridged.reader.is_alive():
@@ -737,7 +813,14 @@ class Bridge:
             publisher = self._publisher
             if publisher is not None and publisher.pending():
                 print(f"shmfeed bridge: closed with {publisher.pending()} messages JetStream had not acknowledged "
-                      f"(NATS away for {timeout:g} s); they are lost", file=sys.stderr, flush=True)
+                      f"(NATS away for {timeout:g} s); they stay in the outboxes, for the next durable bridge "
+                      f"of this namespace and realm to publish", file=sys.stderr, flush=True)
+            elif publisher is not None:
+                for bridged in self._feeds.values():  # all of it stored: the outboxes go
+                    try:
+                        _bridge_outbox.forget(bridged.feed, self.mark_key, bridged.channel)
+                    except (ShmfeedError, OSError) as error:
+                        print(f"shmfeed bridge: feed {bridged.name!r}: {error}", file=sys.stderr)
         for bridged in self._feeds.values():
             if bridged.injector.is_alive():
                 bridged.inbound.put(None)
@@ -819,7 +902,7 @@ class Bridge:
 
     # --- the data path ---------------------------------------------------------------------
 
-    def _hand_to_loop(self, bridged: _BridgedFeed, batch: list[bytes]) -> None:
+    def _hand_to_loop(self, bridged: _BridgedFeed, batch: list[bytes], places: list[tuple[int, int]] | None = None) -> None:
         """From a reader thread: queue values for publishing (one wake-up of the loop for
         the batch). Waits while the loop holds PUBLISH_BACKLOG unpublished batches: the
         bridge's channel then fills and the ring drops (counted) instead: the local send
@@ -830,7 +913,7 @@ class Bridge:
             return
         self._backlog.acquire()
         try:
-            loop.call_soon_threadsafe(outbound.put_nowait, (bridged, batch))
+            loop.call_soon_threadsafe(outbound.put_nowait, (bridged, batch, places))
         except RuntimeError:  # the loop was closed meanwhile
             self._backlog.release()
             bridged.drop("disconnected", len(batch))
@@ -847,9 +930,11 @@ class Bridge:
             item = await self._outbound.get()
             if item is None:
                 return
-            bridged, batch = item
+            bridged, batch, places = item
             self._backlog.release()
-            whole, pack = bridged.envelopes(self.origin, self.home)
+            if places is not None:
+                batch, places = await self._not_stored(bridged, batch, places)
+            whole, pack = bridged.envelopes(bridged.origin, self.home)
             extra = MSG_ID_ROOM if self._publisher is not None else 0
             single_room, pack_room = nc.max_payload - len(whole) - extra, nc.max_payload - len(pack) - extra
             start = 0
@@ -871,14 +956,15 @@ class Bridge:
                     elif len(data) <= single_room:
                         messages = [whole + data]
                     else:
-                        messages = self._parts(bridged, data, nc.max_payload)
+                        messages = self._parts(bridged, data, nc.max_payload, None if places is None else places[start][0])
                 except OSError:
                     bridged.drop("publish_error")
                     start = end
                     continue
-                count, start = end - start, end
-                if self._publisher is not None:
-                    await self._publisher.publish(bridged, messages, count)  # counted out once acknowledged
+                count, first = end - start, start
+                start = end
+                if self._publisher is not None and places is not None:  # counted out once acknowledged
+                    await self._publisher.publish(bridged, messages, count, places[first][0], places[end - 1][1])
                     continue
                 if not nc.is_connected:
                     bridged.drop("disconnected", count)
@@ -891,20 +977,42 @@ class Bridge:
                     continue
                 bridged.count_out(count)
 
-    def _parts(self, bridged: _BridgedFeed, data: bytes, max_payload: int) -> list[bytes]:
+    async def _not_stored(self, bridged: _BridgedFeed, batch: list[bytes],
+                          places: list[tuple[int, int]]) -> tuple[list[bytes], list[tuple[int, int]]]:
+        """Durable: the values of a batch that JetStream does not hold yet. An outbox taken
+        over from a killed bridge may hold values it published and JetStream stored, not
+        yet acknowledged to it: JetStream's last message from the outbox says where to go
+        on; those before are taken without publishing them again."""
+        if bridged.stored_through is None:
+            assert self._publisher is not None
+            bridged.stored_through = await self._publisher.stored_through(bridged)
+        skip = 0
+        while skip < len(places) and places[skip][0] <= bridged.stored_through:
+            skip += 1
+        if skip:
+            bridged.commit(places[skip - 1][1])
+            bridged.count_out(skip)
+        return batch[skip:], places[skip:]
+
+    def _parts(self, bridged: _BridgedFeed, data: bytes, max_payload: int, sequence: int | None) -> list[bytes]:
         """``data`` as parts, each message (envelope and part) within ``max_payload``, to
-        publish one after another: no other message of this bridge comes between them."""
+        publish one after another: no other message of this bridge comes between them. The
+        value's sequence: its index in a durable bridge's outbox (a successor publishing it
+        again makes the same parts), else the bridge's count of split values."""
         type_name = bridged.type_name()
-        probe = _bridge_wire.part_prefix(self.origin, self.home, bridged.name, type_name, _bridge_wire.Part(0, 0, 0, 0))
+        origin = bridged.origin
+        probe = _bridge_wire.part_prefix(origin, self.home, bridged.name, type_name, _bridge_wire.Part(0, 0, 0, 0))
         part_length = max_payload - len(probe) - (MSG_ID_ROOM if self._publisher is not None else 0)
         if part_length <= 0:
             raise OSError("shmfeed: the server's max_payload leaves no room for a part; "
                           "raise max_payload in the nats-server configuration")
-        self._sequence += 1
+        if sequence is None:
+            self._sequence += 1
+            sequence = self._sequence
         count = -(-len(data) // part_length)
         view = memoryview(data)
-        return [_bridge_wire.part_prefix(self.origin, self.home, bridged.name, type_name,
-                                         _bridge_wire.Part(self._sequence, index, count, len(data)))
+        return [_bridge_wire.part_prefix(origin, self.home, bridged.name, type_name,
+                                         _bridge_wire.Part(sequence, index, count, len(data)))
                 + view[index * part_length:(index + 1) * part_length]
                 for index in range(count)]
 
@@ -916,11 +1024,19 @@ class Bridge:
         """A durable bridge's message from its consumer, at stream ``sequence`` (loop thread)."""
         self._route(msg, sequence)
 
+    def _bridged_on(self, subject: str) -> _BridgedFeed | None:
+        """The bridged feed of a subject: the feed's, or an outbox's under it (a durable
+        bridge publishes on ``<feed subject>.<origin>``)."""
+        bridged = self._by_subject.get(subject)
+        if bridged is None:
+            bridged = self._by_subject.get(subject.rpartition(".")[0])
+        return bridged
+
     def _route(self, msg: Any, sequence: int | None) -> None:
         """Check one message and queue its values (whole, packed, or joined from parts) for
         the feed's injector; a durable bridge's messages are acknowledged once their values
         are delivered, or at once if there is nothing to deliver."""
-        bridged = self._by_subject.get(msg.subject)
+        bridged = self._bridged_on(msg.subject)
         if bridged is None:
             self._release([msg])  # a feed not bridged here: nobody here subscribes to it
             return
@@ -1082,7 +1198,7 @@ class Bridge:
         import nats.errors
 
         if isinstance(error, nats.errors.SlowConsumerError):
-            bridged = self._by_subject.get(getattr(error, "subject", ""))
+            bridged = self._bridged_on(getattr(error, "subject", ""))
             if bridged is not None:
                 bridged.drop("slow_consumer")
         else:  # at every reconnection attempt: said once per kind per outage; start() says its own

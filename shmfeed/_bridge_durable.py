@@ -117,7 +117,6 @@ class DurablePublisher:
         self.emptied.set()
         self.ready = asyncio.Event()  # connected, JetStream answers, nothing held waits for a resend
         self.inbox = f"_INBOX.shmfeed.{bridge.origin}"
-        self.counter = 0
         self.round = 0  # a new one at every resend: what was not sent in it yet is
         self.resending: asyncio.Task[None] | None = None
 
@@ -132,25 +131,30 @@ class DurablePublisher:
         await self.emptied.wait()
 
     def _forget(self, msg_id: str) -> None:
-        del self.held[msg_id]
+        held = self.held.pop(msg_id)
+        held.bridged.settle(self.held)
         if not self.has_room.is_set() and len(self.held) < self.max_pending:
             self.has_room.set()
         if not self.held:
             self.emptied.set()
 
-    async def publish(self, bridged: "_BridgedFeed", messages: list[bytes], values: int = 1) -> None:
-        """Publish one value's messages (one, or its parts in order), each held until
-        acknowledged; while NATS is away they are only held (the resend publishes them).
-        Waits while ``max_pending`` are held."""
+    async def publish(self, bridged: "_BridgedFeed", messages: list[bytes], values: int, first: int, end: int) -> None:
+        """Publish one message of ``values`` values from the outbox, the first at index
+        ``first``, ending at outbox position ``end`` (or one value's parts, in order), each
+        held until acknowledged; while NATS is away they are only held (the resend
+        publishes them). Waits while ``max_pending`` are held. The message id is the
+        outbox's origin and ``first`` (and the part's place): a successor that publishes
+        the same message again gives it the same id, and JetStream drops it."""
         for index, data in enumerate(messages):
             while len(self.held) >= self.max_pending:
                 self.has_room.clear()
                 await self.has_room.wait()
-            self.counter += 1
-            msg_id = f"{self.bridge.origin}-{self.counter}"  # one token: the reply subject ends in it
-            held = _Held(bridged, bridged.subject, data, {MSG_ID_HEADER: msg_id},
+            # One token (the reply subject ends in it).
+            msg_id = f"{bridged.origin}-{first}" if len(messages) == 1 else f"{bridged.origin}-{first}-{index}"
+            held = _Held(bridged, bridged.publish_subject, data, {MSG_ID_HEADER: msg_id},
                          values if index == len(messages) - 1 else 0)
             self.held[msg_id] = held
+            bridged.unacked.append((msg_id, end))
             self.emptied.clear()
             if self.ready.is_set():
                 await self._send(msg_id, held)
@@ -185,6 +189,28 @@ class DurablePublisher:
         self._forget(msg_id)
         if held.values:
             held.bridged.count_out(held.values)
+
+    async def stored_through(self, bridged: "_BridgedFeed") -> int:
+        """The index of the last value JetStream holds from ``bridged``'s outbox (-1: none),
+        read from the last message on the outbox's subject: its id gives the index of its
+        first value, a packed message's count the rest; of a split value's part, the value
+        before it is the last one whole (the parts come again, and those stored are dropped
+        as duplicates). Asked until JetStream answers."""
+        from nats.js.errors import NotFoundError
+
+        js = self.nc.jetstream()
+        wait = READY_BACKOFF[0]
+        while not self.nc.is_closed:
+            try:
+                msg = await js.get_last_msg(stream_name(self.bridge.realm), bridged.publish_subject)
+            except NotFoundError:
+                return -1
+            except Exception:  # noqa: BLE001 (NATS or JetStream not there yet)
+                await asyncio.sleep(wait)  # a backoff between asks of a server coming back
+                wait = min(wait * 2, READY_BACKOFF[1])
+                continue
+            return last_index(bridged.origin, (msg.headers or {}).get(MSG_ID_HEADER, ""), msg.data or b"")
+        return -1
 
     def on_disconnected(self) -> None:
         self.ready.clear()
@@ -518,6 +544,24 @@ def inject(bridged: "_BridgedFeed", batch: list[tuple[bytes, str, Applying | Non
         bridged.redelivered += redelivered
     if values:
         bridged.bridge._applied(done, values)
+
+
+def last_index(origin: str, msg_id: str, data: bytes) -> int:
+    """The index of the last whole value a message of ``origin`` stored (see
+    ``DurablePublisher.stored_through``); -1 if it is not one of that origin's."""
+    from . import _bridge_wire
+
+    head, _, rest = msg_id.partition("-")
+    first, _, part = rest.partition("-")
+    if head != origin or not first.isdigit():
+        return -1
+    if part:
+        return int(first) - 1
+    envelope = _bridge_wire.parse(data)
+    if envelope is None or not envelope.packed:
+        return int(first)
+    values = _bridge_wire.unpack(envelope.data)
+    return int(first) + (len(values) - 1 if values else 0)
 
 
 def _reply_numbers(reply: str) -> tuple[int, int]:

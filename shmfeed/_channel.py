@@ -172,13 +172,18 @@ class Channel(TypeArgument, Generic[T]):
     @classmethod
     def _error_channel(cls) -> "Channel[Any]":
         """A subscription's error channel: one slot, a small ring, hidden by the monitor."""
+        return cls._private(1, _ring.MIN_RING_BYTES, "block", L.FLAG_ERROR_CHANNEL, None)
+
+    @classmethod
+    def _private(cls, capacity: int, ring_bytes: int, overflow: str, flags: int, label: str | None) -> "Channel[Any]":
+        """A channel of the library's own, with ``flags`` (``_layout.CHANNEL_FLAGS``)."""
         channel = cls.__new__(cls)
         channel._namespace = _names.current_namespace()
         channel._elem_type = None
         channel._elem_type_name = ""
-        channel._label = None
+        channel._label = label
         channel._core = _ring.ChannelCore.create(
-            channel._namespace, 1, _ring.MIN_RING_BYTES, "block", "", flags=L.FLAG_ERROR_CHANNEL
+            channel._namespace, capacity, ring_bytes, overflow, "", flags=flags, label=label
         )
         channel._core.hold()
         channel._channel_id = channel._core.channel_id

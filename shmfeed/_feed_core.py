@@ -304,6 +304,14 @@ class FeedCore(AttachedSegment):
             _finish(self.namespace, channel_id, err_channel_id, error, attach=self.attached)
         return was_active
 
+    def end_subscription_at(self, entry: int, sub_id: int) -> bool:
+        """``end_subscription`` of the subscription ``sub_id`` at table ``entry``, if it is
+        still there (its channels read from the table)."""
+        word = _entry_word(entry)
+        if not 0 <= entry < L.FEED_TABLE_SLOTS or not self.is_active(entry, sub_id):
+            return False
+        return self.end_subscription(entry, sub_id, int(self.table[word + 1]), int(self.table[word + 2]))
+
     def close(self) -> None:
         words = self.words
         ended = []

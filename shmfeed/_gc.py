@@ -30,7 +30,7 @@ import time
 from dataclasses import dataclass, field
 
 from . import _layout as L
-from . import _bridge_status, _names, _process, _shm
+from . import _bridge_status, _names, _outbox, _process, _shm
 from ._names import Entry, EntryKind
 
 LOCK_GRACE_SECONDS = 5.0
@@ -85,11 +85,12 @@ def map_segment(path: str, whole: bool = False) -> tuple[mmap.mmap, int] | None:
     return _shm.map_own(path, length=0 if whole else L.HEADER_BYTES, min_size=L.HEADER_BYTES)
 
 
-def _segment_state(path: str) -> tuple[bool, list[int]] | None:
+def _segment_state(path: str, outboxes: "_Outboxes") -> tuple[bool, list[int]] | None:
     """(any live process attached, ids of the locks it names); None if it cannot be read now.
 
     A segment of no known kind (damaged, overwritten) is dead and names no lock: its words
     are not to be trusted, and the locks it had go as orphaned ones after the grace period.
+    A durable bridge's outbox that a live feed names counts as live (``_outbox``).
     """
     try:
         mapped = map_segment(path)
@@ -107,6 +108,9 @@ def _segment_state(path: str) -> tuple[bool, list[int]] | None:
             alive = not words[L.DESTROYED] and any(
                 L.slot_alive(pid, ticks) for pid, ticks in L.attached_processes(words)
             )
+            if not alive and not words[L.DESTROYED] and kind is L.CHANNEL_KIND \
+                    and words[L.CHANNEL_FLAGS] & L.FLAG_OUTBOX:
+                alive = outboxes.names(path)
             return alive, L.lock_ids(words, kind)
         finally:
             words.release()
@@ -120,10 +124,11 @@ def sweep(namespace: str, remove: bool = True) -> Leftovers:
     entries = own_entries(namespace)
     named_locks: set[int] | None = set()  # None: a segment could not be read, so any lock may be named
     live_segments: set[str] = set()
+    outboxes = _Outboxes(namespace)
     for entry in entries:
         if entry.kind not in _names.SEGMENT_ENTRY_KINDS:
             continue
-        state = _segment_state(entry.path)
+        state = _segment_state(entry.path, outboxes)
         if state is None or state[0]:
             live_segments.add(entry.segment)
             if state is None:
@@ -143,6 +148,21 @@ def sweep(namespace: str, remove: bool = True) -> Leftovers:
             found.semaphores.append(path)
     found.files += _bridge_status.stale(namespace, remove=remove)
     return found
+
+
+class _Outboxes:
+    """The outboxes the namespace's live feeds name, looked up once per sweep, and only if
+    an orphaned outbox is found."""
+
+    def __init__(self, namespace: str) -> None:
+        self.namespace = namespace
+        self.named: set[str] | None = None
+
+    def names(self, path: str) -> bool:
+        if self.named is None:
+            self.named = {_names.shm_path(_names.channel_segment(self.namespace, channel_id))
+                          for channel_id in _outbox.named_channels(self.namespace)}
+        return path in self.named
 
 
 def _semaphore_temps(now: float) -> list[str]:

@@ -50,7 +50,7 @@ Channel segment (``MAGIC = CHANNEL_MAGIC``), words 8-28:
 | 25   | WAIT_LOCK_ID  | names the lock of the two wait lists                     |
 | 26   | WAIT_LOCK_OWNER | pid holding the wait-list lock                         |
 | 27   | DISCARDED     | messages discarded because the ring was found corrupt    |
-| 28   | CHANNEL_FLAGS | bit 0: a subscription's error channel (hidden by the monitor) |
+| 28   | CHANNEL_FLAGS | bit 0: a subscription's error channel (hidden by the monitor); bit 1: a durable bridge's outbox (``_outbox``) |
 | 29   | LAST_RECV_TIME | CLOCK_MONOTONIC ns of the last receive (for the monitor) |
 | 30   | IN_FLIGHT     | pickled or encoded references not yet unpickled (see below) |
 | 31   | CHANNEL_NAME_LEN | length of the channel's label at bytes 3584-3711 (0: none) |
@@ -103,7 +103,9 @@ dead process, or SENDER_DEATHS, counted when recovery cleared such a slot while 
 senders lived on).
 
 Bytes 2816-3903 of a feed's header hold the delivery marks of durable bridges (layout and
-rules in ``_marks``, their one owner), written under the send lock.
+rules in ``_marks``, their one owner), written under the send lock. Bytes 3904-3967 name
+the durable bridges' outboxes (``_outbox``, their one owner): channels flagged
+``FLAG_OUTBOX`` that outlive their holders while a live feed names them.
 
 The subscription table starts at byte 4096: ``FEED_TABLE_SLOTS`` entries of 4 words
 (``SUB_ID``, ``CHANNEL_ID``, ``ERR_CHANNEL_ID``, ``STATE | OWNER_PID << 32``).
@@ -168,6 +170,7 @@ MAGIC, HEADER_BYTES_WORD, LOCK_ID, LOCK_OWNER, DESTROYED, CREATOR_PID, CREATOR_T
 ) = range(8, 32)
 
 FLAG_ERROR_CHANNEL = 1
+FLAG_OUTBOX = 2  # a durable bridge's outbox: kept while a live feed names it (_outbox)
 
 # Feed words.
 (

@@ -25,7 +25,7 @@ from typing import Any, Callable, NamedTuple
 
 from . import _gc
 from . import _layout as L
-from . import _names, _process, _ring
+from . import _names, _outbox, _process, _ring
 from ._errors import SenderDiedError
 from ._feed_core import FeedCore
 from ._names import Entry, EntryKind
@@ -184,7 +184,8 @@ def _drop_dead_attachers(
             flags = L.remove_attached(words, pid, ticks)
             if sender_deaths_word is not None and flags > 0 and flags & L.SLOT_SENDER:
                 words[sender_deaths_word] += 1
-        orphaned = not words[L.DESTROYED] and not any(liveness.alive(*p) for p in L.attached_processes(words))
+        orphaned = not words[L.DESTROYED] and not any(liveness.alive(*p) for p in L.attached_processes(words)) \
+            and not core._outlives_holders()
         if orphaned:
             words[L.DESTROYED] = 1
         return orphaned
@@ -280,7 +281,12 @@ def _repair_feed(core: FeedCore, released: list[int], liveness: Liveness, repair
 
 
 def _end_dead_subscriptions(core: FeedCore, liveness: Liveness, repairs: Repairs) -> None:
+    """End the subscriptions whose owner died; but a durable bridge's outbox's, which its
+    successor takes over (``_outbox``)."""
+    kept = _outbox.kept_subscriptions(core.words)
     for entry, sub_id, channel_id, err_id, owner in L.active_subscriptions(core.words, core.table):
+        if sub_id in kept:
+            continue
         if liveness.ticks(owner) is None and core.end_subscription(entry, sub_id, channel_id, err_id):
             repairs.ended_subscriptions += 1
 

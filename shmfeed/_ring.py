@@ -34,7 +34,7 @@ import weakref
 from typing import Any, Callable
 
 from . import _layout as L
-from . import _names, _native, _process, _shm, _spill, _waker
+from . import _names, _native, _outbox, _process, _shm, _spill, _waker
 from ._codec import Segments
 from ._spill import Spill
 from ._segment import AttachedSegment, open_named
@@ -365,6 +365,9 @@ class ChannelCore(AttachedSegment):
             fast.release()  # its hold on the mapping first, or the mapping stays
         super()._close_local()
 
+    def _outlives_holders(self) -> bool:
+        return _outbox.is_kept(self.namespace, self.channel_id, int(self.words[L.CHANNEL_FLAGS]))
+
     def _before_detach(self) -> None:
         if _cores.get((self.namespace, self.channel_id)) is self:
             _cores.pop((self.namespace, self.channel_id), None)
@@ -389,6 +392,8 @@ class ChannelCore(AttachedSegment):
         holders = L.attached_processes(self.words, L.SLOT_HOLDER)
         if self.closed or self.words[L.IN_FLIGHT] or any(L.slot_alive(*p) for p in holders):
             return False
+        if self.words[L.CHANNEL_FLAGS] & L.FLAG_OUTBOX:
+            return False  # a durable bridge's outbox: closed by the bridge, or kept (_outbox)
         self.close()
         return True
 

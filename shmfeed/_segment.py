@@ -193,7 +193,7 @@ class AttachedSegment:
             self._before_detach()
             self.acquire()
             try:
-                last = L.detach(self.words) and not self.words[L.DESTROYED]
+                last = L.detach(self.words) and not self.words[L.DESTROYED] and not self._outlives_holders()
                 if last:
                     self.words[L.DESTROYED] = 1  # under the lock: openers now see it is gone
             finally:
@@ -206,6 +206,11 @@ class AttachedSegment:
 
     def _before_detach(self) -> None:
         """Hook: drop per-process state that refers to the segment."""
+
+    def _outlives_holders(self) -> bool:
+        """Hook (segment lock held): stay in /dev/shm though the last process leaves (a
+        durable bridge's outbox, see ``_outbox``)."""
+        return False
 
     def _after_detach(self) -> None:
         """Hook: release what must outlive the detach step."""

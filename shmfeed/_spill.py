@@ -242,6 +242,24 @@ def read(path: str, size: int) -> bytes | memoryview:
             _unlink(path)
 
 
+def read_kept(path: str, size: int) -> bytes:
+    """A copy of a large value whose link stays where it is: a durable bridge's outbox
+    reads without taking (``_peek``), and removes the link when it takes the record.
+
+    Raises as ``read``.
+    """
+    descriptor, info = _shm.open_own(path)
+    try:
+        _check_holds(info, size)
+        with open(descriptor, "rb", buffering=0, closefd=False) as spill:
+            data = spill.read(size)
+        if len(data) != size:
+            raise ValueError(f"the record says {size} bytes, {len(data)} could be read")
+        return data
+    finally:
+        os.close(descriptor)
+
+
 def read_pinned(namespace: str, path: str, size: int) -> memoryview:
     """A receiver's read of its link to a large value as a read-only view of the file
     (``Channel.recv_view``): no copy. The link is first renamed to this process's own pin

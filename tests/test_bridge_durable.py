@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -168,6 +169,67 @@ def test_a_sigkilled_receiving_bridge_and_a_restarted_server_lose_and_repeat_not
             f"sending bridge: {statistics_a}")
         assert statistics_a["dropped"] == {}, statistics_a
         assert statistics_a["out"] == sent + 1
+    finally:
+        feed.detach()
+        bridge_a.end()
+        bridge_b.end()
+        collector.close()
+
+
+@pytest.mark.parametrize("kills", [1, 3])
+def test_a_sigkilled_sending_bridge_loses_and_repeats_nothing(server: NatsServer, hosts: list[str], kills: int) -> None:
+    """The sending side's bridge SIGKILLed mid-stream (``kills`` times) and started again
+    while a local sender keeps going, values of 1.5 MiB (spilled, and split over NATS's
+    1 MiB max_payload) among them: its outbox outlives it, the successor takes it over and
+    goes on after what JetStream stored, so every value arrives once, in order."""
+    a, b = hosts[:2]
+    with in_namespace(b):
+        collector = Collector("ticks")
+    bridge_a = BridgeProcess(server.url, a, ["ticks"], options=DURABLE)
+    bridge_b = BridgeProcess(server.url, b, ["ticks"], options=DURABLE)
+    feed = shmfeed.Feed("ticks")
+    big = b"x" * (3 << 19)
+    sent = 0
+    stop = threading.Event()
+
+    def send() -> None:
+        nonlocal sent
+        while not stop.is_set() and sent < 30000:
+            feed.send({"n": sent, "big": big} if sent % 700 == 3 else {"n": sent})
+            sent += 1
+            if sent % 50 == 0:
+                stop.wait(0.01)
+
+    sender = threading.Thread(target=send)
+    sender.start()
+    try:
+        for round_ in range(kills):
+            wait_until(lambda: len(collector.values) > 1500 * (round_ + 1), 30, "values crossing before the kill")
+            # Stopped first, so that what it published JetStream stores and acknowledges
+            # to a process that never reads it: the outbox still holds values the stream
+            # has. Then SIGKILL; the sender goes on meanwhile.
+            os.kill(bridge_a.process.pid, signal.SIGSTOP)
+            stop.wait(0.3)
+            bridge_a.kill()
+            bridge_a = BridgeProcess(server.url, a, ["ticks"], options=DURABLE)
+        before = len(collector.values)
+        wait_until(lambda: len(collector.values) > before + 1000, 30, "values crossing after the restart")
+    finally:
+        stop.set()
+        sender.join(30)
+    try:
+        feed.send({"n": "end"})
+        wait_until(lambda: collector.values and collector.values[-1] == {"n": "end"}, 60, "the last value")
+        numbers = [value["n"] for value in collector.values[:-1]]
+        statistics_a = _stopped(bridge_a)["ticks"]
+        assert numbers == list(range(sent)), (
+            f"{sent} sent, {len(numbers)} received; "
+            f"missing {sorted(set(range(sent)) - set(numbers))[:10]}, "
+            f"twice {sorted(n for n in set(numbers) if numbers.count(n) > 1)[:10]}; "
+            f"first out of order at {next((i for i, n in enumerate(numbers) if n != i), None)}; "
+            f"sending bridge: {statistics_a}")
+        assert all(value["big"] == big for value in collector.values[:-1] if "big" in value)
+        assert statistics_a["dropped"] == {}, statistics_a
     finally:
         feed.detach()
         bridge_a.end()
