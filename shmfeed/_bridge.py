@@ -82,7 +82,7 @@ READ_BATCH = 256  # values a reader takes at once (one hand-over to the loop)
 MSG_ID_ROOM = 160  # bytes of a durable message's Nats-Msg-Id header
 
 # Why a value was not carried (out: local -> NATS; in: NATS -> local).
-DEFAULT_MAX_PENDING = 65536  # messages a durable bridge holds unacknowledged (NATS away) before its channel drops
+DEFAULT_MAX_PENDING = 65536  # values a durable bridge holds unacknowledged (NATS away) per feed before its outbox drops
 
 DROP_REASONS = {
     "overflow": "out: the bridge's channel was full (NATS or the bridge too slow): dropped by the ring",
@@ -548,8 +548,9 @@ class Bridge:
         max_age, max_bytes: a durable realm's stream keeps values this many seconds, or
             up to this many bytes (the oldest go first); None leaves the stream as it is
             (when the bridge makes it: one day, no byte limit).
-        max_pending: messages a durable bridge holds while NATS has not acknowledged
-            them (NATS away); past it, its channel drops (counted ``overflow``).
+        max_pending: values a durable bridge holds while NATS has not acknowledged
+            them (NATS away), in each feed's outbox (a ring of at most 4 MiB); past it,
+            the outbox drops (counted ``overflow``).
         creds: a NATS creds file (user JWT and nkey seed) to connect with.
         tls_ca: PEM file of the CA that signed the server's certificate; turns TLS on
             (a ``tls://`` URL does too, with the system's CAs unless this is given).
@@ -1212,7 +1213,7 @@ class Bridge:
             self._control.put("pause")
         if not self._closed and not self._down:
             self._down = True
-            meanwhile = (f"values meanwhile are held, up to {self.max_pending} messages" if self.durable
+            meanwhile = (f"values meanwhile are held, up to {self.max_pending} per feed" if self.durable
                          else "values meanwhile are dropped and counted")
             print(f"shmfeed bridge: disconnected from {self._server_now()}; reconnecting ({meanwhile})",
                   file=sys.stderr, flush=True)

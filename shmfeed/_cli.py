@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     bridge.add_argument("--max-age", type=float, metavar="SECONDS", help="durable: the stream keeps values this long")
     bridge.add_argument("--max-bytes", type=int, metavar="BYTES", help="durable: the stream keeps this many bytes")
     bridge.add_argument("--max-pending", type=int, default=65536, metavar="N",
-                        help="durable: messages held while NATS is away before the bridge's channel drops (65536)")
+                        help="durable: values held per feed while NATS is away before the bridge's outbox drops (65536)")
     _bridge_connect.add_connection_arguments(bridge)
     bridge.set_defaults(run=_bridge_command)
     args = parser.parse_args(argv)

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 import shmfeed
-from shmfeed import _bridge_durable, _bridge_status
+from shmfeed import _bridge_durable, _bridge_status, _gc, _marks, _names, _outbox, _recovery, _ring
 from shmfeed.testing import wait_until
 
 from _nats import BridgeProcess, NatsServer
@@ -235,6 +235,33 @@ def test_a_sigkilled_sending_bridge_loses_and_repeats_nothing(server: NatsServer
         bridge_a.end()
         bridge_b.end()
         collector.close()
+
+
+def test_a_killed_bridges_outbox_lives_with_its_feed_and_goes_with_it(server: NatsServer, hosts: list[str]) -> None:
+    """With its durable bridge SIGKILLed and none started again, the outbox keeps taking
+    the feed's values through recovery and gc (nothing of it is a leftover while the feed
+    lives); once the feed's last process lets go, the outbox is a leftover like any other."""
+    a = hosts[0]
+    feed = shmfeed.Feed("ticks")
+    bridge = BridgeProcess(server.url, a, ["ticks"], options=DURABLE)
+    outbox = _outbox.find(feed._open().words, _marks.key_of("default"))
+    assert outbox is not None
+    path = _names.shm_path(_names.channel_segment(a, outbox.channel_id))
+    bridge.kill()
+    _recovery.recover_namespace(a)
+    assert path not in _gc.sweep(a, remove=False).all()
+    assert os.path.exists(path)
+    assert [feed.send({"n": n}) for n in range(3)] == [1, 1, 1]  # the outbox's subscription lives
+    core = _ring.ChannelCore.map_unattached(a, outbox.channel_id)
+    assert core is not None
+    try:
+        assert core.pending() == 3
+    finally:
+        core.release()
+    feed.detach()  # its last process: the feed goes, and nothing names the outbox
+    assert path in _gc.sweep(a, remove=False).segments
+    _recovery.recover_namespace(a)
+    assert not os.path.exists(path)
 
 
 def test_a_namespace_away_catches_up_in_order(server: NatsServer, hosts: list[str]) -> None:
