@@ -228,8 +228,9 @@ class BridgeStatistics:
 
     ``mode`` is ``"core"`` or ``"durable"``. For a durable bridge, ``lag`` is how many
     messages of the stream it has still to fetch (as of its last fetch) plus the values
-    fetched and not yet delivered here, and ``held`` how many messages it published that
-    JetStream has not acknowledged yet; both None in core mode."""
+    fetched and not yet delivered here, and ``held`` how many values its outboxes hold
+    that JetStream has not stored yet (not published, or not acknowledged); both None in
+    core mode."""
 
     origin: str
     server: str
@@ -355,6 +356,7 @@ class _BridgedFeed:
         cursor = self.cursor
         assert cursor is not None
         while True:
+            self.bridge._reading.wait()  # NATS away: the outbox holds what comes meanwhile
             try:
                 peeked = cursor.read(READ_BATCH)
             except ChannelClosed:
@@ -599,6 +601,10 @@ class Bridge:
         self._outbound: asyncio.Queue[tuple[_BridgedFeed, list[bytes], list[tuple[int, int]] | None] | None] | None = None
         self._pump: asyncio.Task[None] | None = None
         self._backlog = threading.BoundedSemaphore(PUBLISH_BACKLOG)
+        # Cleared while NATS is away (durable): the readers leave the values in the outboxes
+        # (nothing read, copied or held for nothing; a local send only writes its copy).
+        self._reading = threading.Event()
+        self._reading.set()
         self._reconnects = 0
         self._down = False  # a disconnect was announced and no reconnect yet
         self._sequence = 0  # of split values this bridge published
@@ -802,6 +808,7 @@ class Bridge:
                 except (ShmfeedError, OSError) as error:
                     print(f"shmfeed bridge: feed {bridged.name!r}: {error}", file=sys.stderr)
             bridged.close_local()
+        self._reading.set()  # the readers read what is left, whether NATS is there or not
         for bridged in self._feeds.values():
             if bridged.reader.is_alive():
                 bridged.reader.join(timeout)
@@ -897,7 +904,7 @@ class Bridge:
             return BridgeStatistics(self.origin, _redacted(self.url), connected, self._reconnects, feeds)
         consumer, publisher = self._consumer, self._publisher
         lag = None if consumer is None else consumer.lag + consumer.unapplied
-        held = None if publisher is None else publisher.pending()
+        held = None if publisher is None else sum(_held_in(bridged.channel) for bridged in bridged_feeds)
         return BridgeStatistics(self.origin, _redacted(self.url), connected, self._reconnects, feeds,
                                 "durable", lag, held)
 
@@ -1209,6 +1216,8 @@ class Bridge:
         # nats-py calls this once per lost connection (and on close: not news then).
         if self._publisher is not None:
             self._publisher.on_disconnected()
+            if not self._closed:
+                self._reading.clear()
         elif not self._closed:
             self._control.put("pause")
         if not self._closed and not self._down:
@@ -1225,6 +1234,7 @@ class Bridge:
             self._control.put("resume")
         if self._publisher is not None:
             self._publisher.on_reconnected()
+            self._reading.set()
         if self._consumer is not None:
             self._consumer.remake.set()  # from its acknowledgement floor: what was lost comes again
         self._down = False
@@ -1237,6 +1247,13 @@ class Bridge:
         if url is None or not getattr(url, "hostname", None):
             return _redacted(self.url)
         return f"{url.scheme or 'nats'}://{url.hostname}:{url.port or 4222}"
+
+
+def _held_in(outbox: Channel[Any]) -> int:
+    try:
+        return len(outbox)
+    except (ShmfeedError, OSError, ValueError):
+        return 0  # let go of meanwhile (closing)
 
 
 def _is_value_of(payload: bytes, type_name: str) -> bool:

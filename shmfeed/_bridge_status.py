@@ -18,7 +18,7 @@ File contents (one JSON object)::
     namespace, realm, origin (the bridge's random id), server (no password or token:
                       ``BridgeStatistics.server`` is redacted), connected, reconnects,
     mode ("core" or "durable"), lag (values a durable bridge is behind, or null), held
-    (messages a durable bridge published that JetStream has not acknowledged, or null),
+    (values a durable bridge's outboxes hold that JetStream has not stored, or null),
     updated (``time.time()`` of the write), feeds_total,
     feeds: [{name, subject, out, in, dropped: {reason: count}}]  (at most MAX_FEEDS)
 

@@ -85,10 +85,11 @@ class Cursor:
                 if found or self.stopping:
                     return found
                 if closed:
-                    raise ChannelClosed(f"shmfeed: channel {core.channel_id:016x} is closed")
+                    raise ChannelClosed(f"shmfeed: channel {core.channel_id:016x} is closed; {_ring.CLOSED_FIX}")
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
-                    raise TimeoutError(f"shmfeed: nothing new on channel {core.channel_id:016x} in {timeout} s")
+                    raise TimeoutError(f"shmfeed: nothing new on channel {core.channel_id:016x} in {timeout} s; "
+                                       f"wait longer, or check that something sends to it")
                 waker.wait(remaining)
         finally:
             self._waiting = None
@@ -129,13 +130,14 @@ class Cursor:
             return data
         core = self.core
         if len(data) != _ring.SPILL_REFERENCE.size:
-            raise ChannelCorruptError(f"shmfeed: channel {core.channel_id:016x}: bad spill record")
+            raise ChannelCorruptError(f"shmfeed: channel {core.channel_id:016x}: bad spill record; {_ring.CORRUPT_RECORD_FIX}")
         spill_id, size = _ring.SPILL_REFERENCE.unpack(data)
         try:
             return _spill.read_kept(_names.spill_file(core.namespace, core.channel_id, spill_id), size)
         except (OSError, ValueError) as error:
             raise ChannelCorruptError(
-                f"shmfeed: channel {core.channel_id:016x}: a large value's file is missing or not valid ({error})"
+                f"shmfeed: channel {core.channel_id:016x}: a large value's file is missing or not valid ({error}); "
+                f"{_ring.CORRUPT_RECORD_FIX}"
             ) from error
 
     def _corrupt(self, what: str) -> ChannelCorruptError:
