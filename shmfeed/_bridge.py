@@ -872,6 +872,11 @@ class Bridge:
                     pass
             if self._expiry is not None:
                 loop.call_soon_threadsafe(self._expiry.cancel)
+            if loop.is_running():
+                try:  # what still waits for NATS (a resend, a probe): ended, not left pending
+                    asyncio.run_coroutine_threadsafe(_cancel_the_rest(), loop).result(5)
+                except Exception:
+                    pass
             loop.call_soon_threadsafe(loop.stop)
             if self._loop_thread is not None:
                 self._loop_thread.join(5)
@@ -1302,6 +1307,13 @@ def _let_go(descriptor: int, path: str) -> None:
     it then finds the file gone and makes a new one)."""
     _shm.remove_file(path)
     os.close(descriptor)
+
+
+async def _cancel_the_rest() -> None:
+    tasks = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def _quiet_exception(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:

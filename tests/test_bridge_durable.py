@@ -90,6 +90,24 @@ class Collector:
         self.thread.join(10)
 
 
+def _each_once_in_order(feed: shmfeed.Feed[Any], collector: Collector, sent: int,
+                        sending_bridge: BridgeProcess) -> dict[str, Any]:
+    """After a stream of ``{"n": 0..sent-1}``: an end marker sent, and every value arrived
+    once, in order, with nothing dropped by the sending bridge; its statistics."""
+    feed.send({"n": "end"})
+    wait_until(lambda: collector.values and collector.values[-1] == {"n": "end"}, 60, "the last value")
+    numbers = [value["n"] for value in collector.values[:-1]]
+    statistics = dict(_stopped(sending_bridge)["ticks"])
+    assert numbers == list(range(sent)), (
+        f"{sent} sent, {len(numbers)} received; "
+        f"missing {sorted(set(range(sent)) - set(numbers))[:10]}, "
+        f"twice {sorted(n for n in set(numbers) if numbers.count(n) > 1)[:10]}; "
+        f"first out of order at {next((i for i, n in enumerate(numbers) if n != i), None)}; "
+        f"sending bridge: {statistics}")
+    assert statistics["dropped"] == {}, statistics
+    return statistics
+
+
 def test_values_cross_durably_exactly_once_in_order_with_exact_types(server: NatsServer, hosts: list[str]) -> None:
     a, b = hosts[:2]
     with in_namespace(b):
@@ -158,16 +176,7 @@ def test_a_sigkilled_receiving_bridge_and_a_restarted_server_lose_and_repeat_not
         stop.set()
         sender.join(30)
     try:
-        feed.send({"n": "end"})
-        wait_until(lambda: collector.values and collector.values[-1] == {"n": "end"}, 60, "the last value")
-        numbers = [value["n"] for value in collector.values[:-1]]
-        statistics_a = _stopped(bridge_a)["ticks"]
-        assert numbers == list(range(sent)), (
-            f"{sent} sent, {len(numbers)} received; "
-            f"missing {sorted(set(range(sent)) - set(numbers))[:10]}, "
-            f"first out of order at {next((i for i, n in enumerate(numbers) if n != i), None)}; "
-            f"sending bridge: {statistics_a}")
-        assert statistics_a["dropped"] == {}, statistics_a
+        statistics_a = _each_once_in_order(feed, collector, sent, bridge_a)
         assert statistics_a["out"] == sent + 1
     finally:
         feed.detach()
@@ -218,18 +227,8 @@ def test_a_sigkilled_sending_bridge_loses_and_repeats_nothing(server: NatsServer
         stop.set()
         sender.join(30)
     try:
-        feed.send({"n": "end"})
-        wait_until(lambda: collector.values and collector.values[-1] == {"n": "end"}, 60, "the last value")
-        numbers = [value["n"] for value in collector.values[:-1]]
-        statistics_a = _stopped(bridge_a)["ticks"]
-        assert numbers == list(range(sent)), (
-            f"{sent} sent, {len(numbers)} received; "
-            f"missing {sorted(set(range(sent)) - set(numbers))[:10]}, "
-            f"twice {sorted(n for n in set(numbers) if numbers.count(n) > 1)[:10]}; "
-            f"first out of order at {next((i for i, n in enumerate(numbers) if n != i), None)}; "
-            f"sending bridge: {statistics_a}")
+        _each_once_in_order(feed, collector, sent, bridge_a)
         assert all(value["big"] == big for value in collector.values[:-1] if "big" in value)
-        assert statistics_a["dropped"] == {}, statistics_a
     finally:
         feed.detach()
         bridge_a.end()
