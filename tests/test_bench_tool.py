@@ -92,3 +92,45 @@ def test_a_quick_bridge_bench_reports_every_cell_with_positive_figures(namespace
 
     for name in doc["meta"]["namespaces"].values():
         assert name != namespace and not _gc.namespace_entries(name), name
+
+
+def test_the_raw_workload_checks_the_sequence_number_and_length_of_any_bytes_like_value() -> None:
+    from bench_transports import RawWorkload
+
+    wl = RawWorkload("raw", events=3, capacity=8, buffer_size=None, size=64)
+    sent = wl.make(2)
+    assert type(sent) is bytes and len(sent) == 64 and int.from_bytes(sent[:8], "little") == 2
+    for received in (bytes(sent), bytearray(sent), memoryview(bytes(sent)).toreadonly()):
+        assert wl.check(received, 2) is None
+    assert "seq 1" in (wl.check(wl.make(2), 1) or "")
+    assert "bytes" in (wl.check(bytes(64 + 1), 0) or "")
+    assert "bytes-like" in (wl.check({"seq": 0}, 0) or "")
+
+
+@pytest.mark.timeout(120)
+def test_recv_view_runs_the_raw_workload_next_to_a_memcpy_reference(namespace: str) -> None:
+    """Issue 16: the 1MiB-raw cells have the ``shmfeed recv_view`` variant (not a peer),
+    a plain 1 MiB memcpy reference measured in the same run, and both ratios."""
+    run = subprocess.run(
+        [sys.executable, os.path.join(TOOLS, "bench.py"), "--json", "--events-scale", "0.01",
+         "--repeat", "1", "--subs", "1", "--only", "1MiB-raw", "--transports", "shmfeed recv_view,mp.Pipe"],
+        capture_output=True, text=True, timeout=110, env=dict(os.environ, SHMFEED_NAMESPACE=namespace),
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    doc = json.loads(run.stdout)
+    assert doc["ok"] and doc["meta"]["kinds"]["shmfeed recv_view"] == "variant"
+    cells = {c["transport"]: c for c in doc["throughput"]}
+    assert set(cells) == {"shmfeed", "shmfeed recv_view", "mp.Pipe"}
+    for cell in cells.values():
+        assert cell["workload"] == "1MiB-raw" and cell["events_per_s"] > 0
+        assert cell["rx_counts"] == [cell["events"]]  # every event, its seq and length checked
+    (reference,) = doc["reference"]
+    assert reference["reference"] == "memcpy 1 MiB" and reference["subs"] == 1
+    assert reference["events_per_s"] > 0 and reference["seconds"] >= 0.5
+    (summary,) = doc["summary"]
+    assert summary["best_peer"] == "mp.Pipe"  # the variant is not a peer
+    (variant,) = summary["variants"]
+    assert variant["transport"] == "shmfeed recv_view" and variant["best_peer"] == "mp.Pipe"
+    assert variant["vs_best_peer"] > 0 and variant["vs_reference"] > 0
+    assert "shmfeed recv_view" not in {r["transport"] for r in doc["latency"]}
+    assert not [n for n in doc["notes"] if "WARNING" in n], doc["notes"]

@@ -15,6 +15,11 @@ median run: on a shared 2-core machine one run can be several times slower than 
 for reasons outside the transport (memory traffic of neighbours), and taking turns gives
 every transport the same weather.
 
+Raw 1 MiB values (workload ``1MiB-raw``, issue 16): also ``shmfeed recv_view``, shmfeed
+whose receivers take each value as a view of its file (a variant, not a peer), and a
+reference that is not a transport: events/s of one plain 1 MiB copy between two
+preallocated buffers in one process, run once per round like the cells (its median).
+
 Latency: ping-pong between two processes, one channel each way; one-way = round trip / 2.
 Run idle (as is) and again with low-priority (nice 19) busy loops, one pinned to each core;
 under that load the two ends are pinned to different cores, for every transport alike:
@@ -43,8 +48,9 @@ import time
 from typing import Any
 
 from bench_report import _kind, draw_png, print_tables, summarize
-from bench_runner import _spin, _start, _stop_all_children, median_cell, run_cell, run_monitor_cost, run_pingpong
-from bench_transports import BASELINE, CTX, TRANSPORTS, Transport, workloads
+from bench_runner import (_spin, _start, _stop_all_children, median_cell, run_cell, run_memcpy_reference,
+                          run_monitor_cost, run_pingpong)
+from bench_transports import BASELINE, CTX, TRANSPORTS, RawWorkload, Transport, Workload, workloads
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -104,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
             "kinds": {t.name: _kind(t) for t in transports},
         },
         "throughput": [],
+        "reference": [],  # not transports: e.g. one plain memcpy of a raw workload's event
         "latency": [],
         "notes": notes,
     }
@@ -118,9 +125,16 @@ def main(argv: list[str] | None = None) -> int:
             if args.only and wl.name not in args.only.split(","):
                 continue
             for n_subs in sub_counts:
-                movers = [tcls for tcls in transports if getattr(tcls, "throughput", True)]
+                movers = [tcls for tcls in transports if _moves(tcls, wl)]
                 runs: dict[str, list[dict]] = {tcls.name: [] for tcls in movers}
+                references: list[dict] = []
                 for round_ in range(args.repeat):
+                    if isinstance(wl, RawWorkload):  # in each round too: the same weather
+                        references.append(dict(run_memcpy_reference(wl), subs=n_subs))
+                        if not args.json:
+                            ref = references[-1]
+                            status = "ERROR" if "error" in ref else f"{ref['events_per_s']:,.0f} copies/s"
+                            print(f"  .. {wl.name} x{n_subs} {ref['reference']} (reference): {status}", file=sys.stderr)
                     # Round robin, starting one further each round: no transport always
                     # runs first (on a fresh machine) or right after the heaviest one.
                     shift = round_ % len(movers)
@@ -134,12 +148,18 @@ def main(argv: list[str] | None = None) -> int:
                     cell = median_cell(runs[tcls.name])
                     doc["throughput"].append(cell)
                     ok &= "error" not in cell
+                if references:
+                    reference = median_cell(references)
+                    doc["reference"].append(reference)
+                    ok &= "error" not in reference
         n_pp = max(100, int(5000 * (0.2 if args.quick else 1.0)))
         for load in ("idle", "busy (2x nice-19 spin)"):
             if load != "idle":
                 spinners = [_start(_spin, index) for index in range(2)]
                 time.sleep(0.2)
             for tcls in transports:
+                if not getattr(tcls, "latency", True):
+                    continue
                 r = run_pingpong(tcls, n_pp, load)
                 doc["latency"].append(r)
                 ok &= "error" not in r
@@ -186,6 +206,14 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print_tables(doc)
     return 0 if ok else 1
+
+
+def _moves(tcls: type[Transport], wl: Workload) -> bool:
+    """Whether ``tcls`` runs the throughput cells of ``wl`` (a variant may name its workloads)."""
+    if not getattr(tcls, "throughput", True):
+        return False
+    only = getattr(tcls, "only_workloads", None)
+    return only is None or wl.name in only
 
 
 if __name__ == "__main__":

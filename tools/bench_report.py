@@ -25,10 +25,12 @@ def _cell_keys(cells: list[dict]) -> list[tuple[str, int]]:
 
 
 def summarize(doc: dict) -> list[dict]:
-    """Per cell: shmfeed vs. the fastest lossless peer (the floor is not a peer) and vs. the floor."""
+    """Per cell: shmfeed vs. the fastest lossless peer (the floor is not a peer) and vs. the
+    floor; where they ran, each shmfeed variant vs. that peer and vs. the cell's reference."""
     kinds = doc["meta"]["kinds"]
     out = []
     cells = doc["throughput"]
+    references = {(r["workload"], r["subs"]): r for r in doc.get("reference", []) if "error" not in r}
     for k in _cell_keys(cells):
         group = [c for c in cells if (c["workload"], c["subs"]) == k and "error" not in c]
         base = next((c for c in group if c["transport"] == BASELINE), None)
@@ -40,8 +42,43 @@ def summarize(doc: dict) -> list[dict]:
             row.update(best_peer=best["transport"], shmfeed_vs_best_peer=base["events_per_s"] / best["events_per_s"])
         if base is not None and floor is not None:
             row.update(shmfeed_vs_floor=base["events_per_s"] / floor["events_per_s"])
+        variants = [c for c in group if kinds.get(c["transport"]) == "variant"]
+        if variants:
+            row["variants"] = [_variant_ratios(c, best, references.get(k)) for c in variants]
         out.append(row)
     return out
+
+
+def _variant_ratios(cell: dict, best_peer: dict | None, reference: dict | None) -> dict[str, Any]:
+    """A shmfeed variant's rate divided by the best peer's and by the reference's (e.g. one
+    plain memcpy of the event's bytes): > 1 means the variant is faster."""
+    row: dict[str, Any] = {"transport": cell["transport"]}
+    if best_peer is not None:
+        row.update(best_peer=best_peer["transport"], vs_best_peer=cell["events_per_s"] / best_peer["events_per_s"])
+    if reference is not None:
+        row.update(reference=reference["reference"], vs_reference=cell["events_per_s"] / reference["events_per_s"])
+    return row
+
+
+def _print_reference(reference: dict | None) -> None:
+    if reference is None:
+        return
+    lead = f"{reference['workload']:8s} {reference['subs']:>4d} {'':>7s}"
+    label = f"{reference['reference']} (ref)"
+    if "error" in reference:
+        print(f"{lead}  {label:24s} ERROR: {reference['error'].strip().splitlines()[-1][:100]}")
+        return
+    print(f"{lead}  {label:24s} {_fmt_rate(reference['events_per_s']):>12s} {reference['mb_per_s']:>8.1f}"
+          f"   one copy in one process, {reference['copies']:,} copies in {reference['seconds']:.2f} s")
+
+
+def _variant_line(variant: dict) -> str:
+    parts = []
+    if "vs_best_peer" in variant:
+        parts.append(f"{variant['transport']} / best peer ({variant['best_peer']}) = {variant['vs_best_peer']:.2f}x")
+    if "vs_reference" in variant:
+        parts.append(f"{variant['transport']} / {variant['reference']} = {variant['vs_reference']:.2f}x")
+    return ";  ".join(parts)
 
 
 def print_tables(doc: dict) -> None:
@@ -56,27 +93,31 @@ def print_tables(doc: dict) -> None:
     print("Throughput: lossless fan-out, 1 sender -> N receiver processes, every event checked in order.")
     print(f"  Each cell: the median of {m.get('repeat', 1)} runs per transport, interleaved (this machine is shared and noisy).")
     print("  CPU µs/ev: tx = sender process, rx = mean per receiver process.")
-    print("  vs shmfeed = shmfeed ev/s / this ev/s (> 1: shmfeed is faster). (floor) = not a peer, see notes.")
-    hdr = (f"{'workload':8s} {'subs':>4s} {'events':>7s}  {'transport':18s} {'events/s':>12s} {'MB/s':>8s} "
+    print("  vs shmfeed = shmfeed ev/s / this ev/s (> 1: shmfeed is faster). (floor) = not a peer, see notes; (var) = shmfeed received another way.")
+    if doc.get("reference"):
+        print("  (ref) = not a transport: one plain copy of an event's bytes into a preallocated buffer, in one process.")
+    hdr = (f"{'workload':8s} {'subs':>4s} {'events':>7s}  {'transport':24s} {'events/s':>12s} {'MB/s':>8s} "
            f"{'tx µs/ev':>9s} {'rx µs/ev':>9s} {'vs shmfeed':>10s}")
     print(hdr)
     print("-" * len(hdr))
     cells = doc["throughput"]
     summaries = {(r["workload"], r["subs"]): r for r in doc.get("summary", [])}
+    references = {(r["workload"], r["subs"]): r for r in doc.get("reference", [])}
     for k in _cell_keys(cells):
         group = [c for c in cells if (c["workload"], c["subs"]) == k]
         base = next((c for c in group if c["transport"] == BASELINE and "error" not in c), None)
         for c in group:
             lead = f"{c['workload']:8s} {c['subs']:>4d} {c['events']:>7d}"
-            label = c["transport"] + (" (floor)" if m["kinds"].get(c["transport"]) == "floor" else "")
+            label = c["transport"] + {"floor": " (floor)", "variant": " (var)"}.get(m["kinds"].get(c["transport"]), "")
             if "error" in c:
-                print(f"{lead}  {label:18s} ERROR: {c['error'].strip().splitlines()[-1][:100]}")
+                print(f"{lead}  {label:24s} ERROR: {c['error'].strip().splitlines()[-1][:100]}")
                 continue
             ratio = "" if base is None or c is base else f"{base['events_per_s'] / c['events_per_s']:.2f}x"
             print(
-                f"{lead}  {label:18s} {_fmt_rate(c['events_per_s']):>12s} {c['mb_per_s']:>8.1f} "
+                f"{lead}  {label:24s} {_fmt_rate(c['events_per_s']):>12s} {c['mb_per_s']:>8.1f} "
                 f"{c['tx_cpu_us_per_event']:>9.1f} {c['rx_cpu_us_per_event']:>9.1f} {ratio:>10s}"
             )
+        _print_reference(references.get(k))
         r = summaries.get(k, {})
         parts = []
         if "shmfeed_vs_best_peer" in r:
@@ -85,6 +126,8 @@ def print_tables(doc: dict) -> None:
             parts.append(f"shmfeed / plain ring floor = {r['shmfeed_vs_floor']:.2f}x")
         if parts:
             print(f"{'':22s}" + ";  ".join(parts))
+        for variant in r.get("variants", []):
+            print(f"{'':22s}" + _variant_line(variant))
         print()
     print("Latency: ping-pong, small value, one-way = round trip / 2 (µs)")
     hdr = f"{'transport':11s} {'load':22s} {'p50':>8s} {'p99':>8s} {'p99.9':>8s} {'max':>9s}"
@@ -150,6 +193,8 @@ def _kind(tcls: type[Transport]) -> str:
         return "baseline"
     if getattr(tcls, "floor", False):
         return "floor"
+    if getattr(tcls, "variant_of", None):
+        return "variant"
     return "peer" if getattr(tcls, "lossless", True) else "lossy peer"
 
 

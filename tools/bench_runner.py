@@ -22,6 +22,7 @@ from bench_transports import CELL_TIMEOUT_S, CTX, READY_TIMEOUT_S, ShmfeedTransp
 
 def _sender_main(transport: Transport, wl: Workload, results, go, done) -> None:
     try:
+        wl.prepare_process()
         send, finish = transport.sender()
         transport.sender_ready()
         results.put(("ready", "tx", 0, None))
@@ -46,6 +47,7 @@ def _sender_main(transport: Transport, wl: Workload, results, go, done) -> None:
 
 def _receiver_main(transport: Transport, i: int, wl: Workload, results) -> None:
     try:
+        wl.prepare_process()
         it = transport.receiver(i)
         check = wl.check
         expected = 0
@@ -230,6 +232,54 @@ def median_cell(runs: list[dict]) -> dict:
     chosen = dict(ordered[(len(ordered) - 1) // 2])
     chosen["runs_events_per_s"] = [run["events_per_s"] for run in runs]
     return chosen
+
+
+def _memcpy_main(nbytes: int, min_seconds: float, results) -> None:
+    """Copy one preallocated ``nbytes`` buffer into another, over and over, for at least
+    ``min_seconds``; report the copies and the time they took."""
+    try:
+        src = memoryview(bytearray(b"\x5a" * nbytes))  # both touched: no page faults timed
+        dst = memoryview(bytearray(b"\x00" * nbytes))
+        for _ in range(10):  # warm up (caches, TLB)
+            dst[:] = src
+        copies, batch = 0, 64
+        t0 = time.monotonic_ns()
+        while True:
+            for _ in range(batch):
+                dst[:] = src  # one memcpy of nbytes
+            copies += batch
+            elapsed = time.monotonic_ns() - t0
+            if elapsed >= min_seconds * 1e9:
+                break
+        results.put(("result", "memcpy", 0, {"copies": copies, "seconds": elapsed / 1e9}))
+    except BaseException:  # noqa: BLE001
+        results.put(("error", "memcpy", 0, traceback.format_exc()))
+
+
+def run_memcpy_reference(wl: Workload, min_seconds: float = 0.5) -> dict:
+    """The reference for a raw workload: events/s of ONE plain copy of an event's bytes
+    into a preallocated buffer, in one fresh process (as the benchmark's workers are)."""
+    results = CTX.Queue()
+    out: dict[str, Any] = {"reference": f"memcpy {_size_label(wl.blob_len)}", "workload": wl.name, "bytes": wl.blob_len}
+    procs = []
+    try:
+        procs = [_start(_memcpy_main, wl.blob_len, min_seconds, results)]
+        msgs = _collect(results, 1, time.monotonic() + CELL_TIMEOUT_S)
+        if not msgs:
+            out["error"] = "HANG: the memcpy reference did not finish"
+        elif msgs[0][0] == "error":
+            out["error"] = msgs[0][3]
+        else:
+            copies, seconds = msgs[0][3]["copies"], msgs[0][3]["seconds"]
+            out.update(copies=copies, seconds=seconds, events_per_s=copies / seconds,
+                       mb_per_s=copies * wl.blob_len / seconds / 1e6)
+        return out
+    finally:
+        _finish(procs, results, lambda: None, out)
+
+
+def _size_label(nbytes: int) -> str:
+    return f"{nbytes >> 20} MiB" if nbytes % (1 << 20) == 0 else f"{nbytes} B"
 
 
 def run_pingpong(tcls: type[Transport], n: int, load: str) -> dict:

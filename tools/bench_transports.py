@@ -59,6 +59,66 @@ class Workload:
     def encoded_size(self) -> int:
         return len(msgpack.packb(self.make(0)))
 
+    def prepare_process(self) -> None:
+        """In each sender and receiver process, before anything is timed."""
+
+
+class RawWorkload(Workload):
+    """Raw 1 MiB ``bytes`` whose first 8 bytes are the sequence number (little-endian).
+
+    The sender keeps one preallocated ``bytearray`` template, writes the sequence number
+    into it and makes the event with ``bytes(template)``: one 1 MiB copy per event, in
+    the sender, the same for every transport (counted in its tx CPU and in the rate).
+    Not the template itself: a ``bytearray`` is a type of its own to shmfeed (it comes
+    back as one), which it encodes at extra copies; ``bytes`` is what the issue asks.
+    The receivers get ``bytes`` (the peers, shmfeed ``recv``) or a read-only
+    ``memoryview`` (shmfeed ``recv_view``): ``check`` accepts any bytes-like value."""
+
+    SEQ_BYTES = 8
+
+    def __init__(self, name: str, events: int, capacity: int, buffer_size: int | None, size: int):
+        super().__init__(name, events, capacity, buffer_size, blob=0)
+        self.blob_len = size
+        self._template = bytearray(b"\xa5" * size)  # touched: no page faults in the timed sends
+
+    def prepare_process(self) -> None:
+        # Every process gets the malloc tuning shmfeed gives itself when it moves large
+        # values (shmfeed._spill.tune_malloc): without it glibc maps and unmaps fresh pages
+        # for each 1 MiB event built, packed or received, and the peers measured mostly
+        # page faults (5-20x slower than with it, on this workload).
+        tune_malloc_for_large_values()
+
+    def make(self, i: int) -> Any:
+        self._template[: self.SEQ_BYTES] = i.to_bytes(self.SEQ_BYTES, "little")
+        return bytes(self._template)
+
+    def check(self, v: Any, i: int) -> str | None:
+        try:
+            size = len(v)
+            seq = int.from_bytes(v[: self.SEQ_BYTES], "little")
+        except TypeError:
+            return f"expected a bytes-like value, got {type(v).__name__}"
+        if size != self.blob_len:
+            return f"seq {i}: expected {self.blob_len} bytes, got {size}"
+        if seq != i:
+            return f"expected seq {i}, got {seq}"
+        return None
+
+
+def tune_malloc_for_large_values() -> None:
+    """Raise glibc's mmap and trim thresholds (to 32 and 64 MiB, as shmfeed does): freed
+    large buffers are reused instead of unmapped. Nothing where libc is not glibc."""
+    import ctypes
+    import platform
+
+    if platform.libc_ver()[0] != "glibc":
+        return
+    mallopt = ctypes.CDLL(None).mallopt
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    mallopt(m_mmap_threshold, 32 << 20)
+    mallopt(m_trim_threshold, 64 << 20)
+
 
 def workloads(scale: float) -> list[Workload]:
     def n(x: int) -> int:
@@ -68,6 +128,7 @@ def workloads(scale: float) -> list[Workload]:
         Workload("small", n(150_000), capacity=1024, buffer_size=None, blob=0),
         Workload("4KiB", n(60_000), capacity=256, buffer_size=2 << 20, blob=4096),
         Workload("1MiB", n(2_000), capacity=8, buffer_size=None, blob=1 << 20),
+        RawWorkload("1MiB-raw", n(2_000), capacity=8, buffer_size=None, size=1 << 20),
     ]
 
 
@@ -191,6 +252,36 @@ class ShmfeedTransport(Transport):
         for ch in self.pp:
             ch.close()
         del self.pp
+
+
+class ShmfeedViewTransport(ShmfeedTransport):
+    """shmfeed as above, but each receiver takes values with ``Channel.recv_view()``: a
+    spilled 1 MiB value arrives as a read-only view of its file, without a copy."""
+
+    name = "shmfeed recv_view"
+    note = "as shmfeed, receivers take Channel.recv_view() (a read-only view, no copy); 1MiB-raw only"
+    variant_of = "shmfeed"  # not a peer: shmfeed itself, another way to receive
+    only_workloads = ("1MiB-raw",)  # other values come as by recv(): nothing new to measure
+    latency = False  # a small value comes as by recv(): the same ping-pong as shmfeed's
+
+    def receiver(self, i: int) -> Iterator[Any]:
+        return self._views(self.channels[i])
+
+    @staticmethod
+    def _views(channel) -> Iterator[Any]:
+        import shmfeed
+
+        while True:
+            try:
+                value = channel.recv_view()
+            except shmfeed.ChannelClosed:
+                return
+            yield value
+            # Let go of the view before the next receive, so the sender can reuse the
+            # file from its pool (it cannot while a view pins it).
+            if isinstance(value, memoryview):
+                value.release()
+            del value
 
 
 class MPQueueTransport(Transport):
@@ -802,6 +893,7 @@ TRANSPORTS: list[type[Transport]] = [
     ZmqTransport,
     FasterFifoTransport,
     Iceoryx2Transport,
+    ShmfeedViewTransport,
     PlainRingTransport,
     BareSlotTransport,
 ]
