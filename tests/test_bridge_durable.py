@@ -90,6 +90,17 @@ class Collector:
         self.thread.join(10)
 
 
+def _ticks_from_a_to_b(server: NatsServer, a: str, b: str
+                       ) -> tuple[Collector, BridgeProcess, BridgeProcess, shmfeed.Feed[Any]]:
+    """A collector of feed "ticks" in namespace ``b``, durable bridges in ``a`` and ``b``,
+    and the feed in ``a`` (this process's namespace) to send on."""
+    with in_namespace(b):
+        collector = Collector("ticks")
+    bridge_a = BridgeProcess(server.url, a, ["ticks"], options=DURABLE)
+    bridge_b = BridgeProcess(server.url, b, ["ticks"], options=DURABLE)
+    return collector, bridge_a, bridge_b, shmfeed.Feed("ticks")
+
+
 def _each_once_in_order(feed: shmfeed.Feed[Any], collector: Collector, sent: int,
                         sending_bridge: BridgeProcess) -> dict[str, Any]:
     """After a stream of ``{"n": 0..sent-1}``: an end marker sent, and every value arrived
@@ -145,11 +156,7 @@ def test_a_sigkilled_receiving_bridge_and_a_restarted_server_lose_and_repeat_not
     server stopped (SIGTERM or SIGKILL) and started again with its store, while a sender
     keeps sending: every value arrives once, in order."""
     a, b = hosts[:2]
-    with in_namespace(b):
-        collector = Collector("ticks")
-    bridge_a = BridgeProcess(server.url, a, ["ticks"], options=DURABLE)
-    bridge_b = BridgeProcess(server.url, b, ["ticks"], options=DURABLE)
-    feed = shmfeed.Feed("ticks")
+    collector, bridge_a, bridge_b, feed = _ticks_from_a_to_b(server, a, b)
     sent = 0
     stop = threading.Event()
 
@@ -192,11 +199,7 @@ def test_a_sigkilled_sending_bridge_loses_and_repeats_nothing(server: NatsServer
     1 MiB max_payload) among them: its outbox outlives it, the successor takes it over and
     goes on after what JetStream stored, so every value arrives once, in order."""
     a, b = hosts[:2]
-    with in_namespace(b):
-        collector = Collector("ticks")
-    bridge_a = BridgeProcess(server.url, a, ["ticks"], options=DURABLE)
-    bridge_b = BridgeProcess(server.url, b, ["ticks"], options=DURABLE)
-    feed = shmfeed.Feed("ticks")
+    collector, bridge_a, bridge_b, feed = _ticks_from_a_to_b(server, a, b)
     big = b"x" * (3 << 19)
     sent = 0
     stop = threading.Event()
