@@ -24,7 +24,7 @@
 enum {
     W_WRITE_POS, W_READ_POS, W_SENT, W_RECEIVED, W_CLOSED, W_CAPACITY,
     W_LOCK_OWNER, W_RECV_LOCK_OWNER, W_RECV_WAITING, W_SEND_WAITING, W_WAIT_LOCK_OWNER,
-    W_LAST_RECV_PID, W_LAST_RECV_TIME, W_READERS_FIRST, W_READERS_LAST, W_COUNT
+    W_LAST_RECV_PID, W_LAST_RECV_TIME, W_READERS_FIRST, W_READERS_LAST, W_DROPPED, W_COUNT
 };
 
 #define WAKER_CACHE 8
@@ -48,6 +48,7 @@ typedef struct {
     sem_t *wakers[WAKER_CACHE];
     int next_victim;
     Py_ssize_t reader_hint;               /* our entry in the readers table, -1: none */
+    int drop_newest;                      /* overflow="drop_newest": a feed send drops here when full */
 } Ring;
 
 static inline uint64_t load(const Ring *self, int which) {

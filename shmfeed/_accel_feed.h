@@ -56,6 +56,7 @@ typedef struct {
     uint64_t *words;
     Py_ssize_t index[F_COUNT];
     unsigned long holder;  /* the thread a send returned to with the lock held, or 0 */
+    long dropped;          /* rings that dropped the value in the last send that stopped at a ring */
 } Feed;
 
 static inline uint64_t feed_load(const Feed *self, int which) {
@@ -77,9 +78,12 @@ static void feed_unlock(Feed *self) {
  *   -1  nothing done, lock not held: the feed is closed, its subscriptions changed since
  *       ``version`` (the Python path re-reads them), or its send lock is busy (the Python
  *       path waits for it with the caller's deadline);
- *   -2  every ring took the payload, nobody waits, the counters are updated, lock released;
+ *   -2 - d  every ring settled the payload: all took it but ``d`` full drop_newest rings,
+ *       which dropped it (counted there); nobody waits, the counters are updated, lock
+ *       released;
  *   i >= 0, as offer_all: ring i needs the Python path (2*i) or a wake-up (2*i + 1), the
- *       rings before it took the payload, and THE FEED'S SEND LOCK IS STILL HELD by this
+ *       rings before it took the payload, but ``dropped()`` of them that dropped it (full,
+ *       drop_newest), and THE FEED'S SEND LOCK IS STILL HELD by this
  *       thread: the caller goes on from there and then calls unlock_if_held(), in a
  *       ``finally`` around this very call (so an exception raised as this returns, such as
  *       a KeyboardInterrupt, cannot leave the lock taken). */
@@ -104,6 +108,8 @@ static PyObject *Feed_send(Feed *self, PyObject *const *args, Py_ssize_t nargs) 
     PyObject *rings = args[0];
     Py_INCREF(rings);
     long answer = -2;
+    int failed = 0;
+    long dropped = 0;
     if (try_lock(self->send_lock)) {
         answer = -1;
         goto done;
@@ -118,28 +124,34 @@ static PyObject *Feed_send(Feed *self, PyObject *const *args, Py_ssize_t nargs) 
     for (Py_ssize_t i = 0; i < count; i++) {
         PyObject *item = PyTuple_GET_ITEM(rings, i);
         int outcome = PyObject_TypeCheck(item, &RingType)
-            ? ring_offer((Ring *)item, payload.buf, (uint64_t)payload.len, pid) : -1;
+            ? ring_offer_marked((Ring *)item, payload.buf, (uint64_t)payload.len, pid, NULL, 0, 1) : -1;
         if (outcome < 0) {
             if (!PyErr_Occurred())
                 PyErr_SetString(PyExc_TypeError, "Feed.send: rings must hold Ring objects");
             feed_unlock(self);
-            answer = -3;
+            failed = 1;
             goto done;
+        }
+        if (outcome == 3) {
+            dropped++;
+            continue;
         }
         if (outcome) {
             answer = 2 * (long)i + (outcome == 1);  /* the lock stays held: see above */
             self->holder = PyThread_get_thread_ident();
+            self->dropped = dropped;
             goto done;
         }
     }
     feed_store(self, F_SENDS, feed_load(self, F_SENDS) + 1);
-    feed_store(self, F_DELIVERED, feed_load(self, F_DELIVERED) + (uint64_t)count);
+    feed_store(self, F_DELIVERED, feed_load(self, F_DELIVERED) + (uint64_t)(count - dropped));
     feed_store(self, F_LAST_SENDER_PID, pid);
     feed_unlock(self);
+    answer = -2 - dropped;
 done:
     Py_DECREF(rings);
     PyBuffer_Release(&payload);
-    return answer == -3 ? NULL : PyLong_FromLong(answer);
+    return failed ? NULL : PyLong_FromLong(answer);
 }
 
 /* Feed.unlock_if_held(): release the send lock if a send returned to this thread holding
@@ -150,6 +162,10 @@ static PyObject *Feed_unlock_if_held(Feed *self, PyObject *Py_UNUSED(ignored)) {
         feed_unlock(self);
     }
     Py_RETURN_NONE;
+}
+
+static PyObject *Feed_dropped(Feed *self, PyObject *Py_UNUSED(ignored)) {
+    return PyLong_FromLong(self->dropped);
 }
 
 static PyObject *Feed_release(Feed *self, PyObject *Py_UNUSED(ignored)) {
@@ -199,7 +215,9 @@ static void Feed_dealloc(Feed *self) {
 
 static PyMethodDef Feed_methods[] = {
     {"send", (PyCFunction)(void (*)(void))Feed_send, METH_FASTCALL,
-     "send(rings, payload, pid, version) -> -1 Python path, -2 done, else 2*i (+1) with the lock held"},
+     "send(rings, payload, pid, version) -> -1 Python path, -2 - dropped done, else 2*i (+1) with the lock held"},
+    {"dropped", (PyCFunction)Feed_dropped, METH_NOARGS,
+     "rings before the one the last stopped send stopped at that dropped its value (full, drop_newest)"},
     {"unlock_if_held", (PyCFunction)Feed_unlock_if_held, METH_NOARGS,
      "release the send lock if a send returned to this thread holding it"},
     {"release", (PyCFunction)Feed_release, METH_NOARGS, "let go of the mapping (idempotent)"},

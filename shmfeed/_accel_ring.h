@@ -8,8 +8,11 @@
  * mark in the feed's segment, see _marks.py), ``bit`` is set in it by the store right
  * after the commit, still under the lock: a SIGKILL lands between the two only within
  * one instruction, where a Python statement would leave a window of a microsecond. */
+/* 0 written, 1 written and receivers wait, 2 not written (the Python path decides), 3 not
+ * written because the ring is full and drops the newest (``may_drop``, a drop_newest ring):
+ * counted in DROPPED as the Python offer does, and ``bit`` set in ``mark`` (settled). */
 static int ring_offer_marked(Ring *self, const void *payload, uint64_t size, uint64_t pid, uint64_t *mark,
-                             uint64_t bit) {
+                             uint64_t bit, int may_drop) {
     if (check_open(self) < 0)
         return -1;
     if (try_lock(self->send_lock))
@@ -32,6 +35,7 @@ static int ring_offer_marked(Ring *self, const void *payload, uint64_t size, uin
         && sent - received < load(self, W_CAPACITY)
         && sent != UINT64_MAX
         && write_pos <= UINT64_MAX - record;
+    int dropped = 0;
     if (fits) {
         uint32_t header[2] = {(uint32_t)size, KIND_DATA};  /* little-endian only (see _ring) */
         unsigned char *at = self->ring + offset;
@@ -41,16 +45,32 @@ static int ring_offer_marked(Ring *self, const void *payload, uint64_t size, uin
         store(self, W_WRITE_POS, write_pos + record);  /* the commit: after the bytes */
         if (mark != NULL)
             __atomic_fetch_or(mark, bit, __ATOMIC_RELEASE);
+    } else if (may_drop && self->drop_newest && !load(self, W_CLOSED) && size <= 0xFFFFFFF0u
+               && read_pos <= write_pos && !(write_pos & 7) && received <= sent
+               && write_pos - read_pos <= ring) {
+        /* Full exactly as _ring's _write_locked finds it (a wrap needs the rest of the ring
+         * too); anything else (a wrap that fits, odd words) is left to the Python offer. */
+        uint64_t need = record <= ring - offset ? record : (ring - offset) + record;
+        uint64_t drops = load(self, W_DROPPED);
+        if ((sent - received >= load(self, W_CAPACITY) || write_pos - read_pos + need > ring)
+                && drops != UINT64_MAX) {
+            store(self, W_DROPPED, drops + 1);
+            if (mark != NULL)
+                __atomic_fetch_or(mark, bit, __ATOMIC_RELEASE);
+            dropped = 1;
+        }
     }
     store(self, W_LOCK_OWNER, 0);
     sem_post(self->send_lock);  /* a full barrier: the commit is visible before we look */
+    if (dropped)
+        return 3;
     if (!fits)
         return 2;
     return load(self, W_RECV_WAITING) ? 1 : 0;
 }
 
 static inline int ring_offer(Ring *self, const void *payload, uint64_t size, uint64_t pid) {
-    return ring_offer_marked(self, payload, size, pid, NULL, 0);
+    return ring_offer_marked(self, payload, size, pid, NULL, 0, 0);
 }
 
 static int parse_payload_and_pid(PyObject *payload_object, PyObject *pid_object, Py_buffer *payload,
@@ -89,7 +109,7 @@ static PyObject *Ring_offer(Ring *self, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     }
     int outcome = ring_offer_marked(self, payload.buf, (uint64_t)payload.len, pid,
-                                    nargs == 4 ? (uint64_t *)mark.buf : NULL, bit);
+                                    nargs == 4 ? (uint64_t *)mark.buf : NULL, bit, 0);
     PyBuffer_Release(&payload);
     if (nargs == 4)
         PyBuffer_Release(&mark);
@@ -390,6 +410,11 @@ static void Ring_dealloc(Ring *self) {
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
+static PyObject *Ring_set_drop_newest(Ring *self, PyObject *Py_UNUSED(ignored)) {
+    self->drop_newest = 1;
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef Ring_methods[] = {
     {"offer", (PyCFunction)(void (*)(void))Ring_offer, METH_FASTCALL,
      "offer(payload, pid[, mark, bit]) -> 0 written, 1 written and receivers wait, 2 not written"},
@@ -399,6 +424,8 @@ static PyMethodDef Ring_methods[] = {
     {"wake", (PyCFunction)(void (*)(void))Ring_wake, METH_FASTCALL,
      "wake(first_word, count_word, pid) -> True: posted every waker of a wait list and emptied it; False: lock busy"},
     {"release", (PyCFunction)Ring_release, METH_NOARGS, "let go of the mapping (idempotent)"},
+    {"set_drop_newest", (PyCFunction)Ring_set_drop_newest, METH_NOARGS,
+     "the channel's overflow is drop_newest: a C feed send drops (and counts) here when it is full"},
     {NULL, NULL, 0, NULL},
 };
 

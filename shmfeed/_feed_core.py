@@ -19,7 +19,7 @@ from typing import Any, Iterator, NamedTuple, Sequence
 
 from . import _codec, _marks, _names, _process, _ring, _shm, _waker
 from . import _layout as L
-from ._native import OFFER_ALL_DONE, FeedSendAnswer, SendPlan, stopped_at
+from ._native import OFFER_ALL_DONE, FeedSendAnswer, SendPlan, dropped_by, stopped_at
 from ._segment import AttachedSegment, open_named
 from ._codec import Segments
 from ._channel import display_type
@@ -455,10 +455,11 @@ class FeedCore(AttachedSegment):
                 # the call returns.
                 try:
                     answer = fast.send(plan[2], payload, _ring._pid, plan[0])  # plan.rings, plan.version
-                    if answer == _ALL_DELIVERED:
-                        return len(plan[2])
+                    if answer <= _ALL_DELIVERED:  # all settled; full drop_newest rings dropped it
+                        return len(plan[2]) - dropped_by(answer)
                     if answer >= 0:  # stopped at a ring, the lock held: on from there in Python
-                        return self._send_locked(payload, plan, answer, deadline, timeout, skip_channel)
+                        return self._send_locked(payload, plan, answer, deadline, timeout, skip_channel,
+                                                 fast.dropped())
                 finally:
                     fast.unlock_if_held()
             words = self.words
@@ -558,10 +559,12 @@ class FeedCore(AttachedSegment):
         return FeedSendTimeout.of_send(self._label(), timeout, 0, pending, str(error).removeprefix("shmfeed: "))
 
     def _send_locked(self, payload: _ring.Encoded, plan: SendPlan | None, answer: int, deadline: float | None,
-                     timeout: float | None, skip_channel: int = 0) -> int:
+                     timeout: float | None, skip_channel: int = 0, dropped_in_c: int = 0) -> int:
         """The send, with the feed's send lock held (see ``first_pass``); the wait on full
-        channels blocks this thread."""
-        delivered, waiting, spill = self.first_pass(payload, plan, answer, deadline, timeout, skip_channel)
+        channels blocks this thread. ``dropped_in_c``: rings before the one the C send
+        stopped at that dropped the value (full, drop_newest)."""
+        delivered, waiting, spill = self.first_pass(payload, plan, answer, deadline, timeout, skip_channel,
+                                                    dropped_in_c)
         try:
             if waiting:
                 got, locked = self._send_waiting(waiting, deadline)
@@ -579,10 +582,11 @@ class FeedCore(AttachedSegment):
         self, payload: _ring.Encoded, plan: SendPlan | None, answer: int, deadline: float | None,
         timeout: float | None,
         skip_channel: int = 0,
+        dropped_in_c: int = 0,
     ) -> tuple[int, list[_Waiting], _ring.Spill | None]:
         """The send, with the feed's send lock held: from the start (``answer`` -1), or
         from where the C send stopped (``answer`` as ``offer_all``'s, on ``plan``: see
-        ``_native.stopped_at``).
+        ``_native.stopped_at``; ``dropped_in_c`` of the rings before it dropped the value).
 
         A ring lock still held by someone else at ``deadline`` ends the pass at that ring:
         the rings that took the value keep it, every other copy is withdrawn, and
@@ -620,7 +624,7 @@ class FeedCore(AttachedSegment):
                 if resuming:  # only those a killed bridge had not reached, and not newer ones
                     targets = tuple(t for t in targets if t.sub_id <= sub_limit
                                     and not _marks.is_settled(words, first, t.entry))
-            delivered = 0
+            delivered = -dropped_in_c  # the rings before the one in hand that took it are counted below
             waiting: list[_Waiting] = []
             reached = 0  # the target in hand; those before it are settled
             try:

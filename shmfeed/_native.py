@@ -58,6 +58,13 @@ class FeedSendAnswer(enum.IntEnum):
     LOCK_BUSY = -1  # the feed's send lock was busy: nothing was done; the Python send waits for it
 
 
+def dropped_by(answer: int) -> int:
+    """How many full ``drop_newest`` rings dropped the value in a C feed send that answered
+    ``answer <= FeedSendAnswer.ALL_DELIVERED`` (all settled; the others took it). A send
+    that stopped at a ring says it with ``Feed.dropped()``, for the rings before it."""
+    return FeedSendAnswer.ALL_DELIVERED - answer
+
+
 # offer_all(rings, payload, pid, start): OFFER_ALL_DONE when rings[start:] all took the
 # value and nobody waits on them; else 2*i + 1 if ring i took it and its receivers wait
 # (the caller wakes them), or 2*i if ring i did not take it (the Python offer decides).

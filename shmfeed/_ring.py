@@ -107,7 +107,7 @@ _reader_hints: dict[int, int] = {}
 _accel = _native.accel  # the C hot path, or None: the Python path below
 ACCEL_WORDS = (L.WRITE_POS, L.READ_POS, L.SENT, L.RECEIVED, L.CLOSED, L.CAPACITY,
                L.LOCK_OWNER, L.RECV_LOCK_OWNER, L.RECV_WAITING, L.SEND_WAITING, L.WAIT_LOCK_OWNER,
-               L.LAST_RECV_PID, L.LAST_RECV_TIME, L.READERS_FIRST_WORD, L.READERS_LAST_WORD)
+               L.LAST_RECV_PID, L.LAST_RECV_TIME, L.READERS_FIRST_WORD, L.READERS_LAST_WORD, L.DROPPED)
 
 
 def _refresh_pid() -> None:
@@ -208,6 +208,8 @@ class ChannelCore(AttachedSegment):
             try:
                 self._fast = _accel.Ring(mapping, send_name, recv_name, wait_name, waker_prefix,
                                          L.HEADER_BYTES, self.ring_bytes, L.WAITLIST_SLOTS, ACCEL_WORDS)
+                if self.overflow == "drop_newest":
+                    self._fast.set_drop_newest()  # a C feed send drops and counts here, as offer does
             except OSError:
                 pass  # destroyed meanwhile (a lock is gone): the Python path says so in time
 

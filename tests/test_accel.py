@@ -223,6 +223,44 @@ def test_a_c_send_that_stops_at_a_ring_holds_the_feed_lock_for_its_thread_only()
 
 
 @needs_accel
+def test_a_c_send_drops_at_a_full_drop_newest_ring_and_counts_it_as_the_python_offer_does() -> None:
+    from shmfeed import _layout as L
+
+    feed = shmfeed.Feed()
+    lossy_a = shmfeed.Channel(capacity=1, overflow="drop_newest")
+    blocking = shmfeed.Channel(capacity=1)
+    lossy_b = shmfeed.Channel(capacity=1, overflow="drop_newest")
+    channels = (lossy_a, blocking, lossy_b)
+    subs = [feed.subscribe(channel) for channel in channels]
+    assert feed.send(0) == 3  # every ring full now
+    core = feed._open()
+    plan = core._fast_plan
+    assert plan is not None
+    # ring 0 drops (counted there) and the C send goes on; ring 1 blocks: it stops there,
+    # the feed lock held, saying that one ring before it dropped the value
+    answer = core._fast.send(plan[2], b"\x01", os.getpid(), plan[0])
+    try:
+        assert answer == 2 * 1 and core._fast.dropped() == 1
+    finally:
+        core._fast.unlock_if_held()
+    assert [channel.statistics().dropped for channel in channels] == [1, 0, 0]
+    with pytest.raises(shmfeed.FeedSendTimeout) as timed_out:
+        feed.send(2, timeout=0.05)  # dropped at both lossy rings; the blocking one stays full
+    assert timed_out.value.delivered == 0  # the ring that dropped it in C is not counted
+    assert [channel.statistics().dropped for channel in channels] == [2, 0, 1]
+    assert blocking.recv(timeout=5) == 0
+    delivered = int(core.words[L.DELIVERED])
+    assert feed.send(3) == 1  # all in C: two drops, one delivery
+    assert int(core.words[L.DELIVERED]) == delivered + 1
+    assert [channel.statistics().dropped for channel in channels] == [3, 0, 2]
+    assert [lossy_a.recv(timeout=5), blocking.recv(timeout=5), lossy_b.recv(timeout=5)] == [0, 3, 0]
+    for sub in subs:
+        sub.unsubscribe()
+    for channel in channels:
+        channel.close()
+
+
+@needs_accel
 def test_the_c_calls_never_sleep_on_a_taken_lock() -> None:
     """A taken lock is answered "the Python path" at once (which waits with the caller's
     deadline: test_timeouts), with nothing changed; once free, the C calls do the work."""
