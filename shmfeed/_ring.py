@@ -34,7 +34,7 @@ import weakref
 from typing import Any, Callable
 
 from . import _layout as L
-from . import _names, _native, _outbox, _process, _shm, _spill, _waker
+from . import _names, _native, _outbox, _process, _shm, _spare_cpu, _spill, _waker
 from ._codec import Segments
 from ._spill import Spill
 from ._segment import AttachedSegment, open_named
@@ -61,10 +61,12 @@ RECOVERY_LOCK_TIMEOUT = 0.2  # seconds the registry waits for a lock before movi
 DELIVERED, FULL, CLOSED, DROPPED = 0, 1, 2, 3
 
 # Spin-before-sleep (see ChannelCore._spin): nanoseconds a receiver that found the ring
-# empty polls it before it sleeps, while such spins pay; halved by each that does not. Off
-# unless SHMFEED_SPIN_NS is set: measured here (2 cores), 40000 takes a ping-pong's one-way
-# p50 from 35 to 2 us on a quiet machine, but halved a fan-out's throughput while other
-# CPU-bound work shared it (a spinning receiver holds a CPU others need). See README.
+# empty polls it before it sleeps, while such spins pay; halved by each that does not; and
+# only while the machine has a CPU to spare (_spare_cpu). Off unless SHMFEED_SPIN_NS is
+# set: measured here (2 cores), 40000 takes a ping-pong's one-way p50 from 35 to 2 us on a
+# quiet machine, but a spin that ignored the machine's load halved a fan-out's throughput
+# while other CPU-bound work shared it, and with the spare-CPU condition a 2-subscriber
+# fan-out still lost about a fifth in one run (a spinning receiver holds a CPU others need).
 SPIN_MAX_NS = int(os.environ.get("SHMFEED_SPIN_NS", "0") or 0)
 SPIN_MIN_NS = 2_000  # below this a spin is not tried, but every SPIN_PROBE_EVERY empties
 SPIN_PROBE_EVERY = 64
@@ -73,6 +75,12 @@ SPIN_PROBE_EVERY = 64
 YIELD_CREDIT_MAX = 32
 YIELD_MISS_COST = 1
 YIELD_PROBE_EVERY = 256
+# A yield that took this long gave the CPU to another task for a time slice (a nice-19
+# task included: measured, 1.4 ms); one that did so and did not pay makes the probes
+# YIELD_BACKOFF times rarer, up to one in YIELD_PROBE_MAX empties.
+YIELD_SLOW_NS = 200_000
+YIELD_BACKOFF = 8
+YIELD_PROBE_MAX = 1 << 16
 
 # Receivers read the senders' positions without the send lock only where aligned 8-byte
 # stores are atomic and ordered (x86); elsewhere they take the send lock as well.
@@ -190,11 +198,12 @@ class ChannelCore(AttachedSegment):
         self.elem_type_name = L.read_text(
             self.buffer, L.TYPE_NAME_OFFSET, int(self.words[L.ELEM_TYPE_LEN]), L.TYPE_NAME_MAX
         )
-        self._yield_credit = YIELD_CREDIT_MAX
         self._spin_state = [SPIN_MAX_NS, SPIN_PROBE_EVERY]  # budget (ns), empties to the next probe: _spin
+        # credit, empties to the next probe, probes every so many empties, the last yield
+        # was slow: _should_yield (one list: see test_channel on the count of attributes)
+        self._yield_state = [YIELD_CREDIT_MAX, YIELD_PROBE_EVERY, YIELD_PROBE_EVERY, False]
         self._yielded = False
         self._taken_since_empty = 0
-        self._empties_to_probe = YIELD_PROBE_EVERY
         self.large_values = False  # the last value sent from here was large (see _codec)
         self.holders = 0  # Channel objects of this process (see hold)
         self._fast: Any = None
@@ -256,22 +265,37 @@ class ChannelCore(AttachedSegment):
         drain then takes several values. When values come one at a time anyway (ping-pong),
         a yield only hands the CPU to whatever else is runnable, possibly for a whole
         time slice. So judge each yield by the drain that followed it, keep yielding while
-        yields pay, and otherwise try one now and then.
+        yields pay, and otherwise try one now and then; a yield that did not pay and took
+        a time slice (another task ran: a nice-19 one holds the CPU for a millisecond or
+        more) makes those tries much rarer, until one pays again.
         """
+        state = self._yield_state
         if self._yielded:
             if self._taken_since_empty >= 2:
-                self._yield_credit = min(self._yield_credit + 1, YIELD_CREDIT_MAX)
+                state[0] = min(state[0] + 1, YIELD_CREDIT_MAX)
+                state[2] = YIELD_PROBE_EVERY
+            elif state[3]:  # cost a time slice for nothing
+                state[0] = 0
+                state[2] = min(state[2] * YIELD_BACKOFF, YIELD_PROBE_MAX)
+                state[1] = state[2]
             else:
-                self._yield_credit = max(self._yield_credit - YIELD_MISS_COST, 0)
+                state[0] = max(state[0] - YIELD_MISS_COST, 0)
             self._yielded = False
         self._taken_since_empty = 0
-        if self._yield_credit:
+        if state[0]:
             return True
-        self._empties_to_probe -= 1
-        if self._empties_to_probe <= 0:
-            self._empties_to_probe = YIELD_PROBE_EVERY
+        state[1] -= 1
+        if state[1] <= 0:
+            state[1] = state[2]
             return True
         return False
+
+    def _yield(self) -> None:
+        """Yield the CPU once (``_should_yield`` said so), noting whether it took long."""
+        started = time.perf_counter_ns()
+        os.sched_yield()
+        self._yield_state[3] = time.perf_counter_ns() - started > YIELD_SLOW_NS
+        self._yielded = True
 
     # --- creation and lifetime -------------------------------------------------------
 
@@ -862,14 +886,13 @@ class ChannelCore(AttachedSegment):
         if self._should_yield():
             # Let a sender that shares our CPU produce before we sleep: a sleep/wake pair
             # per message costs both sides far more than a yield (see _should_yield).
-            os.sched_yield()
-            self._yielded = True
+            self._yield()
             data = self.poll_fast(deadline)
             if data is not None:
                 self._taken_since_empty = 1
                 return data
         fast = self._fast
-        if fast is not None and SPIN_MAX_NS:
+        if fast is not None and SPIN_MAX_NS and _spare_cpu.spare():
             data = self._spin(fast, deadline)
             if data is not None:
                 return data
