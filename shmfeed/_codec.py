@@ -278,6 +278,8 @@ def _segments(value: Any, packer: msgpack.Packer) -> Segments | None:
     # (or is a tuple that must be packed whole).
     # The dicts and lists in it hold no bytearray or memoryview (checked by the caller), so
     # each member packs alone to the same bytes that packing the whole would give.
+    if _is_big_bytes(value):  # a big bytes value itself: its header, then the object as it is
+        return Segments([_BIN32_HEADER.pack(0xC6, len(value)), value])
     if not _worth_parts(value, 0):
         return None
     parts: list[bytes] = []

@@ -16,9 +16,11 @@ for reasons outside the transport (memory traffic of neighbours), and taking tur
 every transport the same weather.
 
 Raw 1 MiB values (workload ``1MiB-raw``, issue 16): also ``shmfeed recv_view``, shmfeed
-whose receivers take each value as a view of its file (a variant, not a peer), and a
-reference that is not a transport: events/s of one plain 1 MiB copy between two
-preallocated buffers in one process, run once per round like the cells (its median).
+whose receivers take each value as a view of its file (a variant, not a peer), and two
+references that are not transports: events/s of one plain 1 MiB copy between two
+preallocated buffers in one process (cache-hot), and the same cycling through 16 pairs of
+buffers (32 MiB, more than the caches hold), each run once per round like the cells (its
+median).
 
 Latency: ping-pong between two processes, one channel each way; one-way = round trip / 2.
 Run idle (as is) and again with low-priority (nice 19) busy loops, one pinned to each core;
@@ -48,7 +50,7 @@ import time
 from typing import Any
 
 from bench_report import _kind, draw_png, print_tables, summarize
-from bench_runner import (_spin, _start, _stop_all_children, median_cell, run_cell, run_memcpy_reference,
+from bench_runner import (MEMCPY_BUFFERS, _spin, _start, _stop_all_children, median_cell, run_cell, run_memcpy_reference,
                           run_monitor_cost, run_pingpong)
 from bench_transports import BASELINE, CTX, TRANSPORTS, RawWorkload, Transport, Workload, workloads
 
@@ -127,12 +129,12 @@ def main(argv: list[str] | None = None) -> int:
             for n_subs in sub_counts:
                 movers = [tcls for tcls in transports if _moves(tcls, wl)]
                 runs: dict[str, list[dict]] = {tcls.name: [] for tcls in movers}
-                references: list[dict] = []
+                references: dict[int, list[dict]] = {buffers: [] for buffers in MEMCPY_BUFFERS}
                 for round_ in range(args.repeat):
-                    if isinstance(wl, RawWorkload):  # in each round too: the same weather
-                        references.append(dict(run_memcpy_reference(wl), subs=n_subs))
+                    for buffers in MEMCPY_BUFFERS if isinstance(wl, RawWorkload) else ():  # each round: the same weather
+                        ref = dict(run_memcpy_reference(wl, buffers), subs=n_subs)
+                        references[buffers].append(ref)
                         if not args.json:
-                            ref = references[-1]
                             status = "ERROR" if "error" in ref else f"{ref['events_per_s']:,.0f} copies/s"
                             print(f"  .. {wl.name} x{n_subs} {ref['reference']} (reference): {status}", file=sys.stderr)
                     # Round robin, starting one further each round: no transport always
@@ -148,10 +150,11 @@ def main(argv: list[str] | None = None) -> int:
                     cell = median_cell(runs[tcls.name])
                     doc["throughput"].append(cell)
                     ok &= "error" not in cell
-                if references:
-                    reference = median_cell(references)
-                    doc["reference"].append(reference)
-                    ok &= "error" not in reference
+                for runs_of_one in references.values():
+                    if runs_of_one:
+                        reference = median_cell(runs_of_one)
+                        doc["reference"].append(reference)
+                        ok &= "error" not in reference
         n_pp = max(100, int(5000 * (0.2 if args.quick else 1.0)))
         for load in ("idle", "busy (2x nice-19 spin)"):
             if load != "idle":

@@ -234,18 +234,26 @@ def median_cell(runs: list[dict]) -> dict:
     return chosen
 
 
-def _memcpy_main(nbytes: int, min_seconds: float, results) -> None:
-    """Copy one preallocated ``nbytes`` buffer into another, over and over, for at least
-    ``min_seconds``; report the copies and the time they took."""
+MEMCPY_BUFFERS = (1, 16)  # buffer pairs a memcpy reference cycles through: cache-hot, and not
+
+
+def _memcpy_main(nbytes: int, buffers: int, min_seconds: float, results) -> None:
+    """Copy a preallocated ``nbytes`` buffer into another, over and over, for at least
+    ``min_seconds``, cycling through ``buffers`` pairs of them (1: both stay in the CPU's
+    caches; 16 pairs of 1 MiB: 32 MiB, more than the caches hold, as a stream of distinct
+    values is); report the copies and the time they took."""
     try:
-        src = memoryview(bytearray(b"\x5a" * nbytes))  # both touched: no page faults timed
-        dst = memoryview(bytearray(b"\x00" * nbytes))
-        for _ in range(10):  # warm up (caches, TLB)
-            dst[:] = src
+        # every buffer touched: no page faults timed
+        pairs = [(memoryview(bytearray(b"\x5a" * nbytes)), memoryview(bytearray(b"\x00" * nbytes)))
+                 for _ in range(buffers)]
+        for _ in range(2):  # warm up (caches, TLB)
+            for src, dst in pairs:
+                dst[:] = src
         copies, batch = 0, 64
         t0 = time.monotonic_ns()
         while True:
-            for _ in range(batch):
+            for i in range(batch):
+                src, dst = pairs[i % buffers]
                 dst[:] = src  # one memcpy of nbytes
             copies += batch
             elapsed = time.monotonic_ns() - t0
@@ -256,14 +264,18 @@ def _memcpy_main(nbytes: int, min_seconds: float, results) -> None:
         results.put(("error", "memcpy", 0, traceback.format_exc()))
 
 
-def run_memcpy_reference(wl: Workload, min_seconds: float = 0.5) -> dict:
+def run_memcpy_reference(wl: Workload, buffers: int = 1, min_seconds: float = 0.5) -> dict:
     """The reference for a raw workload: events/s of ONE plain copy of an event's bytes
-    into a preallocated buffer, in one fresh process (as the benchmark's workers are)."""
+    into a preallocated buffer, in one fresh process (as the benchmark's workers are),
+    cycling through ``buffers`` pairs of buffers (see ``_memcpy_main``)."""
     results = CTX.Queue()
-    out: dict[str, Any] = {"reference": f"memcpy {_size_label(wl.blob_len)}", "workload": wl.name, "bytes": wl.blob_len}
+    label = f"memcpy {_size_label(wl.blob_len)}"
+    if buffers > 1:
+        label += f", {_size_label(2 * buffers * wl.blob_len)} of buffers"
+    out: dict[str, Any] = {"reference": label, "workload": wl.name, "bytes": wl.blob_len, "buffers": buffers}
     procs = []
     try:
-        procs = [_start(_memcpy_main, wl.blob_len, min_seconds, results)]
+        procs = [_start(_memcpy_main, wl.blob_len, buffers, min_seconds, results)]
         msgs = _collect(results, 1, time.monotonic() + CELL_TIMEOUT_S)
         if not msgs:
             out["error"] = "HANG: the memcpy reference did not finish"
