@@ -90,10 +90,13 @@ static void feed_unlock(Feed *self) {
 static PyObject *Feed_send(Feed *self, PyObject *const *args, Py_ssize_t nargs) {
     Py_buffer payload;
     uint64_t pid, version;
-    if (nargs != 4 || !PyTuple_Check(args[0])) {
-        PyErr_SetString(PyExc_TypeError, "send(rings: tuple, payload, pid, version)");
+    if ((nargs != 4 && nargs != 5) || !PyTuple_Check(args[0]) || (nargs == 5 && !PyList_Check(args[4]))) {
+        PyErr_SetString(PyExc_TypeError, "send(rings: tuple, payload, pid, version[, deferred: list])");
         return NULL;
     }
+    /* deferred (a batch's send): a ring that took the payload and whose receivers wait is
+     * not a stop: its index goes in the list, and the caller wakes it once for the batch. */
+    PyObject *deferred = nargs == 5 ? args[4] : NULL;
     if (!self->has_view) {
         PyErr_SetString(PyExc_ValueError, "shmfeed: the feed was released");
         return NULL;
@@ -134,6 +137,17 @@ static PyObject *Feed_send(Feed *self, PyObject *const *args, Py_ssize_t nargs) 
         }
         if (outcome == 3) {
             dropped++;
+            continue;
+        }
+        if (outcome == 1 && deferred != NULL) {
+            PyObject *index = PyLong_FromSsize_t(i);
+            if (index == NULL || PyList_Append(deferred, index) < 0) {
+                Py_XDECREF(index);
+                feed_unlock(self);
+                failed = 1;
+                goto done;
+            }
+            Py_DECREF(index);
             continue;
         }
         if (outcome) {
@@ -215,7 +229,8 @@ static void Feed_dealloc(Feed *self) {
 
 static PyMethodDef Feed_methods[] = {
     {"send", (PyCFunction)(void (*)(void))Feed_send, METH_FASTCALL,
-     "send(rings, payload, pid, version) -> -1 Python path, -2 - dropped done, else 2*i (+1) with the lock held"},
+     "send(rings, payload, pid, version[, deferred]) -> -1 Python path, -2 - dropped done, else 2*i (+1) "
+     "with the lock held; deferred: a list that gets the rings to wake instead of stopping at them"},
     {"dropped", (PyCFunction)Feed_dropped, METH_NOARGS,
      "rings before the one the last stopped send stopped at that dropped its value (full, drop_newest)"},
     {"unlock_if_held", (PyCFunction)Feed_unlock_if_held, METH_NOARGS,

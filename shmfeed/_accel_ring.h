@@ -212,6 +212,86 @@ static PyObject *Ring_poll(Ring *self, PyObject *pid_object) {
     return data;
 }
 
+/* Ring.take_decoded(pid, limit, decode, decode_errors) -> a list of up to ``limit`` values:
+ * the inline records at the front of the ring, each passed to ``decode``, taken together
+ * once decoded (one hold of the receive lock for the batch); or None when the lock is busy.
+ * It stops at the first record that is not an ordinary inline one (the Python poll's), and
+ * at a value whose decode raises: one of ``decode_errors`` leaves that record in the ring
+ * for the next receive to raise (what came before it is taken and returned); anything else
+ * (a KeyboardInterrupt) takes nothing and is raised: no value is ever lost in between. */
+static PyObject *Ring_take_decoded(Ring *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "take_decoded(pid, limit, decode, decode_errors)");
+        return NULL;
+    }
+    if (check_open(self) < 0)
+        return NULL;
+    uint64_t pid = PyLong_AsUnsignedLongLong(args[0]);
+    if (pid == (uint64_t)-1 && PyErr_Occurred())
+        return NULL;
+    Py_ssize_t limit = PyLong_AsSsize_t(args[1]);
+    if (limit == -1 && PyErr_Occurred())
+        return NULL;
+    PyObject *decode = args[2], *decode_errors = args[3];
+    PyObject *values = PyList_New(0);
+    if (values == NULL)
+        return NULL;
+    if (try_lock(self->recv_lock)) {
+        Py_DECREF(values);
+        Py_RETURN_NONE;
+    }
+    store(self, W_RECV_LOCK_OWNER, pid);
+    uint64_t ring = self->ring_bytes;
+    uint64_t read_pos = load(self, W_READ_POS);
+    uint64_t write_pos = load(self, W_WRITE_POS);
+    uint64_t received = load(self, W_RECEIVED);
+    uint64_t at = read_pos;
+    int failed = 0;
+    while (PyList_GET_SIZE(values) < limit && at < write_pos && write_pos - at <= ring
+           && received + (uint64_t)PyList_GET_SIZE(values) < UINT64_MAX) {
+        uint64_t offset = at % ring;
+        if ((offset & 7) || offset + 8 > ring)
+            break;
+        uint32_t header[2];
+        memcpy(header, self->ring + offset, 8);
+        uint64_t size = header[0];
+        uint64_t record = 8 + ((size + 7) & ~(uint64_t)7);
+        if (header[1] != KIND_DATA || record > write_pos - at || offset + record > ring)
+            break;
+        PyObject *data = PyBytes_FromStringAndSize((const char *)self->ring + offset + 8, (Py_ssize_t)size);
+        PyObject *value = data == NULL ? NULL : PyObject_CallOneArg(decode, data);
+        Py_XDECREF(data);
+        if (value == NULL) {
+            if (PyErr_ExceptionMatches(decode_errors)) {
+                PyErr_Clear();  /* left in the ring: the next receive raises it */
+            } else {
+                failed = 1;  /* nothing taken: every value stays for the next receive */
+            }
+            break;
+        }
+        int appended = PyList_Append(values, value);
+        Py_DECREF(value);
+        if (appended < 0) {
+            failed = 1;
+            break;
+        }
+        at += record;
+    }
+    Py_ssize_t taken = PyList_GET_SIZE(values);
+    if (!failed && taken) {
+        store(self, W_RECEIVED, received + (uint64_t)taken);
+        store(self, W_READ_POS, at);
+        note_receiver(self, pid);
+    }
+    store(self, W_RECV_LOCK_OWNER, 0);
+    sem_post(self->recv_lock);
+    if (failed) {
+        Py_DECREF(values);
+        return NULL;
+    }
+    return values;
+}
+
 /* Post the semaphore of waker ``id`` (opened once, then kept in a small cache); a waker
  * whose semaphore is gone (its thread ended) is skipped, as in _waker.post. -1 (errno
  * set) if it cannot be opened for another reason, such as no descriptor left. */
@@ -418,6 +498,9 @@ static PyObject *Ring_set_drop_newest(Ring *self, PyObject *Py_UNUSED(ignored)) 
 static PyMethodDef Ring_methods[] = {
     {"offer", (PyCFunction)(void (*)(void))Ring_offer, METH_FASTCALL,
      "offer(payload, pid[, mark, bit]) -> 0 written, 1 written and receivers wait, 2 not written"},
+    {"take_decoded", (PyCFunction)(void (*)(void))Ring_take_decoded, METH_FASTCALL,
+     "take_decoded(pid, limit, decode, decode_errors) -> the decoded inline values at the front, taken; "
+     "None if the receive lock is busy"},
     {"poll", (PyCFunction)Ring_poll, METH_O,
      "poll(pid) -> the oldest inline record's payload, False if the ring is empty (and open), "
      "or None for the Python path"},

@@ -279,14 +279,7 @@ class Feed(TypeArgument, Generic[T]):
             raise FeedTypeError("Send", display_type(names[1]), display_type(names[0]))
         if type_names:
             self._fix_type(core, type_names.pop(), deadline, timeout)
-        delivered: list[int] = []
-        for payload in payloads:
-            try:
-                delivered.append(core.send(payload, deadline, timeout))
-            except (FeedSendTimeout, FeedClosed) as error:
-                error.values_sent = len(delivered)  # type: ignore[attr-defined,union-attr]
-                raise
-        return delivered
+        return core.send_many(payloads, deadline, timeout)  # one hold of the send lock, one wake-up each
 
     async def send_async(self, value: T, timeout: float | None = None) -> int:
         """Like :meth:`send`, for asyncio code: never blocks the event loop waiting.

@@ -417,6 +417,7 @@ class FeedCore(AttachedSegment):
     def send(
         self, payload: _ring.Encoded, deadline: float | None = None, timeout: float | None = None,
         skip_channel: int = 0, as_sender: bool = True, mark: _marks.Mark | None = None,
+        wakes: dict[int, _ring.ChannelCore] | None = None,
     ) -> int:
         """Deliver one encoded value to every subscribed channel; returns how many took it.
 
@@ -432,6 +433,8 @@ class FeedCore(AttachedSegment):
         ``mark`` makes it a durable bridge's marked send (see ``_marks``): it answers
         ``_marks.ALREADY_APPLIED`` for a value this mark's owner delivered before, and
         resumes one a killed bridge delivered to only some channels.
+        ``wakes`` (``send_many``'s): the channels whose sleeping receivers this send wrote
+        to are put there, to be woken once for the batch, instead of now.
 
         Raises:
             FeedSendTimeout: the send could not finish by ``deadline``.
@@ -454,12 +457,19 @@ class FeedCore(AttachedSegment):
                 # held); the finally lets go of the lock whatever happens from the moment
                 # the call returns.
                 try:
-                    answer = fast.send(plan[2], payload, _ring._pid, plan[0])  # plan.rings, plan.version
+                    if wakes is None:
+                        answer = fast.send(plan[2], payload, _ring._pid, plan[0])  # plan.rings, plan.version
+                    else:
+                        deferred: list[int] = []  # rings that took it and whose receivers sleep
+                        answer = fast.send(plan[2], payload, _ring._pid, plan[0], deferred)
+                        for index in deferred:
+                            core = plan[1][index].core  # plan.targets
+                            wakes[core.channel_id] = core
                     if answer <= _ALL_DELIVERED:  # all settled; full drop_newest rings dropped it
                         return len(plan[2]) - dropped_by(answer)
                     if answer >= 0:  # stopped at a ring, the lock held: on from there in Python
                         return self._send_locked(payload, plan, answer, deadline, timeout, skip_channel,
-                                                 fast.dropped())
+                                                 fast.dropped(), wakes)
                 finally:
                     fast.unlock_if_held()
             words = self.words
@@ -468,7 +478,7 @@ class FeedCore(AttachedSegment):
                 raise _shm.lock_timeout(f"the send lock of feed {self._label()}", int(words[L.SEND_LOCK_OWNER]))
             words[L.SEND_LOCK_OWNER] = _ring._pid
             try:
-                return self._send_locked(payload, None, -1, deadline, timeout, skip_channel)
+                return self._send_locked(payload, None, -1, deadline, timeout, skip_channel, wakes=wakes)
             finally:
                 words[L.SEND_LOCK_OWNER] = 0
                 send_lock.release()
@@ -505,6 +515,30 @@ class FeedCore(AttachedSegment):
         settles), the mark read and written under the send lock."""
         with self.sends_held(deadline) as words:
             return self._marked_locked(words, payload, mark, deadline, timeout, skip_channel)
+
+    def send_many(self, payloads: Sequence[_ring.Encoded], deadline: float | None = None,
+                  timeout: float | None = None) -> list[int]:
+        """``send`` of each payload, in order; returns how many channels took each. A
+        receiver asleep on one of the channels is woken once for the batch (at its end, or
+        before a send waits for room in a full channel: its receiver may be the sleeper),
+        not once per value: it then takes the batch in one go instead of waking, taking one
+        value and sleeping again.
+
+        Raises:
+            FeedSendTimeout, FeedClosed: as ``send``, for the value it was sending; the
+                error's ``values_sent`` says how many before it were sent.
+        """
+        delivered: list[int] = []
+        wakes: dict[int, _ring.ChannelCore] = {}
+        try:
+            for payload in payloads:
+                delivered.append(self.send(payload, deadline, timeout, wakes=wakes))
+        except (FeedSendTimeout, FeedClosed) as error:
+            error.values_sent = len(delivered)  # type: ignore[union-attr]
+            raise
+        finally:
+            _wake_receivers(wakes)
+        return delivered
 
     def send_marked_many(self, items: Sequence[tuple[_ring.Encoded, _marks.Mark]], skip_channel: int,
                          ) -> list[int | ShmfeedError | OSError]:
@@ -559,14 +593,18 @@ class FeedCore(AttachedSegment):
         return FeedSendTimeout.of_send(self._label(), timeout, 0, pending, str(error).removeprefix("shmfeed: "))
 
     def _send_locked(self, payload: _ring.Encoded, plan: SendPlan | None, answer: int, deadline: float | None,
-                     timeout: float | None, skip_channel: int = 0, dropped_in_c: int = 0) -> int:
+                     timeout: float | None, skip_channel: int = 0, dropped_in_c: int = 0,
+                     wakes: dict[int, _ring.ChannelCore] | None = None) -> int:
         """The send, with the feed's send lock held (see ``first_pass``); the wait on full
         channels blocks this thread. ``dropped_in_c``: rings before the one the C send
-        stopped at that dropped the value (full, drop_newest)."""
+        stopped at that dropped the value (full, drop_newest). ``wakes``: see ``first_pass``;
+        they are woken before any wait for room."""
         delivered, waiting, spill = self.first_pass(payload, plan, answer, deadline, timeout, skip_channel,
-                                                    dropped_in_c)
+                                                    dropped_in_c, wakes)
         try:
             if waiting:
+                if wakes:
+                    _wake_receivers(wakes)
                 got, locked = self._send_waiting(waiting, deadline)
                 delivered += got
                 if waiting:  # the deadline passed first
@@ -583,6 +621,7 @@ class FeedCore(AttachedSegment):
         timeout: float | None,
         skip_channel: int = 0,
         dropped_in_c: int = 0,
+        wakes: dict[int, _ring.ChannelCore] | None = None,
     ) -> tuple[int, list[_Waiting], _ring.Spill | None]:
         """The send, with the feed's send lock held: from the start (``answer`` -1), or
         from where the C send stopped (``answer`` as ``offer_all``'s, on ``plan``: see
@@ -595,6 +634,8 @@ class FeedCore(AttachedSegment):
         Writes every channel that has room and never waits for room: returns how many
         took the value, the full channels still to wait on (with their records), and the
         spill file to close once the send is over (None if the value went inline).
+        ``wakes`` (a batch's): the channels whose receivers sleep and that the C loop wrote
+        to are put there, by channel id, to be woken once later, instead of now.
         """
         words = self.words
         size = len(payload)
@@ -643,7 +684,10 @@ class FeedCore(AttachedSegment):
                         target = targets[reached]
                         if took:
                             delivered += 1
-                            target.core._wake(L.RECV_WAITLIST_WORD, L.RECV_WAITING)
+                            if wakes is None:
+                                target.core._wake(L.RECV_WAITLIST_WORD, L.RECV_WAITING)
+                            else:
+                                wakes[target.core.channel_id] = target.core
                         else:
                             outcome = target.core.offer(_ring.KIND_DATA, payload, None, deadline)
                             delivered += self._settle(target, outcome, _ring.KIND_DATA, payload, waiting, deadline)
@@ -819,6 +863,14 @@ class FeedCore(AttachedSegment):
 
     def describe(self) -> str:
         return f"feed {self._label()}"
+
+
+def _wake_receivers(wakes: dict[int, _ring.ChannelCore]) -> None:
+    """Wake the receivers of the channels a batch put in ``wakes`` (and forget them)."""
+    while wakes:
+        _, core = wakes.popitem()
+        if not core.released:
+            core._wake(L.RECV_WAITLIST_WORD, L.RECV_WAITING)
 
 
 def _discard_record(core: _ring.ChannelCore, kind: int, record: _ring.Payload) -> None:

@@ -261,6 +261,39 @@ def test_a_c_send_drops_at_a_full_drop_newest_ring_and_counts_it_as_the_python_o
 
 
 @needs_accel
+def test_a_c_batch_receive_takes_only_what_decoded_and_nothing_when_interrupted() -> None:
+    from shmfeed import _codec
+
+    channel = shmfeed.Channel(16)
+    for n in range(5):
+        channel.send(n)
+    fast = channel._live_core()._fast
+    errors = (shmfeed.ChannelCorruptError, shmfeed.UnknownTypeError)
+    seen: list[int] = []
+
+    def interrupted(data: bytes) -> int:
+        value = _codec.decode(data)
+        seen.append(value)
+        if value == 2:
+            raise KeyboardInterrupt
+        return value
+
+    with pytest.raises(KeyboardInterrupt):
+        fast.take_decoded(os.getpid(), 10, interrupted, errors)
+    assert seen == [0, 1, 2] and len(channel) == 5  # nothing taken: nothing lost
+
+    def refused(data: bytes) -> int:
+        value = _codec.decode(data)
+        if value == 3:
+            raise shmfeed.UnknownTypeError("a type this side does not know")
+        return value
+
+    assert fast.take_decoded(os.getpid(), 10, refused, errors) == [0, 1, 2]  # stops before it
+    assert len(channel) == 2 and channel.recv_many() == [3, 4]  # it stays for the next receive
+    channel.close()
+
+
+@needs_accel
 def test_the_c_calls_never_sleep_on_a_taken_lock() -> None:
     """A taken lock is answered "the Python path" at once (which waits with the caller's
     deadline: test_timeouts), with nothing changed; once free, the C calls do the work."""
