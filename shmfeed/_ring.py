@@ -77,9 +77,10 @@ YIELD_MISS_COST = 1
 YIELD_PROBE_EVERY = 256
 # A yield that took this long gave the CPU to another task for a time slice (a nice-19
 # task included: measured, 1.4 ms); one that did so and did not pay makes the probes
-# YIELD_BACKOFF times rarer, up to one in YIELD_PROBE_MAX empties.
+# YIELD_BACKOFF times rarer, up to one in YIELD_PROBE_MAX empties (8 times rarer still
+# left a ping-pong under nice-19 load with a p99.9 of 1.2 ms in one run of 5000).
 YIELD_SLOW_NS = 200_000
-YIELD_BACKOFF = 8
+YIELD_BACKOFF = 256
 YIELD_PROBE_MAX = 1 << 16
 
 # Receivers read the senders' positions without the send lock only where aligned 8-byte
