@@ -275,8 +275,7 @@ class ChannelCore(AttachedSegment):
             if self._taken_since_empty >= 2:
                 state[0] = min(state[0] + 1, YIELD_CREDIT_MAX)
                 state[2] = YIELD_PROBE_EVERY
-            elif state[3]:  # cost a time slice for nothing
-                state[0] = 0
+            elif not state[0] and state[3]:  # a probe that cost a time slice for nothing
                 state[2] = min(state[2] * YIELD_BACKOFF, YIELD_PROBE_MAX)
                 state[1] = state[2]
             else:

@@ -67,6 +67,11 @@ def test_a_yield_that_took_a_time_slice_for_nothing_makes_the_probes_rarer(names
     core._yielded, core._taken_since_empty, state[3] = True, 1, True  # slow, and one value after it
     core._should_yield()
     assert state[2] == _ring.YIELD_PROBE_EVERY * _ring.YIELD_BACKOFF and state[0] == 0
+    state[0] = 5  # with credit left (yields pay often: a fan-out), a slow miss costs one credit only
+    core._yielded, core._taken_since_empty, state[3] = True, 1, True
+    core._should_yield()
+    assert state[0] == 4 and state[2] == _ring.YIELD_PROBE_EVERY * _ring.YIELD_BACKOFF
+    state[0] = 0
     core._yielded, core._taken_since_empty = True, 5  # a yield that paid: probes as often as before
     core._should_yield()
     assert state[2] == _ring.YIELD_PROBE_EVERY and state[0] == 1
