@@ -178,14 +178,15 @@ def _drop_dead_attachers(
     if attached and not dead:
         return False
     words = core.words
+    kept = core._outlives_holders()  # before the lock: it looks at other segments
     core.acquire()
     try:
         for pid, ticks in dead:
             flags = L.remove_attached(words, pid, ticks)
             if sender_deaths_word is not None and flags > 0 and flags & L.SLOT_SENDER:
                 words[sender_deaths_word] += 1
-        orphaned = not words[L.DESTROYED] and not any(liveness.alive(*p) for p in L.attached_processes(words)) \
-            and not core._outlives_holders()
+        orphaned = not words[L.DESTROYED] and not kept \
+            and not any(liveness.alive(*p) for p in L.attached_processes(words))
         if orphaned:
             words[L.DESTROYED] = 1
         return orphaned

@@ -191,9 +191,12 @@ class AttachedSegment:
         last = False
         if self.attached:
             self._before_detach()
+            # Asked before the lock: it may look at other segments, and nothing that can
+            # run a finalizer (one may want this very lock) belongs under it.
+            kept = self._outlives_holders()
             self.acquire()
             try:
-                last = L.detach(self.words) and not self.words[L.DESTROYED] and not self._outlives_holders()
+                last = L.detach(self.words) and not self.words[L.DESTROYED] and not kept
                 if last:
                     self.words[L.DESTROYED] = 1  # under the lock: openers now see it is gone
             finally:
@@ -208,8 +211,8 @@ class AttachedSegment:
         """Hook: drop per-process state that refers to the segment."""
 
     def _outlives_holders(self) -> bool:
-        """Hook (segment lock held): stay in /dev/shm though the last process leaves (a
-        durable bridge's outbox, see ``_outbox``)."""
+        """Hook (before the detach, lock not held): stay in /dev/shm though the last
+        process leaves (a durable bridge's outbox, see ``_outbox``)."""
         return False
 
     def _after_detach(self) -> None:
