@@ -36,7 +36,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
-from . import _marks
+from . import _bridge_wire, _marks
 
 if TYPE_CHECKING:
     from ._bridge import Bridge, _BridgedFeed
@@ -549,8 +549,6 @@ def inject(bridged: "_BridgedFeed", batch: list[tuple[bytes, str, Applying | Non
 def last_index(origin: str, msg_id: str, data: bytes) -> int:
     """The index of the last whole value a message of ``origin`` stored (see
     ``DurablePublisher.stored_through``); -1 if it is not one of that origin's."""
-    from . import _bridge_wire
-
     head, _, rest = msg_id.partition("-")
     first, _, part = rest.partition("-")
     if head != origin or not first.isdigit():

@@ -32,6 +32,7 @@ from typing import NamedTuple
 
 from . import _layout as L
 from . import _marks, _names, _shm
+from ._errors import TableFullError
 
 FIRST_BYTE = _marks.FIRST_BYTE + _marks.ENTRIES * _marks.ENTRY_BYTES  # 3904
 ENTRY_WORDS = 4
@@ -77,8 +78,6 @@ def record(words: memoryview, key: int, outbox: Outbox) -> None:
         if free is None and not words[first + KEY]:
             free = first
     if free is None:
-        from ._errors import TableFullError
-
         raise TableFullError(f"shmfeed: a feed keeps the outboxes of at most {ENTRIES} durable bridges' realms; "
                              f"bridge it durably in fewer realms")
     words[free + KEY] = 0  # the entry is never seen half written
