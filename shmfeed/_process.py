@@ -28,6 +28,7 @@ _after_fork_parent_hooks: list[Callable[[], None]] = []
 _exit_hooks: list[Callable[[], None]] = []
 _identity: tuple[int, int] | None = None
 _exit_ran_in: int | None = None
+_exit_done_in: int | None = None
 
 
 def start_ticks(pid: int) -> int | None:
@@ -185,6 +186,15 @@ def _run_exit_hooks() -> None:
             hook()
         except Exception:  # noqa: BLE001 - exit must go on; nothing useful to raise to
             pass
+    global _exit_done_in
+    _exit_done_in = os.getpid()
+
+
+def exit_done() -> bool:
+    """Whether this process ran its exit hooks to the end: it may be stopped anywhere from
+    now on (``os._exit``, interpreter teardown), so whatever still runs here (a daemon
+    thread, a late finalizer) must take no shared lock."""
+    return _exit_done_in == os.getpid()
 
 
 class _AfterForkToken:

@@ -143,6 +143,7 @@ class Registry:
         self.stopping = False
         self.suspects: dict[tuple[str, int], int] = {}
         self.processes: set[tuple[int, int]] = set()  # found in the segments at the last scan
+        self.reported_owners: set[tuple[str, int]] = set()  # dead lock holders a pass saw
         self.bridge = _kept_bridge.KeptBridge.from_environment(namespace)  # SHMFEED_BRIDGE_URL
         self.bridge_retired = False  # stopped because it was the namespace's only user
 
@@ -291,9 +292,10 @@ class Registry:
 
     def _scan(self) -> bool:
         """Watch every process found in the segments; True if one of them is already dead."""
-        processes, orphans = self._processes_in_segments()
+        processes, orphans, owners = self._processes_in_segments()
         self.processes = processes
         found_dead = orphans  # a segment nobody is attached to: its last user died leaving it
+        found_dead = self._watch_lock_owners(owners, processes) or found_dead
         for pid, ticks in processes:
             if pid in self.watched or pid == os.getpid():
                 continue
@@ -313,19 +315,45 @@ class Registry:
             self.selector.register(pidfd, selectors.EVENT_READ, ("pid", pid))
         return found_dead
 
-    def _processes_in_segments(self) -> tuple[set[tuple[int, int]], bool]:
-        """The processes in the segments' slots and those whose wakers are left, and whether
-        some segment has none."""
+    def _processes_in_segments(self) -> tuple[set[tuple[int, int]], bool, set[tuple[str, int]]]:
+        """The processes in the segments' slots and those whose wakers are left, whether
+        some segment has none, and the (segment, pid) of each lock held."""
         found: set[tuple[int, int]] = set()
+        owners: set[tuple[str, int]] = set()
         orphans = False
         for entry in _gc.own_entries(self.namespace):
             if entry.kind is _names.EntryKind.WAKER:  # its pid is in its name
                 found.add((entry.pid, 0))
             elif entry.kind in _names.SEGMENT_ENTRY_KINDS:
-                slots = _read_slots(entry.path)
+                slots, holders = _read_users(entry.path)
                 orphans = orphans or not slots
                 found.update(slots)
-        return found, orphans
+                owners.update((entry.path, pid) for pid in holders)
+        return found, orphans, owners
+
+    def _watch_lock_owners(self, owners: set[tuple[str, int]], processes: set[tuple[int, int]]) -> bool:
+        """Whether a lock's holder died outside every attach slot; live such holders are
+        added to ``processes`` to be watched.
+
+        A daemon thread left its slot and still held the lock when its process exited
+        (``os._exit`` stops it anywhere): no slot names that process, so only its pid in
+        the owner word tells of a death. Each (segment, pid) counts as news once: a pass
+        that finds the lock free already leaves the stale word as it is.
+        """
+        in_slots = {pid for pid, _ in processes}
+        news = False
+        for key in owners - self.reported_owners:
+            pid = key[1]
+            if pid in in_slots or pid in self.watched or pid == os.getpid():
+                continue
+            ticks = _process.start_ticks(pid)
+            if ticks is None:
+                self.reported_owners.add(key)
+                news = True
+            else:
+                processes.add((pid, ticks))
+        self.reported_owners &= owners
+        return news
 
     def _leftovers(self) -> bool:
         """Whether the namespace holds something ``shmfeed gc`` would remove."""
@@ -423,21 +451,25 @@ class Registry:
         return {"ok": False, "error": f"unknown op {op!r}"}
 
 
-def _read_slots(path: str) -> set[tuple[int, int]]:
-    """(pid, ticks) of a segment's attach slots (a feed's senders are among them)."""
+def _read_users(path: str) -> tuple[set[tuple[int, int]], set[int]]:
+    """(pid, ticks) of a segment's attach slots (a feed's senders are among them), and the
+    pids in its locks' owner words."""
     try:
         mapped = _gc.map_segment(path)
     except (OSError, ValueError):
-        return set()
+        return set(), set()
     if mapped is None:
-        return set()
-    mapping = mapped[0]
+        return set(), set()
+    mapping, size = mapped
     try:
         words = memoryview(mapping).cast("Q")
         try:
             if words[L.DESTROYED]:
-                return set()  # being destroyed, or its destroyer died half-way
-            return set(L.attached_processes(words))
+                return set(), set()  # being destroyed, or its destroyer died half-way
+            kind = L.segment_kind(words, size)
+            locks = kind.locks if kind is not None else ()
+            holders = {int(words[lock.owner_word]) for lock in locks} - {0}
+            return set(L.attached_processes(words)), {pid for pid in holders if pid <= L.SLOT_PID_MASK}
         finally:
             words.release()
     finally:

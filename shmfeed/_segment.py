@@ -10,6 +10,7 @@ from __future__ import annotations
 import mmap
 import os
 import threading
+import time
 from typing import Any
 
 from . import _layout as L
@@ -72,6 +73,11 @@ def _open_locks(namespace: str, lock_ids: list[int]) -> list[Any] | None:
 def _close_all(semaphores: list[Any]) -> None:
     for semaphore in semaphores:
         semaphore.close()
+
+# How long a finalizer's release waits for the segment lock. A holder that died is released
+# by the registry within a scan or two; past this, the lock is held by something that will
+# not let go (this very thread, say, if a collection ran the finalizer while it held it).
+FINALIZER_LOCK_SECONDS = 5.0
 
 
 class AttachedSegment:
@@ -173,34 +179,45 @@ class AttachedSegment:
         finally:
             self.release_lock()
 
-    def release(self) -> None:
+    def release(self, lock_timeout: float | None = None) -> None:
         """Leave the segment; the last live process unlinks its names. Idempotent.
 
         A call while another thread releases the segment returns once that release is done:
         the other may be a finalizer (``__del__`` in whichever thread dropped the last
         reference, a scope's watcher say) that ``release_namespace`` found through a weak
         reference mid-way, and its callers count on the segment being let go on return.
+
+        ``lock_timeout`` bounds the wait for the segment lock (a finalizer's release must
+        not wait for good): past it, this process's attach slot is left as it is, for the
+        registry to clear once the process is gone. After the exit hooks ran, nothing is
+        done in shared memory at all (see ``_process.exit_done``).
         """
         with self._release_lock:
             if self.released:
                 return
             self.released = True
-            self._detach_and_close()
+            if _process.exit_done():
+                return  # the exit hooks let go of everything; the registry does the rest
+            self._detach_and_close(None if lock_timeout is None else time.monotonic() + lock_timeout)
 
-    def _detach_and_close(self) -> None:
+    def _detach_and_close(self, deadline: float | None) -> None:
         last = False
         if self.attached:
             self._before_detach()
             # Asked before the lock: it may look at other segments, and nothing that can
             # run a finalizer (one may want this very lock) belongs under it.
             kept = self._outlives_holders()
-            self.acquire()
             try:
-                last = L.detach(self.words) and not self.words[L.DESTROYED] and not kept
-                if last:
-                    self.words[L.DESTROYED] = 1  # under the lock: openers now see it is gone
-            finally:
-                self.release_lock()
+                self.acquire(deadline)
+            except TimeoutError:
+                pass  # our slot stays for the registry to clear once we are gone
+            else:
+                try:
+                    last = L.detach(self.words) and not self.words[L.DESTROYED] and not kept
+                    if last:
+                        self.words[L.DESTROYED] = 1  # under the lock: openers now see it is gone
+                finally:
+                    self.release_lock()
         if last:
             self.unlink_names()
         self._after_detach()
@@ -258,6 +275,6 @@ class AttachedSegment:
     def __del__(self) -> None:
         if not getattr(self, "released", True):
             try:
-                self.release()
+                self.release(FINALIZER_LOCK_SECONDS)
             except Exception:  # noqa: BLE001 - nothing to report to during collection
                 pass

@@ -32,7 +32,8 @@ import time
 from typing import Any, Callable
 
 import shmfeed
-from shmfeed import _gc, _registry_client, _release
+from shmfeed import _gc, _registry_client, _release, _segment
+from shmfeed import _layout as L
 from shmfeed.testing import registry_pid, running, wait_until  # noqa: F401 - drivers use K.running etc.
 
 RECV_TIMEOUT = 60.0  # children never wait forever, whatever goes wrong in the parent
@@ -315,6 +316,22 @@ def hold_channel_lock(namespace: str, channel: shmfeed.Channel, with_owner: bool
         core.acquire()
     else:
         core.send_lock.acquire()
+    ready.send(os.getpid())
+    signal.pause()
+
+
+def hold_channel_lock_unattached(namespace: str, segment_name: str, ready: Any) -> None:
+    """Take a channel's send lock with the owner word written, never having been in its
+    attach slots (as a daemon thread that left them holds it when its process exits), say so
+    on the ``ready`` pipe, wait to be killed."""
+    enter_namespace(namespace)
+    _release.release_namespace(namespace)  # a forked child leaves the slot it inherited
+    opened = _segment.open_named(namespace, segment_name, L.CHANNEL_KIND)
+    premise(opened is not None, "the channel exists")
+    mapping, locks = opened  # type: ignore[misc]
+    words = memoryview(mapping)[: L.HEADER_BYTES].cast("Q")
+    locks[0].acquire()
+    words[L.LOCK_OWNER] = os.getpid()
     ready.send(os.getpid())
     signal.pause()
 

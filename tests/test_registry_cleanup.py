@@ -15,6 +15,7 @@ import _kill_workers as K
 import _scope_workers
 import shmfeed
 from shmfeed import _gc, _names, _process, _registry_client, _shm
+from shmfeed import _layout as L
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -107,6 +108,25 @@ def test_a_named_scope_is_usable_again_after_a_kill_while_its_lock_is_held(names
     assert scope.count() == 0
     assert mine.err().recv(timeout=5) is None and theirs.err().recv(timeout=5) is None
     assert scope.track(feed.subscribe(shmfeed.Channel())) is None
+
+
+def test_a_lock_whose_holder_died_outside_every_attach_slot_is_released(namespace, mp_context):
+    # No slot names the holder (a daemon thread that had left them, stopped by its process's
+    # exit): only the pid in the owner word tells the registry of the death. A release
+    # waited for this lock without end in a finalizer before the registry read owner words.
+    channel = shmfeed.Channel(capacity=4)
+    K.registry_pid(namespace)
+    reader, writer = mp_context.Pipe(duplex=False)
+    target = (K.hold_channel_lock_unattached, (namespace, channel._core.segment_name, writer))
+    with K.running(mp_context, target) as (child,):
+        K.premise(reader.poll(30) and reader.recv() == child.pid, "the child holds the channel's lock")
+        K.premise(child.pid not in {pid for pid, _ in L.attached_processes(channel._core.words)},
+                  "the child is in no attach slot")
+        killed_at = K.kill(child.pid)
+    channel.send("works again", timeout=PROCEED_BOUND)
+    assert time.monotonic() - killed_at < PROCEED_BOUND
+    assert channel.recv(timeout=5) == "works again"
+    channel.close()
 
 
 def _plant(namespace: str) -> list[str]:
