@@ -57,6 +57,7 @@ typedef struct {
     Py_ssize_t index[F_COUNT];
     unsigned long holder;  /* the thread a send returned to with the lock held, or 0 */
     long dropped;          /* rings that dropped the value in the last send that stopped at a ring */
+    long stop;             /* why the last send_batch stopped (see Feed.send_batch) */
 } Feed;
 
 static inline uint64_t feed_load(const Feed *self, int which) {
@@ -71,6 +72,68 @@ static void feed_unlock(Feed *self) {
     if (self->has_view)
         feed_store(self, F_SEND_LOCK_OWNER, 0);
     sem_post(self->send_lock);
+}
+
+/* Offer one payload to every ring, the send lock held. 0: every ring settled it (took it,
+ * or dropped it if full and drop_newest, counted in *dropped) and the feed's counters are
+ * updated; 1: ring i needs the Python path or a wake-up, *stop = 2*i (+1 for a wake-up);
+ * -1: error (exception set). The lock stays held whatever the outcome.
+ * ``deferred`` (a batch's send): a ring that took it and whose receivers wait is not a stop:
+ * its index goes in the list (once per call, ``seen`` marks those listed), and the caller
+ * wakes it once for the batch. */
+static int feed_offer_all(Feed *self, PyObject *rings, const void *buf, uint64_t len, uint64_t pid,
+                          PyObject *deferred, unsigned char *seen, long *dropped, long *stop) {
+    Py_ssize_t count = PyTuple_GET_SIZE(rings);
+    *dropped = 0;
+    for (Py_ssize_t i = 0; i < count; i++) {
+        PyObject *item = PyTuple_GET_ITEM(rings, i);
+        int outcome = PyObject_TypeCheck(item, &RingType)
+            ? ring_offer_marked((Ring *)item, buf, len, pid, NULL, 0, 1) : -1;
+        if (outcome < 0) {
+            if (!PyErr_Occurred())
+                PyErr_SetString(PyExc_TypeError, "Feed.send: rings must hold Ring objects");
+            return -1;
+        }
+        if (outcome == 3) {
+            (*dropped)++;
+            continue;
+        }
+        if (outcome == 1 && deferred != NULL) {
+            if (seen != NULL && seen[i])
+                continue;
+            PyObject *index = PyLong_FromSsize_t(i);
+            if (index == NULL || PyList_Append(deferred, index) < 0) {
+                Py_XDECREF(index);
+                return -1;
+            }
+            Py_DECREF(index);
+            if (seen != NULL)
+                seen[i] = 1;
+            continue;
+        }
+        if (outcome) {
+            *stop = 2 * (long)i + (outcome == 1);
+            return 1;
+        }
+    }
+    feed_store(self, F_SENDS, feed_load(self, F_SENDS) + 1);
+    feed_store(self, F_DELIVERED, feed_load(self, F_DELIVERED) + (uint64_t)(count - *dropped));
+    feed_store(self, F_LAST_SENDER_PID, pid);
+    return 0;
+}
+
+/* Take the send lock without waiting, for a send planned at ``version``: 0 taken (the
+ * owner word written), 1 not (busy, closed, or the subscriptions changed: the Python path
+ * re-reads them, waiting with the caller's deadline). */
+static int feed_lock_for(Feed *self, uint64_t pid, uint64_t version) {
+    if (try_lock(self->send_lock))
+        return 1;
+    feed_store(self, F_SEND_LOCK_OWNER, pid);
+    if (feed_load(self, F_CLOSED) || feed_load(self, F_SUB_VERSION) != version) {
+        feed_unlock(self);
+        return 1;
+    }
+    return 0;
 }
 
 /* Feed.send(rings, payload, pid, version) -> the common case of FeedCore.send in one call.
@@ -94,9 +157,7 @@ static PyObject *Feed_send(Feed *self, PyObject *const *args, Py_ssize_t nargs) 
         PyErr_SetString(PyExc_TypeError, "send(rings: tuple, payload, pid, version[, deferred: list])");
         return NULL;
     }
-    /* deferred (a batch's send): a ring that took the payload and whose receivers wait is
-     * not a stop: its index goes in the list, and the caller wakes it once for the batch. */
-    PyObject *deferred = nargs == 5 ? args[4] : NULL;
+    PyObject *deferred = nargs == 5 ? args[4] : NULL;  /* see feed_offer_all */
     if (!self->has_view) {
         PyErr_SetString(PyExc_ValueError, "shmfeed: the feed was released");
         return NULL;
@@ -110,62 +171,111 @@ static PyObject *Feed_send(Feed *self, PyObject *const *args, Py_ssize_t nargs) 
         return NULL;
     PyObject *rings = args[0];
     Py_INCREF(rings);
-    long answer = -2;
+    long answer = -1, dropped = 0, stop = 0;
     int failed = 0;
-    long dropped = 0;
-    if (try_lock(self->send_lock)) {
-        answer = -1;
-        goto done;
-    }
-    feed_store(self, F_SEND_LOCK_OWNER, pid);
-    if (feed_load(self, F_CLOSED) || feed_load(self, F_SUB_VERSION) != version) {
-        feed_unlock(self);
-        answer = -1;
-        goto done;
-    }
-    Py_ssize_t count = PyTuple_GET_SIZE(rings);
-    for (Py_ssize_t i = 0; i < count; i++) {
-        PyObject *item = PyTuple_GET_ITEM(rings, i);
-        int outcome = PyObject_TypeCheck(item, &RingType)
-            ? ring_offer_marked((Ring *)item, payload.buf, (uint64_t)payload.len, pid, NULL, 0, 1) : -1;
-        if (outcome < 0) {
-            if (!PyErr_Occurred())
-                PyErr_SetString(PyExc_TypeError, "Feed.send: rings must hold Ring objects");
-            feed_unlock(self);
-            failed = 1;
-            goto done;
-        }
-        if (outcome == 3) {
-            dropped++;
-            continue;
-        }
-        if (outcome == 1 && deferred != NULL) {
-            PyObject *index = PyLong_FromSsize_t(i);
-            if (index == NULL || PyList_Append(deferred, index) < 0) {
-                Py_XDECREF(index);
-                feed_unlock(self);
-                failed = 1;
-                goto done;
-            }
-            Py_DECREF(index);
-            continue;
-        }
-        if (outcome) {
-            answer = 2 * (long)i + (outcome == 1);  /* the lock stays held: see above */
+    if (!feed_lock_for(self, pid, version)) {
+        int outcome = feed_offer_all(self, rings, payload.buf, (uint64_t)payload.len, pid, deferred, NULL,
+                                     &dropped, &stop);
+        if (outcome == 1) {
+            answer = stop;  /* the lock stays held: see above */
             self->holder = PyThread_get_thread_ident();
             self->dropped = dropped;
-            goto done;
+        } else {
+            feed_unlock(self);
+            failed = outcome < 0;
+            answer = -2 - dropped;
         }
     }
-    feed_store(self, F_SENDS, feed_load(self, F_SENDS) + 1);
-    feed_store(self, F_DELIVERED, feed_load(self, F_DELIVERED) + (uint64_t)(count - dropped));
-    feed_store(self, F_LAST_SENDER_PID, pid);
-    feed_unlock(self);
-    answer = -2 - dropped;
-done:
     Py_DECREF(rings);
     PyBuffer_Release(&payload);
     return failed ? NULL : PyLong_FromLong(answer);
+}
+
+/* Feed.send_batch(rings, payloads, start, pid, version, inline_limit, deferred, delivered)
+ * -> the index of the first payload not sent: Feed.send of payloads[start:] in order,
+ * under one hold of the send lock. Each payload sent gets its count of rings that took it
+ * appended to ``delivered``; receivers to wake go in ``deferred`` (once each). It stops at
+ * the first payload it cannot send whole, and ``stopped()`` says why: -1, nothing done for
+ * it and the lock not held (not a ``bytes`` of at most ``inline_limit`` bytes, the lock
+ * busy, the feed closed or its subscriptions changed: the Python path sends it); else the
+ * answer Feed.send gives for a stop at a ring, THE LOCK STILL HELD (see Feed.send: the
+ * caller goes on from there, then unlock_if_held() in a ``finally``). */
+static PyObject *Feed_send_batch(Feed *self, PyObject *const *args, Py_ssize_t nargs) {
+    uint64_t pid, version;
+    if (nargs != 8 || !PyTuple_Check(args[0]) || !PyList_Check(args[1]) || !PyList_Check(args[6])
+            || !PyList_Check(args[7])) {
+        PyErr_SetString(PyExc_TypeError, "send_batch(rings: tuple, payloads: list, start, pid, version, "
+                        "inline_limit, deferred: list, delivered: list)");
+        return NULL;
+    }
+    if (!self->has_view) {
+        PyErr_SetString(PyExc_ValueError, "shmfeed: the feed was released");
+        return NULL;
+    }
+    Py_ssize_t start = PyLong_AsSsize_t(args[2]);
+    Py_ssize_t inline_limit = PyLong_AsSsize_t(args[5]);
+    pid = PyLong_AsUnsignedLongLong(args[3]);
+    if ((start == -1 || inline_limit == -1 || pid == (uint64_t)-1) && PyErr_Occurred())
+        return NULL;
+    self->stop = -1;
+    version = PyLong_AsUnsignedLongLong(args[4]);
+    if (version == (uint64_t)-1 && PyErr_Occurred()) {
+        PyErr_Clear();
+        return PyLong_FromSsize_t(start);  /* not a version a table can have: the Python path */
+    }
+    PyObject *rings = args[0], *payloads = args[1], *deferred = args[6], *delivered = args[7];
+    Py_INCREF(rings);
+    Py_INCREF(payloads);
+    Py_ssize_t count = PyTuple_GET_SIZE(rings);
+    unsigned char *seen = PyMem_Calloc(count ? (size_t)count : 1, 1);
+    Py_ssize_t next = start < 0 ? 0 : start;
+    int failed = seen == NULL, locked = 0;
+    if (failed)
+        PyErr_NoMemory();
+    while (!failed && next < PyList_GET_SIZE(payloads)) {
+        PyObject *item = PyList_GET_ITEM(payloads, next);
+        if (!PyBytes_CheckExact(item) || PyBytes_GET_SIZE(item) > inline_limit)
+            break;
+        if (!locked) {
+            if (feed_lock_for(self, pid, version))
+                break;
+            locked = 1;
+        } else if (feed_load(self, F_CLOSED) || feed_load(self, F_SUB_VERSION) != version) {
+            break;
+        }
+        long dropped = 0, stop = 0;
+        int outcome = feed_offer_all(self, rings, PyBytes_AS_STRING(item), (uint64_t)PyBytes_GET_SIZE(item), pid,
+                                     deferred, seen, &dropped, &stop);
+        if (outcome < 0) {
+            failed = 1;
+            break;
+        }
+        if (outcome == 1) {
+            self->stop = stop;  /* the lock stays held: see above */
+            self->holder = PyThread_get_thread_ident();
+            self->dropped = dropped;
+            locked = 0;
+            break;
+        }
+        PyObject *took = PyLong_FromSsize_t(count - dropped);
+        if (took == NULL || PyList_Append(delivered, took) < 0) {
+            Py_XDECREF(took);
+            failed = 1;
+            break;
+        }
+        Py_DECREF(took);
+        next++;
+    }
+    if (locked)
+        feed_unlock(self);
+    PyMem_Free(seen);
+    Py_DECREF(payloads);
+    Py_DECREF(rings);
+    return failed ? NULL : PyLong_FromSsize_t(next);
+}
+
+static PyObject *Feed_stopped(Feed *self, PyObject *Py_UNUSED(ignored)) {
+    return PyLong_FromLong(self->stop);
 }
 
 /* Feed.unlock_if_held(): release the send lock if a send returned to this thread holding
@@ -231,6 +341,10 @@ static PyMethodDef Feed_methods[] = {
     {"send", (PyCFunction)(void (*)(void))Feed_send, METH_FASTCALL,
      "send(rings, payload, pid, version[, deferred]) -> -1 Python path, -2 - dropped done, else 2*i (+1) "
      "with the lock held; deferred: a list that gets the rings to wake instead of stopping at them"},
+    {"send_batch", (PyCFunction)(void (*)(void))Feed_send_batch, METH_FASTCALL,
+     "send_batch(rings, payloads, start, pid, version, inline_limit, deferred, delivered) -> the first "
+     "payload not sent; stopped() says why (-1 Python path, lock free; else as send's stop, lock held)"},
+    {"stopped", (PyCFunction)Feed_stopped, METH_NOARGS, "why the last send_batch stopped"},
     {"dropped", (PyCFunction)Feed_dropped, METH_NOARGS,
      "rings before the one the last stopped send stopped at that dropped its value (full, drop_newest)"},
     {"unlock_if_held", (PyCFunction)Feed_unlock_if_held, METH_NOARGS,

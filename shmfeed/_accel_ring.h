@@ -212,18 +212,54 @@ static PyObject *Ring_poll(Ring *self, PyObject *pid_object) {
     return data;
 }
 
-/* Ring.take_decoded(pid, limit, decode, decode_errors) -> a list of up to ``limit`` values:
+/* Ring.take_decoded(pid, limit, decode, decode_errors[, keywords]) -> a list of up to ``limit`` values:
  * the inline records at the front of the ring, each passed to ``decode``, taken together
  * once decoded (one hold of the receive lock for the batch); or None when the lock is busy.
  * It stops at the first record that is not an ordinary inline one (the Python poll's), and
  * at a value whose decode raises: one of ``decode_errors`` leaves that record in the ring
  * for the next receive to raise (what came before it is taken and returned); anything else
- * (a KeyboardInterrupt) takes nothing and is raised: no value is ever lost in between. */
+ * (a KeyboardInterrupt) takes nothing and is raised: no value is ever lost in between.
+ * ``keywords`` (a dict) go with every call of ``decode`` (``_codec.BATCH_DECODE``). */
+#define DECODE_KEYWORDS_MAX 8
+
+static PyObject *take_decoded(Ring *self, PyObject *const *args, PyObject **call_args, PyObject *kwnames);
+
 static PyObject *Ring_take_decoded(Ring *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 4) {
-        PyErr_SetString(PyExc_TypeError, "take_decoded(pid, limit, decode, decode_errors)");
+    if ((nargs != 4 && nargs != 5) || (nargs == 5 && !PyDict_Check(args[4]))) {
+        PyErr_SetString(PyExc_TypeError, "take_decoded(pid, limit, decode, decode_errors[, keywords: dict])");
         return NULL;
     }
+    /* ``keywords``: passed to every decode call (vectorcall: no dict built per value). */
+    PyObject *call_args[1 + DECODE_KEYWORDS_MAX];
+    PyObject *kwnames = NULL;
+    Py_ssize_t keyword_count = 0;
+    if (nargs == 5) {
+        keyword_count = PyDict_GET_SIZE(args[4]);
+        if (keyword_count > DECODE_KEYWORDS_MAX) {
+            PyErr_SetString(PyExc_ValueError, "take_decoded: too many keywords");
+            return NULL;
+        }
+        kwnames = PyTuple_New(keyword_count);
+        if (kwnames == NULL)
+            return NULL;
+        PyObject *key, *item;
+        Py_ssize_t position = 0, i = 0;
+        while (PyDict_Next(args[4], &position, &key, &item)) {
+            Py_INCREF(key);
+            PyTuple_SET_ITEM(kwnames, i, key);
+            Py_INCREF(item);
+            call_args[1 + i] = item;
+            i++;
+        }
+    }
+    PyObject *result = take_decoded(self, args, call_args, kwnames);
+    for (Py_ssize_t i = 0; i < keyword_count; i++)
+        Py_DECREF(call_args[1 + i]);
+    Py_XDECREF(kwnames);
+    return result;
+}
+
+static PyObject *take_decoded(Ring *self, PyObject *const *args, PyObject **call_args, PyObject *kwnames) {
     if (check_open(self) < 0)
         return NULL;
     uint64_t pid = PyLong_AsUnsignedLongLong(args[0]);
@@ -259,7 +295,11 @@ static PyObject *Ring_take_decoded(Ring *self, PyObject *const *args, Py_ssize_t
         if (header[1] != KIND_DATA || record > write_pos - at || offset + record > ring)
             break;
         PyObject *data = PyBytes_FromStringAndSize((const char *)self->ring + offset + 8, (Py_ssize_t)size);
-        PyObject *value = data == NULL ? NULL : PyObject_CallOneArg(decode, data);
+        PyObject *value = NULL;
+        if (data != NULL) {
+            call_args[0] = data;
+            value = PyObject_Vectorcall(decode, call_args, 1, kwnames);
+        }
         Py_XDECREF(data);
         if (value == NULL) {
             if (PyErr_ExceptionMatches(decode_errors)) {
@@ -499,7 +539,7 @@ static PyMethodDef Ring_methods[] = {
     {"offer", (PyCFunction)(void (*)(void))Ring_offer, METH_FASTCALL,
      "offer(payload, pid[, mark, bit]) -> 0 written, 1 written and receivers wait, 2 not written"},
     {"take_decoded", (PyCFunction)(void (*)(void))Ring_take_decoded, METH_FASTCALL,
-     "take_decoded(pid, limit, decode, decode_errors) -> the decoded inline values at the front, taken; "
+     "take_decoded(pid, limit, decode, decode_errors[, keywords]) -> the decoded inline values at the front, taken; "
      "None if the receive lock is busy"},
     {"poll", (PyCFunction)Ring_poll, METH_O,
      "poll(pid) -> the oldest inline record's payload, False if the ring is empty (and open), "

@@ -13,6 +13,7 @@ from ._errors import ChannelClosed, ChannelCorruptError, ChannelEmpty, ChannelFu
 from ._stats import ChannelStatistics
 
 _DECODE_ERRORS = (ChannelCorruptError, UnknownTypeError)  # what a value that cannot be decoded raises
+_BATCH_UNPACK, _BATCH_OPTIONS = _codec.BATCH_DECODE  # (see recv_many)
 
 T = TypeVar("T")
 
@@ -280,14 +281,16 @@ class Channel(TypeArgument, Generic[T]):
 
     def _encode(self, value: Any) -> tuple[_ring.ChannelCore, _ring.Encoded]:
         """Check ``value``'s type and encode it for this channel's ring."""
-        if self._elem_type_name and _codec.type_name(type(value)) != self._elem_type_name:
-            raise FeedTypeError(
-                "Send", display_type(_codec.type_name(type(value))), display_type(self._elem_type_name)
-            )
+        self._check_type(type(value))
         core = self._live_core()
         payload = _codec.encode_for_send(value, core.large_values)
         core.large_values = len(payload) > _codec.LARGE_OUTPUT
         return core, payload
+
+    def _check_type(self, tp: type) -> None:
+        """Raise ``FeedTypeError`` if this channel's values are not of type ``tp``."""
+        if self._elem_type_name and _codec.type_name(tp) != self._elem_type_name:
+            raise FeedTypeError("Send", display_type(_codec.type_name(tp)), display_type(self._elem_type_name))
 
     def send_many(self, values: Iterable[T], timeout: float | None = None) -> None:
         """Put every value of ``values`` in the channel, in order, waiting while it is full:
@@ -305,8 +308,11 @@ class Channel(TypeArgument, Generic[T]):
             ChannelClosed: the channel is closed (``error.sent`` values were sent before).
         """
         _check_timeout(timeout)
-        payloads = [self._encode(value)[1] for value in values]
+        values = list(values)
+        for tp in set(map(type, values)):
+            self._check_type(tp)
         core = self._live_core()
+        payloads = _codec.encode_many(values)  # each kept whole: a batch holds them all at once
         deadline = None if timeout is None else time.monotonic() + timeout
         for sent, payload in enumerate(payloads):
             try:
@@ -418,8 +424,9 @@ class Channel(TypeArgument, Generic[T]):
         if fast is not None and max_items > 1:
             # The C batch: the inline values at the front, decoded and taken under one hold
             # of the receive lock; it stops where the Python poll is needed, or before a
-            # value that does not decode (the loop below meets it and holds its error).
-            more = fast.take_decoded(_ring._pid, max_items - 1, _codec.decode, _DECODE_ERRORS)
+            # value that does not decode (the loop below meets it and holds its error, as
+            # _codec.decode words it: the batch's decode is msgpack's own, without that).
+            more = fast.take_decoded(_ring._pid, max_items - 1, _BATCH_UNPACK, Exception, _BATCH_OPTIONS)
             if more:
                 values += more
                 if core.words[L.SEND_WAITING]:

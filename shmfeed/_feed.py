@@ -272,8 +272,8 @@ class Feed(TypeArgument, Generic[T]):
             deadline = time.monotonic() + timeout
         core = self._live()
         values = list(values)
-        payloads = [core.encode(value) for value in values]
-        type_names = {_codec.type_name(type(value)) for value in values}
+        payloads = _codec.encode_many(values)
+        type_names = {_codec.type_name(tp) for tp in set(map(type, values))}
         if len(type_names) > 1:
             names = sorted(type_names)
             raise FeedTypeError("Send", display_type(names[1]), display_type(names[0]))

@@ -55,7 +55,10 @@ class FeedSendAnswer(enum.IntEnum):
     lock."""
 
     ALL_DELIVERED = -2  # every ring took the value, nobody to wake: the send is over
-    LOCK_BUSY = -1  # the feed's send lock was busy: nothing was done; the Python send waits for it
+    # The feed's send lock was busy (or its plan is stale): nothing was done; the Python
+    # send waits for it. ``Feed.stopped()`` after a ``send_batch`` answers it too for a
+    # value the batch left alone (not an inline ``bytes``): the Python send sends it.
+    LOCK_BUSY = -1
 
 
 def dropped_by(answer: int) -> int:

@@ -105,3 +105,58 @@ def test_a_batch_from_another_process_arrives_whole_and_in_order(namespace: str,
             child.kill()
             child.join(10)
         channel.close()
+
+
+def test_a_feed_batch_of_mixed_sizes_reaches_every_channel_whole_and_in_order(namespace: str) -> None:
+    # Small values go in C under one hold of the send lock; a spilled one, or one sent in
+    # parts, goes alone through the Python send, and the batch goes on after it.
+    blobs = [bytes([i]) * size for i, size in enumerate([10, 300_000, 20, 5_000, 2_000_000, 30, 40])]
+    # Each of these encodes to over 64 KiB: a lone send would encode it into a view of a
+    # buffer that the next encode reuses (a batch once sent released views).
+    texts = [{"n": i, "text": str(i) * 100_000} for i in range(4)]
+    bytes_feed: shmfeed.Feed[bytes] = shmfeed.Feed("mixed-bytes")
+    text_feed: shmfeed.Feed[dict] = shmfeed.Feed("mixed-texts")
+    channels = [shmfeed.Channel(64), shmfeed.Channel(64)]
+    subscriptions = [feed.subscribe(channel) for feed in (bytes_feed, text_feed) for channel in channels]
+    try:
+        assert bytes_feed.send_many(blobs) == [2] * len(blobs)
+        assert text_feed.send_many(texts) == [2] * len(texts)
+        channels[0].send_many(texts)  # a channel's own batch keeps every value whole too
+        for channel in channels:
+            got = [channel.recv(timeout=5) for _ in range(len(blobs) + len(texts))]
+            assert got == [*blobs, *texts]
+        assert [channels[0].recv(timeout=5) for _ in texts] == texts
+        assert bytes_feed.statistics().sent == len(blobs) and text_feed.statistics().sent == len(texts)
+    finally:
+        for subscription in subscriptions:
+            subscription.unsubscribe()
+        for channel in channels:
+            channel.close()
+        bytes_feed.detach()
+        text_feed.detach()
+
+
+def test_a_feed_batch_waits_for_room_mid_batch_and_counts_drops_per_value(namespace: str) -> None:
+    import threading
+
+    feed: shmfeed.Feed[int] = shmfeed.Feed("room")
+    slow: shmfeed.Channel[int] = shmfeed.Channel(4)  # fills again and again: the batch waits
+    lossy: shmfeed.Channel[int] = shmfeed.Channel(8, overflow="drop_newest")  # never read: drops
+    subscriptions = [feed.subscribe(slow), feed.subscribe(lossy)]
+    got: list[int] = []
+    reader = threading.Thread(target=lambda: got.extend(slow.recv(timeout=10) for _ in range(300)))
+    reader.start()
+    try:
+        counts = feed.send_many(range(300), timeout=30)
+        reader.join(30)
+        assert not reader.is_alive() and got == list(range(300))
+        assert counts == [2] * 8 + [1] * 292  # the lossy channel took the first 8
+        assert lossy.recv_many() == list(range(8))
+        assert lossy.statistics().dropped == 292 and feed.statistics().sent == 300
+    finally:
+        reader.join(10)
+        for subscription in subscriptions:
+            subscription.unsubscribe()
+        slow.close()
+        lossy.close()
+        feed.detach()

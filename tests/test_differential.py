@@ -151,7 +151,21 @@ def _outcome_of(call: Callable[[], Any]) -> tuple[Any, ...]:
         return ("empty",)
     if isinstance(result, int):
         return ("outcome", result)
+    if isinstance(result, tuple):  # already in comparable form (_sent_of_batch)
+        return result
     return ("data", bytes(result))
+
+
+def _sent_of_batch(feed: shmfeed.Feed[bytes], values: list[bytes]) -> tuple[Any, ...]:
+    """``send_many`` with no time to wait: each value's count, or where it stopped and why."""
+    try:
+        return ("batch", tuple(feed.send_many(values, timeout=0)))
+    except (shmfeed.FeedSendTimeout, shmfeed.FeedClosed) as error:
+        return ("batch stopped", error.values_sent, _outcome_of(lambda: _raise(error)))  # type: ignore[attr-defined]
+
+
+def _raise(error: BaseException) -> None:
+    raise error
 
 
 class CountingRing:
@@ -485,6 +499,21 @@ class FeedPair(RuleBasedStateMachine):
         py_core = self.py_feed._open()
         assert py_core._fast is None and py_core._fast_plan is None
         assert c_outcome == py_outcome, f"send({len(value)}): C {c_outcome!r}, Python {py_outcome!r}"
+
+    @rule(data=st.data(), count=st.integers(1, 8))
+    def send_many(self, data: st.DataObject, count: int) -> None:
+        """A batch (``Feed.send_many``): in C under one hold of the send lock as far as it
+        goes, a value the C batch leaves (too big to go inline, a full ring) sent alone."""
+        smallest = min((self.cores(i)[0] for i in range(len(self.channels))), key=lambda core: core.inline_limit)
+        values = []
+        for _ in range(count):
+            self.seed += 1
+            values.append(payload_of(max(0, payload_size(data, smallest) - 3), self.seed))
+        since = self.write_positions()
+        outcomes = [outcome_of(lambda: _sent_of_batch(feed, values)) for feed in (self.c_feed, self.py_feed)]
+        self.note_written(since)
+        assert outcomes[0] == outcomes[1], f"send_many({[len(v) for v in values]}): C {outcomes[0]!r}, " \
+                                           f"Python {outcomes[1]!r}"
 
     @rule(data=st.data(), skip=st.one_of(st.none(), st.integers(0, 2)), marked=st.sampled_from([None, -1, 0, 1, 1]))
     def send_encoded(self, data: st.DataObject, skip: int | None, marked: int | None) -> None:
