@@ -48,6 +48,7 @@ exploration that wrote the same bytes into both channels' headers and rings), bo
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import re
@@ -637,10 +638,42 @@ def test_feed_c_send_plan_and_python_loop_agree() -> None:
     assert any(used), "no send took the C send plan: the test compared nothing of it"
     met = set(seen)
     wanted = {"send timed out", "feed closed", "empty", "data", ("outcome", 0), ("outcome", 1), ("outcome", 2),
-              ("outcome", _marks.ALREADY_APPLIED), "marked send resumed",
+              ("outcome", _marks.ALREADY_APPLIED),
               ("record", _ring.KIND_DATA), ("record", _ring.KIND_SPILL), ("record", _ring.KIND_WRAP)}
     print(f"\ndifferential {sorted(seen.items(), key=str)}")
     assert wanted <= met, f"never met: {wanted - met}"
+
+
+def test_a_marked_send_that_timed_out_resumes_alike_on_both_paths() -> None:
+    # The state machine meets a resumed marked send on some runs only (what it draws
+    # depends on the runs before it in the process): here it is met every time.
+    outcomes = []
+    for path in (contextlib.nullcontext(), python_path()):
+        with path:
+            feed: shmfeed.Feed = shmfeed.Feed()
+            full: shmfeed.Channel[Any] = shmfeed.Channel(capacity=1)
+            free: shmfeed.Channel[Any] = shmfeed.Channel(capacity=4)
+            subscriptions = [feed.subscribe(full), feed.subscribe(free)]
+        assert (feed._open()._fast is None) == (len(outcomes) == 1)  # C first, then Python
+        try:
+            full.send(b"there first")  # no room left
+            payload, mark = _codec.encode(b"marked"), _marks.Mark(MARK_KEY, 1)
+
+            def send() -> int:
+                return feed._send_encoded(payload, _codec.type_name(bytes), 0, 0, mark=mark)
+
+            first = outcome_of(send)
+            assert full.recv(timeout=5) == b"there first"
+            again = outcome_of(send)
+            outcomes.append((first, again, full.recv_many(), free.recv_many()))
+        finally:
+            for subscription in subscriptions:
+                subscription.unsubscribe()
+            full.close()
+            free.close()
+            feed.close()
+    assert outcomes[0] == outcomes[1], outcomes
+    assert outcomes[0] == (("send timed out", 1, 1), ("outcome", 1), [b"marked"], [b"marked"]), outcomes
 
 
 # --- what the differential found (fixed since) -------------------------------------------
