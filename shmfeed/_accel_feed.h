@@ -194,12 +194,17 @@ static PyObject *Feed_send(Feed *self, PyObject *const *args, Py_ssize_t nargs) 
 /* Feed.send_batch(rings, payloads, start, pid, version, inline_limit, deferred, delivered)
  * -> the index of the first payload not sent: Feed.send of payloads[start:] in order,
  * under one hold of the send lock. Each payload sent gets its count of rings that took it
- * appended to ``delivered``; receivers to wake go in ``deferred`` (once each). It stops at
- * the first payload it cannot send whole, and ``stopped()`` says why: -1, nothing done for
+ * appended to ``delivered``; receivers to wake go in ``deferred`` (once each). It stops
+ * after FEED_BATCH_RUN payloads (``stopped()`` -1), or at the first payload it cannot
+ * send whole, and ``stopped()`` says why: -1, nothing done for
  * it and the lock not held (not a ``bytes`` of at most ``inline_limit`` bytes, the lock
  * busy, the feed closed or its subscriptions changed: the Python path sends it); else the
  * answer Feed.send gives for a stop at a ring, THE LOCK STILL HELD (see Feed.send: the
  * caller goes on from there, then unlock_if_held() in a ``finally``). */
+/* Values sent per hold of the send lock: other processes' sends wait no longer than that
+ * (about 50 us of small values); the caller calls again for the rest. */
+#define FEED_BATCH_RUN 256
+
 static PyObject *Feed_send_batch(Feed *self, PyObject *const *args, Py_ssize_t nargs) {
     uint64_t pid, version;
     if (nargs != 8 || !PyTuple_Check(args[0]) || !PyList_Check(args[1]) || !PyList_Check(args[6])
@@ -228,11 +233,13 @@ static PyObject *Feed_send_batch(Feed *self, PyObject *const *args, Py_ssize_t n
     Py_INCREF(payloads);
     Py_ssize_t count = PyTuple_GET_SIZE(rings);
     unsigned char *seen = PyMem_Calloc(count ? (size_t)count : 1, 1);
-    Py_ssize_t next = start < 0 ? 0 : start;
+    if (start < 0)
+        start = 0;
+    Py_ssize_t next = start;
     int failed = seen == NULL, locked = 0;
     if (failed)
         PyErr_NoMemory();
-    while (!failed && next < PyList_GET_SIZE(payloads)) {
+    while (!failed && next < PyList_GET_SIZE(payloads) && next - start < FEED_BATCH_RUN) {
         PyObject *item = PyList_GET_ITEM(payloads, next);
         if (!PyBytes_CheckExact(item) || PyBytes_GET_SIZE(item) > inline_limit)
             break;

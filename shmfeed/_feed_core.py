@@ -530,9 +530,9 @@ class FeedCore(AttachedSegment):
         """
         delivered: list[int] = []
         wakes: dict[int, _ring.ChannelCore] = {}
-        if not self._is_sender:
-            self._register_sender()
         payloads = list(payloads)
+        if payloads and not self._is_sender:  # as send: a sender from its first value on
+            self._register_sender()
         try:
             while len(delivered) < len(payloads):
                 if not self._send_batch_fast(payloads, delivered, deadline, timeout, wakes):
