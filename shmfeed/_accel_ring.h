@@ -4,13 +4,12 @@
 
 /* Append one inline record if it fits now: 0 written, 1 written and receivers wait (the
  * caller wakes them), 2 not written (full, odd, or the lock busy: the Python path
- * decides), -1 error (exception set). With a ``mark`` word (a durable bridge's delivery
- * mark in the feed's segment, see _marks.py), ``bit`` is set in it by the store right
- * after the commit, still under the lock: a SIGKILL lands between the two only within
- * one instruction, where a Python statement would leave a window of a microsecond. */
-/* 0 written, 1 written and receivers wait, 2 not written (the Python path decides), 3 not
- * written because the ring is full and drops the newest (``may_drop``, a drop_newest ring):
- * counted in DROPPED as the Python offer does, and ``bit`` set in ``mark`` (settled). */
+ * decides), 3 not written because the ring is full and drops the newest (``may_drop``, a
+ * drop_newest ring: counted in DROPPED as the Python offer does), -1 error (exception
+ * set). With a ``mark`` word (a durable bridge's delivery mark in the feed's segment, see
+ * _marks.py), ``bit`` is set in it by the store right after the commit (or the drop), still
+ * under the lock: a SIGKILL lands between the two only within one instruction, where a
+ * Python statement would leave a window of a microsecond. */
 static int ring_offer_marked(Ring *self, const void *payload, uint64_t size, uint64_t pid, uint64_t *mark,
                              uint64_t bit, int may_drop) {
     if (check_open(self) < 0)

@@ -462,9 +462,7 @@ class FeedCore(AttachedSegment):
                     else:
                         deferred: list[int] = []  # rings that took it and whose receivers sleep
                         answer = fast.send(plan[2], payload, _ring._pid, plan[0], deferred)
-                        for index in deferred:
-                            core = plan[1][index].core  # plan.targets
-                            wakes[core.channel_id] = core
+                        _defer_wakes(plan, deferred, wakes)
                     if answer <= _ALL_DELIVERED:  # all settled; full drop_newest rings dropped it
                         return len(plan[2]) - dropped_by(answer)
                     if answer >= 0:  # stopped at a ring, the lock held: on from there in Python
@@ -557,9 +555,7 @@ class FeedCore(AttachedSegment):
         deferred: list[int] = []  # rings that took values and whose receivers sleep
         try:
             reached = fast.send_batch(plan[2], payloads, start, _ring._pid, plan[0], plan[3], deferred, delivered)
-            for index in deferred:
-                core = plan[1][index].core  # plan.targets
-                wakes[core.channel_id] = core
+            _defer_wakes(plan, deferred, wakes)
             stop = fast.stopped()
             if reached < len(payloads) and stop != FeedSendAnswer.LOCK_BUSY:  # at a ring, the lock held
                 delivered.append(self._send_locked(payloads[reached], plan, stop, deadline, timeout, 0,
@@ -892,6 +888,13 @@ class FeedCore(AttachedSegment):
 
     def describe(self) -> str:
         return f"feed {self._label()}"
+
+
+def _defer_wakes(plan: SendPlan, deferred: list[int], wakes: dict[int, _ring.ChannelCore]) -> None:
+    """Put the channels of the C send's ``deferred`` ring indices in ``wakes``."""
+    for index in deferred:
+        core = plan.targets[index].core
+        wakes[core.channel_id] = core
 
 
 def _wake_receivers(wakes: dict[int, _ring.ChannelCore]) -> None:
