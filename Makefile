@@ -32,7 +32,7 @@ $(VENV)/.made: pyproject.toml
 
 # The package, editable, with its C hot path built in place (again when the C source or
 # setup.py changes).
-$(VENV)/.installed: $(VENV)/.made setup.py shmfeed/_accel.c
+$(VENV)/.installed: $(VENV)/.made setup.py shmfeed/_accel.c $(wildcard shmfeed/_accel*.h)
 	$(call pip_install,-e .)
 	touch $@
 

@@ -35,6 +35,7 @@ if _typing.TYPE_CHECKING:
     from ._channel import Channel
     from ._codec import register_type
     from ._feed import Feed
+    from ._loan import Loan
     from ._resubscribe import join_subscriptions, new_subscription, resubscribe, resubscribe_err
     from ._scope import SubscriptionScope
     from ._stats import ChannelStatistics, FeedStatistics, SubscriptionStatistics
@@ -60,6 +61,7 @@ __all__ = [
     "FeedSendTimeout",
     "FeedStatistics",
     "FeedTypeError",
+    "Loan",
     "MuxClosedError",
     "RegistryUnavailableError",
     "SenderDiedError",
@@ -94,6 +96,7 @@ _LAZY = {
     "Channel": "_channel",
     "register_type": "_codec",
     "Feed": "_feed",
+    "Loan": "_loan",
     "join_subscriptions": "_resubscribe",
     "new_subscription": "_resubscribe",
     "resubscribe": "_resubscribe",

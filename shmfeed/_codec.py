@@ -210,7 +210,7 @@ class Segments:
 
     __slots__ = ("parts", "size")
 
-    def __init__(self, parts: list[bytes]) -> None:
+    def __init__(self, parts: list[bytes | memoryview]) -> None:
         self.parts = parts
         self.size = sum(map(len, parts))
 
@@ -279,11 +279,18 @@ def _segments(value: Any, packer: msgpack.Packer) -> Segments | None:
     # The dicts and lists in it hold no bytearray or memoryview (checked by the caller), so
     # each member packs alone to the same bytes that packing the whole would give.
     if _is_big_bytes(value):  # a big bytes value itself: its header, then the object as it is
-        return Segments([_BIN32_HEADER.pack(0xC6, len(value)), value])
+        return Segments([bin32_header(len(value)), value])
     if not _worth_parts(value, 0):
         return None
     parts: list[bytes] = []
-    return Segments(parts) if _emit_container(value, 0, packer, parts) else None
+    return Segments(list(parts)) if _emit_container(value, 0, packer, parts) else None
+
+
+def bin32_header(size: int) -> bytes:
+    """The msgpack header of a ``bytes`` value of ``size`` bytes, as bin 32 whatever the
+    size (any decoder takes it): what precedes the bytes kept apart, or written in place
+    (``Feed.loan``)."""
+    return _BIN32_HEADER.pack(0xC6, size)
 
 
 def encode_for_send(value: object, large: bool) -> bytes | memoryview | Segments:

@@ -19,6 +19,7 @@ from . import _layout as L
 from ._channel import Channel, TypeArgument, _check_timeout, display_type
 from ._errors import ChannelClosed, FeedClosed, FeedSendTimeout, FeedTypeError, ShmfeedError
 from ._feed_core import FeedCore, _feeds
+from ._loan import Loan
 from ._stats import FeedStatistics, SubscriptionStatistics
 from ._subscription import ErrorChannel, SharedErrorChannel, Subscription, select
 
@@ -245,6 +246,36 @@ class Feed(TypeArgument, Generic[T]):
             _check_timeout(timeout)
             deadline = time.monotonic() + timeout
         core, payload = self._prepare(value, deadline, timeout)
+        return core.send(payload, deadline, timeout)
+
+    def loan(self, size: int) -> "Loan":
+        """A writable buffer of ``size`` bytes in shared memory, for one ``bytes`` value
+        written in place and sent without a copy: write it into ``loan.buffer``, then
+        ``loan.send(timeout=None)`` delivers it as :meth:`send` would (see :class:`Loan`).
+        For large values built piece by piece, such as frames or arrays: a send copies
+        a value into shared memory, a loan is that memory.
+
+        Raises:
+            TypeError, ValueError: ``size`` is not an int from 1 to 2**32 - 1.
+            FeedTypeError: the feed's type is fixed and is not ``bytes``.
+            FeedClosed: the feed was closed.
+        """
+        core = self._live()
+        if core.words[L.FEED_CLOSED]:
+            raise FeedClosed(f"shmfeed: loan on closed feed {core._label()}; a closed feed stays closed: use another")
+        wanted = _codec.type_name(bytes)
+        if core.type_name and core.type_name != wanted:
+            raise FeedTypeError("Send", display_type(wanted), display_type(core.type_name))
+        return Loan(self, core.namespace, size)
+
+    def _send_lent(self, payload: _ring.Encoded, timeout: float | None) -> int:
+        """Send a loan's value (``Loan.send``): a ``bytes`` value already in a pool file."""
+        deadline = None
+        if timeout is not None:
+            _check_timeout(timeout)
+            deadline = time.monotonic() + timeout
+        core = self._live()
+        self._fix_type(core, _codec.type_name(bytes), deadline, timeout)
         return core.send(payload, deadline, timeout)
 
     def send_many(self, values: Iterable[T], timeout: float | None = None) -> list[int]:

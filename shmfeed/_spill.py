@@ -85,7 +85,10 @@ class _PoolFile:
     def close(self) -> None:
         """Let go of the mapping and descriptor (idempotent: the number may be reused)."""
         if self.mapping is not None:
-            self.mapping.close()
+            try:
+                self.mapping.close()
+            except BufferError:
+                pass  # a loan's buffer still exported (a forked child's copy): unmapped with it
             self.mapping = None
         if self.descriptor >= 0:
             descriptor, self.descriptor = self.descriptor, -1
@@ -140,6 +143,56 @@ def _give_back(namespace: str, entry: _PoolFile, keep: bool = True) -> None:
 _unlink = _shm.remove_file
 
 
+def _size_and_map(file: _PoolFile, size: int) -> None:
+    """Make a pool file hold at least ``size`` bytes, mapped in this process."""
+    if file.size < size:
+        # Files only grow: a receiver reads in place through a mapping, and a file that
+        # shrank under a mapping would kill it with SIGBUS. The record gives the length.
+        # Grown with its memory reserved: a copy into pages a full /dev/shm cannot back
+        # would be a SIGBUS too (and receivers check that the value's blocks are there).
+        if file.mapping is not None:
+            file.mapping.close()
+            file.mapping = None
+        _shm.reserve(file.descriptor, size, f"a large value of {size} bytes")
+        file.size = size
+    if file.mapping is None and file.size:
+        file.mapping = mmap.mmap(file.descriptor, file.size)
+        file.mark = None  # new pages: the next copy's timing would be spoilt
+
+
+class Lent(Segments):
+    """An encoded value already written in a pool file, at its start (``Feed.loan``):
+    a send links that file as it is, with no copy. The parts are views of the file."""
+
+    __slots__ = ("file",)
+
+    def __init__(self, file: _PoolFile, size: int) -> None:
+        assert file.mapping is not None
+        super().__init__([memoryview(file.mapping)[:size]])
+        self.file = file
+
+
+def lend(namespace: str, size: int) -> _PoolFile:
+    """A pool file of at least ``size`` bytes, mapped, for a value its borrower writes in
+    place; ``give_back`` it when the send is over (or never happened).
+
+    Raises:
+        _shm.SharedObjectError: errno ENOSPC, /dev/shm cannot hold ``size`` bytes.
+    """
+    tune_malloc()
+    file = _take(namespace, size)
+    try:
+        _size_and_map(file, size)
+    except BaseException:
+        _give_back(namespace, file, keep=False)
+        raise
+    file.mark = None  # written by the borrower: no timing of ours to keep
+    return file
+
+
+give_back = _give_back
+
+
 class Spill:
     """One large value of one send, written once, linked into each channel that needs it."""
 
@@ -148,6 +201,7 @@ class Spill:
         self.namespace = namespace
         self.payload = payload
         self.parts: Sequence[bytes | memoryview] = payload.parts if isinstance(payload, Segments) else (payload,)
+        self.lent = payload.file if isinstance(payload, Lent) else None  # its borrower gives it back
         self.file: _PoolFile | None = None
 
     def write(self) -> _PoolFile:
@@ -159,6 +213,8 @@ class Spill:
         Raises:
             _shm.SharedObjectError: errno ENOSPC, /dev/shm cannot hold the value.
         """
+        if self.file is None and self.lent is not None:
+            self.file = self.lent  # written in place already
         if self.file is None:
             file = _take(self.namespace, len(self.payload))
             try:
@@ -177,27 +233,14 @@ class Spill:
         return spill_id, len(self.payload)
 
     def _write(self, file: _PoolFile) -> None:
-        size = len(self.payload)
-        if file.size < size:
-            # Files only grow: a receiver reads in place through a mapping, and a file that
-            # shrank under a mapping would kill it with SIGBUS. The record gives the length.
-            # Grown with its memory reserved: a copy into pages a full /dev/shm cannot back
-            # would be a SIGBUS too (and receivers check that the value's blocks are there).
-            if file.mapping is not None:
-                file.mapping.close()
-                file.mapping = None
-            _shm.reserve(file.descriptor, size, f"a large value of {size} bytes")
-            file.size = size
-        if file.mapping is None and file.size:
-            file.mapping = mmap.mmap(file.descriptor, file.size)
-            file.mark = None  # new pages: the next copy's timing would be spoilt
+        _size_and_map(file, len(self.payload))
         if file.mapping is not None:
             file.mark = _copier.copy(file.mapping, self.parts, file.mark)
 
     def close(self) -> None:
-        if self.file is not None:
+        if self.file is not None and self.file is not self.lent:
             _give_back(self.namespace, self.file)
-            self.file = None
+        self.file = None
 
 
 def read(path: str, size: int) -> bytes | memoryview:

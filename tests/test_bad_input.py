@@ -53,6 +53,16 @@ def _int_feed() -> shmfeed.Feed:
 
 
 # (label, call, expected exception type, regex the message must match)
+def _loan_sent_twice() -> None:
+    feed = shmfeed.Feed()
+    try:
+        loan = feed.loan(8)
+        loan.send()
+        loan.send()
+    finally:
+        feed.close()
+
+
 CASES: list[tuple[str, Callable[[], Any], type[BaseException], str]] = [
     # Channel construction
     ("Channel(capacity=0)", lambda: shmfeed.Channel(capacity=0), ValueError, "capacity must be an int >= 1"),
@@ -97,6 +107,9 @@ CASES: list[tuple[str, Callable[[], Any], type[BaseException], str]] = [
     ("Feed('a\\x00b')", lambda: shmfeed.Feed("a\x00b"), ValueError, "unprintable"),
     ("Feed('a\\nb')", lambda: shmfeed.Feed("a\nb"), ValueError, "unprintable"),
     ("Feed(elem_type=3)", lambda: shmfeed.Feed(elem_type=3), TypeError, "elem_type must be a type"),
+    ("Loan: feed.loan(0)", lambda: shmfeed.Feed().loan(0), ValueError, "loan size must be 1 to"),
+    ("Loan: feed.loan('1')", lambda: shmfeed.Feed().loan("1"), TypeError, "loan size must be an int, not str"),
+    ("Loan: sent twice", lambda: _loan_sent_twice(), ValueError, "sent or discarded"),
     ("subscribe(non-channel)", lambda: shmfeed.Feed().subscribe([]), TypeError,
      "event: Subscribe argument does not have sendable channel type"),
     ("subscribe(None)", lambda: shmfeed.Feed().subscribe(None), TypeError, "does not have sendable channel type"),

@@ -16,7 +16,8 @@ for reasons outside the transport (memory traffic of neighbours), and taking tur
 every transport the same weather.
 
 Raw 1 MiB values (workload ``1MiB-raw``, issue 16): also ``shmfeed recv_view``, shmfeed
-whose receivers take each value as a view of its file (a variant, not a peer), and two
+whose receivers take each value as a view of its file (a variant, not a peer), and
+``shmfeed loan+view``, whose sender also writes each event in place (``Feed.loan``), and two
 references that are not transports: events/s of one plain 1 MiB copy between two
 preallocated buffers in one process (cache-hot), and the same cycling through 16 pairs of
 buffers (32 MiB, more than the caches hold), each run once per round like the cells (its

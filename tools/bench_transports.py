@@ -92,6 +92,12 @@ class RawWorkload(Workload):
         self._template[: self.SEQ_BYTES] = i.to_bytes(self.SEQ_BYTES, "little")
         return bytes(self._template)
 
+    def make_into(self, buffer: Any, i: int) -> None:
+        """Event i written into a writable buffer of ``blob_len`` bytes: the same one copy
+        of the template as ``make``, into memory the transport lends (``builds_values``)."""
+        buffer[:] = self._template
+        buffer[: self.SEQ_BYTES] = i.to_bytes(self.SEQ_BYTES, "little")
+
     def check(self, v: Any, i: int) -> str | None:
         try:
             size = len(v)
@@ -143,7 +149,8 @@ class Transport:
     Parent process: ``setup(n_subs, workload)`` creates what must be shared (it survives the
     fork into sender and receivers), ``teardown()`` frees it.
     Sender process: ``sender()`` returns ``(send, finish)``; ``send(value)`` delivers one
-    value to every subscriber (losslessly), ``finish()`` signals end of stream.
+    value to every subscriber (losslessly), ``finish()`` signals end of stream. A transport
+    that ``builds_values`` gets ``send(i)`` and writes event i where it travels.
     ``sender_close()`` runs once every receiver has got everything (its CPU is not counted).
     Receiver process i: ``receiver(i)`` returns an iterator over the values, ending at the
     end of stream. It is called before the clock starts (connect/subscribe there).
@@ -153,6 +160,9 @@ class Transport:
 
     name = "base"
     note = ""
+    # True: the harness calls ``send(i)`` and the transport builds event i itself, in
+    # place (``Workload.make_into``), instead of ``send(workload.make(i))``.
+    builds_values = False
 
     @classmethod
     def available(cls) -> tuple[bool, str]:
@@ -206,6 +216,7 @@ class ShmfeedTransport(Transport):
         import shmfeed
 
         self.n_subs = n_subs
+        self.workload = workload
         self.feed = shmfeed.Feed()
         self.channels = [
             shmfeed.Channel(capacity=workload.capacity, buffer_size=workload.buffer_size) for _ in range(n_subs)
@@ -282,6 +293,30 @@ class ShmfeedViewTransport(ShmfeedTransport):
             if isinstance(value, memoryview):
                 value.release()
             del value
+
+
+class ShmfeedLoanTransport(ShmfeedViewTransport):
+    """shmfeed whose sender writes each event in place, in a ``Feed.loan`` buffer (the
+    template's one copy goes where the value travels, not into a ``bytes`` first), and whose
+    receivers take ``recv_view()``: one copy per event in all."""
+
+    name = "shmfeed loan+view"
+    note = "as shmfeed recv_view, the sender writing each event into Feed.loan(size).buffer; 1MiB-raw only"
+    builds_values = True
+
+    def sender(self):
+        feed, n_subs, workload = self.feed, self.n_subs, self.workload
+        loan, make_into, size = feed.loan, workload.make_into, workload.blob_len
+
+        def send(i: int) -> None:
+            lent = loan(size)
+            make_into(lent.buffer, i)
+            got = lent.send()
+            if got != n_subs:
+                raise RuntimeError(f"loan.send delivered to {got} channels, expected {n_subs}")
+
+        _, finish = super().sender()
+        return send, finish
 
 
 class ShmfeedBatchTransport(ShmfeedTransport):
@@ -945,6 +980,7 @@ TRANSPORTS: list[type[Transport]] = [
     FasterFifoTransport,
     Iceoryx2Transport,
     ShmfeedViewTransport,
+    ShmfeedLoanTransport,
     ShmfeedBatchTransport,
     PlainRingTransport,
     BareSlotTransport,
