@@ -21,7 +21,7 @@ whose receivers take each value as a view of its file (a variant, not a peer), a
 references that are not transports: events/s of one plain 1 MiB copy between two
 preallocated buffers in one process (cache-hot), and the same cycling through 16 pairs of
 buffers (32 MiB, more than the caches hold), each run once per round like the cells (its
-median). Small values: also ``shmfeed batched`` (``Feed.send_many`` of 64, ``recv_many``).
+median). Small and 4 KiB values: also ``shmfeed batched`` (``Feed.send_many`` of 64, ``recv_many``).
 
 Latency: ping-pong between two processes, one channel each way; one-way = round trip / 2.
 Run idle (as is) and again with low-priority (nice 19) busy loops, one pinned to each core;

@@ -326,9 +326,9 @@ class ShmfeedBatchTransport(ShmfeedTransport):
     The same lossless rules and order."""
 
     name = "shmfeed batched"
-    note = "as shmfeed, with Feed.send_many (groups of 64) and Channel.recv_many(256); small values only"
+    note = "as shmfeed, with Feed.send_many (groups of 64) and Channel.recv_many(256); small and 4 KiB values"
     variant_of = "shmfeed"
-    only_workloads = ("small",)  # a batch saves per-call costs: what small values are made of
+    only_workloads = ("small", "4KiB")  # a batch saves per-call costs: what small and mid-sized values are made of
     latency = False  # a ping-pong has one value in flight: nothing to batch
     BATCH = 64
 
