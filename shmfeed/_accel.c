@@ -14,12 +14,15 @@
 
 /* The parts, by job (each a header included once, in this order): */
 #include "_accel_common.h"
+#include "_accel_decode.h"
 #include "_accel_ring.h"
 #include "_accel_feed.h"
 #include "_accel_copy.h"
 #include "_accel_sigterm.h"
 
 static PyMethodDef module_methods[] = {
+    {"decode", (PyCFunction)(void (*)(void))accel_decode, METH_FASTCALL,
+     "decode(data, otherwise) -> the value of msgpack bytes; otherwise(data) for what only msgpack decodes"},
     {"mark_sender", (PyCFunction)(void (*)(void))mark_sender, METH_FASTCALL,
      "mark_sender(mapping, offset, flag) -> handle: SIGTERM clears that flag first"},
     {"unmark_sender", (PyCFunction)unmark_sender, METH_O, "unmark_sender(handle)"},

@@ -293,13 +293,16 @@ static PyObject *take_decoded(Ring *self, PyObject *const *args, PyObject **call
         uint64_t record = 8 + ((size + 7) & ~(uint64_t)7);
         if (header[1] != KIND_DATA || record > write_pos - at || offset + record > ring)
             break;
-        PyObject *data = PyBytes_FromStringAndSize((const char *)self->ring + offset + 8, (Py_ssize_t)size);
-        PyObject *value = NULL;
-        if (data != NULL) {
-            call_args[0] = data;
-            value = PyObject_Vectorcall(decode, call_args, 1, kwnames);
+        /* The common values decoded here (_accel_decode.h), the rest by ``decode``. */
+        PyObject *value = decode_common((const unsigned char *)self->ring + offset + 8, (Py_ssize_t)size);
+        if (value == NULL) {
+            PyObject *data = PyBytes_FromStringAndSize((const char *)self->ring + offset + 8, (Py_ssize_t)size);
+            if (data != NULL) {
+                call_args[0] = data;
+                value = PyObject_Vectorcall(decode, call_args, 1, kwnames);
+            }
+            Py_XDECREF(data);
         }
-        Py_XDECREF(data);
         if (value == NULL) {
             if (PyErr_ExceptionMatches(decode_errors)) {
                 PyErr_Clear();  /* left in the ring: the next receive raises it */

@@ -7,6 +7,7 @@ edges where C could go wrong (released objects, bad arguments, odd sizes).
 
 from __future__ import annotations
 
+import math
 import mmap
 import os
 import re
@@ -14,12 +15,15 @@ import shutil
 import subprocess
 import sys
 
+import msgpack
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import _kill_workers as K
 import _workers as W
 import shmfeed
-from shmfeed import _ring, _spill
+from shmfeed import _codec, _native, _ring, _spill
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 
@@ -267,30 +271,30 @@ def test_a_c_batch_receive_takes_only_what_decoded_and_nothing_when_interrupted(
 
     channel = shmfeed.Channel(16)
     for n in range(5):
-        channel.send(n)
+        channel.send((n,))  # a tuple (a msgpack ext): decoded by the function given, not in C
     fast = channel._live_core()._fast
     errors = (shmfeed.ChannelCorruptError, shmfeed.UnknownTypeError)
-    seen: list[int] = []
+    seen: list[object] = []
 
-    def interrupted(data: bytes) -> int:
+    def interrupted(data: bytes) -> object:
         value = _codec.decode(data)
         seen.append(value)
-        if value == 2:
+        if value == (2,):
             raise KeyboardInterrupt
         return value
 
     with pytest.raises(KeyboardInterrupt):
         fast.take_decoded(os.getpid(), 10, interrupted, errors)
-    assert seen == [0, 1, 2] and len(channel) == 5  # nothing taken: nothing lost
+    assert seen == [(0,), (1,), (2,)] and len(channel) == 5  # nothing taken: nothing lost
 
-    def refused(data: bytes) -> int:
+    def refused(data: bytes) -> object:
         value = _codec.decode(data)
-        if value == 3:
+        if value == (3,):
             raise shmfeed.UnknownTypeError("a type this side does not know")
         return value
 
-    assert fast.take_decoded(os.getpid(), 10, refused, errors) == [0, 1, 2]  # stops before it
-    assert len(channel) == 2 and channel.recv_many() == [3, 4]  # it stays for the next receive
+    assert fast.take_decoded(os.getpid(), 10, refused, errors) == [(0,), (1,), (2,)]  # stops before it
+    assert len(channel) == 2 and channel.recv_many() == [(3,), (4,)]  # it stays for the next receive
     channel.close()
 
 
@@ -405,3 +409,70 @@ def test_the_c_buffer_walk_agrees_with_the_python_one(value: object) -> None:
     else:
         decoded = _codec.decode(_codec.encode(value))
         assert decoded == value and type(decoded) is type(value)
+
+
+def _same(left: object, right: object) -> bool:
+    """Equal and of the same types all the way down (NaN equal to NaN, -0.0 not to 0.0)."""
+    if type(left) is not type(right):
+        return False
+    if isinstance(left, float):
+        assert isinstance(right, float)
+        return (math.isnan(left) and math.isnan(right)) or (left == right and math.copysign(1, left) == math.copysign(1, right))
+    if isinstance(left, list):
+        assert isinstance(right, list)
+        return len(left) == len(right) and all(map(_same, left, right))
+    if isinstance(left, dict):
+        assert isinstance(right, dict)
+        return list(map(type, left)) == list(map(type, right)) and list(left) == list(right) and all(
+            _same(left[key], right[key]) for key in left)
+    return left == right
+
+
+_MSGPACK_ONLY = object()
+_keys = st.one_of(st.text(max_size=40), st.integers(min_value=-(2**63), max_value=2**64 - 1))
+_plain_values = st.recursive(
+    st.one_of(st.none(), st.booleans(), st.integers(min_value=-(2**63), max_value=2**64 - 1),
+              st.floats(allow_nan=True), st.text(max_size=300), st.binary(max_size=300)),
+    lambda inner: st.one_of(st.lists(inner, max_size=20), st.dictionaries(_keys, inner, max_size=20)),
+    max_leaves=40,
+)
+
+
+@needs_accel
+@settings(max_examples=300, deadline=None, database=None, derandomize=True)
+@given(value=_plain_values, single_float=st.booleans(), mutation=st.integers(min_value=0, max_value=3),
+       where=st.integers(min_value=0), byte=st.integers(min_value=0, max_value=255))
+def test_the_c_decoder_answers_as_msgpack_or_leaves_it_to_msgpack(
+    value: object, single_float: bool, mutation: int, where: int, byte: int
+) -> None:
+    """``_accel.decode`` decodes the common values itself (``recv``, ``recv_many``): where it
+    answers, the answer is msgpack's, type for type, for valid bytes and for mutated ones
+    (a byte changed, cut short, one more at the end), which it otherwise hands to msgpack."""
+    try:
+        data = bytearray(msgpack.packb(value, use_bin_type=True, use_single_float=single_float))
+    except OverflowError:  # a float too large for single precision
+        data = bytearray(msgpack.packb(value, use_bin_type=True))
+    if mutation == 1:
+        data[where % len(data)] = byte
+    elif mutation == 2:
+        del data[where % len(data):]
+    elif mutation == 3:
+        data.append(byte)
+    got = _native.accel.decode(bytes(data), lambda _: _MSGPACK_ONLY)
+    if got is _MSGPACK_ONLY:
+        return
+    expected = msgpack.unpackb(bytes(data), raw=False, strict_map_key=False, use_list=True)
+    assert _same(got, expected)
+    if mutation == 0:
+        assert _same(got, value if not single_float else expected)
+
+
+@needs_accel
+def test_the_c_decoder_key_cache_never_mixes_keys_up() -> None:
+    """More distinct keys than the cache has slots, of every short length, twice over."""
+    keys = [f"k{n}" * (1 + n % 7) for n in range(3000)] + ["", "é", "\U0001f600"]
+    for _ in range(2):
+        for start in range(0, len(keys), 50):
+            value = {key: index for index, key in enumerate(keys[start:start + 50])}
+            assert _codec.decode(_codec.encode(value)) == value
+    assert _native.accel.decode(b"\x81\xa2\xff\xfe\x01", lambda _: "msgpack's") == "msgpack's"  # not UTF-8

@@ -1,0 +1,256 @@
+/* A msgpack decoder for the common values: what a receive decodes most (Channel.recv,
+ * recv_many's C batch). Part of shmfeed/_accel.c (included there).
+ *
+ * It decodes nil, booleans, integers, floats, str, bin, arrays (as lists) and maps with str
+ * or int keys (as dicts), exactly as msgpack.unpackb(raw=False, strict_map_key=False,
+ * use_list=True) would, and nothing else: any other byte (ext types, which shmfeed's own
+ * types use), a map key of another kind, nesting deeper than DECODE_DEPTH_MAX, bytes that
+ * end early or go on after the value, or str that is not UTF-8, make it answer "not mine"
+ * (NULL, no exception set), and the caller decodes with msgpack, whose result or error is
+ * then the answer. So its results are msgpack's by construction where it answers at all.
+ *
+ * The bytes may be shared memory another process can write: every length is read once
+ * and checked against the bytes left before anything is read or allocated. */
+
+#define DECODE_DEPTH_MAX 32
+#define KEY_CACHE_SLOTS 512
+#define KEY_CACHE_MAX_LEN 24
+
+/* Short map keys seen before, so a repeated key costs no UTF-8 decode and no allocation.
+ * Interned, as msgpack interns map keys. The GIL guards the cache. */
+typedef struct {
+    Py_ssize_t length;
+    PyObject *str;
+    unsigned char bytes[KEY_CACHE_MAX_LEN];
+} KeyCacheSlot;
+
+static KeyCacheSlot key_cache[KEY_CACHE_SLOTS];
+
+static PyObject *short_str(const unsigned char *p, Py_ssize_t n) {
+    uint32_t hash = 2166136261u;
+    for (Py_ssize_t i = 0; i < n; i++)
+        hash = (hash ^ p[i]) * 16777619u;
+    KeyCacheSlot *slot = &key_cache[hash % KEY_CACHE_SLOTS];
+    if (slot->str != NULL && slot->length == n && memcmp(slot->bytes, p, (size_t)n) == 0) {
+        Py_INCREF(slot->str);
+        return slot->str;
+    }
+    unsigned char copy[KEY_CACHE_MAX_LEN];
+    memcpy(copy, p, (size_t)n);  /* the cache keeps what was decoded, whatever p holds next */
+    PyObject *str = PyUnicode_DecodeUTF8((const char *)copy, n, NULL);
+    if (str == NULL)
+        return NULL;
+    PyUnicode_InternInPlace(&str);
+    Py_XDECREF(slot->str);
+    Py_INCREF(str);
+    slot->str = str;
+    slot->length = n;
+    memcpy(slot->bytes, copy, (size_t)n);
+    return str;
+}
+
+static inline uint64_t read_be(const unsigned char *p, int bytes) {
+    uint64_t value = 0;
+    for (int i = 0; i < bytes; i++)
+        value = (value << 8) | p[i];
+    return value;
+}
+
+static PyObject *decode_one(const unsigned char **cursor, const unsigned char *end, int depth);
+
+/* The length that follows a header of ``bytes`` bytes (0: the length is in the type byte). */
+static int read_length(const unsigned char **cursor, const unsigned char *end, int bytes, uint64_t *length) {
+    if (end - *cursor < bytes)
+        return -1;
+    *length = read_be(*cursor, bytes);
+    *cursor += bytes;
+    return 0;
+}
+
+static PyObject *decode_str(const unsigned char **cursor, const unsigned char *end, uint64_t n) {
+    if ((uint64_t)(end - *cursor) < n)
+        return NULL;
+    const unsigned char *p = *cursor;
+    *cursor += n;
+    return PyUnicode_DecodeUTF8((const char *)p, (Py_ssize_t)n, NULL);
+}
+
+/* A map key: a str (through the cache, interned) or an int; NULL for any other kind. */
+static PyObject *decode_key(const unsigned char **cursor, const unsigned char *end, int depth) {
+    if (*cursor >= end)
+        return NULL;
+    unsigned char type = **cursor;
+    uint64_t n;
+    if ((type >= 0xa0 && type <= 0xbf) || type == 0xd9) {
+        (*cursor)++;
+        if (type == 0xd9) {
+            if (read_length(cursor, end, 1, &n) < 0)
+                return NULL;
+        } else {
+            n = type & 0x1f;
+        }
+        if ((uint64_t)(end - *cursor) < n)
+            return NULL;
+        const unsigned char *p = *cursor;
+        *cursor += n;
+        if (n <= KEY_CACHE_MAX_LEN)
+            return short_str(p, (Py_ssize_t)n);
+        PyObject *str = PyUnicode_DecodeUTF8((const char *)p, (Py_ssize_t)n, NULL);
+        if (str != NULL)
+            PyUnicode_InternInPlace(&str);
+        return str;
+    }
+    if (type <= 0x7f || type >= 0xe0 || (type >= 0xcc && type <= 0xd3))
+        return decode_one(cursor, end, depth);
+    return NULL;  /* another kind of key: msgpack's to judge */
+}
+
+static PyObject *decode_array(const unsigned char **cursor, const unsigned char *end, uint64_t n, int depth) {
+    if (n > (uint64_t)(end - *cursor))  /* each item takes a byte at least */
+        return NULL;
+    PyObject *list = PyList_New((Py_ssize_t)n);
+    if (list == NULL)
+        return NULL;
+    for (uint64_t i = 0; i < n; i++) {
+        PyObject *item = decode_one(cursor, end, depth + 1);
+        if (item == NULL) {
+            Py_DECREF(list);
+            return NULL;
+        }
+        PyList_SET_ITEM(list, (Py_ssize_t)i, item);
+    }
+    return list;
+}
+
+static PyObject *decode_map(const unsigned char **cursor, const unsigned char *end, uint64_t n, int depth) {
+    if (n > (uint64_t)(end - *cursor) / 2)  /* a key and a value take two bytes at least */
+        return NULL;
+    PyObject *dict = _PyDict_NewPresized((Py_ssize_t)n);
+    if (dict == NULL)
+        return NULL;
+    for (uint64_t i = 0; i < n; i++) {
+        PyObject *key = decode_key(cursor, end, depth + 1);
+        if (key == NULL) {
+            Py_DECREF(dict);
+            return NULL;
+        }
+        PyObject *value = decode_one(cursor, end, depth + 1);
+        int failed = value == NULL || PyDict_SetItem(dict, key, value) < 0;
+        Py_DECREF(key);
+        Py_XDECREF(value);
+        if (failed) {
+            Py_DECREF(dict);
+            return NULL;
+        }
+    }
+    return dict;
+}
+
+static PyObject *decode_one(const unsigned char **cursor, const unsigned char *end, int depth) {
+    if (*cursor >= end || depth > DECODE_DEPTH_MAX)
+        return NULL;
+    unsigned char type = *(*cursor)++;
+    uint64_t n;
+    if (type <= 0x7f)
+        return PyLong_FromLong(type);
+    if (type >= 0xe0)
+        return PyLong_FromLong((long)(signed char)type);
+    if (type >= 0xa0 && type <= 0xbf)
+        return decode_str(cursor, end, type & 0x1f);
+    if (type >= 0x90 && type <= 0x9f)
+        return decode_array(cursor, end, type & 0x0f, depth);
+    if (type >= 0x80 && type <= 0x8f)
+        return decode_map(cursor, end, type & 0x0f, depth);
+    switch (type) {
+    case 0xc0:
+        Py_RETURN_NONE;
+    case 0xc2:
+        Py_RETURN_FALSE;
+    case 0xc3:
+        Py_RETURN_TRUE;
+    case 0xcc: case 0xcd: case 0xce: case 0xcf: {
+        int bytes = 1 << (type - 0xcc);
+        if (read_length(cursor, end, bytes, &n) < 0)
+            return NULL;
+        return PyLong_FromUnsignedLongLong(n);
+    }
+    case 0xd0: case 0xd1: case 0xd2: case 0xd3: {
+        int bytes = 1 << (type - 0xd0);
+        if (read_length(cursor, end, bytes, &n) < 0)
+            return NULL;
+        int shift = 64 - 8 * bytes;  /* sign-extend from the top bit of the stored width */
+        return PyLong_FromLongLong(shift ? (long long)(int64_t)(n << shift) >> shift : (long long)(int64_t)n);
+    }
+    case 0xca: {
+        if (read_length(cursor, end, 4, &n) < 0)
+            return NULL;
+        uint32_t bits = (uint32_t)n;
+        float value;
+        memcpy(&value, &bits, 4);
+        return PyFloat_FromDouble((double)value);
+    }
+    case 0xcb: {
+        if (read_length(cursor, end, 8, &n) < 0)
+            return NULL;
+        double value;
+        memcpy(&value, &n, 8);
+        return PyFloat_FromDouble(value);
+    }
+    case 0xd9: case 0xda: case 0xdb:
+        if (read_length(cursor, end, 1 << (type - 0xd9), &n) < 0)
+            return NULL;
+        return decode_str(cursor, end, n);
+    case 0xc4: case 0xc5: case 0xc6: {
+        if (read_length(cursor, end, 1 << (type - 0xc4), &n) < 0 || (uint64_t)(end - *cursor) < n)
+            return NULL;
+        PyObject *bytes = PyBytes_FromStringAndSize((const char *)*cursor, (Py_ssize_t)n);
+        *cursor += n;
+        return bytes;
+    }
+    case 0xdc: case 0xdd:
+        if (read_length(cursor, end, type == 0xdc ? 2 : 4, &n) < 0)
+            return NULL;
+        return decode_array(cursor, end, n, depth);
+    case 0xde: case 0xdf:
+        if (read_length(cursor, end, type == 0xde ? 2 : 4, &n) < 0)
+            return NULL;
+        return decode_map(cursor, end, n, depth);
+    default:
+        return NULL;  /* ext types, 0xc1: msgpack's */
+    }
+}
+
+/* The value encoded in ``data[0:length]``, or NULL with no exception set: msgpack decides
+ * (see the top). An exception of the decoding itself (MemoryError) is cleared too: msgpack
+ * meets it again, or not. */
+static PyObject *decode_common(const unsigned char *data, Py_ssize_t length) {
+    const unsigned char *cursor = data, *end = data + length;
+    PyObject *value = decode_one(&cursor, end, 0);
+    if (value != NULL && cursor != end) {
+        Py_DECREF(value);  /* bytes after the value: msgpack's ExtraData */
+        value = NULL;
+    }
+    if (value == NULL)
+        PyErr_Clear();
+    return value;
+}
+
+/* decode(data, otherwise) -> the value of the msgpack bytes ``data`` (a buffer), or
+ * ``otherwise(data)`` where decode_common leaves it to msgpack. */
+static PyObject *accel_decode(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+    (void)module;
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "decode(data, otherwise)");
+        return NULL;
+    }
+    Py_buffer view;
+    if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0) {
+        PyErr_Clear();  /* not bytes: ``otherwise`` says what is wrong */
+        return PyObject_CallOneArg(args[1], args[0]);
+    }
+    PyObject *value = decode_common((const unsigned char *)view.buf, view.len);
+    PyBuffer_Release(&view);
+    if (value != NULL)
+        return value;
+    return PyObject_CallOneArg(args[1], args[0]);
+}
