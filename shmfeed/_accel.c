@@ -15,12 +15,15 @@
 /* The parts, by job (each a header included once, in this order): */
 #include "_accel_common.h"
 #include "_accel_decode.h"
+#include "_accel_encode.h"
 #include "_accel_ring.h"
 #include "_accel_feed.h"
 #include "_accel_copy.h"
 #include "_accel_sigterm.h"
 
 static PyMethodDef module_methods[] = {
+    {"encode", (PyCFunction)accel_encode, METH_O,
+     "encode(value) -> the msgpack bytes of a common value, or None for what only msgpack encodes"},
     {"decode", (PyCFunction)(void (*)(void))accel_decode, METH_FASTCALL,
      "decode(data, otherwise) -> the value of msgpack bytes; otherwise(data) for what only msgpack decodes"},
     {"mark_sender", (PyCFunction)(void (*)(void))mark_sender, METH_FASTCALL,

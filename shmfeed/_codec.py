@@ -340,6 +340,11 @@ def _fresh_view_packer(st: _ThreadState) -> msgpack.Packer:
     return packer
 
 
+# The C encoder of the common values (``_accel_encode.h``): the bytes msgpack's Packer would
+# make, or None for anything else, which the Packer and shmfeed's rules then encode.
+_encode_common: Callable[[Any], bytes | None] | None = _native.accel.encode if _native.accel is not None else None
+
+
 def encode(value: object) -> bytes:
     """Encode ``value`` to msgpack bytes; raise ``EncodingError`` (a TypeError) if it can't.
 
@@ -347,6 +352,10 @@ def encode(value: object) -> bytes:
     found by a second walk after the failure, so a value that encodes pays nothing for it.
     """
     st = _state
+    if _encode_common is not None and not st.depth:
+        out = _encode_common(value)
+        if out is not None:
+            return out
     try:
         if st.depth:  # called again from inside a register_type encode hook
             st.depth += 1
@@ -374,11 +383,12 @@ def encode_many(values: list[Any]) -> list[bytes]:
     if st.depth:
         return [encode(value) for value in values]
     packer = st.packer
-    pack, checked = packer.pack, _checked
+    pack, checked, common = packer.pack, _checked, _encode_common
     encoded: list[bytes] = []
     try:
         for value in values:
-            encoded.append(checked(packer, pack(value), value))
+            out = common(value) if common is not None else None
+            encoded.append(out if out is not None else checked(packer, pack(value), value))
     except Exception:  # noqa: BLE001 - encode() says what and where
         encode(values[len(encoded)])
         raise

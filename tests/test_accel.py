@@ -476,3 +476,43 @@ def test_the_c_decoder_key_cache_never_mixes_keys_up() -> None:
             value = {key: index for index, key in enumerate(keys[start:start + 50])}
             assert _codec.decode(_codec.encode(value)) == value
     assert _native.accel.decode(b"\x81\xa2\xff\xfe\x01", lambda _: "msgpack's") == "msgpack's"  # not UTF-8
+
+
+_other_values = st.one_of(st.tuples(st.integers()), st.binary().map(bytearray), st.integers(min_value=2**64),
+                          st.integers(max_value=-(2**63) - 1), st.just("\ud800"), st.sets(st.integers(), max_size=2))
+
+
+@needs_accel
+@settings(max_examples=300, deadline=None, database=None, derandomize=True)
+@given(value=_plain_values, other=_other_values, where=st.integers(min_value=0))
+def test_the_c_encoder_makes_msgpacks_bytes_or_leaves_the_value_to_msgpack(
+    value: object, other: object, where: int
+) -> None:
+    """``_accel.encode`` encodes the common values itself (every send): its bytes are the
+    very bytes of shmfeed's msgpack Packer; a value with anything else in it (a tuple, a
+    bytearray, an int past 64 bits, a lone surrogate, a set) it leaves to ``_codec``."""
+    assert _native.accel.encode(value) == _codec._new_packer().pack(value)
+    assert _codec.encode(value) == _codec._new_packer().pack(value)
+    holder = [value, other] if where % 2 else {"k": [1, {"deep": other}], "v": value}
+    assert _native.accel.encode(holder) is None
+    try:
+        encoded = _codec.encode(holder)  # by the Packer, with shmfeed's rules
+    except shmfeed.EncodingError:
+        assert other == "\ud800"  # msgpack's refusal, worded by _codec
+    else:
+        assert type(_codec.decode(encoded)) is type(holder)
+
+
+_EDGE_INTS = [0, 127, 128, 255, 256, 65535, 65536, 2**32 - 1, 2**32, 2**63 - 1, 2**63, 2**64 - 1, -1, -32, -33,
+              -128, -129, -32768, -32769, -(2**31), -(2**31) - 1, -(2**63)]
+_EDGE_LENGTHS = [0, 15, 16, 31, 32, 255, 256, 65535, 65536]
+
+
+@needs_accel
+def test_the_c_encoder_agrees_with_msgpack_at_every_size_boundary() -> None:
+    values: list[object] = [*_EDGE_INTS, 0.0, -0.0, float("inf"), float("nan"), True, False, None]
+    for n in _EDGE_LENGTHS:
+        values += ["é" * (n // 2) + "a" * (n % 2), "a" * n, b"b" * n, [None] * n, {i: i for i in range(n)}]
+    for value in values:
+        assert _native.accel.encode(value) == _codec._new_packer().pack(value), repr(value)[:40]
+        assert _native.accel.decode(_native.accel.encode(value), None) == value or value != value  # noqa: PLR0124
