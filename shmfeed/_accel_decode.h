@@ -125,7 +125,7 @@ static PyObject *decode_array(const unsigned char **cursor, const unsigned char 
 static PyObject *decode_map(const unsigned char **cursor, const unsigned char *end, uint64_t n, int depth) {
     if (n > (uint64_t)(end - *cursor) / 2)  /* a key and a value take two bytes at least */
         return NULL;
-    PyObject *dict = _PyDict_NewPresized((Py_ssize_t)n);
+    PyObject *dict = PyDict_New();
     if (dict == NULL)
         return NULL;
     for (uint64_t i = 0; i < n; i++) {

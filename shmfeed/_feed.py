@@ -259,6 +259,7 @@ class Feed(TypeArgument, Generic[T]):
             TypeError, ValueError: ``size`` is not an int from 1 to 2**32 - 1.
             FeedTypeError: the feed's type is fixed and is not ``bytes``.
             FeedClosed: the feed was closed.
+            OSError: (errno ENOSPC) /dev/shm cannot hold ``size`` bytes.
         """
         core = self._live()
         if core.words[L.FEED_CLOSED]:

@@ -1,8 +1,8 @@
 """``Loan``: a ``bytes`` value written in place, in the shared memory it travels in.
 
 ``Feed.loan(size)`` takes a spill file from this process's pool (``_spill.lend``), writes
-the msgpack header of a ``bytes`` value of ``size`` bytes at its start (``_codec``), and lends the rest
-as a writable buffer. ``send()`` links that file into each channel as an ordinary send
+the msgpack header of a ``bytes`` value of ``size`` bytes at its start (``_codec``), and
+lends the rest as a writable buffer. ``send()`` links that file into each channel as an ordinary send
 links a spilled value: the sender copies nothing, and a receiver gets a ``bytes`` (``recv``)
 or a view of the file (``recv_view``), as for any value.
 
@@ -124,6 +124,10 @@ class Loan:
     def __del__(self) -> None:
         if getattr(self, "_file", None) is not None and not _process.exiting():
             self.discard()
+
+    def __reduce__(self) -> Any:
+        raise TypeError("shmfeed: a Loan belongs to the process that took it and cannot be pickled; send it "
+                        "here, or take a loan with feed.loan(size) in the other process")
 
     def __repr__(self) -> str:
         return f"<shmfeed.Loan of {self._size} bytes{', ended' if self._file is None else ''}>"

@@ -52,7 +52,8 @@ def test_core_suites_pass_on_the_pure_python_path() -> None:
     # The suites of the rings and feeds, where the two paths differ (the codec's one C
     # walk is compared with its Python twin below; async waits use the same takes). The
     # 300 MiB value travels as a spill file on both paths.
-    suites = ["test_channel.py", "test_feed.py", "test_overflow.py", "test_bad_input.py", "test_accel.py", "test_loan.py"]
+    suites = ["test_channel.py", "test_feed.py", "test_overflow.py", "test_bad_input.py", "test_accel.py",
+              "test_loan.py"]
     run = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
          "-k", "not pure_python_path and not 300_mib", *suites],
@@ -417,7 +418,8 @@ def _same(left: object, right: object) -> bool:
         return False
     if isinstance(left, float):
         assert isinstance(right, float)
-        return (math.isnan(left) and math.isnan(right)) or (left == right and math.copysign(1, left) == math.copysign(1, right))
+        return (math.isnan(left) and math.isnan(right)) or (
+            left == right and math.copysign(1, left) == math.copysign(1, right))
     if isinstance(left, list):
         assert isinstance(right, list)
         return len(left) == len(right) and all(map(_same, left, right))

@@ -17,7 +17,8 @@ from shmfeed import _gc, _names, _native, _spill
 from shmfeed.testing import wait_until
 
 pytestmark = pytest.mark.timeout(90)
-needs_accel = pytest.mark.skipif(_native.accel is None, reason="counting what was made from the buffer needs the C accelerator")
+needs_accel = pytest.mark.skipif(_native.accel is None,
+                                 reason="counting what was made from the buffer needs the C accelerator")
 MIB = 1 << 20
 SIZES = [1, 200, 70_000, MIB, 3 * MIB + 17]  # inline in both channels, inline in one, spilled
 
@@ -218,6 +219,17 @@ def test_a_loan_of_a_feed_of_another_type_or_a_closed_feed_is_refused(namespace:
         unfixed.loan(10)
     pool = _spill._pools.get(namespace, [])
     assert len(pool) == 1 and not pool[0].busy  # the failed send's file is back, for the next value
+
+
+def test_a_loan_cannot_be_pickled(namespace: str) -> None:
+    import pickle
+
+    feed: shmfeed.Feed[bytes] = shmfeed.Feed()
+    try:
+        with feed.loan(10) as loan, pytest.raises(TypeError, match="belongs to the process that took it"):
+            pickle.dumps(loan)
+    finally:
+        feed.close()
 
 
 def test_a_loan_does_not_cross_fork(namespace: str) -> None:
