@@ -7,6 +7,7 @@ import gc
 import multiprocessing
 import os
 import signal
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -21,6 +22,22 @@ needs_accel = pytest.mark.skipif(_native.accel is None,
                                  reason="counting what was made from the buffer needs the C accelerator")
 MIB = 1 << 20
 SIZES = [1, 200, 70_000, MIB, 3 * MIB + 17]  # inline in both channels, inline in one, spilled
+
+
+Subscribed = tuple[shmfeed.Feed[bytes], shmfeed.Channel[bytes]]
+
+
+@pytest.fixture
+def subscribed(request: pytest.FixtureRequest, namespace: str) -> Iterator[Subscribed]:
+    """A feed and one channel subscribed to it (capacity 4, or the test's parameter), closed
+    after the test."""
+    feed: shmfeed.Feed[bytes] = shmfeed.Feed()
+    channel = shmfeed.Channel[bytes](getattr(request, "param", 4))
+    subscription = feed.subscribe(channel)
+    yield feed, channel
+    subscription.unsubscribe()
+    channel.close()
+    feed.close()
 
 
 def _pool_files(namespace: str, pid: int | None = None) -> list[str]:
@@ -54,141 +71,105 @@ def test_loaned_values_reach_channels_in_other_processes_as_bytes(
     assert all(reader.exitcode == 0 for reader in readers)
 
 
-def test_pool_workers_loan_send_and_return(mp_context: multiprocessing.context.BaseContext) -> None:
-    feed: shmfeed.Feed[bytes] = shmfeed.Feed()
-    channel = shmfeed.Channel[bytes](8)
-    sub = feed.subscribe(channel)
+@pytest.mark.parametrize("subscribed", [8], indirect=True)  # capacity
+def test_pool_workers_loan_send_and_return(
+    mp_context: multiprocessing.context.BaseContext, subscribed: Subscribed
+) -> None:
+    feed, channel = subscribed
     jobs = [([MIB, 100, 2 * MIB], 10 * worker) for worker in range(4)]
-    try:
-        with mp_context.Pool(2) as pool:
-            pending = pool.starmap_async(LW.loan_and_send, [(feed, sizes, seed) for sizes, seed in jobs])
-            got = [channel.recv(timeout=30) for _ in range(12)]
-            assert pending.get(timeout=60) == [[1, 1, 1]] * 4
-        wanted = sorted(LW.digest(LW.pattern(size, seed + index)) for sizes, seed in jobs
-                        for index, size in enumerate(sizes))
-        assert sorted(LW.digest(value) for value in got) == wanted
-        assert all(type(value) is bytes for value in got)
-    finally:
-        sub.unsubscribe()
-        channel.close()
-        feed.close()
+    with mp_context.Pool(2) as pool:
+        pending = pool.starmap_async(LW.loan_and_send, [(feed, sizes, seed) for sizes, seed in jobs])
+        got = [channel.recv(timeout=30) for _ in range(12)]
+        assert pending.get(timeout=60) == [[1, 1, 1]] * 4
+    wanted = sorted(LW.digest(LW.pattern(size, seed + index)) for sizes, seed in jobs
+                    for index, size in enumerate(sizes))
+    assert sorted(LW.digest(value) for value in got) == wanted
+    assert all(type(value) is bytes for value in got)
 
 
 @needs_accel
-def test_a_loaned_value_received_as_a_view_is_the_buffer_written(namespace: str) -> None:
-    feed: shmfeed.Feed[bytes] = shmfeed.Feed()
-    channel = shmfeed.Channel[bytes](4)
-    sub = feed.subscribe(channel)
-    try:
-        with feed.loan(2 * MIB) as loan:
-            array = np.frombuffer(loan.buffer, dtype=np.uint32)
-            array[:] = np.arange(array.size, dtype=np.uint32)
-            del array
-            assert loan.send() == 1
-        view = channel.recv_view(timeout=5)
-        assert isinstance(view, memoryview) and view.readonly
-        assert np.array_equal(np.frombuffer(view, dtype=np.uint32), np.arange(MIB // 2, dtype=np.uint32))
-        view.release()
-    finally:
-        sub.unsubscribe()
-        channel.close()
-        feed.close()
-
-
-@needs_accel
-def test_a_live_slice_or_array_of_the_buffer_holds_the_send_back(namespace: str) -> None:
-    feed: shmfeed.Feed[bytes] = shmfeed.Feed()
-    channel = shmfeed.Channel[bytes](4)
-    sub = feed.subscribe(channel)
-    try:
-        loan = feed.loan(MIB)
-        loan.buffer[:] = b"a" * MIB
-        tail = loan.buffer[-10:]
-        with pytest.raises(BufferError, match="still alive"):
-            loan.send()
-        assert len(channel) == 0  # nothing went
-        array = np.frombuffer(loan.buffer, dtype=np.uint8)
-        del tail
-        with pytest.raises(BufferError, match="still alive"):
-            loan.send()
-        array[-1] = ord("z")
+def test_a_loaned_value_received_as_a_view_is_the_buffer_written(subscribed: Subscribed) -> None:
+    feed, channel = subscribed
+    with feed.loan(2 * MIB) as loan:
+        array = np.frombuffer(loan.buffer, dtype=np.uint32)
+        array[:] = np.arange(array.size, dtype=np.uint32)
         del array
-        gc.collect()
         assert loan.send() == 1
-        assert channel.recv(timeout=5) == b"a" * (MIB - 1) + b"z"
-    finally:
-        sub.unsubscribe()
-        channel.close()
-        feed.close()
+    view = channel.recv_view(timeout=5)
+    assert isinstance(view, memoryview) and view.readonly
+    assert np.array_equal(np.frombuffer(view, dtype=np.uint32), np.arange(MIB // 2, dtype=np.uint32))
+    view.release()
 
 
-def test_a_loan_is_sent_once_and_its_buffer_dies_with_the_send(namespace: str) -> None:
-    feed: shmfeed.Feed[bytes] = shmfeed.Feed()
-    channel = shmfeed.Channel[bytes](4)
-    sub = feed.subscribe(channel)
-    try:
-        loan = feed.loan(MIB)
-        kept = loan.buffer
-        kept[:3] = b"abc"
-        assert loan.send() == 1
-        with pytest.raises(ValueError, match="released"):
-            kept[0] = 1  # the buffer a user kept cannot write into the value in flight
-        with pytest.raises(ValueError, match="sent or discarded"):
-            loan.buffer
-        with pytest.raises(ValueError, match="sent or discarded"):
-            loan.send()
-        assert channel.recv(timeout=5)[:3] == b"abc"
-        assert "ended" in repr(loan) and loan.size == MIB
-    finally:
-        sub.unsubscribe()
-        channel.close()
-        feed.close()
+@needs_accel
+def test_a_live_slice_or_array_of_the_buffer_holds_the_send_back(subscribed: Subscribed) -> None:
+    feed, channel = subscribed
+    loan = feed.loan(MIB)
+    loan.buffer[:] = b"a" * MIB
+    tail = loan.buffer[-10:]
+    with pytest.raises(BufferError, match="still alive"):
+        loan.send()
+    assert len(channel) == 0  # nothing went
+    array = np.frombuffer(loan.buffer, dtype=np.uint8)
+    del tail
+    with pytest.raises(BufferError, match="still alive"):
+        loan.send()
+    array[-1] = ord("z")
+    del array
+    gc.collect()
+    assert loan.send() == 1
+    assert channel.recv(timeout=5) == b"a" * (MIB - 1) + b"z"
 
 
-def test_a_loan_left_unsent_delivers_nothing_and_its_file_goes_back_to_the_pool(namespace: str) -> None:
-    feed: shmfeed.Feed[bytes] = shmfeed.Feed()
-    channel = shmfeed.Channel[bytes](4)
-    sub = feed.subscribe(channel)
-    try:
+def test_a_loan_is_sent_once_and_its_buffer_dies_with_the_send(subscribed: Subscribed) -> None:
+    feed, channel = subscribed
+    loan = feed.loan(MIB)
+    kept = loan.buffer
+    kept[:3] = b"abc"
+    assert loan.send() == 1
+    with pytest.raises(ValueError, match="released"):
+        kept[0] = 1  # the buffer a user kept cannot write into the value in flight
+    with pytest.raises(ValueError, match="sent or discarded"):
+        loan.buffer
+    with pytest.raises(ValueError, match="sent or discarded"):
+        loan.send()
+    assert channel.recv(timeout=5)[:3] == b"abc"
+    assert "ended" in repr(loan) and loan.size == MIB
+
+
+def test_a_loan_left_unsent_delivers_nothing_and_its_file_goes_back_to_the_pool(
+    subscribed: Subscribed, namespace: str
+) -> None:
+    feed, channel = subscribed
+    with feed.loan(MIB) as loan:
+        loan.buffer[:5] = b"never"
+    with pytest.raises(ValueError):
+        loan.send()
+    with pytest.raises(RuntimeError):
         with feed.loan(MIB) as loan:
-            loan.buffer[:5] = b"never"
-        with pytest.raises(ValueError):
+            raise RuntimeError("the producer failed half-way")
+    dropped = feed.loan(MIB)
+    del dropped
+    gc.collect()
+    for _ in range(3 * _spill.POOL_FILES):  # files come round: none is lost to a loan
+        with feed.loan(MIB) as loan:
             loan.send()
-        with pytest.raises(RuntimeError):
-            with feed.loan(MIB) as loan:
-                raise RuntimeError("the producer failed half-way")
-        dropped = feed.loan(MIB)
-        del dropped
-        gc.collect()
-        for _ in range(3 * _spill.POOL_FILES):  # files come round: none is lost to a loan
-            with feed.loan(MIB) as loan:
-                loan.send()
-            channel.recv(timeout=5)
-        assert len(channel) == 0
-        assert len(_pool_files(namespace, os.getpid())) <= _spill.POOL_FILES
-    finally:
-        sub.unsubscribe()
-        channel.close()
-        feed.close()
+        channel.recv(timeout=5)
+    assert len(channel) == 0
+    assert len(_pool_files(namespace, os.getpid())) <= _spill.POOL_FILES
 
 
-def test_a_loan_on_a_full_channel_times_out_like_a_send(namespace: str) -> None:
-    feed: shmfeed.Feed[bytes] = shmfeed.Feed()
-    channel = shmfeed.Channel[bytes](1)
-    sub = feed.subscribe(channel)
-    try:
-        feed.send(b"first")
-        loan = feed.loan(MIB)
-        with pytest.raises(shmfeed.FeedSendTimeout):
-            loan.send(timeout=0.2)
-        with pytest.raises(ValueError, match="sent or discarded"):
-            loan.buffer  # the loan ended with its send
-        assert channel.recv(timeout=5) == b"first"
-        assert len(channel) == 0
-    finally:
-        sub.unsubscribe()
-        channel.close()
-        feed.close()
+@pytest.mark.parametrize("subscribed", [1], indirect=True)  # capacity
+def test_a_loan_on_a_full_channel_times_out_like_a_send(subscribed: Subscribed) -> None:
+    feed, channel = subscribed
+    feed.send(b"first")
+    loan = feed.loan(MIB)
+    with pytest.raises(shmfeed.FeedSendTimeout):
+        loan.send(timeout=0.2)
+    with pytest.raises(ValueError, match="sent or discarded"):
+        loan.buffer  # the loan ended with its send
+    assert channel.recv(timeout=5) == b"first"
+    assert len(channel) == 0
 
 
 @pytest.mark.parametrize("size, error", [
@@ -232,45 +213,33 @@ def test_a_loan_cannot_be_pickled(namespace: str) -> None:
         feed.close()
 
 
-def test_a_loan_does_not_cross_fork(namespace: str) -> None:
-    feed: shmfeed.Feed[bytes] = shmfeed.Feed()
-    channel = shmfeed.Channel[bytes](4)
-    sub = feed.subscribe(channel)
-    try:
-        loan = feed.loan(MIB)
-        loan.buffer[:4] = b"mine"
-        context = multiprocessing.get_context("fork")
-        results = context.Queue()
-        child = context.Process(target=LW.use_a_parents_loan, args=(loan, results))
-        child.start()
-        assert "belongs to the process that took it" in results.get(timeout=30)
-        child.join(30)
-        assert child.exitcode == 0
-        assert loan.send() == 1
-        assert channel.recv(timeout=5)[:4] == b"mine"
-    finally:
-        sub.unsubscribe()
-        channel.close()
-        feed.close()
+def test_a_loan_does_not_cross_fork(subscribed: Subscribed) -> None:
+    feed, channel = subscribed
+    loan = feed.loan(MIB)
+    loan.buffer[:4] = b"mine"
+    context = multiprocessing.get_context("fork")
+    results = context.Queue()
+    child = context.Process(target=LW.use_a_parents_loan, args=(loan, results))
+    child.start()
+    assert "belongs to the process that took it" in results.get(timeout=30)
+    child.join(30)
+    assert child.exitcode == 0
+    assert loan.send() == 1
+    assert channel.recv(timeout=5)[:4] == b"mine"
 
 
-def test_a_sigkilled_borrower_leaves_nothing(mp_context: multiprocessing.context.BaseContext, namespace: str) -> None:
-    feed: shmfeed.Feed[bytes] = shmfeed.Feed()
-    channel = shmfeed.Channel[bytes](4)
-    sub = feed.subscribe(channel)
+def test_a_sigkilled_borrower_leaves_nothing(
+    mp_context: multiprocessing.context.BaseContext, subscribed: Subscribed, namespace: str
+) -> None:
+    feed, channel = subscribed
     ready = mp_context.Queue()
     borrower = mp_context.Process(target=LW.loan_then_wait, args=(feed, 2 * MIB, ready))
     borrower.start()
-    try:
-        pid = ready.get(timeout=30)
-        assert len(_pool_files(namespace, pid)) == 1
-        os.kill(pid, signal.SIGKILL)
-        borrower.join(30)
-        # The registry sweeps a dead process's pool files; the feed goes on.
-        wait_until(lambda: not _pool_files(namespace, pid), timeout=20)
-        assert feed.send(b"after") == 1
-        assert channel.recv(timeout=5) == b"after"
-    finally:
-        sub.unsubscribe()
-        channel.close()
-        feed.close()
+    pid = ready.get(timeout=30)
+    assert len(_pool_files(namespace, pid)) == 1
+    os.kill(pid, signal.SIGKILL)
+    borrower.join(30)
+    # The registry sweeps a dead process's pool files; the feed goes on.
+    wait_until(lambda: not _pool_files(namespace, pid), timeout=20)
+    assert feed.send(b"after") == 1
+    assert channel.recv(timeout=5) == b"after"
