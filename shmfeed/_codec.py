@@ -240,7 +240,7 @@ def _worth_parts(item: Any, depth: int) -> bool:
     return any(_is_big_bytes(member) or _worth_parts(member, depth + 1) for member in _members(item))
 
 
-def _emit(item: Any, depth: int, packer: msgpack.Packer, parts: list[bytes]) -> None:
+def _emit(item: Any, depth: int, packer: msgpack.Packer, parts: list[bytes | memoryview]) -> None:
     # Append the encoding of item to parts: big bytes objects as themselves, containers
     # worth it part by part, the rest packed.
     if _is_big_bytes(item):
@@ -249,7 +249,7 @@ def _emit(item: Any, depth: int, packer: msgpack.Packer, parts: list[bytes]) -> 
         parts.append(packer.pack(item))
 
 
-def _emit_container(item: Any, depth: int, packer: msgpack.Packer, parts: list[bytes]) -> bool:
+def _emit_container(item: Any, depth: int, packer: msgpack.Packer, parts: list[bytes | memoryview]) -> bool:
     # Append a dict, list or tuple worth encoding in parts; False (nothing appended) for a
     # tuple that must be packed whole.
     kind = type(item)
@@ -259,7 +259,7 @@ def _emit_container(item: Any, depth: int, packer: msgpack.Packer, parts: list[b
         # bytearray in there would need the fix-up that encode gives; pack it whole then.
         if _walk_buffers(items, _WALK_BUDGET) is not False:
             return False
-        inner: list[bytes] = []
+        inner: list[bytes | memoryview] = []
         _emit_container(items, depth, packer, inner)
         parts.append(_EXT32_HEADER.pack(0xC9, sum(map(len, inner)), _TUPLE))
         parts += inner
@@ -282,8 +282,8 @@ def _segments(value: Any, packer: msgpack.Packer) -> Segments | None:
         return Segments([bin32_header(len(value)), value])
     if not _worth_parts(value, 0):
         return None
-    parts: list[bytes] = []
-    return Segments(list(parts)) if _emit_container(value, 0, packer, parts) else None
+    parts: list[bytes | memoryview] = []
+    return Segments(parts) if _emit_container(value, 0, packer, parts) else None
 
 
 def bin32_header(size: int) -> bytes:

@@ -82,14 +82,19 @@ class _PoolFile:
         self.mapping: mmap.mmap | None = None
         self.mark: int | None = None  # how the last copy wrote it (see _largecopy)
 
-    def close(self) -> None:
-        """Let go of the mapping and descriptor (idempotent: the number may be reused)."""
+    def unmap(self) -> None:
+        """Let go of the mapping (its pages stay mapped while a buffer made from it lives:
+        a loan's buffer kept past its send without the C accelerator, or in a forked child)."""
         if self.mapping is not None:
             try:
                 self.mapping.close()
             except BufferError:
-                pass  # a loan's buffer still exported (a forked child's copy): unmapped with it
+                pass  # unmapped when the last such buffer goes
             self.mapping = None
+
+    def close(self) -> None:
+        """Let go of the mapping and descriptor (idempotent: the number may be reused)."""
+        self.unmap()
         if self.descriptor >= 0:
             descriptor, self.descriptor = self.descriptor, -1
             os.close(descriptor)
@@ -150,9 +155,7 @@ def _size_and_map(file: _PoolFile, size: int) -> None:
         # shrank under a mapping would kill it with SIGBUS. The record gives the length.
         # Grown with its memory reserved: a copy into pages a full /dev/shm cannot back
         # would be a SIGBUS too (and receivers check that the value's blocks are there).
-        if file.mapping is not None:
-            file.mapping.close()
-            file.mapping = None
+        file.unmap()
         _shm.reserve(file.descriptor, size, f"a large value of {size} bytes")
         file.size = size
     if file.mapping is None and file.size:
