@@ -271,13 +271,25 @@ class Feed(TypeArgument, Generic[T]):
 
     def _send_lent(self, payload: _ring.Encoded, timeout: float | None) -> int:
         """Send a loan's value (``Loan.send``): a ``bytes`` value already in a pool file."""
+        core, deadline = self._lent_core(timeout)
+        return core.send(payload, deadline, timeout)
+
+    async def _send_lent_async(self, payload: _ring.Encoded, timeout: float | None) -> int:
+        """``_send_lent`` from asyncio (``Loan.send_async``), as :meth:`send_async` sends."""
+        from . import _feed_async
+
+        core, deadline = self._lent_core(timeout)
+        return await _feed_async.send(core, payload, deadline, timeout)
+
+    def _lent_core(self, timeout: float | None) -> tuple["FeedCore", float | None]:
+        """The feed's core for a loan's send, its type checked as ``bytes``, and the deadline."""
         deadline = None
         if timeout is not None:
             _check_timeout(timeout)
             deadline = time.monotonic() + timeout
         core = self._live()
         self._fix_type(core, _codec.type_name(bytes), deadline, timeout)
-        return core.send(payload, deadline, timeout)
+        return core, deadline
 
     def send_many(self, values: Iterable[T], timeout: float | None = None) -> list[int]:
         """:meth:`send` of every value of ``values``, in order, paid as one call (a batch

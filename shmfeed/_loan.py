@@ -91,18 +91,39 @@ class Loan:
                 process (a loan does not cross ``fork``).
             FeedTypeError, FeedClosed, FeedSendTimeout: as :meth:`Feed.send`.
         """
-        self._check_usable()
-        self._let_go_of_buffer()
-        file = self._file
-        assert file is not None
-        payload = _spill.Lent(file, self._encoded_size)
+        payload = self._lent_value()
         try:
             return self._feed._send_lent(payload, timeout)
         finally:
-            view = payload.parts[0]
-            assert isinstance(view, memoryview)
-            view.release()
-            self._end()
+            self._sent(payload)
+
+    async def send_async(self, timeout: float | None = None) -> int:
+        """:meth:`send` for asyncio code: waits for room as :meth:`Feed.send_async` does,
+        without blocking the event loop, with its rules for cancellation (cancelled before
+        any channel took the value, nobody gets it). The loan ends here in any case.
+
+        Raises:
+            as :meth:`send`, and ``asyncio.CancelledError``.
+        """
+        payload = self._lent_value()
+        try:
+            return await self._feed._send_lent_async(payload, timeout)
+        finally:
+            self._sent(payload)
+
+    def _lent_value(self) -> _spill.Lent:
+        """The loan's value, for its one send (the buffer let go of first)."""
+        self._check_usable()
+        self._let_go_of_buffer()
+        assert self._file is not None
+        return _spill.Lent(self._file, self._encoded_size)
+
+    def _sent(self, payload: _spill.Lent) -> None:
+        """After the send, whatever it raised: the file goes back to the pool."""
+        view = payload.parts[0]
+        assert isinstance(view, memoryview)
+        view.release()
+        self._end()
 
     def discard(self) -> None:
         """Give the buffer back unsent (nothing happens if the loan was sent already)."""

@@ -56,3 +56,18 @@ def use_a_parents_loan(loan: shmfeed.Loan, results: Any) -> None:
         results.put(str(error))
     else:
         results.put("sent")
+
+
+def loan_and_send_async(feed: shmfeed.Feed[bytes], sizes: list[int], seed: int) -> list[int]:
+    """``loan_and_send`` from an asyncio producer: each loan sent with ``send_async``."""
+    import asyncio
+
+    async def produce() -> list[int]:
+        delivered = []
+        for index, size in enumerate(sizes):
+            with feed.loan(size) as loan:
+                loan.buffer[:] = pattern(size, seed + index)
+                delivered.append(await loan.send_async(timeout=30))
+        return delivered
+
+    return asyncio.run(produce())

@@ -243,3 +243,48 @@ def test_a_sigkilled_borrower_leaves_nothing(
     wait_until(lambda: not _pool_files(namespace, pid), timeout=20)
     assert feed.send(b"after") == 1
     assert channel.recv(timeout=5) == b"after"
+
+
+def test_an_asyncio_producer_sends_loans_to_a_slow_reader_in_another_process(
+    mp_context: multiprocessing.context.BaseContext, subscribed: Subscribed
+) -> None:
+    """``send_async`` waits for room without blocking the loop; values arrive whole and in order."""
+    feed, channel = subscribed  # capacity 4: the producer waits for room
+    sizes = [MIB, 10, 2 * MIB, 70_000] * 3
+    results = mp_context.Queue()
+    reader = mp_context.Process(target=LW.receive_digests, args=(channel, len(sizes), results))
+    reader.start()
+    try:
+        assert LW.loan_and_send_async(feed, sizes, seed=3) == [1] * len(sizes)
+        expected = [("bytes", size, LW.digest(LW.pattern(size, 3 + index))) for index, size in enumerate(sizes)]
+        assert results.get(timeout=60) == expected
+    finally:
+        reader.join(30)
+    assert reader.exitcode == 0
+
+
+@pytest.mark.parametrize("subscribed", [1], indirect=True)  # capacity
+def test_a_cancelled_send_async_of_a_loan_delivers_nothing_and_ends_the_loan(
+    subscribed: Subscribed, namespace: str
+) -> None:
+    import asyncio
+
+    feed, channel = subscribed
+    feed.send(b"fills it")
+
+    async def cancelled() -> shmfeed.Loan:
+        loan = feed.loan(MIB)
+        task = asyncio.ensure_future(loan.send_async())
+        await asyncio.sleep(0.2)  # the send waits for room (the test's pacing, not the library's)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return loan
+
+    loan = asyncio.run(cancelled())
+    with pytest.raises(ValueError, match="sent or discarded"):
+        loan.buffer
+    assert not any(file.busy for file in _spill._pools.get(namespace, []))  # its file is back
+    assert channel.recv(timeout=5) == b"fills it" and len(channel) == 0  # nobody got the loan's value
+    assert feed.send(b"next", timeout=2) == 1  # the send lock is free
+    assert channel.recv(timeout=5) == b"next"
