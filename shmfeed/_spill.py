@@ -133,7 +133,7 @@ def _take(namespace: str, size: int) -> _PoolFile:
         return entry
 
 
-def _give_back(namespace: str, entry: _PoolFile, keep: bool = True) -> None:
+def give_back(namespace: str, entry: _PoolFile, keep: bool = True) -> None:
     """A send is done with a pool file; without ``keep`` (its write failed) the file goes."""
     with _pool_lock:
         entry.busy = False
@@ -187,13 +187,11 @@ def lend(namespace: str, size: int) -> _PoolFile:
     try:
         _size_and_map(file, size)
     except BaseException:
-        _give_back(namespace, file, keep=False)
+        give_back(namespace, file, keep=False)
         raise
     file.mark = None  # written by the borrower: no timing of ours to keep
     return file
 
-
-give_back = _give_back
 
 
 class Spill:
@@ -223,7 +221,7 @@ class Spill:
             try:
                 self._write(file)
             except BaseException:
-                _give_back(self.namespace, file, keep=False)
+                give_back(self.namespace, file, keep=False)
                 raise
             self.file = file
         return self.file
@@ -242,7 +240,7 @@ class Spill:
 
     def close(self) -> None:
         if self.file is not None and self.file is not self.lent:
-            _give_back(self.namespace, self.file)
+            give_back(self.namespace, self.file)
         self.file = None
 
 

@@ -7,6 +7,7 @@ import gc
 import multiprocessing
 import os
 import signal
+import time
 from collections.abc import Iterator
 
 import numpy as np
@@ -15,6 +16,7 @@ import pytest
 import _loan_workers as LW
 import shmfeed
 from shmfeed import _gc, _names, _native, _spill
+from shmfeed import _layout as L
 from shmfeed.testing import wait_until
 
 pytestmark = pytest.mark.timeout(90)
@@ -271,11 +273,15 @@ def test_a_cancelled_send_async_of_a_loan_delivers_nothing_and_ends_the_loan(
 
     feed, channel = subscribed
     feed.send(b"fills it")
+    core = channel._live_core()
 
     async def cancelled() -> shmfeed.Loan:
         loan = feed.loan(MIB)
         task = asyncio.ensure_future(loan.send_async())
-        await asyncio.sleep(0.2)  # the send waits for room (the test's pacing, not the library's)
+        deadline = time.monotonic() + 10
+        while not core.words[L.SEND_WAITING]:  # until the send waits for room in the full channel
+            assert time.monotonic() < deadline, "the send never waited for room"
+            await asyncio.sleep(0.005)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
