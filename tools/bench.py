@@ -28,6 +28,9 @@ Run idle (as is) and again with low-priority (nice 19) busy loops, one pinned to
 under that load the two ends are pinned to different cores, for every transport alike:
 unpinned, the scheduler puts them on one core (a hand-over without a cross-core wake-up,
 ~5 µs) or on two (~15 µs) at random from run to run, which swamped the differences.
+Like the cells, each ping-pong runs ``--repeat`` times, the transports taking turns, and
+each percentile shown is the median of the runs': a p99.9 of 5,000 round trips is the 5th
+worst of them, so one run's can swing tenfold on a scheduler hiccup.
 
 The parts: ``bench_transports`` (workloads, shmfeed, the peers and the floors),
 ``bench_runner`` (the processes and one cell's run), ``bench_report`` (summary, tables,
@@ -51,8 +54,8 @@ import time
 from typing import Any
 
 from bench_report import _kind, draw_png, print_tables, summarize
-from bench_runner import (MEMCPY_BUFFERS, _spin, _start, _stop_all_children, median_cell, run_cell, run_memcpy_reference,
-                          run_monitor_cost, run_pingpong)
+from bench_runner import (MEMCPY_BUFFERS, _spin, _start, _stop_all_children, median_cell, median_latency, run_cell,
+                          run_memcpy_reference, run_monitor_cost, run_pingpong)
 from bench_transports import BASELINE, CTX, TRANSPORTS, RawWorkload, Transport, Workload, workloads
 
 
@@ -161,10 +164,14 @@ def main(argv: list[str] | None = None) -> int:
             if load != "idle":
                 spinners = [_start(_spin, index) for index in range(2)]
                 time.sleep(0.2)
-            for tcls in transports:
-                if not getattr(tcls, "latency", True):
-                    continue
-                r = run_pingpong(tcls, n_pp, load)
+            pingers = [tcls for tcls in transports if getattr(tcls, "latency", True)]
+            pp_runs: dict[str, list[dict]] = {tcls.name: [] for tcls in pingers}
+            for round_ in range(args.repeat):  # interleaved like the cells, same rotation
+                shift = round_ % len(pingers)
+                for tcls in pingers[shift:] + pingers[:shift]:
+                    pp_runs[tcls.name].append(run_pingpong(tcls, n_pp, load))
+            for tcls in pingers:
+                r = median_latency(pp_runs[tcls.name])
                 doc["latency"].append(r)
                 ok &= "error" not in r
             for p in spinners:

@@ -140,7 +140,7 @@ def print_tables(doc: dict) -> None:
         for variant in r.get("variants", []):
             print(f"{'':22s}" + _variant_line(variant))
         print()
-    print("Latency: ping-pong, small value, one-way = round trip / 2 (µs)")
+    print(f"Latency: ping-pong, small value, one-way = round trip / 2 (µs); each figure the median of {doc['meta'].get('repeat', 1)} interleaved runs")
     hdr = f"{'transport':11s} {'load':22s} {'p50':>8s} {'p99':>8s} {'p99.9':>8s} {'max':>9s}"
     print(hdr)
     print("-" * len(hdr))

@@ -238,6 +238,22 @@ def median_cell(runs: list[dict]) -> dict:
     return chosen
 
 
+def median_latency(runs: list[dict]) -> dict:
+    """One transport's ping-pong result from its repeated runs: each percentile the median
+    of the runs' (the lower middle one for an even count), or the first failed run. A tail
+    percentile of one run is decided by a handful of samples, so one scheduler hiccup moves
+    it tenfold; the median of interleaved runs is what the table shows, with every run's
+    p99.9 kept in ``runs_p999_us``."""
+    failed = [run for run in runs if "error" in run]
+    if failed:
+        return failed[0]
+    chosen = dict(runs[0])
+    for key in ("p50_us", "p99_us", "p999_us", "max_us"):
+        chosen[key] = sorted(run[key] for run in runs)[(len(runs) - 1) // 2]
+    chosen["runs_p999_us"] = [run["p999_us"] for run in runs]
+    return chosen
+
+
 MEMCPY_BUFFERS = (1, 16)  # buffer pairs a memcpy reference cycles through: cache-hot, and not
 
 
