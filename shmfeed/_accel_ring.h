@@ -161,6 +161,22 @@ static inline void note_receiver(Ring *self, uint64_t pid) {
     self->reader_hint = choice;
 }
 
+/* Whether the record at position ``at`` (below ``write_pos``) is a whole ordinary inline
+ * one that a C receive may take: aligned, of kind data, within what was written and within
+ * the ring. Its payload's size and the record's length go to ``size`` and ``record``.
+ * Anything else (a spill record, a wrap marker, odd bytes) is the Python poll's. */
+static inline int inline_record_at(Ring *self, uint64_t at, uint64_t write_pos, uint64_t *size, uint64_t *record) {
+    uint64_t ring = self->ring_bytes;
+    uint64_t offset = at % ring;
+    if (at >= write_pos || write_pos - at > ring || (offset & 7) || offset + 8 > ring)
+        return 0;
+    uint32_t header[2];
+    memcpy(header, self->ring + offset, 8);
+    *size = header[0];
+    *record = 8 + ((*size + 7) & ~(uint64_t)7);
+    return header[1] == KIND_DATA && *record <= write_pos - at && offset + *record <= ring;
+}
+
 /* Ring.poll(pid) -> the payload of the oldest inline record, or None (take the Python
  * path: empty, wrapped, a spill record, the lock busy, or anything odd). */
 static PyObject *Ring_poll(Ring *self, PyObject *pid_object) {
@@ -174,27 +190,18 @@ static PyObject *Ring_poll(Ring *self, PyObject *pid_object) {
     store(self, W_RECV_LOCK_OWNER, pid);
     PyObject *data = NULL;
     int failed = 0;
-    uint64_t ring = self->ring_bytes;
     uint64_t read_pos = load(self, W_READ_POS);
     uint64_t write_pos = load(self, W_WRITE_POS);
-    uint64_t available = write_pos - read_pos;
-    uint64_t offset = read_pos % ring;
     uint64_t received = load(self, W_RECEIVED);
-    if (read_pos < write_pos && available <= ring && !(offset & 7) && offset + 8 <= ring
-            && received != UINT64_MAX) {
-        uint32_t header[2];
-        memcpy(header, self->ring + offset, 8);
-        uint64_t size = header[0];
-        uint64_t record = 8 + ((size + 7) & ~(uint64_t)7);
-        if (header[1] == KIND_DATA && record <= available && offset + record <= ring) {
-            data = PyBytes_FromStringAndSize((const char *)self->ring + offset + 8, (Py_ssize_t)size);
-            if (data == NULL) {
-                failed = 1;
-            } else {
-                store(self, W_RECEIVED, received + 1);
-                store(self, W_READ_POS, read_pos + record);
-                note_receiver(self, pid);
-            }
+    uint64_t size, record;
+    if (received != UINT64_MAX && inline_record_at(self, read_pos, write_pos, &size, &record)) {
+        data = PyBytes_FromStringAndSize((const char *)self->ring + read_pos % self->ring_bytes + 8, (Py_ssize_t)size);
+        if (data == NULL) {
+            failed = 1;
+        } else {
+            store(self, W_RECEIVED, received + 1);
+            store(self, W_READ_POS, read_pos + record);
+            note_receiver(self, pid);
         }
     }
     /* Empty and open: nothing for the Python path to decide, which then skips its own poll. */
@@ -209,6 +216,41 @@ static PyObject *Ring_poll(Ring *self, PyObject *pid_object) {
         Py_RETURN_NONE;
     }
     return data;
+}
+
+/* Ring.take_one(pid, nothing) -> the oldest value, decoded and taken: ``recv`` in one call
+ * when it is an inline record of a value the C decoder takes (_accel_decode.h). Anything
+ * else answers ``nothing`` having taken nothing, and the Python receive decides: empty,
+ * the lock busy, a spill record, a value for msgpack (which is not called under the lock). */
+static PyObject *Ring_take_one(Ring *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "take_one(pid, nothing)");
+        return NULL;
+    }
+    if (check_open(self) < 0)
+        return NULL;
+    uint64_t pid = PyLong_AsUnsignedLongLong(args[0]);
+    if (pid == (uint64_t)-1 && PyErr_Occurred())
+        return NULL;
+    if (try_lock(self->recv_lock))
+        return Py_NewRef(args[1]);
+    store(self, W_RECV_LOCK_OWNER, pid);
+    PyObject *value = NULL;
+    uint64_t read_pos = load(self, W_READ_POS);
+    uint64_t write_pos = load(self, W_WRITE_POS);
+    uint64_t received = load(self, W_RECEIVED);
+    uint64_t size, record;
+    if (received != UINT64_MAX && inline_record_at(self, read_pos, write_pos, &size, &record)) {
+        value = decode_common((const unsigned char *)self->ring + read_pos % self->ring_bytes + 8, (Py_ssize_t)size);
+        if (value != NULL) {
+            store(self, W_RECEIVED, received + 1);
+            store(self, W_READ_POS, read_pos + record);
+            note_receiver(self, pid);
+        }
+    }
+    store(self, W_RECV_LOCK_OWNER, 0);
+    sem_post(self->recv_lock);
+    return value != NULL ? value : Py_NewRef(args[1]);
 }
 
 /* Ring.take_decoded(pid, limit, decode, decode_errors[, keywords]) -> a list of up to ``limit`` values:
@@ -276,27 +318,18 @@ static PyObject *take_decoded(Ring *self, PyObject *const *args, PyObject **call
         Py_RETURN_NONE;
     }
     store(self, W_RECV_LOCK_OWNER, pid);
-    uint64_t ring = self->ring_bytes;
     uint64_t read_pos = load(self, W_READ_POS);
     uint64_t write_pos = load(self, W_WRITE_POS);
     uint64_t received = load(self, W_RECEIVED);
-    uint64_t at = read_pos;
+    uint64_t at = read_pos, size, record;
     int failed = 0;
-    while (PyList_GET_SIZE(values) < limit && at < write_pos && write_pos - at <= ring
-           && received + (uint64_t)PyList_GET_SIZE(values) < UINT64_MAX) {
-        uint64_t offset = at % ring;
-        if ((offset & 7) || offset + 8 > ring)
-            break;
-        uint32_t header[2];
-        memcpy(header, self->ring + offset, 8);
-        uint64_t size = header[0];
-        uint64_t record = 8 + ((size + 7) & ~(uint64_t)7);
-        if (header[1] != KIND_DATA || record > write_pos - at || offset + record > ring)
-            break;
+    while (PyList_GET_SIZE(values) < limit && received + (uint64_t)PyList_GET_SIZE(values) < UINT64_MAX
+           && inline_record_at(self, at, write_pos, &size, &record)) {
+        const unsigned char *payload = (const unsigned char *)self->ring + at % self->ring_bytes + 8;
         /* The common values decoded here (_accel_decode.h), the rest by ``decode``. */
-        PyObject *value = decode_common((const unsigned char *)self->ring + offset + 8, (Py_ssize_t)size);
+        PyObject *value = decode_common(payload, (Py_ssize_t)size);
         if (value == NULL) {
-            PyObject *data = PyBytes_FromStringAndSize((const char *)self->ring + offset + 8, (Py_ssize_t)size);
+            PyObject *data = PyBytes_FromStringAndSize((const char *)payload, (Py_ssize_t)size);
             if (data != NULL) {
                 call_args[0] = data;
                 value = PyObject_Vectorcall(decode, call_args, 1, kwnames);
@@ -543,6 +576,9 @@ static PyMethodDef Ring_methods[] = {
     {"take_decoded", (PyCFunction)(void (*)(void))Ring_take_decoded, METH_FASTCALL,
      "take_decoded(pid, limit, decode, decode_errors[, keywords]) -> the decoded inline values at the front, taken; "
      "None if the receive lock is busy"},
+    {"take_one", (PyCFunction)(void (*)(void))Ring_take_one, METH_FASTCALL,
+     "take_one(pid, nothing) -> the oldest value decoded and taken, or ``nothing`` (taken nothing) for the "
+     "Python receive"},
     {"poll", (PyCFunction)Ring_poll, METH_O,
      "poll(pid) -> the oldest inline record's payload, False if the ring is empty (and open), "
      "or None for the Python path"},

@@ -13,6 +13,7 @@ from ._errors import ChannelClosed, ChannelCorruptError, ChannelEmpty, ChannelFu
 from ._stats import ChannelStatistics
 
 _DECODE_ERRORS = (ChannelCorruptError, UnknownTypeError)  # what a value that cannot be decoded raises
+_NOTHING = object()  # what ChannelCore.take_common answers when a receive is not that simple
 _BATCH_UNPACK, _BATCH_OPTIONS = _codec.BATCH_DECODE  # (see recv_many)
 
 T = TypeVar("T")
@@ -165,6 +166,7 @@ class Channel(TypeArgument, Generic[T]):
         self._elem_type = elem_type
         self._elem_type_name = _codec.type_name(elem_type) if elem_type is not None else ""
         self._label = name
+        self._held_error = None
         self._core: _ring.ChannelCore | None = _ring.ChannelCore.create(
             self._namespace, capacity, ring_bytes, overflow, self._elem_type_name, label=name
         )
@@ -185,6 +187,7 @@ class Channel(TypeArgument, Generic[T]):
         channel._elem_type = None
         channel._elem_type_name = ""
         channel._label = label
+        channel._held_error = None
         channel._core = _ring.ChannelCore.create(
             channel._namespace, capacity, ring_bytes, overflow, "", flags=flags, label=label
         )
@@ -198,6 +201,7 @@ class Channel(TypeArgument, Generic[T]):
         channel = cls.__new__(cls)
         channel._namespace = namespace
         channel._channel_id = channel_id
+        channel._held_error = None
         channel._core = _ring.ChannelCore.open(namespace, channel_id)
         if channel._core is not None:
             channel._core.hold()
@@ -395,8 +399,13 @@ class Channel(TypeArgument, Generic[T]):
         """
         if timeout is not None:
             _check_timeout(timeout)
-        self._raise_held_error()
-        return _codec.decode(self._live_core().take(timeout))  # type: ignore[return-value]
+        if self._held_error is not None:
+            self._raise_held_error()
+        core = self._live_core()
+        value = core.take_common(_NOTHING)  # the common value in one C call
+        if value is _NOTHING:
+            value = _codec.decode(core.take(timeout))
+        return value  # type: ignore[no-any-return]
 
     def recv_many(self, max_items: int = 256, timeout: float | None = None) -> list[T]:
         """Take up to ``max_items`` values: waits (up to ``timeout``) for the first as
@@ -447,7 +456,7 @@ class Channel(TypeArgument, Generic[T]):
 
     def _raise_held_error(self) -> None:
         """The decoding error ``recv_many`` kept for the next receive, if any."""
-        error = getattr(self, "_held_error", None)
+        error = self._held_error
         if error is not None:
             self._held_error = None
             raise error
@@ -551,13 +560,15 @@ class Channel(TypeArgument, Generic[T]):
 
     def __iter__(self) -> Iterator[T]:
         core = self._live_core()
-        take, decode = core.take, _codec.decode
+        take, take_common, decode = core.take, core.take_common, _codec.decode
         while True:
-            try:
-                data = take(None)
-            except ChannelClosed:
-                return
-            yield decode(data)  # type: ignore[misc]
+            value = take_common(_NOTHING)
+            if value is _NOTHING:
+                try:
+                    value = decode(take(None))
+                except ChannelClosed:
+                    return
+            yield value
 
     def __aiter__(self) -> AsyncIterator[T]:
         return self

@@ -345,6 +345,15 @@ def _fresh_view_packer(st: _ThreadState) -> msgpack.Packer:
 _encode_common: Callable[[Any], bytes | None] | None = _native.accel.encode if _native.accel is not None else None
 
 
+def _no_common(value: object) -> None:
+    """Without the C accelerator no value is common: ``encode`` decides for each."""
+    return None
+
+
+# ``encode`` of the common values only, None for the rest (Feed.send's short path).
+encode_common: Callable[[Any], bytes | None] = _encode_common or _no_common
+
+
 def encode(value: object) -> bytes:
     """Encode ``value`` to msgpack bytes; raise ``EncodingError`` (a TypeError) if it can't.
 

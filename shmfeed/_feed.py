@@ -241,6 +241,16 @@ class Feed(TypeArgument, Generic[T]):
                 ``timeout`` seconds: a full channel, or a lock of the feed or of a channel
                 held by another process.
         """
+        core = self._core
+        # The common send in few steps: a value of the type this feed's core took before
+        # (type(value) is exact: a subclass's name differs), encoded by the C encoder, the
+        # bytes _codec.encode would give; anything else takes the whole path below.
+        if timeout is None and core is not None and type(value) is core.lane_type and not core.large_values \
+                and not core.released:
+            payload = _codec.encode_common(value)
+            if payload is not None:
+                core.large_values = len(payload) > _codec.LARGE_OUTPUT
+                return core.send(payload)
         deadline = None
         if timeout is not None:
             _check_timeout(timeout)
@@ -366,6 +376,7 @@ class Feed(TypeArgument, Generic[T]):
         # Encoded first: a value that cannot travel must not fix the type.
         payload = core.encode(value)
         self._fix_type(core, _codec.type_name(type(value)), deadline, timeout)
+        core.lane_type = type(value)  # the feed's type: the next send may take send's short path
         return core, payload
 
     def _live(self) -> "FeedCore":

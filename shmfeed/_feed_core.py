@@ -105,6 +105,7 @@ class FeedCore(AttachedSegment):
         self._sigterm_mark: int | None = None  # see _register_sender
         self.users = 0  # Feed objects of this process bound to this core (see Feed.detach)
         self.large_values = False  # the last value sent from here was large (see _codec)
+        self.lane_type: type | None = None  # a type whose name is the feed's (see Feed.send)
         self._refresh_type()
 
     # --- opening and lifetime -----------------------------------------------------------

@@ -76,6 +76,8 @@ def test_a_released_ring_raises_instead_of_touching_unmapped_memory() -> None:
         fast.offer(b"\x01", os.getpid())
     with pytest.raises(ValueError, match="released"):
         fast.poll(os.getpid())
+    with pytest.raises(ValueError, match="released"):
+        fast.take_one(os.getpid(), None)
     fast.release()  # idempotent
 
 
@@ -90,6 +92,10 @@ def test_bad_arguments_to_the_c_entry_points_are_clean_errors() -> None:
         core._fast.offer(b"x")
     with pytest.raises(OverflowError):
         core._fast.poll(-1)
+    with pytest.raises(OverflowError):
+        core._fast.take_one(-1, None)
+    with pytest.raises(TypeError):
+        core._fast.take_one(1)
     with pytest.raises(TypeError):
         accel.offer_all([core._fast], b"x", 1, 0)  # a list, not a tuple
     with pytest.raises(TypeError):
@@ -296,6 +302,33 @@ def test_a_c_batch_receive_takes_only_what_decoded_and_nothing_when_interrupted(
 
     assert fast.take_decoded(os.getpid(), 10, refused, errors) == [(0,), (1,), (2,)]  # stops before it
     assert len(channel) == 2 and channel.recv_many() == [(3,), (4,)]  # it stays for the next receive
+    channel.close()
+
+
+@needs_accel
+def test_the_c_single_receive_takes_a_common_value_and_leaves_the_rest_to_python() -> None:
+    """``Ring.take_one`` (``recv``'s one C call) takes only an inline value its decoder
+    takes; anything else, and an empty ring, it answers ``nothing`` with the ring as it was."""
+    nothing = object()
+    channel = shmfeed.Channel(16)
+    core = channel._live_core()
+    fast, pid = core._fast, os.getpid()
+    assert fast.take_one(pid, nothing) is nothing  # empty
+    for value in (1, (2,), {"a": [1, "b"]}, b"x" * (2 * core.ring_bytes)):  # a tuple: an ext; the last spills
+        channel.send(value)
+    assert fast.offer(b"\xc1", pid) == 0  # 0xc1: no msgpack value starts so
+    with core.recv_lock:  # another receiver at it: the Python receive waits for the lock
+        assert fast.take_one(pid, nothing) is nothing and len(channel) == 5
+    assert fast.take_one(pid, nothing) == 1 and len(channel) == 4
+    assert fast.take_one(pid, nothing) is nothing and len(channel) == 4  # the tuple: msgpack's
+    assert channel.recv() == (2,)
+    assert fast.take_one(pid, nothing) == {"a": [1, "b"]}
+    assert fast.take_one(pid, nothing) is nothing and len(channel) == 2  # a spill record: Python's
+    assert channel.recv() == b"x" * (2 * core.ring_bytes)
+    assert fast.take_one(pid, nothing) is nothing and len(channel) == 1  # bad bytes are not taken in C
+    with pytest.raises(shmfeed.ChannelCorruptError):
+        channel.recv()
+    assert fast.take_one(pid, nothing) is nothing and len(channel) == 0
     channel.close()
 
 
