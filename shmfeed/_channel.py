@@ -428,7 +428,8 @@ class Channel(TypeArgument, Generic[T]):
             _check_timeout(timeout)
         self._raise_held_error()
         core = self._live_core()
-        values: list[T] = [_codec.decode(core.take(timeout))]  # type: ignore[list-item]
+        first = core.take_common(_NOTHING)
+        values: list[T] = [_codec.decode(core.take(timeout)) if first is _NOTHING else first]  # type: ignore[list-item]
         fast = core._fast
         if fast is not None and max_items > 1:
             # The C batch: the inline values at the front, decoded and taken under one hold
@@ -519,6 +520,9 @@ class Channel(TypeArgument, Generic[T]):
         _check_timeout(timeout)
         self._raise_held_error()
         core = self._live_core()
+        value = core.take_common(_NOTHING)  # the common value in one C call, before any await
+        if value is not _NOTHING:
+            return value  # type: ignore[no-any-return]
         deadline = None if timeout is None else time.monotonic() + timeout
         data = core.poll(None, deadline)
         if data is None:
