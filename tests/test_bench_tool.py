@@ -41,6 +41,13 @@ def test_a_tiny_bench_run_is_lossless_and_leaves_nothing(namespace: str) -> None
         assert "error" not in cell and len(cell["runs_events_per_s"]) == 2
         assert cell["rx_counts"] == [cell["events"]] * cell["subs"]  # every receiver got every event
     assert {r["transport"] for r in doc["latency"]} == {"shmfeed", "plain ring"}
+    assert all(len(r["runs_p999_us"]) == 2 for r in doc["latency"])  # medians of interleaved runs
+    harness = {h["workload"]: h for h in doc["harness"]}
+    assert {c["workload"] for c in cells} - {"1MiB-raw"} <= set(harness)  # raw: the transport builds the value
+    assert all(h["tx_cpu_us_per_event"] > 0 and h["rx_cpu_us_per_event"] > 0 for h in harness.values())
+    for row in doc["summary"]:  # each cell: shmfeed's CPU per event and the harness's share of it
+        if row["workload"] in harness:
+            assert 0 < row["harness_cpu_us_per_event"] < row["cpu_us_per_event"]["shmfeed"]
     assert not [n for n in doc["notes"] if "WARNING" in n], doc["notes"]
 
 

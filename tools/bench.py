@@ -44,19 +44,28 @@ per receiver, the same work shmfeed does internally.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import multiprocessing as mp
 import os
 import platform
+import statistics
 import sys
 import time
 from typing import Any
 
 from bench_report import _kind, draw_png, print_tables, summarize
 from bench_runner import (MEMCPY_BUFFERS, _spin, _start, _stop_all_children, median_cell, median_latency, run_cell,
-                          run_memcpy_reference, run_monitor_cost, run_pingpong)
+                          run_harness_cost, run_memcpy_reference, run_monitor_cost, run_pingpong)
 from bench_transports import BASELINE, CTX, TRANSPORTS, RawWorkload, Transport, Workload, workloads
+
+
+def _iceoryx2_entries() -> list[str]:
+    try:
+        return [entry for entry in os.listdir("/dev/shm") if entry.startswith("iox2_")]
+    except OSError:
+        return []
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -83,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return bench_bridge.main(quick=args.quick, as_json=args.json, repeat=args.repeat, scale=args.events_scale)
 
+    iceoryx2_before = set(_iceoryx2_entries())  # those of this run are removed at the end
     namespace = f"bench-{os.getpid()}"
     os.environ["SHMFEED_NAMESPACE"] = namespace  # before anything of shmfeed is created
     import shmfeed  # noqa: F401
@@ -117,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         },
         "throughput": [],
         "reference": [],  # not transports: e.g. one plain memcpy of a raw workload's event
+        "harness": [],  # per workload: the harness's own CPU per event (bench_runner.run_harness_cost)
         "latency": [],
         "notes": notes,
     }
@@ -130,6 +141,14 @@ def main(argv: list[str] | None = None) -> int:
         for wl in workloads(scale):
             if args.only and wl.name not in args.only.split(","):
                 continue
+            if not isinstance(wl, RawWorkload):  # (a raw workload's sender copies into the transport's memory)
+                harness = [run_harness_cost(wl) for _ in range(args.repeat)]
+                failed = [h for h in harness if "error" in h]
+                doc["harness"].append(failed[0] if failed else {
+                    "workload": wl.name,
+                    **{key: statistics.median(h[key] for h in harness)
+                       for key in ("tx_cpu_us_per_event", "rx_cpu_us_per_event")}})
+                ok &= not failed
             for n_subs in sub_counts:
                 movers = [tcls for tcls in transports if _moves(tcls, wl)]
                 runs: dict[str, list[dict]] = {tcls.name: [] for tcls in movers}
@@ -204,6 +223,12 @@ def main(argv: list[str] | None = None) -> int:
         if ring_left:
             notes.append(f"WARNING: plain ring left {len(ring_left)} entr(ies) in /dev/shm: {ring_left[:5]}")
             ok = False
+        iceoryx2_left = sorted(set(_iceoryx2_entries()) - iceoryx2_before)
+        for entry in iceoryx2_left:  # the peer's: its node files outlive the processes that made them
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join("/dev/shm", entry))
+        if iceoryx2_left:
+            notes.append(f"iceoryx2 left {len(iceoryx2_left)} entr(ies) in /dev/shm (removed): {iceoryx2_left[:3]}")
 
     doc["summary"] = summarize(doc)
     if args.png:

@@ -45,8 +45,18 @@ def summarize(doc: dict) -> list[dict]:
         variants = [c for c in group if kinds.get(c["transport"]) == "variant"]
         if variants:
             row["variants"] = [_variant_ratios(c, best, references.get(k, [])) for c in variants]
+        harness = next((h for h in doc.get("harness", []) if h["workload"] == k[0] and "error" not in h), None)
+        ours = [c for c in [base] + variants if c is not None]
+        if harness is not None and ours:
+            row["cpu_us_per_event"] = {c["transport"]: _cpu_per_event(c, k[1]) for c in ours}
+            row["harness_cpu_us_per_event"] = _cpu_per_event(harness, k[1])
         out.append(row)
     return out
+
+
+def _cpu_per_event(figures: dict, subs: int) -> float:
+    """CPU µs one event costs in all: the sender's plus each of ``subs`` receivers'."""
+    return figures["tx_cpu_us_per_event"] + subs * figures["rx_cpu_us_per_event"]
 
 
 def _references_by_cell(doc: dict, with_errors: bool = True) -> dict[tuple[str, int], list[dict]]:
@@ -139,6 +149,10 @@ def print_tables(doc: dict) -> None:
             print(f"{'':22s}" + ";  ".join(parts))
         for variant in r.get("variants", []):
             print(f"{'':22s}" + _variant_line(variant))
+        if "cpu_us_per_event" in r:
+            spent = ", ".join(f"{name} {cpu:.2f} µs" for name, cpu in r["cpu_us_per_event"].items())
+            print(f"{'':22s}CPU per event (tx + {k[1]} x rx): {spent}; of each, the harness's own "
+                  f"(make, check, loops; no transport): {r['harness_cpu_us_per_event']:.2f} µs")
         print()
     print(f"Latency: ping-pong, small value, one-way = round trip / 2 (µs); each figure the median of {doc['meta'].get('repeat', 1)} interleaved runs")
     hdr = f"{'transport':11s} {'load':22s} {'p50':>8s} {'p99':>8s} {'p99.9':>8s} {'max':>9s}"

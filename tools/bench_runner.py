@@ -20,6 +20,76 @@ from bench_transports import CELL_TIMEOUT_S, CTX, READY_TIMEOUT_S, ShmfeedTransp
 # --------------------------------------------------------------------------------------
 
 
+def _produce(send: Callable[[Any], None], wl: Workload, builds_values: bool) -> None:
+    """The sender's loop: every event of ``wl``, made here (or by the transport), sent."""
+    make = wl.make
+    if builds_values:
+        for i in range(wl.events):
+            send(i)
+    else:
+        for i in range(wl.events):
+            send(make(i))
+
+
+def _consume(it: Any, wl: Workload, i: int) -> tuple[int, str | None, int]:
+    """A receiver's loop: every event from ``it`` checked in order; (how many came, the
+    first problem, when the last one came)."""
+    check = wl.check
+    expected = 0
+    error = None
+    t_last = 0
+    for v in it:
+        if error is None:
+            problem = check(v, expected)
+            if problem:
+                error = f"receiver {i}: {problem}"
+        expected += 1
+        if expected == wl.events:
+            t_last = time.monotonic_ns()
+    return expected, error, t_last
+
+
+def _harness_main(wl: Workload, results) -> None:
+    """The harness's own CPU per event, with no transport: the sender's loop into a send
+    that does nothing, and a receiver's loop over the events made beforehand."""
+    try:
+        wl.prepare_process()
+        cpu0 = time.process_time()
+        _produce(lambda value: None, wl, False)
+        cpu1 = time.process_time()
+        events = [wl.make(i) for i in range(wl.events)]
+        cpu2 = time.process_time()
+        count, error, _ = _consume(iter(events), wl, 0)
+        cpu3 = time.process_time()
+        if error or count != wl.events:
+            raise RuntimeError(f"harness: {error or count}")
+        results.put(("result", "harness", 0, {"tx": cpu1 - cpu0, "rx": cpu3 - cpu2}))
+    except BaseException:  # noqa: BLE001
+        results.put(("error", "harness", 0, traceback.format_exc()))
+
+
+def run_harness_cost(wl: Workload) -> dict:
+    """CPU µs per event that the harness itself spends (making each event in the sender,
+    checking it in each receiver), in a fresh process: part of every transport's tx and
+    rx figures alike, shown so that a transport's own share can be told."""
+    results = CTX.Queue()
+    out: dict[str, Any] = {"workload": wl.name}
+    procs = []
+    try:
+        procs = [_start(_harness_main, wl, results)]
+        msgs = _collect(results, 1, time.monotonic() + CELL_TIMEOUT_S)
+        if not msgs:
+            out["error"] = "HANG: the harness reference did not finish"
+        elif msgs[0][0] == "error":
+            out["error"] = msgs[0][3]
+        else:
+            out.update(tx_cpu_us_per_event=msgs[0][3]["tx"] / wl.events * 1e6,
+                       rx_cpu_us_per_event=msgs[0][3]["rx"] / wl.events * 1e6)
+        return out
+    finally:
+        _finish(procs, results, lambda: None, out)
+
+
 def _sender_main(transport: Transport, wl: Workload, results, go, done) -> None:
     try:
         wl.prepare_process()
@@ -28,16 +98,9 @@ def _sender_main(transport: Transport, wl: Workload, results, go, done) -> None:
         results.put(("ready", "tx", 0, None))
         if not go.wait(READY_TIMEOUT_S * 2):
             return
-        make = wl.make
-        n = wl.events
         cpu0 = time.process_time()
         t0 = time.monotonic_ns()
-        if transport.builds_values:
-            for i in range(n):
-                send(i)
-        else:
-            for i in range(n):
-                send(make(i))
+        _produce(send, wl, transport.builds_values)
         t_sent = time.monotonic_ns()
         finish()
         results.put(("result", "tx", 0, {"t0": t0, "t_sent": t_sent}))
@@ -53,20 +116,9 @@ def _receiver_main(transport: Transport, i: int, wl: Workload, results) -> None:
     try:
         wl.prepare_process()
         it = transport.receiver(i)
-        check = wl.check
-        expected = 0
-        error = None
-        t_last = 0
         results.put(("ready", "rx", i, None))
         cpu0 = time.process_time()
-        for v in it:
-            if error is None:
-                problem = check(v, expected)
-                if problem:
-                    error = f"receiver {i}: {problem}"
-            expected += 1
-            if expected == wl.events:
-                t_last = time.monotonic_ns()
+        expected, error, t_last = _consume(it, wl, i)
         cpu1 = time.process_time()
         if error is None and expected != wl.events:
             error = f"receiver {i}: got {expected} events, expected {wl.events}"
