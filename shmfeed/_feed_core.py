@@ -54,7 +54,7 @@ def _channel_label(channel_id: int) -> str:
 
 # The C loop over a feed's rings; without the accelerator _fast_plan is always None.
 offer_all: Any = _ring._accel.offer_all if _ring._accel is not None else None
-_ALL_DELIVERED = FeedSendAnswer.ALL_DELIVERED
+_ALL_DELIVERED = int(FeedSendAnswer.ALL_DELIVERED)  # a plain int: compared at every send
 MARKED_RUN = 64  # marked sends one hold of the send lock covers (send_marked_many)
 ACCEL_WORDS = (L.SEND_LOCK_OWNER, L.FEED_CLOSED, L.SUB_VERSION, L.SENDS, L.DELIVERED, L.LAST_SENDER_PID)
 
