@@ -60,7 +60,11 @@ class Workload:
         return len(msgpack.packb(self.make(0)))
 
     def prepare_process(self) -> None:
-        """In each sender and receiver process, before anything is timed."""
+        """In each sender and receiver process, before anything is timed: large events get
+        the malloc tuning that shmfeed gives itself (see ``tune_malloc_for_large_values``),
+        in every transport's processes alike."""
+        if self.blob_len >= LARGE_EVENT_BYTES:
+            tune_malloc_for_large_values()
 
 
 class RawWorkload(Workload):
@@ -80,13 +84,6 @@ class RawWorkload(Workload):
         super().__init__(name, events, capacity, buffer_size, blob=0)
         self.blob_len = size
         self._template = bytearray(b"\xa5" * size)  # touched: no page faults in the timed sends
-
-    def prepare_process(self) -> None:
-        # Every process gets the malloc tuning shmfeed gives itself when it moves large
-        # values (shmfeed._spill.tune_malloc): without it glibc maps and unmaps fresh pages
-        # for each 1 MiB event built, packed or received, and the peers measured mostly
-        # page faults (5-20x slower than with it, on this workload).
-        tune_malloc_for_large_values()
 
     def make(self, i: int) -> Any:
         self._template[: self.SEQ_BYTES] = i.to_bytes(self.SEQ_BYTES, "little")
@@ -111,9 +108,17 @@ class RawWorkload(Workload):
         return None
 
 
+# Events from this size on are "large": glibc's default mmap threshold is 128 KiB.
+LARGE_EVENT_BYTES = 128 << 10
+
+
 def tune_malloc_for_large_values() -> None:
-    """Raise glibc's mmap and trim thresholds (to 32 and 64 MiB, as shmfeed does): freed
-    large buffers are reused instead of unmapped. Nothing where libc is not glibc."""
+    """Raise glibc's mmap and trim thresholds (to 32 and 64 MiB, as shmfeed does when it
+    moves large values: shmfeed._spill.tune_malloc): freed large buffers are reused instead
+    of unmapped. Without it glibc maps and unmaps fresh pages for each 1 MiB event built,
+    packed or received, and the peers measured mostly page faults (5-20x slower than with
+    it, on the raw workload; whether a run had it depended on what the bench's parent had
+    freed before forking). Nothing where libc is not glibc."""
     import ctypes
     import platform
 
