@@ -327,3 +327,34 @@ def test_select_refuses_non_channels():
         shmfeed.select()
     with pytest.raises(TypeError):
         shmfeed.select(5)
+
+
+def test_sends_after_the_first_keep_every_rule_of_the_first():
+    """After a first send fixes the feed's type, a value of that exact type takes a short
+    path (the C encoder and the C send); everything else must still meet the full rules."""
+
+    class Ordered(dict):  # not a dict to shmfeed: its own type, which it does not encode
+        pass
+
+    feed = shmfeed.Feed()
+    channel = shmfeed.Channel(64)
+    sub = feed.subscribe(channel)
+    big = {"blob": bytes(1 << 20)}
+    assert feed.send({"a": 1}) == 1
+    assert feed.send({"a": 2}) == 1
+    with pytest.raises(shmfeed.FeedTypeError, match="in Send got int, want dict"):
+        feed.send(5)
+    with pytest.raises(shmfeed.EncodingError):
+        feed.send(Ordered(a=1))
+    with pytest.raises(shmfeed.EncodingError, match=r'value\["x"\]'):
+        feed.send({"x": object()})
+    assert feed.send({"t": (1, 2)}) == 1  # a tuple travels as an ext type: msgpack's path
+    assert [feed.send(value) for value in (big, {"a": 3}, big, {"a": 4})] == [1, 1, 1, 1]  # large and back
+    got = [channel.recv(timeout=5) for _ in range(7)]
+    assert got == [{"a": 1}, {"a": 2}, {"t": (1, 2)}, big, {"a": 3}, big, {"a": 4}]
+    assert len(channel) == 0  # nothing of the refused values arrived
+    feed.close()
+    with pytest.raises(shmfeed.FeedClosed):
+        feed.send({"a": 5})
+    sub.unsubscribe()
+    channel.close()
