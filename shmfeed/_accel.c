@@ -4,7 +4,8 @@
  * It does exactly what ChannelCore.offer_fast and ChannelCore.poll_fast do in Python (see
  * shmfeed/_ring.py, which stays the reference and the fallback), in one call instead of a
  * dozen interpreted steps: take the side lock, check, copy one inline record, commit,
- * release. Everything unusual (a full or wrapping ring, a spill record, a closed channel,
+ * release; the receives may also decode what they took (the C msgpack subset, else the
+ * decode function they are given). Everything unusual (a full or wrapping ring, a spill record, a closed channel,
  * a corrupt position, a lock someone else holds) is left to the Python path: these
  * functions then change nothing and say "not here".
  *

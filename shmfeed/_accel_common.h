@@ -50,6 +50,8 @@ typedef struct {
     int next_victim;
     Py_ssize_t reader_hint;               /* our entry in the readers table, -1: none */
     int drop_newest;                      /* overflow="drop_newest": a feed send drops here when full */
+    int busy;             /* calls that may run Python code while they use the mapping (take_decoded) */
+    int release_pending;  /* release() came while busy: the last such call lets go of the mapping */
 } Ring;
 
 static inline uint64_t load(const Ring *self, int which) {

@@ -161,6 +161,17 @@ static inline void note_receiver(Ring *self, uint64_t pid) {
     self->reader_hint = choice;
 }
 
+/* Let go of the mapping: every call checks ``has_view`` first (check_open). */
+static void release_view(Ring *self) {
+    self->release_pending = 0;
+    if (self->has_view) {
+        self->has_view = 0;
+        self->ring = NULL;
+        self->words = NULL;
+        PyBuffer_Release(&self->view);
+    }
+}
+
 /* Whether the record at position ``at`` (below ``write_pos``) is a whole ordinary inline
  * one that a C receive may take: aligned, of kind data, within what was written and within
  * the ring. Its payload's size and the record's length go to ``size`` and ``record``.
@@ -218,13 +229,19 @@ static PyObject *Ring_poll(Ring *self, PyObject *pid_object) {
     return data;
 }
 
-/* Ring.take_one(pid, nothing) -> the oldest value, decoded and taken: ``recv`` in one call
- * when it is an inline record of a value the C decoder takes (_accel_decode.h). Anything
- * else answers ``nothing`` having taken nothing, and the Python receive decides: empty,
- * the lock busy, a spill record, a value for msgpack (which is not called under the lock). */
+/* Ring.take_one(pid, nothing, decode) -> the oldest value, taken and decoded: ``recv`` in
+ * one call when the value is an inline record of up to TAKE_ONE_MAX bytes. It is copied and
+ * taken under the receive lock, and decoded from the copy once the lock is let go (a decode
+ * may run Python code: a collection, msgpack): by the C decoder (_accel_decode.h) or else
+ * by ``decode(bytes)``, whose error is then the receive's. Anything else answers ``nothing``
+ * having taken nothing, for the Python receive: empty, the lock busy, a spill record, a
+ * larger value. */
+#define TAKE_ONE_MAX (64 * 1024)
+#define TAKE_ONE_ON_STACK 1024
+
 static PyObject *Ring_take_one(Ring *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 2) {
-        PyErr_SetString(PyExc_TypeError, "take_one(pid, nothing)");
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "take_one(pid, nothing, decode)");
         return NULL;
     }
     if (check_open(self) < 0)
@@ -235,14 +252,16 @@ static PyObject *Ring_take_one(Ring *self, PyObject *const *args, Py_ssize_t nar
     if (try_lock(self->recv_lock))
         return Py_NewRef(args[1]);
     store(self, W_RECV_LOCK_OWNER, pid);
-    PyObject *value = NULL;
+    unsigned char on_stack[TAKE_ONE_ON_STACK];
+    unsigned char *copy = NULL;
     uint64_t read_pos = load(self, W_READ_POS);
     uint64_t write_pos = load(self, W_WRITE_POS);
     uint64_t received = load(self, W_RECEIVED);
     uint64_t size, record;
-    if (received != UINT64_MAX && inline_record_at(self, read_pos, write_pos, &size, &record)) {
-        value = decode_common((const unsigned char *)self->ring + read_pos % self->ring_bytes + 8, (Py_ssize_t)size);
-        if (value != NULL) {
+    if (received != UINT64_MAX && inline_record_at(self, read_pos, write_pos, &size, &record) && size <= TAKE_ONE_MAX) {
+        copy = size <= TAKE_ONE_ON_STACK ? on_stack : PyMem_Malloc((size_t)size);  /* no Python code runs */
+        if (copy != NULL) {
+            memcpy(copy, self->ring + read_pos % self->ring_bytes + 8, (size_t)size);
             store(self, W_RECEIVED, received + 1);
             store(self, W_READ_POS, read_pos + record);
             note_receiver(self, pid);
@@ -250,7 +269,19 @@ static PyObject *Ring_take_one(Ring *self, PyObject *const *args, Py_ssize_t nar
     }
     store(self, W_RECV_LOCK_OWNER, 0);
     sem_post(self->recv_lock);
-    return value != NULL ? value : Py_NewRef(args[1]);
+    if (copy == NULL)
+        return Py_NewRef(args[1]);  /* (no memory for a copy: the Python receive tries) */
+    PyObject *value = decode_common(copy, (Py_ssize_t)size);
+    if (value == NULL) {
+        PyObject *data = PyBytes_FromStringAndSize((const char *)copy, (Py_ssize_t)size);
+        if (data != NULL) {
+            value = PyObject_CallOneArg(args[2], data);
+            Py_DECREF(data);
+        }
+    }
+    if (copy != on_stack)
+        PyMem_Free(copy);
+    return value;
 }
 
 /* Ring.take_decoded(pid, limit, decode, decode_errors[, keywords]) -> a list of up to ``limit`` values:
@@ -293,7 +324,12 @@ static PyObject *Ring_take_decoded(Ring *self, PyObject *const *args, Py_ssize_t
             i++;
         }
     }
+    /* ``decode`` (Python code) runs while this call uses the mapping: a release() meanwhile,
+     * from another thread, waits for the call to end (see Ring_release). */
+    self->busy++;
     PyObject *result = take_decoded(self, args, call_args, kwnames);
+    if (--self->busy == 0 && self->release_pending)
+        release_view(self);
     for (Py_ssize_t i = 0; i < keyword_count; i++)
         Py_DECREF(call_args[1 + i]);
     Py_XDECREF(kwnames);
@@ -447,12 +483,10 @@ static PyObject *Ring_wake(Ring *self, PyObject *const *args, Py_ssize_t nargs) 
 }
 
 static PyObject *Ring_release(Ring *self, PyObject *Py_UNUSED(ignored)) {
-    if (self->has_view) {
-        self->has_view = 0;
-        self->ring = NULL;
-        self->words = NULL;
-        PyBuffer_Release(&self->view);
-    }
+    if (self->busy)
+        self->release_pending = 1;  /* a call in this ring runs Python code: it lets go at its end */
+    else
+        release_view(self);
     Py_RETURN_NONE;
 }
 
@@ -550,7 +584,7 @@ static int Ring_init(Ring *self, PyObject *args, PyObject *kwargs) {
 }
 
 static void Ring_dealloc(Ring *self) {
-    Ring_release(self, NULL);
+    release_view(self);  /* no call is under way: each holds a reference */
     /* Closed only here: no call can be using them (a call holds a reference). glibc counts
      * opens per process, so the Python side's own handles stay valid. */
     if (self->send_lock)
@@ -577,8 +611,8 @@ static PyMethodDef Ring_methods[] = {
      "take_decoded(pid, limit, decode, decode_errors[, keywords]) -> the decoded inline values at the front, taken; "
      "None if the receive lock is busy"},
     {"take_one", (PyCFunction)(void (*)(void))Ring_take_one, METH_FASTCALL,
-     "take_one(pid, nothing) -> the oldest value decoded and taken, or ``nothing`` (taken nothing) for the "
-     "Python receive"},
+     "take_one(pid, nothing, decode) -> the oldest value taken and decoded (by the C decoder, else by decode), "
+     "or ``nothing`` (taken nothing) for the Python receive"},
     {"poll", (PyCFunction)Ring_poll, METH_O,
      "poll(pid) -> the oldest inline record's payload, False if the ring is empty (and open), "
      "or None for the Python path"},

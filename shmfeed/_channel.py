@@ -14,6 +14,7 @@ from ._stats import ChannelStatistics
 
 _DECODE_ERRORS = (ChannelCorruptError, UnknownTypeError)  # what a value that cannot be decoded raises
 _NOTHING = object()  # what ChannelCore.take_common answers when a receive is not that simple
+_DECODE = _codec.decode_with_msgpack  # take_common's decode of a value the C decoder leaves
 _BATCH_UNPACK, _BATCH_OPTIONS = _codec.BATCH_DECODE  # (see recv_many)
 
 T = TypeVar("T")
@@ -402,7 +403,7 @@ class Channel(TypeArgument, Generic[T]):
         if self._held_error is not None:
             self._raise_held_error()
         core = self._live_core()
-        value = core.take_common(_NOTHING)  # the common value in one C call
+        value = core.take_common(_NOTHING, _DECODE)  # the common value in one C call
         if value is _NOTHING:
             value = _codec.decode(core.take(timeout))
         return value  # type: ignore[no-any-return]
@@ -428,7 +429,7 @@ class Channel(TypeArgument, Generic[T]):
             _check_timeout(timeout)
         self._raise_held_error()
         core = self._live_core()
-        first = core.take_common(_NOTHING)
+        first = core.take_common(_NOTHING, _DECODE)
         values: list[T] = [_codec.decode(core.take(timeout)) if first is _NOTHING else first]  # type: ignore[list-item]
         fast = core._fast
         if fast is not None and max_items > 1:
@@ -480,6 +481,8 @@ class Channel(TypeArgument, Generic[T]):
         """
         if timeout is not None:
             _check_timeout(timeout)
+        if self._held_error is not None:
+            self._raise_held_error()
         core = self._live_core()
         with _ring.pinning():
             data = core.take(timeout)
@@ -520,7 +523,7 @@ class Channel(TypeArgument, Generic[T]):
         _check_timeout(timeout)
         self._raise_held_error()
         core = self._live_core()
-        value = core.take_common(_NOTHING)  # the common value in one C call, before any await
+        value = core.take_common(_NOTHING, _DECODE)  # the common value in one C call, before any await
         if value is not _NOTHING:
             return value  # type: ignore[no-any-return]
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -566,7 +569,9 @@ class Channel(TypeArgument, Generic[T]):
         core = self._live_core()
         take, take_common, decode = core.take, core.take_common, _codec.decode
         while True:
-            value = take_common(_NOTHING)
+            if self._held_error is not None:  # what a recv_many kept for the next receive
+                self._raise_held_error()
+            value = take_common(_NOTHING, _DECODE)
             if value is _NOTHING:
                 try:
                     value = decode(take(None))

@@ -508,8 +508,8 @@ def decode(data: bytes | memoryview) -> object:
     """Decode bytes made by ``encode``; raise ``ChannelCorruptError`` for anything invalid,
     ``UnknownTypeError`` for a value of a type this process does not know."""
     if _decode_common is not None:  # the common values in C, msgpack's results exactly
-        return _decode_common(data, _decode_with_msgpack)
-    return _decode_with_msgpack(data)
+        return _decode_common(data, decode_with_msgpack)
+    return decode_with_msgpack(data)
 
 
 # The C decoder of the common values (``_accel_decode.h``): anything else, or anything it
@@ -518,7 +518,7 @@ _decode_common: Callable[[Any, Callable[[Any], object]], object] | None = (
     _native.accel.decode if _native.accel is not None else None)
 
 
-def _decode_with_msgpack(data: bytes | memoryview) -> object:
+def decode_with_msgpack(data: bytes | memoryview) -> object:
     """``decode`` by msgpack."""
     try:
         # _DECODE_OPTIONS spelled out: a ** call costs 150 ns more per value

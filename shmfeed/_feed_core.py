@@ -19,7 +19,7 @@ from typing import Any, Iterator, NamedTuple, Sequence
 
 from . import _codec, _marks, _names, _process, _ring, _shm, _waker
 from . import _layout as L
-from ._native import OFFER_ALL_DONE, FeedSendAnswer, SendPlan, dropped_by, stopped_at
+from ._native import ALL_DELIVERED, OFFER_ALL_DONE, FeedSendAnswer, SendPlan, dropped_by, stopped_at
 from ._segment import AttachedSegment, open_named
 from ._codec import Segments
 from ._channel import display_type
@@ -54,7 +54,6 @@ def _channel_label(channel_id: int) -> str:
 
 # The C loop over a feed's rings; without the accelerator _fast_plan is always None.
 offer_all: Any = _ring._accel.offer_all if _ring._accel is not None else None
-_ALL_DELIVERED = int(FeedSendAnswer.ALL_DELIVERED)  # a plain int: compared at every send
 MARKED_RUN = 64  # marked sends one hold of the send lock covers (send_marked_many)
 ACCEL_WORDS = (L.SEND_LOCK_OWNER, L.FEED_CLOSED, L.SUB_VERSION, L.SENDS, L.DELIVERED, L.LAST_SENDER_PID)
 
@@ -464,7 +463,7 @@ class FeedCore(AttachedSegment):
                         deferred: list[int] = []  # rings that took it and whose receivers sleep
                         answer = fast.send(plan[2], payload, _ring._pid, plan[0], deferred)
                         _defer_wakes(plan, deferred, wakes)
-                    if answer <= _ALL_DELIVERED:  # all settled; full drop_newest rings dropped it
+                    if answer <= ALL_DELIVERED:  # all settled; full drop_newest rings dropped it
                         return len(plan[2]) - dropped_by(answer)
                     if answer >= 0:  # stopped at a ring, the lock held: on from there in Python
                         return self._send_locked(payload, plan, answer, deadline, timeout, skip_channel,

@@ -816,18 +816,21 @@ class ChannelCore(AttachedSegment):
             return data
         return self.poll(None, deadline)
 
-    def take_common(self, nothing: Any) -> Any:
-        """The oldest value, decoded and taken, when a receive is that simple: an inline
-        record of a value the C decoder takes (``Ring.take_one``: one C call for the
-        common ``recv``). ``nothing`` otherwise, having taken nothing: ``take`` decides."""
+    def take_common(self, nothing: Any, decode: Callable[[bytes], Any]) -> Any:
+        """The oldest value, taken and decoded, when a receive is that simple: an inline
+        record of a modest size (``Ring.take_one``: one C call for the common ``recv``),
+        decoded by the C decoder or else by ``decode``, whose error is then the receive's.
+        ``nothing`` otherwise, having taken nothing: ``take`` decides."""
         fast = self._fast
         if fast is None:
             return nothing
-        value = fast.take_one(_pid, nothing)
-        if value is not nothing:
-            self._taken_since_empty += 1
+        try:
+            value = fast.take_one(_pid, nothing, decode)
+        finally:  # also when the decode of a taken value failed: its room is free
             if self.words[L.SEND_WAITING]:
                 self._wake(L.SEND_WAITLIST_WORD, L.SEND_WAITING)
+        if value is not nothing:
+            self._taken_since_empty += 1
         return value
 
     def poll(self, waker: _waker.Waker | None = None, deadline: float | None = None) -> bytes | memoryview | None:

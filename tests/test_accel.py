@@ -77,7 +77,7 @@ def test_a_released_ring_raises_instead_of_touching_unmapped_memory() -> None:
     with pytest.raises(ValueError, match="released"):
         fast.poll(os.getpid())
     with pytest.raises(ValueError, match="released"):
-        fast.take_one(os.getpid(), None)
+        fast.take_one(os.getpid(), None, None)
     fast.release()  # idempotent
 
 
@@ -93,9 +93,9 @@ def test_bad_arguments_to_the_c_entry_points_are_clean_errors() -> None:
     with pytest.raises(OverflowError):
         core._fast.poll(-1)
     with pytest.raises(OverflowError):
-        core._fast.take_one(-1, None)
+        core._fast.take_one(-1, None, None)
     with pytest.raises(TypeError):
-        core._fast.take_one(1)
+        core._fast.take_one(1, None)
     with pytest.raises(TypeError):
         accel.offer_all([core._fast], b"x", 1, 0)  # a list, not a tuple
     with pytest.raises(TypeError):
@@ -306,29 +306,60 @@ def test_a_c_batch_receive_takes_only_what_decoded_and_nothing_when_interrupted(
 
 
 @needs_accel
-def test_the_c_single_receive_takes_a_common_value_and_leaves_the_rest_to_python() -> None:
-    """``Ring.take_one`` (``recv``'s one C call) takes only an inline value its decoder
-    takes; anything else, and an empty ring, it answers ``nothing`` with the ring as it was."""
+def test_the_c_single_receive_takes_an_inline_value_and_leaves_the_rest_to_python() -> None:
+    """``Ring.take_one`` (``recv``'s one C call) takes an inline value of modest size,
+    decoded in C or else by the function given (after the receive lock is let go), whose
+    error is the receive's; anything else, and an empty ring, answer ``nothing`` with the
+    ring as it was."""
     nothing = object()
-    channel = shmfeed.Channel(16)
+    channel = shmfeed.Channel(16, buffer_size=1 << 20)
     core = channel._live_core()
     fast, pid = core._fast, os.getpid()
-    assert fast.take_one(pid, nothing) is nothing  # empty
-    for value in (1, (2,), {"a": [1, "b"]}, b"x" * (2 * core.ring_bytes)):  # a tuple: an ext; the last spills
+    decoded: list[bytes] = []
+
+    def decode(data: bytes) -> object:
+        decoded.append(data)
+        return _codec.decode_with_msgpack(data)
+
+    assert fast.take_one(pid, nothing, decode) is nothing  # empty
+    middle = b"m" * (100 << 10)  # inline, but more than one C call copies
+    for value in (1, (2,), {"a": [1, "b"]}, middle, b"x" * (2 * core.ring_bytes)):  # a tuple: an ext; the last spills
         channel.send(value)
     assert fast.offer(b"\xc1", pid) == 0  # 0xc1: no msgpack value starts so
     with core.recv_lock:  # another receiver at it: the Python receive waits for the lock
-        assert fast.take_one(pid, nothing) is nothing and len(channel) == 5
-    assert fast.take_one(pid, nothing) == 1 and len(channel) == 4
-    assert fast.take_one(pid, nothing) is nothing and len(channel) == 4  # the tuple: msgpack's
-    assert channel.recv() == (2,)
-    assert fast.take_one(pid, nothing) == {"a": [1, "b"]}
-    assert fast.take_one(pid, nothing) is nothing and len(channel) == 2  # a spill record: Python's
+        assert fast.take_one(pid, nothing, decode) is nothing and len(channel) == 6
+    assert fast.take_one(pid, nothing, decode) == 1 and len(channel) == 5 and not decoded
+    assert fast.take_one(pid, nothing, decode) == (2,) and len(decoded) == 1  # msgpack's, by decode
+    assert fast.take_one(pid, nothing, decode) == {"a": [1, "b"]}
+    assert fast.take_one(pid, nothing, decode) is nothing and len(channel) == 3  # too large for one C call
+    assert channel.recv() == middle
+    assert fast.take_one(pid, nothing, decode) is nothing and len(channel) == 2  # a spill record: Python's
     assert channel.recv() == b"x" * (2 * core.ring_bytes)
-    assert fast.take_one(pid, nothing) is nothing and len(channel) == 1  # bad bytes are not taken in C
     with pytest.raises(shmfeed.ChannelCorruptError):
-        channel.recv()
-    assert fast.take_one(pid, nothing) is nothing and len(channel) == 0
+        fast.take_one(pid, nothing, decode)  # bad bytes: taken, and decode's error is the receive's
+    assert len(channel) == 0 and fast.take_one(pid, nothing, decode) is nothing
+    channel.close()
+
+
+@needs_accel
+def test_a_ring_released_while_its_batch_decode_runs_python_lets_go_only_after_it() -> None:
+    """``take_decoded`` calls Python code (msgpack, for an ext value) while it uses the
+    mapping; a release from that code (another thread's, at worst) waits for the call to
+    end instead of pulling the memory from under it."""
+    channel = shmfeed.Channel(16)
+    for n in range(3):
+        channel.send((n,))  # a tuple: decoded by the function given
+    core = channel._live_core()
+    fast = core._fast
+    errors = (shmfeed.ChannelCorruptError, shmfeed.UnknownTypeError)
+
+    def releasing(data: bytes) -> object:
+        core.release()  # the channel let go of in this process: its C ring too
+        return _codec.decode(data)
+
+    assert fast.take_decoded(os.getpid(), 10, releasing, errors) == [(0,), (1,), (2,)]
+    with pytest.raises(ValueError, match="released"):
+        fast.poll(os.getpid())
     channel.close()
 
 

@@ -25,7 +25,7 @@ def test_a_cell_reports_the_median_run_and_fails_on_any_failed_run() -> None:
 
 
 @pytest.mark.timeout(150)
-def test_a_tiny_bench_run_is_lossless_and_leaves_nothing(namespace: str) -> None:
+def test_a_tiny_bench_run_is_lossless_and_leaves_nothing(namespace: str, tmp_path) -> None:
     run = subprocess.run(
         [sys.executable, os.path.join(TOOLS, "bench.py"), "--json", "--events-scale", "0.01",
          "--repeat", "2", "--subs", "1,2", "--transports", "plain ring"],
@@ -49,6 +49,11 @@ def test_a_tiny_bench_run_is_lossless_and_leaves_nothing(namespace: str) -> None
         if row["workload"] in harness:
             assert 0 < row["harness_cpu_us_per_event"] < row["cpu_us_per_event"]["shmfeed"]
     assert not [n for n in doc["notes"] if "WARNING" in n], doc["notes"]
+    saved = tmp_path / "run.json"
+    saved.write_text(run.stdout)
+    report = subprocess.run([sys.executable, os.path.join(TOOLS, "bench.py"), "--report", str(saved)],
+                            capture_output=True, text=True, timeout=60)
+    assert report.returncode == 0 and "Latency: ping-pong" in report.stdout, report.stdout[-2000:] + report.stderr
 
 
 @pytest.mark.timeout(60)

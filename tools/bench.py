@@ -2,6 +2,7 @@
 """Side-by-side benchmark: shmfeed vs. other local IPC transports.
 
     python tools/bench.py [--quick] [--json] [--repeat N] [--events-scale F] [--png FILE] [--transports a,b]
+    python tools/bench.py --report RUN.json [--png FILE]   (the tables, and chart, of a saved --json run)
     python tools/bench.py --bridge [--quick] [--json] [--repeat N]   (the NATS bridge: tools/bench_bridge.py)
 
 Throughput: the same lossless fan-out job for every transport. One sender process sends N
@@ -58,12 +59,13 @@ from typing import Any
 from bench_report import _kind, draw_png, print_tables, summarize
 from bench_runner import (MEMCPY_BUFFERS, _spin, _start, _stop_all_children, median_cell, median_latency, run_cell,
                           run_harness_cost, run_memcpy_reference, run_monitor_cost, run_pingpong)
-from bench_transports import BASELINE, CTX, TRANSPORTS, RawWorkload, Transport, Workload, workloads
+from bench_transports import BASELINE, CTX, ICEORYX2_PREFIX, TRANSPORTS, RawWorkload, Transport, Workload, workloads
 
 
 def _iceoryx2_entries() -> list[str]:
+    """This run's iceoryx2 files in /dev/shm (``ICEORYX2_PREFIX``)."""
     try:
-        return [entry for entry in os.listdir("/dev/shm") if entry.startswith("iox2_")]
+        return [entry for entry in os.listdir("/dev/shm") if entry.startswith(ICEORYX2_PREFIX)]
     except OSError:
         return []
 
@@ -83,16 +85,24 @@ def main(argv: list[str] | None = None) -> int:
                     help="only measure small-event fan-out to 4 subscribers with and without a monitor refreshing every 0.5 s")
     ap.add_argument("--bridge", action="store_true",
                     help="only the NATS bridge vs raw nats-py (tools/bench_bridge.py; honours --quick, --json, --repeat)")
+    ap.add_argument("--report", metavar="JSON", default="",
+                    help="run nothing: print the tables of a saved --json run (and draw --png from it)")
     args = ap.parse_args(argv)
     if args.repeat < 1:
         ap.error("--repeat must be at least 1")
+    if args.report:
+        with open(args.report) as saved:
+            doc = json.load(saved)
+        if args.png:
+            doc["notes"].append(draw_png(doc, args.png) or f"chart written to {args.png}")
+        print_tables(doc)
+        return 0 if doc["ok"] else 1
     if args.bridge:  # its own namespaces, servers and processes: nothing below applies
         sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
         import bench_bridge
 
         return bench_bridge.main(quick=args.quick, as_json=args.json, repeat=args.repeat, scale=args.events_scale)
 
-    iceoryx2_before = set(_iceoryx2_entries())  # those of this run are removed at the end
     namespace = f"bench-{os.getpid()}"
     os.environ["SHMFEED_NAMESPACE"] = namespace  # before anything of shmfeed is created
     import shmfeed  # noqa: F401
@@ -223,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
         if ring_left:
             notes.append(f"WARNING: plain ring left {len(ring_left)} entr(ies) in /dev/shm: {ring_left[:5]}")
             ok = False
-        iceoryx2_left = sorted(set(_iceoryx2_entries()) - iceoryx2_before)
+        iceoryx2_left = sorted(_iceoryx2_entries())
         for entry in iceoryx2_left:  # the peer's: its node files outlive the processes that made them
             with contextlib.suppress(OSError):
                 os.unlink(os.path.join("/dev/shm", entry))

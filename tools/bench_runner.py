@@ -72,20 +72,28 @@ def run_harness_cost(wl: Workload) -> dict:
     """CPU µs per event that the harness itself spends (making each event in the sender,
     checking it in each receiver), in a fresh process: part of every transport's tx and
     rx figures alike, shown so that a transport's own share can be told."""
-    results = CTX.Queue()
     out: dict[str, Any] = {"workload": wl.name}
+    got = _one_process_result(_harness_main, (wl,), "the harness reference", out)
+    if got is not None:
+        out.update(tx_cpu_us_per_event=got["tx"] / wl.events * 1e6, rx_cpu_us_per_event=got["rx"] / wl.events * 1e6)
+    return out
+
+
+def _one_process_result(target: Callable[..., None], args: tuple, what: str, out: dict) -> Any:
+    """Run ``target(*args, results)`` in a fresh process and return what it reported; None,
+    with ``out["error"]`` set, if it failed or did not finish in time."""
+    results = CTX.Queue()
     procs = []
     try:
-        procs = [_start(_harness_main, wl, results)]
+        procs = [_start(target, *args, results)]
         msgs = _collect(results, 1, time.monotonic() + CELL_TIMEOUT_S)
         if not msgs:
-            out["error"] = "HANG: the harness reference did not finish"
+            out["error"] = f"HANG: {what} did not finish"
         elif msgs[0][0] == "error":
             out["error"] = msgs[0][3]
         else:
-            out.update(tx_cpu_us_per_event=msgs[0][3]["tx"] / wl.events * 1e6,
-                       rx_cpu_us_per_event=msgs[0][3]["rx"] / wl.events * 1e6)
-        return out
+            return msgs[0][3]
+        return None
     finally:
         _finish(procs, results, lambda: None, out)
 
@@ -340,26 +348,16 @@ def run_memcpy_reference(wl: Workload, buffers: int = 1, min_seconds: float = 0.
     """The reference for a raw workload: events/s of ONE plain copy of an event's bytes
     into a preallocated buffer, in one fresh process (as the benchmark's workers are),
     cycling through ``buffers`` pairs of buffers (see ``_memcpy_main``)."""
-    results = CTX.Queue()
     label = f"memcpy {_size_label(wl.blob_len)}"
     if buffers > 1:
         label += f", {_size_label(2 * buffers * wl.blob_len)} of buffers"
     out: dict[str, Any] = {"reference": label, "workload": wl.name, "bytes": wl.blob_len, "buffers": buffers}
-    procs = []
-    try:
-        procs = [_start(_memcpy_main, wl.blob_len, buffers, min_seconds, results)]
-        msgs = _collect(results, 1, time.monotonic() + CELL_TIMEOUT_S)
-        if not msgs:
-            out["error"] = "HANG: the memcpy reference did not finish"
-        elif msgs[0][0] == "error":
-            out["error"] = msgs[0][3]
-        else:
-            copies, seconds = msgs[0][3]["copies"], msgs[0][3]["seconds"]
-            out.update(copies=copies, seconds=seconds, events_per_s=copies / seconds,
-                       mb_per_s=copies * wl.blob_len / seconds / 1e6)
-        return out
-    finally:
-        _finish(procs, results, lambda: None, out)
+    got = _one_process_result(_memcpy_main, (wl.blob_len, buffers, min_seconds), "the memcpy reference", out)
+    if got is not None:
+        copies, seconds = got["copies"], got["seconds"]
+        out.update(copies=copies, seconds=seconds, events_per_s=copies / seconds,
+                   mb_per_s=copies * wl.blob_len / seconds / 1e6)
+    return out
 
 
 def _size_label(nbytes: int) -> str:

@@ -16,6 +16,10 @@ import msgpack
 
 CTX = mp.get_context("fork")  # fork: fast to start; shmfeed supports it (at-fork hooks)
 
+# The prefix of the files iceoryx2 makes in this run (named by the bench's own process, the
+# parent of every worker): what it leaves in /dev/shm is removed at the end, and nothing else.
+ICEORYX2_PREFIX = f"sfbench{os.getpid()}_"
+
 CELL_TIMEOUT_S = 60.0  # a cell that takes longer is reported as a hang
 READY_TIMEOUT_S = 30.0
 RECV_STALL_S = 20.0  # peers that can lose messages give up after this long without any
@@ -692,7 +696,9 @@ class Iceoryx2Transport(Transport):
         import iceoryx2 as iox2
 
         iox2.set_log_level(iox2.LogLevel.Error)
-        return iox2.NodeBuilder.new().create(iox2.ServiceType.Ipc)
+        config = iox2.config.default()
+        config.global_cfg.prefix = iox2.FileName.new(ICEORYX2_PREFIX)  # this run's files: see bench.py
+        return iox2.NodeBuilder.new().config(config).create(iox2.ServiceType.Ipc)
 
     def _service(self, node, name: str, capacity: int, max_subs: int):
         import ctypes
