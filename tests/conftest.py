@@ -36,10 +36,10 @@ def namespace(monkeypatch: pytest.MonkeyPatch):
 def _wait_out_destruction(name: str, timeout: float = 5.0) -> list[str]:
     """What of the namespace is left in /dev/shm, once cleanups in progress are done.
 
-    A segment marked DESTROYED is being unlinked right now by some process, and the waker of
-    a dead process (a pool worker a Pool terminated, say) is the registry's to remove once
-    it notices the death: neither is a leak, so give them a moment. Anything else left is
-    reported at once.
+    A segment marked DESTROYED is being unlinked right now by some process, and the waker,
+    pool files and pins of a dead process (a pool worker a Pool terminated, say) are the
+    registry's to remove once it notices the death: neither is a leak, so give them a
+    moment. Anything else left is reported at once.
     """
     deadline = time.monotonic() + timeout
     while True:
@@ -51,10 +51,14 @@ def _wait_out_destruction(name: str, timeout: float = 5.0) -> list[str]:
         time.sleep(0.05)
 
 
+# Entries named by their process's pid, which the registry removes once that process died.
+_DEAD_PROCESS_KINDS = (_names.EntryKind.WAKER, _names.EntryKind.SPILL_TEMP, _names.EntryKind.SPILL_PIN)
+
+
 def _being_cleaned(namespace: str, entry: str) -> bool:
     parsed = _names.parse_entry(namespace, entry)
-    if parsed is not None and parsed.kind is _names.EntryKind.WAKER:
-        return not psutil.pid_exists(parsed.pid)  # a dead process's waker
+    if parsed is not None and parsed.kind in _DEAD_PROCESS_KINDS:
+        return not psutil.pid_exists(parsed.pid)  # a dead process's: the registry removes it
     if parsed is not None and parsed.kind is _names.EntryKind.LOCK:
         return True  # a lock: goes with its segment, judged by that
     return _being_destroyed(entry)
