@@ -340,18 +340,15 @@ def _fresh_view_packer(st: _ThreadState) -> msgpack.Packer:
     return packer
 
 
-# The C encoder of the common values (``_accel_encode.h``): the bytes msgpack's Packer would
-# make, or None for anything else, which the Packer and shmfeed's rules then encode.
-_encode_common: Callable[[Any], bytes | None] | None = _native.accel.encode if _native.accel is not None else None
-
-
 def _no_common(value: object) -> None:
     """Without the C accelerator no value is common: ``encode`` decides for each."""
     return None
 
 
-# ``encode`` of the common values only, None for the rest (Feed.send's short path).
-encode_common: Callable[[Any], bytes | None] = _encode_common or _no_common
+# The C encoder of the common values (``_accel_encode.h``): the bytes msgpack's Packer would
+# make, or None for anything else, which the Packer and shmfeed's rules then encode (also
+# Feed.send's short path).
+encode_common: Callable[[Any], bytes | None] = _native.accel.encode if _native.accel is not None else _no_common
 
 
 def encode(value: object) -> bytes:
@@ -361,8 +358,8 @@ def encode(value: object) -> bytes:
     found by a second walk after the failure, so a value that encodes pays nothing for it.
     """
     st = _state
-    if _encode_common is not None and not st.depth:
-        out = _encode_common(value)
+    if not st.depth:
+        out = encode_common(value)
         if out is not None:
             return out
     try:
@@ -392,11 +389,11 @@ def encode_many(values: list[Any]) -> list[bytes]:
     if st.depth:
         return [encode(value) for value in values]
     packer = st.packer
-    pack, checked, common = packer.pack, _checked, _encode_common
+    pack, checked, common = packer.pack, _checked, encode_common
     encoded: list[bytes] = []
     try:
         for value in values:
-            out = common(value) if common is not None else None
+            out = common(value)
             encoded.append(out if out is not None else checked(packer, pack(value), value))
     except Exception:  # noqa: BLE001 - encode() says what and where
         encode(values[len(encoded)])

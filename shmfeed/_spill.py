@@ -193,7 +193,6 @@ def lend(namespace: str, size: int) -> _PoolFile:
     return file
 
 
-
 class Spill:
     """One large value of one send, written once, linked into each channel that needs it."""
 
@@ -203,7 +202,7 @@ class Spill:
         self.payload = payload
         self.parts: Sequence[bytes | memoryview] = payload.parts if isinstance(payload, Segments) else (payload,)
         self.lent = payload.file if isinstance(payload, Lent) else None  # its borrower gives it back
-        self.file: _PoolFile | None = None
+        self.file: _PoolFile | None = self.lent  # a lent file is written in place already
 
     def write(self) -> _PoolFile:
         """Write the value into a pool file, once; the file.
@@ -214,8 +213,6 @@ class Spill:
         Raises:
             _shm.SharedObjectError: errno ENOSPC, /dev/shm cannot hold the value.
         """
-        if self.file is None and self.lent is not None:
-            self.file = self.lent  # written in place already
         if self.file is None:
             file = _take(self.namespace, len(self.payload))
             try:
