@@ -8,13 +8,15 @@ world-readable directory that becomes the attacker's ``PYTHONPATH``.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import importlib.util
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
-from typing import Any
+from typing import Any, Iterator
 
 import pytest
 
@@ -22,6 +24,17 @@ NOBODY = 65534
 VICTIM = 40001  # an unprivileged victim, for what root cannot stand for (its own /tmp dir)
 SYSTEM_PYTHON = "/usr/bin/python3"
 _PACKAGES = ("shmfeed", "msgpack", "posix_ipc", "psutil")
+_TURN_LOCK = os.path.join(tempfile.gettempdir(), "shmfeed-tests-other-user.lock")
+
+
+@contextlib.contextmanager
+def turn() -> Iterator[None]:
+    """Hold the other user for one test. Tests clean up after it by killing every process
+    of ``nobody`` and removing its files, which would end another test's attacker, or its
+    planted file, midway: pytest-xdist runs two tests at once, so each waits its turn."""
+    with open(_TURN_LOCK, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 def skip_reason() -> str | None:

@@ -7,12 +7,15 @@ import multiprocessing
 import os
 import time
 import uuid
+from typing import Iterator
 
 import psutil
 import pytest
 
 from shmfeed import _gc, _names, _release
 from shmfeed import _layout as L
+
+import _attacker
 
 START_METHODS = ["fork", "spawn", "forkserver"]
 
@@ -107,3 +110,11 @@ def data_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -
     else:
         monkeypatch.setattr(_ring, "_accel", None)
     return str(request.param)
+
+
+@pytest.fixture
+def other_user_turn() -> Iterator[None]:
+    """For a test that acts as, or plants files of, another user: one such test at a time
+    (see ``_attacker.turn``)."""
+    with _attacker.turn():
+        yield

@@ -36,7 +36,7 @@ def library():
 
 
 @pytest.fixture
-def attacker(library):
+def attacker(library, other_user_turn):
     user = A.OtherUser(library)
     yield user
     user.stop()

@@ -230,7 +230,7 @@ except socket.timeout:
 
 
 @pytest.mark.skipif(os.getuid() != 0 or not shutil.which("setpriv"), reason="needs root and setpriv to act as another user")
-def test_a_peer_of_another_user_is_refused(bare_registry):
+def test_a_peer_of_another_user_is_refused(bare_registry, other_user_turn):
     path = bare_registry.listener.getsockname()
     client = subprocess.Popen(
         ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", sys.executable, "-c",

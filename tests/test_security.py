@@ -62,7 +62,7 @@ print("|".join(results) or "refused")
 
 
 @pytest.mark.skipif(os.getuid() != 0 or not shutil.which("setpriv"), reason="needs root and setpriv to act as another user")
-def test_another_user_can_neither_read_nor_talk_to_the_registry(namespace):
+def test_another_user_can_neither_read_nor_talk_to_the_registry(namespace, other_user_turn):
     kept = _objects(namespace)
     paths = [f"/dev/shm/{entry}" for entry in _gc.namespace_entries(namespace)]
     result = subprocess.run(

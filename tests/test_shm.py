@@ -22,7 +22,7 @@ import pytest
 import shmfeed
 from shmfeed import _gc, _inspect, _names, _recovery, _ring, _shm, _spill, _waker
 
-pytestmark = pytest.mark.timeout(20)
+pytestmark = [pytest.mark.timeout(20), pytest.mark.usefixtures("other_user_turn")]  # it plants nobody's files
 
 NOBODY = 65534
 KINDS = ["fifo", "symlink", "open to others", "another user's"]

@@ -132,7 +132,7 @@ def _plant_link(namespace: str, channel_id: int, owner: int) -> str:
 
 
 @needs_root
-def test_a_spill_link_planted_by_another_user_does_not_keep_the_channel(namespace: str) -> None:
+def test_a_spill_link_planted_by_another_user_does_not_keep_the_channel(namespace: str, other_user_turn: None) -> None:
     channel = shmfeed.Channel()
     segment = _names.shm_path(_names.channel_segment(namespace, channel._channel_id))
     planted = _plant_link(namespace, channel._channel_id, A.NOBODY)
@@ -160,7 +160,7 @@ print("segment left:", os.path.exists(segment), flush=True)
 
 
 @pytest.fixture
-def unprivileged() -> Iterator[A.OtherUser]:
+def unprivileged(other_user_turn: None) -> Iterator[A.OtherUser]:
     """Another user (``nobody``) to run a victim as: one who cannot remove what root planted."""
     reason = A.skip_reason()
     if reason is not None:
