@@ -20,12 +20,14 @@
 #endif
 
 #define KIND_DATA 1u
+#define KIND_SPILL 3u  /* a large value's reference: SPILL_RECORD_BYTES naming its file (see _ring) */
+#define SPILL_RECORD_BYTES 16u
 
 /* Word indices into the channel header, in the order Python passes them. */
 enum {
     W_WRITE_POS, W_READ_POS, W_SENT, W_RECEIVED, W_CLOSED, W_CAPACITY,
     W_LOCK_OWNER, W_RECV_LOCK_OWNER, W_RECV_WAITING, W_SEND_WAITING, W_WAIT_LOCK_OWNER,
-    W_LAST_RECV_PID, W_LAST_RECV_TIME, W_READERS_FIRST, W_READERS_LAST, W_DROPPED, W_COUNT
+    W_LAST_RECV_PID, W_LAST_RECV_TIME, W_READERS_FIRST, W_READERS_LAST, W_DROPPED, W_SPILLED, W_COUNT
 };
 
 #define WAKER_CACHE 8

@@ -10,8 +10,8 @@
  * _marks.py), ``bit`` is set in it by the store right after the commit (or the drop), still
  * under the lock: a SIGKILL lands between the two only within one instruction, where a
  * Python statement would leave a window of a microsecond. */
-static int ring_offer_marked(Ring *self, const void *payload, uint64_t size, uint64_t pid, uint64_t *mark,
-                             uint64_t bit, int may_drop) {
+static int ring_offer_kind(Ring *self, const void *payload, uint64_t size, uint64_t pid, uint64_t *mark,
+                           uint64_t bit, int may_drop, uint32_t kind) {
     if (check_open(self) < 0)
         return -1;
     if (try_lock(self->send_lock))
@@ -36,10 +36,12 @@ static int ring_offer_marked(Ring *self, const void *payload, uint64_t size, uin
         && write_pos <= UINT64_MAX - record;
     int dropped = 0;
     if (fits) {
-        uint32_t header[2] = {(uint32_t)size, KIND_DATA};  /* little-endian only (see _ring) */
+        uint32_t header[2] = {(uint32_t)size, kind};  /* little-endian only (see _ring) */
         unsigned char *at = self->ring + offset;
         memcpy(at, header, 8);
         memcpy(at + 8, payload, (size_t)size);
+        if (kind == KIND_SPILL)
+            store(self, W_SPILLED, load(self, W_SPILLED) + 1);
         store(self, W_SENT, sent + 1);
         store(self, W_WRITE_POS, write_pos + record);  /* the commit: after the bytes */
         if (mark != NULL)
@@ -66,6 +68,11 @@ static int ring_offer_marked(Ring *self, const void *payload, uint64_t size, uin
     if (!fits)
         return 2;
     return load(self, W_RECV_WAITING) ? 1 : 0;
+}
+
+static inline int ring_offer_marked(Ring *self, const void *payload, uint64_t size, uint64_t pid, uint64_t *mark,
+                                    uint64_t bit, int may_drop) {
+    return ring_offer_kind(self, payload, size, pid, mark, bit, may_drop, KIND_DATA);
 }
 
 static inline int ring_offer(Ring *self, const void *payload, uint64_t size, uint64_t pid) {
@@ -112,6 +119,24 @@ static PyObject *Ring_offer(Ring *self, PyObject *const *args, Py_ssize_t nargs)
     PyBuffer_Release(&payload);
     if (nargs == 4)
         PyBuffer_Release(&mark);
+    return outcome < 0 ? NULL : PyLong_FromLong(outcome);
+}
+
+/* Ring.offer_spill(record, pid) -> as offer, for a large value's reference record (a
+ * KIND_SPILL record of SPILL_RECORD_BYTES, counted in SPILLED as the Python offer does);
+ * its file is linked into the channel before. */
+static PyObject *Ring_offer_spill(Ring *self, PyObject *const *args, Py_ssize_t nargs) {
+    Py_buffer record;
+    uint64_t pid;
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "offer_spill(record, pid)");
+        return NULL;
+    }
+    if (parse_payload_and_pid(args[0], args[1], &record, &pid) < 0)
+        return NULL;
+    int outcome = record.len == SPILL_RECORD_BYTES
+        ? ring_offer_kind(self, record.buf, SPILL_RECORD_BYTES, pid, NULL, 0, 0, KIND_SPILL) : 2;
+    PyBuffer_Release(&record);
     return outcome < 0 ? NULL : PyLong_FromLong(outcome);
 }
 
@@ -172,11 +197,12 @@ static void release_view(Ring *self) {
     }
 }
 
-/* Whether the record at position ``at`` (below ``write_pos``) is a whole ordinary inline
- * one that a C receive may take: aligned, of kind data, within what was written and within
- * the ring. Its payload's size and the record's length go to ``size`` and ``record``.
- * Anything else (a spill record, a wrap marker, odd bytes) is the Python poll's. */
-static inline int inline_record_at(Ring *self, uint64_t at, uint64_t write_pos, uint64_t *size, uint64_t *record) {
+/* Whether the record at position ``at`` (below ``write_pos``) is a whole one of ``kind``
+ * that a C receive may take: aligned, within what was written and within the ring. Its
+ * payload's size and the record's length go to ``size`` and ``record``. Anything else (a
+ * wrap marker, odd bytes) is the Python poll's. */
+static inline int record_at(Ring *self, uint64_t at, uint64_t write_pos, uint32_t kind, uint64_t *size,
+                            uint64_t *record) {
     uint64_t ring = self->ring_bytes;
     uint64_t offset = at % ring;
     if (at >= write_pos || write_pos - at > ring || (offset & 7) || offset + 8 > ring)
@@ -185,48 +211,69 @@ static inline int inline_record_at(Ring *self, uint64_t at, uint64_t write_pos, 
     memcpy(header, self->ring + offset, 8);
     *size = header[0];
     *record = 8 + ((*size + 7) & ~(uint64_t)7);
-    return header[1] == KIND_DATA && *record <= write_pos - at && offset + *record <= ring;
+    return header[1] == kind && *record <= write_pos - at && offset + *record <= ring;
 }
 
-/* Ring.poll(pid) -> the payload of the oldest inline record, or None (take the Python
- * path: empty, wrapped, a spill record, the lock busy, or anything odd). */
-static PyObject *Ring_poll(Ring *self, PyObject *pid_object) {
+static inline int inline_record_at(Ring *self, uint64_t at, uint64_t write_pos, uint64_t *size, uint64_t *record) {
+    return record_at(self, at, write_pos, KIND_DATA, size, record);
+}
+
+/* The payload of the oldest record if it is of ``kind`` (a spill record: of its one
+ * size), taken under the receive lock. NULL and no exception: nothing taken (the lock
+ * busy, another kind, anything odd), and ``*empty`` says whether the ring was empty and
+ * open; NULL and an exception: an error. */
+static PyObject *take_record(Ring *self, PyObject *pid_object, uint32_t kind, int *empty) {
+    *empty = 0;
     if (check_open(self) < 0)
         return NULL;
     uint64_t pid = PyLong_AsUnsignedLongLong(pid_object);
     if (pid == (uint64_t)-1 && PyErr_Occurred())
         return NULL;
     if (try_lock(self->recv_lock))
-        Py_RETURN_NONE;
+        return NULL;
     store(self, W_RECV_LOCK_OWNER, pid);
     PyObject *data = NULL;
-    int failed = 0;
     uint64_t read_pos = load(self, W_READ_POS);
     uint64_t write_pos = load(self, W_WRITE_POS);
     uint64_t received = load(self, W_RECEIVED);
     uint64_t size, record;
-    if (received != UINT64_MAX && inline_record_at(self, read_pos, write_pos, &size, &record)) {
+    if (received != UINT64_MAX && record_at(self, read_pos, write_pos, kind, &size, &record)
+            && (kind != KIND_SPILL || size == SPILL_RECORD_BYTES)) {
         data = PyBytes_FromStringAndSize((const char *)self->ring + read_pos % self->ring_bytes + 8, (Py_ssize_t)size);
-        if (data == NULL) {
-            failed = 1;
-        } else {
+        if (data != NULL) {
             store(self, W_RECEIVED, received + 1);
             store(self, W_READ_POS, read_pos + record);
             note_receiver(self, pid);
         }
     }
-    /* Empty and open: nothing for the Python path to decide, which then skips its own poll. */
-    int empty = read_pos == write_pos && !load(self, W_CLOSED);
+    *empty = read_pos == write_pos && !load(self, W_CLOSED);
     store(self, W_RECV_LOCK_OWNER, 0);
     sem_post(self->recv_lock);
-    if (failed)
-        return NULL;
-    if (data == NULL) {
-        if (empty)
-            Py_RETURN_FALSE;
-        Py_RETURN_NONE;
-    }
     return data;
+}
+
+/* Ring.poll(pid) -> the payload of the oldest inline record, False if the ring is empty
+ * and open (nothing for the Python path to decide, which then skips its own poll), or None
+ * (take the Python path: wrapped, a spill record, the lock busy, or anything odd). */
+static PyObject *Ring_poll(Ring *self, PyObject *pid_object) {
+    int empty;
+    PyObject *data = take_record(self, pid_object, KIND_DATA, &empty);
+    if (data != NULL || PyErr_Occurred())
+        return data;
+    if (empty)
+        Py_RETURN_FALSE;
+    Py_RETURN_NONE;
+}
+
+/* Ring.take_spill(pid) -> the oldest record's bytes if it is a large value's reference
+ * (KIND_SPILL, SPILL_RECORD_BYTES), taken; None for the Python path (anything else, or the
+ * lock busy). The caller reads the file it names, as the Python receive does. */
+static PyObject *Ring_take_spill(Ring *self, PyObject *pid_object) {
+    int empty;
+    PyObject *data = take_record(self, pid_object, KIND_SPILL, &empty);
+    if (data != NULL || PyErr_Occurred())
+        return data;
+    Py_RETURN_NONE;
 }
 
 /* Ring.take_one(pid, nothing, decode) -> the oldest value, taken and decoded: ``recv`` in
@@ -613,6 +660,10 @@ static PyMethodDef Ring_methods[] = {
     {"take_one", (PyCFunction)(void (*)(void))Ring_take_one, METH_FASTCALL,
      "take_one(pid, nothing, decode) -> the oldest value taken and decoded (by the C decoder, else by decode), "
      "or ``nothing`` (taken nothing) for the Python receive"},
+    {"offer_spill", (PyCFunction)(void (*)(void))Ring_offer_spill, METH_FASTCALL,
+     "offer_spill(record, pid) -> as offer, for a large value's reference record"},
+    {"take_spill", (PyCFunction)Ring_take_spill, METH_O,
+     "take_spill(pid) -> the oldest record's bytes if it is a large value's reference, taken; else None"},
     {"poll", (PyCFunction)Ring_poll, METH_O,
      "poll(pid) -> the oldest inline record's payload, False if the ring is empty (and open), "
      "or None for the Python path"},

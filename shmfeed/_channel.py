@@ -374,10 +374,7 @@ class Channel(TypeArgument, Generic[T]):
         kind, record = core.record_for(payload)
         outcome = _ring.FULL
         try:
-            if kind == _ring.KIND_DATA:
-                outcome = core.offer_fast(record, deadline)
-            else:
-                outcome = core.offer(kind, record, None, deadline)
+            outcome = core.offer_fast(record, deadline, None, kind)
             if outcome == _ring.FULL:
                 outcome = await _offer_async(core, kind, record, deadline, timeout)
         finally:

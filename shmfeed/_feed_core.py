@@ -736,11 +736,10 @@ class FeedCore(AttachedSegment):
                             kind = _ring.KIND_SPILL
                             record = _ring.SPILL_REFERENCE.pack(*spill.link_into(core.namespace, core.channel_id))
                         try:
-                            if kind == _ring.KIND_DATA:
-                                outcome = core.offer_fast(record, deadline, None if marking is None
-                                                          else _marks.word_and_bit(words, marking[0], target.entry))
-                            else:
-                                outcome = core.offer(kind, record, None, deadline)
+                            mark = None  # a spill record's bit is set below, as on the Python path
+                            if marking is not None and kind == _ring.KIND_DATA:
+                                mark = _marks.word_and_bit(words, marking[0], target.entry)
+                            outcome = core.offer_fast(record, deadline, mark, kind)
                             delivered += self._settle(target, outcome, kind, record, waiting, deadline)
                             if marking is not None and not (waiting and waiting[-1].target is target):
                                 self._settled(target)

@@ -116,7 +116,7 @@ _reader_hints: dict[int, int] = {}
 _accel = _native.accel  # the C hot path, or None: the Python path below
 ACCEL_WORDS = (L.WRITE_POS, L.READ_POS, L.SENT, L.RECEIVED, L.CLOSED, L.CAPACITY,
                L.LOCK_OWNER, L.RECV_LOCK_OWNER, L.RECV_WAITING, L.SEND_WAITING, L.WAIT_LOCK_OWNER,
-               L.LAST_RECV_PID, L.LAST_RECV_TIME, L.READERS_FIRST_WORD, L.READERS_LAST_WORD, L.DROPPED)
+               L.LAST_RECV_PID, L.LAST_RECV_TIME, L.READERS_FIRST_WORD, L.READERS_LAST_WORD, L.DROPPED, L.SPILLED)
 
 
 def _refresh_pid() -> None:
@@ -655,24 +655,27 @@ class ChannelCore(AttachedSegment):
             spill.close()
 
     def offer_fast(self, payload: Payload, deadline: float | None = None,
-                   mark: tuple[memoryview, int] | None = None) -> int:
-        """The common case of ``offer``: an inline record, no waker: the C offer, and
-        ``offer`` for whatever it leaves (or when there is no C path).
+                   mark: tuple[memoryview, int] | None = None, kind: int = KIND_DATA) -> int:
+        """The common case of ``offer``: an inline record (or, ``kind`` KIND_SPILL, a large
+        value's reference record), no waker: the C offer, and ``offer`` for whatever it
+        leaves (or when there is no C path).
 
         Returns DELIVERED if written, else whatever ``offer`` decides. ``mark`` (a word of
-        a feed's segment and a bit, see ``_marks``): the C offer sets the bit right after
-        its commit; the caller sets it on every other path.
+        a feed's segment and a bit, see ``_marks``; inline records only): the C offer sets
+        the bit right after its commit; the caller sets it on every other path.
         """
         fast = self._fast
         if fast is not None:
-            outcome = fast.offer(payload, _pid) if mark is None else fast.offer(payload, _pid, *mark)
+            if kind != KIND_DATA:
+                outcome = fast.offer_spill(payload, _pid)
+            else:
+                outcome = fast.offer(payload, _pid) if mark is None else fast.offer(payload, _pid, *mark)
             if outcome == 0:
                 return DELIVERED
             if outcome == 1:
-                self._wake(L.RECV_WAITLIST_WORD, L.RECV_WAITING)
+                self._wake_after_commit()
                 return DELIVERED
-            return self.offer(KIND_DATA, payload, None, deadline)  # full, odd, or locked
-        return self.offer(KIND_DATA, payload, None, deadline)  # no C path: the one Python offer
+        return self.offer(kind, payload, None, deadline)  # full, odd, locked, or no C path
 
     def offer(
         self, kind: int, record: Payload, waker: _waker.Waker | None = None, deadline: float | None = None
@@ -718,12 +721,17 @@ class ChannelCore(AttachedSegment):
             send_lock.release()
         # Read only after the release above (a full barrier) made the commit visible.
         if words[L.RECV_WAITING]:
-            try:
-                self._wake(L.RECV_WAITLIST_WORD, L.RECV_WAITING)
-            except BaseException as error:  # a signal handler's (Ctrl-C) while waking
-                _mark_delivered(error)
-                raise
+            self._wake_after_commit()
         return DELIVERED
+
+    def _wake_after_commit(self) -> None:
+        """Wake the receivers of a value just committed; an exception meanwhile (a signal
+        handler's: Ctrl-C) is marked delivered (``delivered_despite``): its file stays."""
+        try:
+            self._wake(L.RECV_WAITLIST_WORD, L.RECV_WAITING)
+        except BaseException as error:
+            _mark_delivered(error)
+            raise
 
     def forget_sender(self, waker: _waker.Waker) -> None:
         """Take ``waker`` out of the send wait list (after a timeout or cancellation)."""
@@ -739,10 +747,7 @@ class ChannelCore(AttachedSegment):
         kind, record = self.record_for(payload)
         outcome = FULL
         try:
-            if kind == KIND_DATA:
-                outcome = self.offer_fast(record, deadline)
-            else:
-                outcome = self.offer(kind, record, None, deadline)
+            outcome = self.offer_fast(record, deadline, None, kind)
             if outcome == FULL:
                 outcome = self._put_waiting(kind, record, deadline)
         finally:
@@ -758,10 +763,7 @@ class ChannelCore(AttachedSegment):
         kind, record = self.record_for(payload)
         outcome = FULL
         try:
-            if kind == KIND_DATA:
-                outcome = self.offer_fast(record)
-            else:
-                outcome = self.offer(kind, record)
+            outcome = self.offer_fast(record, None, None, kind)
         finally:
             if kind == KIND_SPILL and outcome != DELIVERED and not delivered_despite():
                 self._unlink_spill_record(record)
@@ -810,7 +812,12 @@ class ChannelCore(AttachedSegment):
             if data is False:
                 return None  # empty and open: the Python poll would say no more
             if data is None:
-                return self.poll(None, deadline)  # odd, closed, or locked
+                record = fast.take_spill(_pid)  # a large value's reference, or the Python poll's
+                if record is None:
+                    return self.poll(None, deadline)  # odd, closed, or locked
+                if self.words[L.SEND_WAITING]:
+                    self._wake(L.SEND_WAITLIST_WORD, L.SEND_WAITING)
+                return self._materialise(KIND_SPILL, record)
             if self.words[L.SEND_WAITING]:
                 self._wake(L.SEND_WAITLIST_WORD, L.SEND_WAITING)
             return data

@@ -258,6 +258,10 @@ def read(path: str, size: int) -> bytes | memoryview:
     trusted with an allocation).
     """
     unlink_deferred()  # what this thread read before is decoded by now
+    view = _kept_view(path, size, READER_MAPPED_BYTES // 4)
+    if view is not None:
+        _defer_unlink(path)
+        return view
     keep_link = False
     opened = False
     try:
@@ -277,10 +281,48 @@ def read(path: str, size: int) -> bytes | memoryview:
             os.close(descriptor)
     finally:
         if keep_link:
-            with _deferred_lock:
-                _deferred.setdefault(threading.get_ident(), []).append(path)
-        elif opened:  # ours: read, or refused for its size
+            _defer_unlink(path)
+        elif opened:  # ours, read, or refused for its size
             _unlink(path)
+
+
+def _defer_unlink(path: str) -> None:
+    with _deferred_lock:
+        _deferred.setdefault(threading.get_ident(), []).append(path)
+
+
+def _checked_lstat(path: str, size: int) -> os.stat_result:
+    """What ``open_own`` and ``_check_holds`` check, by ``lstat``: no descriptor to open and
+    close. A file refused for its size is ours: its link goes.
+
+    Raises as ``read``.
+    """
+    info = os.lstat(path)
+    _shm.check_own(info, path)
+    try:
+        _check_holds(info, size)
+    except ValueError:
+        _unlink(path)
+        raise
+    return info
+
+
+def _kept_view(path: str, size: int, most: int) -> memoryview | None:
+    """The first ``size`` bytes of the file at ``path`` as a view of the mapping this
+    process keeps of it (``_mapped``), found by an ``lstat`` of the path: three system
+    calls fewer than opening it. None where none is kept (or the file is not between
+    READER_MAP_MIN and ``most`` bytes): the caller opens it.
+
+    Raises as ``read``.
+    """
+    if not _reader_maps:
+        return None
+    info = _checked_lstat(path, size)
+    if not READER_MAP_MIN <= info.st_size <= most:
+        return None
+    with _reader_lock:
+        mapping = _kept_mapping((info.st_dev, info.st_ino, info.st_size))
+        return None if mapping is None else memoryview(mapping)[:size]
 
 
 def read_kept(path: str, size: int) -> bytes:
@@ -314,29 +356,27 @@ def read_pinned(namespace: str, path: str, size: int) -> memoryview:
     """
     if _native.accel is None:  # a copy: read() may give a view that its link outlives only briefly
         return memoryview(bytes(read(path, size)))
-    descriptor, info = _shm.open_own(path)
+    info = _checked_lstat(path, size)
+    if info.st_size < READER_MAP_MIN:
+        return memoryview(read(path, size))  # read into bytes, the link removed
+    pin_path = _names.spill_pin_file(namespace, _names.new_id())
+    os.rename(path, pin_path)  # the name is ours (sticky /dev/shm): nobody swapped it since the lstat
     try:
-        try:
-            _check_holds(info, size)
-        except ValueError:
-            _unlink(path)  # ours, refused for its size, as read() does
-            raise
-        if info.st_size < READER_MAP_MIN:
-            with open(descriptor, "rb", buffering=0, closefd=False) as spill:
-                data = spill.read(size)
-            _unlink(path)
-            return memoryview(data)
-        pin_path = _names.spill_pin_file(namespace, _names.new_id())
-        os.rename(path, pin_path)  # the name is ours (sticky /dev/shm): nobody swapped it since open
-        try:
-            with _reader_lock:
-                mapping = _mapped(descriptor, (info.st_dev, info.st_ino, info.st_size))
+        key = (info.st_dev, info.st_ino, info.st_size)
+        with _reader_lock:
+            mapping = _kept_mapping(key)
+            if mapping is None:
+                descriptor, opened = _shm.open_own(pin_path)
+                try:
+                    if (opened.st_dev, opened.st_ino, opened.st_size) != key:
+                        raise ValueError("the file changed while it was read")
+                    mapping = _mapped(descriptor, key)
+                finally:
+                    os.close(descriptor)
             return memoryview(_native.accel.Pin(mapping, 0, size, functools.partial(_unlink, pin_path)))
-        except BaseException:
-            _unlink(pin_path)
-            raise
-    finally:
-        os.close(descriptor)
+    except BaseException:
+        _unlink(pin_path)
+        raise
 
 
 def _check_holds(info: os.stat_result, size: int) -> None:
@@ -391,14 +431,22 @@ _reader_lock = threading.Lock()
 _reader_maps: "OrderedDict[tuple[int, int, int], tuple[int, mmap.mmap]]" = OrderedDict()
 
 
-def _mapped(descriptor: int, key: tuple[int, int, int]) -> mmap.mmap:
-    """A read-only mapping of the open file ``descriptor`` (reader lock held)."""
+def _kept_mapping(key: tuple[int, int, int]) -> mmap.mmap | None:
+    """The mapping kept of the file ``key`` names, if any (reader lock held)."""
     cached = _reader_maps.get(key)
-    # Still linked somewhere, it is the very file we opened (an inode number is unique
+    # Still linked somewhere, it is the very file we found (an inode number is unique
     # among existing files); unlinked everywhere, its number may belong to a new file.
     if cached is not None and os.fstat(cached[0]).st_nlink:
         _reader_maps.move_to_end(key)
         return cached[1]
+    return None
+
+
+def _mapped(descriptor: int, key: tuple[int, int, int]) -> mmap.mmap:
+    """A read-only mapping of the open file ``descriptor`` (reader lock held)."""
+    found = _kept_mapping(key)
+    if found is not None:
+        return found
     # A miss: first let go of files nobody links any more (their sender left), then of the
     # least recently used, so that few and small enough mappings keep memory alive.
     for old_key, (old_descriptor, _) in list(_reader_maps.items()):

@@ -186,6 +186,16 @@ class CountingRing:
         seen["C poll took" if data is not None else "C poll handed back"] += 1
         return data
 
+    def offer_spill(self, *args: Any) -> int:
+        answer = self.ring.offer_spill(*args)
+        seen["C spill offer wrote" if answer in (0, 1) else "C spill offer handed back"] += 1
+        return answer
+
+    def take_spill(self, pid: int) -> bytes | None:
+        data = self.ring.take_spill(pid)
+        seen["C spill take took" if data is not None else "C spill take handed back"] += 1
+        return data
+
     def wake(self, *args: Any) -> bool:
         return self.ring.wake(*args)
 
@@ -411,7 +421,8 @@ def test_channel_c_and_python_paths_agree() -> None:
     wanted = {("outcome", _ring.DELIVERED), ("outcome", _ring.FULL), ("outcome", _ring.DROPPED),
               ("outcome", _ring.CLOSED), "closed", "timed out", "empty", "data",
               ("record", _ring.KIND_DATA), ("record", _ring.KIND_SPILL), ("record", _ring.KIND_WRAP),
-              "C offer wrote", "C offer handed back", "C poll took", "C poll handed back"}
+              "C offer wrote", "C offer handed back", "C poll took", "C poll handed back",
+                  "C spill offer wrote", "C spill take took"}
     print(f"\ndifferential {sorted(seen.items(), key=str)}")
     assert wanted <= met, f"never met: {wanted - met}"
 

@@ -234,6 +234,7 @@ _NOT_MESSAGES = {
     ("_registry_client", "connection closed mid-frame"): "becomes the RegistryUnavailableError's detail",
     ("_shm", "semaphore "): "posix_ipc.BusyError, caught by the lock's callers",
     ("_spill", "the record says"): "the detail in parentheses of a ChannelCorruptError",
+    ("_spill", "the file changed"): "the detail in parentheses of a ChannelCorruptError",
     ("_ring", "write position "): "the detail in parentheses of a ChannelCorruptError (a damaged header)",
     ("testing", "{}: not reached in"): "a test's own assertion, in the test's words",
     # Channel's constructor checks are being reworked with Channel(64) (issue 14, same
