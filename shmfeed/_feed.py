@@ -250,7 +250,7 @@ class Feed(TypeArgument, Generic[T]):
             common = _codec.encode_common(value)
             if common is not None:
                 core.large_values = len(common) > _codec.LARGE_OUTPUT
-                return core.send(common)
+                return core.send_common(common)
         deadline = None
         if timeout is not None:
             _check_timeout(timeout)
