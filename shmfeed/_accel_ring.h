@@ -276,19 +276,21 @@ static PyObject *Ring_take_spill(Ring *self, PyObject *pid_object) {
     Py_RETURN_NONE;
 }
 
-/* Ring.take_one(pid, nothing, decode) -> the oldest value, taken and decoded: ``recv`` in
- * one call when the value is an inline record of up to TAKE_ONE_MAX bytes. It is copied and
- * taken under the receive lock, and decoded from the copy once the lock is let go (a decode
- * may run Python code: a collection, msgpack): by the C decoder (_accel_decode.h) or else
- * by ``decode(bytes)``, whose error is then the receive's. Anything else answers ``nothing``
- * having taken nothing, for the Python receive: empty, the lock busy, a spill record, a
- * larger value. */
+/* Ring.take_one(pid, nothing, decode, core) -> the oldest value, taken and decoded:
+ * ``recv`` in one call when the value is an inline record of up to TAKE_ONE_MAX bytes. It
+ * is copied and taken under the receive lock, and decoded from the copy once the lock is
+ * let go (a decode may run Python code: a collection, msgpack): by the C decoder
+ * (_accel_decode.h) or else by ``decode(bytes)``, whose error is then the receive's.
+ * Anything else answers ``nothing`` having taken nothing, for the Python receive: empty,
+ * the lock busy, a spill record, a larger value. Whatever it answers, senders waiting for
+ * room (SEND_WAITING) are woken first, by ``core._wake_senders()``: the Python check
+ * after each call cost every receive as much as this whole call's overhead. */
 #define TAKE_ONE_MAX (64 * 1024)
 #define TAKE_ONE_ON_STACK 1024
 
 static PyObject *Ring_take_one(Ring *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 3) {
-        PyErr_SetString(PyExc_TypeError, "take_one(pid, nothing, decode)");
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "take_one(pid, nothing, decode, core)");
         return NULL;
     }
     if (check_open(self) < 0)
@@ -316,6 +318,15 @@ static PyObject *Ring_take_one(Ring *self, PyObject *const *args, Py_ssize_t nar
     }
     store(self, W_RECV_LOCK_OWNER, 0);
     sem_post(self->recv_lock);
+    if (load(self, W_SEND_WAITING)) {  /* read after the release above, a full barrier */
+        PyObject *woken = PyObject_CallMethod(args[3], "_wake_senders", NULL);
+        if (woken == NULL) {  /* (a signal handler's exception: the value goes with it, as a recv's would) */
+            if (copy != NULL && copy != on_stack)
+                PyMem_Free(copy);
+            return NULL;
+        }
+        Py_DECREF(woken);
+    }
     if (copy == NULL)
         return Py_NewRef(args[1]);  /* (no memory for a copy: the Python receive tries) */
     PyObject *value = decode_common(copy, (Py_ssize_t)size);
@@ -658,8 +669,8 @@ static PyMethodDef Ring_methods[] = {
      "take_decoded(pid, limit, decode, decode_errors[, keywords]) -> the decoded inline values at the front, taken; "
      "None if the receive lock is busy"},
     {"take_one", (PyCFunction)(void (*)(void))Ring_take_one, METH_FASTCALL,
-     "take_one(pid, nothing, decode) -> the oldest value taken and decoded (by the C decoder, else by decode), "
-     "or ``nothing`` (taken nothing) for the Python receive"},
+     "take_one(pid, nothing, decode, core) -> the oldest value taken and decoded (by the C decoder, else by "
+     "decode), or ``nothing`` (taken nothing) for the Python receive; core._wake_senders() first if senders wait"},
     {"offer_spill", (PyCFunction)(void (*)(void))Ring_offer_spill, METH_FASTCALL,
      "offer_spill(record, pid) -> as offer, for a large value's reference record"},
     {"take_spill", (PyCFunction)Ring_take_spill, METH_O,

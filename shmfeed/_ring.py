@@ -831,14 +831,16 @@ class ChannelCore(AttachedSegment):
         fast = self._fast
         if fast is None:
             return nothing
-        try:
-            value = fast.take_one(_pid, nothing, decode)
-        finally:  # also when the decode of a taken value failed: its room is free
-            if self.words[L.SEND_WAITING]:
-                self._wake(L.SEND_WAITLIST_WORD, L.SEND_WAITING)
+        # Senders waiting for room are woken in the call (_wake_senders), before the decode:
+        # also when the decode of a taken value fails, its room is free.
+        value = fast.take_one(_pid, nothing, decode, self)
         if value is not nothing:
             self._taken_since_empty += 1
         return value
+
+    def _wake_senders(self) -> None:
+        """Wake the senders waiting for room (``Ring.take_one`` calls it when some do)."""
+        self._wake(L.SEND_WAITLIST_WORD, L.SEND_WAITING)
 
     def poll(self, waker: _waker.Waker | None = None, deadline: float | None = None) -> bytes | memoryview | None:
         """Take one encoded value if there is one.

@@ -77,7 +77,7 @@ def test_a_released_ring_raises_instead_of_touching_unmapped_memory() -> None:
     with pytest.raises(ValueError, match="released"):
         fast.poll(os.getpid())
     with pytest.raises(ValueError, match="released"):
-        fast.take_one(os.getpid(), None, None)
+        fast.take_one(os.getpid(), None, None, core)
     fast.release()  # idempotent
 
 
@@ -93,9 +93,9 @@ def test_bad_arguments_to_the_c_entry_points_are_clean_errors() -> None:
     with pytest.raises(OverflowError):
         core._fast.poll(-1)
     with pytest.raises(OverflowError):
-        core._fast.take_one(-1, None, None)
+        core._fast.take_one(-1, None, None, core)
     with pytest.raises(TypeError):
-        core._fast.take_one(1, None)
+        core._fast.take_one(1, None, None)
     with pytest.raises(TypeError):
         accel.offer_all([core._fast], b"x", 1, 0)  # a list, not a tuple
     with pytest.raises(TypeError):
@@ -321,23 +321,54 @@ def test_the_c_single_receive_takes_an_inline_value_and_leaves_the_rest_to_pytho
         decoded.append(data)
         return _codec.decode_with_msgpack(data)
 
-    assert fast.take_one(pid, nothing, decode) is nothing  # empty
+    assert fast.take_one(pid, nothing, decode, core) is nothing  # empty
     middle = b"m" * (100 << 10)  # inline, but more than one C call copies
     for value in (1, (2,), {"a": [1, "b"]}, middle, b"x" * (2 * core.ring_bytes)):  # a tuple: an ext; the last spills
         channel.send(value)
     assert fast.offer(b"\xc1", pid) == 0  # 0xc1: no msgpack value starts so
     with core.recv_lock:  # another receiver at it: the Python receive waits for the lock
-        assert fast.take_one(pid, nothing, decode) is nothing and len(channel) == 6
-    assert fast.take_one(pid, nothing, decode) == 1 and len(channel) == 5 and not decoded
-    assert fast.take_one(pid, nothing, decode) == (2,) and len(decoded) == 1  # msgpack's, by decode
-    assert fast.take_one(pid, nothing, decode) == {"a": [1, "b"]}
-    assert fast.take_one(pid, nothing, decode) is nothing and len(channel) == 3  # too large for one C call
+        assert fast.take_one(pid, nothing, decode, core) is nothing and len(channel) == 6
+    assert fast.take_one(pid, nothing, decode, core) == 1 and len(channel) == 5 and not decoded
+    assert fast.take_one(pid, nothing, decode, core) == (2,) and len(decoded) == 1  # msgpack's, by decode
+    assert fast.take_one(pid, nothing, decode, core) == {"a": [1, "b"]}
+    assert fast.take_one(pid, nothing, decode, core) is nothing and len(channel) == 3  # too large for one C call
     assert channel.recv() == middle
-    assert fast.take_one(pid, nothing, decode) is nothing and len(channel) == 2  # a spill record: Python's
+    assert fast.take_one(pid, nothing, decode, core) is nothing and len(channel) == 2  # a spill record: Python's
     assert channel.recv() == b"x" * (2 * core.ring_bytes)
     with pytest.raises(shmfeed.ChannelCorruptError):
-        fast.take_one(pid, nothing, decode)  # bad bytes: taken, and decode's error is the receive's
-    assert len(channel) == 0 and fast.take_one(pid, nothing, decode) is nothing
+        fast.take_one(pid, nothing, decode, core)  # bad bytes: taken, and decode's error is the receive's
+    assert len(channel) == 0 and fast.take_one(pid, nothing, decode, core) is nothing
+    channel.close()
+
+
+@needs_accel
+def test_the_c_single_receive_wakes_waiting_senders_whatever_it_answers() -> None:
+    """``Ring.take_one`` calls ``core._wake_senders()`` when senders wait for room
+    (SEND_WAITING), after taking and before decoding: also when it took nothing or the
+    value does not decode; never when none wait."""
+    from shmfeed import _layout as L
+
+    class Core:
+        woken = 0
+
+        def _wake_senders(self) -> None:
+            self.woken += 1
+
+    nothing, waiting = object(), Core()
+    channel = shmfeed.Channel(16)
+    core = channel._live_core()
+    fast, pid = core._fast, os.getpid()
+    channel.send(1)
+    assert fast.offer(b"\xc1", pid) == 0  # bytes no msgpack value starts with
+    assert fast.take_one(pid, nothing, _codec.decode_with_msgpack, waiting) == 1 and waiting.woken == 0
+    core.words[L.SEND_WAITING] = 1
+    try:
+        with pytest.raises(shmfeed.ChannelCorruptError):
+            fast.take_one(pid, nothing, _codec.decode_with_msgpack, waiting)
+        assert waiting.woken == 1
+        assert fast.take_one(pid, nothing, _codec.decode_with_msgpack, waiting) is nothing and waiting.woken == 2
+    finally:
+        core.words[L.SEND_WAITING] = 0
     channel.close()
 
 
