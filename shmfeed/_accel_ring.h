@@ -283,7 +283,7 @@ static PyObject *Ring_take_spill(Ring *self, PyObject *pid_object) {
  * (_accel_decode.h) or else by ``decode(bytes)``, whose error is then the receive's.
  * Anything else answers ``nothing`` having taken nothing, for the Python receive: empty,
  * the lock busy, a spill record, a larger value. Whatever it answers, senders waiting for
- * room (SEND_WAITING) are woken first, by ``core._wake_senders()``: the Python check
+ * room (SEND_WAITING) are woken first, by ``core.wake_senders()``: the Python check
  * after each call cost every receive as much as this whole call's overhead. */
 #define TAKE_ONE_MAX (64 * 1024)
 #define TAKE_ONE_ON_STACK 1024
@@ -319,7 +319,7 @@ static PyObject *Ring_take_one(Ring *self, PyObject *const *args, Py_ssize_t nar
     store(self, W_RECV_LOCK_OWNER, 0);
     sem_post(self->recv_lock);
     if (load(self, W_SEND_WAITING)) {  /* read after the release above, a full barrier */
-        PyObject *woken = PyObject_CallMethod(args[3], "_wake_senders", NULL);
+        PyObject *woken = PyObject_CallMethod(args[3], "wake_senders", NULL);
         if (woken == NULL) {  /* (a signal handler's exception: the value goes with it, as a recv's would) */
             if (copy != NULL && copy != on_stack)
                 PyMem_Free(copy);
@@ -670,7 +670,7 @@ static PyMethodDef Ring_methods[] = {
      "None if the receive lock is busy"},
     {"take_one", (PyCFunction)(void (*)(void))Ring_take_one, METH_FASTCALL,
      "take_one(pid, nothing, decode, core) -> the oldest value taken and decoded (by the C decoder, else by "
-     "decode), or ``nothing`` (taken nothing) for the Python receive; core._wake_senders() first if senders wait"},
+     "decode), or ``nothing`` (taken nothing) for the Python receive; core.wake_senders() first if senders wait"},
     {"offer_spill", (PyCFunction)(void (*)(void))Ring_offer_spill, METH_FASTCALL,
      "offer_spill(record, pid) -> as offer, for a large value's reference record"},
     {"take_spill", (PyCFunction)Ring_take_spill, METH_O,

@@ -811,16 +811,14 @@ class ChannelCore(AttachedSegment):
             data = fast.poll(_pid)
             if data is False:
                 return None  # empty and open: the Python poll would say no more
-            if data is None:
-                record = fast.take_spill(_pid)  # a large value's reference, or the Python poll's
-                if record is None:
+            spilled = data is None
+            if spilled:
+                data = fast.take_spill(_pid)  # a large value's reference, or the Python poll's
+                if data is None:
                     return self.poll(None, deadline)  # odd, closed, or locked
-                if self.words[L.SEND_WAITING]:
-                    self._wake(L.SEND_WAITLIST_WORD, L.SEND_WAITING)
-                return self._materialise(KIND_SPILL, record)
             if self.words[L.SEND_WAITING]:
-                self._wake(L.SEND_WAITLIST_WORD, L.SEND_WAITING)
-            return data
+                self.wake_senders()
+            return self._materialise(KIND_SPILL, data) if spilled else data
         return self.poll(None, deadline)
 
     def take_common(self, nothing: Any, decode: Callable[[bytes], Any]) -> Any:
@@ -831,16 +829,12 @@ class ChannelCore(AttachedSegment):
         fast = self._fast
         if fast is None:
             return nothing
-        # Senders waiting for room are woken in the call (_wake_senders), before the decode:
+        # Senders waiting for room are woken in the call (wake_senders), before the decode:
         # also when the decode of a taken value fails, its room is free.
         value = fast.take_one(_pid, nothing, decode, self)
         if value is not nothing:
             self._taken_since_empty += 1
         return value
-
-    def _wake_senders(self) -> None:
-        """Wake the senders waiting for room (``Ring.take_one`` calls it when some do)."""
-        self._wake(L.SEND_WAITLIST_WORD, L.SEND_WAITING)
 
     def poll(self, waker: _waker.Waker | None = None, deadline: float | None = None) -> bytes | memoryview | None:
         """Take one encoded value if there is one.
@@ -958,7 +952,8 @@ class ChannelCore(AttachedSegment):
         self._wake(L.SEND_WAITLIST_WORD, L.SEND_WAITING)
 
     def wake_senders(self) -> None:
-        """Wake every sender waiting for space (their subscription may have ended)."""
+        """Wake every sender waiting for space (their subscription may have ended, or a
+        receive made room: ``Ring.take_one`` calls it when some wait)."""
         self._wake(L.SEND_WAITLIST_WORD, L.SEND_WAITING)
 
     # --- figures (no lock: a torn read only misreports a counter) -----------------------

@@ -250,8 +250,9 @@ def read(path: str, size: int) -> bytes | memoryview:
     at this thread's next large read or when the process lets go of the namespace (and
     with the channel in any case).
 
-    The file is opened through ``_shm.open_own``: a FIFO, a symlink or a file that is not
-    ours at the link's name is refused (and left where it is).
+    The file is opened through ``_shm.open_own`` (or, where this process keeps it mapped,
+    ``lstat``-ed and checked the same way): a FIFO, a symlink or a file that is not ours at
+    the link's name is refused (and left where it is).
 
     Raises OSError if the file is missing or not ours (``_shm.ForeignObjectError``),
     ValueError if it does not hold ``size`` bytes (a size read from shared memory is never

@@ -343,7 +343,7 @@ def test_the_c_single_receive_takes_an_inline_value_and_leaves_the_rest_to_pytho
 
 @needs_accel
 def test_the_c_single_receive_wakes_waiting_senders_whatever_it_answers() -> None:
-    """``Ring.take_one`` calls ``core._wake_senders()`` when senders wait for room
+    """``Ring.take_one`` calls ``core.wake_senders()`` when senders wait for room
     (SEND_WAITING), after taking and before decoding: also when it took nothing or the
     value does not decode; never when none wait."""
     from shmfeed import _layout as L
@@ -351,7 +351,7 @@ def test_the_c_single_receive_wakes_waiting_senders_whatever_it_answers() -> Non
     class Core:
         woken = 0
 
-        def _wake_senders(self) -> None:
+        def wake_senders(self) -> None:
             self.woken += 1
 
     nothing, waiting = object(), Core()
