@@ -490,7 +490,8 @@ class FeedCore(AttachedSegment):
     def send_common(self, payload: bytes) -> int:
         """``send(payload)`` with no deadline, in the fewest Python steps (``Feed.send``'s
         short path, once this process is a sender): the C send, and from where it stopped
-        in Python as ``send`` goes on; ``send`` itself for anything else."""
+        in Python as ``send`` goes on; ``send`` itself for anything else. It repeats
+        ``send``'s C branch on purpose: a shared helper would be one more call per send."""
         plan = self._fast_plan
         fast = self._fast
         if plan is None or fast is None or not self._is_sender or len(payload) > plan[3]:  # plan.inline_limit

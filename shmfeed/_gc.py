@@ -192,10 +192,14 @@ def _remove_dead_segment(namespace: str, entry: Entry, lock_ids: list[int], foun
         _shm.unlink_segment(entry.segment)
 
 
+# Names that carry their process's pid: a leftover once that process is dead.
+PER_PROCESS_KINDS = (EntryKind.WAKER, EntryKind.SPILL_TEMP, EntryKind.SPILL_PIN)
+
+
 def _is_leftover(entry: Entry, named_locks: set[int] | None, live_segments: set[str], now: float) -> bool:
     """Whether a name that is not a segment was left by a dead process (segments are judged
     by their attach slots, in ``sweep``)."""
-    if entry.kind in (EntryKind.WAKER, EntryKind.SPILL_TEMP, EntryKind.SPILL_PIN):
+    if entry.kind in PER_PROCESS_KINDS:
         return not _pid_alive(entry.pid)
     if entry.kind is EntryKind.LOCK:
         return (named_locks is not None and entry.number not in named_locks

@@ -54,13 +54,9 @@ def _wait_out_destruction(name: str, timeout: float = 5.0) -> list[str]:
         time.sleep(0.05)
 
 
-# Entries named by their process's pid, which the registry removes once that process died.
-_DEAD_PROCESS_KINDS = (_names.EntryKind.WAKER, _names.EntryKind.SPILL_TEMP, _names.EntryKind.SPILL_PIN)
-
-
 def _being_cleaned(namespace: str, entry: str) -> bool:
     parsed = _names.parse_entry(namespace, entry)
-    if parsed is not None and parsed.kind in _DEAD_PROCESS_KINDS:
+    if parsed is not None and parsed.kind in _gc.PER_PROCESS_KINDS:
         return not psutil.pid_exists(parsed.pid)  # a dead process's: the registry removes it
     if parsed is not None and parsed.kind is _names.EntryKind.LOCK:
         return True  # a lock: goes with its segment, judged by that
