@@ -25,6 +25,8 @@
 static PyMethodDef module_methods[] = {
     {"encode", (PyCFunction)accel_encode, METH_O,
      "encode(value) -> the msgpack bytes of a common value, or None for what only msgpack encodes"},
+    {"encode_many", (PyCFunction)(void (*)(void))accel_encode_many, METH_FASTCALL,
+     "encode_many(values, start, out) -> where it stopped: encode's bytes of values[start:] appended to out"},
     {"decode", (PyCFunction)(void (*)(void))accel_decode, METH_FASTCALL,
      "decode(data, otherwise) -> the value of msgpack bytes; otherwise(data) for what only msgpack decodes"},
     {"mark_sender", (PyCFunction)(void (*)(void))mark_sender, METH_FASTCALL,

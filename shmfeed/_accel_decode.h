@@ -13,39 +13,66 @@
  * and checked against the bytes left before anything is read or allocated. */
 
 #define DECODE_DEPTH_MAX 32
-#define KEY_CACHE_SLOTS 512
-#define KEY_CACHE_MAX_LEN 24
+#define STR_CACHE_SLOTS 512
+#define STR_CACHE_MAX_LEN 24
 
-/* Short map keys seen before, so a repeated key costs no UTF-8 decode and no allocation.
- * Interned, as msgpack interns map keys. The GIL guards the cache. */
+/* Short str seen before, so a repeated one costs no UTF-8 decode and no allocation: map
+ * keys, and values such as a symbol or a side that most events repeat. A str is
+ * immutable, so handing out the same object again is invisible but to ``is``. Keys are
+ * interned, as msgpack interns map keys; values are not (a value seen once would only fill
+ * the interpreter's table). The GIL guards the caches. */
 typedef struct {
     Py_ssize_t length;
+    uint64_t words[3];  /* the bytes, as str_words reads them: they tell equal bytes exactly */
     PyObject *str;
-    unsigned char bytes[KEY_CACHE_MAX_LEN];
-} KeyCacheSlot;
+} StrCacheSlot;
 
-static KeyCacheSlot key_cache[KEY_CACHE_SLOTS];
+static StrCacheSlot key_cache[STR_CACHE_SLOTS];
+static StrCacheSlot value_cache[STR_CACHE_SLOTS];
 
-static PyObject *short_str(const unsigned char *p, Py_ssize_t n) {
-    uint32_t hash = 2166136261u;
-    for (Py_ssize_t i = 0; i < n; i++)
-        hash = (hash ^ p[i]) * 16777619u;
-    KeyCacheSlot *slot = &key_cache[hash % KEY_CACHE_SLOTS];
-    if (slot->str != NULL && slot->length == n && memcmp(slot->bytes, p, (size_t)n) == 0) {
+/* ``n`` (at most STR_CACHE_MAX_LEN) bytes at ``p`` as three words that cover every byte,
+ * by loads that may overlap: two byte strings of one length are equal exactly when their
+ * words are, so a cache hit costs three compares and no memcmp. */
+static inline void str_words(const unsigned char *p, Py_ssize_t n, uint64_t words[3]) {
+    uint32_t lo, hi;
+    words[0] = words[1] = words[2] = 0;
+    if (n >= 8) {
+        memcpy(&words[0], p, 8);
+        memcpy(&words[1], p + n - 8, 8);
+        if (n > 16)
+            memcpy(&words[2], p + 8, 8);
+    } else if (n >= 4) {
+        memcpy(&lo, p, 4);
+        memcpy(&hi, p + n - 4, 4);
+        words[0] = ((uint64_t)hi << 32) | lo;
+    } else if (n > 0) {
+        words[0] = (uint64_t)p[0] | ((uint64_t)p[n / 2] << 8) | ((uint64_t)p[n - 1] << 16);
+    }
+}
+
+static PyObject *short_str(StrCacheSlot *cache, int intern, const unsigned char *p, Py_ssize_t n) {
+    unsigned char copy[STR_CACHE_MAX_LEN];
+    memcpy(copy, p, (size_t)n);  /* read once: what the cache keeps is what was decoded */
+    uint64_t words[3];
+    str_words(copy, n, words);
+    uint64_t hash = (words[0] * 0x9E3779B97F4A7C15u) ^ (words[1] * 0xC2B2AE3D27D4EB4Fu) ^ words[2] ^ (uint64_t)n;
+    StrCacheSlot *slot = &cache[(hash ^ (hash >> 29)) % STR_CACHE_SLOTS];
+    if (slot->str != NULL && slot->length == n && slot->words[0] == words[0] && slot->words[1] == words[1]
+            && slot->words[2] == words[2]) {
         Py_INCREF(slot->str);
         return slot->str;
     }
-    unsigned char copy[KEY_CACHE_MAX_LEN];
-    memcpy(copy, p, (size_t)n);  /* the cache keeps what was decoded, whatever p holds next */
     PyObject *str = PyUnicode_DecodeUTF8((const char *)copy, n, NULL);
     if (str == NULL)
         return NULL;
-    PyUnicode_InternInPlace(&str);
-    Py_XDECREF(slot->str);
+    if (intern)
+        PyUnicode_InternInPlace(&str);
+    PyObject *old = slot->str;
     Py_INCREF(str);
     slot->str = str;
     slot->length = n;
-    memcpy(slot->bytes, copy, (size_t)n);
+    memcpy(slot->words, words, sizeof words);
+    Py_XDECREF(old);  /* last: its deallocation cannot see a half-written slot */
     return str;
 }
 
@@ -72,6 +99,8 @@ static PyObject *decode_str(const unsigned char **cursor, const unsigned char *e
         return NULL;
     const unsigned char *p = *cursor;
     *cursor += n;
+    if (n <= STR_CACHE_MAX_LEN)
+        return short_str(value_cache, 0, p, (Py_ssize_t)n);
     return PyUnicode_DecodeUTF8((const char *)p, (Py_ssize_t)n, NULL);
 }
 
@@ -93,8 +122,8 @@ static PyObject *decode_key(const unsigned char **cursor, const unsigned char *e
             return NULL;
         const unsigned char *p = *cursor;
         *cursor += n;
-        if (n <= KEY_CACHE_MAX_LEN)
-            return short_str(p, (Py_ssize_t)n);
+        if (n <= STR_CACHE_MAX_LEN)
+            return short_str(key_cache, 1, p, (Py_ssize_t)n);
         PyObject *str = PyUnicode_DecodeUTF8((const char *)p, (Py_ssize_t)n, NULL);
         if (str != NULL)
             PyUnicode_InternInPlace(&str);

@@ -157,9 +157,8 @@ static int encode_item(Out *out, PyObject *value, int depth) {
     return -1;  /* any other type: msgpack's, with shmfeed's rules */
 }
 
-/* encode(value) -> the msgpack bytes of ``value``, or None: msgpack decides (see the top). */
-static PyObject *accel_encode(PyObject *module, PyObject *value) {
-    (void)module;
+/* The msgpack bytes of ``value``, or NULL with no exception set: msgpack decides. */
+static PyObject *encode_common(PyObject *value) {
     Out out;
     out.data = out.stack;
     out.length = 0;
@@ -170,9 +169,44 @@ static PyObject *accel_encode(PyObject *module, PyObject *value) {
         result = PyBytes_FromStringAndSize((const char *)out.data, (Py_ssize_t)out.length);
     if (out.data != out.stack)
         PyMem_Free(out.data);
-    if (result == NULL) {
+    if (result == NULL)
         PyErr_Clear();  /* msgpack meets whatever it was again, and says it properly */
-        Py_RETURN_NONE;
-    }
     return result;
+}
+
+/* encode(value) -> the msgpack bytes of ``value``, or None: msgpack decides (see the top). */
+static PyObject *accel_encode(PyObject *module, PyObject *value) {
+    (void)module;
+    PyObject *result = encode_common(value);
+    if (result == NULL)
+        Py_RETURN_NONE;
+    return result;
+}
+
+/* encode_many(values, start, out) -> where it stopped: the bytes of values[start], ... (a
+ * list) appended to the list ``out`` up to the first value that msgpack must encode (or
+ * the end). A batch's values in one call, not one call each. */
+static PyObject *accel_encode_many(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+    (void)module;
+    if (nargs != 3 || !PyList_CheckExact(args[0]) || !PyList_CheckExact(args[2])) {
+        PyErr_SetString(PyExc_TypeError, "encode_many(values: list, start: int, out: list)");
+        return NULL;
+    }
+    Py_ssize_t i = PyLong_AsSsize_t(args[1]);
+    if (i == -1 && PyErr_Occurred())
+        return NULL;
+    PyObject *values = args[0], *out = args[2];
+    for (; i >= 0 && i < PyList_GET_SIZE(values); i++) {
+        PyObject *value = PyList_GET_ITEM(values, i);
+        Py_INCREF(value);
+        PyObject *encoded = encode_common(value);
+        Py_DECREF(value);
+        if (encoded == NULL)
+            break;
+        int failed = PyList_Append(out, encoded);
+        Py_DECREF(encoded);
+        if (failed < 0)
+            return NULL;
+    }
+    return PyLong_FromSsize_t(i);
 }

@@ -205,6 +205,99 @@ static PyObject *Feed_send(Feed *self, PyObject *const *args, Py_ssize_t nargs) 
  * (about 50 us of small values); the caller calls again for the rest. */
 #define FEED_BATCH_RUN 256
 
+/* A run: several values of a batch to every ring at once, the feed's send lock held. Each
+ * ring's send lock is taken once, its records copied one after another and committed with
+ * one store of WRITE_POS (and SENT): per value, what one value's offer pays for the locks
+ * and the header words, paid once per run, and the receivers find the run at once.
+ *
+ * The run is the longest k values that every ring takes whole now: in the ring's capacity,
+ * in its free bytes, and before its end (a wrap, like a full ring, is the per-value path's:
+ * it is never part of a run). So it sends exactly what k per-value sends in a row would,
+ * the same bytes into each ring, and what a ring could not take stays for them. All
+ * the rings' locks are held together: none takes a value of the run before all can.
+ * Returns k, or 0 when no run of RUN_MIN or more is possible now (a lock busy, anything
+ * odd): nothing done. ``*failed`` is set (an exception) if a ring to wake could not be
+ * listed in ``deferred``: the run was sent all the same. */
+#define RUN_MIN 2
+
+static Py_ssize_t feed_offer_run(Feed *self, PyObject *rings, PyObject *payloads, Py_ssize_t next,
+                                 Py_ssize_t end, Py_ssize_t inline_limit, uint64_t pid, PyObject *deferred,
+                                 unsigned char *seen, int *failed) {
+    Py_ssize_t count = PyTuple_GET_SIZE(rings);
+    uint64_t cumulative[FEED_BATCH_RUN + 1];  /* ring bytes of the first j values */
+    Py_ssize_t k = 0;
+    cumulative[0] = 0;
+    while (next + k < end && k < FEED_BATCH_RUN) {
+        PyObject *item = PyList_GET_ITEM(payloads, next + k);
+        if (!PyBytes_CheckExact(item) || PyBytes_GET_SIZE(item) > inline_limit)
+            break;
+        cumulative[k + 1] = cumulative[k] + 8 + (((uint64_t)PyBytes_GET_SIZE(item) + 7) & ~(uint64_t)7);
+        k++;
+    }
+    if (k < RUN_MIN || count == 0)
+        return 0;
+    Py_ssize_t locked = 0;
+    for (; locked < count && k >= RUN_MIN; locked++) {
+        PyObject *item = PyTuple_GET_ITEM(rings, locked);
+        if (!PyObject_TypeCheck(item, &RingType) || !((Ring *)item)->has_view)
+            break;  /* the per-value path says what is wrong */
+        Ring *ring = (Ring *)item;
+        if (try_lock(ring->send_lock))
+            break;
+        store(ring, W_LOCK_OWNER, pid);
+        uint64_t bytes = ring->ring_bytes;
+        uint64_t write_pos = load(ring, W_WRITE_POS), read_pos = load(ring, W_READ_POS);
+        uint64_t sent = load(ring, W_SENT), received = load(ring, W_RECEIVED);
+        uint64_t capacity = load(ring, W_CAPACITY);
+        if (load(ring, W_CLOSED) || read_pos > write_pos || (write_pos & 7) || write_pos - read_pos > bytes
+                || received > sent || sent - received >= capacity || sent > UINT64_MAX - (uint64_t)k
+                || write_pos > UINT64_MAX - cumulative[k]) {
+            k = 0;  /* the per-value path decides (and says what is odd) */
+        } else {
+            uint64_t room = bytes - write_pos % bytes;  /* to the ring's end: no wrap in a run */
+            uint64_t free_bytes = bytes - (write_pos - read_pos);
+            if (free_bytes < room)
+                room = free_bytes;
+            if ((uint64_t)k > capacity - (sent - received))
+                k = (Py_ssize_t)(capacity - (sent - received));
+            while (k > 0 && cumulative[k] > room)
+                k--;
+        }
+    }
+    Py_ssize_t run = locked == count && k >= RUN_MIN ? k : 0;
+    for (Py_ssize_t i = 0; i < locked; i++) {
+        Ring *ring = (Ring *)PyTuple_GET_ITEM(rings, i);
+        if (run) {
+            uint64_t write_pos = load(ring, W_WRITE_POS);
+            unsigned char *at = ring->ring + write_pos % ring->ring_bytes;
+            for (Py_ssize_t j = 0; j < run; j++) {
+                PyObject *item = PyList_GET_ITEM(payloads, next + j);
+                uint32_t header[2] = {(uint32_t)PyBytes_GET_SIZE(item), KIND_DATA};  /* as ring_offer_kind */
+                memcpy(at + cumulative[j], header, 8);
+                memcpy(at + cumulative[j] + 8, PyBytes_AS_STRING(item), (size_t)PyBytes_GET_SIZE(item));
+            }
+            store(ring, W_SENT, load(ring, W_SENT) + (uint64_t)run);
+            store(ring, W_WRITE_POS, write_pos + cumulative[run]);  /* the commit: after the bytes */
+        }
+        store(ring, W_LOCK_OWNER, 0);
+        sem_post(ring->send_lock);  /* a full barrier: the commit is visible before we look */
+        if (run && !seen[i] && load(ring, W_RECV_WAITING)) {
+            PyObject *index = PyLong_FromSsize_t(i);
+            if (index == NULL || PyList_Append(deferred, index) < 0)
+                *failed = 1;  /* out of memory: raised, though the run is sent (as in feed_offer_all) */
+            else
+                seen[i] = 1;
+            Py_XDECREF(index);
+        }
+    }
+    if (run) {
+        feed_store(self, F_SENDS, feed_load(self, F_SENDS) + (uint64_t)run);
+        feed_store(self, F_DELIVERED, feed_load(self, F_DELIVERED) + (uint64_t)run * (uint64_t)count);
+        feed_store(self, F_LAST_SENDER_PID, pid);
+    }
+    return run;
+}
+
 static PyObject *Feed_send_batch(Feed *self, PyObject *const *args, Py_ssize_t nargs) {
     uint64_t pid, version;
     if (nargs != 8 || !PyTuple_Check(args[0]) || !PyList_Check(args[1]) || !PyList_Check(args[6])
@@ -249,6 +342,20 @@ static PyObject *Feed_send_batch(Feed *self, PyObject *const *args, Py_ssize_t n
             locked = 1;
         } else if (feed_load(self, F_CLOSED) || feed_load(self, F_SUB_VERSION) != version) {
             break;
+        }
+        Py_ssize_t end = PyList_GET_SIZE(payloads) < start + FEED_BATCH_RUN
+            ? PyList_GET_SIZE(payloads) : start + FEED_BATCH_RUN;
+        Py_ssize_t run = feed_offer_run(self, rings, payloads, next, end, inline_limit, pid, deferred, seen,
+                                        &failed);
+        if (run > 0) {
+            for (Py_ssize_t j = 0; j < run && !failed; j++) {  /* each went to every ring */
+                PyObject *took = PyLong_FromSsize_t(count);
+                if (took == NULL || PyList_Append(delivered, took) < 0)
+                    failed = 1;
+                Py_XDECREF(took);
+            }
+            next += run;
+            continue;
         }
         long dropped = 0, stop = 0;
         int outcome = feed_offer_all(self, rings, PyBytes_AS_STRING(item), (uint64_t)PyBytes_GET_SIZE(item), pid,

@@ -381,6 +381,17 @@ def encode(value: object) -> bytes:
         raise located from (exc if error is not exc else exc.__cause__)
 
 
+def _encode_many_in_python(values: list[Any], start: int, out: list[bytes]) -> int:
+    """Without the C accelerator: ``encode_many``'s C part, which then encodes nothing."""
+    return start
+
+
+# The C encoder of a batch's common values (``_accel_encode.h``): encode_common's bytes of
+# values[start:] appended to out, up to the first value that is not common; where it stopped.
+_encode_common_many: Callable[[list[Any], int, list[bytes]], int] = (
+    _native.accel.encode_many if _native.accel is not None else _encode_many_in_python)
+
+
 def encode_many(values: list[Any]) -> list[bytes]:
     """``encode`` of each of ``values``, in one loop (a batch of small values pays the
     calls once). Plain ``bytes`` each: a batch keeps them all, so no view of a buffer that
@@ -389,12 +400,12 @@ def encode_many(values: list[Any]) -> list[bytes]:
     if st.depth:
         return [encode(value) for value in values]
     packer = st.packer
-    pack, checked, common = packer.pack, _checked, encode_common
+    pack, checked, common_many = packer.pack, _checked, _encode_common_many
     encoded: list[bytes] = []
     try:
-        for value in values:
-            out = common(value)
-            encoded.append(out if out is not None else checked(packer, pack(value), value))
+        while common_many(values, len(encoded), encoded) < len(values):
+            value = values[len(encoded)]  # one that msgpack and shmfeed's rules encode
+            encoded.append(checked(packer, pack(value), value))
     except Exception:  # noqa: BLE001 - encode() says what and where
         encode(values[len(encoded)])
         raise

@@ -575,8 +575,41 @@ def test_the_c_decoder_key_cache_never_mixes_keys_up() -> None:
     assert _native.accel.decode(b"\x81\xa2\xff\xfe\x01", lambda _: "msgpack's") == "msgpack's"  # not UTF-8
 
 
+@needs_accel
+def test_the_c_decoder_str_cache_never_mixes_values_up() -> None:
+    """Short str values go through a cache too: strings of every length up to past the
+    cache's limit, alike but for one byte anywhere (what its word compare must tell apart),
+    more than it has slots, twice over; and a repeated value is the same object."""
+    values = [("x" * n)[:where] + chr(65 + letter) + ("x" * n)[where + 1:]
+              for n in range(1, 30) for where in range(n) for letter in range(3)]
+    values += ["", "é" * 12, "\U0001f600" * 6]
+    for _ in range(2):
+        for start in range(0, len(values), 40):
+            batch = values[start:start + 40]
+            assert _codec.decode(_codec.encode(batch)) == batch
+    first, second = _codec.decode(_codec.encode(["ABCD", "ABCD"]))
+    assert first == "ABCD" and first is second
+    assert _native.accel.decode(b"\xa2\xff\xfe", lambda _: "msgpack's") == "msgpack's"  # not UTF-8
+
+
 _other_values = st.one_of(st.tuples(st.integers()), st.binary().map(bytearray), st.integers(min_value=2**64),
                           st.integers(max_value=-(2**63) - 1), st.just("\ud800"), st.sets(st.integers(), max_size=2))
+
+
+@settings(max_examples=200, deadline=None, database=None, derandomize=True)
+@given(batch=st.lists(st.one_of(_plain_values, _other_values.filter(lambda v: v != "\ud800")), max_size=12),
+       bad_at=st.integers(min_value=0, max_value=12))
+def test_a_batch_encodes_to_each_values_own_bytes_common_or_not(batch: list, bad_at: int) -> None:
+    """``_codec.encode_many`` (the C loop over a batch's common values, msgpack for the
+    others in between) gives each value the bytes ``encode`` gives it, in order; a value
+    nothing can encode, anywhere, raises what ``encode`` raises for it."""
+    assert _codec.encode_many(batch) == [_codec.encode(value) for value in batch]
+    bad = batch[:bad_at] + [{"k": object()}] + batch[bad_at:]
+    with pytest.raises(shmfeed.EncodingError) as from_batch:
+        _codec.encode_many(bad)
+    with pytest.raises(shmfeed.EncodingError) as alone:
+        _codec.encode(bad[min(bad_at, len(batch))])
+    assert str(from_batch.value) == str(alone.value)
 
 
 @needs_accel

@@ -751,3 +751,39 @@ def test_an_offer_at_a_misaligned_write_position_says_the_channel_is_corrupt(dat
             core.put_nowait(b"x" * 16)
     finally:
         channel.close()
+
+
+# A feed's batch goes to every ring in runs (``feed_offer_run``): several values under one
+# hold of each ring's lock, never across a ring's end. The state machine above seldom puts a
+# run right at the end of a ring; here every 8-byte step before it is met, on both paths.
+@pytest.mark.timeout(120)
+def test_a_batch_that_meets_a_rings_end_is_sent_alike_on_both_paths() -> None:
+    batch = [bytes([n]) * 14 for n in range(12)]  # 16 bytes encoded: records of 24
+    for near, far in [(near, 512) for near in range(8, 328, 8)] + [(512, near) for near in range(8, 328, 24)]:
+        feeds, pairs = [], []
+        for path in (contextlib.nullcontext(), python_path()):
+            with path:
+                feed: shmfeed.Feed[bytes] = shmfeed.Feed()
+                channels = [shmfeed.Channel(capacity=64, buffer_size=4096) for _ in range(2)]
+                for channel in channels:
+                    feed.subscribe(channel)
+            for channel, before_end in zip(channels, (near, far)):
+                core = channel._live_core()
+                core.words[L.WRITE_POS] = core.words[L.READ_POS] = 3 * core.ring_bytes - before_end
+            feeds.append(feed)
+            pairs.append(channels)
+        try:
+            assert feeds[0]._open()._fast is not None and feeds[1]._open()._fast is None
+            outcomes = [outcome_of(lambda: _sent_of_batch(feed, batch)) for feed in feeds]
+            assert outcomes[0] == outcomes[1] == ("batch", (2,) * len(batch)), (near, far, outcomes)
+            for index in range(2):
+                RingShape().compare(pairs[0][index]._live_core(), pairs[1][index]._live_core())
+            for channels in pairs:
+                assert [channel.recv_many() for channel in channels] == [batch, batch], (near, far)
+        finally:
+            for feed in feeds:
+                feed.close()
+                feed.detach()
+            for channels in pairs:
+                for channel in channels:
+                    channel.close()
