@@ -395,12 +395,22 @@ class Channel(TypeArgument, Generic[T]):
             ChannelClosed: the channel is closed and drained.
             ChannelCorruptError: the ring held bytes that are not a valid message.
         """
+        core = self._core
+        if timeout is None and self._held_error is None and core is not None and core.refused is None \
+                and not core.released and core._fast is not None:
+            # The common value in one C call: ChannelCore.take_common's steps, inline (a
+            # call less on every receive).
+            value = core._fast.take_one(_ring._pid, _NOTHING, _DECODE, core)
+            if value is not _NOTHING:
+                core._taken_since_empty += 1
+                return value  # type: ignore[no-any-return]
+            return _codec.decode(core.take(None))  # type: ignore[no-any-return]
         if timeout is not None:
             _check_timeout(timeout)
         if self._held_error is not None:
             self._raise_held_error()
         core = self._live_core()
-        value = core.take_common(_NOTHING, _DECODE)  # the common value in one C call
+        value = core.take_common(_NOTHING, _DECODE)
         if value is _NOTHING:
             value = _codec.decode(core.take(timeout))
         return value  # type: ignore[no-any-return]
