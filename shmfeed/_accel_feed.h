@@ -191,6 +191,58 @@ static PyObject *Feed_send(Feed *self, PyObject *const *args, Py_ssize_t nargs) 
     return failed ? NULL : PyLong_FromLong(answer);
 }
 
+/* Feed.send_value(value, plan, pid) -> Feed.send's short path for a value of the common
+ * types, encoded here (_accel_encode.h) and sent as Feed.send does, in one call. ``plan`` is
+ * the feed's SendPlan (version, targets, rings, inline_limit), read whole. Answers:
+ *   None            the value is not of the common types: nothing done (encode decides);
+ *   int n           every ring settled it: n took it (full drop_newest rings dropped it);
+ *   bytes           its encoding, not sent (too big to go inline, the lock busy, the feed
+ *                   closed or its subscriptions changed): the Python send sends these bytes;
+ *   (bytes, stop)   stopped at a ring as Feed.send's answer ``stop`` (dropped() says how
+ *                   many rings before it dropped it), THE FEED'S SEND LOCK STILL HELD: the
+ *                   caller goes on from there, then unlock_if_held(), as after Feed.send. */
+static PyObject *Feed_send_value(Feed *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 3 || !PyTuple_Check(args[1]) || PyTuple_GET_SIZE(args[1]) != 4
+            || !PyTuple_Check(PyTuple_GET_ITEM(args[1], 2))) {
+        PyErr_SetString(PyExc_TypeError, "send_value(value, plan: SendPlan, pid)");
+        return NULL;
+    }
+    if (!self->has_view) {
+        PyErr_SetString(PyExc_ValueError, "shmfeed: the feed was released");
+        return NULL;
+    }
+    PyObject *plan = args[1], *rings = PyTuple_GET_ITEM(plan, 2);
+    uint64_t version = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(plan, 0));
+    Py_ssize_t inline_limit = PyLong_AsSsize_t(PyTuple_GET_ITEM(plan, 3));
+    uint64_t pid = PyLong_AsUnsignedLongLong(args[2]);
+    if (PyErr_Occurred())
+        return NULL;
+    PyObject *payload = encode_common(args[0]);
+    if (payload == NULL)
+        Py_RETURN_NONE;
+    if (PyBytes_GET_SIZE(payload) > inline_limit || feed_lock_for(self, pid, version))
+        return payload;
+    Py_INCREF(rings);
+    long dropped = 0, stop = 0;
+    int outcome = feed_offer_all(self, rings, PyBytes_AS_STRING(payload), (uint64_t)PyBytes_GET_SIZE(payload), pid,
+                                 NULL, NULL, &dropped, &stop);
+    Py_ssize_t count = PyTuple_GET_SIZE(rings);
+    Py_DECREF(rings);
+    if (outcome == 1) {
+        self->holder = PyThread_get_thread_ident();  /* the lock stays held: see above */
+        self->dropped = dropped;
+        PyObject *answer = Py_BuildValue("(Nl)", payload, stop);
+        if (answer == NULL) {
+            self->holder = 0;
+            feed_unlock(self);
+        }
+        return answer;
+    }
+    feed_unlock(self);
+    Py_DECREF(payload);
+    return outcome < 0 ? NULL : PyLong_FromSsize_t(count - dropped);
+}
+
 /* Feed.send_batch(rings, payloads, start, pid, version, inline_limit, deferred, delivered)
  * -> the index of the first payload not sent: Feed.send of payloads[start:] in order,
  * under one hold of the send lock. Each payload sent gets its count of rings that took it
@@ -455,6 +507,8 @@ static PyMethodDef Feed_methods[] = {
     {"send", (PyCFunction)(void (*)(void))Feed_send, METH_FASTCALL,
      "send(rings, payload, pid, version[, deferred]) -> -1 Python path, -2 - dropped done, else 2*i (+1) "
      "with the lock held; deferred: a list that gets the rings to wake instead of stopping at them"},
+    {"send_value", (PyCFunction)(void (*)(void))Feed_send_value, METH_FASTCALL,
+     "send_value(value, plan, pid) -> None, delivered count, bytes to send, or (bytes, stop) with the lock held"},
     {"send_batch", (PyCFunction)(void (*)(void))Feed_send_batch, METH_FASTCALL,
      "send_batch(rings, payloads, start, pid, version, inline_limit, deferred, delivered) -> the first "
      "payload not sent; stopped() says why (-1 Python path, lock free; else as send's stop, lock held)"},

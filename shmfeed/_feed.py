@@ -247,10 +247,9 @@ class Feed(TypeArgument, Generic[T]):
         # bytes _codec.encode would give; anything else takes the whole path below.
         if timeout is None and core is not None and type(value) is core.lane_type and not core.large_values \
                 and not core.released:
-            common = _codec.encode_common(value)
-            if common is not None:
-                core.large_values = len(common) > _codec.LARGE_OUTPUT
-                return core.send_common(common)
+            answer = core.send_value(value)
+            if answer is not None:
+                return answer
         deadline = None
         if timeout is not None:
             _check_timeout(timeout)

@@ -487,24 +487,33 @@ class FeedCore(AttachedSegment):
             # into a FeedSendTimeout): no channel got the value.
             raise self.nobody_reached(timeout, error) from error
 
-    def send_common(self, payload: bytes) -> int:
-        """``send(payload)`` with no deadline, in the fewest Python steps (``Feed.send``'s
-        short path, once this process is a sender): the C send, and from where it stopped
-        in Python as ``send`` goes on; ``send`` itself for anything else. It repeats
-        ``send``'s C branch on purpose: a shared helper would be one more call per send."""
-        plan = self._fast_plan
-        fast = self._fast
-        if plan is None or fast is None or not self._is_sender or len(payload) > plan[3]:  # plan.inline_limit
-            return self.send(payload)
+    def send_value(self, value: Any) -> int | None:
+        """``Feed.send``'s short path (no deadline): a value of the common types encoded and
+        sent by one C call (``Feed.send_value``) once this process is a sender, and from
+        where it stopped in Python as ``send`` goes on; None, having done nothing, for a
+        value of other types (``Feed.send`` then takes its whole path)."""
+        plan, fast = self._fast_plan, self._fast
+        if plan is None or fast is None or not self._is_sender:
+            common = _codec.encode_common(value)
+            if common is None:
+                return None
+            self.large_values = len(common) > _codec.LARGE_OUTPUT
+            return self.send(common)
         try:
-            answer = fast.send(plan[2], payload, _ring._pid, plan[0])  # plan.rings, plan.version
-            if answer <= ALL_DELIVERED:
-                return len(plan[2]) - (ALL_DELIVERED - answer)  # dropped_by(answer), without a call
-            if answer >= 0:  # stopped at a ring, the lock held (see send)
-                return self._send_locked(payload, plan, answer, None, None, 0, fast.dropped())
-        finally:
-            fast.unlock_if_held()
-        return self.send(payload)  # the lock busy: send waits for it
+            answer = fast.send_value(value, plan, _ring._pid)
+            if answer.__class__ is int or answer is None:
+                return answer  # type: ignore[no-any-return]
+            if answer.__class__ is tuple:  # stopped at a ring, the lock held (see Feed.send_value)
+                try:
+                    return self._send_locked(answer[0], plan, answer[1], None, None, 0, fast.dropped())
+                finally:
+                    fast.unlock_if_held()
+        except BaseException:
+            fast.unlock_if_held()  # whatever was raised, even as the C call returned: not left held
+            raise
+        # Encoded, not sent there (too big to go inline, the lock busy): the whole send.
+        self.large_values = len(answer) > _codec.LARGE_OUTPUT
+        return self.send(answer)
 
     @contextlib.contextmanager
     def sends_held(self, deadline: float | None) -> Iterator[memoryview]:

@@ -118,3 +118,34 @@ def test_a_dropped_large_value_leaves_no_file(namespace, overflow):
     assert len(links) == 1, links  # only the value still in the ring keeps its file
     assert channel.recv(timeout=5)[0] == (0 if overflow == "drop_newest" else 3)
     channel.close()
+
+
+@pytest.mark.timeout(30)
+def test_a_send_counts_a_drop_before_the_ring_where_its_c_path_stopped(namespace):
+    """A send that drops at a full drop_newest channel, then stops in C at a channel whose
+    receiver waits (the wake is Python's), counts only the channel that took the value."""
+    from shmfeed import _layout as L
+
+    feed = shmfeed.Feed("drop-then-wake")
+    lossy = shmfeed.Channel(capacity=1, overflow="drop_newest")
+    waited = shmfeed.Channel(capacity=4)
+    subscriptions = [feed.subscribe(lossy), feed.subscribe(waited)]  # in this order: the rings' order
+    got = []
+    reader = threading.Thread(target=lambda: got.append(waited.recv(timeout=20)), daemon=True)
+    try:
+        assert feed.send(1) == 2  # the lossy channel is full from now on
+        assert waited.recv(timeout=5) == 1
+        reader.start()
+        deadline = time.monotonic() + 10
+        while not waited._live_core().words[L.RECV_WAITING]:  # the reader sleeps on the channel
+            assert time.monotonic() < deadline and reader.is_alive()
+            time.sleep(0.005)
+        assert feed.send(2) == 1  # dropped by the lossy channel, taken by the waited one
+        reader.join(10)
+        assert got == [2] and lossy.statistics().dropped == 1
+    finally:
+        for subscription in subscriptions:
+            subscription.unsubscribe()
+        lossy.close()
+        waited.close()
+        feed.detach()
