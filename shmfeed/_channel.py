@@ -403,8 +403,9 @@ class Channel(TypeArgument, Generic[T]):
             value = core._fast.take_one(_ring._pid, _NOTHING, _DECODE, core)
             if value is not _NOTHING:
                 core._taken_since_empty += 1
-                return value  # type: ignore[no-any-return]
-            return _codec.decode(core.take(None))  # type: ignore[no-any-return]
+            else:
+                value = _codec.decode(core.take(None))
+            return value  # type: ignore[no-any-return]
         if timeout is not None:
             _check_timeout(timeout)
         if self._held_error is not None:
