@@ -294,6 +294,11 @@ static Py_ssize_t feed_offer_run(Feed *self, PyObject *rings, PyObject *payloads
         if (!PyObject_TypeCheck(item, &RingType) || !((Ring *)item)->has_view)
             break;  /* the per-value path says what is wrong */
         Ring *ring = (Ring *)item;
+        for (Py_ssize_t before = 0; before < locked; before++)
+            if (PyTuple_GET_ITEM(rings, before) == item)
+                k = 0;  /* a channel subscribed twice takes each value twice: the per-value path */
+        if (k < RUN_MIN)
+            break;
         if (try_lock(ring->send_lock))
             break;
         store(ring, W_LOCK_OWNER, pid);
