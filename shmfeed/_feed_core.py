@@ -859,12 +859,19 @@ class FeedCore(AttachedSegment):
         """
         delivered = 0
         still: list[_Waiting] = []
+        full: set[int] = set()  # channels found full in this pass
         for index, entry in enumerate(waiting):
             target, kind, record = entry
             core = target.core
             if not self.is_active(target.entry, target.sub_id) or self.closed:
                 _discard_record(core, kind, record)
                 self._settled(target)
+                continue
+            if core.channel_id in full:
+                # A channel subscribed twice, full for the copy before: offered again, it
+                # would take ``waker`` out of the wait list (each offer does, first), then
+                # might take this copy while the one before waits unregistered: lost.
+                still.append(entry)
                 continue
             try:
                 outcome = core.offer(kind, record, waker, deadline)
@@ -877,6 +884,7 @@ class FeedCore(AttachedSegment):
                 # Re-checked after registering: an unsubscribe in between wakes us.
                 if self.is_active(target.entry, target.sub_id) and not self.closed:
                     still.append(entry)
+                    full.add(core.channel_id)
                     continue
                 _discard_record(core, kind, record)
             else:

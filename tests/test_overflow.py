@@ -149,3 +149,57 @@ def test_a_send_counts_a_drop_before_the_ring_where_its_c_path_stopped(namespace
         lossy.close()
         waited.close()
         feed.detach()
+
+
+
+@pytest.mark.timeout(30)
+def test_a_wait_on_a_channel_subscribed_twice_stays_in_its_wait_list(namespace):
+    """A value waits for room in a channel subscribed twice (two copies). The receiver takes
+    one value after the first copy's offer found the channel full, and looks for waiting
+    senders only later: a second offer that got in then took the first copy's registration
+    out of the wait list, and nobody ever woke its sender (a send_many hung so, with the
+    channel drained). A copy still waiting must stay registered."""
+    from shmfeed import _codec, _ring, _waker
+    from shmfeed import _layout as L
+    from shmfeed._feed_core import _Waiting
+
+    feed = shmfeed.Feed("twice")
+    channel = shmfeed.Channel(capacity=1)
+    subscriptions = [feed.subscribe(channel), feed.subscribe(channel)]
+    try:
+        channel.send(0)  # full
+        core = feed._open()
+        targets = core.targets()
+        ring = targets[0].core
+        assert len(targets) == 2 and targets[1].core is ring
+        waiting = [_Waiting(target, _ring.KIND_DATA, _codec.encode(1)) for target in targets]
+        waker = _waker.current_waker(namespace)
+        real_offer, offers = ring.offer, []
+
+        def offer(*args):
+            outcome = real_offer(*args)
+            offers.append(outcome)
+            if len(offers) == 1:  # the receiver takes a value, and has not looked for senders yet
+                assert outcome == _ring.FULL and ring.recv_lock.acquire_by(None)
+                try:
+                    assert ring._read_locked() is not None
+                finally:
+                    ring.recv_lock.release()
+            return outcome
+
+        ring.offer = offer
+        try:
+            with core.sends_held(None):
+                delivered, locked = core.offer_waiting(waiting, waker, None)
+        finally:
+            del ring.offer
+        assert locked is None and delivered + len(waiting) == 2 and waiting
+        words = ring.words
+        wait_list = [int(words[word]) for word in range(L.SEND_WAITLIST_WORD, L.SEND_WAITLIST_WORD + L.WAITLIST_SLOTS)]
+        assert waker.waker_id in wait_list and words[L.SEND_WAITING] == 1, "the waiting copy lost its registration"
+        ring.forget_sender(waker)
+    finally:
+        for subscription in subscriptions:
+            subscription.unsubscribe()
+        channel.close()
+        feed.detach()
