@@ -57,7 +57,7 @@ typedef struct {
     Py_ssize_t index[F_COUNT];
     unsigned long holder;  /* the thread a send returned to with the lock held, or 0 */
     long dropped;          /* rings that dropped the value in the last send that stopped at a ring */
-    long stop;             /* why the last send_batch stopped (see Feed.send_batch) */
+    unsigned long long run_values;  /* values this object sent in runs (feed_offer_run): for tests */
 } Feed;
 
 static inline uint64_t feed_load(const Feed *self, int which) {
@@ -191,20 +191,22 @@ static PyObject *Feed_send(Feed *self, PyObject *const *args, Py_ssize_t nargs) 
     return failed ? NULL : PyLong_FromLong(answer);
 }
 
-/* Feed.send_value(value, plan, pid) -> Feed.send's short path for a value of the common
- * types, encoded here (_accel_encode.h) and sent as Feed.send does, in one call. ``plan`` is
- * the feed's SendPlan (version, targets, rings, inline_limit), read whole. Answers:
+/* Feed.send_value(value, plan, pid, large) -> Feed.send's short path for a value of the
+ * common types, encoded here (_accel_encode.h) and sent as Feed.send does, in one call.
+ * ``plan`` is the feed's SendPlan (version, targets, rings, inline_limit), read whole; a value
+ * that encodes to more than ``large`` bytes is left to Python (_codec.LARGE_OUTPUT: the next
+ * send takes the path for large values). Answers:
  *   None            the value is not of the common types: nothing done (encode decides);
  *   int n           every ring settled it: n took it (full drop_newest rings dropped it);
- *   bytes           its encoding, not sent (too big to go inline, the lock busy, the feed
+ *   bytes           its encoding, not sent (too big to go inline or large, the lock busy, the feed
  *                   closed or its subscriptions changed): the Python send sends these bytes;
  *   (bytes, stop)   stopped at a ring as Feed.send's answer ``stop`` (dropped() says how
  *                   many rings before it dropped it), THE FEED'S SEND LOCK STILL HELD: the
  *                   caller goes on from there, then unlock_if_held(), as after Feed.send. */
 static PyObject *Feed_send_value(Feed *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 3 || !PyTuple_Check(args[1]) || PyTuple_GET_SIZE(args[1]) != 4
+    if (nargs != 4 || !PyTuple_Check(args[1]) || PyTuple_GET_SIZE(args[1]) != 4
             || !PyTuple_Check(PyTuple_GET_ITEM(args[1], 2))) {
-        PyErr_SetString(PyExc_TypeError, "send_value(value, plan: SendPlan, pid)");
+        PyErr_SetString(PyExc_TypeError, "send_value(value, plan: SendPlan, pid, large)");
         return NULL;
     }
     if (!self->has_view) {
@@ -215,12 +217,14 @@ static PyObject *Feed_send_value(Feed *self, PyObject *const *args, Py_ssize_t n
     uint64_t version = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(plan, 0));
     Py_ssize_t inline_limit = PyLong_AsSsize_t(PyTuple_GET_ITEM(plan, 3));
     uint64_t pid = PyLong_AsUnsignedLongLong(args[2]);
+    Py_ssize_t large = PyLong_AsSsize_t(args[3]);
     if (PyErr_Occurred())
         return NULL;
     PyObject *payload = encode_common(args[0]);
     if (payload == NULL)
         Py_RETURN_NONE;
-    if (PyBytes_GET_SIZE(payload) > inline_limit || feed_lock_for(self, pid, version))
+    if (PyBytes_GET_SIZE(payload) > inline_limit || PyBytes_GET_SIZE(payload) > large
+            || feed_lock_for(self, pid, version))
         return payload;
     Py_INCREF(rings);
     long dropped = 0, stop = 0;
@@ -244,15 +248,16 @@ static PyObject *Feed_send_value(Feed *self, PyObject *const *args, Py_ssize_t n
 }
 
 /* Feed.send_batch(rings, payloads, start, pid, version, inline_limit, deferred, delivered)
- * -> the index of the first payload not sent: Feed.send of payloads[start:] in order,
+ * -> (the index of the first payload not sent, why, dropped): Feed.send of payloads[start:] in order,
  * under one hold of the send lock. Each payload sent gets its count of rings that took it
  * appended to ``delivered``; receivers to wake go in ``deferred`` (once each). It stops
- * after FEED_BATCH_RUN payloads (``stopped()`` -1), or at the first payload it cannot
- * send whole, and ``stopped()`` says why: -1, nothing done for
+ * after FEED_BATCH_RUN payloads (why: -1), or at the first payload it cannot
+ * send whole, and says why: -1, nothing done for
  * it and the lock not held (not a ``bytes`` of at most ``inline_limit`` bytes, the lock
  * busy, the feed closed or its subscriptions changed: the Python path sends it); else the
  * answer Feed.send gives for a stop at a ring, THE LOCK STILL HELD (see Feed.send: the
- * caller goes on from there, then unlock_if_held() in a ``finally``). */
+ * caller goes on from there, then unlock_if_held() in a ``finally``), and ``dropped`` is
+ * as Feed.dropped() then. */
 /* Values sent per hold of the send lock: other processes' sends wait no longer than that
  * (about 50 us of small values); the caller calls again for the rest. */
 #define FEED_BATCH_RUN 256
@@ -267,14 +272,16 @@ static PyObject *Feed_send_value(Feed *self, PyObject *const *args, Py_ssize_t n
  * it is never part of a run). So it sends exactly what k per-value sends in a row would,
  * the same bytes into each ring, and what a ring could not take stays for them. All
  * the rings' locks are held together: none takes a value of the run before all can.
- * Returns k, or 0 when no run of RUN_MIN or more is possible now (a lock busy, anything
- * odd): nothing done. ``*failed`` is set (an exception) if a ring to wake could not be
+ * The rings are distinct (Feed_send_batch sends a plan with a channel subscribed twice
+ * value by value). Returns k, or 0 when no run of RUN_MIN or more is possible now (a lock
+ * busy, anything odd): nothing done. ``*failed`` is set (an exception) if a ring to wake could not be
  * listed in ``deferred``: the run was sent all the same. */
 #define RUN_MIN 2
+#define RUN_RETRY 8
 
 static Py_ssize_t feed_offer_run(Feed *self, PyObject *rings, PyObject *payloads, Py_ssize_t next,
                                  Py_ssize_t end, Py_ssize_t inline_limit, uint64_t pid, PyObject *deferred,
-                                 unsigned char *seen, int *failed) {
+                                 unsigned char *seen, uint64_t *positions, int *failed) {
     Py_ssize_t count = PyTuple_GET_SIZE(rings);
     uint64_t cumulative[FEED_BATCH_RUN + 1];  /* ring bytes of the first j values */
     Py_ssize_t k = 0;
@@ -294,17 +301,13 @@ static Py_ssize_t feed_offer_run(Feed *self, PyObject *rings, PyObject *payloads
         if (!PyObject_TypeCheck(item, &RingType) || !((Ring *)item)->has_view)
             break;  /* the per-value path says what is wrong */
         Ring *ring = (Ring *)item;
-        for (Py_ssize_t before = 0; before < locked; before++)
-            if (PyTuple_GET_ITEM(rings, before) == item)
-                k = 0;  /* a channel subscribed twice takes each value twice: the per-value path */
-        if (k < RUN_MIN)
-            break;
         if (try_lock(ring->send_lock))
             break;
         store(ring, W_LOCK_OWNER, pid);
         uint64_t bytes = ring->ring_bytes;
         uint64_t write_pos = load(ring, W_WRITE_POS), read_pos = load(ring, W_READ_POS);
         uint64_t sent = load(ring, W_SENT), received = load(ring, W_RECEIVED);
+        positions[locked] = write_pos;  /* the run is written where it was checked, read once */
         uint64_t capacity = load(ring, W_CAPACITY);
         if (load(ring, W_CLOSED) || read_pos > write_pos || (write_pos & 7) || write_pos - read_pos > bytes
                 || received > sent || sent - received >= capacity || sent > UINT64_MAX - (uint64_t)k
@@ -325,7 +328,7 @@ static Py_ssize_t feed_offer_run(Feed *self, PyObject *rings, PyObject *payloads
     for (Py_ssize_t i = 0; i < locked; i++) {
         Ring *ring = (Ring *)PyTuple_GET_ITEM(rings, i);
         if (run) {
-            uint64_t write_pos = load(ring, W_WRITE_POS);
+            uint64_t write_pos = positions[i];
             unsigned char *at = ring->ring + write_pos % ring->ring_bytes;
             for (Py_ssize_t j = 0; j < run; j++) {
                 PyObject *item = PyList_GET_ITEM(payloads, next + j);
@@ -348,6 +351,7 @@ static Py_ssize_t feed_offer_run(Feed *self, PyObject *rings, PyObject *payloads
         }
     }
     if (run) {
+        self->run_values += (unsigned long long)run;
         feed_store(self, F_SENDS, feed_load(self, F_SENDS) + (uint64_t)run);
         feed_store(self, F_DELIVERED, feed_load(self, F_DELIVERED) + (uint64_t)run * (uint64_t)count);
         feed_store(self, F_LAST_SENDER_PID, pid);
@@ -372,21 +376,30 @@ static PyObject *Feed_send_batch(Feed *self, PyObject *const *args, Py_ssize_t n
     pid = PyLong_AsUnsignedLongLong(args[3]);
     if ((start == -1 || inline_limit == -1 || pid == (uint64_t)-1) && PyErr_Occurred())
         return NULL;
-    self->stop = -1;
     version = PyLong_AsUnsignedLongLong(args[4]);
     if (version == (uint64_t)-1 && PyErr_Occurred()) {
         PyErr_Clear();
-        return PyLong_FromSsize_t(start);  /* not a version a table can have: the Python path */
+        return Py_BuildValue("(nll)", start < 0 ? (Py_ssize_t)0 : start, -1L, 0L);  /* not a table's version */
     }
     PyObject *rings = args[0], *payloads = args[1], *deferred = args[6], *delivered = args[7];
     Py_INCREF(rings);
     Py_INCREF(payloads);
     Py_ssize_t count = PyTuple_GET_SIZE(rings);
     unsigned char *seen = PyMem_Calloc(count ? (size_t)count : 1, 1);
+    uint64_t *positions = PyMem_Calloc(count ? (size_t)count : 1, sizeof(uint64_t));
     if (start < 0)
         start = 0;
     Py_ssize_t next = start;
-    int failed = seen == NULL, locked = 0;
+    int failed = seen == NULL || positions == NULL, locked = 0;
+    /* After a run that could not be sent, the next RUN_RETRY values go one by one before
+     * another try (each try locks rings); a plan with a channel subscribed twice never
+     * runs (its copies of a value must go in turn). */
+    Py_ssize_t no_run_until = next;
+    for (Py_ssize_t i = 0; i < count && no_run_until < PY_SSIZE_T_MAX; i++)
+        for (Py_ssize_t j = 0; j < i; j++)
+            if (PyTuple_GET_ITEM(rings, i) == PyTuple_GET_ITEM(rings, j))
+                no_run_until = PY_SSIZE_T_MAX;
+    long stopped = -1;  /* answered with the index, not kept in the object another thread's call resets */
     if (failed)
         PyErr_NoMemory();
     while (!failed && next < PyList_GET_SIZE(payloads) && next - start < FEED_BATCH_RUN) {
@@ -402,8 +415,11 @@ static PyObject *Feed_send_batch(Feed *self, PyObject *const *args, Py_ssize_t n
         }
         Py_ssize_t end = PyList_GET_SIZE(payloads) < start + FEED_BATCH_RUN
             ? PyList_GET_SIZE(payloads) : start + FEED_BATCH_RUN;
-        Py_ssize_t run = feed_offer_run(self, rings, payloads, next, end, inline_limit, pid, deferred, seen,
-                                        &failed);
+        Py_ssize_t run = next >= no_run_until
+            ? feed_offer_run(self, rings, payloads, next, end, inline_limit, pid, deferred, seen, positions, &failed)
+            : 0;
+        if (run == 0 && next >= no_run_until)
+            no_run_until = next + RUN_RETRY;
         if (run > 0) {
             for (Py_ssize_t j = 0; j < run && !failed; j++) {  /* each went to every ring */
                 PyObject *took = PyLong_FromSsize_t(count);
@@ -422,7 +438,7 @@ static PyObject *Feed_send_batch(Feed *self, PyObject *const *args, Py_ssize_t n
             break;
         }
         if (outcome == 1) {
-            self->stop = stop;  /* the lock stays held: see above */
+            stopped = stop;  /* the lock stays held: see above */
             self->holder = PyThread_get_thread_ident();
             self->dropped = dropped;
             locked = 0;
@@ -440,13 +456,17 @@ static PyObject *Feed_send_batch(Feed *self, PyObject *const *args, Py_ssize_t n
     if (locked)
         feed_unlock(self);
     PyMem_Free(seen);
+    PyMem_Free(positions);
     Py_DECREF(payloads);
     Py_DECREF(rings);
-    return failed ? NULL : PyLong_FromSsize_t(next);
-}
-
-static PyObject *Feed_stopped(Feed *self, PyObject *Py_UNUSED(ignored)) {
-    return PyLong_FromLong(self->stop);
+    if (failed)
+        return NULL;
+    PyObject *answer = Py_BuildValue("(nll)", next, stopped, stopped >= 0 ? self->dropped : 0L);
+    if (answer == NULL && stopped >= 0) {  /* out of memory: the lock is not left held */
+        self->holder = 0;
+        feed_unlock(self);
+    }
+    return answer;
 }
 
 /* Feed.unlock_if_held(): release the send lock if a send returned to this thread holding
@@ -457,6 +477,10 @@ static PyObject *Feed_unlock_if_held(Feed *self, PyObject *Py_UNUSED(ignored)) {
         feed_unlock(self);
     }
     Py_RETURN_NONE;
+}
+
+static PyObject *Feed_run_values(Feed *self, PyObject *Py_UNUSED(ignored)) {
+    return PyLong_FromUnsignedLongLong(self->run_values);
 }
 
 static PyObject *Feed_dropped(Feed *self, PyObject *Py_UNUSED(ignored)) {
@@ -513,11 +537,11 @@ static PyMethodDef Feed_methods[] = {
      "send(rings, payload, pid, version[, deferred]) -> -1 Python path, -2 - dropped done, else 2*i (+1) "
      "with the lock held; deferred: a list that gets the rings to wake instead of stopping at them"},
     {"send_value", (PyCFunction)(void (*)(void))Feed_send_value, METH_FASTCALL,
-     "send_value(value, plan, pid) -> None, delivered count, bytes to send, or (bytes, stop) with the lock held"},
+     "send_value(value, plan, pid, large) -> None, delivered count, bytes to send, or (bytes, stop), lock held"},
     {"send_batch", (PyCFunction)(void (*)(void))Feed_send_batch, METH_FASTCALL,
-     "send_batch(rings, payloads, start, pid, version, inline_limit, deferred, delivered) -> the first "
-     "payload not sent; stopped() says why (-1 Python path, lock free; else as send's stop, lock held)"},
-    {"stopped", (PyCFunction)Feed_stopped, METH_NOARGS, "why the last send_batch stopped"},
+     "send_batch(rings, payloads, start, pid, version, inline_limit, deferred, delivered) -> (the first "
+     "payload not sent, why, dropped) (why: -1 Python path, lock free; else as send's stop, lock held)"},
+    {"run_values", (PyCFunction)Feed_run_values, METH_NOARGS, "values this object sent in runs (for tests)"},
     {"dropped", (PyCFunction)Feed_dropped, METH_NOARGS,
      "rings before the one the last stopped send stopped at that dropped its value (full, drop_newest)"},
     {"unlock_if_held", (PyCFunction)Feed_unlock_if_held, METH_NOARGS,

@@ -52,6 +52,8 @@ def _channel_label(channel_id: int) -> str:
     return f"{channel_id:016x}"
 
 
+_LARGE_OUTPUT = _codec.LARGE_OUTPUT  # a value encoded to more: the next send takes the large-value path
+
 # The C loop over a feed's rings; without the accelerator _fast_plan is always None.
 offer_all: Any = _ring._accel.offer_all if _ring._accel is not None else None
 MARKED_RUN = 64  # marked sends one hold of the send lock covers (send_marked_many)
@@ -500,7 +502,7 @@ class FeedCore(AttachedSegment):
             self.large_values = len(common) > _codec.LARGE_OUTPUT
             return self.send(common)
         try:
-            answer = fast.send_value(value, plan, _ring._pid)
+            answer = fast.send_value(value, plan, _ring._pid, _LARGE_OUTPUT)
             if answer.__class__ is int or answer is None:
                 return answer  # type: ignore[no-any-return]
             if answer.__class__ is tuple:  # stopped at a ring, the lock held (see Feed.send_value)
@@ -511,7 +513,7 @@ class FeedCore(AttachedSegment):
         except BaseException:
             fast.unlock_if_held()  # whatever was raised, even as the C call returned: not left held
             raise
-        # Encoded, not sent there (too big to go inline, the lock busy): the whole send.
+        # Encoded, not sent there (too big to go inline, large, the lock busy): the whole send.
         self.large_values = len(answer) > _codec.LARGE_OUTPUT
         return self.send(answer)
 
@@ -582,12 +584,14 @@ class FeedCore(AttachedSegment):
         start = len(delivered)
         deferred: list[int] = []  # rings that took values and whose receivers sleep
         try:
-            reached = fast.send_batch(plan[2], payloads, start, _ring._pid, plan[0], plan[3], deferred, delivered)
+            # Why it stopped comes with where (not from the object, which another thread's
+            # send_batch on this feed resets the moment this thread runs Python code).
+            reached, stop, dropped = fast.send_batch(plan[2], payloads, start, _ring._pid, plan[0], plan[3],
+                                                     deferred, delivered)
             _defer_wakes(plan, deferred, wakes)
-            stop = fast.stopped()
             if reached < len(payloads) and stop != FeedSendAnswer.LOCK_BUSY:  # at a ring, the lock held
-                delivered.append(self._send_locked(payloads[reached], plan, stop, deadline, timeout, 0,
-                                                   fast.dropped(), wakes))
+                delivered.append(self._send_locked(payloads[reached], plan, stop, deadline, timeout, 0, dropped,
+                                                   wakes))
                 return True
         finally:
             fast.unlock_if_held()

@@ -56,8 +56,8 @@ class FeedSendAnswer(enum.IntEnum):
 
     ALL_DELIVERED = -2  # every ring took the value, nobody to wake: the send is over
     # The feed's send lock was busy (or its plan is stale): nothing was done; the Python
-    # send waits for it. ``Feed.stopped()`` after a ``send_batch`` answers it too for a
-    # value the batch left alone (not an inline ``bytes``): the Python send sends it.
+    # send waits for it. ``Feed.send_batch`` answers it too for a value the batch left
+    # alone (not an inline ``bytes``): the Python send sends it.
     LOCK_BUSY = -1
 
 
