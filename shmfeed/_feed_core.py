@@ -495,26 +495,25 @@ class FeedCore(AttachedSegment):
         where it stopped in Python as ``send`` goes on; None, having done nothing, for a
         value of other types (``Feed.send`` then takes its whole path)."""
         plan, fast = self._fast_plan, self._fast
-        if plan is None or fast is None or not self._is_sender:
-            common = _codec.encode_common(value)
-            if common is None:
+        if plan is None or fast is None or not self._is_sender:  # no C send: encoded, then the whole send
+            answer = _codec.encode_common(value)
+            if answer is None:
                 return None
-            self.large_values = len(common) > _codec.LARGE_OUTPUT
-            return self.send(common)
-        try:
-            answer = fast.send_value(value, plan, _ring._pid, _LARGE_OUTPUT)
-            if answer.__class__ is int or answer is None:
-                return answer  # type: ignore[no-any-return]
-            if answer.__class__ is tuple:  # stopped at a ring, the lock held (see Feed.send_value)
-                try:
-                    return self._send_locked(answer[0], plan, answer[1], None, None, 0, fast.dropped())
-                finally:
-                    fast.unlock_if_held()
-        except BaseException:
-            fast.unlock_if_held()  # whatever was raised, even as the C call returned: not left held
-            raise
-        # Encoded, not sent there (too big to go inline, large, the lock busy): the whole send.
-        self.large_values = len(answer) > _codec.LARGE_OUTPUT
+        else:
+            try:
+                answer = fast.send_value(value, plan, _ring._pid, _LARGE_OUTPUT)
+                if answer.__class__ is int or answer is None:
+                    return answer  # type: ignore[no-any-return]
+                if answer.__class__ is tuple:  # stopped at a ring, the lock held (see Feed.send_value)
+                    try:
+                        return self._send_locked(answer[0], plan, answer[1], None, None, 0, fast.dropped())
+                    finally:
+                        fast.unlock_if_held()
+            except BaseException:
+                fast.unlock_if_held()  # whatever was raised, even as the C call returned: not left held
+                raise
+        # Encoded, not sent in C (no C send, too big to go inline, large, the lock busy).
+        self.large_values = len(answer) > _LARGE_OUTPUT
         return self.send(answer)
 
     @contextlib.contextmanager

@@ -151,7 +151,6 @@ def test_a_send_counts_a_drop_before_the_ring_where_its_c_path_stopped(namespace
         feed.detach()
 
 
-
 @pytest.mark.timeout(30)
 def test_a_wait_on_a_channel_subscribed_twice_stays_in_its_wait_list(namespace):
     """A value waits for room in a channel subscribed twice (two copies). The receiver takes
