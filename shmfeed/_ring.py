@@ -620,27 +620,33 @@ class ChannelCore(AttachedSegment):
             )
         return value
 
-    def _drop_oldest(self, deadline: float | None = None) -> bool:
-        """Discard the oldest record to make room (send lock held); False if empty."""
+    def _write_dropping_oldest(self, kind: int, record: Payload, deadline: float | None) -> bool:
+        """Write ``record``, discarding the oldest records while it does not fit (send lock
+        held); False if it does not fit even an empty ring. With the receive lock held the
+        write is tried again before each discard: a receiver that was taking a value while
+        this send waited for that lock has made room, and the oldest value still there
+        must not go for nothing (the newest ``capacity`` values are the ones kept)."""
         own_lock = self.recv_lock is not self.send_lock
         if own_lock:
             if not self.recv_lock.acquire_by(deadline):
                 raise self._held("receive", L.RECV_LOCK_OWNER)
             self.words[L.RECV_LOCK_OWNER] = _pid
         try:
-            taken = self._read_locked()
-        except ChannelCorruptError:
+            while not self._write_locked(kind, record):
+                try:
+                    taken = self._read_locked()
+                except ChannelCorruptError:
+                    continue  # its records were discarded: the ring is empty now
+                if taken is None:
+                    return False
+                if taken[0] == KIND_SPILL:
+                    self._unlink_spill_record(taken[1])
+                self.words[L.DROPPED] += 1
             return True
         finally:
             if own_lock:
                 self.words[L.RECV_LOCK_OWNER] = 0
                 self.recv_lock.release()
-        if taken is None:
-            return False
-        if taken[0] == KIND_SPILL:
-            self._unlink_spill_record(taken[1])
-        self.words[L.DROPPED] += 1
-        return True
 
     # --- the data path ------------------------------------------------------------------
 
@@ -703,10 +709,7 @@ class ChannelCore(AttachedSegment):
                     words[L.DROPPED] += 1
                     return DROPPED
                 if overflow == "drop_oldest":
-                    while self._drop_oldest(deadline):
-                        if self._write_locked(kind, record):
-                            break
-                    else:
+                    if not self._write_dropping_oldest(kind, record, deadline):
                         return FULL
                 else:
                     if waker is None:

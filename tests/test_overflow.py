@@ -202,3 +202,43 @@ def test_a_wait_on_a_channel_subscribed_twice_stays_in_its_wait_list(namespace):
             subscription.unsubscribe()
         channel.close()
         feed.detach()
+
+
+class _SaysWhenWaitedFor:
+    """A channel's receive lock that says when a send starts waiting for it."""
+
+    def __init__(self, lock, waited: threading.Event) -> None:
+        self.lock, self.waited = lock, waited
+
+    def acquire_by(self, deadline):
+        self.waited.set()
+        return self.lock.acquire_by(deadline)
+
+    def release(self) -> None:
+        self.lock.release()
+
+
+def test_drop_oldest_drops_nothing_when_a_receiver_made_room_while_the_send_waited(namespace):
+    """A send finds the ring full while a receiver is taking a value; by the time it holds
+    the receive lock, that take has made room: nothing is dropped."""
+    channel = shmfeed.Channel(capacity=2, overflow="drop_oldest")
+    channel.send(0, timeout=5)
+    channel.send(1, timeout=5)
+    core = channel._live_core()
+    lock = core.recv_lock
+    assert lock.acquire_by(time.monotonic() + 5)  # a receiver in the middle of its take
+    waited = threading.Event()
+    core.recv_lock = _SaysWhenWaitedFor(lock, waited)
+    sender = threading.Thread(target=channel.send, args=(2,), kwargs={"timeout": 5})
+    sender.start()
+    try:
+        assert waited.wait(10)  # the send found the ring full and waits for the receive lock
+        taken = core._read_locked()  # the receiver's take completes ...
+    finally:
+        lock.release()  # ... and lets go
+        sender.join(10)
+    core.recv_lock = lock
+    assert taken is not None and not sender.is_alive()
+    assert channel.statistics().dropped == 0
+    assert [channel.recv(timeout=5), channel.recv(timeout=5)] == [1, 2]
+    channel.close()
