@@ -50,7 +50,7 @@ class Loan:
         header = _codec.bin32_header(size)
         self._feed = feed
         self._namespace = namespace
-        self._pid = os.getpid()
+        self._pid = _process.pid()
         self._size = size
         self._encoded_size = len(header) + size
         self._file: _spill._PoolFile | None = _spill.lend(namespace, self._encoded_size)
@@ -127,7 +127,7 @@ class Loan:
 
     def discard(self) -> None:
         """Give the buffer back unsent (nothing happens if the loan was sent already)."""
-        if self._file is None or self._pid != os.getpid():
+        if self._file is None or self._pid != _process.pid():
             return
         if self._buffer is not None:
             try:
@@ -154,7 +154,7 @@ class Loan:
         return f"<shmfeed.Loan of {self._size} bytes{', ended' if self._file is None else ''}>"
 
     def _check_usable(self) -> None:
-        if self._pid != os.getpid():
+        if self._pid != _process.pid():
             raise ValueError("shmfeed: this loan belongs to the process that took it (a loan does not cross fork); "
                              "take one with feed.loan(size) in this process")
         if self._file is None:

@@ -22,7 +22,7 @@ import re
 import struct
 from typing import Callable, Iterator, NamedTuple
 
-from . import _runtime
+from . import _process, _runtime
 
 SHM_DIR = "/dev/shm"
 NAMESPACE_ENV = "SHMFEED_NAMESPACE"
@@ -221,7 +221,7 @@ def spill_file(namespace: str, channel_id: int, spill_id: int) -> str:
 
 
 def spill_temp_file(namespace: str, spill_id: int) -> str:
-    return f"{SHM_DIR}/{prefix(namespace)}t{os.getpid():x}.{spill_id:016x}"
+    return f"{SHM_DIR}/{prefix(namespace)}t{_process.pid():x}.{spill_id:016x}"
 
 
 def spill_pin_file(namespace: str, pin_id: int) -> str:
@@ -229,7 +229,7 @@ def spill_pin_file(namespace: str, pin_id: int) -> str:
     ``_spill.read_pinned``): its own name, with its pid, so that neither the channel's end
     nor a release of the namespace removes it while the view lives (gc does once the
     process is dead)."""
-    return "%s/%sp%x.%016x" % (SHM_DIR, prefix(namespace), os.getpid(), pin_id)
+    return "%s/%sp%x.%016x" % (SHM_DIR, prefix(namespace), _process.pid(), pin_id)
 
 
 def shm_path(segment_name: str) -> str:

@@ -29,6 +29,7 @@ _exit_hooks: list[Callable[[], None]] = []
 _identity: tuple[int, int] | None = None
 _exit_ran_in: int | None = None
 _exit_done_in: int | None = None
+_pid = os.getpid()  # os.getpid() is a system call each time: kept here, renewed in a forked child
 
 
 def start_ticks(pid: int) -> int | None:
@@ -119,10 +120,15 @@ def has_unknown_child(known: set[int], since: int) -> bool:
     return False
 
 
+def pid() -> int:
+    """This process's pid, without a system call (renewed first thing in a forked child)."""
+    return _pid
+
+
 def identity() -> tuple[int, int]:
     """``(pid, start_ticks)`` of this process."""
     global _identity
-    pid = os.getpid()
+    pid = _pid
     if _identity is None or _identity[0] != pid:
         _identity = (pid, start_ticks(pid) or 0)
     return _identity
@@ -166,7 +172,7 @@ def on_exit(hook: Callable[[], None]) -> None:
 
 def exiting() -> bool:
     """True once this process runs its exit hooks (see the module docstring)."""
-    return _exit_ran_in == os.getpid()
+    return _exit_ran_in == _pid
 
 
 def in_multiprocessing_child() -> bool:
@@ -178,23 +184,23 @@ def in_multiprocessing_child() -> bool:
 
 def _run_exit_hooks() -> None:
     global _exit_ran_in
-    if _exit_ran_in == os.getpid():
+    if _exit_ran_in == _pid:
         return
-    _exit_ran_in = os.getpid()
+    _exit_ran_in = _pid
     for hook in reversed(_exit_hooks):
         try:
             hook()
         except Exception:  # noqa: BLE001 - exit must go on; nothing useful to raise to
             pass
     global _exit_done_in
-    _exit_done_in = os.getpid()
+    _exit_done_in = _pid
 
 
 def exit_done() -> bool:
     """Whether this process ran its exit hooks to the end: it may be stopped anywhere from
     now on (``os._exit``, interpreter teardown), so whatever still runs here (a daemon
     thread, a late finalizer) must take no shared lock."""
-    return _exit_done_in == os.getpid()
+    return _exit_done_in == _pid
 
 
 class _AfterForkToken:
@@ -216,7 +222,8 @@ def _register_multiprocessing_finalizer(_: object = None) -> None:
 
 
 def _after_fork_in_child() -> None:
-    global _identity
+    global _identity, _pid
+    _pid = os.getpid()
     _identity = None
     for hook in _fork_hooks:
         hook()

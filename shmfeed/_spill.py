@@ -27,7 +27,7 @@ import os
 import platform
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 from . import _names, _native, _process, _shm
 from ._codec import Segments
@@ -72,11 +72,13 @@ def tune_malloc() -> None:
 
 
 class _PoolFile:
-    __slots__ = ("path", "descriptor", "size", "busy", "mapping", "mark")
+    __slots__ = ("path", "descriptor", "identity", "size", "busy", "mapping", "mark")
 
     def __init__(self, path: str, descriptor: int) -> None:
         self.path = path
         self.descriptor = descriptor
+        info = os.fstat(descriptor)
+        self.identity = (info.st_dev, info.st_ino)  # the file we made, to know it by its name
         self.size = 0
         self.busy = False  # taken by a send that has not finished linking
         self.mapping: mmap.mmap | None = None
@@ -101,26 +103,38 @@ class _PoolFile:
 
     def reusable(self) -> bool:
         """No receiver links the file any more, and it is still ours under its name (gc
-        may have removed a pool file it took for a dead process's)."""
-        info = os.fstat(self.descriptor)
-        if info.st_nlink != 1:
-            return False
+        may have removed a pool file it took for a dead process's): one ``stat`` of the
+        name tells both, when it finds the very file we made (open, its number is its own)."""
         try:
-            return os.stat(self.path).st_ino == info.st_ino
+            info = os.stat(self.path)
         except FileNotFoundError:
             return False
+        return info.st_nlink == 1 and (info.st_dev, info.st_ino) == self.identity
 
 
 _pools: dict[str, list[_PoolFile]] = {}
 _pool_lock = threading.Lock()
+NEWEST_TRIES = 4  # pool files tried newest first, before the rest oldest first
+
+
+def _scan_order(count: int) -> Iterator[int]:
+    """The order in which ``_take`` tries a pool of ``count`` files, kept in the order they
+    were last taken: the newest few first, since the newest one receivers are done with is
+    likeliest still in the caches, and mapped in each receiver's cache of mappings (one
+    that goes round the whole pool, after a burst grew it past those, costs every receiver
+    a new mapping and its page faults per value); the newest are the likeliest still
+    being read, though, so past NEWEST_TRIES the oldest first, the likeliest free."""
+    newest = max(0, count - NEWEST_TRIES)
+    yield from range(count - 1, newest - 1, -1)
+    yield from range(newest)
 
 
 def _take(namespace: str, size: int) -> _PoolFile:
     """A pool file no receiver still reads, or a new one (unpooled if the pool is full)."""
     with _pool_lock:
         pool = _pools.setdefault(namespace, [])
-        # Oldest first: files go round in order, so the oldest is likeliest free.
-        for index, entry in enumerate(pool):
+        for index in _scan_order(len(pool)):
+            entry = pool[index]
             if not entry.busy and entry.reusable():
                 entry.busy = True
                 pool.append(pool.pop(index))

@@ -111,7 +111,7 @@ def current_waker(namespace: str) -> Waker:
     if wakers is None:
         wakers = _local.wakers = _ThreadWakers()
     waker = wakers.get(namespace)
-    if waker is None or waker.pid != os.getpid():
+    if waker is None or waker.pid != _process.pid():
         waker = Waker(namespace)
         wakers[namespace] = waker
         # A thread's wakers are unlinked when the thread ends (its locals are collected);

@@ -646,3 +646,43 @@ def test_the_c_encoder_agrees_with_msgpack_at_every_size_boundary() -> None:
     for value in values:
         assert _native.accel.encode(value) == _codec._new_packer().pack(value), repr(value)[:40]
         assert _native.accel.decode(_native.accel.encode(value), None) == value or value != value  # noqa: PLR0124
+
+
+def test_a_sender_rewrites_the_pool_file_receivers_let_go_of_last(namespace) -> None:
+    channel = shmfeed.Channel(capacity=4)
+    size = 300_000
+    for seq in range(3):  # three in flight at once: three pool files
+        channel.send(W.large_value(seq, size), timeout=5)
+    files = list(_spill._pools[namespace])
+    assert len(files) == 3
+    for seq in range(3):
+        assert channel.recv(timeout=5) == W.large_value(seq, size)
+    # The last value's link is kept until this thread's next large read: that file is not
+    # free. Of the two that are, the newer is taken (likelier in the caches), not the oldest.
+    assert [file.reusable() for file in files] == [True, True, False]
+    taken = _spill.lend(namespace, size)
+    try:
+        assert taken is files[1]
+    finally:
+        _spill.give_back(namespace, taken)
+    channel.send(W.large_value(3, size), timeout=5)
+    assert channel.recv(timeout=5) == W.large_value(3, size)
+    channel.close()
+
+
+def test_a_pool_file_whose_name_now_holds_another_file_is_not_rewritten(namespace) -> None:
+    channel = shmfeed.Channel(capacity=4)
+    channel.send(W.large_value(0, 300_000), timeout=5)
+    assert channel.recv(timeout=5) == W.large_value(0, 300_000)
+    channel.send(W.large_value(1, 300_000), timeout=5)  # the first file's link goes at this read
+    assert channel.recv(timeout=5) == W.large_value(1, 300_000)
+    first = _spill._pools[namespace][0]
+    assert first.reusable()
+    os.unlink(first.path)  # as gc would remove it, taking it for a dead process's
+    with open(first.path, "wb") as planted:  # and something else took the name
+        planted.write(b"x")
+    try:
+        assert not first.reusable()
+    finally:
+        os.unlink(first.path)
+    channel.close()

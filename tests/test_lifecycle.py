@@ -337,3 +337,23 @@ def test_the_monitor_names_the_reader_of_a_full_channel(mp_context: Any, namespa
 def _channel_view(namespace: str, channel: shmfeed.Channel) -> dict[str, Any]:
     snapshot = _inspect.snapshot(namespace)
     return next(c for c in snapshot["channels"] if int(c["id"], 16) == channel._channel_id)
+
+
+def test_a_forked_child_knows_its_own_pid_and_names_its_files_by_it(namespace: str) -> None:
+    from shmfeed import _names, _process
+
+    read_end, write_end = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - the child reports through the pipe
+        try:
+            ok = _process.pid() == os.getpid() and f"p{os.getpid():x}." in _names.spill_pin_file(namespace, 1)
+            os.write(write_end, b"1" if ok else b"0")
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    try:
+        assert os.read(read_end, 1) == b"1"
+    finally:
+        os.close(read_end)
+        os.waitpid(child, 0)
+    assert _process.pid() == os.getpid()
