@@ -47,6 +47,15 @@ class _Waiting(NamedTuple):
     record: _ring.Payload
 
 
+class _SkipCache(NamedTuple):
+    """``targets_skipping``'s last answer: valid while ``source`` is still the feed's targets."""
+
+    source: tuple[_Target, ...]
+    skip_channel: int
+    kept: tuple[_Target, ...]
+    plan: SendPlan | None
+
+
 def _channel_label(channel_id: int) -> str:
     """How errors name a channel: its hex id, as ``repr(channel)`` shows it."""
     return f"{channel_id:016x}"
@@ -91,7 +100,7 @@ class FeedCore(AttachedSegment):
         # For a send that skips one channel (a bridge's injection, see ``send``): (the
         # targets it was derived from, the skipped channel id, the other targets, their
         # plan as ``_fast_plan``), one tuple so that threads read it whole.
-        self._skip_cache: tuple[tuple[_Target, ...], int, tuple[_Target, ...], SendPlan | None] | None = None
+        self._skip_cache: _SkipCache | None = None
         self._fast: Any = None  # the C send of the feed (see FeedCore.send)
         # While a marked send holds the send lock: (its mark entry's first word, the
         # subscription id limit, whether it resumes a dead bridge's send). See _marks.
@@ -374,8 +383,8 @@ class FeedCore(AttachedSegment):
         send plan (or None), derived from ``targets()`` and kept until it changes."""
         targets = self.targets(deadline)
         cached = self._skip_cache
-        if cached is not None and cached[0] is targets and cached[1] == skip_channel:
-            return cached[2], cached[3]
+        if cached is not None and cached.source is targets and cached.skip_channel == skip_channel:
+            return cached.kept, cached.plan
         kept = tuple(target for target in targets if target.core.channel_id != skip_channel)
         plan = self._fast_plan
         if plan is not None and plan.targets is targets and kept:
@@ -383,7 +392,7 @@ class FeedCore(AttachedSegment):
             plan = SendPlan(plan.version, kept, rings, min(target.core.inline_limit for target in kept))
         else:
             plan = None
-        self._skip_cache = (targets, skip_channel, kept, plan)
+        self._skip_cache = _SkipCache(targets, skip_channel, kept, plan)
         return kept, plan
 
     # --- sending --------------------------------------------------------------------------
@@ -449,9 +458,10 @@ class FeedCore(AttachedSegment):
             plan = self._fast_plan
             if skip_channel:
                 cached = self._skip_cache  # valid while it was derived from the current targets
-                plan = cached[3] if cached is not None and cached[0] is self._targets and cached[1] == skip_channel else None
+                valid = cached is not None and cached.source is self._targets and cached.skip_channel == skip_channel
+                plan = cached.plan if cached is not None and valid else None
             fast = self._fast
-            if plan is not None and fast is not None and len(payload) <= plan[3]:  # plan.inline_limit
+            if plan is not None and fast is not None and len(payload) <= plan.inline_limit:
                 if isinstance(payload, Segments):
                     payload = payload.join()  # inline in every ring
                 # All of it in C when nothing unusual happens (see _accel.c, Feed.send, and
@@ -460,13 +470,13 @@ class FeedCore(AttachedSegment):
                 # the call returns.
                 try:
                     if wakes is None:
-                        answer = fast.send(plan[2], payload, _ring._pid, plan[0])  # plan.rings, plan.version
+                        answer = fast.send(plan.rings, payload, _ring._pid, plan.version)
                     else:
                         deferred: list[int] = []  # rings that took it and whose receivers sleep
-                        answer = fast.send(plan[2], payload, _ring._pid, plan[0], deferred)
+                        answer = fast.send(plan.rings, payload, _ring._pid, plan.version, deferred)
                         _defer_wakes(plan, deferred, wakes)
                     if answer <= ALL_DELIVERED:  # all settled; full drop_newest rings dropped it
-                        return len(plan[2]) - dropped_by(answer)
+                        return len(plan.rings) - dropped_by(answer)
                     if answer >= 0:  # stopped at a ring, the lock held: on from there in Python
                         return self._send_locked(payload, plan, answer, deadline, timeout, skip_channel,
                                                  fast.dropped(), wakes)
@@ -585,8 +595,8 @@ class FeedCore(AttachedSegment):
         try:
             # Why it stopped comes with where (not from the object, which another thread's
             # send_batch on this feed resets the moment this thread runs Python code).
-            reached, stop, dropped = fast.send_batch(plan[2], payloads, start, _ring._pid, plan[0], plan[3],
-                                                     deferred, delivered)
+            reached, stop, dropped = fast.send_batch(plan.rings, payloads, start, _ring._pid, plan.version,
+                                                     plan.inline_limit, deferred, delivered)
             _defer_wakes(plan, deferred, wakes)
             if reached < len(payloads) and stop != FeedSendAnswer.LOCK_BUSY:  # at a ring, the lock held
                 delivered.append(self._send_locked(payloads[reached], plan, stop, deadline, timeout, 0, dropped,

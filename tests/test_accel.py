@@ -218,7 +218,7 @@ def test_a_c_send_that_stops_at_a_ring_holds_the_feed_lock_for_its_thread_only()
     core = feed._open()
     plan = core._fast_plan
     assert plan is not None
-    answer = core._fast.send(plan[2], b"\x02", os.getpid(), plan[0])
+    answer = core._fast.send(plan.rings, b"\x02", os.getpid(), plan.version)
     assert answer == 0  # ring 0 did not take it: the lock is held, for the Python path
     assert core.send_lock.value == 0
     other = threading.Thread(target=core._fast.unlock_if_held)
@@ -250,7 +250,7 @@ def test_a_c_send_drops_at_a_full_drop_newest_ring_and_counts_it_as_the_python_o
     assert plan is not None
     # ring 0 drops (counted there) and the C send goes on; ring 1 blocks: it stops there,
     # the feed lock held, saying that one ring before it dropped the value
-    answer = core._fast.send(plan[2], b"\x01", os.getpid(), plan[0])
+    answer = core._fast.send(plan.rings, b"\x01", os.getpid(), plan.version)
     try:
         assert answer == 2 * 1 and core._fast.dropped() == 1
     finally:
@@ -414,7 +414,7 @@ def test_the_c_calls_never_sleep_on_a_taken_lock() -> None:
             assert (fast.poll(pid) is None) == (lock is core.recv_lock)
             assert fast.wake(*wake_args) is (lock is not core.wait_lock)
             plan = feed_core._fast_plan
-            answer = feed_core._fast.send(plan[2], b"\x03", pid, plan[0])
+            answer = feed_core._fast.send(plan.rings, b"\x03", pid, plan.version)
             feed_core._fast.unlock_if_held()
             assert answer == (-1 if lock is feed_core.send_lock else 0 if lock is core.send_lock else -2)
         finally:

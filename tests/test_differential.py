@@ -529,7 +529,7 @@ class FeedPair(RuleBasedStateMachine):
         c_outcome = outcome_of(lambda: self.c_feed.send(value, timeout=0))
         c_core = self.c_feed._open()
         plan = c_core._fast_plan
-        if plan is not None and len(value) + 5 <= plan[3]:
+        if plan is not None and len(value) + 5 <= plan.inline_limit:
             self.c_plan_used = True
         py_outcome = outcome_of(lambda: self.py_feed.send(value, timeout=0))
         self.note_written(since)
