@@ -449,9 +449,9 @@ _reader_maps: "OrderedDict[tuple[int, int, int], tuple[int, mmap.mmap]]" = Order
 def _kept_mapping(key: tuple[int, int, int]) -> mmap.mmap | None:
     """The mapping kept of the file ``key`` names, if any (reader lock held)."""
     cached = _reader_maps.get(key)
-    # It is the very file found: the mapping keeps its descriptor open, so its inode lives
-    # on (linked or not) and no other file can have its number meanwhile.
-    if cached is not None:
+    # Still linked somewhere, it is the very file we found (an inode number is unique
+    # among existing files); unlinked everywhere, its number may belong to a new file.
+    if cached is not None and os.fstat(cached[0]).st_nlink:
         _reader_maps.move_to_end(key)
         return cached[1]
     return None
