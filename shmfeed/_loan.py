@@ -14,7 +14,6 @@ memoryview of the mapping, and only the buffer itself is let go of at the send.
 
 from __future__ import annotations
 
-import os
 from typing import TYPE_CHECKING, Any
 
 from . import _codec, _native, _process, _spill

@@ -152,7 +152,7 @@ def _forget_ids() -> None:
     _ids = iter(())
 
 
-os.register_at_fork(after_in_child=_forget_ids)
+_process.on_fork_child(_forget_ids)  # after _process renews the pid, before any other hook draws an id
 
 
 def channel_segment(namespace: str, channel_id: int) -> str:

@@ -71,6 +71,9 @@ def tune_malloc() -> None:
     mallopt(m_trim_threshold, 64 << 20)
 
 
+FREE, LINKED, LOST = range(3)  # a pool file's state()
+
+
 class _PoolFile:
     __slots__ = ("path", "descriptor", "identity", "size", "busy", "mapping", "mark")
 
@@ -101,15 +104,24 @@ class _PoolFile:
             descriptor, self.descriptor = self.descriptor, -1
             os.close(descriptor)
 
-    def reusable(self) -> bool:
-        """No receiver links the file any more, and it is still ours under its name (gc
-        may have removed a pool file it took for a dead process's): one ``stat`` of the
-        name tells both, when it finds the very file we made (open, its number is its own)."""
+    def state(self) -> int:
+        """FREE: no receiver links the file any more and its name is still the file we
+        made; LINKED: a receiver still does; LOST for good: the name is gone or holds
+        something else (gc may have removed a pool file it took for a dead process's, and
+        another user may have put a file or a symlink there since). One ``lstat`` of the
+        name tells which: the descriptor we keep holds the file, so no other live file has
+        its number (short of tmpfs's inode counter wrapping round)."""
         try:
-            info = os.stat(self.path)
-        except FileNotFoundError:
-            return False
-        return info.st_nlink == 1 and (info.st_dev, info.st_ino) == self.identity
+            info = os.lstat(self.path)
+        except OSError:
+            return LOST
+        if (info.st_dev, info.st_ino) != self.identity:
+            return LOST
+        return FREE if info.st_nlink == 1 else LINKED
+
+    def reusable(self) -> bool:
+        """Whether the next send may rewrite the file (``state()`` is FREE)."""
+        return self.state() == FREE
 
 
 _pools: dict[str, list[_PoolFile]] = {}
@@ -133,12 +145,23 @@ def _take(namespace: str, size: int) -> _PoolFile:
     """A pool file no receiver still reads, or a new one (unpooled if the pool is full)."""
     with _pool_lock:
         pool = _pools.setdefault(namespace, [])
-        for index in _scan_order(len(pool)):
-            entry = pool[index]
-            if not entry.busy and entry.reusable():
-                entry.busy = True
-                pool.append(pool.pop(index))
-                return entry
+        lost: list[_PoolFile] = []
+        try:
+            for index in _scan_order(len(pool)):
+                entry = pool[index]
+                if entry.busy:
+                    continue
+                state = entry.state()
+                if state == FREE:
+                    entry.busy = True
+                    pool.append(pool.pop(index))
+                    return entry
+                if state == LOST:
+                    lost.append(entry)
+        finally:
+            for entry in lost:  # its name is not ours now: let go of the file, remove nothing
+                pool.remove(entry)
+                entry.close()
         path = _names.spill_temp_file(namespace, _names.new_id())
         entry = _PoolFile(path, os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
         entry.busy = True

@@ -670,19 +670,28 @@ def test_a_sender_rewrites_the_pool_file_receivers_let_go_of_last(namespace) -> 
     channel.close()
 
 
-def test_a_pool_file_whose_name_now_holds_another_file_is_not_rewritten(namespace) -> None:
+@pytest.mark.parametrize("planted", ["file", "symlink"])
+def test_a_pool_file_whose_name_now_holds_something_else_leaves_the_pool(namespace, planted) -> None:
     channel = shmfeed.Channel(capacity=4)
     channel.send(W.large_value(0, 300_000), timeout=5)
     assert channel.recv(timeout=5) == W.large_value(0, 300_000)
     channel.send(W.large_value(1, 300_000), timeout=5)  # the first file's link goes at this read
     assert channel.recv(timeout=5) == W.large_value(1, 300_000)
     first = _spill._pools[namespace][0]
-    assert first.reusable()
+    assert first.state() == _spill.FREE
     os.unlink(first.path)  # as gc would remove it, taking it for a dead process's
-    with open(first.path, "wb") as planted:  # and something else took the name
-        planted.write(b"x")
+    if planted == "file":  # and another user put something at the name
+        with open(first.path, "wb") as planted_file:
+            planted_file.write(b"x")
+    else:
+        os.symlink(first.path, first.path)  # a loop: stat() of it fails (ELOOP)
     try:
-        assert not first.reusable()
+        assert first.state() == _spill.LOST and not first.reusable()
+        for seq in range(2, 6):  # sends go on, in files of their own
+            channel.send(W.large_value(seq, 300_000), timeout=5)
+            assert channel.recv(timeout=5) == W.large_value(seq, 300_000)
+        assert first not in _spill._pools[namespace] and first.descriptor == -1  # let go of, not removed
+        assert os.path.lexists(first.path)
     finally:
         os.unlink(first.path)
     channel.close()
