@@ -331,6 +331,13 @@ class TypeMux:
 
     def _watch(self, quit: QuitEvent) -> None:
         """The watcher thread: wait until the state feed closes, then stop here too."""
+        _watching.add(threading.current_thread())
+        try:
+            self._watch_state(quit)
+        finally:
+            _watching.discard(threading.current_thread())
+
+    def _watch_state(self, quit: QuitEvent) -> None:
         state = self._state_feed()
         channel: Channel[Any] = Channel(capacity=1, buffer_size=_STATE_RING_BYTES)
         try:
@@ -373,18 +380,29 @@ def _rebuild_mux(name: str | None, shared_name: str) -> TypeMux:
 _muxes: "weakref.WeakSet[TypeMux]" = weakref.WeakSet()
 
 
+_watching: set[threading.Thread] = set()  # watcher threads still running (see _stop_watchers)
+_WATCHER_EXIT_WAIT = 5.0  # seconds the exit waits for watchers already finishing on their own
+
+
 def _stop_watchers() -> None:
     # Before the feeds are released at exit (hooks run last-registered first): a watcher
-    # must not see its subscription end and open the state feed again.
+    # must not see its subscription end and open the state feed again. One that is ending
+    # by itself (the state feed closed: it stops its mux, which no longer lists it) is
+    # waited for too, or its channel is still attached when the process is gone and stays
+    # in /dev/shm until the registry notices.
     for mux in list(_muxes):
         with mux._lock:
             watcher, mux._watcher = mux._watcher, None
         if watcher is not None:
             watcher.unsubscribe()
+    for thread in list(_watching):
+        if thread is not threading.current_thread():
+            thread.join(_WATCHER_EXIT_WAIT)
 
 
 def _after_fork() -> None:
     # The parent's threads do not exist here, and its locks may have been held.
+    _watching.clear()
     for mux in list(_muxes):
         mux._lock = threading.Lock()
         mux._idle = threading.Condition(mux._lock)

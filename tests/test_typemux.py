@@ -319,3 +319,48 @@ def test_named_mux_stop_reaches_a_subscriber_in_another_process(mp_context, name
             process.kill()
             process.join()
         results.close()
+
+
+def test_a_subscriber_process_leaves_nothing_attached_when_its_mux_is_stopped_under_it(namespace):
+    """The parent stops a named mux; in the child, the mux's watcher thread ends on its own
+    while the child's main thread returns and the process exits. Its exit must wait for
+    that watcher: else the watcher's channel is still attached when the process is gone
+    (left in /dev/shm for the registry to notice; it came in about one run in 30)."""
+    import multiprocessing
+
+    from shmfeed import _gc, _names
+    from shmfeed import _layout as L
+
+    context = multiprocessing.get_context("fork")
+    results = shmfeed.Channel()
+    try:
+        for round in range(30):
+            mux = shmfeed.TypeMux(f"events-{round}")  # a stopped mux stays stopped: one per round
+            process = context.Process(target=W.mux_subscriber, args=(namespace, results, f"events-{round}"))
+            try:
+                process.start()
+                assert _report(results) == "subscribed"
+                mux.post(W.Ping(round))
+                mux.stop()
+                assert _report(results) == ("done", [round], True)
+                assert _report(results) == "post refused"
+                process.join(30)
+                assert process.exitcode == 0
+            finally:
+                mux.stop()
+                if process.is_alive():
+                    process.kill()
+                    process.join()
+            for entry in _gc.namespace_entries(namespace):
+                parsed = _names.parse_entry(namespace, entry)
+                if parsed is None or parsed.kind is not _names.EntryKind.CHANNEL:
+                    continue
+                try:
+                    with open(f"/dev/shm/{entry}", "rb") as segment:
+                        header = segment.read(L.HEADER_BYTES)
+                except FileNotFoundError:
+                    continue
+                attached = L.attached_processes(memoryview(header).cast("Q"))
+                assert process.pid not in [pid for pid, _ in attached], f"round {round}: {entry} still attached"
+    finally:
+        results.close()
