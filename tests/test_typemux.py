@@ -297,12 +297,11 @@ def test_named_mux_poster_in_another_process(mp_context, namespace):
         go.close()
 
 
-@pytest.mark.timeout(120)
-def test_named_mux_stop_reaches_a_subscriber_in_another_process(mp_context, namespace):
-    mux = shmfeed.TypeMux("events")
-    results = shmfeed.Channel()
-    n = 20
-    process = mp_context.Process(target=W.mux_subscriber, args=(namespace, results, "events"))
+def _stop_under_a_subscriber(context, namespace: str, results: shmfeed.Channel, name: str, n: int) -> int:
+    """Post ``n`` Pings on the named mux ``name`` to a subscriber process, stop the mux
+    under it, and check what it saw; the (ended) subscriber's pid."""
+    mux = shmfeed.TypeMux(name)
+    process = context.Process(target=W.mux_subscriber, args=(namespace, results, name))
     try:
         process.start()
         assert _report(results) == "subscribed"
@@ -313,11 +312,20 @@ def test_named_mux_stop_reaches_a_subscriber_in_another_process(mp_context, name
         assert _report(results) == "post refused"
         process.join(30)
         assert process.exitcode == 0
+        return process.pid
     finally:
         mux.stop()
         if process.is_alive():
             process.kill()
             process.join()
+
+
+@pytest.mark.timeout(120)
+def test_named_mux_stop_reaches_a_subscriber_in_another_process(mp_context, namespace):
+    results = shmfeed.Channel()
+    try:
+        _stop_under_a_subscriber(mp_context, namespace, results, "events", 20)
+    finally:
         results.close()
 
 
@@ -334,23 +342,8 @@ def test_a_subscriber_process_leaves_nothing_attached_when_its_mux_is_stopped_un
     context = multiprocessing.get_context("fork")
     results = shmfeed.Channel()
     try:
-        for round in range(30):
-            mux = shmfeed.TypeMux(f"events-{round}")  # a stopped mux stays stopped: one per round
-            process = context.Process(target=W.mux_subscriber, args=(namespace, results, f"events-{round}"))
-            try:
-                process.start()
-                assert _report(results) == "subscribed"
-                mux.post(W.Ping(round))
-                mux.stop()
-                assert _report(results) == ("done", [round], True)
-                assert _report(results) == "post refused"
-                process.join(30)
-                assert process.exitcode == 0
-            finally:
-                mux.stop()
-                if process.is_alive():
-                    process.kill()
-                    process.join()
+        for round in range(30):  # a stopped mux stays stopped: one per round
+            pid = _stop_under_a_subscriber(context, namespace, results, f"events-{round}", 1)
             for entry in _gc.namespace_entries(namespace):
                 parsed = _names.parse_entry(namespace, entry)
                 if parsed is None or parsed.kind is not _names.EntryKind.CHANNEL:
@@ -361,6 +354,6 @@ def test_a_subscriber_process_leaves_nothing_attached_when_its_mux_is_stopped_un
                 except FileNotFoundError:
                     continue
                 attached = L.attached_processes(memoryview(header).cast("Q"))
-                assert process.pid not in [pid for pid, _ in attached], f"round {round}: {entry} still attached"
+                assert pid not in [slot_pid for slot_pid, _ in attached], f"round {round}: {entry} still attached"
     finally:
         results.close()
