@@ -458,8 +458,10 @@ class FeedCore(AttachedSegment):
             plan = self._fast_plan
             if skip_channel:
                 cached = self._skip_cache  # valid while it was derived from the current targets
-                valid = cached is not None and cached.source is self._targets and cached.skip_channel == skip_channel
-                plan = cached.plan if cached is not None and valid else None
+                if cached is None or cached.source is not self._targets or cached.skip_channel != skip_channel:
+                    plan = None
+                else:
+                    plan = cached.plan
             fast = self._fast
             if plan is not None and fast is not None and len(payload) <= plan.inline_limit:
                 if isinstance(payload, Segments):

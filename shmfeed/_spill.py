@@ -119,10 +119,6 @@ class _PoolFile:
             return LOST
         return FREE if info.st_nlink == 1 else LINKED
 
-    def reusable(self) -> bool:
-        """Whether the next send may rewrite the file (``state()`` is FREE)."""
-        return self.state() == FREE
-
 
 _pools: dict[str, list[_PoolFile]] = {}
 _pool_lock = threading.Lock()

@@ -659,7 +659,7 @@ def test_a_sender_rewrites_the_pool_file_receivers_let_go_of_last(namespace) -> 
         assert channel.recv(timeout=5) == W.large_value(seq, size)
     # The last value's link is kept until this thread's next large read: that file is not
     # free. Of the two that are, the newer is taken (likelier in the caches), not the oldest.
-    assert [file.reusable() for file in files] == [True, True, False]
+    assert [file.state() for file in files] == [_spill.FREE, _spill.FREE, _spill.LINKED]
     taken = _spill.lend(namespace, size)
     try:
         assert taken is files[1]
@@ -686,7 +686,7 @@ def test_a_pool_file_whose_name_now_holds_something_else_leaves_the_pool(namespa
     else:
         os.symlink(first.path, first.path)  # a loop: stat() of it fails (ELOOP)
     try:
-        assert first.state() == _spill.LOST and not first.reusable()
+        assert first.state() == _spill.LOST
         for seq in range(2, 6):  # sends go on, in files of their own
             channel.send(W.large_value(seq, 300_000), timeout=5)
             assert channel.recv(timeout=5) == W.large_value(seq, 300_000)
