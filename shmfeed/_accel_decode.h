@@ -32,7 +32,10 @@ static StrCacheSlot value_cache[STR_CACHE_SLOTS];
 
 /* ``n`` (at most STR_CACHE_MAX_LEN) bytes at ``p`` as three words that cover every byte,
  * by loads that may overlap: two byte strings of one length are equal exactly when their
- * words are, so a cache hit costs three compares and no memcmp. */
+ * words are, so a cache hit costs three compares and no memcmp. Each byte is read from
+ * ``p`` once into the words (the bytes may be shared memory another process writes), and
+ * a miss decodes the bytes spelled back out of the words (``words_bytes``), so what the
+ * cache keeps is exactly what those words say. */
 static inline void str_words(const unsigned char *p, Py_ssize_t n, uint64_t words[3]) {
     uint32_t lo, hi;
     words[0] = words[1] = words[2] = 0;
@@ -50,11 +53,28 @@ static inline void str_words(const unsigned char *p, Py_ssize_t n, uint64_t word
     }
 }
 
+/* The ``n`` bytes that ``words`` (from str_words) stand for, written to ``out``: the
+ * inverse of str_words, the later word winning where two overlap. */
+static void words_bytes(const uint64_t words[3], Py_ssize_t n, unsigned char *out) {
+    if (n >= 8) {
+        memcpy(out, &words[0], 8);
+        if (n > 16)
+            memcpy(out + 8, &words[2], 8);
+        memcpy(out + n - 8, &words[1], 8);
+    } else if (n >= 4) {
+        uint32_t lo = (uint32_t)words[0], hi = (uint32_t)(words[0] >> 32);
+        memcpy(out, &lo, 4);
+        memcpy(out + n - 4, &hi, 4);
+    } else if (n > 0) {
+        out[0] = (unsigned char)words[0];
+        out[n / 2] = (unsigned char)(words[0] >> 8);
+        out[n - 1] = (unsigned char)(words[0] >> 16);
+    }
+}
+
 static PyObject *short_str(StrCacheSlot *cache, int intern, const unsigned char *p, Py_ssize_t n) {
-    unsigned char copy[STR_CACHE_MAX_LEN];
-    memcpy(copy, p, (size_t)n);  /* read once: what the cache keeps is what was decoded */
     uint64_t words[3];
-    str_words(copy, n, words);
+    str_words(p, n, words);
     uint64_t hash = (words[0] * 0x9E3779B97F4A7C15u) ^ (words[1] * 0xC2B2AE3D27D4EB4Fu) ^ words[2] ^ (uint64_t)n;
     StrCacheSlot *slot = &cache[(hash ^ (hash >> 29)) % STR_CACHE_SLOTS];
     if (slot->str != NULL && slot->length == n && slot->words[0] == words[0] && slot->words[1] == words[1]
@@ -62,7 +82,9 @@ static PyObject *short_str(StrCacheSlot *cache, int intern, const unsigned char 
         Py_INCREF(slot->str);
         return slot->str;
     }
-    PyObject *str = PyUnicode_DecodeUTF8((const char *)copy, n, NULL);
+    unsigned char bytes[STR_CACHE_MAX_LEN];
+    words_bytes(words, n, bytes);
+    PyObject *str = PyUnicode_DecodeUTF8((const char *)bytes, n, NULL);
     if (str == NULL)
         return NULL;
     if (intern)
