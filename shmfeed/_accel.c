@@ -39,6 +39,8 @@ static PyMethodDef module_methods[] = {
      "has_buffers(value, budget) -> bool, or None if value is too big to tell (see _codec)"},
     {"copy_into", (PyCFunction)(void (*)(void))copy_into, METH_FASTCALL,
      "copy_into(destination, source): copy around the cache (for large values)"},
+    {"link_count", (PyCFunction)link_count, METH_O,
+     "link_count(descriptor) -> the file's number of links (fstat's st_nlink)"},
     {"offer_all", (PyCFunction)(void (*)(void))offer_all, METH_FASTCALL,
      "offer_all(rings, payload, pid, start) -> -1 all done, else 2*i (+1: taken, wake its receivers)"},
     {NULL, NULL, 0, NULL},

@@ -8,12 +8,14 @@
 #include <structmember.h>
 
 #include <errno.h>
+#include <limits.h>
 #include <fcntl.h>
 #include <semaphore.h>
 #include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <time.h>
 #if defined(__x86_64__) && defined(__SSE2__)
 #include <emmintrin.h>

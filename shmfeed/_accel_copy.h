@@ -1,4 +1,5 @@
-/* Large values: copy_into (cache-bypassing stores), and has_buffers (the codec's walk).
+/* Large values: copy_into (cache-bypassing stores), link_count (a pool file's links), and
+ * has_buffers (the codec's walk).
  * Part of shmfeed/_accel.c (included there: one translation unit, so every helper stays
  * static and inlinable). */
 
@@ -112,4 +113,22 @@ static PyObject *has_buffers(PyObject *module, PyObject *const *args, Py_ssize_t
         }
     }
     Py_RETURN_FALSE;
+}
+
+/* link_count(descriptor) -> the file's number of links (fstat's st_nlink): whether any
+ * receiver still links a pool file, asked of the descriptor the sender keeps, without the
+ * path walk of an lstat or the building of a stat_result. */
+static PyObject *link_count(PyObject *module, PyObject *descriptor) {
+    (void)module;
+    long fd = PyLong_AsLong(descriptor);
+    if (fd == -1 && PyErr_Occurred())
+        return NULL;
+    if (fd < 0 || fd > INT_MAX) {
+        PyErr_SetString(PyExc_ValueError, "link_count: not a file descriptor");
+        return NULL;
+    }
+    struct stat info;
+    if (fstat((int)fd, &info) < 0)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    return PyLong_FromUnsignedLongLong((unsigned long long)info.st_nlink);
 }

@@ -42,6 +42,13 @@ READER_MAP_MIN = 64 << 10  # smaller files are simply read
 
 _copier = CopyChooser(_native.accel.copy_into if _native.accel is not None else None)
 
+
+def _fstat_link_count(descriptor: int) -> int:
+    return os.fstat(descriptor).st_nlink
+
+
+_link_count = _native.accel.link_count if _native.accel is not None else _fstat_link_count
+
 MALLOC_OPT_OUT_ENV = "SHMFEED_NO_MALLOC_TUNING"
 _malloc_tuned = False
 
@@ -108,9 +115,15 @@ class _PoolFile:
         """FREE: no receiver links the file any more and its name is still the file we
         made; LINKED: a receiver still does; LOST for good: the name is gone or holds
         something else (gc may have removed a pool file it took for a dead process's, and
-        another user may have put a file or a symlink there since). One ``lstat`` of the
-        name tells which: the descriptor we keep holds the file, so no other live file has
-        its number (short of tmpfs's inode counter wrapping round)."""
+        another user may have put a file or a symlink there since).
+
+        The descriptor we keep tells the link count (``_link_count``: cheap, and most
+        files a scan asks about are still linked); only a file down to one link has its
+        name looked at, by one ``lstat``: the descriptor holds the file, so no other live
+        file has its number (short of tmpfs's inode counter wrapping round)."""
+        links = _link_count(self.descriptor)
+        if links != 1:
+            return LINKED if links else LOST  # no link at all: our name is gone
         try:
             info = os.lstat(self.path)
         except OSError:

@@ -670,6 +670,33 @@ def test_a_sender_rewrites_the_pool_file_receivers_let_go_of_last(namespace) -> 
     channel.close()
 
 
+@pytest.mark.parametrize("link_count", ["accel", "fstat"])
+def test_a_pool_file_only_a_view_still_links_is_never_rewritten(namespace, monkeypatch, link_count) -> None:
+    """A pool file whose name went (as gc removes a file it takes for a dead process's)
+    while a receiver's view pins it has one link left, the pin's: a link count of 1 must
+    not pass for free, or the next send would write into the value the view shows."""
+    if link_count == "fstat":
+        monkeypatch.setattr(_spill, "_link_count", _spill._fstat_link_count)
+    elif _native.accel is None:
+        pytest.skip("the C accelerator is not built")
+    channel = shmfeed.Channel(capacity=4)
+    channel.send(W.large_value(0, 300_000), timeout=5)
+    view = channel.recv_view(timeout=5)
+    first = _spill._pools[namespace][0]
+    assert first.state() == _spill.LINKED  # the view's pin
+    os.unlink(first.path)
+    try:
+        assert first.state() == _spill.LOST
+        for seq in range(1, 4):
+            channel.send(W.large_value(seq, 300_000), timeout=5)
+            assert channel.recv(timeout=5) == W.large_value(seq, 300_000)
+        assert bytes(view) == W.large_value(0, 300_000)  # untouched by the sends after it
+        assert first not in _spill._pools[namespace]
+    finally:
+        view.release()
+    channel.close()
+
+
 @pytest.mark.parametrize("planted", ["file", "symlink"])
 def test_a_pool_file_whose_name_now_holds_something_else_leaves_the_pool(namespace, planted) -> None:
     channel = shmfeed.Channel(capacity=4)
