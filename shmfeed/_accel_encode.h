@@ -17,9 +17,8 @@ typedef struct {
     unsigned char stack[ENCODE_STACK_BYTES];
 } Out;
 
-static int out_reserve(Out *out, size_t more) {
-    if (out->capacity - out->length >= more)
-        return 0;
+/* out_reserve's growth, out of line: the common case (room enough) stays a compare. */
+static int out_grow(Out *out, size_t more) {
     size_t capacity = out->capacity * 2;
     while (capacity - out->length < more) {
         if (capacity > ((size_t)PY_SSIZE_T_MAX) / 2)
@@ -37,8 +36,14 @@ static int out_reserve(Out *out, size_t more) {
     return 0;
 }
 
+static inline int out_reserve(Out *out, size_t more) {
+    if (out->capacity - out->length >= more)
+        return 0;
+    return out_grow(out, more);
+}
+
 /* A type byte followed by ``bytes`` bytes of ``value``, big-endian. */
-static int out_head(Out *out, unsigned char type, uint64_t value, int bytes) {
+static inline int out_head(Out *out, unsigned char type, uint64_t value, int bytes) {
     if (out_reserve(out, 1 + (size_t)bytes) < 0)
         return -1;
     out->data[out->length++] = type;
@@ -47,7 +52,7 @@ static int out_head(Out *out, unsigned char type, uint64_t value, int bytes) {
     return 0;
 }
 
-static int out_bytes(Out *out, const void *data, size_t length) {
+static inline int out_bytes(Out *out, const void *data, size_t length) {
     if (out_reserve(out, length) < 0)
         return -1;
     memcpy(out->data + out->length, data, length);
