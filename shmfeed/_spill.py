@@ -121,7 +121,10 @@ class _PoolFile:
         files a scan asks about are still linked); only a file down to one link has its
         name looked at, by one ``lstat``: the descriptor holds the file, so no other live
         file has its number (short of tmpfs's inode counter wrapping round)."""
-        links = _link_count(self.descriptor)
+        try:
+            links = _link_count(self.descriptor)
+        except OSError:
+            links = 1  # the descriptor closed under us (a daemonising closerange): the name tells
         if links != 1:
             return LINKED if links else LOST  # no link at all: our name is gone
         try:

@@ -697,6 +697,26 @@ def test_a_pool_file_only_a_view_still_links_is_never_rewritten(namespace, monke
     channel.close()
 
 
+def test_a_pool_file_whose_descriptor_cannot_tell_is_judged_by_its_name(namespace, monkeypatch) -> None:
+    """A descriptor closed under the pool (a daemonising closerange) cannot give the link
+    count: the name's lstat decides, and sends go on."""
+    channel = shmfeed.Channel(capacity=4)
+    channel.send(W.large_value(0, 300_000), timeout=5)
+    assert channel.recv(timeout=5) == W.large_value(0, 300_000)
+    channel.send(W.large_value(1, 300_000), timeout=5)  # the first file's link goes at this read
+    assert channel.recv(timeout=5) == W.large_value(1, 300_000)
+    first, second = _spill._pools[namespace][:2]
+
+    def closed(descriptor: int) -> int:
+        raise OSError(9, "Bad file descriptor")
+
+    monkeypatch.setattr(_spill, "_link_count", closed)
+    assert (first.state(), second.state()) == (_spill.FREE, _spill.LINKED)
+    channel.send(W.large_value(2, 300_000), timeout=5)
+    assert channel.recv(timeout=5) == W.large_value(2, 300_000)
+    channel.close()
+
+
 @pytest.mark.parametrize("planted", ["file", "symlink"])
 def test_a_pool_file_whose_name_now_holds_something_else_leaves_the_pool(namespace, planted) -> None:
     channel = shmfeed.Channel(capacity=4)
