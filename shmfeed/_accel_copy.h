@@ -123,10 +123,12 @@ static PyObject *link_count(PyObject *module, PyObject *descriptor) {
     long fd = PyLong_AsLong(descriptor);
     if (fd == -1 && PyErr_Occurred())
         return NULL;
-    struct stat info;
-    if (fd < 0 || fd > INT_MAX)
+    if (fd < 0 || fd > INT_MAX) {
         errno = EBADF;  /* not a descriptor: as fstat would say */
-    if (fd < 0 || fd > INT_MAX || fstat((int)fd, &info) < 0)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    struct stat info;
+    if (fstat((int)fd, &info) < 0)
         return PyErr_SetFromErrno(PyExc_OSError);
     return PyLong_FromUnsignedLongLong((unsigned long long)info.st_nlink);
 }

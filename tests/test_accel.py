@@ -697,15 +697,21 @@ def test_a_pool_file_only_a_view_still_links_is_never_rewritten(namespace, monke
     channel.close()
 
 
+def _two_values_read(channel: shmfeed.Channel, namespace: str) -> tuple[_spill._PoolFile, _spill._PoolFile]:
+    """Two large values sent and read: the first's pool file is free, the second's still
+    linked (its link goes at this thread's next large read). Returns both files."""
+    for seq in range(2):
+        channel.send(W.large_value(seq, 300_000), timeout=5)
+        assert channel.recv(timeout=5) == W.large_value(seq, 300_000)
+    first, second = _spill._pools[namespace][:2]
+    return first, second
+
+
 def test_a_pool_file_whose_descriptor_cannot_tell_is_judged_by_its_name(namespace, monkeypatch) -> None:
     """A descriptor closed under the pool (a daemonising closerange) cannot give the link
     count: the name's lstat decides, and sends go on."""
     channel = shmfeed.Channel(capacity=4)
-    channel.send(W.large_value(0, 300_000), timeout=5)
-    assert channel.recv(timeout=5) == W.large_value(0, 300_000)
-    channel.send(W.large_value(1, 300_000), timeout=5)  # the first file's link goes at this read
-    assert channel.recv(timeout=5) == W.large_value(1, 300_000)
-    first, second = _spill._pools[namespace][:2]
+    first, second = _two_values_read(channel, namespace)
 
     def closed(descriptor: int) -> int:
         raise OSError(9, "Bad file descriptor")
@@ -720,11 +726,7 @@ def test_a_pool_file_whose_descriptor_cannot_tell_is_judged_by_its_name(namespac
 @pytest.mark.parametrize("planted", ["file", "symlink"])
 def test_a_pool_file_whose_name_now_holds_something_else_leaves_the_pool(namespace, planted) -> None:
     channel = shmfeed.Channel(capacity=4)
-    channel.send(W.large_value(0, 300_000), timeout=5)
-    assert channel.recv(timeout=5) == W.large_value(0, 300_000)
-    channel.send(W.large_value(1, 300_000), timeout=5)  # the first file's link goes at this read
-    assert channel.recv(timeout=5) == W.large_value(1, 300_000)
-    first = _spill._pools[namespace][0]
+    first, _ = _two_values_read(channel, namespace)
     assert first.state() == _spill.FREE
     os.unlink(first.path)  # as gc would remove it, taking it for a dead process's
     if planted == "file":  # and another user put something at the name
