@@ -448,6 +448,7 @@ class Channel(TypeArgument, Generic[T]):
             more = fast.take_decoded(_ring._pid, max_items - 1, _BATCH_UNPACK, Exception, _BATCH_OPTIONS)
             if more:
                 values += more
+                core._taken_since_empty += len(more)  # a drain of many: see _should_yield
                 if core.words[L.SEND_WAITING]:
                     core._wake(L.SEND_WAITLIST_WORD, L.SEND_WAITING)
         while len(values) < max_items:

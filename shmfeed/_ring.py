@@ -74,14 +74,10 @@ SPIN_PROBE_EVERY = 64
 # Yield-before-sleep tuning (see ChannelCore._should_yield).
 YIELD_CREDIT_MAX = 32
 YIELD_MISS_COST = 1
-YIELD_PROBE_EVERY = 256
 # A yield that took this long gave the CPU to another task for a time slice (a nice-19
-# task included: measured, 1.4 ms); one that did so and did not pay makes the probes
-# YIELD_BACKOFF times rarer, up to one in YIELD_PROBE_MAX empties (8 times rarer still
-# left a ping-pong under nice-19 load with a p99.9 of 1.2 ms in one run of 5000).
+# task included: measured, 0.4 to 4.6 ms); one that did so and did not pay spends the
+# credit at once.
 YIELD_SLOW_NS = 200_000
-YIELD_BACKOFF = 256
-YIELD_PROBE_MAX = 1 << 16
 
 # Receivers read the senders' positions without the send lock only where aligned 8-byte
 # stores are atomic and ordered (x86); elsewhere they take the send lock as well.
@@ -200,9 +196,9 @@ class ChannelCore(AttachedSegment):
             self.buffer, L.TYPE_NAME_OFFSET, int(self.words[L.ELEM_TYPE_LEN]), L.TYPE_NAME_MAX
         )
         self._spin_state = [SPIN_MAX_NS, SPIN_PROBE_EVERY]  # budget (ns), empties to the next probe: _spin
-        # credit, empties to the next probe, probes every so many empties, the last yield
+        # credit, woken from a sleep since the ring was last found empty, the last yield
         # was slow: _should_yield (one list: see test_channel on the count of attributes)
-        self._yield_state = [YIELD_CREDIT_MAX, YIELD_PROBE_EVERY, YIELD_PROBE_EVERY, False]
+        self._yield_state = [YIELD_CREDIT_MAX, False, False]
         self._yielded = False
         self._taken_since_empty = 0
         self.large_values = False  # the last value sent from here was large (see _codec)
@@ -265,36 +261,34 @@ class ChannelCore(AttachedSegment):
         A yield pays when the sender shares our CPU and fills the ring meanwhile: the next
         drain then takes several values. When values come one at a time anyway (ping-pong),
         a yield only hands the CPU to whatever else is runnable, possibly for a whole
-        time slice. So judge each yield by the drain that followed it, keep yielding while
-        yields pay, and otherwise try one now and then; a yield that did not pay and took
-        a time slice (another task ran: a nice-19 one holds the CPU for a millisecond or
-        more) makes those tries much rarer, until one pays again.
+        time slice. So yields earn credit and spend it: one whose drain took several
+        values earns one, one that did not costs one, and one that did not and took a time
+        slice (another task ran: a nice-19 one holds the CPU for a millisecond or more)
+        spends it all. A sleep whose wake-up found several values earns one as well: the
+        sender wrote on while we were not running, as a yield would have let it. There is
+        no blind try once the credit is spent: under load such tries were the slowest
+        round trips of a busy ping-pong (most of the first few each took a time slice).
         """
         state = self._yield_state
         if self._yielded:
             if self._taken_since_empty >= 2:
                 state[0] = min(state[0] + 1, YIELD_CREDIT_MAX)
-                state[2] = YIELD_PROBE_EVERY
-            elif not state[0] and state[3]:  # a probe that cost a time slice for nothing
-                state[2] = min(state[2] * YIELD_BACKOFF, YIELD_PROBE_MAX)
-                state[1] = state[2]
+            elif state[2]:
+                state[0] = 0
             else:
                 state[0] = max(state[0] - YIELD_MISS_COST, 0)
             self._yielded = False
+        elif state[1] and self._taken_since_empty >= 2:
+            state[0] = min(state[0] + 1, YIELD_CREDIT_MAX)
+        state[1] = False
         self._taken_since_empty = 0
-        if state[0]:
-            return True
-        state[1] -= 1
-        if state[1] <= 0:
-            state[1] = state[2]
-            return True
-        return False
+        return bool(state[0])
 
     def _yield(self) -> None:
         """Yield the CPU once (``_should_yield`` said so), noting whether it took long."""
         started = time.perf_counter_ns()
         os.sched_yield()
-        self._yield_state[3] = time.perf_counter_ns() - started > YIELD_SLOW_NS
+        self._yield_state[2] = time.perf_counter_ns() - started > YIELD_SLOW_NS
         self._yielded = True
 
     # --- creation and lifetime -------------------------------------------------------
@@ -920,11 +914,13 @@ class ChannelCore(AttachedSegment):
             if data is not None:
                 return data
         waker = _waker.current_waker(self.namespace)
+        slept = False  # the values found after a sleep tell _should_yield something
         try:
             while True:
                 data = self.poll(waker, deadline)
                 if data is not None:
                     self._taken_since_empty = 1
+                    self._yield_state[1] = slept
                     return data
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
@@ -932,13 +928,16 @@ class ChannelCore(AttachedSegment):
                         f"shmfeed: nothing received on channel {self.channel_id:016x} in {timeout} s; "
                         f"wait longer (timeout=None waits for ever), or check that something sends to it"
                     )
-                if waker.wait(remaining) and fast is not None:
+                woken = waker.wait(remaining)
+                slept = True
+                if woken and fast is not None:
                     # Woken by a send (which emptied the wait list): the C path first.
                     data = fast.poll(_pid)
                     if data is not None and data is not False:
                         if self.words[L.SEND_WAITING]:
                             self._wake(L.SEND_WAITLIST_WORD, L.SEND_WAITING)
                         self._taken_since_empty = 1
+                        self._yield_state[1] = True
                         return data
         finally:
             self.forget_receiver(waker)

@@ -6,9 +6,12 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
+
+from shmfeed.testing import wait_until
 
 pytestmark = pytest.mark.timeout(60)
 REPO = Path(__file__).resolve().parent.parent
@@ -56,23 +59,61 @@ def test_the_spare_cpu_answer_follows_the_runnable_count_and_is_reread_after_its
     assert _spare_cpu.spare() is False  # read again: 99 runnable
 
 
-def test_a_yield_that_took_a_time_slice_for_nothing_makes_the_probes_rarer(namespace: str) -> None:
+def test_yields_earn_and_spend_credit_and_none_is_tried_blind_once_it_is_spent(namespace: str) -> None:
     import shmfeed
     from shmfeed import _ring
 
     channel = shmfeed.Channel(4)
     core = channel._live_core()
     state = core._yield_state
-    state[0] = 0  # no credit left: only probes yield
-    core._yielded, core._taken_since_empty, state[3] = True, 1, True  # slow, and one value after it
-    core._should_yield()
-    assert state[2] == _ring.YIELD_PROBE_EVERY * _ring.YIELD_BACKOFF and state[0] == 0
-    state[0] = 5  # with credit left (yields pay often: a fan-out), a slow miss costs one credit only
-    core._yielded, core._taken_since_empty, state[3] = True, 1, True
-    core._should_yield()
-    assert state[0] == 4 and state[2] == _ring.YIELD_PROBE_EVERY * _ring.YIELD_BACKOFF
-    state[0] = 0
-    core._yielded, core._taken_since_empty = True, 5  # a yield that paid: probes as often as before
-    core._should_yield()
-    assert state[2] == _ring.YIELD_PROBE_EVERY and state[0] == 1
+
+    def empty_after(yielded: bool, taken: int, slow: bool = False, woken: bool = False) -> bool:
+        core._yielded, core._taken_since_empty, state[2], state[1] = yielded, taken, slow, woken
+        return core._should_yield()
+
+    state[0] = 5
+    assert empty_after(True, 1) and state[0] == 4  # a quick yield that did not pay costs one
+    assert empty_after(True, 3) and state[0] == 5  # one whose drain took several earns one
+    assert not empty_after(True, 1, slow=True) and state[0] == 0  # a time slice for nothing: all of it
+    # Spent: no blind try however long values keep coming one at a time (ping-pong).
+    assert not any(empty_after(False, 1, woken=True) for _ in range(100_000))
+    assert not empty_after(False, 5)  # several values, but no sleep before them: no sign
+    assert empty_after(False, 2, woken=True) and state[0] == 1  # a wake-up found several: the sender ran on
+    assert state[1] is False  # the sign is used once
+    assert _ring.YIELD_CREDIT_MAX >= state[0]
     channel.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_receiver_woken_to_several_values_learns_to_yield_and_a_ping_pong_stops_yielding(
+    namespace: str,
+) -> None:
+    import shmfeed
+
+    # Ping-pong: each wake-up finds one value, so once the starting credit is spent the
+    # receiver goes straight to sleep at every empty.
+    ping, pong = shmfeed.Channel(4), shmfeed.Channel(4)
+    answer = threading.Thread(target=lambda: [pong.send(ping.recv()) for _ in range(200)], daemon=True)
+    answer.start()
+    for i in range(200):
+        ping.send(i)
+        assert pong.recv(timeout=30) == i
+    answer.join(30)
+    assert pong._live_core()._yield_state[0] == 0
+    # Several values found after a sleep earn credit back.
+    core = pong._live_core()
+    sender = threading.Thread(target=lambda: [pong.send(i) for i in range(3)])
+    waiting = threading.Thread(target=lambda: got.append(pong.recv(timeout=30)))
+    got: list[int] = []
+    waiting.start()
+    wait_until(lambda: pong.statistics().waiting_receivers == 1)
+    sender.start()
+    sender.join(30)
+    waiting.join(30)
+    assert got == [0] and pong.recv(timeout=0) == 1 and pong.recv(timeout=0) == 2
+    assert core._yield_state[0] == 0  # not judged yet: at the next empty
+    with pytest.raises(TimeoutError):
+        pong.recv(timeout=0.05)  # finds it empty: judged, and (credit 1) yields before it sleeps
+    assert core._yield_state[0] == 1
+    ping.close()
+    pong.close()
