@@ -93,27 +93,29 @@ def test_a_receiver_woken_to_several_values_learns_to_yield_and_a_ping_pong_stop
     # Ping-pong: each wake-up finds one value, so once the starting credit is spent the
     # receiver goes straight to sleep at every empty.
     ping, pong = shmfeed.Channel(4), shmfeed.Channel(4)
-    answer = threading.Thread(target=lambda: [pong.send(ping.recv()) for _ in range(200)], daemon=True)
-    answer.start()
-    for i in range(200):
-        ping.send(i)
-        assert pong.recv(timeout=30) == i
-    answer.join(30)
-    assert pong._live_core()._yield_state[0] == 0
-    # Several values found after a sleep earn credit back.
-    core = pong._live_core()
-    sender = threading.Thread(target=lambda: [pong.send(i) for i in range(3)])
-    waiting = threading.Thread(target=lambda: got.append(pong.recv(timeout=30)))
-    got: list[int] = []
-    waiting.start()
-    wait_until(lambda: pong.statistics().waiting_receivers == 1)
-    sender.start()
-    sender.join(30)
-    waiting.join(30)
-    assert got == [0] and pong.recv(timeout=0) == 1 and pong.recv(timeout=0) == 2
-    assert core._yield_state[0] == 0  # not judged yet: at the next empty
-    with pytest.raises(TimeoutError):
-        pong.recv(timeout=0.05)  # finds it empty: judged, and (credit 1) yields before it sleeps
-    assert core._yield_state[0] == 1
-    ping.close()
-    pong.close()
+    try:
+        answer = threading.Thread(target=lambda: [pong.send(ping.recv()) for _ in range(200)], daemon=True)
+        answer.start()
+        for i in range(200):
+            ping.send(i)
+            assert pong.recv(timeout=30) == i
+        answer.join(30)
+        assert pong._live_core()._yield_state[0] == 0
+        # Several values found after a sleep earn credit back.
+        core = pong._live_core()
+        sender = threading.Thread(target=lambda: [pong.send(i) for i in range(3)])
+        waiting = threading.Thread(target=lambda: got.append(pong.recv(timeout=30)))
+        got: list[int] = []
+        waiting.start()
+        wait_until(lambda: pong.statistics().waiting_receivers == 1)
+        sender.start()
+        sender.join(30)
+        waiting.join(30)
+        assert got == [0] and pong.recv(timeout=0) == 1 and pong.recv(timeout=0) == 2
+        assert core._yield_state[0] == 0  # not judged yet: at the next empty
+        with pytest.raises(TimeoutError):
+            pong.recv(timeout=0.05)  # finds it empty: judged, and (credit 1) yields before it sleeps
+        assert core._yield_state[0] == 1
+    finally:
+        ping.close()  # also ends the answering thread if an assertion stopped the test
+        pong.close()
