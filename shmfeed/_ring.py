@@ -270,17 +270,11 @@ class ChannelCore(AttachedSegment):
         round trips of a busy ping-pong (most of the first few each took a time slice).
         """
         state = self._yield_state
-        if self._yielded:
-            if self._taken_since_empty >= 2:
-                state[0] = min(state[0] + 1, YIELD_CREDIT_MAX)
-            elif state[2]:
-                state[0] = 0
-            else:
-                state[0] = max(state[0] - YIELD_MISS_COST, 0)
-            self._yielded = False
-        elif state[1] and self._taken_since_empty >= 2:
+        if self._taken_since_empty >= 2 and (self._yielded or state[1]):
             state[0] = min(state[0] + 1, YIELD_CREDIT_MAX)
-        state[1] = False
+        elif self._yielded:
+            state[0] = 0 if state[2] else max(state[0] - YIELD_MISS_COST, 0)
+        self._yielded = state[1] = False
         self._taken_since_empty = 0
         return bool(state[0])
 

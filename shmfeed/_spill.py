@@ -486,7 +486,7 @@ def _kept_mapping(key: tuple[int, int, int]) -> mmap.mmap | None:
     cached = _reader_maps.get(key)
     # Still linked somewhere, it is the very file we found (an inode number is unique
     # among existing files); unlinked everywhere, its number may belong to a new file.
-    if cached is not None and os.fstat(cached[0]).st_nlink:
+    if cached is not None and _link_count(cached[0]):
         _reader_maps.move_to_end(key)
         return cached[1]
     return None

@@ -713,8 +713,13 @@ def test_a_pool_file_whose_descriptor_cannot_tell_is_judged_by_its_name(namespac
     channel = shmfeed.Channel(capacity=4)
     first, second = _two_values_read(channel, namespace)
 
-    def closed(descriptor: int) -> int:
-        raise OSError(9, "Bad file descriptor")
+    link_count = _spill._link_count
+    pool_descriptors = {first.descriptor, second.descriptor}
+
+    def closed(descriptor: int) -> int:  # the pool's descriptors only: a receiver's are its own
+        if descriptor in pool_descriptors:
+            raise OSError(9, "Bad file descriptor")
+        return link_count(descriptor)
 
     monkeypatch.setattr(_spill, "_link_count", closed)
     assert (first.state(), second.state()) == (_spill.FREE, _spill.LINKED)

@@ -61,7 +61,6 @@ def test_the_spare_cpu_answer_follows_the_runnable_count_and_is_reread_after_its
 
 def test_yields_earn_and_spend_credit_and_none_is_tried_blind_once_it_is_spent(namespace: str) -> None:
     import shmfeed
-    from shmfeed import _ring
 
     channel = shmfeed.Channel(4)
     core = channel._live_core()
@@ -80,7 +79,6 @@ def test_yields_earn_and_spend_credit_and_none_is_tried_blind_once_it_is_spent(n
     assert not empty_after(False, 5)  # several values, but no sleep before them: no sign
     assert empty_after(False, 2, woken=True) and state[0] == 1  # a wake-up found several: the sender ran on
     assert state[1] is False  # the sign is used once
-    assert _ring.YIELD_CREDIT_MAX >= state[0]
     channel.close()
 
 

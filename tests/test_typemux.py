@@ -362,7 +362,7 @@ def test_a_subscriber_process_leaves_nothing_attached_when_its_mux_is_stopped_un
                 if parsed is None or parsed.kind is not _names.EntryKind.CHANNEL:
                     continue
                 try:
-                    with open(f"/dev/shm/{entry}", "rb") as segment:
+                    with open(f"{_names.SHM_DIR}/{entry}", "rb") as segment:
                         header = segment.read(L.HEADER_BYTES)
                 except FileNotFoundError:
                     continue
